@@ -1,0 +1,322 @@
+"""The UniMem configuration: a method is data over four dimensions (arXiv 2402.03009, Table 1).
+
+Memory Management, Writing, Reading and Injection, plus the training strategy and the positions given to memory
+keys. Every dataclass is frozen and validates itself; `UniMemConfig.bind` checks the parts that depend on the loaded
+model and segment length. YAML in and out; `with_overrides` applies `reading.topk=8`-style strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line naming the problem and the fix."""
+
+
+Overflow = Literal["fifo", "clear"]
+KVWrite = Literal["direct", "pooling", "none"]
+Index = Literal["torch", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
+PositionMode = Literal["compact", "absolute"]
+Strategy = Literal["stop_gradient", "bptt"]
+
+
+def _check_choice(name: str, value: object, kind: object) -> None:
+    choices = typing.get_args(kind)
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_nonneg(**values: int) -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise ConfigError(f"{name}={value} must be >= 0")
+
+
+@dataclass(frozen=True)
+class Management:
+    """Memory Management: how much is kept and what happens when it overflows."""
+
+    size: int = 0
+    """Tokens of key/value memory per injected layer (pinned global tokens not counted). 0 = no KV memory."""
+    overflow: Overflow = "fifo"
+    """`fifo` drops the oldest tokens; `clear` empties the memory when the next write would not fit."""
+
+    def __post_init__(self) -> None:
+        _check_nonneg(**{"management.size": self.size})
+        _check_choice("management.overflow", self.overflow, Overflow)
+
+
+@dataclass(frozen=True)
+class Writing:
+    """Memory Writing: what a processed segment leaves behind."""
+
+    kv: KVWrite = "none"
+    """`direct` caches the segment's keys/values; `pooling` caches their means over `pool_ratio` tokens."""
+    pool_ratio: int = 4
+    """Tokens averaged into one memory slot when kv=pooling."""
+    memory_tokens: int = 0
+    """Model-forward writing (RMT): m learnable memory tokens read before each segment and written after it."""
+
+    def __post_init__(self) -> None:
+        _check_choice("writing.kv", self.kv, KVWrite)
+        _check_nonneg(**{"writing.memory_tokens": self.memory_tokens})
+        if self.pool_ratio < 2:
+            raise ConfigError(f"writing.pool_ratio={self.pool_ratio} must be >= 2 (1 would be direct writing)")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Memory Reading: which memory tokens each query sees, all merged into one softmax with the local segment."""
+
+    window: int = 0
+    """Most recent memory tokens read by position (every query of the segment sees them, as in Transformer-XL)."""
+    global_tokens: int = 0
+    """The document's first G tokens, pinned and read by every later segment (Longformer's global attention)."""
+    topk: int = 0
+    """Per query and head, the k most similar memory tokens outside the window (Memorizing Transformer's kNN)."""
+    read_all: bool = False
+    """Read the whole memory by position (RMT-style full read); excludes window and topk."""
+    index: Index = "torch"
+    """Top-k search: `torch` is exact and chunked; faiss `flat` is exact, `ivf` and `hnsw` approximate."""
+    ivf_lists: int = 256
+    """IVF cells at full memory; fewer while the memory is small (at least 39 keys per cell, faiss' minimum)."""
+    ivf_probe: int = 16
+    """IVF cells searched per query: 16 of 256 keeps recall high at a sixteenth of the work."""
+    hnsw_neighbors: int = 32
+    """HNSW graph degree M; 32 is faiss' recommended default for recall above 0.95."""
+
+    def __post_init__(self) -> None:
+        _check_nonneg(
+            **{"reading.window": self.window, "reading.global_tokens": self.global_tokens, "reading.topk": self.topk}
+        )
+        _check_choice("reading.index", self.index, Index)
+        if self.read_all and (self.window or self.topk):
+            raise ConfigError("reading.read_all=true already reads every memory token: set reading.window=0 and "
+                              "reading.topk=0")
+        if min(self.ivf_lists, self.ivf_probe, self.hnsw_neighbors) < 1:
+            raise ConfigError("reading.ivf_lists, reading.ivf_probe and reading.hnsw_neighbors must be >= 1")
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Memory Injection: which decoder layers read and write memory."""
+
+    layers: tuple[int, ...] | Literal["all"] = "all"
+    """0-based layer indices, or `all`. From strings: `all`, `3`, `2,5`, `12-21` (inclusive), `0,4-6`."""
+
+    def __post_init__(self) -> None:
+        if self.layers != "all":
+            layers = parse_layers(self.layers)
+            object.__setattr__(self, "layers", layers)
+
+    def resolve(self, n_layers: int) -> tuple[int, ...]:
+        """The explicit layer indices for a model with `n_layers` decoder layers."""
+        if self.layers == "all":
+            return tuple(range(n_layers))
+        bad = [i for i in self.layers if i >= n_layers]
+        if bad:
+            raise ConfigError(f"injection.layers={format_layers(self.layers)} names layer {bad[0]} but the model has "
+                              f"{n_layers} layers (0-{n_layers - 1}): choose indices below {n_layers}")
+        return self.layers
+
+
+@dataclass(frozen=True)
+class Training:
+    """How gradients flow through memory when a method is fine-tuned."""
+
+    strategy: Strategy = "stop_gradient"
+    """`stop_gradient` detaches memory (Transformer-XL, Memorizing Transformer); `bptt` backpropagates through it."""
+    bptt_segments: int = 1
+    """With bptt, memory is detached every k segments, so gradients reach k-1 segments back."""
+
+    def __post_init__(self) -> None:
+        _check_choice("training.strategy", self.strategy, Strategy)
+        if self.bptt_segments < 1:
+            raise ConfigError(f"training.bptt_segments={self.bptt_segments} must be >= 1")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Positions under RoPE for the segment and its memory keys."""
+
+    mode: PositionMode = "compact"
+    """`compact`: globals, then the window, then the segment take consecutive positions from 0 (StreamingLLM-style,
+    so distances stay inside the trained range) and top-k keys sit at position 0 (as the paper's code and
+    LongLLaMA do). `absolute`: every token keeps its position in the document."""
+    rope_factor: float = 1.0
+    """Linear position interpolation factor (transformers' `linear` rope type); 0 = local context / trained context."""
+    segment_factor: int = 1
+    """The method's local context in run segments: position interpolation reads several segments at once."""
+
+    def __post_init__(self) -> None:
+        _check_choice("position.mode", self.mode, PositionMode)
+        if self.rope_factor != 0 and self.rope_factor < 1:
+            raise ConfigError(f"position.rope_factor={self.rope_factor} must be >= 1 (or 0 for automatic)")
+        if self.segment_factor < 1:
+            raise ConfigError(f"position.segment_factor={self.segment_factor} must be >= 1")
+
+
+@dataclass(frozen=True)
+class UniMemConfig:
+    """A long-context method as a point in UniMem's design space."""
+
+    name: str = "custom"
+    """The method this config came from (a registry name), kept in every run record."""
+    management: Management = field(default_factory=Management)
+    """Memory Management."""
+    writing: Writing = field(default_factory=Writing)
+    """Memory Writing."""
+    reading: Reading = field(default_factory=Reading)
+    """Memory Reading."""
+    injection: Injection = field(default_factory=Injection)
+    """Memory Injection."""
+    training: Training = field(default_factory=Training)
+    """Training strategy."""
+    position: Position = field(default_factory=Position)
+    """Position handling."""
+
+    def __post_init__(self) -> None:
+        m, w, r = self.management, self.writing, self.reading
+        reads_kv = r.window or r.topk or r.read_all or r.global_tokens
+        if r.topk and not m.size:
+            raise ConfigError(f"reading.topk={r.topk} needs memory to search: set management.size > 0")
+        if (r.window or r.read_all) and not m.size:
+            raise ConfigError("reading.window/read_all read from memory: set management.size > 0")
+        if r.window > m.size and m.size:
+            raise ConfigError(f"reading.window={r.window} is larger than management.size={m.size}: the window is "
+                              f"read from memory, so raise management.size to at least {r.window}")
+        if reads_kv and w.kv == "none":
+            raise ConfigError("reading memory keys/values needs them written: set writing.kv=direct (or pooling)")
+        if m.size and w.kv == "none":
+            raise ConfigError(f"management.size={m.size} but nothing writes keys/values: set writing.kv=direct or "
+                              "management.size=0")
+        if m.size and not (r.window or r.topk or r.read_all):
+            raise ConfigError(f"management.size={m.size} but nothing reads it: set reading.window, reading.topk or "
+                              "reading.read_all")
+
+    @property
+    def uses_kv_memory(self) -> bool:
+        """Whether injected layers keep a key/value memory bank."""
+        return self.writing.kv != "none"
+
+    def without_memory(self) -> UniMemConfig:
+        """The same method with every memory switched off (what the exactness tests compare to plain HF)."""
+        return dataclasses.replace(self, management=Management(), writing=Writing(), reading=Reading())
+
+    def bind(self, *, n_layers: int, segment_len: int) -> tuple[int, ...]:
+        """Check the model-dependent parts; return the injected layer indices."""
+        layers = self.injection.resolve(n_layers)
+        if self.reading.global_tokens > segment_len:
+            raise ConfigError(f"reading.global_tokens={self.reading.global_tokens} exceeds the segment length "
+                              f"{segment_len}: global tokens must come from the first segment")
+        return layers
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        layers = self.injection.layers
+        data["injection"]["layers"] = layers if layers == "all" else list(layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UniMemConfig:
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config section {sorted(unknown)[0]!r}; sections: {_section_names()}")
+        parts: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            section = _section_type(f.name)
+            if section is None:
+                parts[f.name] = value
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section {f.name!r} must be a mapping, got {value!r}")
+            names = {g.name for g in dataclasses.fields(section)}
+            if set(value) - names:
+                bad = sorted(set(value) - names)[0]
+                raise ConfigError(f"unknown field {f.name}.{bad}; {f.name} has: {', '.join(sorted(names))}")
+            kwargs = dict(value)
+            if section is Injection and isinstance(kwargs.get("layers"), list):
+                kwargs["layers"] = tuple(kwargs["layers"])
+            parts[f.name] = section(**kwargs)
+        return cls(**parts)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | Path) -> UniMemConfig:
+        text = Path(text_or_path).read_text() if isinstance(text_or_path, Path) else text_or_path
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> UniMemConfig:
+        """Apply `section.field=value` strings (values parsed as YAML scalars)."""
+        data = self.to_dict()
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            section, dot, name = key.strip().partition(".")
+            if not sep or not dot:
+                raise ConfigError(f"--set {item!r} must look like section.field=value, e.g. reading.topk=8")
+            if section not in data or not isinstance(data[section], dict):
+                raise ConfigError(f"--set {item!r}: unknown section {section!r}; sections: {_section_names()}")
+            if name not in data[section]:
+                raise ConfigError(f"--set {item!r}: {section} has no field {name!r}; it has: "
+                                  f"{', '.join(data[section])}")
+            data[section][name] = yaml.safe_load(raw) if raw.strip() else ""
+        return self.from_dict(data)
+
+
+def _section_type(name: str) -> type | None:
+    hints = typing.get_type_hints(UniMemConfig)
+    kind = hints[name]
+    return kind if dataclasses.is_dataclass(kind) else None
+
+
+def _section_names() -> str:
+    return ", ".join(f.name for f in dataclasses.fields(UniMemConfig) if _section_type(f.name) is not None)
+
+
+def parse_layers(spec: object) -> tuple[int, ...]:
+    """`2,5` / `12-21` / `0,4-6` / a sequence of ints -> a sorted tuple of distinct 0-based indices."""
+    if isinstance(spec, int):
+        items: list[object] = [spec]
+    elif isinstance(spec, str):
+        items = [part.strip() for part in spec.split(",") if part.strip()]
+    else:
+        items = list(spec)  # type: ignore[call-overload]
+    out: set[int] = set()
+    for item in items:
+        text = str(item)
+        lo, dash, hi = text.partition("-")
+        try:
+            span = range(int(lo), int(hi) + 1) if dash else range(int(lo), int(lo) + 1)
+        except ValueError:
+            raise ConfigError(f"injection.layers: {text!r} is not a layer index or range like 12-21") from None
+        if not span or span.start < 0:
+            raise ConfigError(f"injection.layers: {text!r} is not a non-empty range of indices >= 0")
+        out.update(span)
+    if not out:
+        raise ConfigError("injection.layers is empty: give `all`, indices like 2,5 or a range like 12-21")
+    return tuple(sorted(out))
+
+
+def format_layers(layers: tuple[int, ...] | str) -> str:
+    """The inverse of `parse_layers`, compressing runs: (0, 4, 5, 6) -> `0,4-6`."""
+    if isinstance(layers, str):
+        return layers
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

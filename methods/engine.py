@@ -1,0 +1,189 @@
+"""MemoryLM: any Hugging Face LLaMA-family causal LM streamed segment by segment with UniMem memory.
+
+Nothing of the modeling code is copied: the model keeps its weights, rotary embedding and decoder; the engine
+registers one attention function (`attention.unimem_attention`), switches the model to it, and feeds each segment
+through the stock decoder with the memory state as a keyword argument. `close()` (or leaving the `with` block)
+gives the model back as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
+
+from .attention import ATTENTION_NAME, SegmentContext, unimem_attention
+from .config import UniMemConfig
+from .memory import LayerMemory, MemoryState
+from .retrieval import FaissBank
+
+# Decoders whose attention goes through transformers' AttentionInterface with RoPE applied before it.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class HookError(ValueError):
+    """A model the engine cannot hook; the message is one line naming the model type and what is supported."""
+
+
+def check_hookable(config: PretrainedConfig) -> None:
+    """Raise HookError unless this model config is a RoPE decoder the engine can hook (no weights needed)."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise HookError(f"model type {model_type!r} cannot be hooked: unimem-bench needs a LLaMA-family RoPE decoder "
+                        f"({', '.join(SUPPORTED_MODEL_TYPES)}); pick such a checkpoint with --model")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in ("default", "linear", "llama3", "dynamic"):
+        raise HookError(f"rope_type {rope['rope_type']!r} cannot be hooked: memory keys are re-positioned with plain "
+                        "RoPE rotations (default, linear, llama3, dynamic)")
+
+
+class MemoryLM(nn.Module):
+    """A causal LM with memory-augmented attention (UniMem Eq. 9) that scores documents streamed in segments."""
+
+    def __init__(self, model: PreTrainedModel, config: UniMemConfig, *, segment_len: int,
+                 trained_context: int | None = None) -> None:
+        super().__init__()
+        check_hookable(model.config)
+        self.model = model
+        self.config = config
+        n_layers = model.config.num_hidden_layers
+        self.layers = frozenset(config.bind(n_layers=n_layers, segment_len=segment_len))
+        self.segment_len = segment_len * config.position.segment_factor
+        self.trained_context = trained_context or model.config.max_position_embeddings
+        self.decoder = model.get_decoder()
+        self._restore = (model.config._attn_implementation, self.decoder.rotary_emb)
+        self.rope_factor = self._resolve_rope_factor()
+        if self.rope_factor != 1.0:
+            self.decoder.rotary_emb = linear_rope(self.decoder.rotary_emb, model.config, self.rope_factor)
+        if ATTENTION_NAME not in AttentionInterface._global_mapping:
+            AttentionInterface.register(ATTENTION_NAME, unimem_attention)
+        model.set_attn_implementation(ATTENTION_NAME)
+        self.memory_embeddings: nn.Parameter | None = None
+        m = config.writing.memory_tokens
+        if m:
+            embed = model.get_input_embeddings().weight
+            # RMT initialises memory tokens randomly; embedding-scale noise keeps them in the input distribution.
+            generator = torch.Generator().manual_seed(0)
+            init = torch.randn(m, embed.shape[1], generator=generator) * embed.detach().float().std()
+            self.memory_embeddings = nn.Parameter(init.to(device=embed.device, dtype=embed.dtype))
+
+    def _resolve_rope_factor(self) -> float:
+        factor = self.config.position.rope_factor
+        if factor == 0:
+            return max(1.0, self.segment_len / self.trained_context)
+        return float(factor)
+
+    def close(self) -> None:
+        """Give the wrapped model back with its own attention implementation and rotary embedding."""
+        attn, rotary = self._restore
+        self.decoder.rotary_emb = rotary
+        self.model.set_attn_implementation(attn)
+
+    def __enter__(self) -> MemoryLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def new_state(self, batch: int) -> MemoryState:
+        """An empty memory for `batch` documents."""
+        reading, size = self.config.reading, self.config.management.size
+        use_faiss = self.config.uses_kv_memory and reading.topk and reading.index != "torch"
+        layers = {i: LayerMemory(faiss=FaissBank(reading, size) if use_faiss else None) for i in self.layers}
+        state = MemoryState(layers=layers)
+        if self.memory_embeddings is not None:
+            state.rmt = self.memory_embeddings.unsqueeze(0).expand(batch, -1, -1)
+        return state
+
+    def forward_segment(self, state: MemoryState, input_ids: torch.Tensor, doc_start: int) -> torch.Tensor:
+        """Run one segment [batch, n] starting at document position `doc_start`; returns logits [batch, n, vocab]
+        and updates `state`."""
+        config = self.config
+        m = config.writing.memory_tokens
+        n = input_ids.shape[1]
+        plan, n_new = state.plan(config, n_read=m, n_seg=n, doc_start=doc_start)
+        embeds = self.model.get_input_embeddings()(input_ids)  # [batch, n, hidden]
+        if m:
+            write_slots = self.memory_embeddings.unsqueeze(0).expand(embeds.shape[0], -1, -1)
+            embeds = torch.cat([state.rmt, embeds, write_slots], dim=1)
+        n_prefix = plan.n_global + plan.n_window
+        compact = config.position.mode == "compact"
+        first = n_prefix if compact else doc_start
+        positions = torch.arange(first, first + embeds.shape[1], device=embeds.device).unsqueeze(0)
+        if compact and self.layers and config.uses_kv_memory:
+            frame = torch.arange(n_prefix + embeds.shape[1], device=embeds.device).unsqueeze(0)
+            cos, sin = self.decoder.rotary_emb(embeds, frame)
+            plan.frame_cos, plan.frame_sin = cos[0], sin[0]
+            plan.rope_scale = float(getattr(self.decoder.rotary_emb, "attention_scaling", 1.0))
+        plan.detach = not torch.is_grad_enabled() or config.training.strategy == "stop_gradient"
+        ctx = SegmentContext(config=config, layers=self.layers, state=state, plan=plan)
+        hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, unimem=ctx,
+                              use_cache=False).last_hidden_state  # [batch, m + n + m, hidden]
+        if m:
+            state.rmt = hidden[:, -m:].detach() if plan.detach else hidden[:, -m:]
+        state.commit(plan, config, n_new, doc_start)
+        return self.model.get_output_embeddings()(hidden[:, m:m + n])
+
+    @torch.inference_mode()
+    def score(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
+              progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """Per-token negative log-likelihoods (nats) of each document, streamed through memory.
+
+        Every token after the first is scored exactly once, the first token of a segment by the last position of
+        the previous one, so all methods score the same tokens. Documents are batched longest first and run in
+        lockstep; a finished document leaves the batch (and the memory), so padding is never scored and batching
+        never changes a result.
+        """
+        results: list[torch.Tensor | None] = [None] * len(docs)
+        order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
+        for lo in range(0, len(order), batch_size):
+            rows = order[lo:lo + batch_size]
+            for i, nll in zip(rows, self._score_batch([docs[i] for i in rows], progress), strict=True):
+                results[i] = nll
+        return results  # type: ignore[return-value]
+
+    def _score_batch(self, docs: list[torch.Tensor], progress: Callable[[int], None] | None) -> list[torch.Tensor]:
+        device = self.device
+        lengths = [len(d) for d in docs]
+        pieces: list[list[torch.Tensor]] = [[] for _ in docs]
+        state = self.new_state(len(docs))
+        active = list(range(len(docs)))
+        for start in range(0, max(lengths) - 1, self.segment_len):
+            still = [i for i in active if lengths[i] - 1 > start]
+            if len(still) < len(active):
+                state.select_rows(torch.tensor([active.index(i) for i in still], device=device))
+                active = still
+            width = min(self.segment_len, max(lengths[i] for i in active) - 1 - start)
+            ids = torch.zeros(len(active), width, dtype=torch.long)
+            targets = torch.full((len(active), width), -100, dtype=torch.long)
+            for row, i in enumerate(active):
+                piece = docs[i][start:start + width]
+                ids[row, :len(piece)] = piece
+                target = docs[i][start + 1:start + width + 1]
+                targets[row, :len(target)] = target
+            logits = self.forward_segment(state, ids.to(device), start)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
+                                  reduction="none").view(len(active), width).cpu()
+            for row, i in enumerate(active):
+                pieces[i].append(nll[row, :max(0, min(width, lengths[i] - 1 - start))])
+            if progress is not None:
+                progress(int((targets >= 0).sum()))
+        return [torch.cat(p) if p else torch.zeros(0) for p in pieces]
+
+
+def linear_rope(rotary: nn.Module, config: PretrainedConfig, factor: float) -> nn.Module:
+    """The model's own rotary class rebuilt with transformers' `linear` rope parameters (position interpolation)."""
+    scaled = copy.deepcopy(config)
+    params = dict(scaled.rope_parameters or {})
+    params.update(rope_type="linear", factor=factor)
+    scaled.rope_parameters = params
+    device = rotary.inv_freq.device
+    return type(rotary)(config=scaled).to(device)

@@ -1,0 +1,24 @@
+"""Position Interpolation (Chen et al., 2023), https://arxiv.org/abs/2306.15595
+
+No memory: the model reads a longer local context at once, with RoPE positions scaled down linearly so they stay
+inside the trained range (transformers' own `linear` rope type, so `inv_freq` is rebuilt as transformers does).
+
+UniMem dimensions: Management none; Writing none; Reading the (longer) local context; Injection none. The paper's
+comparison point for memory methods (its 64K length experiment).
+"""
+
+from __future__ import annotations
+
+from .config import Position, UniMemConfig
+from .registry import MethodContext, method
+
+
+@method("position_interpolation", paper="Position Interpolation (Chen et al., 2023)",
+        url="https://arxiv.org/abs/2306.15595")
+def position_interpolation(ctx: MethodContext) -> UniMemConfig:
+    return UniMemConfig(
+        name="position_interpolation",
+        # 4 segments at once: the same span as Longformer's memory + segment, read with full attention.
+        # rope_factor 0 = automatic: local context / trained context (1 when it already fits).
+        position=Position(mode="compact", rope_factor=0.0, segment_factor=4),
+    )

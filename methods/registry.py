@@ -1,0 +1,101 @@
+"""The method registry: each method file registers a function that builds its UniMemConfig for a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from unimem_bench.harness.registry import Registry
+
+from .config import UniMemConfig, format_layers
+
+PAPER_SEGMENT = 2048
+"""The paper's local context (TinyLLaMA, Table 2): sizes given in tokens there are multiples of it."""
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method's defaults scale with."""
+
+    n_layers: int
+    """Decoder layers of the loaded model."""
+    segment_len: int
+    """Tokens per streamed segment in this run."""
+    trained_context: int
+    """The model's trained context length."""
+
+    def segments(self, n: float) -> int:
+        """`n` segments in tokens: the paper's sizes are whole 2,048-token segments."""
+        return int(n * self.segment_len)
+
+    def paper_tokens(self, n: int) -> int:
+        """A per-segment token count from the paper (e.g. 40 memory tokens per 2,048), scaled to this segment."""
+        return max(1, round(n * self.segment_len / PAPER_SEGMENT))
+
+
+PAPER_CONTEXT = MethodContext(n_layers=22, segment_len=PAPER_SEGMENT, trained_context=PAPER_SEGMENT)
+"""The paper's TinyLLaMA setting (22 layers, 2,048-token segments), used to print Table 1."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its paper and the function that builds its config."""
+
+    name: str
+    paper: str
+    url: str
+    build: Callable[[MethodContext], UniMemConfig]
+
+    def config(self, ctx: MethodContext, overrides: Sequence[str] = ()) -> UniMemConfig:
+        """The method's defaults for this model and segment length, with `section.field=value` overrides."""
+        return self.build(ctx).with_overrides(list(overrides))
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def method(name: str, *, paper: str, url: str) -> Callable[[Callable[[MethodContext], UniMemConfig]], Method]:
+    """Decorator registering a config-building function as method `name`."""
+
+    def decorate(build: Callable[[MethodContext], UniMemConfig]) -> Method:
+        return METHODS.register(name)(Method(name=name, paper=paper, url=url, build=build))
+
+    return decorate
+
+
+def describe(config: UniMemConfig) -> dict[str, str]:
+    """The four dimensions in words, as the paper's Table 1 lists them."""
+    m, w, r = config.management, config.writing, config.reading
+    management = f"{m.size:,} tok, {m.overflow}" if m.size else "-"
+    writes = []
+    if w.kv == "direct":
+        writes.append("direct")
+    elif w.kv == "pooling":
+        writes.append(f"pooling /{w.pool_ratio}")
+    if w.memory_tokens:
+        writes.append(f"model forward ({w.memory_tokens} tok)")
+    reads = []
+    if r.read_all:
+        reads.append("all")
+    if r.window:
+        reads.append(f"window {r.window:,}")
+    if r.global_tokens:
+        reads.append(f"global {r.global_tokens}")
+    if r.topk:
+        reads.append(f"top-{r.topk} ({r.index})")
+    if w.memory_tokens:
+        reads.append("memory tokens")
+    extra = []
+    if config.position.rope_factor != 1:
+        extra.append("PI x" + ("auto" if config.position.rope_factor == 0 else f"{config.position.rope_factor:g}"))
+    if config.position.segment_factor != 1:
+        extra.append(f"local context x{config.position.segment_factor}")
+    return {
+        "management": management,
+        "writing": ", ".join(writes) or "-",
+        "reading": ", ".join(reads) or "-",
+        "injection": format_layers(config.injection.layers) if (m.size or w.memory_tokens) else "-",
+        "training": config.training.strategy + (f" k={config.training.bptt_segments}"
+                                                if config.training.strategy == "bptt" else ""),
+        "position": config.position.mode + (f"; {', '.join(extra)}" if extra else ""),
+    }

@@ -1,0 +1,114 @@
+"""Streaming perplexity: whole documents scored token by token through the method's memory.
+
+`github` is code (default data: the held-out split of the Python standard library, present on every machine; or
+any directory of source files); `pg19` is books (a directory of .txt books, Project Gutenberg header and footer
+stripped as PG-19 does). Reported, aggregated over tokens (never a mean of segment or document means):
+token perplexity, bits per byte, and word-level perplexity (PG-19's convention: whitespace-separated words).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .base import TASKS, ScoringLM, TaskOptions, TaskResult
+from .corpora import read_stdlib_documents, read_text_dir
+
+CODE_SUFFIXES = (".py", ".c", ".h", ".cc", ".cpp", ".java", ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".txt")
+
+# Characters tokenised per requested token when a document is truncated: code and prose average 3-5 characters
+# per token, so 12 leaves a wide margin while sparing the tokenizer a whole book.
+CHARS_PER_TOKEN_BOUND = 12
+
+
+def encode_document(tokenizer: Any, text: str, max_tokens: int | None) -> tuple[torch.Tensor, str]:
+    """Token ids (BOS first when the tokenizer has one) and the text those ids cover, at most `max_tokens` ids."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    source = text
+    if max_tokens is not None and len(text) > max_tokens * CHARS_PER_TOKEN_BOUND:
+        source = text[:max_tokens * CHARS_PER_TOKEN_BOUND]
+    enc = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if max_tokens is not None and len(bos) + len(ids) > max_tokens:
+        keep = max_tokens - len(bos)
+        ids, offsets = ids[:keep], offsets[:keep]
+    elif source is not text:
+        return encode_document(tokenizer, text, None)
+    covered = text[:offsets[-1][1]] if offsets else ""
+    return torch.tensor(bos + ids, dtype=torch.long), covered
+
+
+@dataclass(frozen=True)
+class PerplexityTask:
+    """Token-level streaming perplexity over a corpus of long documents."""
+
+    name: str
+    version: str
+    corpus: Literal["code", "books"]
+    min_chars: int
+    """Documents shorter than this are skipped: memory only matters on long documents."""
+    headline: str = "token_ppl"
+
+    def documents(self, options: TaskOptions) -> list[tuple[str, str]]:
+        """(doc_id, text) in the task's fixed order, filtered and limited by the options."""
+        if options.data_dir is not None:
+            suffixes = (".txt",) if self.corpus == "books" else CODE_SUFFIXES
+            docs = read_text_dir(Path(options.data_dir), suffixes=suffixes, strip_pg_header=self.corpus == "books")
+            docs = [(i, t) for i, t in docs if len(t) >= self.min_chars]
+        elif self.corpus == "code":
+            docs = read_stdlib_documents("heldout", min_chars=self.min_chars)
+        else:
+            raise FileNotFoundError(f"task {self.name!r} needs local books: pass --data-dir DIR with .txt files "
+                                    "(e.g. ../shared/data/books)")
+        if not docs:
+            raise FileNotFoundError(f"task {self.name!r} found no document of at least {self.min_chars} characters "
+                                    f"in {options.data_dir or 'the standard library'}")
+        return docs[:options.max_docs] if options.max_docs else docs
+
+    def check(self, options: TaskOptions) -> None:
+        self.documents(options)
+
+    def params(self, options: TaskOptions) -> dict[str, Any]:
+        return {"data": str(options.data_dir) if options.data_dir else "stdlib-heldout",
+                "max_docs": options.max_docs, "max_tokens": options.max_tokens, "min_chars": self.min_chars}
+
+    def run(self, lm: ScoringLM, tokenizer: Any, options: TaskOptions,
+            progress: Callable[[int, int | None], None] | None = None) -> TaskResult:
+        encoded = [(doc_id, *encode_document(tokenizer, text, options.max_tokens))
+                   for doc_id, text in self.documents(options)]
+        total = sum(len(ids) - 1 for _, ids, _ in encoded)
+        if progress is not None:
+            progress(0, total)
+        nlls = lm.score([ids for _, ids, _ in encoded], batch_size=options.batch_size,
+                        progress=(lambda n: progress(n, None)) if progress is not None else None)
+        samples = []
+        for (doc_id, _, text), nll in zip(encoded, nlls, strict=True):
+            nll_sum = float(nll.double().sum())
+            samples.append({"doc_id": doc_id, "tokens": len(nll), "bytes": len(text.encode("utf-8")),
+                            "words": len(text.split()), "nll": nll_sum,
+                            "token_ppl": math.exp(nll_sum / max(len(nll), 1))})
+        return TaskResult(metrics=aggregate(samples), samples=samples, n=sum(s["tokens"] for s in samples),
+                          context_len=max(len(ids) for _, ids, _ in encoded))
+
+
+def aggregate(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """Corpus metrics from per-document sums: every token weighs the same."""
+    nll = sum(s["nll"] for s in samples)
+    tokens = sum(s["tokens"] for s in samples)
+    return {
+        "token_ppl": math.exp(nll / tokens),
+        "bits_per_byte": nll / math.log(2) / sum(s["bytes"] for s in samples),
+        "word_ppl": math.exp(nll / sum(s["words"] for s in samples)),
+        "nll_per_token": nll / tokens,
+    }
+
+
+# 10,000 characters is ~3K tokens of code: long for the reference model's 256-token context.
+TASKS.register("github")(PerplexityTask(name="github", version="1.0", corpus="code", min_chars=10_000))
+# Books are long anyway; the filter only drops stray short files.
+TASKS.register("pg19")(PerplexityTask(name="pg19", version="1.0", corpus="books", min_chars=1_000))
