@@ -58,8 +58,8 @@ def cmd_list(console: Console) -> None:
     if not console.is_terminal:
         console.width = max(console.width, 160)  # piped output: no terminal width to respect, keep rows on one line
     table = Table(title="Methods as UniMem configs (paper setting: 22 layers, 2,048-token segments)")
-    for column in ("method", "memory management", "writing", "reading", "injection", "training", "position",
-                   "paper"):
+    table.add_column("method", no_wrap=True)
+    for column in ("memory management", "writing", "reading", "injection", "training", "position", "paper"):
         table.add_column(column)
     for name in METHODS.names():
         method = METHODS.get(name)

@@ -95,7 +95,7 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         "writing": ", ".join(writes) or "-",
         "reading": ", ".join(reads) or "-",
         "injection": format_layers(config.injection.layers) if (m.size or w.memory_tokens) else "-",
-        "training": config.training.strategy + (f" k={config.training.bptt_segments}"
-                                                if config.training.strategy == "bptt" else ""),
+        "training": "-" if not (m.size or w.memory_tokens) else config.training.strategy + (
+            f" k={config.training.bptt_segments}" if config.training.strategy == "bptt" else ""),
         "position": config.position.mode + (f"; {', '.join(extra)}" if extra else ""),
     }

@@ -14,14 +14,14 @@ def model() -> LlamaForCausalLM:
     return tiny_llama()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def stories_dir() -> Path:
     if not (STORIES / "config.json").exists():
         pytest.skip(f"../shared is absent: {STORIES} not found")
     return STORIES
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def books_dir() -> Path:
     if not BOOKS.is_dir():
         pytest.skip(f"../shared is absent: {BOOKS} not found")

@@ -1,0 +1,110 @@
+"""The CLI end to end on stories260K, and every kind of bad input failing in one line before model work."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from transformers import GPT2Config
+
+from unimem_bench.harness import cli, runner
+from unimem_bench.tasks import TASKS
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Fail the test if weights are loaded: bad input must be caught before."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the input was validated")
+
+    monkeypatch.setattr(runner, "load_model", forbidden)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert cli.main(argv) == 2
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("error:") and "\n" not in out, out
+    return out
+
+
+def test_list_prints_methods_and_tasks(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("transformer_xl", "memorizing_transformer", "20,480 tok, fifo", "top-32", "github", "pg19"):
+        assert name in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--methods", "transformer-xl"], "did you mean 'transformer_xl'"),
+    (["--tasks", "pg-19"], "did you mean 'pg19'"),
+    (["--methods", "memorizing_transformer", "--set", "management.size=0"], "needs memory to search"),
+    (["--methods", "transformer_xl", "--set", "reading.window=100000"], "larger than management.size"),
+    (["--methods", "unimix", "--set", "injection.layers=9"], "names layer 9 but the model has 5 layers"),
+    (["--tasks", "pg19", "--data-dir", "/nonexistent/books"], "/nonexistent/books"),
+    (["--tasks", "pg19"], "--data-dir"),
+    (["--model", "./no/such/model"], "no such file or folder"),
+])
+def test_bad_input_fails_in_one_line_before_model_work(capsys, stories_dir, no_model_work, tmp_path, args,
+                                                       message):
+    argv = ["run", "--model", str(stories_dir), "--out", str(tmp_path), *args]
+    assert message in one_line_error(capsys, argv)
+
+
+def test_model_the_engine_cannot_hook(capsys, tmp_path, no_model_work):
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    out = one_line_error(capsys, ["run", "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path)])
+    assert "'gpt2' cannot be hooked" in out
+
+
+def run_args(stories_dir, books_dir, out, methods="vanilla,transformer_xl") -> list[str]:
+    return ["run", "--model", str(stories_dir), "--methods", methods, "--tasks", "pg19", "--data-dir",
+            str(books_dir), "--max-docs", "2", "--max-tokens", "300", "--segment-len", "64", "--out", str(out)]
+
+
+def test_run_writes_records_leaderboard_and_plot_then_resumes(stories_dir, books_dir, tmp_path, capsys):
+    assert cli.main(run_args(stories_dir, books_dir, tmp_path)) == 0
+    board = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert set(board["method"]) == {"vanilla", "transformer_xl"}
+    assert set(board["metric"]) >= {"token_ppl", "bits_per_byte", "word_ppl"}
+    assert (tmp_path / "plots" / "token_ppl.png").stat().st_size > 10_000
+    for run_id in set(board["run_id"]):
+        folder = tmp_path / "runs" / run_id
+        record = json.loads((folder / "run.json").read_text())
+        assert {"commit", "seed", "device", "model", "packages"} <= set(record)
+        assert (folder / "config.yaml").read_text().startswith("name:")
+        samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert sum(s["tokens"] for s in samples) == board[board["run_id"] == run_id]["n"].iloc[0]
+        assert metrics["token_ppl"] == pytest.approx(
+            board[(board["run_id"] == run_id) & (board["metric"] == "token_ppl")]["value"].iloc[0])
+    capsys.readouterr()
+    assert cli.main(run_args(stories_dir, books_dir, tmp_path)) == 0
+    assert "2 of 2 results already" in capsys.readouterr().out
+
+
+def test_interrupt_keeps_finished_results_and_rerun_skips_them(stories_dir, books_dir, tmp_path, monkeypatch,
+                                                               capsys):
+    task = TASKS.get("pg19")
+    real_run = type(task).run
+    calls = []
+
+    def run_then_interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(task), "run", run_then_interrupt)
+    assert cli.main(run_args(stories_dir, books_dir, tmp_path)) == 130
+    board = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert set(board["method"]) == {"vanilla"}
+    first = next((tmp_path / "runs").iterdir())
+    stamp = (first / "metrics.json").stat().st_mtime_ns
+    monkeypatch.setattr(type(task), "run", real_run)
+    capsys.readouterr()
+    assert cli.main(run_args(stories_dir, books_dir, tmp_path)) == 0
+    assert "1 of 2 results already" in capsys.readouterr().out
+    assert (first / "metrics.json").stat().st_mtime_ns == stamp
+    assert set(pd.read_csv(tmp_path / "leaderboard.csv")["method"]) == {"vanilla", "transformer_xl"}

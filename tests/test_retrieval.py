@@ -1,0 +1,61 @@
+"""Top-k search: exact torch search against brute force, faiss indexes against exact search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unimem_bench.methods.config import Reading
+from unimem_bench.methods.retrieval import FaissBank, topk_exact
+
+
+def data(n: int, q: int = 24, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    # [batch 2, kv_heads 3, ...]
+    return torch.randn(2, 3, q, dim, generator=generator), torch.randn(2, 3, n, dim, generator=generator)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 10_000])
+def test_chunked_exact_search_equals_brute_force(chunk):
+    queries, keys = data(300)
+    scores, idx = topk_exact(queries, keys, 5, chunk=chunk)
+    expected_scores, expected_idx = (queries @ keys.transpose(-1, -2)).topk(5, dim=-1)
+    torch.testing.assert_close(scores, expected_scores)
+    assert torch.equal(idx, expected_idx)
+
+
+def test_faiss_flat_gives_the_exact_neighbours_over_an_id_range():
+    queries, keys = data(500)
+    bank = FaissBank(Reading(topk=8, index="faiss-flat"), capacity=1000)
+    bank.rebuild(keys, first_id=100)
+    # search bank slots [50, 450): memory ids 150..549
+    scores, idx = bank.search(queries, 8, first_id=150, n_candidates=400)
+    expected_scores, expected_idx = topk_exact(queries, keys[:, :, 50:450], 8)
+    assert torch.equal(idx, expected_idx)
+    torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("index", ["faiss-ivf", "faiss-hnsw"])
+def test_approximate_indexes_find_most_true_neighbours(index):
+    queries, keys = data(4000, q=64)
+    bank = FaissBank(Reading(topk=10, index=index, ivf_lists=32, ivf_probe=8), capacity=4000)
+    bank.rebuild(keys, first_id=0)
+    _, idx = bank.search(queries, 10, first_id=0, n_candidates=4000)
+    _, exact = topk_exact(queries, keys, 10)
+    recall = (idx.unsqueeze(-1) == exact.unsqueeze(-2)).any(-1).float().mean().item()
+    assert recall > 0.8
+
+
+def test_faiss_bank_follows_fifo_writes_and_rebuilds_when_stale():
+    reading = Reading(topk=4, index="faiss-flat")
+    bank = FaissBank(reading, capacity=8)
+    _, keys = data(40)
+    held = keys[:, :, :8]
+    bank.add(held, 0, held, 0)
+    for start in range(8, 40, 4):  # FIFO: 4 new keys evict the 4 oldest
+        held = keys[:, :, start - 4:start + 4]
+        bank.add(keys[:, :, start:start + 4], start, held, start - 4)
+        queries, _ = data(1, seed=start)
+        _, idx = bank.search(queries, 4, first_id=start - 4, n_candidates=8)
+        assert torch.equal(idx, topk_exact(queries, held, 4)[1])
+    assert bank.count <= 2 * 8 + 4
