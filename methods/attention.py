@@ -91,10 +91,10 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     values = torch.cat([*prefix_v, value], dim=2) if prefix_v else value
 
     if config.reading.topk and plan.n_candidates:
-        out, lse = attention_with_lse(query, keys, values, n_prefix, scale)
+        out, lse = attention_with_lse(query, keys, values, plan.mask, scale)
         out = merge_topk(ctx, layer, query, out, lse, scale)
     else:
-        out = prefix_causal_sdpa(query, keys, values, n_prefix, scale)
+        out = prefix_causal_sdpa(query, keys, values, plan.mask, scale)
 
     if config.uses_kv_memory and config.management.size:
         seg = slice(plan.n_read, plan.n_read + plan.n_seg)
@@ -113,17 +113,16 @@ def prefix_mask(n_query: int, n_prefix: int, device: torch.device) -> torch.Tens
     return torch.cat([torch.ones(n_query, n_prefix, dtype=torch.bool, device=device), causal], dim=1)
 
 
-def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_prefix: int,
+def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                        scale: float) -> torch.Tensor:
     """SDPA over [prefix ; local] with GQA kept unexpanded: q [batch, heads, seq, dim] -> same shape."""
     gqa = query.shape[1] != keys.shape[1]
-    if n_prefix == 0:
+    if mask is None:
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = prefix_mask(query.shape[2], n_prefix, query.device)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_prefix: int,
+def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `prefix_causal_sdpa`, also returning the log-sum-exp [batch, heads, seq] of the scaled scores.
 
@@ -134,7 +133,8 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
-    mask = prefix_mask(seq, n_prefix, query.device)
+    if mask is None:
+        mask = prefix_mask(seq, 0, query.device)
     outs, lses = [], []
     for lo in range(0, seq, QUERY_CHUNK):
         hi = min(seq, lo + QUERY_CHUNK)

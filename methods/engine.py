@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
-from .attention import ATTENTION_NAME, SegmentContext, unimem_attention
+from .attention import ATTENTION_NAME, SegmentContext, prefix_mask, unimem_attention
 from .config import UniMemConfig
 from .memory import LayerMemory, MemoryState
 from .retrieval import FaissBank
@@ -123,6 +123,8 @@ class MemoryLM(nn.Module):
             cos, sin = self.decoder.rotary_emb(embeds, frame)
             plan.frame_cos, plan.frame_sin = cos[0], sin[0]
             plan.rope_scale = float(getattr(self.decoder.rotary_emb, "attention_scaling", 1.0))
+        if n_prefix and self.layers:
+            plan.mask = prefix_mask(embeds.shape[1], n_prefix, embeds.device)
         plan.detach = not torch.is_grad_enabled() or config.training.strategy == "stop_gradient"
         ctx = SegmentContext(config=config, layers=self.layers, state=state, plan=plan)
         hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, unimem=ctx,

@@ -63,6 +63,8 @@ class SegmentPlan:
     """[frame_len, head_dim] RoPE cos at frame positions 0.. (compact mode), to place memory keys."""
     frame_sin: torch.Tensor | None
     """Like frame_cos."""
+    mask: torch.Tensor | None
+    """[input, prefix + input] bool: memory prefix visible to all, the input causal (None without a prefix)."""
     rope_scale: float
     """RoPE's attention scaling (1 for default and linear RoPE), undone when keys are stored unrotated."""
     detach: bool
@@ -149,7 +151,8 @@ class MemoryState:
         plan = SegmentPlan(
             n_read=n_read, n_seg=n_seg, n_global=self.n_global, n_window=n_window,
             n_candidates=self.n_bank - n_window if r.topk else 0, first_id=self.first_id, to_global=to_global,
-            drop_old=drop_old, drop_new=drop_new, frame_cos=None, frame_sin=None, rope_scale=1.0, detach=True,
+            drop_old=drop_old, drop_new=drop_new, frame_cos=None, frame_sin=None, mask=None, rope_scale=1.0,
+            detach=True,
         )
         return plan, n_new
 

@@ -197,3 +197,19 @@ def test_injection_outside_layers_is_untouched(model):
             lm.forward_segment(state, random_docs([8])[0].unsqueeze(0), 0)
     assert set(state.layers) == {1}
 
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_family_decoders_are_hooked_exactly(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=99, head_dim=8,
+                                  max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    doc = random_docs([40])[0]
+    xl = METHODS.get("transformer_xl").config(MethodContext(2, 8, 256), ["management.size=64", "reading.window=64"])
+    with MemoryLM(model, xl, segment_len=8) as lm:
+        got = lm.score([doc])[0]
+    torch.testing.assert_close(got, full_nll(model, doc), atol=ATOL, rtol=0)
