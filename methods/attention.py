@@ -30,6 +30,9 @@ ATTENTION_NAME = "unimem"
 # Query rows per block of the manual (log-sum-exp) attention: bounds each [rows x keys] score block.
 QUERY_CHUNK = 1024
 
+# PyTorch's fused CPU flash attention, which also returns the log-sum-exp (a private op: absent -> manual path).
+CPU_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
 
 @dataclass
 class SegmentContext:
@@ -107,10 +110,13 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     return out
 
 
-def prefix_mask(n_query: int, n_prefix: int, device: torch.device) -> torch.Tensor:
-    """[query, prefix + query] bool: every query sees the whole prefix and the local segment causally."""
-    causal = torch.ones(n_query, n_query, dtype=torch.bool, device=device).tril()
-    return torch.cat([torch.ones(n_query, n_prefix, dtype=torch.bool, device=device), causal], dim=1)
+def prefix_mask(n_query: int, n_prefix: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[query, prefix + query] additive mask (0 or -inf): every query sees the whole prefix and the segment causally.
+
+    Additive rather than boolean because SDPA converts a boolean mask to this in every call (once per layer).
+    """
+    visible = torch.ones(n_query, n_prefix + n_query, dtype=torch.bool, device=device).tril(n_prefix)
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
 
 
 def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -126,21 +132,24 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `prefix_causal_sdpa`, also returning the log-sum-exp [batch, heads, seq] of the scaled scores.
 
-    GQA is handled by grouping the query heads of each KV head, so keys are never repeated; query rows are
-    processed in blocks so no score block exceeds QUERY_CHUNK x keys.
+    On CPU, PyTorch's fused flash kernel returns the log-sum-exp itself; elsewhere the query heads of each KV head
+    are grouped (keys never repeated) and query rows go in blocks of QUERY_CHUNK, bounding each score block.
     """
     batch, heads, seq, dim = query.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
+    if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
+        k = keys.repeat_interleave(group, dim=1) if group > 1 else keys  # the fused op has no GQA switch
+        v = values.repeat_interleave(group, dim=1) if group > 1 else values
+        return CPU_FLASH_WITH_LSE(query, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
     q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
     if mask is None:
-        mask = prefix_mask(seq, 0, query.device)
+        mask = prefix_mask(seq, 0, query.dtype, query.device)
     outs, lses = [], []
     for lo in range(0, seq, QUERY_CHUNK):
         hi = min(seq, lo + QUERY_CHUNK)
-        scores = torch.einsum("bkgsd,bktd->bkgst", q[:, :, :, lo:hi], keys) * scale  # [b, kv, g, rows, keys]
-        scores = scores.masked_fill(~mask[lo:hi], float("-inf"))
-        lse = scores.logsumexp(-1)
+        scores = torch.einsum("bkgsd,bktd->bkgst", q[:, :, :, lo:hi], keys) * scale + mask[lo:hi]
+        lse = scores.logsumexp(-1)  # [batch, kv_heads, group, rows]
         probs = torch.exp(scores - lse.unsqueeze(-1))
         outs.append(torch.einsum("bkgst,bktd->bkgsd", probs, values))
         lses.append(lse)

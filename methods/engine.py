@@ -124,13 +124,14 @@ class MemoryLM(nn.Module):
             plan.frame_cos, plan.frame_sin = cos[0], sin[0]
             plan.rope_scale = float(getattr(self.decoder.rotary_emb, "attention_scaling", 1.0))
         if n_prefix and self.layers:
-            plan.mask = prefix_mask(embeds.shape[1], n_prefix, embeds.device)
+            plan.mask = prefix_mask(embeds.shape[1], n_prefix, embeds.dtype, embeds.device)
         plan.detach = not torch.is_grad_enabled() or config.training.strategy == "stop_gradient"
         ctx = SegmentContext(config=config, layers=self.layers, state=state, plan=plan)
         hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, unimem=ctx,
                               use_cache=False).last_hidden_state  # [batch, m + n + m, hidden]
         if m:
-            state.rmt = hidden[:, -m:].detach() if plan.detach else hidden[:, -m:]
+            # A copy, not a view: a view would keep the whole [batch, m + n + m, hidden] output alive.
+            state.rmt = hidden[:, -m:].detach().clone() if plan.detach else hidden[:, -m:].clone()
         state.commit(plan, config, n_new, doc_start)
         return self.model.get_output_embeddings()(hidden[:, m:m + n])
 

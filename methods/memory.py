@@ -64,7 +64,7 @@ class SegmentPlan:
     frame_sin: torch.Tensor | None
     """Like frame_cos."""
     mask: torch.Tensor | None
-    """[input, prefix + input] bool: memory prefix visible to all, the input causal (None without a prefix)."""
+    """[input, prefix + input] additive mask: memory prefix visible to all, the input causal (None: no prefix)."""
     rope_scale: float
     """RoPE's attention scaling (1 for default and linear RoPE), undone when keys are stored unrotated."""
     detach: bool
@@ -86,7 +86,9 @@ class LayerMemory:
         if plan.detach:
             keys, values = keys.detach(), values.detach()
         if plan.to_global:
-            self.global_keys, self.global_values = keys[:, :, :plan.to_global], values[:, :, :plan.to_global]
+            # Copies, not views: a view would pin the whole segment's keys/values for the document's lifetime.
+            self.global_keys = keys[:, :, :plan.to_global].clone()
+            self.global_values = values[:, :, :plan.to_global].clone()
             keys, values = keys[:, :, plan.to_global:], values[:, :, plan.to_global:]
         if config.writing.kv == "pooling":
             keys, values = pool_tokens(keys, config.writing.pool_ratio), pool_tokens(values, config.writing.pool_ratio)

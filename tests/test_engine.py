@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import random_docs, tiny_llama
 
-from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig
+from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig, attention
 from unimem_bench.methods.config import Management, Position, Reading, Writing
 
 ATOL = 1e-5
@@ -77,8 +77,12 @@ def test_topk_over_all_memory_equals_dense_attention(model, index):
     torch.testing.assert_close(got, full_nll(model, doc), atol=ATOL, rtol=0)
 
 
-def test_topk_merge_equals_window_read_of_the_same_keys(model):
-    # Two code paths, one softmax: top-k over all memory (log-sum-exp merge) against read_all (one SDPA call).
+@pytest.mark.parametrize("fused", [True, False])
+def test_topk_merge_equals_window_read_of_the_same_keys(model, monkeypatch, fused):
+    # Two code paths, one softmax: top-k over all memory (log-sum-exp merge) against read_all (one SDPA call);
+    # the log-sum-exp comes from PyTorch's fused CPU kernel or from the portable manual path.
+    if not fused:
+        monkeypatch.setattr(attention, "CPU_FLASH_WITH_LSE", None)
     doc = random_docs([40])[0]
     topk = kv_config(size=64, topk=64, mode="absolute")
     read_all = kv_config(size=64, read_all=True, mode="absolute")
