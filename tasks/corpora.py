@@ -42,8 +42,11 @@ def stdlib_root() -> Path:
 
 def stdlib_module(path: Path) -> str:
     """The top-level module a standard-library file belongs to (``email/mime/text.py`` -> ``email``)."""
-    first = path.resolve().relative_to(stdlib_root().resolve()).parts[0]
-    return first.removesuffix(".py")
+    return _module_of(path.resolve().relative_to(stdlib_root().resolve()))
+
+
+def _module_of(relative: Path) -> str:
+    return relative.parts[0].removesuffix(".py")
 
 
 def _module_split(module: str) -> Split:
@@ -75,7 +78,8 @@ def stdlib_split(split: Split) -> list[Path]:
     """The standard library's source files in ``split``, sorted by relative path (rule in the module docstring)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
-    return [p for p in _source_files(stdlib_root()) if _module_split(stdlib_module(p)) == split]
+    root = stdlib_root()
+    return [p for p in _source_files(root) if _module_split(_module_of(p.relative_to(root))) == split]
 
 
 def read_stdlib_documents(split: Split, *, min_chars: int = 0) -> list[tuple[str, str]]:
