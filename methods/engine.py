@@ -109,7 +109,7 @@ class MemoryLM(nn.Module):
         config = self.config
         m = config.writing.memory_tokens
         n = input_ids.shape[1]
-        plan, n_new = state.plan(config, n_read=m, n_seg=n, doc_start=doc_start)
+        plan, n_new = state.plan(config, n_read=m, n_seg=n)
         embeds = self.model.get_input_embeddings()(input_ids)  # [batch, n, hidden]
         if m:
             write_slots = self.memory_embeddings.unsqueeze(0).expand(embeds.shape[0], -1, -1)

@@ -139,7 +139,7 @@ class MemoryState:
     def first_id(self) -> int:
         return self.next_id - self.n_bank
 
-    def plan(self, config: UniMemConfig, *, n_read: int, n_seg: int, doc_start: int) -> tuple[SegmentPlan, int]:
+    def plan(self, config: UniMemConfig, *, n_read: int, n_seg: int) -> tuple[SegmentPlan, int]:
         """The plan for the next segment and the number of bank slots it writes."""
         r, m = config.reading, config.management
         n_window = self.n_bank if r.read_all else min(r.window, self.n_bank)
