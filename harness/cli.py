@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -15,6 +16,9 @@ from unimem_bench.tasks import TASKS, TaskOptions
 from .llama2c import Llama2cFormatError
 from .models import ModelSourceError
 from .registry import UnknownNameError
+
+if TYPE_CHECKING:
+    from .runner import RunRequest
 
 # Errors that mean "bad input": printed as one line, exit status 2, no traceback.
 USER_ERRORS = (ConfigError, UnknownNameError, HookError, ModelSourceError, Llama2cFormatError, FileNotFoundError)
@@ -34,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="evaluate methods on tasks; writes run records and the leaderboard")
     run.add_argument("--methods", default="all", help="`all` or a comma list (default: all)")
+    add_run_arguments(run)
+
+    build = sub.add_parser("build-reference", help="build (or rebuild) the embedded reference model")
+    build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
+    add_analysis_parsers(sub)
+    return parser
+
+
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
+    """The flags shared by `run` and `sweep` (all but --methods)."""
     run.add_argument("--tasks", default="github", help="`all` or a comma list (default: github)")
     run.add_argument("--model", default=None,
                      help="local HF folder, hub id, or llama2.c .bin (default: the embedded reference model)")
@@ -49,9 +63,41 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results/)")
 
-    build = sub.add_parser("build-reference", help="build (or rebuild) the embedded reference model")
-    build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
-    return parser
+
+def add_analysis_parsers(sub: argparse._SubParsersAction) -> None:
+    """`sweep`, `leaderboard` and `plot`."""
+    from .presets import PRESETS
+
+    sweep = sub.add_parser("sweep", help="run a method over a grid of config values, each point a normal run")
+    sweep.add_argument("--method", "--methods", dest="methods", required=True, help="a method or a comma list")
+    sweep.add_argument("--preset", choices=list(PRESETS), help="a study of the paper: " + "; ".join(
+        f"{name}: {p.description}" for name, p in PRESETS.items()))
+    sweep.add_argument("--vary", action="append", default=[], metavar="FIELD=V1,V2",
+                       help="a swept field, e.g. reading.topk=0,4,8 or injection.layers=0-1,[0,2],all (repeatable)")
+    sweep.add_argument("--zip", action="store_true", help="pair the i-th values of every --vary (default: grid)")
+    sweep.add_argument("--name", default=None, help="sweep name under <out>/sweeps/ (default: derived)")
+    sweep.add_argument("--workers", type=positive_int, default=1, help="points run at once (default: 1)")
+    sweep.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="local processes, or tasks on Ray (pip install 'unimem-bench[ray]')")
+    sweep.add_argument("--ray-address", default=None,
+                       help="Ray cluster address (`auto`, ray://host:10001); default: start a local instance")
+    add_run_arguments(sweep)
+
+    board = sub.add_parser("leaderboard", help="paper-style tables (methods x tasks) from <out>/leaderboard.csv")
+    plot = sub.add_parser("plot", help="figures (PNG and SVG) from <out>/leaderboard.csv and the saved sweeps")
+    for p in (board, plot):
+        p.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results/)")
+        p.add_argument("--model", default=None, help="only models whose id contains this")
+        p.add_argument("--tasks", default=None, help="only these tasks (comma list)")
+        p.add_argument("--methods", default=None, help="only these methods (comma list)")
+        p.add_argument("--metric", default=None, help="the metric (default: each task's headline metric)")
+    board.add_argument("--format", dest="fmt", choices=["rich", "markdown", "csv"], default="rich",
+                       help="what to print (default: rich tables)")
+    board.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown here")
+    board.add_argument("--csv", type=Path, default=None, help="also write the tables as CSV here")
+    plot.add_argument("--sweep", action="append", default=None, help="only this sweep's figure (repeatable)")
+    plot.add_argument("--plots-dir", type=Path, default=None, help="where figures go (default: <out>/plots)")
+    plot.add_argument("--formats", default="png,svg", help="comma list of file formats (default: png,svg)")
 
 
 def cmd_list(console: Console) -> None:
@@ -76,14 +122,20 @@ def cmd_list(console: Console) -> None:
     console.print(tasks)
 
 
-def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from .runner import RunRequest, plan_run, plot_run, run_grid, summary_rows
+def run_request(args: argparse.Namespace) -> RunRequest:
+    from .runner import RunRequest
 
     options = TaskOptions(data_dir=args.data_dir, max_docs=args.max_docs, max_tokens=args.max_tokens,
                           batch_size=args.batch_size)
-    req = RunRequest(methods=args.methods, tasks=args.tasks, model=args.model, segment_len=args.segment_len,
-                     overrides=tuple(args.overrides), options=options, seed=args.seed, out=args.out,
-                     device=args.device)
+    return RunRequest(methods=args.methods, tasks=args.tasks, model=args.model, segment_len=args.segment_len,
+                      overrides=tuple(args.overrides), options=options, seed=args.seed, out=args.out,
+                      device=args.device)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from .runner import plan_run, plot_run, run_grid, summary_rows
+
+    req = run_request(args)
     plan = plan_run(req)
     console.print(f"model [bold]{plan.source.name}[/bold], segment {plan.segment_len} tokens, "
                   f"{len(plan.cells)} results to produce")
@@ -106,7 +158,52 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
+    from .leaderboard import render_rich
+    from .presets import parse_vary
+    from .sweep import SweepRequest, plan_sweep, sweep_table
+    from .sweep_exec import run_sweep
+
+    req = SweepRequest(base=run_request(args), axes=tuple(parse_vary(v) for v in args.vary), preset=args.preset,
+                       zipped=args.zip, name=args.name)
+    plan = plan_sweep(req)
+    try:
+        results = run_sweep(plan, console, workers=args.workers, backend=args.backend, ray_address=args.ray_address,
+                            argv=argv)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/yellow]: every finished point is kept in {args.out}; run the same "
+                      "command again to resume")
+        return 130
+    for table in sweep_table(args.out, plan.name):
+        render_rich(table, console, title=f"Sweep {plan.name}")
+    failed = [r for r in results if r.error]
+    if failed:
+        console.print(f"[red]{len(failed)} point(s) failed[/red]; the others are recorded. Re-run to retry them.")
+        return 1
+    return 0
+
+
+def cmd_analysis(args: argparse.Namespace, console: Console) -> int:
+    def names(text: str | None) -> list[str] | None:
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    filters = {"model": args.model, "tasks": names(args.tasks), "methods": names(args.methods), "metric": args.metric}
+    if args.command == "leaderboard":
+        from .leaderboard import show
+
+        show(args.out, console, fmt=args.fmt, markdown=args.markdown, csv=args.csv, **filters)
+        return 0
+    from .figures import plot_results
+
+    written = plot_results(args.out, args.plots_dir, sweeps=args.sweep, formats=names(args.formats) or ["png"],
+                           **filters)
+    for path in written:
+        console.print(f"wrote {path}", highlight=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     console = Console()
     try:
@@ -118,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
 
             console.print(f"reference model: {build_reference(force=args.force, console=console)}")
             return 0
+        if args.command == "sweep":
+            return cmd_sweep(args, console, argv)
+        if args.command in ("leaderboard", "plot"):
+            return cmd_analysis(args, console)
         return cmd_run(args, console)
     except USER_ERRORS as err:
         console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)

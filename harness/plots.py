@@ -1,47 +1,271 @@
-"""Figures drawn from the leaderboard CSV alone (never from in-memory results)."""
+"""The paper's figures, drawn from results files alone (leaderboard.csv, sweep definitions, run records).
+
+`draw_*` functions take frames and return a matplotlib Figure (notebooks show them inline); `plot_*` functions read
+the files and save PNG and SVG. One style everywhere: the same rc settings, and each method keeps its colour (its
+position in the method registry) in every figure.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import matplotlib
+import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+
+from unimem_bench.methods import METHODS
+from unimem_bench.methods.config import parse_layers
+
+from . import leaderboard as lb
+
+STYLE: dict[str, Any] = {
+    "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+    "legend.fontsize": 8, "legend.title_fontsize": 9, "axes.grid": True, "grid.alpha": 0.3,
+    "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 150, "svg.fonttype": "none",
+}
+FORMATS = ("png", "svg")
+
+
+def method_color(method: str) -> Any:
+    names = METHODS.names()
+    return matplotlib.colormaps["tab10"](names.index(method) % 10 if method in names else 9)
+
+
+def row_colors(rows: Sequence[tuple[str, str]]) -> list[Any]:
+    """Method colours when each method has one row; otherwise one tab20 colour per row."""
+    if len({m for m, _ in rows}) == len(rows):
+        return [method_color(m) for m, _ in rows]
+    return [matplotlib.colormaps["tab20"](i % 20) for i in range(len(rows))]
+
+
+def pretty(metric: str) -> str:
+    return {"token_ppl": "token perplexity", "word_ppl": "word perplexity", "bits_per_byte": "bits per byte",
+            "nll_per_token": "NLL per token (nats)"}.get(metric, metric.replace("_", " "))
+
+
+def new_figure(ncols: int = 1, *, width: float = 5.0, height: float = 4.0) -> tuple[Figure, list[Any]]:
+    """A Figure (never registered with pyplot, so nothing leaks between calls) with `ncols` panels."""
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(width * ncols, height), layout="constrained")
+        axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def save_figure(fig: Figure, stem: Path, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Save `stem.png`, `stem.svg`... atomically; returns the paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with matplotlib.rc_context(STYLE):
+        for fmt in formats:
+            path = stem.with_name(f"{stem.name}.{fmt}")
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            fig.savefig(tmp, format=fmt)
+            os.replace(tmp, path)
+            paths.append(path)
+    return paths
+
+
+def draw_metric_bars(table: lb.Table, title: str = "") -> Figure:
+    """Grouped bars: groups are the table's columns (tasks), bars its rows (method and setting), values on top."""
+    values = table.values
+    rows = [(idx[1], idx[2]) for idx in values.index]
+    labels = [f"{m} ({s})" if s else m for m, s in rows]
+    if values.index.get_level_values("model").nunique() > 1:
+        labels = [f"{idx[0]}: {label}" for idx, label in zip(values.index, labels, strict=True)]
+    n_rows, n_cols = values.shape
+    fig, (ax,) = new_figure(width=min(16.0, max(6.0, 0.45 * n_rows * n_cols + 3.5)), height=4.5)
+    width = 0.8 / n_rows
+    with matplotlib.rc_context(STYLE):
+        for j, (label, color) in enumerate(zip(labels, row_colors(rows), strict=True)):
+            xs = np.arange(n_cols) + (j - (n_rows - 1) / 2) * width
+            bars = ax.bar(xs, values.iloc[j].to_numpy(dtype=float), width, label=label, color=color)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2, rotation=90 if n_rows > 4 else 0)
+        ax.set_xticks(range(n_cols), list(values.columns))
+        ax.set_xlabel("task")
+        ax.set_ylabel(pretty(table.metric))
+        ax.margins(y=0.2)
+        ax.set_title(title or f"{pretty(table.metric)} per method and task")
+        ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
 
 
 def plot_metric_bars(leaderboard: Path, out: Path, *, metric: str = "token_ppl", model: str | None = None) -> Path:
-    """Grouped bars of `metric` per task (groups) and method (bars), labelled with their values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    frame = pd.read_csv(leaderboard, keep_default_na=False)
-    frame = frame[frame["metric"] == metric]
+    """The bar figure of one metric from a leaderboard file, saved as `out` (its suffix picks the format)."""
+    frame = lb.load(leaderboard.parent, metric=metric)
     if model is not None:
         frame = frame[frame["model"] == model]
     if frame.empty:
-        raise ValueError(f"{leaderboard} has no rows for metric {metric!r}")
-    # The latest row per (task, method) when a leaderboard holds several models or configs.
-    table = frame.groupby(["task", "method"], sort=False)["value"].last().unstack("method")
-    tasks, methods = list(table.index), list(table.columns)
+        raise ValueError(f"{leaderboard} has no rows for metric {metric!r}" + (f" and model {model}" if model else ""))
+    table = lb.build_tables(frame, metric)[0]
+    title = f"{pretty(metric)} per method and task" + (f" ({lb.short_model(model)})" if model else "")
+    return save_figure(draw_metric_bars(table, title), out.with_suffix(""), [out.suffix.lstrip(".")])[0]
+
+
+def with_setting(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy with a `setting` column (empty when the frame has none: leaderboard rows read without run records)."""
+    frame = frame.copy()
+    if "setting" not in frame:
+        frame["setting"] = ""
+    return frame
+
+
+def by_method(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows in method registry order (the paper's order), stable within a method."""
+    names = METHODS.names()
+    return frame.sort_values("method", key=lambda s: s.map(lambda m: names.index(m) if m in names else len(names)),
+                             kind="stable")
+
+
+def _numeric(values: Sequence[str]) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def _doubling(xs: Sequence[float]) -> bool:
+    positive = [x for x in xs if x > 0]
+    return min(xs) >= 0 and len(positive) >= 3 and max(positive) / min(positive) >= 8
+
+
+def _per_run(frame: pd.DataFrame) -> pd.DataFrame:
+    """One value per run: the mean over a run's breakdown rows (NIAH depths...), else its single row."""
+    keys = [c for c in frame.columns if c not in ("subtask", "context_len", "value", "n", "seconds")]
+    return frame.groupby(keys, sort=False, as_index=False)["value"].mean()
+
+
+def draw_sweep_lines(frame: pd.DataFrame, field: str, values: Sequence[str], metric: str, title: str = "") -> Figure:
+    """`metric` against the swept `field` (x in sweep order; numeric fields on a numeric axis), one line per method
+    and value of the other swept fields, one panel per task."""
+    frame = _per_run(frame)
+    others = [c for c in frame.columns if "." in c and c != field]
+    tasks = list(dict.fromkeys(frame["task"]))
+    xs_num = _numeric(values)
+    fig, axes = new_figure(len(tasks), width=5.5, height=4.0)
+    with matplotlib.rc_context(STYLE):
+        for ax, task in zip(axes, tasks, strict=True):
+            sub = frame[frame["task"] == task]
+            for k, (key, line) in enumerate(sub.groupby(["method", *others], sort=False)):
+                key = key if isinstance(key, tuple) else (key,)
+                label = ", ".join([key[0], *(f"{o.split('.')[-1]}={v}" for o, v in zip(others, key[1:],
+                                                                                      strict=True))])
+                order = {v: i for i, v in enumerate(values)}
+                line = line.sort_values(field, key=lambda s: s.map(order))
+                x = [xs_num[order[v]] if xs_num else order[v] for v in line[field]]
+                color = method_color(key[0]) if not others else matplotlib.colormaps["tab10"](k % 10)
+                ax.plot(x, line["value"], marker="o", label=label, color=color)
+            if xs_num is None:
+                ax.set_xticks(range(len(values)), list(values))
+            elif _doubling(xs_num):
+                # top-k 0..64 and windows 0..2,048 double from point to point: even spacing reads them best.
+                ax.set_xscale("symlog", base=2, linthresh=min(x for x in xs_num if x > 0))
+                ax.set_xticks(xs_num, list(values))
+                ax.minorticks_off()
+            ax.set_xlabel(field)
+            ax.set_ylabel(pretty(metric))
+            ax.set_title(task)
+            ax.legend(title="method")
+        fig.suptitle(title or f"{pretty(metric)} vs {field}")
+    return fig
+
+
+def layer_order(values: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split injection.layers values into single layers (by index) and groups (ranges, `all`), in sweep order."""
+    singles = [v for v in values if v != "all" and len(parse_layers(v)) == 1]
+    groups = [v for v in values if v not in singles]
+    return sorted(singles, key=lambda v: parse_layers(v)[0]), groups
+
+
+def draw_layer_placement(frame: pd.DataFrame, values: Sequence[str], metric: str, title: str = "") -> Figure:
+    """Bars of `metric` with memory at one layer (each index), then at groups of layers (hatched); a dashed line at
+    the all-layer value and the best single layer outlined. One panel per task, one bar colour per method."""
+    frame = _per_run(frame)
+    singles, groups = layer_order(values)
+    cats = singles + groups
+    tasks = list(dict.fromkeys(frame["task"]))
+    methods = list(dict.fromkeys(frame["method"]))
+    fig, axes = new_figure(len(tasks), width=max(5.0, 0.55 * len(cats) * len(methods) + 2.5), height=4.0)
+    lower = lb.lower_is_better(metric)
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(methods) * len(tasks) + 2), 4.5), layout="constrained")
-    cmap = plt.get_cmap("tab10")
-    for j, name in enumerate(methods):
-        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(tasks))]
-        bars = ax.bar(xs, table[name].to_numpy(dtype=float), width, label=name, color=cmap(j % 10))
-        ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_xlabel("task")
-    ax.set_title(f"{metric.replace('_', ' ')} per method and task" + (f" ({model})" if model else ""))
-    ax.margins(y=0.15)
-    ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=150)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    with matplotlib.rc_context(STYLE):
+        for ax, task in zip(axes, tasks, strict=True):
+            for j, method in enumerate(methods):
+                sub = frame[(frame["task"] == task) & (frame["method"] == method)].set_index("injection.layers")
+                heights = [float(sub["value"].get(c, np.nan)) for c in cats]
+                xs = np.arange(len(cats)) + (j - (len(methods) - 1) / 2) * width
+                bars = ax.bar(xs, heights, width, color=method_color(method), label=method,
+                              hatch=[None] * len(singles) + ["//"] * len(groups), edgecolor="white")
+                ax.bar_label(bars, fmt="%.4g", fontsize=7, padding=2, rotation=90)
+                single = [h for h in heights[:len(singles)] if not np.isnan(h)]
+                if single:
+                    best = heights.index(min(single) if lower else max(single))
+                    bars[best].set_edgecolor("black")
+                    bars[best].set_linewidth(1.5)
+                if "all" in sub.index:
+                    ax.axhline(float(sub["value"]["all"]), color=method_color(method), linestyle="--", linewidth=1,
+                               label=f"{method}, all layers")
+            if groups and singles:
+                ax.axvline(len(singles) - 0.5, color="grey", linewidth=0.8)
+            ax.set_xticks(range(len(cats)), cats)
+            ax.set_xlabel("memory layer(s)  (single layers | groups, hatched; best single layer outlined)")
+            ax.set_ylabel(pretty(metric))
+            finite = frame.loc[frame["task"] == task, "value"]
+            span = finite.max() - finite.min()
+            ax.set_ylim(finite.min() - 0.3 * span - 1e-9, finite.max() + 0.45 * span + 1e-9)
+            ax.set_title(task)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.suptitle(title or f"{pretty(metric)} by memory injection layer")
+    return fig
+
+
+def draw_niah_heatmap(frame: pd.DataFrame, metric: str = "accuracy", title: str = "") -> Figure:
+    """Needle-in-a-haystack accuracy: needle depth (subtask `depth=d`) x haystack length, one panel per method."""
+    frame = with_setting(frame[(frame["task"] == "niah") & (frame["metric"] == metric)])
+    frame["depth"] = frame["subtask"].str.removeprefix("depth=").astype(float)
+    frame["panel"] = frame["method"] + frame["setting"].map(lambda s: f" ({s})" if s else "")
+    panels = list(dict.fromkeys(by_method(frame)["panel"]))
+    fig, axes = new_figure(len(panels), width=4.6, height=4.0)
+    with matplotlib.rc_context(STYLE):
+        for ax, panel in zip(axes, panels, strict=True):
+            grid = frame[frame["panel"] == panel].pivot_table(index="depth", columns="context_len", values="value",
+                                                              aggfunc="last").sort_index()
+            image = ax.imshow(grid.to_numpy(dtype=float), cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+            for (i, j), value in np.ndenumerate(grid.to_numpy(dtype=float)):
+                if not np.isnan(value):
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(grid.shape[1]), [f"{int(c):,}" for c in grid.columns], rotation=45, ha="right")
+            ax.set_yticks(range(grid.shape[0]), [f"{d:.0%}" for d in grid.index])
+            ax.set_xlabel("haystack length (tokens)")
+            ax.set_ylabel("needle depth")
+            ax.set_title(panel)
+            ax.grid(False)
+        fig.colorbar(image, ax=axes, label=metric, shrink=0.9)
+        fig.suptitle(title or f"needle-in-a-haystack {metric}")
+    return fig
+
+
+def draw_length_curves(frame: pd.DataFrame, metric: str = "token_ppl", title: str = "") -> Figure:
+    """`metric` against evaluation length (log2 axis) for the `pi-length` task, one line per method."""
+    frame = with_setting(frame[(frame["task"] == "pi-length") & (frame["metric"] == metric)])
+    fig, (ax,) = new_figure(width=6.5, height=4.2)
+    with matplotlib.rc_context(STYLE):
+        groups = list(by_method(frame).groupby(["method", "setting"], sort=False))
+        for ((method, setting), line), color in zip(groups, row_colors([k for k, _ in groups]), strict=True):
+            line = line.sort_values("context_len")
+            label = f"{method} ({setting})" if setting else method
+            ax.plot(line["context_len"], line["value"], marker="o", label=label, color=color)
+        ax.set_xscale("log", base=2)
+        lengths = sorted(frame["context_len"].unique())
+        ax.set_xticks(lengths, [f"{int(n):,}" for n in lengths], rotation=45, ha="right")
+        ax.minorticks_off()
+        ax.set_xlabel("evaluation length (tokens)")
+        ax.set_ylabel(pretty(metric))
+        ax.set_title(title or f"{pretty(metric)} vs evaluation length")
+        ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import BOOKS, STORIES, tiny_llama
+from helpers import BOOKS, STORIES, sweep_argv, tiny_llama
 from transformers import LlamaForCausalLM
 
 
@@ -26,3 +26,26 @@ def books_dir() -> Path:
     if not BOOKS.is_dir():
         pytest.skip(f"../shared is absent: {BOOKS} not found")
     return BOOKS
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer LLaMA with its own BPE tokenizer, built in seconds by the reference recipe machinery."""
+    from unimem_bench.harness.reference import ReferenceRecipe, build_reference
+
+    recipe = ReferenceRecipe(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
+                             num_kv_heads=1, context=64, batch_size=4, steps=6, warmup_steps=2, max_files=5,
+                             eval_windows=4)
+    return build_reference(cache_root=tmp_path_factory.mktemp("tiny-model"), recipe=recipe)
+
+
+@pytest.fixture(scope="session")
+def sweep_results_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Results of three sweeps on the tiny model: layer placement (serial), top-k (2 worker processes), window."""
+    from unimem_bench.harness import cli
+
+    out = tmp_path_factory.mktemp("sweep-results")
+    for args in (["--preset", "layer-placement"], ["--vary", "reading.topk=0,4,8", "--workers", "2"],
+                 ["--vary", "reading.window=0,8,16"]):
+        assert cli.main(sweep_argv(tiny_model_dir, out, *args)) == 0
+    return out

@@ -25,3 +25,9 @@ def tiny_llama(*, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int 
 def random_docs(lengths: list[int], seed: int = 1) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 99, (n,), generator=generator) for n in lengths]
+
+
+def sweep_argv(model_dir: Path, out: Path, *args: str) -> list[str]:
+    """`unimem-bench sweep` of unimix on the tiny model: 2 short standard-library files, 16-token segments."""
+    return ["sweep", "--method", "unimix", "--model", str(model_dir), "--tasks", "github", "--max-docs", "2",
+            "--max-tokens", "128", "--segment-len", "16", "--out", str(out), *args]

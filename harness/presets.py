@@ -1,0 +1,97 @@
+"""Sweep axes and the paper's studies as named presets (light: imported by the CLI parser)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from unimem_bench.methods import ConfigError, MethodContext
+from unimem_bench.methods.config import format_layers
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One swept config field and its values, in order."""
+
+    field: str
+    """`section.field`, as `--set` takes it."""
+    values: tuple[str, ...]
+    """Values as `--set` strings (YAML scalars or lists)."""
+
+    def __post_init__(self) -> None:
+        section, dot, name = self.field.partition(".")
+        if not (dot and section and name):
+            raise ConfigError(f"--vary {self.field!r}: the field must look like section.field, e.g. reading.topk")
+        if not self.values or any(not v.strip() for v in self.values):
+            raise ConfigError(f"--vary {self.field}: give one or more non-empty values, e.g. {self.field}=0,4,8")
+        if len(set(self.values)) != len(self.values):
+            raise ConfigError(f"--vary {self.field}: a value is repeated in {','.join(self.values)}")
+
+
+def split_values(text: str) -> list[str]:
+    """Split at commas outside brackets, so `[0,2],[1,3],all` is three values."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    values.append(current.strip())
+    return values
+
+
+def parse_vary(spec: str) -> Axis:
+    """`reading.topk=0,4,8` -> Axis("reading.topk", ("0", "4", "8"))."""
+    field, sep, raw = spec.partition("=")
+    if not sep:
+        raise ConfigError(f"--vary {spec!r} must look like section.field=v1,v2,..., e.g. reading.topk=0,4,8")
+    return Axis(field.strip(), tuple(split_values(raw)))
+
+
+def layer_thirds(n_layers: int) -> list[str]:
+    """The layer range split into 3 contiguous groups whose sizes differ by at most one (larger groups first)."""
+    if n_layers < 3:
+        return []
+    size, extra = divmod(n_layers, 3)
+    groups, start = [], 0
+    for i in range(3):
+        stop = start + size + (1 if i < extra else 0)
+        groups.append(format_layers(tuple(range(start, stop))))
+        start = stop
+    return groups
+
+
+def paper_window(ctx: MethodContext) -> list[str]:
+    # The paper sweeps window lengths 0-2,048 with 2,048-token segments: 0 to one segment, doubling.
+    return [str(ctx.segments(f)) for f in (0, 1 / 8, 1 / 4, 1 / 2, 1)]
+
+
+def paper_compressed(ctx: MethodContext) -> list[str]:
+    # Compressed tokens per 2,048-token segment around UniMix's 40, scaled to this run's segment (0 stays 0).
+    return list(dict.fromkeys(str(ctx.paper_tokens(n) if n else 0) for n in (0, 10, 20, 40, 80)))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named study of the paper: its axes, given the model depth and segment length."""
+
+    description: str
+    axes: Callable[[MethodContext], list[Axis]]
+
+
+PRESETS: dict[str, Preset] = {
+    "layer-placement": Preset(
+        "a single memory layer at each index, the three thirds of the layers, and all layers",
+        lambda ctx: [Axis("injection.layers", tuple(dict.fromkeys(
+            [str(i) for i in range(ctx.n_layers)] + layer_thirds(ctx.n_layers) + ["all"])))]),
+    "topk": Preset("top-k memories read by similarity: 0, 4, 8, 16, 32, 64 (the paper's range)",
+                   lambda ctx: [Axis("reading.topk", ("0", "4", "8", "16", "32", "64"))]),
+    "window": Preset("window length by position: 0 to one segment, doubling (the paper's 0-2,048)",
+                     lambda ctx: [Axis("reading.window", tuple(dict.fromkeys(paper_window(ctx))))]),
+    "overflow": Preset("memory overflow handling: FIFO vs clear-all",
+                       lambda ctx: [Axis("management.overflow", ("fifo", "clear"))]),
+    "compressed-tokens": Preset("model-forward compressed tokens per segment: 0-80 per 2,048, scaled",
+                                lambda ctx: [Axis("writing.memory_tokens", tuple(paper_compressed(ctx)))]),
+}

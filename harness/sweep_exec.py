@@ -1,0 +1,187 @@
+"""Running a planned sweep: in this process, in parallel worker processes, or as tasks on a Ray cluster.
+
+Every backend runs each point through `run_grid`, so records and leaderboard rows are those of `unimem-bench run`.
+Local workers write into the results folder directly (run folders are renamed into place; leaderboard merges hold
+a file lock). Ray tasks run into a scratch folder on their node and return the run folders and rows, which this
+process writes, so a cluster needs no shared filesystem (only the model and data at the same paths on every node).
+An interrupt stops the workers; finished points stay, and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+
+from . import records
+from .runner import RunRequest, plan_run, run_grid
+from .sweep import SweepPlan, Unit, save_definition
+
+Backend = Literal["local", "ray"]
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What became of one unit: its run ids, the time it took, and the error if it failed."""
+
+    point: int
+    method: str
+    seconds: float
+    error: str | None = None
+
+
+def pending_units(plan: SweepPlan, out: Path) -> list[Unit]:
+    """Units with an unfinished run id, each distinct set of run ids once (two points can be the same config)."""
+    seen: set[tuple[str, ...]] = set()
+    todo = []
+    for unit in plan.units:
+        key = tuple(unit.run_ids)
+        if key in seen or all(records.is_finished(out, rid) for rid in key):
+            continue
+        seen.add(key)
+        todo.append(unit)
+    return todo
+
+
+def run_units(units: list[Unit], out: Path, console: Console, *, workers: int = 1, backend: Backend = "local",
+              ray_address: str | None = None) -> Iterator[UnitResult]:
+    """Run `units`, yielding each result as it finishes (in completion order)."""
+    if backend == "ray":
+        yield from _run_ray(units, out, ray_address, workers)
+    elif workers == 1:
+        for unit in units:
+            yield _run_here(unit, console)
+    else:
+        yield from _run_pool(units, workers)
+
+
+def _run_here(unit: Unit, console: Console) -> UnitResult:
+    start = time.perf_counter()
+    try:
+        run_grid(unit.request, unit.plan, console)
+    except Exception as err:  # one failed point must not stop the others; reported at the end
+        return UnitResult(unit.point, unit.method, time.perf_counter() - start, _describe(err))
+    return UnitResult(unit.point, unit.method, time.perf_counter() - start)
+
+
+def _describe(err: BaseException) -> str:
+    last = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
+    where = f" ({last[0].filename}:{last[0].lineno})" if last else ""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{where}"
+
+
+def _init_worker(threads: int) -> None:
+    # Only the parent handles Ctrl-C (it terminates the pool); workers share the cores instead of each taking all.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _worker(job: tuple[int, str, RunRequest]) -> UnitResult:
+    point, method, request = job
+    start = time.perf_counter()
+    try:
+        run_grid(request, plan_run(request), Console(quiet=True))
+    except Exception as err:  # reported by the parent with the point it belongs to
+        return UnitResult(point, method, time.perf_counter() - start, _describe(err))
+    return UnitResult(point, method, time.perf_counter() - start)
+
+
+def _run_pool(units: list[Unit], workers: int) -> Iterator[UnitResult]:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # spawn, not fork: torch and its thread pools are not fork-safe once initialised in the parent.
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(threads,))
+    try:
+        yield from pool.imap_unordered(_worker, [(u.point, u.method, u.request) for u in units])
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def _ray_task(point: int, method: str, request: RunRequest) -> tuple[UnitResult, dict[str, dict[str, bytes]],
+                                                                      list[dict[str, Any]]]:
+    """Run one unit into a scratch folder on the worker; return its result, run folders and leaderboard rows."""
+    with tempfile.TemporaryDirectory(prefix="unimem-sweep-") as tmp:
+        scratch = replace(request, out=Path(tmp))
+        result = _worker((point, method, scratch))
+        runs = Path(tmp) / "runs"
+        folders = {d.name: {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
+                   for d in (runs.iterdir() if runs.exists() else []) if not d.name.startswith(".")}
+        rows = records.read_leaderboard(Path(tmp) / "leaderboard.csv").to_dict("records")
+    return result, folders, rows
+
+
+def _run_ray(units: list[Unit], out: Path, address: str | None, workers: int) -> Iterator[UnitResult]:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("--backend ray needs Ray: pip install 'unimem-bench[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        # No address: a local Ray instance with `workers` CPUs; "auto" or ray://host:port: an existing cluster.
+        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+                 log_to_driver=False)
+    remote: Callable[..., Any] = ray.remote(num_cpus=1)(_ray_task)
+    pending = {remote.remote(u.point, u.method, u.request): u for u in units}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            unit = pending.pop(done[0])
+            try:
+                result, folders, rows = ray.get(done[0])
+            except Exception as err:  # the task or its worker died: report this point, keep the others going
+                yield UnitResult(unit.point, unit.method, 0.0, _describe(err))
+                continue
+            finished = [rid for rid in unit.run_ids if rid in folders]
+            for rid in finished:
+                records.install_run(out, rid, folders[rid])
+            board_rows = [r for r in rows if r["run_id"] in finished]
+            if board_rows:
+                records.merge_leaderboard(out / "leaderboard.csv", board_rows)
+            yield result
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run_sweep(plan: SweepPlan, console: Console, *, workers: int = 1, backend: Backend = "local",
+              ray_address: str | None = None, argv: list[str] | None = None) -> list[UnitResult]:
+    """Save the sweep's definition, then run its unfinished points; returns what became of each."""
+    out = plan.request.base.out
+    path = save_definition(plan, out, argv)
+    todo = pending_units(plan, out)
+    points = len({u.point for u in plan.units})
+    where = f"ray ({ray_address or 'local instance'})" if backend == "ray" else (
+        f"{workers} worker processes" if workers > 1 else "this process")
+    console.print(f"sweep [bold]{plan.name}[/bold]: {points} points x {len({u.method for u in plan.units})} "
+                  f"method(s); {len(plan.units) - len(todo)} finished or duplicate: skipped; {len(todo)} to run in "
+                  f"{where}. Definition: {path}", soft_wrap=True)
+    labels = {(u.point, u.method): f"{u.method} {u.label}" for u in plan.units}
+    results = []
+    for i, result in enumerate(run_units(todo, out, console, workers=workers, backend=backend,
+                                         ray_address=ray_address), 1):
+        label = labels[(result.point, result.method)]
+        if result.error:
+            console.print(f"[red]{i}/{len(todo)} {label} failed[/red] after {result.seconds:.1f} s: {result.error}",
+                          highlight=False)
+        else:
+            console.print(f"{i}/{len(todo)} {label} done in {result.seconds:.1f} s", highlight=False)
+        results.append(result)
+    return results

@@ -1,0 +1,186 @@
+"""Sweeps: axes and presets, every point a normal run, skipping, interrupt and resume, parallel and Ray workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+import yaml
+from helpers import sweep_argv
+
+from unimem_bench.harness import cli, records, runner
+from unimem_bench.harness.presets import PRESETS, Axis, layer_thirds, parse_vary, split_values
+from unimem_bench.harness.sweep import point_values
+from unimem_bench.methods import ConfigError, MethodContext
+from unimem_bench.methods.config import parse_layers
+from unimem_bench.tasks import TASKS
+
+
+def test_values_split_outside_brackets_and_points_form_a_grid_or_pairs():
+    assert split_values("0-1,[0,2],all") == ["0-1", "[0,2]", "all"]
+    assert parse_vary("injection.layers=0-1,[0,2],all") == Axis("injection.layers", ("0-1", "[0,2]", "all"))
+    axes = (parse_vary("reading.topk=0,4,8"), parse_vary("reading.window=16,32,64"))
+    grid = point_values(axes, zipped=False)
+    assert len(grid) == 9 and len({tuple(p.items()) for p in grid}) == 9
+    assert point_values(axes, zipped=True) == [{"reading.topk": t, "reading.window": w}
+                                               for t, w in (("0", "16"), ("4", "32"), ("8", "64"))]
+    with pytest.raises(ConfigError, match="as many values"):
+        point_values((axes[0], parse_vary("reading.window=16")), zipped=True)
+
+
+@pytest.mark.parametrize("n_layers", [3, 5, 22, 32])
+def test_layer_thirds_cover_every_layer_in_three_contiguous_near_equal_groups(n_layers):
+    groups = [parse_layers(g) for g in layer_thirds(n_layers)]
+    assert len(groups) == 3
+    assert [i for g in groups for i in g] == list(range(n_layers))
+    assert all(g == tuple(range(g[0], g[-1] + 1)) for g in groups)
+    assert max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
+def test_layer_placement_preset_on_five_layers():
+    axes = PRESETS["layer-placement"].axes(MethodContext(n_layers=5, segment_len=128, trained_context=512))
+    # The third "4" is the single layer 4: one point, not two.
+    assert axes == [Axis("injection.layers", ("0", "1", "2", "3", "4", "0-1", "2-3", "all"))]
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the input was validated")
+
+    monkeypatch.setattr(runner, "load_model", forbidden)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--vary", "reading.topk"], "must look like section.field=v1,v2"),
+    (["--vary", "topk=1,2"], "must look like section.field"),
+    (["--vary", "reading.nope=1,2"], "reading has no field 'nope'"),
+    (["--vary", "reading.topk=4,4"], "a value is repeated"),
+    (["--vary", "injection.layers=1,7"], "(unimix): injection.layers=7 names layer 7 but the model has 3"),
+    (["--vary", "reading.topk=0,4", "--vary", "reading.window=0", "--zip"], "as many values"),
+    (["--methods", "unimixx", "--vary", "reading.topk=4"], "did you mean 'unimix'"),
+    ([], "needs --preset NAME or at least one --vary"),
+])
+def test_bad_sweeps_fail_in_one_line_before_model_work(capsys, tiny_model_dir, tmp_path, no_model_work, args,
+                                                        message):
+    assert cli.main(sweep_argv(tiny_model_dir, tmp_path, *args)) == 2
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("error:") and "\n" not in out and message in out, out
+
+
+def test_sweep_points_are_normal_runs_and_a_rerun_skips_them(sweep_results_dir, tiny_model_dir, tmp_path, capsys):
+    sweep = yaml.safe_load(next((sweep_results_dir / "sweeps").glob("layer-placement-*.yaml")).read_text())
+    assert sweep["axes"] == {"injection.layers": ["0", "1", "2", "all"]} and sweep["base"]["model_layers"] == 3
+    board = records.read_leaderboard(sweep_results_dir / "leaderboard.csv")
+    for point in sweep["points"]:
+        assert records.is_finished(sweep_results_dir, point["runs"]["github"])
+    # A point equals `unimem-bench run --set field=value`: same run id, same numbers.
+    point = sweep["points"][1]
+    argv = sweep_argv(tiny_model_dir, tmp_path, "--set", f"injection.layers={point['values']['injection.layers']}")
+    argv[0], argv[1] = "run", "--methods"
+    assert cli.main(argv) == 0
+    alone = records.read_leaderboard(tmp_path / "leaderboard.csv")
+    assert list(alone["run_id"].unique()) == [point["runs"]["github"]]
+    mine = board[board["run_id"] == point["runs"]["github"]].set_index("metric")["value"]
+    assert alone.set_index("metric")["value"].to_dict() == mine.to_dict()
+    capsys.readouterr()
+    rows = len(board)
+    assert cli.main(sweep_argv(tiny_model_dir, sweep_results_dir, "--preset", "layer-placement")) == 0
+    assert "4 finished or duplicate: skipped; 0 to run" in " ".join(capsys.readouterr().out.split())
+    assert len(records.read_leaderboard(sweep_results_dir / "leaderboard.csv")) == rows
+
+
+def test_parallel_workers_write_the_rows_a_serial_run_writes(sweep_results_dir, tiny_model_dir, tmp_path):
+    """The top-k sweep of the fixture ran in 2 worker processes: every point has all its rows, equal to a run."""
+    points = pd.read_csv(next((sweep_results_dir / "sweeps").glob("topk-*.csv")), dtype=str)
+    board = records.read_leaderboard(sweep_results_dir / "leaderboard.csv")
+    metrics = set(board["metric"])
+    for rid in points["run_id"]:
+        assert set(board.loc[board["run_id"] == rid, "metric"]) == metrics
+    assert not board.duplicated(["run_id", "metric"]).any()
+    argv = sweep_argv(tiny_model_dir, tmp_path, "--set", "reading.topk=8")
+    argv[0], argv[1] = "run", "--methods"
+    assert cli.main(argv) == 0
+    alone = records.read_leaderboard(tmp_path / "leaderboard.csv")
+    rid = alone["run_id"].iloc[0]
+    assert rid == points.loc[points["reading.topk"] == "8", "run_id"].item()
+    assert (alone.set_index("metric")["value"].to_dict()
+            == board[board["run_id"] == rid].set_index("metric")["value"].to_dict())
+
+
+def test_interrupted_sweep_resumes_without_recomputing_or_losing_rows(tiny_model_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    task = TASKS.get("github")
+    real_run = type(task).run
+    calls = []
+
+    def run_then_interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(task), "run", run_then_interrupt)
+    argv = sweep_argv(tiny_model_dir, tmp_path, "--vary", "reading.topk=0,4,8,16", "--name", "resume")
+    assert cli.main(argv) == 130
+    done = records.read_leaderboard(tmp_path / "leaderboard.csv")
+    assert done["run_id"].nunique() == 2
+    stamps = {rid: (tmp_path / "runs" / rid / "metrics.json").stat().st_mtime_ns for rid in done["run_id"].unique()}
+    monkeypatch.setattr(type(task), "run", real_run)
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "2 finished or duplicate: skipped; 2 to run" in " ".join(capsys.readouterr().out.split())
+    board = records.read_leaderboard(tmp_path / "leaderboard.csv")
+    points = pd.read_csv(tmp_path / "sweeps" / "resume.csv", dtype=str)
+    assert set(board["run_id"]) == set(points["run_id"]) and not board.duplicated(["run_id", "metric"]).any()
+    assert pd.concat([done, board]).drop_duplicates().shape[0] == len(board)  # the first rows are kept unchanged
+    for rid, stamp in stamps.items():
+        assert (tmp_path / "runs" / rid / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_a_name_holding_another_sweep_is_refused(tiny_model_dir, sweep_results_dir, capsys, no_model_work):
+    name = next((sweep_results_dir / "sweeps").glob("topk-*.yaml")).stem
+    assert cli.main(sweep_argv(tiny_model_dir, sweep_results_dir, "--vary", "reading.topk=0,2", "--name", name)) == 2
+    assert "already exists" in capsys.readouterr().out
+
+
+MERGER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from unimem_bench.harness.records import merge_leaderboard
+    path, who = Path(sys.argv[1]), sys.argv[2]
+    for i in range(25):
+        merge_leaderboard(path, [{"run_id": f"{who}-{i}", "model": "m", "method": "x", "task": "t", "subtask": "",
+                                  "context_len": 0, "metric": "token_ppl", "value": float(i), "n": 1}])
+""")
+
+
+def test_concurrent_leaderboard_merges_lose_no_rows(tmp_path):
+    path = tmp_path / "leaderboard.csv"
+    procs = [subprocess.Popen([sys.executable, "-c", MERGER, str(path), f"w{k}"]) for k in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    board = records.read_leaderboard(path)
+    assert sorted(board["run_id"]) == sorted(f"w{k}-{i}" for k in range(3) for i in range(25))
+
+
+@pytest.mark.slow
+def test_ray_backend_writes_the_rows_of_a_local_sweep(tiny_model_dir, tmp_path, request):
+    if "slow" not in request.config.getoption("markexpr"):
+        pytest.skip("starting a local Ray instance takes ~30 s; run with -m slow")
+    pytest.importorskip("ray")
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    args = ["--vary", "reading.topk=0,4,8", "--name", "topk"]
+    assert cli.main(sweep_argv(tiny_model_dir, local, *args)) == 0
+    assert cli.main(sweep_argv(tiny_model_dir, remote, *args, "--backend", "ray", "--workers", "2")) == 0
+    key = ["run_id", "metric"]
+    a = records.read_leaderboard(local / "leaderboard.csv").sort_values(key).reset_index(drop=True)
+    b = records.read_leaderboard(remote / "leaderboard.csv").sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    for rid in a["run_id"].unique():
+        for name in ("metrics.json", "samples.jsonl", "config.yaml"):
+            assert (local / "runs" / rid / name).read_text() == (remote / "runs" / rid / name).read_text()
+        assert json.loads((remote / "runs" / rid / "run.json").read_text())["run_id"] == rid
