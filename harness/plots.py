@@ -85,7 +85,7 @@ def draw_metric_bars(table: lb.Table, title: str = "") -> Figure:
         for j, (label, color) in enumerate(zip(labels, row_colors(rows), strict=True)):
             xs = np.arange(n_cols) + (j - (n_rows - 1) / 2) * width
             bars = ax.bar(xs, values.iloc[j].to_numpy(dtype=float), width, label=label, color=color)
-            ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2, rotation=90 if n_rows > 4 else 0)
+            ax.bar_label(bars, fmt="%.4g", fontsize=7, padding=2, rotation=90 if n_rows > 4 else 0)
         ax.set_xticks(range(n_cols), list(values.columns))
         ax.set_xlabel("task")
         ax.set_ylabel(pretty(table.metric))
