@@ -42,7 +42,12 @@ def plot_sweeps(out: Path, plots_dir: Path, *, names: Sequence[str] | None = Non
                 tasks: list[str] | None = None, methods: list[str] | None = None, metric: str | None = None,
                 formats: Sequence[str] = FORMATS) -> list[Path]:
     written: list[Path] = []
-    for sweep in list_sweeps(out):
+    saved = list_sweeps(out)
+    missing = sorted(set(names or []) - {s["name"] for s in saved})
+    if missing:
+        raise FileNotFoundError(f"no sweep named {missing[0]!r} in {out / 'sweeps'} (saved: "
+                                f"{', '.join(s['name'] for s in saved) or 'none'})")
+    for sweep in saved:
         if (names and sweep["name"] not in names) or (model and model not in sweep["base"]["model"]):
             continue
         first_task = next(iter(sweep["points"][0]["runs"]))

@@ -109,13 +109,14 @@ class Table:
         return lower_is_better(self.metric)
 
 
-def headline_metrics(frame: pd.DataFrame) -> list[str]:
-    """Each present task's headline metric (registered tasks) or its first metric, in order of appearance."""
-    found = []
+def headlines(frame: pd.DataFrame) -> dict[str, str]:
+    """task -> its headline metric (registered tasks that report it) or else its first metric, in order of
+    appearance."""
+    found = {}
     for task, group in frame.groupby("task", sort=False):
         headline = TASKS.get(task).headline if task in TASKS.names() else group["metric"].iloc[0]
-        found.append(headline if headline in set(group["metric"]) else group["metric"].iloc[0])
-    return list(dict.fromkeys(found))
+        found[task] = headline if headline in set(group["metric"]) else group["metric"].iloc[0]
+    return found
 
 
 def column_labels(frame: pd.DataFrame) -> pd.Series:
@@ -136,10 +137,11 @@ def build_tables(frame: pd.DataFrame, metric: str | None = None) -> list[Table]:
     """One table per metric: `metric`, or the headline metric of each task present."""
     order = {name: i for i, name in enumerate(METHODS.names())}
     tables = []
-    for name in [metric] if metric else headline_metrics(frame):
+    task_headline = headlines(frame)
+    for name in [metric] if metric else list(dict.fromkeys(task_headline.values())):
         rows = frame[frame["metric"] == name].copy()
         if not metric:
-            rows = rows[rows["task"].map(lambda t, n=name: n in headline_metrics(frame[frame["task"] == t]))]
+            rows = rows[rows["task"].map(task_headline) == name]
         rows["model"] = rows["model"].map(short_model)
         rows["column"] = column_labels(rows)
         rows["rank"] = rows["method"].map(lambda m: order.get(m, len(order)))

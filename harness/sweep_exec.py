@@ -55,9 +55,11 @@ def pending_units(plan: SweepPlan, out: Path) -> list[Unit]:
 def run_units(units: list[Unit], out: Path, console: Console, *, workers: int = 1, backend: Backend = "local",
               ray_address: str | None = None) -> Iterator[UnitResult]:
     """Run `units`, yielding each result as it finishes (in completion order)."""
+    if not units:
+        return
     if backend == "ray":
         yield from _run_ray(units, out, ray_address, workers)
-    elif workers == 1:
+    elif workers == 1 or len(units) == 1:
         for unit in units:
             yield _run_here(unit, console)
     else:
@@ -98,6 +100,7 @@ def _worker(job: tuple[int, str, RunRequest]) -> UnitResult:
 
 
 def _run_pool(units: list[Unit], workers: int) -> Iterator[UnitResult]:
+    workers = min(workers, len(units))
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn, not fork: torch and its thread pools are not fork-safe once initialised in the parent.
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(threads,))

@@ -66,6 +66,8 @@ def test_leaderboard_filters_fail_in_one_line(sweep_results_dir, capsys):
     assert out.startswith("error:") and "no rows with task ['pg19'] (it has: github)" in out and "\n" not in out
     assert cli.main(["leaderboard", "--out", str(sweep_results_dir / "nowhere")]) == 2
     assert "run `unimem-bench run` or `unimem-bench sweep` first" in capsys.readouterr().out
+    assert cli.main(["plot", "--out", str(sweep_results_dir), "--sweep", "nope"]) == 2
+    assert "no sweep named 'nope'" in capsys.readouterr().out
 
 
 def test_plot_writes_png_and_svg_for_the_table_and_every_sweep(sweep_results_dir, tmp_path):
