@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -164,6 +165,10 @@ def cmd_sweep(args: argparse.Namespace, console: Console, argv: list[str]) -> in
     from .sweep import SweepRequest, plan_sweep, sweep_table
     from .sweep_exec import run_sweep
 
+    if args.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("--backend ray needs Ray: pip install 'unimem-bench[ray]' (or drop --backend ray)")
+    if args.ray_address and args.backend != "ray":
+        raise ConfigError("--ray-address only applies with --backend ray")
     req = SweepRequest(base=run_request(args), axes=tuple(parse_vary(v) for v in args.vary), preset=args.preset,
                        zipped=args.zip, name=args.name)
     plan = plan_sweep(req)

@@ -59,10 +59,15 @@ class Unit:
     """One point for one method: a normal run request, planned."""
 
     point: int
+    """The point's index in sweep order."""
     values: dict[str, str]
+    """Swept field -> value at this point."""
     method: str
+    """The one method this unit runs."""
     request: RunRequest
+    """The base request with `methods=method` and the point's overrides appended."""
     plan: Plan
+    """`plan_run(request)`: its cells carry the run ids."""
 
     @property
     def run_ids(self) -> list[str]:
@@ -75,10 +80,16 @@ class Unit:
 
 @dataclass(frozen=True)
 class SweepPlan:
+    """A sweep resolved into units, ready to save and run."""
+
     name: str
+    """File stem of the saved definition under sweeps/."""
     request: SweepRequest
+    """What was asked for."""
     axes: tuple[Axis, ...]
+    """The preset's axes (resolved for this model), then the --vary ones."""
     units: list[Unit]
+    """Point-major, then method, in sweep order."""
     n_layers: int
     """Decoder layers of the model (saved with the definition: layer analyses need it)."""
 

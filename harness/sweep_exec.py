@@ -31,12 +31,16 @@ Backend = Literal["local", "ray"]
 
 @dataclass(frozen=True)
 class UnitResult:
-    """What became of one unit: its run ids, the time it took, and the error if it failed."""
+    """What became of one unit: which it was, the time it took, and the error if it failed."""
 
     point: int
+    """The unit's point index."""
     method: str
+    """The unit's method."""
     seconds: float
+    """Wall time of the unit, model loading included."""
     error: str | None = None
+    """`Type: message (file:line)` when the unit failed; None when its results were recorded."""
 
 
 def pending_units(plan: SweepPlan, out: Path) -> list[Unit]:
@@ -66,13 +70,17 @@ def run_units(units: list[Unit], out: Path, console: Console, *, workers: int = 
         yield from _run_pool(units, workers)
 
 
-def _run_here(unit: Unit, console: Console) -> UnitResult:
+def _timed(point: int, method: str, work: Callable[[], object]) -> UnitResult:
     start = time.perf_counter()
     try:
-        run_grid(unit.request, unit.plan, console)
-    except Exception as err:  # one failed point must not stop the others; reported at the end
-        return UnitResult(unit.point, unit.method, time.perf_counter() - start, _describe(err))
-    return UnitResult(unit.point, unit.method, time.perf_counter() - start)
+        work()
+    except Exception as err:  # one failed point must not stop the others; reported with its point
+        return UnitResult(point, method, time.perf_counter() - start, _describe(err))
+    return UnitResult(point, method, time.perf_counter() - start)
+
+
+def _run_here(unit: Unit, console: Console) -> UnitResult:
+    return _timed(unit.point, unit.method, lambda: run_grid(unit.request, unit.plan, console))
 
 
 def _describe(err: BaseException) -> str:
@@ -91,12 +99,7 @@ def _init_worker(threads: int) -> None:
 
 def _worker(job: tuple[int, str, RunRequest]) -> UnitResult:
     point, method, request = job
-    start = time.perf_counter()
-    try:
-        run_grid(request, plan_run(request), Console(quiet=True))
-    except Exception as err:  # reported by the parent with the point it belongs to
-        return UnitResult(point, method, time.perf_counter() - start, _describe(err))
-    return UnitResult(point, method, time.perf_counter() - start)
+    return _timed(point, method, lambda: run_grid(request, plan_run(request), Console(quiet=True)))
 
 
 def _run_pool(units: list[Unit], workers: int) -> Iterator[UnitResult]:
@@ -128,10 +131,8 @@ def _ray_task(point: int, method: str, request: RunRequest) -> tuple[UnitResult,
 
 
 def _run_ray(units: list[Unit], out: Path, address: str | None, workers: int) -> Iterator[UnitResult]:
-    try:
-        import ray
-    except ImportError:
-        raise ImportError("--backend ray needs Ray: pip install 'unimem-bench[ray]'") from None
+    import ray
+
     started_here = not ray.is_initialized()
     if started_here:
         # No address: a local Ray instance with `workers` CPUs; "auto" or ray://host:port: an existing cluster.

@@ -64,6 +64,7 @@ def no_model_work(monkeypatch):
     (["--vary", "reading.topk=0,4", "--vary", "reading.window=0", "--zip"], "as many values"),
     (["--methods", "unimixx", "--vary", "reading.topk=4"], "did you mean 'unimix'"),
     ([], "needs --preset NAME or at least one --vary"),
+    (["--vary", "reading.topk=4", "--ray-address", "auto"], "--ray-address only applies with --backend ray"),
 ])
 def test_bad_sweeps_fail_in_one_line_before_model_work(capsys, tiny_model_dir, tmp_path, no_model_work, args,
                                                         message):
@@ -141,6 +142,26 @@ def test_interrupted_sweep_resumes_without_recomputing_or_losing_rows(tiny_model
     assert pd.concat([done, board]).drop_duplicates().shape[0] == len(board)  # the first rows are kept unchanged
     for rid, stamp in stamps.items():
         assert (tmp_path / "runs" / rid / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_a_failing_point_is_reported_and_the_others_are_recorded(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    task = TASKS.get("github")
+    real_run = type(task).run
+    calls = []
+
+    def fail_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(task), "run", fail_second)
+    assert cli.main(sweep_argv(tiny_model_dir, tmp_path, "--vary", "reading.topk=0,4,8", "--name", "f")) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "unimix reading.topk=4 failed" in out and "RuntimeError: out of memory" in out and "1 point(s) failed" in out
+    points = pd.read_csv(tmp_path / "sweeps" / "f.csv", dtype=str)
+    done = set(records.read_leaderboard(tmp_path / "leaderboard.csv")["run_id"])
+    assert done == set(points.loc[points["reading.topk"] != "4", "run_id"])
 
 
 def test_a_name_holding_another_sweep_is_refused(tiny_model_dir, sweep_results_dir, capsys, no_model_work):
