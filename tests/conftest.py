@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import BOOKS, STORIES, sweep_argv, tiny_llama
 from transformers import LlamaForCausalLM
 
@@ -45,7 +46,13 @@ def sweep_results_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     from unimem_bench.harness import cli
 
     out = tmp_path_factory.mktemp("sweep-results")
-    for args in (["--preset", "layer-placement"], ["--vary", "reading.topk=0,4,8", "--workers", "2"],
-                 ["--vary", "reading.window=0,8,16"]):
-        assert cli.main(sweep_argv(tiny_model_dir, out, *args)) == 0
+    threads = torch.get_num_threads()
+    # One thread: this model's matrices are tiny, and on a busy machine extra threads only wait for each other.
+    torch.set_num_threads(1)
+    try:
+        for args in (["--preset", "layer-placement"], ["--vary", "reading.topk=0,4,8", "--workers", "2"],
+                     ["--vary", "reading.window=0,8,16"]):
+            assert cli.main(sweep_argv(tiny_model_dir, out, *args)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
