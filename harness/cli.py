@@ -10,14 +10,16 @@ from rich.console import Console
 from rich.table import Table
 
 from unimem_bench.methods import METHODS, PAPER_CONTEXT, ConfigError, HookError, describe
-from unimem_bench.tasks import TASKS, TaskOptions
+from unimem_bench.tasks import TASKS, TaskArgError, TaskOptions
+from unimem_bench.tasks.arguments import parse_task_arg, read_task_args_yaml
 
 from .llama2c import Llama2cFormatError
 from .models import ModelSourceError
 from .registry import UnknownNameError
 
 # Errors that mean "bad input": printed as one line, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, UnknownNameError, HookError, ModelSourceError, Llama2cFormatError, FileNotFoundError)
+USER_ERRORS = (ConfigError, UnknownNameError, HookError, ModelSourceError, Llama2cFormatError, FileNotFoundError,
+               TaskArgError)
 
 
 def positive_int(text: str) -> int:
@@ -40,11 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", type=Path, default=None, help="local data for the tasks")
     run.add_argument("--segment-len", type=positive_int, default=None,
                      help="tokens per segment (default: half the model's trained context)")
-    run.add_argument("--max-docs", type=positive_int, default=None, help="documents per task")
+    run.add_argument("--max-docs", "--limit", type=positive_int, default=None,
+                     help="documents (samples) per task, or per dataset for LongBench")
     run.add_argument("--max-tokens", type=positive_int, default=None, help="tokens per document")
     run.add_argument("--batch-size", type=positive_int, default=4, help="documents streamed together")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                      help="config override for every method, e.g. --set reading.topk=8 (repeatable)")
+    run.add_argument("--task-arg", dest="task_args", action="append", default=[], metavar="[TASK.]KEY=VALUE",
+                     help="task argument, e.g. --task-arg niah.lengths=512,1024 (repeatable; `unimem-bench list` "
+                          "shows each task's arguments)")
+    run.add_argument("--task-args", dest="task_args_file", type=Path, default=None, metavar="YAML",
+                     help="task arguments from a YAML file: {key: value} or {task: {key: value}}")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results/)")
@@ -79,8 +87,10 @@ def cmd_list(console: Console) -> None:
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .runner import RunRequest, plan_run, plot_run, run_grid, summary_rows
 
+    entries = read_task_args_yaml(args.task_args_file) if args.task_args_file else []
+    entries += [parse_task_arg(text) for text in args.task_args]
     options = TaskOptions(data_dir=args.data_dir, max_docs=args.max_docs, max_tokens=args.max_tokens,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, task_args=tuple(entries))
     req = RunRequest(methods=args.methods, tasks=args.tasks, model=args.model, segment_len=args.segment_len,
                      overrides=tuple(args.overrides), options=options, seed=args.seed, out=args.out,
                      device=args.device)

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig, check_hookable
-from unimem_bench.tasks import TASKS, Task, TaskOptions
+from unimem_bench.tasks import TASKS, SampleLog, Task, TaskOptions
+from unimem_bench.tasks.arguments import configure
 
 from . import records
 from .models import ModelSource, load_model, load_model_config, resolve_model, trained_context
@@ -68,7 +69,7 @@ def pick_device(name: str) -> torch.device:
 def plan_run(req: RunRequest) -> Plan:
     """Resolve and validate names, model, configs and data, reading no weights; raises one-line errors."""
     method_names = METHODS.resolve(req.methods)
-    tasks = [TASKS.get(name) for name in TASKS.resolve(req.tasks)]
+    tasks = configure([TASKS.get(name) for name in TASKS.resolve(req.tasks)], req.options.task_args)
     source = resolve_model(req.model)
     model_config = load_model_config(source)
     check_hookable(model_config)
@@ -124,10 +125,12 @@ def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) 
                     def advance(n: int, total: int | None, bar: Any = bar) -> None:
                         progress.update(bar, advance=n, **({"total": total} if total is not None else {}))
 
+                    log = SampleLog(records.partial_path(req.out, cell.run_id))
                     start = time.perf_counter()
-                    result = cell.task.run(lm, tokenizer, req.options, progress=advance)
+                    result = cell.task.run(lm, tokenizer, req.options, log, progress=advance)
                     seconds = time.perf_counter() - start
                     _record(req, plan, cell, result, seconds, env, leaderboard)
+                    records.partial_path(req.out, cell.run_id).unlink(missing_ok=True)
                     progress.remove_task(bar)
                     progress.advance(grid)
 
@@ -140,18 +143,21 @@ def _record(req: RunRequest, plan: Plan, cell: Cell, result: Any, seconds: float
               "units_per_second": round(result.n / seconds, 2) if seconds else None}
     records.write_run(req.out, cell.run_id, config_yaml=cell.config.to_yaml(), record=record,
                       samples=result.samples, metrics=result.metrics)
-    rows = [{"run_id": cell.run_id, "model": plan.source.name, "method": cell.method, "task": cell.task.name,
-             "subtask": "", "context_len": result.context_len, "metric": metric, "value": value, "n": result.n}
+    base = {"run_id": cell.run_id, "model": plan.source.name, "method": cell.method, "task": cell.task.name}
+    rows = [{**base, "subtask": "", "context_len": result.context_len, "metric": metric, "value": value, "n": result.n}
             for metric, value in result.metrics.items()]
+    rows += [{**base, "subtask": r.subtask, "context_len": r.context_len, "metric": r.metric, "value": r.value,
+              "n": r.n} for r in result.rows]
     records.merge_leaderboard(leaderboard, rows)
 
 
 def summary_rows(req: RunRequest, run_ids: list[str]) -> list[dict[str, Any]]:
     """Leaderboard rows of these runs, one dict per (method, task) with its metrics as keys."""
     frame = records.read_leaderboard(req.out / "leaderboard.csv")
-    frame = frame[frame["run_id"].isin(run_ids)]
+    frame = frame[frame["run_id"].isin(run_ids) & (frame["subtask"] == "")]
     table = []
     for (method, task), group in frame.groupby(["method", "task"], sort=False):
+        group = group.drop_duplicates("metric")  # the headline rows come first; breakdowns by length follow
         row: dict[str, Any] = {"method": method, "task": task, "n": int(group["n"].iloc[0])}
         row.update(dict(zip(group["metric"], group["value"].astype(float), strict=True)))
         table.append(row)
