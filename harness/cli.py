@@ -112,7 +112,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         table.add_row(row["method"], row["task"], *(f"{row[m]:.4g}" if m in row else "-" for m in metrics),
                       f"{row['n']:,}")
     console.print(table)
-    console.print(f"leaderboard: {req.out / 'leaderboard.csv'}   plot: {plot_run(req, plan)}")
+    console.print(f"leaderboard: {req.out / 'leaderboard.csv'}")
+    for figure in plot_run(req, plan):
+        console.print(f"plot: {figure}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -17,7 +18,8 @@ def plot_metric_bars(leaderboard: Path, out: Path, *, metric: str = "token_ppl",
     import matplotlib.pyplot as plt
 
     frame = pd.read_csv(leaderboard, keep_default_na=False)
-    frame = frame[frame["metric"] == metric]
+    # Headline rows only: a run's first row of a metric; breakdowns (subtasks, other lengths) follow it.
+    frame = frame[(frame["metric"] == metric) & (frame["subtask"] == "")].drop_duplicates(["run_id", "metric"])
     if model is not None:
         frame = frame[frame["model"] == model]
     if frame.empty:
@@ -38,6 +40,48 @@ def plot_metric_bars(leaderboard: Path, out: Path, *, metric: str = "token_ppl",
     ax.set_title(f"{metric.replace('_', ' ')} per method and task" + (f" ({model})" if model else ""))
     ax.margins(y=0.15)
     ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return save_figure(fig, out)
+
+
+def plot_length_curves(leaderboard: Path, out: Path, *, task: str = "pi-length", metric: str = "token_ppl",
+                       model: str | None = None) -> Path:
+    """`metric` against evaluation length (log2 axis), one line per method: the position-interpolation figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.read_csv(leaderboard, keep_default_na=False)
+    frame = frame[(frame["task"] == task) & (frame["metric"] == metric) & (frame["subtask"] == "")]
+    if model is not None:
+        frame = frame[frame["model"] == model]
+    if frame.empty:
+        raise ValueError(f"{leaderboard} has no {task!r} rows for metric {metric!r}")
+    # The latest run per method when the leaderboard holds several.
+    latest = frame.groupby("method", sort=False)["run_id"].last()
+    frame = frame[frame["run_id"].isin(latest)]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    cmap = plt.get_cmap("tab10")
+    for j, (method, group) in enumerate(frame.groupby("method", sort=False)):
+        group = group.sort_values("context_len")
+        ax.plot(group["context_len"], group["value"].astype(float), marker="o", label=method, color=cmap(j % 10))
+    lengths = sorted(frame["context_len"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(lengths, [f"{n:,}" for n in lengths], rotation=30)
+    ax.minorticks_off()
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (log scale)")
+    ax.set_title(f"{metric.replace('_', ' ')} against evaluation length" + (f" ({model})" if model else ""))
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return save_figure(fig, out)
+
+
+def save_figure(fig: Any, out: Path) -> Path:
+    """Write the figure atomically (PNG or SVG by suffix) and close it."""
+    import matplotlib.pyplot as plt
+
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
     os.close(fd)

@@ -17,7 +17,7 @@ from unimem_bench.tasks.arguments import configure
 
 from . import records
 from .models import ModelSource, load_model, load_model_config, resolve_model, trained_context
-from .plots import plot_metric_bars
+from .plots import plot_length_curves, plot_metric_bars
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,15 @@ def summary_rows(req: RunRequest, run_ids: list[str]) -> list[dict[str, Any]]:
     return sorted(table, key=lambda r: (r["task"], order.get(r["method"], len(order))))
 
 
-def plot_run(req: RunRequest, plan: Plan) -> Path:
-    """The headline bar plot for this run's model, drawn from the leaderboard file."""
-    return plot_metric_bars(req.out / "leaderboard.csv", req.out / "plots" / "token_ppl.png", metric="token_ppl",
-                            model=plan.source.name)
+def plot_run(req: RunRequest, plan: Plan) -> list[Path]:
+    """The figures for this run's model and tasks, drawn from the leaderboard file."""
+    leaderboard, plots, model = req.out / "leaderboard.csv", req.out / "plots", plan.source.name
+    tasks = {c.task.name for c in plan.cells}
+    figures = []
+    if tasks & {"github", "pg19"}:
+        figures.append(plot_metric_bars(leaderboard, plots / "token_ppl.png", metric="token_ppl", model=model))
+    if "pi-length" in tasks:
+        figures.append(plot_length_curves(leaderboard, plots / "pi_length.png", model=model))
+        figures.append(plot_length_curves(leaderboard, plots / "pi_length_tail.png", metric="tail_token_ppl",
+                                          model=model))
+    return figures

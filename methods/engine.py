@@ -8,8 +8,9 @@ gives the model back as it was.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,23 @@ class MemoryLM(nn.Module):
         if factor == 0:
             return max(1.0, self.segment_len / self.trained_context)
         return float(factor)
+
+    @contextlib.contextmanager
+    def reading_at_once(self, length: int) -> Iterator[MemoryLM]:
+        """A memoryless method reading `length` tokens at once: vanilla is then full attention, position
+        interpolation rescales RoPE for that length (its automatic factor)."""
+        if self.config.has_memory:
+            raise ValueError(f"{self.config.name} carries memory: it streams long inputs in its segments")
+        saved = (self.segment_len, self.rope_factor, self.decoder.rotary_emb)
+        base = self._restore[1]
+        self.segment_len = length
+        self.rope_factor = self._resolve_rope_factor()
+        self.decoder.rotary_emb = (linear_rope(base, self.model.config, self.rope_factor) if self.rope_factor != 1.0
+                                   else base)
+        try:
+            yield self
+        finally:
+            self.segment_len, self.rope_factor, self.decoder.rotary_emb = saved
 
     def close(self) -> None:
         """Give the wrapped model back with its own attention implementation and rotary embedding."""
