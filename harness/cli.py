@@ -11,7 +11,7 @@ from rich.table import Table
 
 from unimem_bench.methods import METHODS, PAPER_CONTEXT, ConfigError, HookError, describe
 from unimem_bench.tasks import TASKS, TaskArgError, TaskOptions
-from unimem_bench.tasks.arguments import parse_task_arg, read_task_args_yaml
+from unimem_bench.tasks.arguments import parse_task_arg, read_task_args_yaml, task_args
 
 from .llama2c import Llama2cFormatError
 from .models import ModelSourceError
@@ -75,13 +75,20 @@ def cmd_list(console: Console) -> None:
         table.add_row(name, d["management"], d["writing"], d["reading"], d["injection"], d["training"],
                       d["position"], method.paper)
     console.print(table)
-    tasks = Table(title="Tasks")
-    for column in ("task", "version", "headline metric"):
+    tasks = Table(title="Tasks (arguments: --task-arg \\[task.]key=value)")
+    for column in ("task", "version", "headline metric", "arguments (defaults)"):
         tasks.add_column(column)
     for name in TASKS.names():
         task = TASKS.get(name)
-        tasks.add_row(name, task.version, task.headline)
+        args = ", ".join(f"{k}={format_arg(v)}" for k, v in task_args(task).items())
+        tasks.add_row(name, task.version, task.headline, args)
     console.print(tasks)
+
+
+def format_arg(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "''"
+    return str(value) if value != "" else "''"
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
