@@ -34,7 +34,8 @@ def encode_document(tokenizer: Any, text: str, max_tokens: int | None) -> tuple[
     source = text
     if max_tokens is not None and len(text) > max_tokens * CHARS_PER_TOKEN_BOUND:
         source = text[:max_tokens * CHARS_PER_TOKEN_BOUND]
-    enc = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: a long document is meant to exceed the model maximum; transformers would warn about it.
+    enc = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if max_tokens is not None and len(bos) + len(ids) > max_tokens:
         keep = max_tokens - len(bos)
