@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build-reference", help="build (or rebuild) the embedded reference model")
     build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
+
+    # Listed for --help only: main() hands everything after `lm-eval` to lm-eval verbatim (argparse's REMAINDER
+    # cannot take arguments that start with a dash).
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-eval's own CLI with the `unimem` model registered: unimem-bench lm-eval --model unimem "
+                        "--model_args pretrained=PATH,method=NAME --tasks TASK ...")
     return parser
 
 
@@ -125,10 +131,19 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_lm_eval(argv: list[str]) -> int:
+    from .lm_eval_model import run_lm_eval_cli  # importing it registers `unimem` with lm-eval
+
+    return run_lm_eval_cli(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     console = Console()
     try:
+        if argv[:1] == ["lm-eval"]:
+            return cmd_lm_eval(argv[1:])
+        args = build_parser().parse_args(argv)
         if args.command == "list":
             cmd_list(console)
             return 0
