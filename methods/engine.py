@@ -216,7 +216,9 @@ class MemoryLM(nn.Module):
                 target = docs[i][start + 1:start + width + 1]
                 targets[row, :len(target)] = target
             logits = self.forward_segment(state, ids.to(device), start)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
+            # At least float32 for the log-softmax (bf16 logits lose digits); float64 models keep float64.
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            nll = F.cross_entropy(wide.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
                                   reduction="none").view(len(active), width).cpu()
             hits = (logits.argmax(-1).cpu() == targets)  # [rows, width]
             for row, i in enumerate(active):
