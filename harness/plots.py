@@ -17,7 +17,7 @@ def plot_metric_bars(leaderboard: Path, out: Path, *, metric: str = "token_ppl",
     import matplotlib.pyplot as plt
 
     frame = pd.read_csv(leaderboard, keep_default_na=False)
-    frame = frame[frame["metric"] == metric]
+    frame = frame[(frame["metric"] == metric) & (frame["subtask"] == "")]  # headline rows, not the breakdowns
     if model is not None:
         frame = frame[frame["model"] == model]
     if frame.empty:

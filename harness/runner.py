@@ -165,7 +165,9 @@ def summary_rows(req: RunRequest, run_ids: list[str]) -> list[dict[str, Any]]:
     return sorted(table, key=lambda r: (r["task"], order.get(r["method"], len(order))))
 
 
-def plot_run(req: RunRequest, plan: Plan) -> Path:
-    """The headline bar plot for this run's model, drawn from the leaderboard file."""
-    return plot_metric_bars(req.out / "leaderboard.csv", req.out / "plots" / "token_ppl.png", metric="token_ppl",
-                            model=plan.source.name)
+def plot_run(req: RunRequest, plan: Plan) -> list[Path]:
+    """One bar plot per headline metric of the run's tasks (token_ppl, score ...) for this run's model, drawn from
+    the leaderboard file."""
+    metrics = dict.fromkeys(cell.task.headline for cell in plan.cells)
+    return [plot_metric_bars(req.out / "leaderboard.csv", req.out / "plots" / f"{metric}.png", metric=metric,
+                             model=plan.source.name) for metric in metrics]

@@ -1,6 +1,6 @@
 """Evaluation tasks, each registered by name with a version in `TASKS`."""
 
-from . import perplexity  # noqa: F401  (importing a task file registers it)
+from . import longbench, perplexity  # noqa: F401  (importing a task file registers it)
 from .arguments import TaskArgError
 from .base import TASKS, MetricRow, SampleLog, ScoringLM, Task, TaskOptions, TaskResult
 from .hub import DataNotFoundError
