@@ -118,8 +118,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         return 130
     rows = summary_rows(req, run_ids)
     table = Table(title=f"Results ({plan.source.name})")
-    metrics = [m for m in ("token_ppl", "bits_per_byte", "word_ppl") if any(m in r for r in rows)]
-    for column in ("method", "task", *metrics, "tokens"):
+    headlines = [cell.task.headline for cell in plan.cells]
+    metrics = [m for m in dict.fromkeys(("token_ppl", "bits_per_byte", "word_ppl", *headlines))
+               if any(m in r for r in rows)]
+    for column in ("method", "task", *metrics, "n"):
         table.add_column(column, justify="left" if column in ("method", "task") else "right")
     for row in rows:
         table.add_row(row["method"], row["task"], *(f"{row[m]:.4g}" if m in row else "-" for m in metrics),

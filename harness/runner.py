@@ -166,12 +166,12 @@ def summary_rows(req: RunRequest, run_ids: list[str]) -> list[dict[str, Any]]:
 
 
 def plot_run(req: RunRequest, plan: Plan) -> list[Path]:
-    """The figures for this run's model and tasks, drawn from the leaderboard file."""
+    """The figures for this run's model, drawn from the leaderboard file: one bar plot per headline metric of its
+    tasks (token_ppl, score ...), and the length curves for pi-length."""
     leaderboard, plots, model = req.out / "leaderboard.csv", req.out / "plots", plan.source.name
     tasks = {c.task.name for c in plan.cells}
-    figures = []
-    if tasks & {"github", "pg19"}:
-        figures.append(plot_metric_bars(leaderboard, plots / "token_ppl.png", metric="token_ppl", model=model))
+    metrics = dict.fromkeys(c.task.headline for c in plan.cells if c.task.name != "pi-length")
+    figures = [plot_metric_bars(leaderboard, plots / f"{metric}.png", metric=metric, model=model) for metric in metrics]
     if "pi-length" in tasks:
         figures.append(plot_length_curves(leaderboard, plots / "pi_length.png", model=model))
         figures.append(plot_length_curves(leaderboard, plots / "pi_length_tail.png", metric="tail_token_ppl",

@@ -20,6 +20,8 @@ class ScoringLM(Protocol):
 
     segment_len: int
     """Tokens per segment: what the model reads at once besides its memory."""
+    trained_context: int
+    """The model's trained context length in tokens."""
 
     def score(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
               progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
