@@ -43,6 +43,10 @@ def plot_metric_bars(leaderboard: Path, out: Path, *, metric: str = "token_ppl",
     return save_figure(fig, out)
 
 
+LENGTH_METRIC_LABELS = {"token_ppl": "perplexity of all L tokens",
+                        "tail_token_ppl": "perplexity of tokens L/2 .. L"}
+
+
 def plot_length_curves(leaderboard: Path, out: Path, *, task: str = "pi-length", metric: str = "token_ppl",
                        model: str | None = None) -> Path:
     """`metric` against evaluation length (log2 axis), one line per method: the position-interpolation figure."""
@@ -50,6 +54,7 @@ def plot_length_curves(leaderboard: Path, out: Path, *, task: str = "pi-length",
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     frame = pd.read_csv(leaderboard, keep_default_na=False)
     frame = frame[(frame["task"] == task) & (frame["metric"] == metric) & (frame["subtask"] == "")]
@@ -70,9 +75,13 @@ def plot_length_curves(leaderboard: Path, out: Path, *, task: str = "pi-length",
     ax.set_yscale("log")
     ax.set_xticks(lengths, [f"{n:,}" for n in lengths], rotation=30)
     ax.minorticks_off()
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (log scale)")
-    ax.set_title(f"{metric.replace('_', ' ')} against evaluation length" + (f" ({model})" if model else ""))
+    # Plain numbers at 1-2-5 steps: a log axis spanning less than a decade would otherwise show a single label.
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.set_xlabel("evaluation length L (tokens)")
+    label = LENGTH_METRIC_LABELS.get(metric, metric.replace("_", " "))
+    ax.set_ylabel(f"{label} (log scale)")
+    ax.set_title(f"{label} against evaluation length" + (f"\n{model}" if model else ""), fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return save_figure(fig, out)
