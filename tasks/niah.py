@@ -151,8 +151,8 @@ class NeedleTask:
         if progress is not None:
             progress(0, len(cells))
             progress(sum(log.get(cell_key(*cell)) is not None for cell in cells), None)
-        text = haystack_text(options.data_dir)[self.skip_chars:]
-        haystack = haystack_ids(tokenizer, text, max(hay_budget.values()))
+        haystack = haystack_ids(tokenizer, haystack_text(options.data_dir)[self.skip_chars:],
+                                max(hay_budget.values()))
         ends = SentenceEnds(tokenizer)
         for length, depth in cells:
             key = cell_key(length, depth)
@@ -163,12 +163,12 @@ class NeedleTask:
             new = lm.generate(torch.tensor(ids), max_new_tokens=self.max_new_tokens,
                               eos_token_id=tokenizer.eos_token_id,
                               stop=lambda gen: substring_match(spec.answer, tokenizer.decode(gen)))
-            text = tokenizer.decode(new, skip_special_tokens=True)
+            generated = tokenizer.decode(new, skip_special_tokens=True)
             log.add(key, {"key": key, "context_len": length, "depth": depth, "prompt_tokens": len(ids),
                           "haystack_tokens": hay_budget[length], "needle_at": prompt.offset + at,
                           "needle_depth": at / hay_budget[length] if hay_budget[length] else 0.0,
-                          "new_tokens": len(new), "generated": text,
-                          "accuracy": float(substring_match(spec.answer, text))})
+                          "new_tokens": len(new), "generated": generated,
+                          "accuracy": float(substring_match(spec.answer, generated))})
             if progress is not None:
                 progress(1, None)
         return grid_result([(length, depth, [log.get(cell_key(length, depth))]) for length, depth in cells])
