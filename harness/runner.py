@@ -16,6 +16,7 @@ from unimem_bench.tasks import TASKS, SampleLog, Task, TaskOptions
 from unimem_bench.tasks.arguments import configure
 
 from . import records
+from .heatmaps import plot_niah_heatmaps
 from .models import ModelSource, load_model, load_model_config, resolve_model, trained_context
 from .plots import plot_length_curves, plot_metric_bars
 
@@ -126,10 +127,14 @@ def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) 
                         progress.update(bar, advance=n, **({"total": total} if total is not None else {}))
 
                     log = SampleLog(records.partial_path(req.out, cell.run_id))
+                    reused = len(log.done)
+                    if reused:
+                        console.print(f"[dim]{method} / {cell.task.name}: {reused} samples finished before the "
+                                      "interruption are reused[/dim]")
                     start = time.perf_counter()
                     result = cell.task.run(lm, tokenizer, req.options, log, progress=advance)
                     seconds = time.perf_counter() - start
-                    _record(req, plan, cell, result, seconds, env, leaderboard)
+                    _record(req, plan, cell, result, seconds, {**env, "reused_samples": reused}, leaderboard)
                     records.partial_path(req.out, cell.run_id).unlink(missing_ok=True)
                     progress.remove_task(bar)
                     progress.advance(grid)
@@ -167,7 +172,7 @@ def summary_rows(req: RunRequest, run_ids: list[str]) -> list[dict[str, Any]]:
 
 def plot_run(req: RunRequest, plan: Plan) -> list[Path]:
     """The figures for this run's model, drawn from the leaderboard file: one bar plot per headline metric of its
-    tasks (token_ppl, score ...), and the length curves for pi-length."""
+    tasks (token_ppl, score ...), the length curves for pi-length, and the depth x length heatmaps of needle tasks."""
     leaderboard, plots, model = req.out / "leaderboard.csv", req.out / "plots", plan.source.name
     tasks = {c.task.name for c in plan.cells}
     metrics = dict.fromkeys(c.task.headline for c in plan.cells if c.task.name != "pi-length")
@@ -176,4 +181,4 @@ def plot_run(req: RunRequest, plan: Plan) -> list[Path]:
         figures.append(plot_length_curves(leaderboard, plots / "pi_length.png", model=model))
         figures.append(plot_length_curves(leaderboard, plots / "pi_length_tail.png", metric="tail_token_ppl",
                                           model=model))
-    return figures
+    return figures + plot_niah_heatmaps(leaderboard, plots, model=model, tasks=tasks)

@@ -4,6 +4,8 @@
 from . import perplexity  # noqa: I001, F401
 from . import pi_length  # noqa: F401
 from . import longbench  # noqa: F401
+from . import niah  # noqa: F401
+from . import ruler  # noqa: F401
 from .arguments import TaskArgError
 from .base import TASKS, MetricRow, SampleLog, ScoringLM, Task, TaskOptions, TaskResult
 from .hub import DataNotFoundError
