@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from unimem_bench.methods import METHODS, PAPER_CONTEXT, ConfigError, HookError, describe
-from unimem_bench.tasks import TASKS, TaskOptions
+from unimem_bench.tasks import TASKS, TaskArgError, TaskOptions
+from unimem_bench.tasks.arguments import parse_task_arg, read_task_args_yaml, task_args
 
 from .llama2c import Llama2cFormatError
 from .models import ModelSourceError
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
     from .runner import RunRequest
 
 # Errors that mean "bad input": printed as one line, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, UnknownNameError, HookError, ModelSourceError, Llama2cFormatError, FileNotFoundError)
+USER_ERRORS = (ConfigError, UnknownNameError, HookError, ModelSourceError, Llama2cFormatError, FileNotFoundError,
+               TaskArgError)
 
 
 def positive_int(text: str) -> int:
@@ -43,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build-reference", help="build (or rebuild) the embedded reference model")
     build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
+
+    # Listed for --help only: main() hands everything after `lm-eval` to lm-eval verbatim (argparse's REMAINDER
+    # cannot take arguments that start with a dash).
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-eval's own CLI with the `unimem` model registered: unimem-bench lm-eval --model unimem "
+                        "--model_args pretrained=PATH,method=NAME --tasks TASK ...")
     add_analysis_parsers(sub)
     return parser
 
@@ -55,11 +63,17 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--data-dir", type=Path, default=None, help="local data for the tasks")
     run.add_argument("--segment-len", type=positive_int, default=None,
                      help="tokens per segment (default: half the model's trained context)")
-    run.add_argument("--max-docs", type=positive_int, default=None, help="documents per task")
+    run.add_argument("--max-docs", "--limit", type=positive_int, default=None,
+                     help="documents (samples) per task, or per dataset for LongBench")
     run.add_argument("--max-tokens", type=positive_int, default=None, help="tokens per document")
     run.add_argument("--batch-size", type=positive_int, default=4, help="documents streamed together")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                      help="config override for every method, e.g. --set reading.topk=8 (repeatable)")
+    run.add_argument("--task-arg", dest="task_args", action="append", default=[], metavar="[TASK.]KEY=VALUE",
+                     help="task argument, e.g. --task-arg niah.lengths=512,1024 (repeatable; `unimem-bench list` "
+                          "shows each task's arguments)")
+    run.add_argument("--task-args", dest="task_args_file", type=Path, default=None, metavar="YAML",
+                     help="task arguments from a YAML file: {key: value} or {task: {key: value}}")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results/)")
@@ -114,20 +128,29 @@ def cmd_list(console: Console) -> None:
         table.add_row(name, d["management"], d["writing"], d["reading"], d["injection"], d["training"],
                       d["position"], method.paper)
     console.print(table)
-    tasks = Table(title="Tasks")
-    for column in ("task", "version", "headline metric"):
+    tasks = Table(title="Tasks (arguments: --task-arg \\[task.]key=value)")
+    for column in ("task", "version", "headline metric", "arguments (defaults)"):
         tasks.add_column(column)
     for name in TASKS.names():
         task = TASKS.get(name)
-        tasks.add_row(name, task.version, task.headline)
+        args = ", ".join(f"{k}={format_arg(v)}" for k, v in task_args(task).items())
+        tasks.add_row(name, task.version, task.headline, args)
     console.print(tasks)
+
+
+def format_arg(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "''"
+    return str(value) if value != "" else "''"
 
 
 def run_request(args: argparse.Namespace) -> RunRequest:
     from .runner import RunRequest
 
+    entries = read_task_args_yaml(args.task_args_file) if args.task_args_file else []
+    entries += [parse_task_arg(text) for text in args.task_args]
     options = TaskOptions(data_dir=args.data_dir, max_docs=args.max_docs, max_tokens=args.max_tokens,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, task_args=tuple(entries))
     return RunRequest(methods=args.methods, tasks=args.tasks, model=args.model, segment_len=args.segment_len,
                       overrides=tuple(args.overrides), options=options, seed=args.seed, out=args.out,
                       device=args.device)
@@ -148,14 +171,18 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         return 130
     rows = summary_rows(req, run_ids)
     table = Table(title=f"Results ({plan.source.name})")
-    metrics = [m for m in ("token_ppl", "bits_per_byte", "word_ppl") if any(m in r for r in rows)]
-    for column in ("method", "task", *metrics, "tokens"):
+    headlines = [cell.task.headline for cell in plan.cells]
+    metrics = [m for m in dict.fromkeys(("token_ppl", "bits_per_byte", "word_ppl", *headlines))
+               if any(m in r for r in rows)]
+    for column in ("method", "task", *metrics, "n"):
         table.add_column(column, justify="left" if column in ("method", "task") else "right")
     for row in rows:
         table.add_row(row["method"], row["task"], *(f"{row[m]:.4g}" if m in row else "-" for m in metrics),
                       f"{row['n']:,}")
     console.print(table)
-    console.print(f"leaderboard: {req.out / 'leaderboard.csv'}   plot: {plot_run(req, plan)}")
+    console.print(f"leaderboard: {req.out / 'leaderboard.csv'}")
+    for figure in plot_run(req, plan):
+        console.print(f"plot: {figure}")
     return 0
 
 
@@ -207,11 +234,19 @@ def cmd_analysis(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_lm_eval(argv: list[str]) -> int:
+    from .lm_eval_model import run_lm_eval_cli  # importing it registers `unimem` with lm-eval
+
+    return run_lm_eval_cli(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
     console = Console()
     try:
+        if argv[:1] == ["lm-eval"]:
+            return cmd_lm_eval(argv[1:])
+        args = build_parser().parse_args(argv)
         if args.command == "list":
             cmd_list(console)
             return 0

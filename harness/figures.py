@@ -2,8 +2,9 @@
 
 - `bars_<metric>`: the leaderboard table as grouped bars (tasks without a per-length or per-depth breakdown);
 - `sweep_<name>`: each saved sweep, the metric against its swept field (the per-layer figure for layer placement);
-- `niah_<model>`: needle-in-a-haystack heatmaps (task `niah`, subtask `depth=d`, context_len = haystack length);
-- `pi_length_<model>`: perplexity against evaluation length (task `pi-length`, one row per length).
+- `<task>_<method>` and `<task>_methods`: depth x length heatmaps of every needle task (rows with `depth=d`
+  subtasks: niah, ruler_niah_*), in a folder per model when the results hold several;
+- `pi_length[_tail]_<model>`: perplexity against evaluation length (task `pi-length`, one row per length).
 """
 
 from __future__ import annotations
@@ -11,26 +12,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 
 from unimem_bench.tasks import TASKS
 
 from . import leaderboard as lb
+from .heatmaps import DEPTH, plot_niah_heatmaps
 from .plots import (
     FORMATS,
+    STYLE,
     draw_layer_placement,
-    draw_length_curves,
     draw_metric_bars,
-    draw_niah_heatmap,
     draw_sweep_lines,
-    save_figure,
+    plot_length_curves,
+    save_formats,
 )
 from .sweep import list_sweeps, sweep_results
 
 
-def breakdown_tasks(frame: pd.DataFrame) -> set[str]:
-    """Tasks where a run reports several rows of one metric (depths, lengths): they get their own figures."""
-    counts = frame.groupby(["task", "run_id", "metric"]).size()
+def length_tasks(frame: pd.DataFrame) -> set[str]:
+    """Tasks whose runs report a metric at several lengths without a subtask (pi-length): they get length curves,
+    not bars."""
+    counts = frame[frame["subtask"] == ""].groupby(["task", "run_id", "metric"]).size()
     return set(counts[counts > 1].index.get_level_values("task"))
 
 
@@ -67,7 +71,7 @@ def plot_sweeps(out: Path, plots_dir: Path, *, names: Sequence[str] | None = Non
             else:
                 fig = draw_sweep_lines(frame, field, values, name, title)
             stem = f"sweep_{sweep['name']}" + (f"_{_slug(field)}" if len(axes) > 1 else "")
-            written += save_figure(fig, plots_dir / stem, formats)
+            written += save_formats(fig, plots_dir / stem, formats)
     return written
 
 
@@ -77,24 +81,41 @@ def plot_results(out: Path, plots_dir: Path | None = None, *, model: str | None 
     """Write every figure the filtered results support; returns the files written."""
     plots_dir = plots_dir or out / "plots"
     frame = lb.load(out, model=model, tasks=tasks, methods=methods)
-    broken = breakdown_tasks(frame)
     written: list[Path] = []
-    flat = frame[~frame["task"].isin(broken)]
-    if not flat.empty and not sweeps:
-        for table in lb.build_tables(flat, metric):
-            written += save_figure(draw_metric_bars(table), plots_dir / f"bars_{table.metric}", formats)
+    if not sweeps:
+        flat = frame[~frame["task"].isin(length_tasks(frame))]
+        for table in lb.build_tables(flat, metric) if not flat.empty else []:
+            written += save_formats(draw_metric_bars(table), plots_dir / f"bars_{table.metric}", formats)
     written += plot_sweeps(out, plots_dir, names=sweeps, model=model, tasks=tasks, methods=methods, metric=metric,
                            formats=formats)
-    for task, draw, default in (("niah", draw_niah_heatmap, "accuracy"), ("pi-length", draw_length_curves,
-                                                                        "token_ppl")):
-        rows = frame[(frame["task"] == task) & (frame["metric"] == (metric or default))]
-        if sweeps or rows.empty:
-            continue
-        for model_id, sub in rows.groupby("model", sort=False):
-            short = lb.short_model(model_id)
-            fig = draw(sub, metric or default, title=f"{task} {metric or default} ({short})")
-            written += save_figure(fig, plots_dir / f"{_slug(task.replace('-', '_'))}_{_slug(short)}", formats)
+    if not sweeps:
+        written += _breakdown_figures(out, frame, plots_dir, metric, formats)
     if not written:
         raise FileNotFoundError(f"nothing to plot in {out} with these filters (sweeps: "
                                 f"{', '.join(s['name'] for s in list_sweeps(out)) or 'none'})")
+    return written
+
+
+def needle_tasks(frame: pd.DataFrame) -> set[str]:
+    return set(frame.loc[frame["subtask"].str.match(DEPTH.pattern), "task"])
+
+
+def _breakdown_figures(out: Path, frame: pd.DataFrame, plots_dir: Path, metric: str | None,
+                       formats: Sequence[str]) -> list[Path]:
+    """Needle heatmaps and length curves, per model, in the house style."""
+    written: list[Path] = []
+    leaderboard = out / "leaderboard.csv"
+    models = list(dict.fromkeys(frame["model"]))
+    with matplotlib.rc_context(STYLE):
+        for model_id in models:
+            rows = frame[frame["model"] == model_id]
+            folder = plots_dir / _slug(lb.short_model(model_id)) if len(models) > 1 else plots_dir
+            if needle_tasks(rows):
+                written += plot_niah_heatmaps(leaderboard, folder, model=model_id, tasks=needle_tasks(rows),
+                                              formats=formats)
+            for task in length_tasks(rows):
+                for name in [metric] if metric else sorted(set(rows.loc[rows["task"] == task, "metric"])):
+                    stem = f"{_slug(task.replace('-', '_'))}_{name}_{_slug(lb.short_model(model_id))}"
+                    written += [plot_length_curves(leaderboard, plots_dir / f"{stem}.{fmt}", task=task, metric=name,
+                                                   model=model_id) for fmt in formats]
     return written

@@ -2,9 +2,9 @@
 
 A row is a method at one setting: when a results folder holds several runs of a method (a sweep, or `--set`
 overrides), the config fields that differ between them (read from each run's config.yaml and run.json) name the
-setting, e.g. `injection.layers=2`. A column is a task, broken down by subtask and context length when a run
-reports several rows for the metric (NIAH depths, PI evaluation lengths). Where a cell has several results
-(e.g. the same method and setting with other `--max-docs`), the newest row of the file is shown.
+setting, e.g. `injection.layers=2`. A column is a task, holding each run's headline row (its first row of the
+metric; the breakdowns by depth or length have their own figures). Where a cell has several results (e.g. the
+same method and setting with other `--max-docs`), the newest run in the file is shown.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def load(out: Path, *, model: str | None = None, tasks: list[str] | None = None,
 
 @dataclass(frozen=True)
 class Table:
-    """One metric as rows (model, method, setting) x columns (task breakdowns), with the best cell per column."""
+    """One metric as rows (model, method, setting) x columns (tasks), with the best cell per column."""
 
     metric: str
     values: pd.DataFrame
@@ -119,18 +119,9 @@ def headlines(frame: pd.DataFrame) -> dict[str, str]:
     return found
 
 
-def column_labels(frame: pd.DataFrame) -> pd.Series:
-    """`task`, or `task subtask @len` for tasks whose runs report several rows of one metric."""
-    rows_per_run = frame.groupby(["task", "run_id"])["metric"].transform("size")
-    broken = set(frame.loc[rows_per_run > 1, "task"])
-
-    def label(row: pd.Series) -> str:
-        if row["task"] not in broken:
-            return row["task"]
-        parts = [row["task"], row["subtask"], f"@{int(row['context_len'])}" if row["context_len"] else ""]
-        return " ".join(p for p in parts if p)
-
-    return frame.apply(label, axis=1)
+def headline_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each run's first row of each metric: its headline (breakdown rows by subtask or length follow it)."""
+    return frame.drop_duplicates(["run_id", "metric"], keep="first")
 
 
 def build_tables(frame: pd.DataFrame, metric: str | None = None) -> list[Table]:
@@ -139,11 +130,11 @@ def build_tables(frame: pd.DataFrame, metric: str | None = None) -> list[Table]:
     tables = []
     task_headline = headlines(frame)
     for name in [metric] if metric else list(dict.fromkeys(task_headline.values())):
-        rows = frame[frame["metric"] == name].copy()
+        rows = headline_rows(frame[frame["metric"] == name]).copy()
         if not metric:
             rows = rows[rows["task"].map(task_headline) == name]
         rows["model"] = rows["model"].map(short_model)
-        rows["column"] = column_labels(rows)
+        rows["column"] = rows["task"]
         rows["rank"] = rows["method"].map(lambda m: order.get(m, len(order)))
         keys = ["model", "method", "setting", "column"]
         latest = rows.drop_duplicates(keys, keep="last")

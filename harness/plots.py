@@ -1,8 +1,9 @@
 """The paper's figures, drawn from results files alone (leaderboard.csv, sweep definitions, run records).
 
 `draw_*` functions take frames and return a matplotlib Figure (notebooks show them inline); `plot_*` functions read
-the files and save PNG and SVG. One style everywhere: the same rc settings, and each method keeps its colour (its
-position in the method registry) in every figure.
+the files and save them. `STYLE` is the one look of every figure `unimem-bench plot` writes, and each method keeps
+its colour (its position in the method registry). Leaderboard figures use each run's headline rows: its first row
+of a metric (breakdown rows by subtask or length follow it).
 """
 
 from __future__ import annotations
@@ -56,19 +57,10 @@ def new_figure(ncols: int = 1, *, width: float = 5.0, height: float = 4.0) -> tu
     return fig, list(axes)
 
 
-def save_figure(fig: Figure, stem: Path, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Save `stem.png`, `stem.svg`... atomically; returns the paths."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
+def save_formats(fig: Figure, stem: Path, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Save `stem.png`, `stem.svg`... (each atomically, in the house style); returns the paths."""
     with matplotlib.rc_context(STYLE):
-        for fmt in formats:
-            path = stem.with_name(f"{stem.name}.{fmt}")
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-            os.close(fd)
-            fig.savefig(tmp, format=fmt)
-            os.replace(tmp, path)
-            paths.append(path)
-    return paths
+        return [save_figure(fig, stem.with_name(f"{stem.name}.{fmt}")) for fmt in formats]
 
 
 def draw_metric_bars(table: lb.Table, title: str = "") -> Figure:
@@ -104,22 +96,7 @@ def plot_metric_bars(leaderboard: Path, out: Path, *, metric: str = "token_ppl",
         raise ValueError(f"{leaderboard} has no rows for metric {metric!r}" + (f" and model {model}" if model else ""))
     table = lb.build_tables(frame, metric)[0]
     title = f"{pretty(metric)} per method and task" + (f" ({lb.short_model(model)})" if model else "")
-    return save_figure(draw_metric_bars(table, title), out.with_suffix(""), [out.suffix.lstrip(".")])[0]
-
-
-def with_setting(frame: pd.DataFrame) -> pd.DataFrame:
-    """A copy with a `setting` column (empty when the frame has none: leaderboard rows read without run records)."""
-    frame = frame.copy()
-    if "setting" not in frame:
-        frame["setting"] = ""
-    return frame
-
-
-def by_method(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows in method registry order (the paper's order), stable within a method."""
-    names = METHODS.names()
-    return frame.sort_values("method", key=lambda s: s.map(lambda m: names.index(m) if m in names else len(names)),
-                             kind="stable")
+    return save_figure(draw_metric_bars(table, title), out)
 
 
 def _numeric(values: Sequence[str]) -> list[float] | None:
@@ -134,16 +111,9 @@ def _doubling(xs: Sequence[float]) -> bool:
     return min(xs) >= 0 and len(positive) >= 3 and max(positive) / min(positive) >= 8
 
 
-def _per_run(frame: pd.DataFrame) -> pd.DataFrame:
-    """One value per run: the mean over a run's breakdown rows (NIAH depths...), else its single row."""
-    keys = [c for c in frame.columns if c not in ("subtask", "context_len", "value", "n", "seconds")]
-    return frame.groupby(keys, sort=False, as_index=False)["value"].mean()
-
-
 def draw_sweep_lines(frame: pd.DataFrame, field: str, values: Sequence[str], metric: str, title: str = "") -> Figure:
     """`metric` against the swept `field` (x in sweep order; numeric fields on a numeric axis), one line per method
     and value of the other swept fields, one panel per task."""
-    frame = _per_run(frame)
     others = [c for c in frame.columns if "." in c and c != field]
     tasks = list(dict.fromkeys(frame["task"]))
     xs_num = _numeric(values)
@@ -185,7 +155,6 @@ def layer_order(values: Sequence[str]) -> tuple[list[str], list[str]]:
 def draw_layer_placement(frame: pd.DataFrame, values: Sequence[str], metric: str, title: str = "") -> Figure:
     """Bars of `metric` with memory at one layer (each index), then at groups of layers (hatched); a dashed line at
     the all-layer value and the best single layer outlined. One panel per task, one bar colour per method."""
-    frame = _per_run(frame)
     singles, groups = layer_order(values)
     cats = singles + groups
     tasks = list(dict.fromkeys(frame["task"]))
@@ -224,48 +193,58 @@ def draw_layer_placement(frame: pd.DataFrame, values: Sequence[str], metric: str
     return fig
 
 
-def draw_niah_heatmap(frame: pd.DataFrame, metric: str = "accuracy", title: str = "") -> Figure:
-    """Needle-in-a-haystack accuracy: needle depth (subtask `depth=d`) x haystack length, one panel per method."""
-    frame = with_setting(frame[(frame["task"] == "niah") & (frame["metric"] == metric)])
-    frame["depth"] = frame["subtask"].str.removeprefix("depth=").astype(float)
-    frame["panel"] = frame["method"] + frame["setting"].map(lambda s: f" ({s})" if s else "")
-    panels = list(dict.fromkeys(by_method(frame)["panel"]))
-    fig, axes = new_figure(len(panels), width=4.6, height=4.0)
-    with matplotlib.rc_context(STYLE):
-        for ax, panel in zip(axes, panels, strict=True):
-            grid = frame[frame["panel"] == panel].pivot_table(index="depth", columns="context_len", values="value",
-                                                              aggfunc="last").sort_index()
-            image = ax.imshow(grid.to_numpy(dtype=float), cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-            for (i, j), value in np.ndenumerate(grid.to_numpy(dtype=float)):
-                if not np.isnan(value):
-                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
-            ax.set_xticks(range(grid.shape[1]), [f"{int(c):,}" for c in grid.columns], rotation=45, ha="right")
-            ax.set_yticks(range(grid.shape[0]), [f"{d:.0%}" for d in grid.index])
-            ax.set_xlabel("haystack length (tokens)")
-            ax.set_ylabel("needle depth")
-            ax.set_title(panel)
-            ax.grid(False)
-        fig.colorbar(image, ax=axes, label=metric, shrink=0.9)
-        fig.suptitle(title or f"needle-in-a-haystack {metric}")
-    return fig
+LENGTH_METRIC_LABELS = {"token_ppl": "perplexity of all L tokens",
+                        "tail_token_ppl": "perplexity of tokens L/2 .. L"}
 
 
-def draw_length_curves(frame: pd.DataFrame, metric: str = "token_ppl", title: str = "") -> Figure:
-    """`metric` against evaluation length (log2 axis) for the `pi-length` task, one line per method."""
-    frame = with_setting(frame[(frame["task"] == "pi-length") & (frame["metric"] == metric)])
-    fig, (ax,) = new_figure(width=6.5, height=4.2)
-    with matplotlib.rc_context(STYLE):
-        groups = list(by_method(frame).groupby(["method", "setting"], sort=False))
-        for ((method, setting), line), color in zip(groups, row_colors([k for k, _ in groups]), strict=True):
-            line = line.sort_values("context_len")
-            label = f"{method} ({setting})" if setting else method
-            ax.plot(line["context_len"], line["value"], marker="o", label=label, color=color)
-        ax.set_xscale("log", base=2)
-        lengths = sorted(frame["context_len"].unique())
-        ax.set_xticks(lengths, [f"{int(n):,}" for n in lengths], rotation=45, ha="right")
-        ax.minorticks_off()
-        ax.set_xlabel("evaluation length (tokens)")
-        ax.set_ylabel(pretty(metric))
-        ax.set_title(title or f"{pretty(metric)} vs evaluation length")
-        ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return fig
+def plot_length_curves(leaderboard: Path, out: Path, *, task: str = "pi-length", metric: str = "token_ppl",
+                       model: str | None = None) -> Path:
+    """`metric` against evaluation length (log2 axis), one line per method: the position-interpolation figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    frame = pd.read_csv(leaderboard, keep_default_na=False)
+    frame = frame[(frame["task"] == task) & (frame["metric"] == metric) & (frame["subtask"] == "")]
+    if model is not None:
+        frame = frame[frame["model"] == model]
+    if frame.empty:
+        raise ValueError(f"{leaderboard} has no {task!r} rows for metric {metric!r}")
+    # The latest run per method when the leaderboard holds several.
+    latest = frame.groupby("method", sort=False)["run_id"].last()
+    frame = frame[frame["run_id"].isin(latest)]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    cmap = plt.get_cmap("tab10")
+    for j, (method, group) in enumerate(frame.groupby("method", sort=False)):
+        group = group.sort_values("context_len")
+        ax.plot(group["context_len"], group["value"].astype(float), marker="o", label=method, color=cmap(j % 10))
+    lengths = sorted(frame["context_len"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(lengths, [f"{n:,}" for n in lengths], rotation=30)
+    ax.minorticks_off()
+    # Plain numbers at 1-2-5 steps: a log axis spanning less than a decade would otherwise show a single label.
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.set_xlabel("evaluation length L (tokens)")
+    label = LENGTH_METRIC_LABELS.get(metric, metric.replace("_", " "))
+    ax.set_ylabel(f"{label} (log scale)")
+    ax.set_title(f"{label} against evaluation length" + (f"\n{model}" if model else ""), fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return save_figure(fig, out)
+
+
+def save_figure(fig: Any, out: Path) -> Path:
+    """Write the figure atomically (PNG or SVG by suffix) and close it."""
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=150)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

@@ -36,6 +36,11 @@ def run_id(method: str, task: str, key: dict[str, Any]) -> str:
     return f"{method}--{task}--{digest}"
 
 
+def partial_path(out_dir: Path, rid: str) -> Path:
+    """Samples of an unfinished run, appended as they finish (removed once the run folder is written)."""
+    return out_dir / "runs" / f".{rid}.partial.jsonl"
+
+
 def is_finished(out_dir: Path, rid: str) -> bool:
     return (out_dir / "runs" / rid / "metrics.json").exists()
 

@@ -12,11 +12,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig, check_hookable
-from unimem_bench.tasks import TASKS, Task, TaskOptions
+from unimem_bench.tasks import TASKS, SampleLog, Task, TaskOptions
+from unimem_bench.tasks.arguments import configure
 
 from . import records
+from .heatmaps import plot_niah_heatmaps
 from .models import ModelSource, load_model, load_model_config, resolve_model, trained_context
-from .plots import plot_metric_bars
+from .plots import plot_length_curves, plot_metric_bars
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def pick_device(name: str) -> torch.device:
 def plan_run(req: RunRequest) -> Plan:
     """Resolve and validate names, model, configs and data, reading no weights; raises one-line errors."""
     method_names = METHODS.resolve(req.methods)
-    tasks = [TASKS.get(name) for name in TASKS.resolve(req.tasks)]
+    tasks = configure([TASKS.get(name) for name in TASKS.resolve(req.tasks)], req.options.task_args)
     source = resolve_model(req.model)
     model_config = load_model_config(source)
     check_hookable(model_config)
@@ -124,10 +126,16 @@ def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) 
                     def advance(n: int, total: int | None, bar: Any = bar) -> None:
                         progress.update(bar, advance=n, **({"total": total} if total is not None else {}))
 
+                    log = SampleLog(records.partial_path(req.out, cell.run_id))
+                    reused = len(log.done)
+                    if reused:
+                        console.print(f"[dim]{method} / {cell.task.name}: {reused} samples finished before the "
+                                      "interruption are reused[/dim]")
                     start = time.perf_counter()
-                    result = cell.task.run(lm, tokenizer, req.options, progress=advance)
+                    result = cell.task.run(lm, tokenizer, req.options, log, progress=advance)
                     seconds = time.perf_counter() - start
-                    _record(req, plan, cell, result, seconds, env, leaderboard)
+                    _record(req, plan, cell, result, seconds, {**env, "reused_samples": reused}, leaderboard)
+                    records.partial_path(req.out, cell.run_id).unlink(missing_ok=True)
                     progress.remove_task(bar)
                     progress.advance(grid)
 
@@ -140,18 +148,21 @@ def _record(req: RunRequest, plan: Plan, cell: Cell, result: Any, seconds: float
               "units_per_second": round(result.n / seconds, 2) if seconds else None}
     records.write_run(req.out, cell.run_id, config_yaml=cell.config.to_yaml(), record=record,
                       samples=result.samples, metrics=result.metrics)
-    rows = [{"run_id": cell.run_id, "model": plan.source.name, "method": cell.method, "task": cell.task.name,
-             "subtask": "", "context_len": result.context_len, "metric": metric, "value": value, "n": result.n}
+    base = {"run_id": cell.run_id, "model": plan.source.name, "method": cell.method, "task": cell.task.name}
+    rows = [{**base, "subtask": "", "context_len": result.context_len, "metric": metric, "value": value, "n": result.n}
             for metric, value in result.metrics.items()]
+    rows += [{**base, "subtask": r.subtask, "context_len": r.context_len, "metric": r.metric, "value": r.value,
+              "n": r.n} for r in result.rows]
     records.merge_leaderboard(leaderboard, rows)
 
 
 def summary_rows(req: RunRequest, run_ids: list[str]) -> list[dict[str, Any]]:
     """Leaderboard rows of these runs, one dict per (method, task) with its metrics as keys."""
     frame = records.read_leaderboard(req.out / "leaderboard.csv")
-    frame = frame[frame["run_id"].isin(run_ids)]
+    frame = frame[frame["run_id"].isin(run_ids) & (frame["subtask"] == "")]
     table = []
     for (method, task), group in frame.groupby(["method", "task"], sort=False):
+        group = group.drop_duplicates("metric")  # the headline rows come first; breakdowns by length follow
         row: dict[str, Any] = {"method": method, "task": task, "n": int(group["n"].iloc[0])}
         row.update(dict(zip(group["metric"], group["value"].astype(float), strict=True)))
         table.append(row)
@@ -159,7 +170,15 @@ def summary_rows(req: RunRequest, run_ids: list[str]) -> list[dict[str, Any]]:
     return sorted(table, key=lambda r: (r["task"], order.get(r["method"], len(order))))
 
 
-def plot_run(req: RunRequest, plan: Plan) -> Path:
-    """The headline bar plot for this run's model, drawn from the leaderboard file."""
-    return plot_metric_bars(req.out / "leaderboard.csv", req.out / "plots" / "token_ppl.png", metric="token_ppl",
-                            model=plan.source.name)
+def plot_run(req: RunRequest, plan: Plan) -> list[Path]:
+    """The figures for this run's model, drawn from the leaderboard file: one bar plot per headline metric of its
+    tasks (token_ppl, score ...), the length curves for pi-length, and the depth x length heatmaps of needle tasks."""
+    leaderboard, plots, model = req.out / "leaderboard.csv", req.out / "plots", plan.source.name
+    tasks = {c.task.name for c in plan.cells}
+    metrics = dict.fromkeys(c.task.headline for c in plan.cells if c.task.name != "pi-length")
+    figures = [plot_metric_bars(leaderboard, plots / f"{metric}.png", metric=metric, model=model) for metric in metrics]
+    if "pi-length" in tasks:
+        figures.append(plot_length_curves(leaderboard, plots / "pi_length.png", model=model))
+        figures.append(plot_length_curves(leaderboard, plots / "pi_length_tail.png", metric="tail_token_ppl",
+                                          model=model))
+    return figures + plot_niah_heatmaps(leaderboard, plots, model=model, tasks=tasks)

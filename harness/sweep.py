@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import yaml
 from unimem_bench.methods import METHODS, ConfigError, MethodContext
 
 from . import records
-from .leaderboard import Table, build_tables, load
+from .leaderboard import Table, build_tables, headline_rows, load
 from .models import load_model_config, resolve_model, trained_context
 from .presets import PRESETS, Axis
 from .runner import Plan, RunRequest, plan_run
@@ -150,7 +151,8 @@ def points_frame(plan: SweepPlan) -> pd.DataFrame:
 def definition(plan: SweepPlan, argv: list[str] | None = None) -> dict[str, Any]:
     """What the sweep YAML holds: enough to see what was run and to re-run it."""
     base, first = plan.request.base, plan.units[0].plan
-    options = dataclasses.asdict(base.options)
+    # Through JSON: paths become strings and tuples (task arguments) lists, which safe YAML can write.
+    options = json.loads(json.dumps(dataclasses.asdict(base.options), default=str))
     return {
         "name": plan.name,
         "preset": plan.request.preset,
@@ -160,7 +162,7 @@ def definition(plan: SweepPlan, argv: list[str] | None = None) -> dict[str, Any]
         "base": {"tasks": base.tasks, "model": first.source.name, "model_layers": plan.n_layers,
                  "segment_len": first.segment_len,
                  "overrides": list(base.overrides), "seed": base.seed,
-                 "options": {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}},
+                 "options": options},
         "command": "unimem-bench " + " ".join(argv) if argv else None,
         "points": [{"point": u.point, "method": u.method, "values": u.values,
                     "runs": {c.task.name: c.run_id for c in u.plan.cells}} for u in plan.units],
@@ -209,14 +211,14 @@ def find_sweep(out: Path, name: str | None = None, *, field: str | None = None,
 
 
 def sweep_results(out: Path, name: str, metric: str | None = None) -> pd.DataFrame:
-    """The sweep's points joined with their leaderboard rows (finished runs only), plus each run's seconds.
+    """The sweep's points joined with their headline leaderboard rows (finished runs only), plus each run's seconds.
 
     Columns: point, method, task, run_id, one column per swept field (strings), subtask, context_len, metric,
     value, n, seconds.
     """
     points = pd.read_csv(out / SWEEPS_DIR / f"{name}.csv", dtype=str, keep_default_na=False)
     points["point"] = points["point"].astype(int)
-    board = records.read_leaderboard(out / "leaderboard.csv")
+    board = headline_rows(records.read_leaderboard(out / "leaderboard.csv"))
     if metric is not None:
         board = board[board["metric"] == metric]
     board = board.drop(columns=["method", "task", "model"])

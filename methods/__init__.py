@@ -9,8 +9,9 @@ from . import longformer  # noqa: F401
 from . import unimix  # noqa: F401
 from . import position_interpolation  # noqa: F401
 from .config import ConfigError, UniMemConfig
-from .engine import HookError, MemoryLM, check_hookable
+from .engine import HookError, MemoryLM, TokenScores, check_hookable
+from .generation import Sampling
 from .registry import METHODS, PAPER_CONTEXT, Method, MethodContext, describe
 
 __all__ = ["METHODS", "PAPER_CONTEXT", "ConfigError", "HookError", "MemoryLM", "Method", "MethodContext",
-           "UniMemConfig", "check_hookable", "describe"]
+           "Sampling", "TokenScores", "UniMemConfig", "check_hookable", "describe"]

@@ -99,7 +99,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     else:
         out = prefix_causal_sdpa(query, keys, values, plan.mask, scale)
 
-    if config.uses_kv_memory and config.management.size:
+    if plan.write and config.uses_kv_memory and config.management.size:
         seg = slice(plan.n_read, plan.n_read + plan.n_seg)
         seg_k = key[:, :, seg]
         if compact:

@@ -206,6 +206,11 @@ class UniMemConfig:
         """Whether injected layers keep a key/value memory bank."""
         return self.writing.kv != "none"
 
+    @property
+    def has_memory(self) -> bool:
+        """Whether anything is carried between segments (a key/value bank or RMT memory tokens)."""
+        return self.uses_kv_memory or self.writing.memory_tokens > 0
+
     def without_memory(self) -> UniMemConfig:
         """The same method with every memory switched off (what the exactness tests compare to plain HF)."""
         return dataclasses.replace(self, management=Management(), writing=Writing(), reading=Reading())

@@ -8,8 +8,10 @@ gives the model back as it was.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
 from .attention import ATTENTION_NAME, SegmentContext, prefix_mask, unimem_attention
 from .config import UniMemConfig
+from .generation import Sampling, generate
 from .memory import LayerMemory, MemoryState
 from .retrieval import FaissBank
 
@@ -39,6 +42,16 @@ def check_hookable(config: PretrainedConfig) -> None:
     if rope.get("rope_type", "default") not in ("default", "linear", "llama3", "dynamic"):
         raise HookError(f"rope_type {rope['rope_type']!r} cannot be hooked: memory keys are re-positioned with plain "
                         "RoPE rotations (default, linear, llama3, dynamic)")
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """One document's scores: every token after the first."""
+
+    nll: torch.Tensor
+    """[tokens] negative log-likelihood in nats."""
+    greedy: torch.Tensor
+    """[tokens] bool: the token was the argmax of its prediction (lm-eval's is_greedy)."""
 
 
 class MemoryLM(nn.Module):
@@ -76,6 +89,23 @@ class MemoryLM(nn.Module):
         if factor == 0:
             return max(1.0, self.segment_len / self.trained_context)
         return float(factor)
+
+    @contextlib.contextmanager
+    def reading_at_once(self, length: int) -> Iterator[MemoryLM]:
+        """A memoryless method reading `length` tokens at once: vanilla is then full attention, position
+        interpolation rescales RoPE for that length (its automatic factor)."""
+        if self.config.has_memory:
+            raise ValueError(f"{self.config.name} carries memory: it streams long inputs in its segments")
+        saved = (self.segment_len, self.rope_factor, self.decoder.rotary_emb)
+        base = self._restore[1]
+        self.segment_len = length
+        self.rope_factor = self._resolve_rope_factor()
+        self.decoder.rotary_emb = (linear_rope(base, self.model.config, self.rope_factor) if self.rope_factor != 1.0
+                                   else base)
+        try:
+            yield self
+        finally:
+            self.segment_len, self.rope_factor, self.decoder.rotary_emb = saved
 
     def close(self) -> None:
         """Give the wrapped model back with its own attention implementation and rotary embedding."""
@@ -135,17 +165,29 @@ class MemoryLM(nn.Module):
         state.commit(plan, config, n_new, doc_start)
         return self.model.get_output_embeddings()(hidden[:, m:m + n])
 
-    @torch.inference_mode()
+    def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+                 stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None) -> list[int]:
+        """Continue `prompt` through memory (see `generation.generate`); returns the new token ids."""
+        return generate(self, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                        sampling=sampling)
+
     def score(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
               progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
-        """Per-token negative log-likelihoods (nats) of each document, streamed through memory.
+        """Per-token negative log-likelihoods (nats) of each document (see `score_tokens`)."""
+        return [s.nll for s in self.score_tokens(docs, batch_size=batch_size, progress=progress)]
+
+    @torch.inference_mode()
+    def score_tokens(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
+                     progress: Callable[[int], None] | None = None) -> list[TokenScores]:
+        """Per-token negative log-likelihoods (nats) of each document, streamed through memory, and whether each
+        token was the model's argmax.
 
         Every token after the first is scored exactly once, the first token of a segment by the last position of
         the previous one, so all methods score the same tokens. Documents are batched longest first and run in
         lockstep; a finished document leaves the batch (and the memory), so padding is never scored and batching
         never changes a result.
         """
-        results: list[torch.Tensor | None] = [None] * len(docs)
+        results: list[TokenScores | None] = [None] * len(docs)
         order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
         for lo in range(0, len(order), batch_size):
             rows = order[lo:lo + batch_size]
@@ -153,10 +195,11 @@ class MemoryLM(nn.Module):
                 results[i] = nll
         return results  # type: ignore[return-value]
 
-    def _score_batch(self, docs: list[torch.Tensor], progress: Callable[[int], None] | None) -> list[torch.Tensor]:
+    def _score_batch(self, docs: list[torch.Tensor], progress: Callable[[int], None] | None) -> list[TokenScores]:
         device = self.device
         lengths = [len(d) for d in docs]
         pieces: list[list[torch.Tensor]] = [[] for _ in docs]
+        greedy: list[list[torch.Tensor]] = [[] for _ in docs]
         state = self.new_state(len(docs))
         active = list(range(len(docs)))
         for start in range(0, max(lengths) - 1, self.segment_len):
@@ -173,13 +216,20 @@ class MemoryLM(nn.Module):
                 target = docs[i][start + 1:start + width + 1]
                 targets[row, :len(target)] = target
             logits = self.forward_segment(state, ids.to(device), start)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
+            # At least float32 for the log-softmax (bf16 logits lose digits); float64 models keep float64.
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            nll = F.cross_entropy(wide.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
                                   reduction="none").view(len(active), width).cpu()
+            hits = (logits.argmax(-1).cpu() == targets)  # [rows, width]
             for row, i in enumerate(active):
-                pieces[i].append(nll[row, :max(0, min(width, lengths[i] - 1 - start))])
+                n = max(0, min(width, lengths[i] - 1 - start))
+                pieces[i].append(nll[row, :n])
+                greedy[i].append(hits[row, :n])
             if progress is not None:
                 progress(int((targets >= 0).sum()))
-        return [torch.cat(p) if p else torch.zeros(0) for p in pieces]
+        empty = torch.zeros(0, dtype=torch.bool)
+        return [TokenScores(torch.cat(p) if p else empty.float(), torch.cat(g) if g else empty)
+                for p, g in zip(pieces, greedy, strict=True)]
 
 
 def linear_rope(rotary: nn.Module, config: PretrainedConfig, factor: float) -> nn.Module:

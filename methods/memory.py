@@ -69,6 +69,8 @@ class SegmentPlan:
     """RoPE's attention scaling (1 for default and linear RoPE), undone when keys are stored unrotated."""
     detach: bool
     """Store memory without gradient history (stop-gradient training, and always at evaluation)."""
+    write: bool = True
+    """Write this input to memory; False while decoding reads memory through a KV cache of the open segment."""
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,14 +12,25 @@ from typing import Any, Protocol
 import torch
 
 from unimem_bench.harness.registry import Registry
+from unimem_bench.methods import Sampling
 
 
 class ScoringLM(Protocol):
     """What a task may ask of a model (lm-eval's LM interface in miniature); `MemoryLM` implements it."""
 
+    segment_len: int
+    """Tokens per segment: what the model reads at once besides its memory."""
+    trained_context: int
+    """The model's trained context length in tokens."""
+
     def score(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
               progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
         """Per-token negative log-likelihoods of each token-id document (all tokens after the first)."""
+        ...
+
+    def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+                 stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None) -> list[int]:
+        """Continue the 1-D prompt through memory; returns the new token ids."""
         ...
 
 
@@ -33,6 +46,19 @@ class TaskOptions:
     """Truncate each document to this many tokens."""
     batch_size: int = 1
     """Documents streamed together; never changes a score."""
+    task_args: tuple[tuple[str, str, Any], ...] = ()
+    """(task or "", field, value) settings from `--task-arg` / `--task-args`; see `configure`."""
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """A leaderboard row below the headline: one metric of one subtask and/or context length."""
+
+    subtask: str
+    metric: str
+    value: float
+    n: int
+    context_len: int
 
 
 @dataclass
@@ -47,6 +73,40 @@ class TaskResult:
     """How many units the metrics aggregate (tokens for perplexity)."""
     context_len: int = 0
     """The longest context evaluated, in tokens."""
+    rows: list[MetricRow] = field(default_factory=list)
+    """Breakdown rows (per dataset, per length, per depth ...) added to the leaderboard beside `metrics`."""
+
+
+class SampleLog:
+    """Finished samples of a run in progress, appended one JSON line each so an interrupted run resumes.
+
+    Tasks look a sample up by a key that names it (document id, grid cell ...) before computing it. A line cut off by
+    a crash is ignored; `path=None` keeps the log in memory only.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.done: dict[str, dict[str, Any]] = {}
+        if path is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.done[entry["key"]] = entry["sample"]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.done.get(key)
+
+    def add(self, key: str, sample: dict[str, Any]) -> None:
+        self.done[key] = sample
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": key, "sample": sample}, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class Task(Protocol):
@@ -65,9 +125,10 @@ class Task(Protocol):
         """Everything that determines this task's result besides the model (recorded and hashed)."""
         ...
 
-    def run(self, lm: ScoringLM, tokenizer: Any, options: TaskOptions,
+    def run(self, lm: ScoringLM, tokenizer: Any, options: TaskOptions, log: SampleLog | None = None,
             progress: Callable[[int, int | None], None] | None = None) -> TaskResult:
-        """Evaluate `lm`; `progress(advance, total)` reports scored units."""
+        """Evaluate `lm`, skipping samples already in `log` (None: a fresh in-memory log) and adding new ones to it;
+        `progress(advance, total)` reports units done."""
         ...
 
 

@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 import torch
 
-from .base import TASKS, ScoringLM, TaskOptions, TaskResult
-from .corpora import read_stdlib_documents, read_text_dir
+from .arguments import arg, task_args
+from .base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult
+from .corpora import read_stdlib_documents, read_text_dir, strip_gutenberg
+from .hub import check_hub_dataset, hub_records
 
 CODE_SUFFIXES = (".py", ".c", ".h", ".cc", ".cpp", ".java", ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".txt")
 
@@ -32,7 +34,8 @@ def encode_document(tokenizer: Any, text: str, max_tokens: int | None) -> tuple[
     source = text
     if max_tokens is not None and len(text) > max_tokens * CHARS_PER_TOKEN_BOUND:
         source = text[:max_tokens * CHARS_PER_TOKEN_BOUND]
-    enc = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: a long document is meant to exceed the model maximum; transformers would warn about it.
+    enc = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if max_tokens is not None and len(bos) + len(ids) > max_tokens:
         keep = max_tokens - len(bos)
@@ -50,48 +53,82 @@ class PerplexityTask:
     name: str
     version: str
     corpus: Literal["code", "books"]
-    min_chars: int
-    """Documents shorter than this are skipped: memory only matters on long documents."""
+    min_chars: int = arg(1_000)
+    """Documents shorter than this many characters are skipped: memory only matters on long documents."""
+    dataset: str = arg("")
+    """Hub dataset id read through `datasets` when no --data-dir is given ("" = the task's offline default)."""
+    subset: str = arg("")
+    """The hub dataset's configuration name, if it has several."""
+    split: str = arg("test")
+    """The hub split (PG-19's test split is its 100 evaluation books)."""
+    data_files: str = arg("")
+    """Files of the hub repository to read (a glob), for repositories that mix sources."""
+    text_field: str = arg("text")
+    """The column holding a document's text."""
     headline: str = "token_ppl"
+
+    def __post_init__(self) -> None:
+        if self.min_chars < 0:
+            raise ValueError(f"{self.name}.min_chars {self.min_chars} must be >= 0")
 
     def documents(self, options: TaskOptions) -> list[tuple[str, str]]:
         """(doc_id, text) in the task's fixed order, filtered and limited by the options."""
+        limit = options.max_docs
         if options.data_dir is not None:
             suffixes = (".txt",) if self.corpus == "books" else CODE_SUFFIXES
             docs = read_text_dir(Path(options.data_dir), suffixes=suffixes, strip_pg_header=self.corpus == "books")
             docs = [(i, t) for i, t in docs if len(t) >= self.min_chars]
-        elif self.corpus == "code":
-            docs = read_stdlib_documents("heldout", min_chars=self.min_chars)
+        elif self.dataset:
+            docs = []
+            rows = hub_records(self.dataset, name=self.subset or None, split=self.split,
+                               data_files=self.data_files or None)
+            for i, row in enumerate(rows):
+                text = row[self.text_field]
+                if self.corpus == "books":
+                    text = strip_gutenberg(text)
+                if len(text) >= self.min_chars:
+                    docs.append((str(row.get("short_book_title") or row.get("id") or i), text))
+                if limit and len(docs) >= limit:
+                    break
         else:
-            raise FileNotFoundError(f"task {self.name!r} needs local books: pass --data-dir DIR with .txt files "
-                                    "(e.g. ../shared/data/books)")
+            docs = read_stdlib_documents("heldout", min_chars=self.min_chars)
         if not docs:
             raise FileNotFoundError(f"task {self.name!r} found no document of at least {self.min_chars} characters "
-                                    f"in {options.data_dir or 'the standard library'}")
-        return docs[:options.max_docs] if options.max_docs else docs
+                                    f"in {options.data_dir or self.dataset or 'the standard library'}")
+        return docs[:limit] if limit else docs
 
     def check(self, options: TaskOptions) -> None:
+        if options.data_dir is None and self.dataset:
+            local = ".txt books" if self.corpus == "books" else "source files"
+            check_hub_dataset(self.dataset, task=self.name, local=local)
+            return
         self.documents(options)
 
     def params(self, options: TaskOptions) -> dict[str, Any]:
-        return {"data": str(options.data_dir) if options.data_dir else "stdlib-heldout",
-                "max_docs": options.max_docs, "max_tokens": options.max_tokens, "min_chars": self.min_chars}
+        data = str(options.data_dir) if options.data_dir else self.dataset or "stdlib-heldout"
+        return {"data": data, "max_docs": options.max_docs, "max_tokens": options.max_tokens, **task_args(self)}
 
-    def run(self, lm: ScoringLM, tokenizer: Any, options: TaskOptions,
+    def run(self, lm: ScoringLM, tokenizer: Any, options: TaskOptions, log: SampleLog | None = None,
             progress: Callable[[int, int | None], None] | None = None) -> TaskResult:
+        log = log if log is not None else SampleLog()
         encoded = [(doc_id, *encode_document(tokenizer, text, options.max_tokens))
                    for doc_id, text in self.documents(options)]
-        total = sum(len(ids) - 1 for _, ids, _ in encoded)
         if progress is not None:
-            progress(0, total)
-        nlls = lm.score([ids for _, ids, _ in encoded], batch_size=options.batch_size,
-                        progress=(lambda n: progress(n, None)) if progress is not None else None)
-        samples = []
-        for (doc_id, _, text), nll in zip(encoded, nlls, strict=True):
-            nll_sum = float(nll.double().sum())
-            samples.append({"doc_id": doc_id, "tokens": len(nll), "bytes": len(text.encode("utf-8")),
-                            "words": len(text.split()), "nll": nll_sum,
-                            "token_ppl": math.exp(nll_sum / max(len(nll), 1))})
+            progress(0, sum(len(ids) - 1 for _, ids, _ in encoded))
+            progress(sum(len(ids) - 1 for doc_id, ids, _ in encoded if log.get(doc_id)), None)
+        todo = [e for e in encoded if log.get(e[0]) is None]
+        # Chunks of a few batches: each finished document is logged before the next chunk starts.
+        step = max(1, options.batch_size)
+        for lo in range(0, len(todo), step):
+            chunk = todo[lo:lo + step]
+            nlls = lm.score([ids for _, ids, _ in chunk], batch_size=options.batch_size,
+                            progress=(lambda n: progress(n, None)) if progress is not None else None)
+            for (doc_id, _, text), nll in zip(chunk, nlls, strict=True):
+                nll_sum = float(nll.double().sum())
+                log.add(doc_id, {"doc_id": doc_id, "tokens": len(nll), "bytes": len(text.encode("utf-8")),
+                                 "words": len(text.split()), "nll": nll_sum,
+                                 "token_ppl": math.exp(nll_sum / max(len(nll), 1))})
+        samples = [log.get(doc_id) for doc_id, _, _ in encoded]
         return TaskResult(metrics=aggregate(samples), samples=samples, n=sum(s["tokens"] for s in samples),
                           context_len=max(len(ids) for _, ids, _ in encoded))
 
@@ -109,6 +146,8 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, float]:
 
 
 # 10,000 characters is ~3K tokens of code: long for the reference model's 256-token context.
-TASKS.register("github")(PerplexityTask(name="github", version="1.0", corpus="code", min_chars=10_000))
-# Books are long anyway; the filter only drops stray short files.
-TASKS.register("pg19")(PerplexityTask(name="pg19", version="1.0", corpus="books", min_chars=1_000))
+# Offline default: the held-out standard library; with --task-arg dataset=... a hub corpus, e.g. RedPajama's GitHub
+# sample: dataset=togethercomputer/RedPajama-Data-1T-Sample data_files=github_sample.jsonl split=train.
+TASKS.register("github")(PerplexityTask(name="github", version="1.1", corpus="code", min_chars=10_000))
+# Books are long anyway; the filter only drops stray short files. PG-19's test split: its 100 evaluation books.
+TASKS.register("pg19")(PerplexityTask(name="pg19", version="1.1", corpus="books", dataset="deepmind/pg19"))

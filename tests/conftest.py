@@ -10,6 +10,15 @@ from helpers import BOOKS, STORIES, sweep_argv, tiny_llama
 from transformers import LlamaForCausalLM
 
 
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """The hub endpoint points at a closed local port: a test never reaches the network, even on a machine that has
+    one, and hub lookups fail at once as they do offline."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
 @pytest.fixture
 def model() -> LlamaForCausalLM:
     return tiny_llama()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import matplotlib.image
 import nbformat
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -17,7 +16,6 @@ from nbclient import NotebookClient
 
 from unimem_bench.harness import cli, records
 from unimem_bench.harness import leaderboard as lb
-from unimem_bench.harness.plots import draw_length_curves, draw_niah_heatmap, save_figure
 from unimem_bench.methods.config import parse_layers
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -81,41 +79,27 @@ def test_plot_writes_png_and_svg_for_the_table_and_every_sweep(sweep_results_dir
         assert "token perplexity" in (tmp_path / f"{stem}.svg").read_text()
 
 
-def synthetic_board(task: str, rows: list[tuple[str, str, int, float]], metric: str) -> pd.DataFrame:
-    return pd.DataFrame([{"run_id": f"{method}--{task}", "model": "m", "method": method, "task": task,
-                          "subtask": subtask, "context_len": length, "metric": metric, "value": value, "n": 10}
-                         for method, subtask, length, value in rows])
-
-
-def test_niah_heatmap_shows_accuracy_per_depth_and_length(tmp_path):
-    rng = np.random.default_rng(0)
-    depths, lengths = (0.0, 0.25, 0.5, 1.0), (1024, 2048, 4096)
-    rows = [(m, f"depth={d}", n, float(rng.random())) for m in ("vanilla", "unimix") for d in depths
-            for n in lengths]
-    frame = synthetic_board("niah", rows, "accuracy").sample(frac=1.0, random_state=1)
-    fig = draw_niah_heatmap(frame)
-    for ax, method in zip(fig.axes[:2], ("vanilla", "unimix"), strict=True):  # registry order; then the colorbar
-        expected = [[next(v for m, s, n, v in rows if m == method and s == f"depth={d}" and n == length)
-                     for length in lengths] for d in depths]
-        np.testing.assert_allclose(ax.images[0].get_array(), expected)
-        assert ax.get_title() == method
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["1,024", "2,048", "4,096"]
-    assert save_figure(fig, tmp_path / "niah")[0].stat().st_size > 10_000
-
-
-def test_length_curves_plot_perplexity_against_evaluation_length(tmp_path):
-    lengths = (512, 1024, 2048, 4096, 8192)
-    rows = [(m, "", n, 10.0 + k * i) for k, m in enumerate(("vanilla", "position_interpolation"))
-            for i, n in enumerate(lengths)]
-    frame = synthetic_board("pi-length", rows[::-1], "token_ppl")
-    fig = draw_length_curves(frame)
-    (ax,) = fig.axes
-    assert [line.get_label() for line in ax.lines] == ["vanilla", "position_interpolation"]  # registry order
-    for line, k in zip(ax.lines, (0, 1), strict=True):
-        assert list(line.get_xdata()) == list(lengths)
-        assert list(line.get_ydata()) == [10.0 + k * i for i in range(len(lengths))]
-    assert ax.get_xscale() == "log"
-    assert save_figure(fig, tmp_path / "pi")[1].read_text().count("<svg") == 1
+def test_plot_draws_needle_heatmaps_and_length_curves_from_breakdown_rows(tmp_path):
+    """Rows in the runner's shape: headline rows first, then breakdowns (NIAH depths; pi-length per length)."""
+    rows, lengths = [], (512, 1024, 2048)
+    for method in ("vanilla", "position_interpolation"):
+        niah = {"run_id": f"{method}--niah--1", "model": "hf:/m/stories260K", "method": method, "task": "niah", "n": 4}
+        rows.append({**niah, "subtask": "", "context_len": 2048, "metric": "accuracy", "value": 0.5})
+        rows += [{**niah, "subtask": f"depth={d}", "context_len": n, "metric": "accuracy", "value": d}
+                 for d in (0.0, 0.5, 1.0) for n in lengths]
+        pi = {"run_id": f"{method}--pi-length--1", "model": "hf:/m/stories260K", "method": method,
+              "task": "pi-length", "subtask": "", "n": 9}
+        for metric in ("token_ppl", "tail_token_ppl"):
+            rows += [{**pi, "context_len": n, "metric": metric, "value": 10.0 + i} for i, n in enumerate(lengths[::-1])]
+    pd.DataFrame(rows, columns=records.LEADERBOARD_COLUMNS).to_csv(tmp_path / "leaderboard.csv", index=False)
+    assert cli.main(["plot", "--out", str(tmp_path)]) == 0
+    names = {p.name for p in (tmp_path / "plots").iterdir()}
+    stems = {"bars_accuracy", "niah_vanilla", "niah_position_interpolation", "niah_methods",
+             "pi_length_token_ppl_stories260K", "pi_length_tail_token_ppl_stories260K"}
+    assert names == {f"{s}.{ext}" for s in stems for ext in ("png", "svg")}
+    for stem in stems:
+        assert matplotlib.image.imread(tmp_path / "plots" / f"{stem}.png").shape[1] > 400
+        assert (tmp_path / "plots" / f"{stem}.svg").read_text().count("<svg") == 1
 
 
 def execute(notebook: Path, results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
