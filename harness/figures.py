@@ -84,7 +84,7 @@ def plot_results(out: Path, plots_dir: Path | None = None, *, model: str | None 
     written: list[Path] = []
     if not sweeps:
         flat = frame[~frame["task"].isin(length_tasks(frame))]
-        for table in lb.build_tables(flat, metric) if not flat.empty else []:
+        for table in lb.build_tables(flat, out, metric) if not flat.empty else []:
             written += save_formats(draw_metric_bars(table), plots_dir / f"bars_{table.metric}", formats)
     written += plot_sweeps(out, plots_dir, names=sweeps, model=model, tasks=tasks, methods=methods, metric=metric,
                            formats=formats)

@@ -69,8 +69,7 @@ def run_settings(out: Path, frame: pd.DataFrame) -> dict[str, str]:
 
 def load(out: Path, *, model: str | None = None, tasks: list[str] | None = None, methods: list[str] | None = None,
          metric: str | None = None, run_ids: list[str] | None = None) -> pd.DataFrame:
-    """The leaderboard rows that pass the filters (model: a substring of the model id), with a `setting` column
-    naming what differs between the runs of a method among those rows."""
+    """The leaderboard rows that pass the filters (model: a substring of the model id)."""
     path = out / "leaderboard.csv"
     if not path.exists():
         raise FileNotFoundError(f"no leaderboard at {path}: run `unimem-bench run` or `unimem-bench sweep` first "
@@ -90,7 +89,6 @@ def load(out: Path, *, model: str | None = None, tasks: list[str] | None = None,
         frame = frame[mask]
     frame = frame.copy()
     frame["value"] = frame["value"].astype(float)
-    frame["setting"] = frame["run_id"].map(run_settings(out, frame))
     return frame
 
 
@@ -124,8 +122,9 @@ def headline_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop_duplicates(["run_id", "metric"], keep="first")
 
 
-def build_tables(frame: pd.DataFrame, metric: str | None = None) -> list[Table]:
-    """One table per metric: `metric`, or the headline metric of each task present."""
+def build_tables(frame: pd.DataFrame, out: Path, metric: str | None = None) -> list[Table]:
+    """One table per metric: `metric`, or the headline metric of each task present. A row's setting names what
+    differs between the runs of its method within the table (run records under `out`)."""
     order = {name: i for i, name in enumerate(METHODS.names())}
     tables = []
     task_headline = headlines(frame)
@@ -133,6 +132,7 @@ def build_tables(frame: pd.DataFrame, metric: str | None = None) -> list[Table]:
         rows = headline_rows(frame[frame["metric"] == name]).copy()
         if not metric:
             rows = rows[rows["task"].map(task_headline) == name]
+        rows["setting"] = rows["run_id"].map(run_settings(out, rows))
         rows["model"] = rows["model"].map(short_model)
         rows["column"] = rows["task"]
         rows["rank"] = rows["method"].map(lambda m: order.get(m, len(order)))
@@ -201,7 +201,7 @@ def show(out: Path, console: Console, *, model: str | None = None, tasks: list[s
          methods: list[str] | None = None, metric: str | None = None, fmt: str = "rich",
          markdown: Path | None = None, csv: Path | None = None) -> list[Table]:
     """Print the tables (rich, markdown or csv) and write the Markdown and CSV files asked for."""
-    tables = build_tables(load(out, model=model, tasks=tasks, methods=methods, metric=metric), metric)
+    tables = build_tables(load(out, model=model, tasks=tasks, methods=methods, metric=metric), out, metric)
     text_md = "\n".join(to_markdown(t) for t in tables)
     text_csv = pd.concat([to_csv_frame(t) for t in tables], ignore_index=True).to_csv(index=False)
     if fmt == "rich":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ STYLE: dict[str, Any] = {
     "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 150, "svg.fonttype": "none",
 }
 FORMATS = ("png", "svg")
+LEGEND_CHARS = 48
+"""Legend entries wrap at this many characters (settings can name several fields)."""
 
 
 def method_color(method: str) -> Any:
@@ -57,6 +60,11 @@ def new_figure(ncols: int = 1, *, width: float = 5.0, height: float = 4.0) -> tu
     return fig, list(axes)
 
 
+def fit(title: str, fig: Figure) -> str:
+    """`title` wrapped to the figure's width (about 9 characters per inch at the title size)."""
+    return textwrap.fill(title, max(30, int(9 * fig.get_figwidth())))
+
+
 def save_formats(fig: Figure, stem: Path, formats: Sequence[str] = FORMATS) -> list[Path]:
     """Save `stem.png`, `stem.svg`... (each atomically, in the house style); returns the paths."""
     with matplotlib.rc_context(STYLE):
@@ -70,8 +78,14 @@ def draw_metric_bars(table: lb.Table, title: str = "") -> Figure:
     labels = [f"{m} ({s})" if s else m for m, s in rows]
     if values.index.get_level_values("model").nunique() > 1:
         labels = [f"{idx[0]}: {label}" for idx, label in zip(values.index, labels, strict=True)]
+    labels = [textwrap.fill(label, LEGEND_CHARS, subsequent_indent="  ") for label in labels]
     n_rows, n_cols = values.shape
-    fig, (ax,) = new_figure(width=min(16.0, max(6.0, 0.45 * n_rows * n_cols + 3.5)), height=4.5)
+    # The legend sits right of the axes: the figure widens with its longest line (about 0.065 in per character at
+    # 8 pt) and grows taller with its lines (about 0.17 in each, plus 0.06 in between entries).
+    legend_width = 0.065 * max(len(line) for label in labels for line in label.splitlines()) + 0.8
+    legend_height = sum(0.17 * (label.count("\n") + 1) + 0.06 for label in labels) + 0.8
+    fig, (ax,) = new_figure(width=min(12.0, max(3.5, 0.45 * n_rows * n_cols + 1.5)) + legend_width,
+                            height=max(4.5, legend_height))
     width = 0.8 / n_rows
     with matplotlib.rc_context(STYLE):
         for j, (label, color) in enumerate(zip(labels, row_colors(rows), strict=True)):
@@ -82,7 +96,9 @@ def draw_metric_bars(table: lb.Table, title: str = "") -> Figure:
         ax.set_xlabel("task")
         ax.set_ylabel(pretty(table.metric))
         ax.margins(y=0.2)
-        ax.set_title(title or f"{pretty(table.metric)} per method and task")
+        if np.nanmin(values.to_numpy(dtype=float)) >= 0:
+            ax.set_ylim(bottom=0)
+        ax.set_title(fit(title or f"{pretty(table.metric)} per method and task", fig))
         ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
@@ -94,7 +110,7 @@ def plot_metric_bars(leaderboard: Path, out: Path, *, metric: str = "token_ppl",
         frame = frame[frame["model"] == model]
     if frame.empty:
         raise ValueError(f"{leaderboard} has no rows for metric {metric!r}" + (f" and model {model}" if model else ""))
-    table = lb.build_tables(frame, metric)[0]
+    table = lb.build_tables(frame, leaderboard.parent, metric)[0]
     title = f"{pretty(metric)} per method and task" + (f" ({lb.short_model(model)})" if model else "")
     return save_figure(draw_metric_bars(table, title), out)
 
@@ -141,7 +157,7 @@ def draw_sweep_lines(frame: pd.DataFrame, field: str, values: Sequence[str], met
             ax.set_ylabel(pretty(metric))
             ax.set_title(task)
             ax.legend(title="method")
-        fig.suptitle(title or f"{pretty(metric)} vs {field}")
+        fig.suptitle(fit(title or f"{pretty(metric)} vs {field}", fig))
     return fig
 
 
@@ -189,7 +205,7 @@ def draw_layer_placement(frame: pd.DataFrame, values: Sequence[str], metric: str
             ax.set_ylim(finite.min() - 0.3 * span - 1e-9, finite.max() + 0.45 * span + 1e-9)
             ax.set_title(task)
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        fig.suptitle(title or f"{pretty(metric)} by memory injection layer")
+        fig.suptitle(fit(title or f"{pretty(metric)} by memory injection layer", fig))
     return fig
 
 
@@ -216,10 +232,10 @@ def plot_length_curves(leaderboard: Path, out: Path, *, task: str = "pi-length",
     latest = frame.groupby("method", sort=False)["run_id"].last()
     frame = frame[frame["run_id"].isin(latest)]
     fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
-    cmap = plt.get_cmap("tab10")
-    for j, (method, group) in enumerate(frame.groupby("method", sort=False)):
+    for method, group in frame.groupby("method", sort=False):
         group = group.sort_values("context_len")
-        ax.plot(group["context_len"], group["value"].astype(float), marker="o", label=method, color=cmap(j % 10))
+        ax.plot(group["context_len"], group["value"].astype(float), marker="o", label=method,
+                color=method_color(method))
     lengths = sorted(frame["context_len"].unique())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

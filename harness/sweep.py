@@ -236,4 +236,4 @@ def sweep_table(out: Path, name: str) -> list[Table]:
         return []
     frame = load(out, run_ids=finished)
     order = {rid: i for i, rid in enumerate(finished)}
-    return build_tables(frame.sort_values("run_id", key=lambda s: s.map(order), kind="stable"))
+    return build_tables(frame.sort_values("run_id", key=lambda s: s.map(order), kind="stable"), out)

@@ -49,8 +49,7 @@ def test_leaderboard_marks_the_best_of_each_column(sweep_results_dir, capsys):
 
 def test_settings_are_the_swept_values_within_a_sweep(sweep_results_dir):
     definition, points = sweep_frame(sweep_results_dir, "layer-placement")
-    frame = lb.load(sweep_results_dir, run_ids=list(points["run_id"]))
-    settings = frame.drop_duplicates("run_id").set_index("run_id")["setting"]
+    settings = lb.run_settings(sweep_results_dir, lb.load(sweep_results_dir, run_ids=list(points["run_id"])))
     for _, point in points.iterrows():
         layers = point["injection.layers"]
         assert settings[point["run_id"]] == f"injection.layers={layers}"
