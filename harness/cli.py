@@ -12,6 +12,8 @@ from rich.table import Table
 from unimem_bench.methods import METHODS, PAPER_CONTEXT, ConfigError, HookError, describe
 from unimem_bench.tasks import TASKS, TaskOptions
 
+from .distributed import is_main_process
+from .finetune_cli import add_finetune_parsers, cmd_finetune, cmd_finetune_plot
 from .llama2c import Llama2cFormatError
 from .models import ModelSourceError
 from .registry import UnknownNameError
@@ -33,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="the methods (as the paper's Table 1) and the tasks")
 
     run = sub.add_parser("run", help="evaluate methods on tasks; writes run records and the leaderboard")
-    run.add_argument("--methods", default="all", help="`all` or a comma list (default: all)")
+    run.add_argument("--methods", default=None,
+                     help="`all` or a comma list (default: all, or a fine-tuned --model's own method)")
     run.add_argument("--tasks", default="github", help="`all` or a comma list (default: github)")
     run.add_argument("--model", default=None,
                      help="local HF folder, hub id, or llama2.c .bin (default: the embedded reference model)")
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build-reference", help="build (or rebuild) the embedded reference model")
     build.add_argument("--force", action="store_true", help="rebuild even if it is cached")
+    add_finetune_parsers(sub)
     return parser
 
 
@@ -108,7 +112,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = Console(quiet=not is_main_process())  # under `accelerate launch` only rank 0 prints
     try:
         if args.command == "list":
             cmd_list(console)
@@ -118,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
 
             console.print(f"reference model: {build_reference(force=args.force, console=console)}")
             return 0
+        if args.command == "finetune":
+            return cmd_finetune(args, console)
+        if args.command == "finetune-plot":
+            return cmd_finetune_plot(args, console)
         return cmd_run(args, console)
     except USER_ERRORS as err:
         console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
