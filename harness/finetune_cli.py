@@ -27,7 +27,7 @@ CONTROL = ("recipe", "resume", "stop_after_steps", "dry_run")
 RECIPE_ONLY = ("methods", "launch")
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
@@ -46,11 +46,11 @@ def add_finetune_parsers(sub: Any, *, exit_on_error: bool = True) -> None:
     ft.add_argument("--model", help="local HF folder, hub id or llama2.c .bin (default: the reference model)")
     ft.add_argument("--model-config", type=Path, help="the model's config.json (a recipe ships it for dry runs)")
     ft.add_argument("--data", help="github, pg19, or a folder of text files (default: github)")
-    ft.add_argument("--heldout-docs", type=_positive, help="files of a --data folder held out (default: 10%%)")
-    ft.add_argument("--tokens", type=_positive, help="training tokens (required, here or in the recipe)")
-    ft.add_argument("--segment-len", type=_positive, help="tokens per segment (default: half the trained context)")
-    ft.add_argument("--batch-size", type=_positive, help="document streams per process (default 1)")
-    ft.add_argument("--grad-accum", type=_positive, help="windows per stream per optimizer step (default 1)")
+    ft.add_argument("--heldout-docs", type=positive_int, help="files of a --data folder held out (default: 10%%)")
+    ft.add_argument("--tokens", type=positive_int, help="training tokens (required, here or in the recipe)")
+    ft.add_argument("--segment-len", type=positive_int, help="tokens per segment (default: half the trained context)")
+    ft.add_argument("--batch-size", type=positive_int, help="document streams per process (default 1)")
+    ft.add_argument("--grad-accum", type=positive_int, help="windows per stream per optimizer step (default 1)")
     ft.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
     ft.add_argument("--schedule", choices=["linear", "constant"], help="after warm-up (default linear)")
     ft.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
@@ -60,16 +60,16 @@ def add_finetune_parsers(sub: Any, *, exit_on_error: bool = True) -> None:
     ft.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                     help="recompute decoder layers in backward (default off)")
     ft.add_argument("--eval-every", type=int, help="held-out perplexity every N steps, 0 = start/end (default 256)")
-    ft.add_argument("--eval-docs", type=_positive, help="held-out documents evaluated (default 4)")
-    ft.add_argument("--eval-tokens", type=_positive, help="tokens per held-out document (default 8192)")
+    ft.add_argument("--eval-docs", type=positive_int, help="held-out documents evaluated (default 4)")
+    ft.add_argument("--eval-tokens", type=positive_int, help="tokens per held-out document (default 8192)")
     ft.add_argument("--save-every", type=int, help="checkpoint every N steps (default 0: only when stopped)")
-    ft.add_argument("--keep-checkpoints", type=_positive, help="newest checkpoints kept (default 2)")
+    ft.add_argument("--keep-checkpoints", type=positive_int, help="newest checkpoints kept (default 2)")
     ft.add_argument("--seed", type=int, help="document order and torch seed (default 0)")
     ft.add_argument("--device", help="auto, cpu, cuda (default auto)")
     ft.add_argument("--out", type=Path, help="run folder (required, here or in the recipe)")
     ft.add_argument("--resume", action="store_true", default=False,
                     help="continue the run in --out from its newest checkpoint")
-    ft.add_argument("--stop-after-steps", type=_positive,
+    ft.add_argument("--stop-after-steps", type=positive_int,
                     help="end this invocation after N steps with a checkpoint (the schedule still spans --tokens)")
     ft.add_argument("--dry-run", action="store_true", default=False,
                     help="resolve the recipe and build the model on the meta device; train nothing")
@@ -156,10 +156,12 @@ def resolve_recipe(args: argparse.Namespace) -> FinetuneRecipe:
             raise ConfigError(f"finetune needs --{required} (on the command line or in the --recipe)")
     fields = {k: v for k, v in merged.items() if k not in (*CONTROL, "command")}
     fields["overrides"] = tuple(fields["overrides"])
+    fields["out"] = Path(str(fields["out"]).replace("{method}", fields["method"]))
     return FinetuneRecipe(**fields)
 
 
-def dry_run(recipe: FinetuneRecipe, plan: FinetunePlan, launch: str | None, console: Console) -> None:
+def dry_run(recipe: FinetuneRecipe, plan: FinetunePlan, launch: str | None, recipe_path: Path | None,
+            console: Console) -> None:
     """Print what the run would do; the model is built on the meta device (shapes, no memory, no weights)."""
     from transformers import AutoModelForCausalLM
 
@@ -196,25 +198,27 @@ def dry_run(recipe: FinetuneRecipe, plan: FinetunePlan, launch: str | None, cons
     console.print(table)
     if launch:
         console.print(f"launch: accelerate launch --config_file {launch} -m unimem_bench.harness.cli finetune "
-                      f"--recipe <this recipe> --method {recipe.method}", soft_wrap=True)
+                      f"--recipe {recipe_path} --method {recipe.method}", soft_wrap=True)
 
 
-def recipe_launch(path: Path | None) -> str | None:
-    """The accelerate config a recipe names under `launch`, checked to exist."""
-    if path is None:
-        return None
-    launch = (yaml.safe_load(path.read_text()) or {}).get("launch")
-    if launch is not None and not Path(launch).is_file():
+def recipe_launch(path: Path | None) -> tuple[str | None, int]:
+    """The accelerate config a recipe names under `launch` (checked to exist) and the processes it launches."""
+    launch = (yaml.safe_load(path.read_text()) or {}).get("launch") if path is not None else None
+    if launch is None:
+        return None, 1
+    if not Path(launch).is_file():
         raise FileNotFoundError(f"recipe {path}: launch config {launch} not found (paths are relative to the "
                                 "current folder: run from the repository root)")
-    return launch
+    return launch, int((yaml.safe_load(Path(launch).read_text()) or {}).get("num_processes", 1))
 
 
 def cmd_finetune(args: argparse.Namespace, console: Console) -> int:
     recipe = resolve_recipe(args)
     if args.dry_run:
-        plan = plan_finetune(recipe, world=launched_world())
-        dry_run(recipe, plan, recipe_launch(args.recipe), console)
+        launch, processes = recipe_launch(args.recipe)
+        # Steps depend on the processes: those of this launch, else those the recipe's launch config starts.
+        plan = plan_finetune(recipe, world=launched_world() if launched_world() > 1 else processes)
+        dry_run(recipe, plan, launch, args.recipe, console)
         return 0
     from .finetune import finetune
 
