@@ -283,7 +283,8 @@ class _Run:
         """Held-out perplexity of the method as it stands (documents split across processes)."""
         started = time.perf_counter()
         self.trainer.eval()
-        nlls = ShardedLM(self.lm, self.processes).score([ids for _, ids in self.heldout], batch_size=EVAL_BATCH)
+        with self.accelerator.autocast():  # the training precision (bf16 on GPU), outside the prepared forward too
+            nlls = ShardedLM(self.lm, self.processes).score([ids for _, ids in self.heldout], batch_size=EVAL_BATCH)
         self.trainer.train()
         nll = float(sum(float(n.double().sum()) for n in nlls))
         n = sum(len(x) for x in nlls)
