@@ -316,7 +316,8 @@ class _Run:
             stage.mkdir(parents=True)
         self.processes.barrier()
         self._export(stage / "model")
-        self.accelerator.save_state(str(stage / "trainer"))
+        # torch.save rather than safetensors: tied weights (a shared tensor) need no special handling there.
+        self.accelerator.save_state(str(stage / "trainer"), safe_serialization=False)
         checkpoints.save_streams(stage, self.processes.rank, {
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "streams": self.streams.state_dict(),
             "memory": [s.state_dict() if s is not None else None for s in self.states]})
