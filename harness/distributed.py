@@ -30,7 +30,13 @@ class Processes:
     """This process's place among those the launcher started."""
 
     rank: int = 0
+    """This process's index."""
     world: int = 1
+    """How many processes there are."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"process rank {self.rank} is not in 0..{self.world - 1}")
 
     @classmethod
     def join(cls, *, cpu: bool) -> Processes:

@@ -186,6 +186,9 @@ class _Run:
         recipe, plan = self.recipe, self.plan
         if checkpoint is not None:
             self._restore(checkpoint)
+        else:  # a fresh start, or a resume that crashed before its first checkpoint: no rows survive
+            for log in self._own_logs():
+                log.truncate(-1)
         if self.processes.is_main:
             _update_info(self.out, heldout=[doc_id for doc_id, _ in self.heldout],
                          train_docs=len(self.corpus.train), data=self.corpus.name)
@@ -338,10 +341,13 @@ class _Run:
                 state.load_state_dict(saved, self.lm.device)
                 self.states[row] = state
         self.step, self.tokens, self.elapsed = data["step"], data["tokens"], data["elapsed"]
-        for log in (self.train_log, self.eval_log, self.data_log):
-            if self.processes.is_main or log is self.data_log:
-                log.truncate(self.step)
+        for log in self._own_logs():
+            log.truncate(self.step)
         self.processes.barrier()
+
+    def _own_logs(self) -> list[CsvLog]:
+        """The logs this process writes: its data log, and the main process the shared ones."""
+        return [self.train_log, self.eval_log, self.data_log] if self.processes.is_main else [self.data_log]
 
 
 def _gathered_embeddings(accelerator: Any, model: nn.Module) -> Any:

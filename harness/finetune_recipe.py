@@ -69,13 +69,14 @@ class FinetuneRecipe:
     eval_every: int = 256
     """Held-out perplexity every N steps (the paper's 256), plus before training and at the end; 0: only those."""
     eval_docs: int = 4
-    """Held-out documents evaluated."""
+    """Held-out documents evaluated (four long documents give a stable perplexity at little cost)."""
     eval_tokens: int | None = 8192
-    """Tokens per held-out document (None: whole documents)."""
+    """Tokens per held-out document (None: whole documents); 8,192 spans several segments of memory."""
     save_every: int = 0
     """Checkpoint every N steps (0: only when stopped with --stop-after-steps); the final export is always saved."""
     keep_checkpoints: int = 2
-    """Newest checkpoints kept; older ones are deleted once a newer one is complete."""
+    """Newest checkpoints kept; older ones are deleted once a newer one is complete (two: one survives a crash
+    while the next is written)."""
     seed: int = 0
     """Seeds the document order and torch."""
     device: str = "auto"
@@ -115,12 +116,15 @@ class FinetunePlan:
     """What a recipe resolves to before any weights are read."""
 
     source: ModelSource
+    """The resolved --model."""
     model_config: PretrainedConfig
+    """Its config (the recipe's shipped one when given)."""
     config: UniMemConfig
     """The method's resolved config."""
     segment_len: int
-    """The run's segment length (the method may read several at once: `window_len` is per forward)."""
+    """The run's segment length (position interpolation reads several at once: `forward_len`)."""
     trained_context: int
+    """The model's trained context length."""
     window_segments: int
     """Segments per forward/backward: k under BPTT (memory detached every k segments), 1 under stop-gradient."""
     world: int

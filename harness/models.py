@@ -51,6 +51,8 @@ def resolve_model(spec: str | None) -> ModelSource:
 
         return ModelSource("reference", str(reference_dir()))
     path = Path(spec).expanduser()
+    if (path / "model" / "config.json").is_file() and not (path / "config.json").exists():
+        path = path / "model"  # a fine-tuning run folder or checkpoint: the model it exported
     if path.exists():
         pair = find_llama2c_pair(path)
         if pair is not None:

@@ -63,7 +63,9 @@ class Corpus:
     name: str
     """`github`, `pg19` or the folder's path (recorded in the run)."""
     train: Sequence[tuple[str, str]]
+    """Documents to train on."""
     heldout: Sequence[tuple[str, str]]
+    """Documents for held-out perplexity, never trained on."""
 
 
 def check_data(data: str) -> None:
@@ -126,11 +128,17 @@ class Window:
     row: int
     """The batch row (document stream) it belongs to."""
     doc_id: str
+    """The document's id (file name, module path or dataset row)."""
     ids: torch.Tensor
     """[n] the whole document's token ids."""
     starts: tuple[int, ...]
     """Document position of each segment's first input token."""
     segment_len: int
+    """Tokens per segment (per forward)."""
+
+    def __post_init__(self) -> None:
+        if not self.starts or self.starts[-1] >= len(self.ids) - 1:
+            raise ValueError(f"a window needs segments starting before the last token of {self.doc_id!r}")
 
     def segments(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """(start, input ids [width], target ids [width]) per segment: every token after the first is a target once,

@@ -48,9 +48,6 @@ class CsvLog:
             csv.writer(f).writerows([rows[0], *kept])
         os.replace(tmp, self.path)
 
-    def read(self) -> pd.DataFrame:
-        return pd.read_csv(self.path) if self.path.exists() else pd.DataFrame(columns=self.columns)
-
 
 def _cell(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)

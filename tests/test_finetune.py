@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from unimem_bench.harness import cli
 from unimem_bench.harness.checkpoints import read_saved_method
 from unimem_bench.harness.finetune import SegmentTrainer
+from unimem_bench.harness.models import resolve_model
 from unimem_bench.harness.training_data import DocumentStreams, Window, deal
 from unimem_bench.harness.training_log import CsvLog
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
@@ -172,6 +173,7 @@ def test_export_is_evaluated_by_run_with_its_method_and_learned_memory(assets, t
     out = tmp_path / "ft"
     assert cli.main(finetune_argv(assets, out, "rmt", 256, "--eval-every", "0")) == 0
     export = out / "model"
+    assert resolve_model(str(out)).location == str(export)  # a run folder stands for its exported model
     saved = read_saved_method(export)
     assert saved is not None and saved.method == "rmt" and saved.segment_len == 16
     assert cli.main(["run", "--model", str(export), "--tasks", "pg19", "--data-dir", str(assets[1]), "--max-docs",
