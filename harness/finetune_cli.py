@@ -34,6 +34,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _default(name: str) -> object:
+    """A `FinetuneRecipe` default, for help texts (one source of truth)."""
+    return FinetuneRecipe.__dataclass_fields__[name].default
+
+
 def add_finetune_parsers(sub: Any, *, exit_on_error: bool = True) -> None:
     """The `finetune` and `finetune-plot` subcommands (defaults None: unset options fall to the recipe, then to
     `FinetuneRecipe`'s defaults). Recipes are parsed with `exit_on_error=False`, so a bad value raises."""
@@ -45,28 +50,37 @@ def add_finetune_parsers(sub: Any, *, exit_on_error: bool = True) -> None:
                     help="method config override, e.g. --set training.bptt_segments=4 (repeatable)")
     ft.add_argument("--model", help="local HF folder, hub id or llama2.c .bin (default: the reference model)")
     ft.add_argument("--model-config", type=Path, help="the model's config.json (a recipe ships it for dry runs)")
-    ft.add_argument("--data", help="github, pg19, or a folder of text files (default: github)")
+    ft.add_argument("--data", help=f"github, pg19, or a folder of text files (default {_default('data')})")
     ft.add_argument("--heldout-docs", type=positive_int, help="files of a --data folder held out (default: 10%%)")
     ft.add_argument("--tokens", type=positive_int, help="training tokens (required, here or in the recipe)")
     ft.add_argument("--segment-len", type=positive_int, help="tokens per segment (default: half the trained context)")
-    ft.add_argument("--batch-size", type=positive_int, help="document streams per process (default 1)")
-    ft.add_argument("--grad-accum", type=positive_int, help="windows per stream per optimizer step (default 1)")
-    ft.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
-    ft.add_argument("--schedule", choices=["linear", "constant"], help="after warm-up (default linear)")
-    ft.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
-    ft.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    ft.add_argument("--clip", type=float, help="gradient-norm clip, 0 = off (default 1.0)")
+    ft.add_argument("--batch-size", type=positive_int,
+                    help=f"document streams per process (default {_default('batch_size')})")
+    ft.add_argument("--grad-accum", type=positive_int,
+                    help=f"windows per stream per optimizer step (default {_default('grad_accum')})")
+    ft.add_argument("--lr", type=float, help=f"peak learning rate (default {_default('lr')})")
+    ft.add_argument("--schedule", choices=["linear", "constant"],
+                    help=f"after warm-up (default {_default('schedule')})")
+    ft.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default {_default('warmup_steps')})")
+    ft.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {_default('weight_decay')})")
+    ft.add_argument("--clip", type=float, help=f"gradient-norm clip, 0 = off (default {_default('clip')})")
     ft.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU, fp32 on CPU")
     ft.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                     help="recompute decoder layers in backward (default off)")
-    ft.add_argument("--eval-every", type=int, help="held-out perplexity every N steps, 0 = start/end (default 256)")
-    ft.add_argument("--eval-docs", type=positive_int, help="held-out documents evaluated (default 4)")
-    ft.add_argument("--eval-tokens", type=positive_int, help="tokens per held-out document (default 8192)")
-    ft.add_argument("--save-every", type=int, help="checkpoint every N steps (default 0: only when stopped)")
-    ft.add_argument("--keep-checkpoints", type=positive_int, help="newest checkpoints kept (default 2)")
-    ft.add_argument("--seed", type=int, help="document order and torch seed (default 0)")
-    ft.add_argument("--device", help="auto, cpu, cuda (default auto)")
-    ft.add_argument("--out", type=Path, help="run folder (required, here or in the recipe)")
+    ft.add_argument("--eval-every", type=int,
+                    help=f"held-out perplexity every N steps, 0 = start/end (default {_default('eval_every')})")
+    ft.add_argument("--eval-docs", type=positive_int,
+                    help=f"held-out documents evaluated (default {_default('eval_docs')})")
+    ft.add_argument("--eval-tokens", type=positive_int,
+                    help=f"tokens per held-out document (default {_default('eval_tokens')})")
+    ft.add_argument("--save-every", type=int,
+                    help=f"checkpoint every N steps (default {_default('save_every')}: only when stopped)")
+    ft.add_argument("--keep-checkpoints", type=positive_int,
+                    help=f"newest checkpoints kept (default {_default('keep_checkpoints')})")
+    ft.add_argument("--seed", type=int, help=f"document order and torch seed (default {_default('seed')})")
+    ft.add_argument("--device", help=f"auto, cpu, cuda (default {_default('device')})")
+    ft.add_argument("--out", type=Path,
+                    help="run folder, `{method}` replaced by the method (required, here or in the recipe)")
     ft.add_argument("--resume", action="store_true", default=False,
                     help="continue the run in --out from its newest checkpoint")
     ft.add_argument("--stop-after-steps", type=positive_int,
