@@ -15,6 +15,8 @@ from unimem_bench.methods import METHODS, PAPER_CONTEXT, ConfigError, HookError,
 from unimem_bench.tasks import TASKS, TaskArgError, TaskOptions
 from unimem_bench.tasks.arguments import parse_task_arg, read_task_args_yaml, task_args
 
+from .distributed import is_main_process
+from .finetune_cli import add_finetune_parsers, cmd_finetune, cmd_finetune_plot
 from .llama2c import Llama2cFormatError
 from .models import ModelSourceError
 from .registry import UnknownNameError
@@ -40,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="the methods (as the paper's Table 1) and the tasks")
 
     run = sub.add_parser("run", help="evaluate methods on tasks; writes run records and the leaderboard")
-    run.add_argument("--methods", default="all", help="`all` or a comma list (default: all)")
+    run.add_argument("--methods", default=None,
+                     help="`all` or a comma list (default: all, or a fine-tuned --model's own method)")
     add_run_arguments(run)
 
     build = sub.add_parser("build-reference", help="build (or rebuild) the embedded reference model")
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("lm-eval", add_help=False,
                    help="lm-eval's own CLI with the `unimem` model registered: unimem-bench lm-eval --model unimem "
                         "--model_args pretrained=PATH,method=NAME --tasks TASK ...")
+    add_finetune_parsers(sub)
     add_analysis_parsers(sub)
     return parser
 
@@ -242,7 +246,7 @@ def cmd_lm_eval(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    console = Console()
+    console = Console(quiet=not is_main_process())  # under `accelerate launch` only rank 0 prints
     try:
         if argv[:1] == ["lm-eval"]:
             return cmd_lm_eval(argv[1:])
@@ -259,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sweep(args, console, argv)
         if args.command in ("leaderboard", "plot"):
             return cmd_analysis(args, console)
+        if args.command == "finetune":
+            return cmd_finetune(args, console)
+        if args.command == "finetune-plot":
+            return cmd_finetune_plot(args, console)
         return cmd_run(args, console)
     except USER_ERRORS as err:
         console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)

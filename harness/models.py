@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from .checkpoints import SavedMethod, read_saved_method
 from .llama2c import find_llama2c_pair, load_llama2c, read_llama2c_config
 
 Kind = Literal["hf", "hub", "llama2c", "reference"]
@@ -50,6 +51,8 @@ def resolve_model(spec: str | None) -> ModelSource:
 
         return ModelSource("reference", str(reference_dir()))
     path = Path(spec).expanduser()
+    if (path / "model" / "config.json").is_file() and not (path / "config.json").exists():
+        path = path / "model"  # a fine-tuning run folder or checkpoint: the model it exported
     if path.exists():
         pair = find_llama2c_pair(path)
         if pair is not None:
@@ -81,6 +84,12 @@ def load_model_config(source: ModelSource) -> PretrainedConfig:
         where = "the hub is unreachable or the id is wrong" if source.kind == "hub" else "its config.json is unreadable"
         raise ModelSourceError(f"--model {source.location}: cannot load its config ({where}): "
                                f"{str(err).splitlines()[0]}") from None
+
+
+def saved_method(source: ModelSource) -> SavedMethod | None:
+    """The method a fine-tuned export (`unimem-bench finetune`'s `model/` or a checkpoint's) was trained with; None
+    for any other model. `run` evaluates such a folder with that method, its config and its learned memory."""
+    return read_saved_method(source.location) if source.kind == "hf" else None
 
 
 def trained_context(config: PretrainedConfig) -> int:

@@ -16,8 +16,10 @@ from unimem_bench.tasks import TASKS, SampleLog, Task, TaskOptions
 from unimem_bench.tasks.arguments import configure
 
 from . import records
+from .checkpoints import SavedMethod
+from .distributed import Processes, ShardedLM, local_device
 from .heatmaps import plot_niah_heatmaps
-from .models import ModelSource, load_model, load_model_config, resolve_model, trained_context
+from .models import ModelSource, load_model, load_model_config, resolve_model, saved_method, trained_context
 from .plots import plot_length_curves, plot_metric_bars
 
 
@@ -25,8 +27,8 @@ from .plots import plot_length_curves, plot_metric_bars
 class RunRequest:
     """Everything `unimem-bench run` was asked for."""
 
-    methods: str = "all"
-    """`all` or a comma list of method names."""
+    methods: str | None = None
+    """`all` or a comma list of method names; None: all, or a fine-tuned export's own method."""
     tasks: str = "github"
     """`all` or a comma list of task names."""
     model: str | None = None
@@ -59,29 +61,32 @@ class Plan:
     trained_context: int
     device: torch.device
     cells: list[Cell]
+    saved: SavedMethod | None = None
+    """The method a fine-tuned --model was trained with: its own cells use its config and learned memory."""
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return local_device(name)
 
 
 def plan_run(req: RunRequest) -> Plan:
     """Resolve and validate names, model, configs and data, reading no weights; raises one-line errors."""
-    method_names = METHODS.resolve(req.methods)
-    tasks = configure([TASKS.get(name) for name in TASKS.resolve(req.tasks)], req.options.task_args)
     source = resolve_model(req.model)
+    saved = saved_method(source)
+    method_names = METHODS.resolve(req.methods or (saved.method if saved else "all"))
+    tasks = configure([TASKS.get(name) for name in TASKS.resolve(req.tasks)], req.options.task_args)
     model_config = load_model_config(source)
     check_hookable(model_config)
     context = trained_context(model_config)
-    segment_len = req.segment_len or max(1, context // 2)
+    segment_len = req.segment_len or (saved.segment_len if saved else max(1, context // 2))
     if segment_len < 1:
         raise ValueError(f"--segment-len {segment_len} must be >= 1")
     ctx = MethodContext(n_layers=model_config.num_hidden_layers, segment_len=segment_len, trained_context=context)
     configs = {}
     for name in method_names:
-        config = METHODS.get(name).config(ctx, req.overrides)
+        own = saved is not None and name == saved.method
+        config = saved.config.with_overrides(list(req.overrides)) if own else METHODS.get(name).config(
+            ctx, req.overrides)
         config.bind(n_layers=ctx.n_layers, segment_len=segment_len)
         configs[name] = config
     for task in tasks:
@@ -92,7 +97,7 @@ def plan_run(req: RunRequest) -> Plan:
             key = {"model": source.name, "config": config.to_dict(), "task": task.name, "version": task.version,
                    "params": task.params(req.options), "segment_len": segment_len, "seed": req.seed}
             cells.append(Cell(name, task, config, records.run_id(name, task.name, key), key))
-    return Plan(source, segment_len, context, pick_device(req.device), cells)
+    return Plan(source, segment_len, context, pick_device(req.device), cells, saved)
 
 
 def run_grid(req: RunRequest, plan: Plan, console: Console) -> list[str]:
@@ -111,14 +116,18 @@ def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) 
     model, tokenizer = load_model(plan.source, device=plan.device, dtype=dtype, console=console)
     env = records.environment(seed=req.seed, device=str(plan.device), model=plan.source.name)
     leaderboard = req.out / "leaderboard.csv"
+    # Under `accelerate launch` documents are split across processes; the main one alone writes.
+    processes = Processes.join(cpu=plan.device.type == "cpu")
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn()]
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=not processes.is_main) as progress:
         grid = progress.add_task("results", total=len(todo))
         for method in dict.fromkeys(c.method for c in todo):
             cells = [c for c in todo if c.method == method]
             with MemoryLM(model, cells[0].config, segment_len=plan.segment_len,
                           trained_context=plan.trained_context) as lm:
+                if plan.saved is not None and method == plan.saved.method:
+                    plan.saved.load_into(lm)
                 for cell in cells:
                     torch.manual_seed(req.seed)
                     bar = progress.add_task(f"{method} / {cell.task.name} tokens", total=None)
@@ -126,16 +135,18 @@ def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) 
                     def advance(n: int, total: int | None, bar: Any = bar) -> None:
                         progress.update(bar, advance=n, **({"total": total} if total is not None else {}))
 
-                    log = SampleLog(records.partial_path(req.out, cell.run_id))
+                    log = SampleLog(records.partial_path(req.out, cell.run_id), write=processes.is_main)
                     reused = len(log.done)
                     if reused:
                         console.print(f"[dim]{method} / {cell.task.name}: {reused} samples finished before the "
                                       "interruption are reused[/dim]")
                     start = time.perf_counter()
-                    result = cell.task.run(lm, tokenizer, req.options, log, progress=advance)
+                    result = cell.task.run(ShardedLM(lm, processes), tokenizer, req.options, log, progress=advance)
                     seconds = time.perf_counter() - start
-                    _record(req, plan, cell, result, seconds, {**env, "reused_samples": reused}, leaderboard)
-                    records.partial_path(req.out, cell.run_id).unlink(missing_ok=True)
+                    if processes.is_main:
+                        _record(req, plan, cell, result, seconds, {**env, "reused_samples": reused}, leaderboard)
+                        records.partial_path(req.out, cell.run_id).unlink(missing_ok=True)
+                    processes.barrier()
                     progress.remove_task(bar)
                     progress.advance(grid)
 

@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
 from .config import UniMemConfig
-from .memory import MemoryState, SegmentPlan
+from .memory import LayerMemory, MemoryState, SegmentPlan
 from .retrieval import topk_exact
 
 ATTENTION_NAME = "unimem"
@@ -71,8 +71,16 @@ def unimem_attention(
 
 def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    """Read memory, attend, write this segment; returns [batch, heads, seq, dim]."""
-    plan, config, mem = ctx.plan, ctx.config, ctx.state.layers[layer]
+    """Read memory, attend, write this segment; returns [batch, heads, seq, dim].
+
+    Gradient checkpointing runs this again during backward: that call reads what the first one read (`plan.reads`)
+    and repeats every tensor operation, but writes nothing.
+    """
+    plan, config, bank = ctx.plan, ctx.config, ctx.state.layers[layer]
+    first_call = layer not in plan.reads
+    if first_call:
+        plan.reads[layer] = bank.snapshot()
+    mem = plan.reads[layer]
     compact = config.position.mode == "compact"
     prefix_k: list[torch.Tensor] = []
     prefix_v: list[torch.Tensor] = []
@@ -95,7 +103,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
 
     if config.reading.topk and plan.n_candidates:
         out, lse = attention_with_lse(query, keys, values, plan.mask, scale)
-        out = merge_topk(ctx, layer, query, out, lse, scale)
+        out = merge_topk(ctx, mem, query, out, lse, scale)
     else:
         out = prefix_causal_sdpa(query, keys, values, plan.mask, scale)
 
@@ -106,7 +114,8 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
             # Store keys unrotated (position 0): undo RoPE at the positions the segment had in this frame.
             pos = slice(n_prefix + plan.n_read, n_prefix + plan.n_read + plan.n_seg)
             seg_k = rotate(seg_k, plan.frame_cos[pos], -plan.frame_sin[pos]) / plan.rope_scale**2
-        mem.write(plan, config, seg_k, value[:, :, seg])
+        if first_call:
+            bank.write(plan, config, seg_k, value[:, :, seg])
     return out
 
 
@@ -157,10 +166,10 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return out, torch.cat(lses, dim=3).reshape(batch, heads, seq)
 
 
-def merge_topk(ctx: SegmentContext, layer: int, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                scale: float) -> torch.Tensor:
     """Add the top-k bank slots before the window to the softmax of `out`/`lse` (one softmax over the union)."""
-    plan, reading, mem = ctx.plan, ctx.config.reading, ctx.state.layers[layer]
+    plan, reading = ctx.plan, ctx.config.reading
     batch, heads, seq, dim = query.shape
     kv_heads = mem.keys.shape[1]
     group = heads // kv_heads

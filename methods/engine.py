@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
 from .attention import ATTENTION_NAME, SegmentContext, prefix_mask, unimem_attention
-from .config import UniMemConfig
+from .config import ConfigError, UniMemConfig
 from .generation import Sampling, generate
 from .memory import LayerMemory, MemoryState
 from .retrieval import FaissBank
@@ -67,7 +67,6 @@ class MemoryLM(nn.Module):
         self.layers = frozenset(config.bind(n_layers=n_layers, segment_len=segment_len))
         self.segment_len = segment_len * config.position.segment_factor
         self.trained_context = trained_context or model.config.max_position_embeddings
-        self.decoder = model.get_decoder()
         self._restore = (model.config._attn_implementation, self.decoder.rotary_emb)
         self.rope_factor = self._resolve_rope_factor()
         if self.rope_factor != 1.0:
@@ -81,8 +80,28 @@ class MemoryLM(nn.Module):
             embed = model.get_input_embeddings().weight
             # RMT initialises memory tokens randomly; embedding-scale noise keeps them in the input distribution.
             generator = torch.Generator().manual_seed(0)
-            init = torch.randn(m, embed.shape[1], generator=generator) * embed.detach().float().std()
+            scale = 1.0 if embed.is_meta else float(embed.detach().float().std())  # meta: shapes only (dry runs)
+            init = torch.randn(m, embed.shape[1], generator=generator) * scale
             self.memory_embeddings = nn.Parameter(init.to(device=embed.device, dtype=embed.dtype))
+
+    def method_state(self) -> dict[str, torch.Tensor]:
+        """The method's own learned parameters (RMT's `memory_embeddings`), by name: what a fine-tuned checkpoint
+        saves besides the model's weights."""
+        return {name: p.detach() for name, p in self.named_parameters() if not name.startswith("model.")}
+
+    def load_method_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load what `method_state` saved (a fine-tuned checkpoint's learned memory tokens) in place of the init."""
+        own = dict(self.named_parameters())
+        expected = {name for name in own if not name.startswith("model.")}
+        if set(tensors) != expected:
+            raise ConfigError(f"saved method state has {sorted(tensors) or 'nothing'} but method {self.config.name!r} "
+                              f"learns {sorted(expected) or 'nothing'}: evaluate the checkpoint with its own method")
+        for name, tensor in tensors.items():
+            if tensor.shape != own[name].shape:
+                raise ConfigError(f"saved {name} has shape {tuple(tensor.shape)} but this configuration needs "
+                                  f"{tuple(own[name].shape)}: keep the checkpoint's writing.memory_tokens")
+            with torch.no_grad():
+                own[name].copy_(tensor)
 
     def _resolve_rope_factor(self) -> float:
         factor = self.config.position.rope_factor
@@ -118,6 +137,11 @@ class MemoryLM(nn.Module):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The model's decoder stack (looked up, not registered: the model's weights appear once in state_dict)."""
+        return self.model.get_decoder()
 
     @property
     def device(self) -> torch.device:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .config import UniMemConfig
 from .retrieval import FaissBank
+
+_TENSORS = ("keys", "values", "global_keys", "global_values")
+"""The tensors of a `LayerMemory`."""
 
 
 def overflow_drop(n_old: int, n_new: int, size: int, policy: str) -> tuple[int, int]:
@@ -71,6 +75,9 @@ class SegmentPlan:
     """Store memory without gradient history (stop-gradient training, and always at evaluation)."""
     write: bool = True
     """Write this input to memory; False while decoding reads memory through a KV cache of the open segment."""
+    reads: dict[int, LayerMemory] = field(default_factory=dict)
+    """Per layer, the memory its first call read. Gradient checkpointing calls a layer again during backward; that
+    call must read the same memory (not what later writes left) and write nothing."""
 
 
 @dataclass
@@ -104,8 +111,12 @@ class LayerMemory:
         if self.faiss is not None:
             self.faiss.add(new_keys, new_first_id, keys, new_first_id + new_keys.shape[2] - keys.shape[2])
 
+    def snapshot(self) -> LayerMemory:
+        """The current tensors (writes replace them, never modify them in place, so this is a frozen view)."""
+        return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss)
+
     def select_rows(self, rows: torch.Tensor) -> None:
-        for name in ("keys", "values", "global_keys", "global_values"):
+        for name in _TENSORS:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, rows))
@@ -113,7 +124,7 @@ class LayerMemory:
             self.faiss.select_rows(rows.tolist())
 
     def detach(self) -> None:
-        for name in ("keys", "values", "global_keys", "global_values"):
+        for name in _TENSORS:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.detach())
@@ -186,3 +197,26 @@ class MemoryState:
             layer.detach()
         if self.rmt is not None:
             self.rmt = self.rmt.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and detached tensors (on CPU): what a training checkpoint needs to continue this memory exactly.
+        A faiss index is not saved; `load_state_dict` rebuilds it from the keys."""
+        tensors = {f"{i}.{name}": t.detach().cpu() for i, layer in self.layers.items()
+                   for name in _TENSORS if (t := getattr(layer, name)) is not None}
+        if self.rmt is not None:
+            tensors["rmt"] = self.rmt.detach().cpu()
+        return {"n_global": self.n_global, "n_bank": self.n_bank, "next_id": self.next_id,
+                "segments": self.segments, "positions": self.positions.clone(), "tensors": tensors}
+
+    def load_state_dict(self, data: dict[str, Any], device: torch.device) -> None:
+        """Restore what `state_dict` saved into this (fresh) state of the same method."""
+        self.n_global, self.n_bank, self.next_id = data["n_global"], data["n_bank"], data["next_id"]
+        self.segments, self.positions = data["segments"], data["positions"].clone()
+        tensors = data["tensors"]
+        for i, layer in self.layers.items():
+            for name in _TENSORS:
+                setattr(layer, name, tensors[f"{i}.{name}"].to(device) if f"{i}.{name}" in tensors else None)
+            if layer.faiss is not None and layer.keys is not None:
+                layer.faiss.rebuild(layer.keys, self.first_id)
+        self.rmt = tensors["rmt"].to(device) if "rmt" in tensors else None
+

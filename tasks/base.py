@@ -81,11 +81,13 @@ class SampleLog:
     """Finished samples of a run in progress, appended one JSON line each so an interrupted run resumes.
 
     Tasks look a sample up by a key that names it (document id, grid cell ...) before computing it. A line cut off by
-    a crash is ignored; `path=None` keeps the log in memory only.
+    a crash is ignored; `path=None` keeps the log in memory only, and `write=False` reads the file without adding to
+    it (every process of a sharded run skips the same samples; the main one alone writes).
     """
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, *, write: bool = True) -> None:
         self.path = path
+        self.write = write
         self.done: dict[str, dict[str, Any]] = {}
         if path is not None and path.exists():
             for line in path.read_text().splitlines():
@@ -100,7 +102,7 @@ class SampleLog:
 
     def add(self, key: str, sample: dict[str, Any]) -> None:
         self.done[key] = sample
-        if self.path is None:
+        if self.path is None or not self.write:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:

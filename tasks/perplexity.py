@@ -23,6 +23,9 @@ from .hub import check_hub_dataset, hub_records
 
 CODE_SUFFIXES = (".py", ".c", ".h", ".cc", ".cpp", ".java", ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".txt")
 
+# Batches scored between two writes of the sample log.
+CHUNK_BATCHES = 8
+
 # Characters tokenised per requested token when a document is truncated: code and prose average 3-5 characters
 # per token, so 12 leaves a wide margin while sparing the tokenizer a whole book.
 CHARS_PER_TOKEN_BOUND = 12
@@ -117,8 +120,9 @@ class PerplexityTask:
             progress(0, sum(len(ids) - 1 for _, ids, _ in encoded))
             progress(sum(len(ids) - 1 for doc_id, ids, _ in encoded if log.get(doc_id)), None)
         todo = [e for e in encoded if log.get(e[0]) is None]
-        # Chunks of a few batches: each finished document is logged before the next chunk starts.
-        step = max(1, options.batch_size)
+        # Chunks of CHUNK_BATCHES batches: an interrupt loses at most one chunk, and sharded evaluation deals each
+        # chunk's documents across processes.
+        step = max(1, options.batch_size) * CHUNK_BATCHES
         for lo in range(0, len(todo), step):
             chunk = todo[lo:lo + step]
             nlls = lm.score([ids for _, ids, _ in chunk], batch_size=options.batch_size,

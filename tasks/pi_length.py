@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unimem_bench.methods import MemoryLM
-
 from .arguments import arg, task_args
 from .base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
 from .corpora import read_stdlib_documents, read_text_dir
@@ -33,13 +31,14 @@ from .perplexity import CODE_SUFFIXES, encode_document
 @contextmanager
 def reading_length(lm: ScoringLM, length: int) -> Iterator[ScoringLM]:
     """`lm` as it reads a `length`-token document: memoryless methods widen their local context to the length."""
-    if not isinstance(lm, MemoryLM):
+    widen = getattr(lm, "reading_at_once", None)
+    if widen is None:
         raise TypeError("the pi-length task needs the engine's MemoryLM (it widens memoryless methods' context)")
     if lm.config.has_memory:
         yield lm
         return
-    with lm.reading_at_once(length) as view:
-        yield view
+    with widen(length):  # changes `lm` in place, so a wrapper (sharded evaluation) keeps wrapping it
+        yield lm
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,44 @@ def random_docs(lengths: list[int], seed: int = 1) -> list[torch.Tensor]:
     return [torch.randint(0, 99, (n,), generator=generator) for n in lengths]
 
 
+CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-\n"
+WORDS = ("the", "memory", "of", "a", "long", "document", "streams", "through", "segments", "while", "every", "method",
+         "keeps", "what", "it", "read", "before", "and", "learns", "to", "use", "when", "story", "comes", "back", "old",
+         "name", "or", "place")
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (BOS <s>, unknown <unk>): real offsets, no training, < 99 ids."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *CHARS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_tiny_model(folder: Path, **kwargs: object) -> Path:
+    """A tiny random LLaMA and its character tokenizer as a Hugging Face folder (what `--model` takes)."""
+    tiny_llama(**kwargs).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_text_docs(folder: Path, lengths: list[int], seed: int = 0) -> Path:
+    """`doc-NN.txt` files of random sentences from a small vocabulary, `lengths` in characters."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(lengths):
+        text = ""
+        while len(text) < n:
+            text += " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + ".\n"
+        (folder / f"doc-{i:02d}.txt").write_text(text[:n])
+    return folder
+
+
 def sweep_argv(model_dir: Path, out: Path, *args: str) -> list[str]:
     """`unimem-bench sweep` of unimix on the tiny model: 2 short standard-library files, 16-token segments."""
     return ["sweep", "--method", "unimix", "--model", str(model_dir), "--tasks", "github", "--max-docs", "2",

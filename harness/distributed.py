@@ -1,0 +1,108 @@
+"""Document sharding across processes for `accelerate launch` (or torchrun): each process scores whole documents,
+results are gathered so every process holds all of them, and only the main process writes.
+
+Launched alone, everything here is a no-op: one process, rank 0, nothing gathered.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def launched_world() -> int:
+    """How many processes the launcher started (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no launcher): the process that prints and writes; readable before any process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among those the launcher started."""
+
+    rank: int = 0
+    """This process's index."""
+    world: int = 1
+    """How many processes there are."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"process rank {self.rank} is not in 0..{self.world - 1}")
+
+    @classmethod
+    def join(cls, *, cpu: bool) -> Processes:
+        """Join the launcher's process group (gloo on CPU, NCCL on GPUs, through accelerate); alone: rank 0 of 1."""
+        if launched_world() > 1 and not dist.is_initialized():
+            from accelerate import PartialState
+
+            PartialState(cpu=cpu)
+        if not dist.is_initialized():
+            return cls()
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def shard(self, sizes: Sequence[int]) -> list[int]:
+        """The items this process takes: dealt longest first, so every process gets a similar amount of work."""
+        order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+        return order[self.rank::self.world]
+
+    def gather(self, mine: list[int], values: list[Any], n: int) -> list[Any]:
+        """Every process's (indices, values) joined into one list of `n` values in index order, on every process."""
+        if self.world == 1:
+            out: list[Any] = [None] * n
+            for i, v in zip(mine, values, strict=True):
+                out[i] = v
+            return out
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, (mine, values))
+        out = [None] * n
+        for indices, vals in parts:
+            for i, v in zip(indices, vals, strict=True):
+                out[i] = v
+        return out
+
+
+class ShardedLM:
+    """A scoring LM whose `score` splits documents across processes and gathers the results on all of them.
+
+    Each document is scored whole by one process (its memory never leaves that process), so the gathered scores are
+    exactly those of one process scoring everything. Anything else is passed through to the wrapped LM.
+    """
+
+    def __init__(self, lm: Any, processes: Processes) -> None:
+        self.lm = lm
+        self.processes = processes
+
+    def score(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
+              progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        mine = self.processes.shard([len(d) for d in docs])
+        nlls = self.lm.score([docs[i] for i in mine], batch_size=batch_size, progress=progress) if mine else []
+        return self.processes.gather(mine, [n.cpu() for n in nlls], len(docs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lm, name)
+
+
+def local_device(name: str) -> torch.device:
+    """`--device` for this process: `auto` is this process's own GPU under a launcher (LOCAL_RANK), else cuda/cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,0 +1,113 @@
+"""Two CPU processes (torch.distributed, gloo, through accelerate) against one: fine-tuning deals whole documents to
+each process and computes the same run as one process with both rows; `run` splits documents across processes and
+gathers one set of results, written once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import save_tiny_model, write_text_docs
+from safetensors.torch import load_file
+
+from unimem_bench.harness import cli
+from unimem_bench.harness.distributed import Processes
+from unimem_bench.methods import MemoryLM
+
+
+def finetune_argv(root: Path, out: Path, batch: int) -> list[str]:
+    return ["finetune", "--method", "rmt", "--model", str(root / "tiny"), "--data", str(root / "docs"), "--tokens",
+            "512", "--segment-len", "16", "--batch-size", str(batch), "--lr", "3e-3", "--eval-every", "4",
+            "--eval-docs", "2", "--eval-tokens", "80", "--out", str(out)]
+
+
+def run_argv(root: Path, model: Path, out: Path) -> list[str]:
+    return ["run", "--model", str(model), "--tasks", "pg19", "--data-dir", str(root / "docs"), "--max-docs", "5",
+            "--max-tokens", "150", "--batch-size", "1", "--out", str(out)]
+
+
+def worker(rank: int, world: int, port: int, root: Path) -> None:
+    """One launched process, as torchrun would start it (forked here: no second import of torch)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the parent's single-process state came with the fork
+    GradientState._reset_state()
+    assert cli.main(finetune_argv(root, root / "two", batch=1)) == 0
+    real_score = MemoryLM.score
+    scored: list[int] = []
+
+    def recording_score(self, docs, **kwargs):
+        scored.extend(len(d) for d in docs)
+        return real_score(self, docs, **kwargs)
+
+    MemoryLM.score = recording_score
+    assert cli.main(run_argv(root, root / "one" / "model", root / "results-two")) == 0
+    (root / f"scored-rank{rank}.json").write_text(json.dumps(scored))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+    save_tiny_model(tmp_path / "tiny")
+    write_text_docs(tmp_path / "docs", [1300] * 5)
+    assert cli.main(finetune_argv(tmp_path, tmp_path / "one", batch=2)) == 0
+    assert cli.main(run_argv(tmp_path, tmp_path / "one" / "model", tmp_path / "results-one")) == 0
+    mp.start_processes(worker, args=(2, free_port(), tmp_path), nprocs=2, start_method="fork")
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    # Each process streamed whole documents of its own, and together they streamed what one process's rows did.
+    ranks = [pd.read_csv(two / f"data-rank{r}.csv") for r in range(2)]
+    docs = [set(frame["doc_id"]) for frame in ranks]
+    assert docs[0] and docs[1] and not docs[0] & docs[1]
+    single = pd.read_csv(one / "data-rank0.csv")
+    for r, frame in enumerate(ranks):
+        assert set(frame["row"]) == {0}
+        mine = single[single["row"] == r].drop(columns="row").reset_index(drop=True)
+        pd.testing.assert_frame_equal(frame.drop(columns="row"), mine)
+    # The same computation: losses, learning rates, held-out perplexities and weights, up to summation order.
+    train_one, train_two = pd.read_csv(one / "train_log.csv"), pd.read_csv(two / "train_log.csv")
+    assert list(train_two["tokens"]) == list(train_one["tokens"])
+    for column in ("loss", "lr", "grad_norm"):
+        assert train_two[column].tolist() == pytest.approx(train_one[column].tolist(), rel=1e-5), column
+    eval_one, eval_two = pd.read_csv(one / "eval_log.csv"), pd.read_csv(two / "eval_log.csv")
+    assert eval_two["heldout_ppl"].tolist() == pytest.approx(eval_one["heldout_ppl"].tolist(), rel=1e-5)
+    weights_one, weights_two = load_file(one / "model" / "model.safetensors"), load_file(two / "model" /
+                                                                                          "model.safetensors")
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(weights_two[name], tensor, atol=2e-6, rtol=1e-5, msg=name)
+
+    # Sharded evaluation: each process scored a disjoint part of the documents, one set of results was written.
+    scored = [json.loads((tmp_path / f"scored-rank{r}.json").read_text()) for r in range(2)]
+    assert scored[0] and scored[1] and len(scored[0]) + len(scored[1]) == 5  # all 5 documents have >= 1,000 characters
+    board_one = pd.read_csv(tmp_path / "results-one" / "leaderboard.csv")
+    board_two = pd.read_csv(tmp_path / "results-two" / "leaderboard.csv")
+    assert len(board_two) == len(board_one) and len(list((tmp_path / "results-two" / "runs").iterdir())) == 1
+    assert board_two["value"].tolist() == pytest.approx(board_one["value"].tolist(), rel=1e-6)
+
+
+def test_shard_deals_every_item_to_exactly_one_process():
+    sizes = [5, 90, 12, 12, 40, 7, 66]
+    parts = [Processes(rank, 3).shard(sizes) for rank in range(3)]
+    assert sorted(i for part in parts for i in part) == list(range(len(sizes)))
+    assert [sizes[part[0]] for part in parts] == [90, 66, 40]  # longest first, dealt round the processes

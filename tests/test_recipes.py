@@ -1,0 +1,94 @@
+"""Every shipped recipe resolves for each of its methods through the CLI's own options, the GPU recipes dry-run
+(config resolution, model built on the meta device) offline, and their accelerate configs load in accelerate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from helpers import STORIES
+
+from unimem_bench.harness import cli
+from unimem_bench.harness.finetune_cli import resolve_recipe
+from unimem_bench.harness.finetune_recipe import plan_finetune
+from unimem_bench.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+GPU = {"tinyllama-1.1b.yaml": 1_100_048_384, "llama2-7b.yaml": 6_738_415_616}  # the models' published sizes
+
+
+def test_recipes_are_shipped():
+    assert {p.name for p in RECIPES} >= {*GPU, "stories260k-cpu.yaml", "reference-cpu.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_resolves_for_every_method(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipe paths are as typed from the repository root
+    data = yaml.safe_load(path.read_text())
+    assert list(data["methods"]) == METHODS.names()  # every paper method, in the registry's order
+    if "stories260K" in str(data.get("model")) and not STORIES.exists():
+        pytest.skip("../shared is absent")
+    per_step = set()
+    for method in data["methods"]:
+        args = cli.build_parser().parse_args(["finetune", "--recipe", str(path), "--method", method])
+        recipe = resolve_recipe(args)
+        assert recipe.method == method and recipe.out.name == method
+        world = 8 if path.name in GPU else 1
+        plan = plan_finetune(recipe, world=world)
+        per_step.add(plan.tokens_per_step(recipe))
+        if path.name in GPU:  # the paper's Appendix D settings
+            assert (recipe.lr, recipe.schedule, recipe.weight_decay, recipe.clip) == (5e-5, "linear", 0.0, 1.0)
+            assert (recipe.segment_len, recipe.eval_every, recipe.tokens) == (2048, 256, 100_000_000)
+    if path.name in GPU:
+        assert len(per_step) == 1  # every method sees the same tokens per optimizer step
+
+
+def test_command_line_overrides_a_recipe(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = cli.build_parser().parse_args(["finetune", "--recipe", "recipes/tinyllama-1.1b.yaml", "--method", "rmt",
+                                          "--lr", "1e-4", "--set", "training.bptt_segments=4", "--out", "x"])
+    recipe = resolve_recipe(args)
+    assert (recipe.lr, recipe.grad_accum, recipe.out) == (1e-4, 2, Path("x"))
+    assert plan_finetune(recipe).window_segments == 4
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("tokens: 10\nlearning_rate: 1\n", "unknown option 'learning_rate'"),
+    ("tokens: ten\n", "invalid positive_int value: 'ten'"),
+    ("methods: {vanilla: {}}\n", "no section for method 'rmt'"),
+    ("schedule: cosine\n", "invalid choice: 'cosine'"),
+])
+def test_bad_recipe_fails_in_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert cli.main(["finetune", "--recipe", str(path), "--method", "rmt", "--out", str(tmp_path), "--dry-run"]) == 2
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("error:") and message in out and "\n" not in out, out
+
+
+@pytest.mark.parametrize("name", sorted(GPU))
+def test_gpu_recipe_dry_runs_offline(name, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    for method in ("memorizing_transformer", "rmt"):
+        assert cli.main(["finetune", "--recipe", f"recipes/{name}", "--method", method, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{GPU[name] / 1e6:,.1f}M parameters" in out and "1,526 steps" in out
+    assert "accelerate launch --config_file recipes/accelerate/zero3_offload.yaml" in out
+
+
+def test_accelerate_configs_load():
+    kinds = set()
+    for path in sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        assert config.num_processes == 8
+        kinds.add(config.distributed_type.value)
+        if config.distributed_type == "DEEPSPEED":
+            ds = json.loads((ROOT / config.deepspeed_config["deepspeed_config_file"]).read_text())
+            zero = ds["zero_optimization"]
+            assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+            assert zero["offload_param"]["device"] == "cpu"
+    assert kinds == {"DEEPSPEED", "MULTI_GPU"}
