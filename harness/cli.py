@@ -95,6 +95,8 @@ def add_analysis_parsers(sub: argparse._SubParsersAction) -> None:
                        help="a swept field, e.g. reading.topk=0,4,8 or injection.layers=0-1,[0,2],all (repeatable)")
     sweep.add_argument("--zip", action="store_true", help="pair the i-th values of every --vary (default: grid)")
     sweep.add_argument("--name", default=None, help="sweep name under <out>/sweeps/ (default: derived)")
+    sweep.add_argument("--finetune", type=Path, default=None, metavar="RECIPE",
+                       help="fine-tune each point with this recipe (recipes/*.yaml) first, then evaluate its export")
     sweep.add_argument("--workers", type=positive_int, default=1, help="points run at once (default: 1)")
     sweep.add_argument("--backend", choices=["local", "ray"], default="local",
                        help="local processes, or tasks on Ray (pip install 'unimem-bench[ray]')")
@@ -201,7 +203,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console, argv: list[str]) -> in
     if args.ray_address and args.backend != "ray":
         raise ConfigError("--ray-address only applies with --backend ray")
     req = SweepRequest(base=run_request(args), axes=tuple(parse_vary(v) for v in args.vary), preset=args.preset,
-                       zipped=args.zip, name=args.name)
+                       zipped=args.zip, name=args.name, finetune=args.finetune)
     plan = plan_sweep(req)
     try:
         results = run_sweep(plan, console, workers=args.workers, backend=args.backend, ray_address=args.ray_address,

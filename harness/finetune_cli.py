@@ -9,6 +9,7 @@ command). `model_config` is found relative to the recipe file, every other path 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,16 @@ def resolve_recipe(args: argparse.Namespace) -> FinetuneRecipe:
     fields["overrides"] = tuple(fields["overrides"])
     fields["out"] = Path(str(fields["out"]).replace("{method}", fields["method"]))
     return FinetuneRecipe(**fields)
+
+
+def recipe_for(path: Path, method: str, argv: Sequence[str] = ()) -> FinetuneRecipe:
+    """The run a recipe file describes for `method`, with further `finetune` options (`--set ...`, `--out ...`)
+    over it, as `unimem-bench finetune --recipe PATH --method METHOD ARGV` would resolve it (sweeps use this)."""
+    try:
+        args = _finetune_parser().parse_args(["finetune", "--recipe", str(path), "--method", method, *argv])
+    except argparse.ArgumentError as err:
+        raise ConfigError(f"finetune options {' '.join(argv)}: {err}") from None
+    return resolve_recipe(args)
 
 
 def dry_run(recipe: FinetuneRecipe, plan: FinetunePlan, launch: str | None, recipe_path: Path | None,

@@ -32,9 +32,12 @@ def lower_is_better(metric: str) -> bool:
 
 
 def short_model(name: str) -> str:
-    """`hf:/path/to/stories260K` -> `stories260K`; hub ids stay as they are."""
+    """`hf:/path/to/stories260K` -> `stories260K`, a fine-tuned export `.../<run>/model` -> `<run>`; hub ids stay."""
     kind, sep, rest = name.partition(":")
-    return Path(rest).name if sep and kind in ("hf", "llama2c", "reference") else name
+    if not (sep and kind in ("hf", "llama2c", "reference")):
+        return name
+    path = Path(rest)
+    return path.parent.name if path.name == "model" and (path.parent / "finetune.json").exists() else path.name
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
@@ -50,9 +53,10 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
 
 
 def run_settings(out: Path, frame: pd.DataFrame) -> dict[str, str]:
-    """run_id -> the fields that differ among the runs of its (model, method), as `field=value, ...`."""
+    """run_id -> the fields that differ among the runs of its method (on any model: a fine-tuned sweep gives each
+    point its own model), as `field=value, ...`."""
     settings: dict[str, str] = {}
-    for _, group in frame.groupby(["model", "method"], sort=False):
+    for _, group in frame.groupby("method", sort=False):
         fields = {}
         for rid in dict.fromkeys(group["run_id"]):
             flat = _flatten(records.read_run_config(out, rid))

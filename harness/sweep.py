@@ -23,10 +23,12 @@ import yaml
 from unimem_bench.methods import METHODS, ConfigError, MethodContext
 
 from . import records
+from .finetune_recipe import FinetuneRecipe
 from .leaderboard import Table, build_tables, headline_rows, load
 from .models import load_model_config, resolve_model, trained_context
 from .presets import PRESETS, Axis
 from .runner import Plan, RunRequest, plan_run
+from .sweep_finetune import finetuned, point_recipe
 
 SWEEPS_DIR = "sweeps"
 
@@ -45,6 +47,8 @@ class SweepRequest:
     """Pair the i-th values of every axis instead of taking their cartesian product."""
     name: str | None = None
     """Sweep name (file stem under sweeps/); None derives one from the preset, methods and points."""
+    finetune: Path | None = None
+    """A fine-tuning recipe (recipes/*.yaml): each point is fine-tuned with it first, then its export evaluated."""
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
@@ -57,7 +61,7 @@ class SweepRequest:
 
 @dataclass(frozen=True)
 class Unit:
-    """One point for one method: a normal run request, planned."""
+    """One point for one method: a normal run request, planned (after fine-tuning, for a fine-tuned sweep)."""
 
     point: int
     """The point's index in sweep order."""
@@ -66,13 +70,28 @@ class Unit:
     method: str
     """The one method this unit runs."""
     request: RunRequest
-    """The base request with `methods=method` and the point's overrides appended."""
-    plan: Plan
-    """`plan_run(request)`: its cells carry the run ids."""
+    """The base request with `methods=method` and the point's overrides appended; for a fine-tuned point, the
+    evaluation of its export (which carries the point's config)."""
+    plan: Plan | None
+    """`plan_run(request)`: its cells carry the run ids. None for a fine-tuned point (its model comes later)."""
+    finetune: FinetuneRecipe | None = None
+    """The fine-tuning run this point's evaluation needs first."""
+
+    def results(self) -> list[tuple[str, str]]:
+        """(task, run id) of each result; a fine-tuned point has them once its export exists (planned then)."""
+        if self.plan is not None:
+            return [(c.task.name, c.run_id) for c in self.plan.cells]
+        if self.finetune is not None and finetuned(self.finetune):
+            return [(c.task.name, c.run_id) for c in plan_run(self.request).cells]
+        return []
+
+    def run_ids(self) -> list[str]:
+        return [rid for _, rid in self.results()]
 
     @property
-    def run_ids(self) -> list[str]:
-        return [c.run_id for c in self.plan.cells]
+    def key(self) -> str:
+        """What makes two units the same work: their run ids, or their fine-tuning run folder."""
+        return str(self.finetune.out) if self.finetune is not None else "\n".join(self.run_ids())
 
     @property
     def label(self) -> str:
@@ -93,6 +112,10 @@ class SweepPlan:
     """Point-major, then method, in sweep order."""
     n_layers: int
     """Decoder layers of the model (saved with the definition: layer analyses need it)."""
+    model: str
+    """The model's id (before fine-tuning, for a fine-tuned sweep)."""
+    segment_len: int
+    """The base segment length."""
 
 
 def point_values(axes: tuple[Axis, ...], zipped: bool) -> list[dict[str, str]]:
@@ -115,42 +138,53 @@ def plan_sweep(req: SweepRequest) -> SweepPlan:
     """Resolve axes (the preset needs the model's depth) and plan every point with `plan_run`, reading no weights;
     every bad value fails here in one line."""
     methods = METHODS.resolve(req.base.methods)
-    model_config = load_model_config(resolve_model(req.base.model))
+    base = req.base
+    if req.finetune is not None:  # the recipe names the model and segment length unless the sweep does
+        first = point_recipe(req.finetune, methods[0], base, base.overrides)
+        base = dataclasses.replace(base, model=first.model, segment_len=first.segment_len)
+    source = resolve_model(base.model)
+    model_config = load_model_config(source)
     context = trained_context(model_config)
     ctx = MethodContext(n_layers=model_config.num_hidden_layers,
-                        segment_len=req.base.segment_len or max(1, context // 2), trained_context=context)
+                        segment_len=base.segment_len or max(1, context // 2), trained_context=context)
     axes = (*PRESETS[req.preset].axes(ctx), *req.axes) if req.preset is not None else req.axes
     units = []
     for i, values in enumerate(point_values(axes, req.zipped)):
-        overrides = (*req.base.overrides, *(f"{field}={value}" for field, value in values.items()))
+        overrides = (*base.overrides, *(f"{field}={value}" for field, value in values.items()))
         for method in methods:
-            run = dataclasses.replace(req.base, methods=method, overrides=overrides)
+            run = dataclasses.replace(base, methods=method, overrides=overrides)
             try:
-                plan = plan_run(run)
+                plan = plan_run(run)  # a fine-tuned point is checked on the base model, before any training
+                if req.finetune is not None:
+                    recipe = point_recipe(req.finetune, method, req.base, overrides)
+                    evaluation = dataclasses.replace(req.base, methods=method, model=str(recipe.out), overrides=())
+                    units.append(Unit(i, values, method, evaluation, None, recipe))
+                    continue
             except ConfigError as err:
                 raise ConfigError(f"sweep point {', '.join(f'{k}={v}' for k, v in values.items())} ({method}): "
                                   f"{err}") from None
             units.append(Unit(i, values, method, run, plan))
-    return SweepPlan(req.name or default_name(req, methods, units), req, axes, units, ctx.n_layers)
+    return SweepPlan(req.name or default_name(req, methods, units), req, axes, units, ctx.n_layers, source.name,
+                     ctx.segment_len)
 
 
 def default_name(req: SweepRequest, methods: list[str], units: list[Unit]) -> str:
-    """`<preset or fields>-<methods>-<hash of the run ids>`: the same command gives the same name."""
+    """`<preset or fields>-<methods>-<hash of the units>`: the same command gives the same name."""
     what = req.preset or "+".join(a.field.partition(".")[2] for a in req.axes)
-    digest = hashlib.sha256("\n".join(rid for u in units for rid in u.run_ids).encode()).hexdigest()[:6]
+    digest = hashlib.sha256("\n".join(u.key for u in units).encode()).hexdigest()[:6]
     return f"{what}-{'+'.join(methods)}-{digest}"
 
 
 def points_frame(plan: SweepPlan) -> pd.DataFrame:
     """One row per run id: point index, method, task, run_id and the swept values (strings)."""
-    rows = [{"point": u.point, "method": u.method, "task": c.task.name, "run_id": c.run_id, **u.values}
-            for u in plan.units for c in u.plan.cells]
+    rows = [{"point": u.point, "method": u.method, "task": task, "run_id": rid, **u.values}
+            for u in plan.units for task, rid in u.results()]
     return pd.DataFrame(rows, columns=["point", "method", "task", "run_id", *(a.field for a in plan.axes)])
 
 
 def definition(plan: SweepPlan, argv: list[str] | None = None) -> dict[str, Any]:
     """What the sweep YAML holds: enough to see what was run and to re-run it."""
-    base, first = plan.request.base, plan.units[0].plan
+    base = plan.request.base
     # Through JSON: paths become strings and tuples (task arguments) lists, which safe YAML can write.
     options = json.loads(json.dumps(dataclasses.asdict(base.options), default=str))
     return {
@@ -159,13 +193,14 @@ def definition(plan: SweepPlan, argv: list[str] | None = None) -> dict[str, Any]
         "mode": "zip" if plan.request.zipped else "grid",
         "axes": {a.field: list(a.values) for a in plan.axes},
         "methods": list(dict.fromkeys(u.method for u in plan.units)),
-        "base": {"tasks": base.tasks, "model": first.source.name, "model_layers": plan.n_layers,
-                 "segment_len": first.segment_len,
-                 "overrides": list(base.overrides), "seed": base.seed,
+        "base": {"tasks": base.tasks, "model": plan.model, "model_layers": plan.n_layers,
+                 "segment_len": plan.segment_len, "overrides": list(base.overrides), "seed": base.seed,
                  "options": options},
+        "finetune": str(plan.request.finetune) if plan.request.finetune else None,
         "command": "unimem-bench " + " ".join(argv) if argv else None,
         "points": [{"point": u.point, "method": u.method, "values": u.values,
-                    "runs": {c.task.name: c.run_id for c in u.plan.cells}} for u in plan.units],
+                    "runs": dict(u.results()),
+                    **({"finetune": str(u.finetune.out)} if u.finetune else {})} for u in plan.units],
     }
 
 
@@ -176,7 +211,7 @@ def save_definition(plan: SweepPlan, out: Path, argv: list[str] | None = None) -
     data = definition(plan, argv)
     if path.exists():
         old = yaml.safe_load(path.read_text()) or {}
-        if [p.get("runs") for p in old.get("points", [])] != [p["runs"] for p in data["points"]]:
+        if [_identity(p) for p in old.get("points", [])] != [_identity(p) for p in data["points"]]:
             raise ConfigError(f"sweep {plan.name!r} already exists in {folder} with other points: pass another "
                               f"--name or remove {path}")
         data["created"] = old.get("created", records.now())
@@ -185,6 +220,11 @@ def save_definition(plan: SweepPlan, out: Path, argv: list[str] | None = None) -
     records.atomic_write_text(yaml.safe_dump(data, sort_keys=False), path)
     records.atomic_write_csv(points_frame(plan), folder / f"{plan.name}.csv")
     return path
+
+
+def _identity(point: dict[str, Any]) -> Any:
+    """A saved point's work: its fine-tuning folder (its run ids appear once trained), else its run ids."""
+    return point.get("finetune") or point.get("runs")
 
 
 def list_sweeps(out: Path) -> list[dict[str, Any]]:

@@ -23,8 +23,10 @@ from typing import Any, Literal
 from rich.console import Console
 
 from . import records
+from .finetune_recipe import FinetuneRecipe
 from .runner import RunRequest, plan_run, run_grid
 from .sweep import SweepPlan, Unit, save_definition
+from .sweep_finetune import finetuned
 
 Backend = Literal["local", "ray"]
 
@@ -44,14 +46,15 @@ class UnitResult:
 
 
 def pending_units(plan: SweepPlan, out: Path) -> list[Unit]:
-    """Units with an unfinished run id, each distinct set of run ids once (two points can be the same config)."""
-    seen: set[tuple[str, ...]] = set()
+    """Units with an unfinished run id or fine-tuning run, each distinct piece of work once (two points can be the
+    same config)."""
+    seen: set[str] = set()
     todo = []
     for unit in plan.units:
-        key = tuple(unit.run_ids)
-        if key in seen or all(records.is_finished(out, rid) for rid in key):
+        trained = unit.finetune is None or finetuned(unit.finetune)
+        if unit.key in seen or (trained and all(records.is_finished(out, rid) for rid in unit.run_ids())):
             continue
-        seen.add(key)
+        seen.add(unit.key)
         todo.append(unit)
     return todo
 
@@ -79,8 +82,17 @@ def _timed(point: int, method: str, work: Callable[[], object]) -> UnitResult:
     return UnitResult(point, method, time.perf_counter() - start)
 
 
+def _evaluate(request: RunRequest, recipe: FinetuneRecipe | None, console: Console) -> None:
+    """Fine-tune first when the point asks for it (resuming an interrupted run), then run the evaluation."""
+    if recipe is not None and not finetuned(recipe):
+        from .finetune import finetune
+
+        finetune(recipe, resume=(recipe.out / "finetune.json").exists(), console=console)
+    run_grid(request, plan_run(request), console)
+
+
 def _run_here(unit: Unit, console: Console) -> UnitResult:
-    return _timed(unit.point, unit.method, lambda: run_grid(unit.request, unit.plan, console))
+    return _timed(unit.point, unit.method, lambda: _evaluate(unit.request, unit.finetune, console))
 
 
 def _describe(err: BaseException) -> str:
@@ -97,9 +109,17 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker(job: tuple[int, str, RunRequest]) -> UnitResult:
-    point, method, request = job
-    return _timed(point, method, lambda: run_grid(request, plan_run(request), Console(quiet=True)))
+Job = tuple[int, str, RunRequest, FinetuneRecipe | None]
+"""(point, method, evaluation request, fine-tuning recipe): what a worker process or Ray task is sent."""
+
+
+def _job(unit: Unit) -> Job:
+    return unit.point, unit.method, unit.request, unit.finetune
+
+
+def _worker(job: Job) -> UnitResult:
+    point, method, request, recipe = job
+    return _timed(point, method, lambda: _evaluate(request, recipe, Console(quiet=True)))
 
 
 def _run_pool(units: list[Unit], workers: int) -> Iterator[UnitResult]:
@@ -108,7 +128,7 @@ def _run_pool(units: list[Unit], workers: int) -> Iterator[UnitResult]:
     # spawn, not fork: torch and its thread pools are not fork-safe once initialised in the parent.
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(threads,))
     try:
-        yield from pool.imap_unordered(_worker, [(u.point, u.method, u.request) for u in units])
+        yield from pool.imap_unordered(_worker, [_job(u) for u in units])
         pool.close()
     except BaseException:
         pool.terminate()
@@ -117,12 +137,12 @@ def _run_pool(units: list[Unit], workers: int) -> Iterator[UnitResult]:
         pool.join()
 
 
-def _ray_task(point: int, method: str, request: RunRequest) -> tuple[UnitResult, dict[str, dict[str, bytes]],
-                                                                      list[dict[str, Any]]]:
-    """Run one unit into a scratch folder on the worker; return its result, run folders and leaderboard rows."""
+def _ray_task(job: Job) -> tuple[UnitResult, dict[str, dict[str, bytes]], list[dict[str, Any]]]:
+    """Run one unit into a scratch folder on the worker; return its result, run folders and leaderboard rows (a
+    fine-tuning run goes to its own folder, which must be on storage the driver sees)."""
+    point, method, request, recipe = job
     with tempfile.TemporaryDirectory(prefix="unimem-sweep-") as tmp:
-        scratch = replace(request, out=Path(tmp))
-        result = _worker((point, method, scratch))
+        result = _worker((point, method, replace(request, out=Path(tmp)), recipe))
         runs = Path(tmp) / "runs"
         folders = {d.name: {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
                    for d in (runs.iterdir() if runs.exists() else []) if not d.name.startswith(".")}
@@ -139,7 +159,7 @@ def _run_ray(units: list[Unit], out: Path, address: str | None, workers: int) ->
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
                  log_to_driver=False)
     remote: Callable[..., Any] = ray.remote(num_cpus=1)(_ray_task)
-    pending = {remote.remote(u.point, u.method, u.request): u for u in units}
+    pending = {remote.remote(_job(u)): u for u in units}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -149,12 +169,10 @@ def _run_ray(units: list[Unit], out: Path, address: str | None, workers: int) ->
             except Exception as err:  # the task or its worker died: report this point, keep the others going
                 yield UnitResult(unit.point, unit.method, 0.0, _describe(err))
                 continue
-            finished = [rid for rid in unit.run_ids if rid in folders]
-            for rid in finished:
-                records.install_run(out, rid, folders[rid])
-            board_rows = [r for r in rows if r["run_id"] in finished]
-            if board_rows:
-                records.merge_leaderboard(out / "leaderboard.csv", board_rows)
+            for rid, files in folders.items():  # the scratch folder held this unit's runs only
+                records.install_run(out, rid, files)
+            if rows:
+                records.merge_leaderboard(out / "leaderboard.csv", rows)
             yield result
     except BaseException:
         for ref in pending:
@@ -187,5 +205,7 @@ def run_sweep(plan: SweepPlan, console: Console, *, workers: int = 1, backend: B
                           highlight=False)
         else:
             console.print(f"{i}/{len(todo)} {label} done in {result.seconds:.1f} s", highlight=False)
+            if plan.request.finetune is not None:  # its run ids exist now: record them with the definition
+                save_definition(plan, out, argv)
         results.append(result)
     return results

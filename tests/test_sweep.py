@@ -6,13 +6,16 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
-from helpers import sweep_argv
+from helpers import sweep_argv, write_text_docs
 
 from unimem_bench.harness import cli, records, runner
+from unimem_bench.harness.checkpoints import read_saved_method
 from unimem_bench.harness.presets import PRESETS, Axis, layer_thirds, parse_vary, split_values
 from unimem_bench.harness.sweep import point_values
 from unimem_bench.methods import ConfigError, MethodContext
@@ -65,6 +68,7 @@ def no_model_work(monkeypatch):
     (["--methods", "unimixx", "--vary", "reading.topk=4"], "did you mean 'unimix'"),
     ([], "needs --preset NAME or at least one --vary"),
     (["--vary", "reading.topk=4", "--ray-address", "auto"], "--ray-address only applies with --backend ray"),
+    (["--vary", "reading.topk=4", "--finetune", "/no/recipe.yaml"], "--recipe /no/recipe.yaml: no such file"),
 ])
 def test_bad_sweeps_fail_in_one_line_before_model_work(capsys, tiny_model_dir, tmp_path, no_model_work, args,
                                                         message):
@@ -168,6 +172,33 @@ def test_a_name_holding_another_sweep_is_refused(tiny_model_dir, sweep_results_d
     name = next((sweep_results_dir / "sweeps").glob("topk-*.yaml")).stem
     assert cli.main(sweep_argv(tiny_model_dir, sweep_results_dir, "--vary", "reading.topk=0,2", "--name", name)) == 2
     assert "already exists" in capsys.readouterr().out
+
+
+def test_finetuned_sweep_trains_each_point_then_evaluates_its_export(tiny_model_dir, tmp_path, capsys):
+    docs = write_text_docs(tmp_path / "docs", [900] * 4)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"data": str(docs), "tokens": 96, "batch_size": 1, "lr": 1e-3, "eval_every": 0,
+                                      "eval_docs": 1, "eval_tokens": 64, "precision": "fp32", "device": "cpu",
+                                      "out": str(tmp_path / "unused")}))
+    argv = sweep_argv(tiny_model_dir, tmp_path / "out", "--vary", "reading.topk=0,4", "--finetune", str(recipe))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only contend
+    try:
+        assert cli.main(argv) == 0
+        capsys.readouterr()
+        assert cli.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "2 finished or duplicate: skipped; 0 to run" in " ".join(capsys.readouterr().out.split())
+    definition = yaml.safe_load(next((tmp_path / "out" / "sweeps").glob("*.yaml")).read_text())
+    board = records.read_leaderboard(tmp_path / "out" / "leaderboard.csv")
+    for point in definition["points"]:
+        export = Path(point["finetune"]) / "model"
+        saved = read_saved_method(export)
+        assert saved.method == "unimix" and saved.config.reading.topk == int(point["values"]["reading.topk"])
+        rows = board[board["run_id"] == point["runs"]["github"]]
+        assert set(rows["model"]) == {f"hf:{export.resolve()}"} and len(rows) > 0
+    assert len({p["finetune"] for p in definition["points"]}) == 2
 
 
 MERGER = textwrap.dedent("""
