@@ -17,6 +17,8 @@ from typing import Any
 
 import pandas as pd
 
+from .plots import save_figure
+
 TRAIN_COLUMNS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"]
 EVAL_COLUMNS = ["step", "tokens", "heldout_ppl", "heldout_nll", "heldout_tokens", "seconds"]
 
@@ -53,18 +55,6 @@ def _cell(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _save(fig: Any, out: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
-
-
 def plot_loss(run_dir: Path, title: str) -> Path:
     """`loss.png`: training loss per step (and its running mean) and held-out perplexity, against tokens seen."""
     import matplotlib
@@ -92,7 +82,7 @@ def plot_loss(run_dir: Path, title: str) -> Path:
     right.set_ylabel("held-out token perplexity")
     right.set_title("held-out perplexity")
     fig.suptitle(title)
-    return _save(fig, run_dir / "loss.png")
+    return save_figure(fig, run_dir / "loss.png")
 
 
 def data_scale_table(run_dirs: list[Path]) -> pd.DataFrame:
@@ -129,4 +119,4 @@ def plot_data_scale(run_dirs: list[Path], out: Path) -> Path:
     ax.set_ylabel("held-out token perplexity")
     ax.set_title("Held-out perplexity after N fine-tuning tokens (UniMem Appendix C)")
     ax.legend(title="method", fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)

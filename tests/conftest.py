@@ -20,6 +20,29 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture
+def no_model_work(monkeypatch):
+    """Fail the test if weights are loaded: bad input must be caught before."""
+    from unimem_bench.harness import runner
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the input was validated")
+
+    monkeypatch.setattr(runner, "load_model", forbidden)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models gain nothing from intra-op threads, and on a busy 2-core machine
+    lose much to their contention (restored after the test)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def model() -> LlamaForCausalLM:
     return tiny_llama()
 

@@ -69,3 +69,27 @@ def sweep_argv(model_dir: Path, out: Path, *args: str) -> list[str]:
     """`unimem-bench sweep` of unimix on the tiny model: 2 short standard-library files, 16-token segments."""
     return ["sweep", "--method", "unimix", "--model", str(model_dir), "--tasks", "github", "--max-docs", "2",
             "--max-tokens", "128", "--segment-len", "16", "--out", str(out), *args]
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the CLI, expect exit status 2 and a single `error:` line; return that line."""
+    from unimem_bench.harness import cli
+
+    assert cli.main(argv) == 2
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("error:") and "\n" not in out, out
+    return out
+
+
+def interrupt_task_run(monkeypatch, task: object, on_call: int) -> None:
+    """Make the task's class raise KeyboardInterrupt on its `on_call`-th run (Ctrl-C in the middle of a grid)."""
+    real_run = type(task).run
+    calls = []
+
+    def run_then_interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == on_call:
+            raise KeyboardInterrupt
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(task), "run", run_then_interrupt)

@@ -6,27 +6,11 @@ import json
 
 import pandas as pd
 import pytest
+from helpers import interrupt_task_run, one_line_error
 from transformers import GPT2Config
 
-from unimem_bench.harness import cli, runner
+from unimem_bench.harness import cli
 from unimem_bench.tasks import TASKS
-
-
-@pytest.fixture
-def no_model_work(monkeypatch):
-    """Fail the test if weights are loaded: bad input must be caught before."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("model weights were loaded before the input was validated")
-
-    monkeypatch.setattr(runner, "load_model", forbidden)
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    assert cli.main(argv) == 2
-    out = capsys.readouterr().out.strip()
-    assert out.startswith("error:") and "\n" not in out, out
-    return out
 
 
 def test_list_prints_methods_and_tasks(capsys):
@@ -88,15 +72,7 @@ def test_interrupt_keeps_finished_results_and_rerun_skips_them(stories_dir, book
                                                                capsys):
     task = TASKS.get("pg19")
     real_run = type(task).run
-    calls = []
-
-    def run_then_interrupt(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_run(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(task), "run", run_then_interrupt)
+    interrupt_task_run(monkeypatch, task, on_call=2)
     assert cli.main(run_args(stories_dir, books_dir, tmp_path)) == 130
     board = pd.read_csv(tmp_path / "leaderboard.csv")
     assert set(board["method"]) == {"vanilla"}

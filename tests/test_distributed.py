@@ -20,6 +20,8 @@ from unimem_bench.harness import cli
 from unimem_bench.harness.distributed import Processes
 from unimem_bench.methods import MemoryLM
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def finetune_argv(root: Path, out: Path, batch: int) -> list[str]:
     return ["finetune", "--method", "rmt", "--model", str(root / "tiny"), "--data", str(root / "docs"), "--tokens",
@@ -52,14 +54,6 @@ def worker(rank: int, world: int, port: int, root: Path) -> None:
     MemoryLM.score = recording_score
     assert cli.main(run_argv(root, root / "one" / "model", root / "results-two")) == 0
     (root / f"scored-rank{rank}.json").write_text(json.dumps(scored))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def free_port() -> int:

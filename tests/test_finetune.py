@@ -21,16 +21,9 @@ from unimem_bench.harness.training_log import CsvLog
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.tasks import TASKS, TaskOptions
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXACT = ["step", "tokens", "loss", "lr", "grad_norm"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine lose much to their contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def method_lm(name: str, segment: int = 8, checkpointing: bool = False) -> tuple[MemoryLM, int]:

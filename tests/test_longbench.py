@@ -12,10 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import one_line_error
 from longbench_fixture import write_longbench_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unimem_bench.harness import cli, runner
+from unimem_bench.harness import cli
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.tasks import TASKS, SampleLog, TaskArgError, TaskOptions
 from unimem_bench.tasks.arguments import configure
@@ -170,21 +171,6 @@ def test_stream_mode_reads_the_whole_prompt(stories, data_dir):
     prompt = DATASETS["qasper"].prompt.format(context=record["context"], input=record["input"])
     assert not sample["truncated"] and sample["context"] == "stream" and sample["max_length"] == 32_768
     assert sample["prompt_tokens"] == len(tokenizer(prompt)["input_ids"]) > 512
-
-
-@pytest.fixture
-def no_model_work(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("model weights were loaded before the input was validated")
-
-    monkeypatch.setattr(runner, "load_model", forbidden)
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    assert cli.main(argv) == 2
-    out = capsys.readouterr().out.strip()
-    assert out.startswith("error:") and "\n" not in out, out
-    return out
 
 
 def test_without_data_one_line_names_the_hub_id_and_data_dir(capsys, tmp_path, no_model_work, monkeypatch):

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import sweep_argv, write_text_docs
+from helpers import interrupt_task_run, sweep_argv, write_text_docs
 
-from unimem_bench.harness import cli, records, runner
+from unimem_bench.harness import cli, records
 from unimem_bench.harness.checkpoints import read_saved_method
 from unimem_bench.harness.presets import PRESETS, Axis, layer_thirds, parse_vary, split_values
 from unimem_bench.harness.sweep import point_values
@@ -48,14 +48,6 @@ def test_layer_placement_preset_on_five_layers():
     axes = PRESETS["layer-placement"].axes(MethodContext(n_layers=5, segment_len=128, trained_context=512))
     # The third "4" is the single layer 4: one point, not two.
     assert axes == [Axis("injection.layers", ("0", "1", "2", "3", "4", "0-1", "2-3", "all"))]
-
-
-@pytest.fixture
-def no_model_work(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("model weights were loaded before the input was validated")
-
-    monkeypatch.setattr(runner, "load_model", forbidden)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -122,15 +114,7 @@ def test_interrupted_sweep_resumes_without_recomputing_or_losing_rows(tiny_model
                                                                      capsys):
     task = TASKS.get("github")
     real_run = type(task).run
-    calls = []
-
-    def run_then_interrupt(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_run(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(task), "run", run_then_interrupt)
+    interrupt_task_run(monkeypatch, task, on_call=2)
     argv = sweep_argv(tiny_model_dir, tmp_path, "--vary", "reading.topk=0,4,8", "--name", "resume")
     assert cli.main(argv) == 130
     done = records.read_leaderboard(tmp_path / "leaderboard.csv")
