@@ -186,7 +186,7 @@ def plot_run(req: RunRequest, plan: Plan) -> list[Path]:
     tasks (token_ppl, score ...), the length curves for pi-length, and the depth x length heatmaps of needle tasks."""
     leaderboard, plots, model = req.out / "leaderboard.csv", req.out / "plots", plan.source.name
     tasks = {c.task.name for c in plan.cells}
-    metrics = dict.fromkeys(c.task.headline for c in plan.cells if c.task.name != "pi-length")
+    metrics = dict.fromkeys(c.task.headline for c in plan.cells)
     figures = [plot_metric_bars(leaderboard, plots / f"{metric}.png", metric=metric, model=model) for metric in metrics]
     if "pi-length" in tasks:
         figures.append(plot_length_curves(leaderboard, plots / "pi_length.png", model=model))

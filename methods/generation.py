@@ -45,11 +45,11 @@ class Sampling:
 
 
 class OpenSegment:
-    """The segment being decoded: its read-only memory plan, its KV cache and where it starts in the document."""
+    """The segment being decoded: its read-only memory plan and its KV cache."""
 
     def __init__(self, lm: MemoryLM, state: MemoryState, doc_start: int) -> None:
         config = lm.config
-        self.lm, self.state, self.doc_start = lm, state, doc_start
+        self.lm, self.state = lm, state
         m = config.writing.memory_tokens
         plan, _ = state.plan(config, n_read=m, n_seg=0)
         plan.write, plan.detach = False, True
