@@ -36,11 +36,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from transformers.utils import logging as hf_logging
 
 from unimem_bench.harness.cli import USER_ERRORS, positive_int
-from unimem_bench.harness.models import load_model, load_model_config, resolve_model, trained_context
+from unimem_bench.harness.models.resolve import load_model, load_model_config, resolve_model, trained_context
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig
 from unimem_bench.methods.config import Reading
-from unimem_bench.methods.memory import MemoryState
-from unimem_bench.methods.retrieval import FaissBank, topk_exact
+from unimem_bench.methods.engine.memory import MemoryState
+from unimem_bench.methods.engine.retrieval import FaissBank, topk_exact
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
 DEFAULT_LENGTHS = (4096, 16384, 32768, 65536)

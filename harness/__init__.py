@@ -1,1 +1,1 @@
-"""x"""
+"""The harness: CLI, model loading, evaluation, training, sweeps and reporting."""

@@ -9,8 +9,8 @@ Reading window 2,048 by position + 4 global tokens; Injection all layers. Traine
 
 from __future__ import annotations
 
-from .config import Injection, Management, Position, Reading, Training, UniMemConfig, Writing
-from .registry import MethodContext, method
+from unimem_bench.methods.config import Injection, Management, Position, Reading, Training, UniMemConfig, Writing
+from unimem_bench.methods.registry import MethodContext, method
 
 
 @method("longformer", paper="Longformer (Beltagy et al., 2020)", url="https://arxiv.org/abs/2004.05150")

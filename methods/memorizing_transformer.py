@@ -9,8 +9,8 @@ by similarity; Injection layers 11 and 21 of 22 (middle and last). Trained with 
 
 from __future__ import annotations
 
-from .config import Injection, Management, Position, Reading, Training, UniMemConfig, Writing
-from .registry import MethodContext, method
+from unimem_bench.methods.config import Injection, Management, Position, Reading, Training, UniMemConfig, Writing
+from unimem_bench.methods.registry import MethodContext, method
 
 
 @method("memorizing_transformer", paper="Memorizing Transformer (Wu et al., 2022)",

@@ -9,8 +9,8 @@ comparison point for memory methods (its 64K length experiment).
 
 from __future__ import annotations
 
-from .config import Position, UniMemConfig
-from .registry import MethodContext, method
+from unimem_bench.methods.config import Position, UniMemConfig
+from unimem_bench.methods.registry import MethodContext, method
 
 
 @method("position_interpolation", paper="Position Interpolation (Chen et al., 2023)",

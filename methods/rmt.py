@@ -10,8 +10,8 @@ back-propagation through time. Its memory embeddings are learned: evaluate after
 
 from __future__ import annotations
 
-from .config import Injection, Position, Training, UniMemConfig, Writing
-from .registry import MethodContext, method
+from unimem_bench.methods.config import Injection, Position, Training, UniMemConfig, Writing
+from unimem_bench.methods.registry import MethodContext, method
 
 
 @method("rmt", paper="Recurrent Memory Transformer (Bulatov et al., 2022)", url="https://arxiv.org/abs/2207.06881")

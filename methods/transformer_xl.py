@@ -8,8 +8,8 @@ Reading all of the cache by position (window = memory); Injection all layers. Tr
 
 from __future__ import annotations
 
-from .config import Injection, Management, Position, Reading, Training, UniMemConfig, Writing
-from .registry import MethodContext, method
+from unimem_bench.methods.config import Injection, Management, Position, Reading, Training, UniMemConfig, Writing
+from unimem_bench.methods.registry import MethodContext, method
 
 
 @method("transformer_xl", paper="Transformer-XL (Dai et al., 2019)", url="https://arxiv.org/abs/1901.02860")

@@ -8,8 +8,8 @@ window by position and 4 global tokens; Injection layers 12-22 of 22 (the upper 
 
 from __future__ import annotations
 
-from .config import Injection, Management, Position, Reading, Training, UniMemConfig, Writing
-from .registry import MethodContext, method
+from unimem_bench.methods.config import Injection, Management, Position, Reading, Training, UniMemConfig, Writing
+from unimem_bench.methods.registry import MethodContext, method
 
 
 @method("unimix", paper="UniMix (Fang et al., 2024)", url="https://arxiv.org/abs/2402.03009")

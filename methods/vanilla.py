@@ -8,8 +8,8 @@ UniMem dimensions: Management none; Writing none; Reading local segment only; In
 
 from __future__ import annotations
 
-from .config import UniMemConfig
-from .registry import MethodContext, method
+from unimem_bench.methods.config import UniMemConfig
+from unimem_bench.methods.registry import MethodContext, method
 
 
 @method("vanilla", paper="Base model, no memory", url="https://arxiv.org/abs/2402.03009")

@@ -1,14 +1,14 @@
 """Evaluation tasks, each registered by name with a version in `TASKS`."""
 
 # Importing a task file registers it; this order is the order of `--tasks all` and `unimem-bench list`.
-from . import perplexity  # noqa: I001, F401
-from . import pi_length  # noqa: F401
-from . import longbench  # noqa: F401
-from . import niah  # noqa: F401
-from . import ruler  # noqa: F401
-from .arguments import TaskArgError
-from .base import TASKS, MetricRow, SampleLog, ScoringLM, Task, TaskOptions, TaskResult
-from .hub import DataNotFoundError
+from unimem_bench.tasks import perplexity  # noqa: I001, F401
+from unimem_bench.tasks import pi_length  # noqa: F401
+from unimem_bench.tasks.longbench import task  # noqa: F401
+from unimem_bench.tasks.needle import niah  # noqa: F401
+from unimem_bench.tasks.needle import ruler  # noqa: F401
+from unimem_bench.tasks.arguments import TaskArgError
+from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, Task, TaskOptions, TaskResult
+from unimem_bench.tasks.data.hub import DataNotFoundError
 
 __all__ = ["TASKS", "DataNotFoundError", "MetricRow", "SampleLog", "ScoringLM", "Task", "TaskArgError", "TaskOptions",
            "TaskResult"]

@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
-from unimem_bench.harness.registry import Registry
 from unimem_bench.methods import Sampling
+from unimem_bench.methods.registry import Registry
 
 
 class ScoringLM(Protocol):

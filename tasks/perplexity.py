@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 import torch
 
-from .arguments import arg, task_args
-from .base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult
-from .corpora import read_stdlib_documents, read_text_dir, strip_gutenberg
-from .hub import check_hub_dataset, hub_records
+from unimem_bench.tasks.arguments import arg, task_args
+from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.data.corpora import read_stdlib_documents, read_text_dir, strip_gutenberg
+from unimem_bench.tasks.data.hub import check_hub_dataset, hub_records
 
 CODE_SUFFIXES = (".py", ".c", ".h", ".cc", ".cpp", ".java", ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".txt")
 

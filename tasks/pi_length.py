@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .arguments import arg, task_args
-from .base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
-from .corpora import read_stdlib_documents, read_text_dir
-from .perplexity import CODE_SUFFIXES, encode_document
+from unimem_bench.tasks.arguments import arg, task_args
+from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.data.corpora import read_stdlib_documents, read_text_dir
+from unimem_bench.tasks.perplexity import CODE_SUFFIXES, encode_document
 
 
 @contextmanager

@@ -22,7 +22,7 @@ def no_network(monkeypatch):
 @pytest.fixture
 def no_model_work(monkeypatch):
     """Fail the test if weights are loaded: bad input must be caught before."""
-    from unimem_bench.harness import runner
+    from unimem_bench.harness.evaluation import runner
 
     def forbidden(*args, **kwargs):
         raise AssertionError("model weights were loaded before the input was validated")
@@ -64,7 +64,7 @@ def books_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-layer LLaMA with its own BPE tokenizer, built in seconds by the reference recipe machinery."""
-    from unimem_bench.harness.reference import ReferenceRecipe, build_reference
+    from unimem_bench.harness.models.reference import ReferenceRecipe, build_reference
 
     recipe = ReferenceRecipe(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
                              num_kv_heads=1, context=64, batch_size=4, steps=6, warmup_steps=2, max_files=5,
@@ -75,7 +75,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sweep_results_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Results of three sweeps on the tiny model: layer placement (serial), top-k (2 worker processes), window."""
-    from unimem_bench.harness import cli
+    from unimem_bench.harness.cli import app as cli
 
     out = tmp_path_factory.mktemp("sweep-results")
     threads = torch.get_num_threads()

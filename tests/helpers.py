@@ -73,7 +73,7 @@ def sweep_argv(model_dir: Path, out: Path, *args: str) -> list[str]:
 
 def one_line_error(capsys, argv: list[str]) -> str:
     """Run the CLI, expect exit status 2 and a single `error:` line; return that line."""
-    from unimem_bench.harness import cli
+    from unimem_bench.harness.cli import app as cli
 
     assert cli.main(argv) == 2
     out = capsys.readouterr().out.strip()

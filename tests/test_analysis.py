@@ -14,8 +14,9 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
-from unimem_bench.harness import cli, records
-from unimem_bench.harness import leaderboard as lb
+from unimem_bench.harness.cli import app as cli
+from unimem_bench.harness.evaluation import records
+from unimem_bench.harness.reporting import tables as lb
 from unimem_bench.methods.config import parse_layers
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

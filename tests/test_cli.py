@@ -9,7 +9,7 @@ import pytest
 from helpers import interrupt_task_run, one_line_error
 from transformers import GPT2Config
 
-from unimem_bench.harness import cli
+from unimem_bench.harness.cli import app as cli
 from unimem_bench.tasks import TASKS
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from unimem_bench.tasks.corpora import (
+from unimem_bench.tasks.data.corpora import (
     read_stdlib_documents,
     read_text_dir,
     stdlib_module,

@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 from helpers import save_tiny_model, write_text_docs
 from safetensors.torch import load_file
 
-from unimem_bench.harness import cli
-from unimem_bench.harness.distributed import Processes
+from unimem_bench.harness.cli import app as cli
+from unimem_bench.harness.runtime.distributed import Processes
 from unimem_bench.methods import MemoryLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")

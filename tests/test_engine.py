@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from helpers import random_docs, tiny_llama
 
-from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig, attention
+from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig
 from unimem_bench.methods.config import Management, Position, Reading, Writing
+from unimem_bench.methods.engine import attention
 
 ATOL = 1e-5
 

@@ -12,12 +12,12 @@ from helpers import random_docs, save_tiny_model, tiny_llama, write_text_docs
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unimem_bench.harness import cli
-from unimem_bench.harness.checkpoints import read_saved_method
-from unimem_bench.harness.finetune import SegmentTrainer
-from unimem_bench.harness.models import resolve_model
-from unimem_bench.harness.training_data import DocumentStreams, Window, deal
-from unimem_bench.harness.training_log import CsvLog
+from unimem_bench.harness.cli import app as cli
+from unimem_bench.harness.models.exports import read_saved_method
+from unimem_bench.harness.models.resolve import resolve_model
+from unimem_bench.harness.training.data import DocumentStreams, Window, deal
+from unimem_bench.harness.training.log import CsvLog
+from unimem_bench.harness.training.trainer import SegmentTrainer
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.tasks import TASKS, TaskOptions
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from unimem_bench.harness.heatmaps import needle_grids, plot_niah_heatmaps
-from unimem_bench.harness.records import LEADERBOARD_COLUMNS
+from unimem_bench.harness.evaluation.records import LEADERBOARD_COLUMNS
+from unimem_bench.harness.reporting.heatmaps import needle_grids, plot_niah_heatmaps
 
 LENGTHS = (256, 512, 1024)
 DEPTHS = (0.0, 0.25, 0.5, 1.0)

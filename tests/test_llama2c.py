@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
-from unimem_bench.harness.llama2c import Llama2cFormatError, find_llama2c_pair, load_llama2c
+from unimem_bench.harness.models.llama2c import Llama2cFormatError, find_llama2c_pair, load_llama2c
 
 HF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
 LLAMA2C_DIR = HF_DIR / "llama2c"

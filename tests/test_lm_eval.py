@@ -17,10 +17,11 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import simple_parse_args_string
 
-from unimem_bench.harness import cli, lm_eval_model
-from unimem_bench.harness.lm_eval_model import UnimemArgs, UnimemLM, plan_model
-from unimem_bench.harness.registry import UnknownNameError
+from unimem_bench.harness.cli import app as cli
+from unimem_bench.harness.evaluation import lm_eval_model
+from unimem_bench.harness.evaluation.lm_eval_model import UnimemArgs, UnimemLM, plan_model
 from unimem_bench.methods import ConfigError
+from unimem_bench.methods.registry import UnknownNameError
 
 STORY_PROMPTS = ["Once upon a time", "Lily and Tom", "The little dog", "One day, a girl named Sue",
                  "Tim had a red ball"]
@@ -220,7 +221,7 @@ def test_registering_keeps_lm_eval_models(request):
     """lm-eval fills its registry lazily only while it is empty: importing our module must not hide `hf` (a fresh
     process, since the registry is per process: ~5 s of imports, so in the slow tier)."""
     slow_only(request, "a fresh interpreter importing torch, transformers and lm-eval")
-    code = ("import unimem_bench.harness.lm_eval_model\nfrom lm_eval.api.registry import get_model\n"
+    code = ("import unimem_bench.harness.evaluation.lm_eval_model\nfrom lm_eval.api.registry import get_model\n"
             "print(get_model('unimem').__name__, get_model('hf').__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["UnimemLM", "HFLM"]

@@ -13,15 +13,15 @@ import pandas as pd
 import pytest
 import yaml
 from helpers import one_line_error
-from longbench_fixture import write_longbench_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unimem_bench.harness import cli
+from unimem_bench.harness.cli import app as cli
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.tasks import TASKS, SampleLog, TaskArgError, TaskOptions
 from unimem_bench.tasks.arguments import configure
-from unimem_bench.tasks.longbench import stop_at_newline, summarize
-from unimem_bench.tasks.longbench_data import DATASETS, E_DATASETS, bucket, truncate_middle
+from unimem_bench.tasks.longbench.data import DATASETS, E_DATASETS, bucket, truncate_middle
+from unimem_bench.tasks.longbench.fixture import write_longbench_dir
+from unimem_bench.tasks.longbench.task import stop_at_newline, summarize
 
 # Datasets whose official template (THUDM config) and lm-eval's yaml differ, in whitespace only.
 WHITESPACE_DIFFERENCES = {"triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p"}

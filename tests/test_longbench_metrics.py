@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from unimem_bench.tasks import longbench_metrics as ours
+from unimem_bench.tasks.longbench import metrics as ours
 
 PAIRS = 240
 EN = ("the", "a", "an", "The", "A", "cat", "dog", "Paris", "paris", "France", "river", "blue", "1984", "42", "run",

@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from unimem_bench.harness import cli, runner
+from unimem_bench.harness.cli import app as cli
+from unimem_bench.harness.evaluation import runner
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.tasks import TASKS, TaskArgError, TaskOptions
 from unimem_bench.tasks.arguments import configure
-from unimem_bench.tasks.haystack import (
+from unimem_bench.tasks.needle.haystack import (
     NOISE,
     SentenceEnds,
     haystack_ids,
@@ -23,7 +24,7 @@ from unimem_bench.tasks.haystack import (
     string_match_all,
     substring_match,
 )
-from unimem_bench.tasks.niah import PromptParts
+from unimem_bench.tasks.needle.niah import PromptParts
 
 
 @pytest.fixture(scope="module")

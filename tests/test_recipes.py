@@ -11,9 +11,9 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from helpers import STORIES
 
-from unimem_bench.harness import cli
-from unimem_bench.harness.finetune_cli import resolve_recipe
-from unimem_bench.harness.finetune_recipe import plan_finetune
+from unimem_bench.harness.cli import app as cli
+from unimem_bench.harness.cli.finetune import resolve_recipe
+from unimem_bench.harness.training.recipe import plan_finetune
 from unimem_bench.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]

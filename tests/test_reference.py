@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unimem_bench.harness import reference
-from unimem_bench.harness.reference import RECIPE_VERSION, ReferenceRecipe, build_reference, reference_dir
+from unimem_bench.harness.models import reference
+from unimem_bench.harness.models.reference import RECIPE_VERSION, ReferenceRecipe, build_reference, reference_dir
 
 TINY = ReferenceRecipe(
     vocab_size=300,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unimem_bench.methods.config import Reading
-from unimem_bench.methods.retrieval import FaissBank, topk_exact
+from unimem_bench.methods.engine.retrieval import FaissBank, topk_exact
 
 
 def data(n: int, q: int = 24, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.tasks import TASKS, SampleLog, TaskOptions
 from unimem_bench.tasks.arguments import configure
-from unimem_bench.tasks.haystack import NOISE, string_match_all
-from unimem_bench.tasks.ruler import NEEDLE, VARIANTS, WORDS, PromptBuilder, draw_needles, place
+from unimem_bench.tasks.needle.haystack import NOISE, string_match_all
+from unimem_bench.tasks.needle.ruler import NEEDLE, VARIANTS, WORDS, PromptBuilder, draw_needles, place
 
 NEEDLE_PREFIX = NEEDLE.split("{")[0]  # "One of the special magic "
 

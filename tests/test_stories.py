@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unimem_bench.harness.models import load_model, resolve_model
+from unimem_bench.harness.models.resolve import load_model, resolve_model
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.tasks import TASKS, TaskOptions
 

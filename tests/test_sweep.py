@@ -14,10 +14,11 @@ import torch
 import yaml
 from helpers import interrupt_task_run, sweep_argv, write_text_docs
 
-from unimem_bench.harness import cli, records
-from unimem_bench.harness.checkpoints import read_saved_method
-from unimem_bench.harness.presets import PRESETS, Axis, layer_thirds, parse_vary, split_values
-from unimem_bench.harness.sweep import point_values
+from unimem_bench.harness.cli import app as cli
+from unimem_bench.harness.evaluation import records
+from unimem_bench.harness.models.exports import read_saved_method
+from unimem_bench.harness.sweeps.plan import point_values
+from unimem_bench.harness.sweeps.presets import PRESETS, Axis, layer_thirds, parse_vary, split_values
 from unimem_bench.methods import ConfigError, MethodContext
 from unimem_bench.methods.config import parse_layers
 from unimem_bench.tasks import TASKS
@@ -188,7 +189,7 @@ def test_finetuned_sweep_trains_each_point_then_evaluates_its_export(tiny_model_
 MERGER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from unimem_bench.harness.records import merge_leaderboard
+    from unimem_bench.harness.evaluation.records import merge_leaderboard
     path, who = Path(sys.argv[1]), sys.argv[2]
     for i in range(25):
         merge_leaderboard(path, [{"run_id": f"{who}-{i}", "model": "m", "method": "x", "task": "t", "subtask": "",

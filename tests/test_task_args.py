@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from unimem_bench.harness import cli
+from unimem_bench.harness.cli import app as cli
 from unimem_bench.tasks import TASKS, DataNotFoundError, SampleLog, TaskArgError, TaskOptions
 from unimem_bench.tasks.arguments import configure, parse_task_arg, read_task_args_yaml, task_args
-from unimem_bench.tasks.hub import check_hub_dataset
+from unimem_bench.tasks.data.hub import check_hub_dataset
 
 
 def test_task_arg_parses_by_type_and_targets_tasks():

@@ -1,0 +1,1 @@
+"""Running methods on tasks: the runner, run records, sharding and the lm-eval adapter."""

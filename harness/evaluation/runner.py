@@ -1,0 +1,201 @@
+"""The method x task grid: validate everything cheaply, then run each unfinished cell and record it at once."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from unimem_bench.harness.evaluation import records
+from unimem_bench.harness.models.exports import SavedMethod
+from unimem_bench.harness.models.resolve import (
+    ModelSource,
+    load_model,
+    load_model_config,
+    resolve_model,
+    saved_method,
+    trained_context,
+)
+from unimem_bench.harness.reporting.heatmaps import plot_niah_heatmaps
+from unimem_bench.harness.reporting.plots import plot_length_curves, plot_metric_bars
+from unimem_bench.harness.runtime.distributed import Processes, ShardedLM, local_device
+from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig, check_hookable
+from unimem_bench.tasks import TASKS, SampleLog, Task, TaskOptions
+from unimem_bench.tasks.arguments import configure
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything `unimem-bench run` was asked for."""
+
+    methods: str | None = None
+    """`all` or a comma list of method names; None: all, or a fine-tuned export's own method."""
+    tasks: str = "github"
+    """`all` or a comma list of task names."""
+    model: str | None = None
+    """`--model`; None is the embedded reference model."""
+    segment_len: int | None = None
+    """Tokens per segment; None = half the trained context, so one segment of memory plus the segment fit in it."""
+    overrides: tuple[str, ...] = ()
+    """`section.field=value` config overrides applied to every method."""
+    options: TaskOptions = field(default_factory=TaskOptions)
+    seed: int = 0
+    out: Path = Path("results")
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, task) result to produce."""
+
+    method: str
+    task: Task
+    config: UniMemConfig
+    run_id: str
+    key: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: ModelSource
+    segment_len: int
+    trained_context: int
+    device: torch.device
+    cells: list[Cell]
+    saved: SavedMethod | None = None
+    """The method a fine-tuned --model was trained with: its own cells use its config and learned memory."""
+
+
+def pick_device(name: str) -> torch.device:
+    return local_device(name)
+
+
+def plan_run(req: RunRequest) -> Plan:
+    """Resolve and validate names, model, configs and data, reading no weights; raises one-line errors."""
+    source = resolve_model(req.model)
+    saved = saved_method(source)
+    method_names = METHODS.resolve(req.methods or (saved.method if saved else "all"))
+    tasks = configure([TASKS.get(name) for name in TASKS.resolve(req.tasks)], req.options.task_args)
+    model_config = load_model_config(source)
+    check_hookable(model_config)
+    context = trained_context(model_config)
+    segment_len = req.segment_len or (saved.segment_len if saved else max(1, context // 2))
+    if segment_len < 1:
+        raise ValueError(f"--segment-len {segment_len} must be >= 1")
+    ctx = MethodContext(n_layers=model_config.num_hidden_layers, segment_len=segment_len, trained_context=context)
+    configs = {}
+    for name in method_names:
+        own = saved is not None and name == saved.method
+        config = saved.config.with_overrides(list(req.overrides)) if own else METHODS.get(name).config(
+            ctx, req.overrides)
+        config.bind(n_layers=ctx.n_layers, segment_len=segment_len)
+        configs[name] = config
+    for task in tasks:
+        task.check(req.options)
+    cells = []
+    for name, config in configs.items():
+        for task in tasks:
+            key = {"model": source.name, "config": config.to_dict(), "task": task.name, "version": task.version,
+                   "params": task.params(req.options), "segment_len": segment_len, "seed": req.seed}
+            cells.append(Cell(name, task, config, records.run_id(name, task.name, key), key))
+    return Plan(source, segment_len, context, pick_device(req.device), cells, saved)
+
+
+def run_grid(req: RunRequest, plan: Plan, console: Console) -> list[str]:
+    """Run every unfinished cell of `plan`; returns the run ids of all cells (finished before or now)."""
+    todo = [c for c in plan.cells if not records.is_finished(req.out, c.run_id)]
+    skipped = len(plan.cells) - len(todo)
+    if skipped:
+        console.print(f"[dim]{skipped} of {len(plan.cells)} results already in {req.out}: skipped[/dim]")
+    if todo:
+        _run_cells(req, plan, todo, console)
+    return [c.run_id for c in plan.cells]
+
+
+def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) -> None:
+    dtype = torch.bfloat16 if plan.device.type == "cuda" else torch.float32
+    model, tokenizer = load_model(plan.source, device=plan.device, dtype=dtype, console=console)
+    env = records.environment(seed=req.seed, device=str(plan.device), model=plan.source.name)
+    leaderboard = req.out / "leaderboard.csv"
+    # Under `accelerate launch` documents are split across processes; the main one alone writes.
+    processes = Processes.join(cpu=plan.device.type == "cpu")
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not processes.is_main) as progress:
+        grid = progress.add_task("results", total=len(todo))
+        for method in dict.fromkeys(c.method for c in todo):
+            cells = [c for c in todo if c.method == method]
+            with MemoryLM(model, cells[0].config, segment_len=plan.segment_len,
+                          trained_context=plan.trained_context) as lm:
+                if plan.saved is not None and method == plan.saved.method:
+                    plan.saved.load_into(lm)
+                for cell in cells:
+                    torch.manual_seed(req.seed)
+                    bar = progress.add_task(f"{method} / {cell.task.name} tokens", total=None)
+
+                    def advance(n: int, total: int | None, bar: Any = bar) -> None:
+                        progress.update(bar, advance=n, **({"total": total} if total is not None else {}))
+
+                    log = SampleLog(records.partial_path(req.out, cell.run_id), write=processes.is_main)
+                    reused = len(log.done)
+                    if reused:
+                        console.print(f"[dim]{method} / {cell.task.name}: {reused} samples finished before the "
+                                      "interruption are reused[/dim]")
+                    start = time.perf_counter()
+                    result = cell.task.run(ShardedLM(lm, processes), tokenizer, req.options, log, progress=advance)
+                    seconds = time.perf_counter() - start
+                    if processes.is_main:
+                        _record(req, plan, cell, result, seconds, {**env, "reused_samples": reused}, leaderboard)
+                        records.partial_path(req.out, cell.run_id).unlink(missing_ok=True)
+                    processes.barrier()
+                    progress.remove_task(bar)
+                    progress.advance(grid)
+
+
+def _record(req: RunRequest, plan: Plan, cell: Cell, result: Any, seconds: float, env: dict[str, Any],
+            leaderboard: Path) -> None:
+    record = {**env, "run_id": cell.run_id, "method": cell.method, "task": cell.task.name,
+              "task_version": cell.task.version, "task_params": cell.key["params"], "segment_len": plan.segment_len,
+              "finished": records.now(), "seconds": round(seconds, 3),
+              "units_per_second": round(result.n / seconds, 2) if seconds else None}
+    records.write_run(req.out, cell.run_id, config_yaml=cell.config.to_yaml(), record=record,
+                      samples=result.samples, metrics=result.metrics)
+    base = {"run_id": cell.run_id, "model": plan.source.name, "method": cell.method, "task": cell.task.name}
+    rows = [{**base, "subtask": "", "context_len": result.context_len, "metric": metric, "value": value, "n": result.n}
+            for metric, value in result.metrics.items()]
+    rows += [{**base, "subtask": r.subtask, "context_len": r.context_len, "metric": r.metric, "value": r.value,
+              "n": r.n} for r in result.rows]
+    records.merge_leaderboard(leaderboard, rows)
+
+
+def summary_rows(req: RunRequest, run_ids: list[str]) -> list[dict[str, Any]]:
+    """Leaderboard rows of these runs, one dict per (method, task) with its metrics as keys."""
+    frame = records.read_leaderboard(req.out / "leaderboard.csv")
+    frame = frame[frame["run_id"].isin(run_ids) & (frame["subtask"] == "")]
+    table = []
+    for (method, task), group in frame.groupby(["method", "task"], sort=False):
+        group = group.drop_duplicates("metric")  # the headline rows come first; breakdowns by length follow
+        row: dict[str, Any] = {"method": method, "task": task, "n": int(group["n"].iloc[0])}
+        row.update(dict(zip(group["metric"], group["value"].astype(float), strict=True)))
+        table.append(row)
+    order = {c: i for i, c in enumerate(METHODS.names())}
+    return sorted(table, key=lambda r: (r["task"], order.get(r["method"], len(order))))
+
+
+def plot_run(req: RunRequest, plan: Plan) -> list[Path]:
+    """The figures for this run's model, drawn from the leaderboard file: one bar plot per headline metric of its
+    tasks (token_ppl, score ...), the length curves for pi-length, and the depth x length heatmaps of needle tasks."""
+    leaderboard, plots, model = req.out / "leaderboard.csv", req.out / "plots", plan.source.name
+    tasks = {c.task.name for c in plan.cells}
+    metrics = dict.fromkeys(c.task.headline for c in plan.cells)
+    figures = [plot_metric_bars(leaderboard, plots / f"{metric}.png", metric=metric, model=model) for metric in metrics]
+    if "pi-length" in tasks:
+        figures.append(plot_length_curves(leaderboard, plots / "pi_length.png", model=model))
+        figures.append(plot_length_curves(leaderboard, plots / "pi_length_tail.png", metric="tail_token_ppl",
+                                          model=model))
+    return figures + plot_niah_heatmaps(leaderboard, plots, model=model, tasks=tasks)

@@ -1,0 +1,113 @@
+"""Where models come from: a local Hugging Face folder, a hub id, a llama2.c checkpoint, or the embedded reference.
+
+`resolve_model` and `load_model_config` are cheap (no weights), so every bad `--model` fails in one line before any
+model work; `load_model` then loads weights and tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from unimem_bench.harness.models.exports import SavedMethod, read_saved_method
+from unimem_bench.harness.models.llama2c import find_llama2c_pair, load_llama2c, read_llama2c_config
+
+Kind = Literal["hf", "hub", "llama2c", "reference"]
+
+
+class ModelSourceError(ValueError):
+    """A `--model` that cannot be used; the message is one line with the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved `--model`."""
+
+    kind: Kind
+    location: str
+    """Folder, hub id, or llama2.c model file."""
+    tokenizer: str | None = None
+    """The llama2.c tokenizer file."""
+
+    @property
+    def name(self) -> str:
+        """The id written to run records and the leaderboard."""
+        if self.kind == "reference":
+            return f"reference:{Path(self.location).name}"
+        if self.kind == "hub":
+            return self.location
+        return f"{self.kind}:{Path(self.location).resolve()}"
+
+
+def resolve_model(spec: str | None) -> ModelSource:
+    """Interpret `--model`: None -> the reference model; an existing path -> HF folder or llama2.c; `org/name` ->
+    a hub id."""
+    if spec is None:
+        from unimem_bench.harness.models.reference import reference_dir
+
+        return ModelSource("reference", str(reference_dir()))
+    path = Path(spec).expanduser()
+    if (path / "model" / "config.json").is_file() and not (path / "config.json").exists():
+        path = path / "model"  # a fine-tuning run folder or checkpoint: the model it exported
+    if path.exists():
+        pair = find_llama2c_pair(path)
+        if pair is not None:
+            return ModelSource("llama2c", str(pair[0]), str(pair[1]))
+        if path.is_dir() and (path / "config.json").exists():
+            return ModelSource("hf", str(path))
+        raise ModelSourceError(f"--model {spec}: not a Hugging Face folder (no config.json) nor a llama2.c checkpoint "
+                               "(model .bin + tokenizer .bin)")
+    looks_like_hub = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not spec.endswith(".bin")
+    if looks_like_hub:
+        return ModelSource("hub", spec)
+    raise ModelSourceError(f"--model {spec}: no such file or folder (give a local HF folder, a llama2.c .bin, or a "
+                           "hub id like org/name)")
+
+
+def load_model_config(source: ModelSource) -> PretrainedConfig:
+    """The model's config without its weights."""
+    if source.kind == "llama2c":
+        return read_llama2c_config(Path(source.location))
+    if source.kind == "reference":
+        from unimem_bench.harness.models.reference import ReferenceRecipe, reference_config
+
+        path = Path(source.location)
+        return AutoConfig.from_pretrained(path) if (path / "config.json").exists() else reference_config(
+            ReferenceRecipe())
+    try:
+        return AutoConfig.from_pretrained(source.location)
+    except OSError as err:
+        where = "the hub is unreachable or the id is wrong" if source.kind == "hub" else "its config.json is unreadable"
+        raise ModelSourceError(f"--model {source.location}: cannot load its config ({where}): "
+                               f"{str(err).splitlines()[0]}") from None
+
+
+def saved_method(source: ModelSource) -> SavedMethod | None:
+    """The method a fine-tuned export (`unimem-bench finetune`'s `model/` or a checkpoint's) was trained with; None
+    for any other model. `run` evaluates such a folder with that method, its config and its learned memory."""
+    return read_saved_method(source.location) if source.kind == "hf" else None
+
+
+def trained_context(config: PretrainedConfig) -> int:
+    """The model's trained context length (what position interpolation and default segments scale with)."""
+    return int(config.max_position_embeddings)
+
+
+def load_model(source: ModelSource, *, device: torch.device, dtype: torch.dtype,
+               console: Any = None) -> tuple[Any, Any]:
+    """Weights and tokenizer, in eval mode on `device`; builds the reference model first if it is missing."""
+    if source.kind == "llama2c":
+        model, tokenizer = load_llama2c(Path(source.location), Path(source.tokenizer or ""), dtype=dtype)
+    else:
+        location = source.location
+        if source.kind == "reference":
+            from unimem_bench.harness.models.reference import build_reference
+
+            location = str(build_reference(console=console))
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    return model.to(device).eval(), tokenizer

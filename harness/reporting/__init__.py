@@ -1,0 +1,1 @@
+"""Tables and figures from results/ files (no torch, no runner)."""

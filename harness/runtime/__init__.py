@@ -1,0 +1,1 @@
+"""Processes and devices: data-parallel launch detection and document sharding."""

@@ -1,0 +1,1 @@
+"""Sweeps over config fields: presets, planning, execution and fine-tuned points."""

@@ -1,0 +1,1 @@
+"""Fine-tuning methods with their memory carried: recipe, trainer, data, checkpoints and logs."""

@@ -1,0 +1,193 @@
+"""UniMem's Eq. 9 as a transformers attention function.
+
+    Attn(Q, [K_mem ; K_seg], [V_mem ; V_seg]; A)
+
+Registered in transformers' `AttentionInterface`; stock LLaMA-family models call it with their rotated query and
+key states, and the `unimem` keyword argument (a `SegmentContext`) given to the model's forward reaches it. Layers
+outside the injection set, and calls without a context, take transformers' own SDPA path unchanged.
+
+Reading merges four disjoint key sets into one softmax: pinned global tokens, the window (the bank's most recent
+slots), the top-k bank slots before the window, and the causal local segment. Global, window and local keys share one
+SDPA call; top-k keys differ per query, so that part is computed apart and merged through log-sum-exp, which is
+exactly the paper's gate g (Eq. 12-13).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import rotate_half
+
+from unimem_bench.methods.config import UniMemConfig
+from unimem_bench.methods.engine.memory import LayerMemory, MemoryState, SegmentPlan
+from unimem_bench.methods.engine.retrieval import topk_exact
+
+ATTENTION_NAME = "unimem"
+
+# Query rows per block of the manual (log-sum-exp) attention: bounds each [rows x keys] score block.
+QUERY_CHUNK = 1024
+
+# PyTorch's fused CPU flash attention, which also returns the log-sum-exp (a private op: absent -> manual path).
+CPU_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+@dataclass
+class SegmentContext:
+    """Handed to the model's forward as `unimem=`: the memory state and this segment's plan."""
+
+    config: UniMemConfig
+    layers: frozenset[int]
+    state: MemoryState
+    plan: SegmentPlan
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE with transformers' own half-rotation convention: x [..., n, dim], cos/sin [n, dim]."""
+    return x * cos + rotate_half(x) * sin
+
+
+def unimem_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    unimem: SegmentContext | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """The registered attention function: q [batch, heads, seq, dim], k/v [batch, kv_heads, seq, dim]."""
+    if unimem is None or module.layer_idx not in unimem.layers:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = memory_attention(unimem, module.layer_idx, query, key, value, scale)
+    return out.transpose(1, 2).contiguous(), None  # [batch, seq, heads, dim], as transformers expects
+
+
+def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Read memory, attend, write this segment; returns [batch, heads, seq, dim].
+
+    Gradient checkpointing runs this again during backward: that call reads what the first one read (`plan.reads`)
+    and repeats every tensor operation, but writes nothing.
+    """
+    plan, config, bank = ctx.plan, ctx.config, ctx.state.layers[layer]
+    first_call = layer not in plan.reads
+    if first_call:
+        plan.reads[layer] = bank.snapshot()
+    mem = plan.reads[layer]
+    compact = config.position.mode == "compact"
+    prefix_k: list[torch.Tensor] = []
+    prefix_v: list[torch.Tensor] = []
+    if plan.n_global:
+        gk = mem.global_keys
+        if compact:
+            gk = rotate(gk, plan.frame_cos[:plan.n_global], plan.frame_sin[:plan.n_global])
+        prefix_k.append(gk)
+        prefix_v.append(mem.global_values)
+    if plan.n_window:
+        wk = mem.keys[:, :, mem.keys.shape[2] - plan.n_window:]
+        if compact:
+            span = slice(plan.n_global, plan.n_global + plan.n_window)
+            wk = rotate(wk, plan.frame_cos[span], plan.frame_sin[span])
+        prefix_k.append(wk)
+        prefix_v.append(mem.values[:, :, mem.values.shape[2] - plan.n_window:])
+    n_prefix = plan.n_global + plan.n_window
+    keys = torch.cat([*prefix_k, key], dim=2) if prefix_k else key  # [batch, kv_heads, prefix + seq, dim]
+    values = torch.cat([*prefix_v, value], dim=2) if prefix_v else value
+
+    if config.reading.topk and plan.n_candidates:
+        out, lse = attention_with_lse(query, keys, values, plan.mask, scale)
+        out = merge_topk(ctx, mem, query, out, lse, scale)
+    else:
+        out = prefix_causal_sdpa(query, keys, values, plan.mask, scale)
+
+    if plan.write and config.uses_kv_memory and config.management.size:
+        seg = slice(plan.n_read, plan.n_read + plan.n_seg)
+        seg_k = key[:, :, seg]
+        if compact:
+            # Store keys unrotated (position 0): undo RoPE at the positions the segment had in this frame.
+            pos = slice(n_prefix + plan.n_read, n_prefix + plan.n_read + plan.n_seg)
+            seg_k = rotate(seg_k, plan.frame_cos[pos], -plan.frame_sin[pos]) / plan.rope_scale**2
+        if first_call:
+            bank.write(plan, config, seg_k, value[:, :, seg])
+    return out
+
+
+def prefix_mask(n_query: int, n_prefix: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[query, prefix + query] additive mask (0 or -inf): every query sees the whole prefix and the segment causally.
+
+    Additive rather than boolean because SDPA converts a boolean mask to this in every call (once per layer).
+    """
+    visible = torch.ones(n_query, n_prefix + n_query, dtype=torch.bool, device=device).tril(n_prefix)
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
+
+
+def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """SDPA over [prefix ; local] with GQA kept unexpanded: q [batch, heads, seq, dim] -> same shape."""
+    gqa = query.shape[1] != keys.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `prefix_causal_sdpa`, also returning the log-sum-exp [batch, heads, seq] of the scaled scores.
+
+    On CPU, PyTorch's fused flash kernel returns the log-sum-exp itself; elsewhere the query heads of each KV head
+    are grouped (keys never repeated) and query rows go in blocks of QUERY_CHUNK, bounding each score block.
+    """
+    batch, heads, seq, dim = query.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
+        k = keys.repeat_interleave(group, dim=1) if group > 1 else keys  # the fused op has no GQA switch
+        v = values.repeat_interleave(group, dim=1) if group > 1 else values
+        return CPU_FLASH_WITH_LSE(query, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
+    q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
+    if mask is None:
+        mask = prefix_mask(seq, 0, query.dtype, query.device)
+    outs, lses = [], []
+    for lo in range(0, seq, QUERY_CHUNK):
+        hi = min(seq, lo + QUERY_CHUNK)
+        scores = torch.einsum("bkgsd,bktd->bkgst", q[:, :, :, lo:hi], keys) * scale + mask[lo:hi]
+        lse = scores.logsumexp(-1)  # [batch, kv_heads, group, rows]
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        outs.append(torch.einsum("bkgst,bktd->bkgsd", probs, values))
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(batch, heads, seq, dim)
+    return out, torch.cat(lses, dim=3).reshape(batch, heads, seq)
+
+
+def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """Add the top-k bank slots before the window to the softmax of `out`/`lse` (one softmax over the union)."""
+    plan, reading = ctx.plan, ctx.config.reading
+    batch, heads, seq, dim = query.shape
+    kv_heads = mem.keys.shape[1]
+    group = heads // kv_heads
+    q = query.reshape(batch, kv_heads, group * seq, dim)  # [batch, kv_heads, group * seq, dim]
+    k = min(reading.topk, plan.n_candidates)
+    if mem.faiss is not None:
+        logits, idx = mem.faiss.search(q, k, plan.first_id, plan.n_candidates)
+    else:
+        logits, idx = topk_exact(q, mem.keys[:, :, :plan.n_candidates], k)
+    found = idx >= 0
+    idx = idx.clamp(min=0)
+    n = plan.n_candidates
+    cand_v = mem.values[:, :, :n].unsqueeze(2).expand(batch, kv_heads, group * seq, n, dim)
+    picked_v = cand_v.gather(3, idx.unsqueeze(-1).expand(*idx.shape, dim))  # [batch, kv_heads, g*seq, k, dim]
+    logits = (logits * scale).masked_fill(~found, float("-inf"))
+    lse_k = logits.logsumexp(-1)  # [batch, kv_heads, g*seq]
+    probs = torch.exp(logits - lse_k.unsqueeze(-1)).nan_to_num(0.0)
+    out_k = torch.einsum("bhqk,bhqkd->bhqd", probs, picked_v).reshape(batch, heads, seq, dim)
+    lse_k = lse_k.reshape(batch, heads, seq)
+    total = torch.logaddexp(lse, lse_k)
+    return out * torch.exp(lse - total).unsqueeze(-1) + out_k * torch.exp(lse_k - total).unsqueeze(-1)

@@ -1,0 +1,120 @@
+"""Generation through memory.
+
+The prompt streams through the method's segments exactly as scoring does: every full segment is one
+`forward_segment` that reads and writes memory. The last, open segment is decoded token by token against the memory
+(read only) plus a KV cache of the open segment; when it fills up it is committed with one `forward_segment`, so the
+memory a generated token sees is the memory scoring would give it. With no memory (vanilla) and a prompt plus
+budget inside one segment this is plain cached decoding, token for token what transformers' `generate` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+from unimem_bench.methods.engine.attention import SegmentContext, prefix_mask
+from unimem_bench.methods.engine.memory import MemoryState
+from unimem_bench.methods.engine.sampling import Sampling
+
+if TYPE_CHECKING:
+    from unimem_bench.methods.engine.memory_lm import MemoryLM
+
+
+class OpenSegment:
+    """The segment being decoded: its read-only memory plan and its KV cache."""
+
+    def __init__(self, lm: MemoryLM, state: MemoryState, doc_start: int) -> None:
+        config = lm.config
+        self.lm, self.state = lm, state
+        m = config.writing.memory_tokens
+        plan, _ = state.plan(config, n_read=m, n_seg=0)
+        plan.write, plan.detach = False, True
+        self.n_prefix = plan.n_global + plan.n_window
+        compact = config.position.mode == "compact"
+        if compact and lm.layers and config.uses_kv_memory and self.n_prefix:
+            frame = torch.arange(self.n_prefix, device=lm.device).unsqueeze(0)
+            probe = lm.model.get_input_embeddings().weight[:1].unsqueeze(0)  # dtype/device for the rotary module
+            cos, sin = lm.decoder.rotary_emb(probe, frame)
+            plan.frame_cos, plan.frame_sin = cos[0], sin[0]
+            plan.rope_scale = float(getattr(lm.decoder.rotary_emb, "attention_scaling", 1.0))
+        self.plan = plan
+        self.first = self.n_prefix if compact else doc_start
+        self.cache = DynamicCache(config=lm.model.config)
+        self.pending_read_slots = state.rmt if m else None
+
+    def feed(self, ids: Sequence[int]) -> torch.Tensor:
+        """Append tokens to the open segment; returns the logits [vocab] after the last one."""
+        lm = self.lm
+        embeds = lm.model.get_input_embeddings()(torch.tensor([list(ids)], device=lm.device))  # [1, t, hidden]
+        if self.pending_read_slots is not None:
+            embeds = torch.cat([self.pending_read_slots, embeds], dim=1)
+            self.pending_read_slots = None
+        past = self.cache.get_seq_length()
+        if past and embeds.shape[1] > 1:
+            raise ValueError("an open segment takes one prefill, then one token per step")
+        t = embeds.shape[1]
+        positions = torch.arange(self.first + past, self.first + past + t, device=lm.device).unsqueeze(0)
+        # Memory layers see [prefix ; cached ; new]; an explicit mask because SDPA's is_causal aligns top-left.
+        self.plan.mask = (prefix_mask(t, self.n_prefix + past, embeds.dtype, embeds.device)
+                          if lm.layers and (self.n_prefix or past) else None)
+        ctx = SegmentContext(config=lm.config, layers=lm.layers, state=self.state, plan=self.plan)
+        hidden = lm.decoder(inputs_embeds=embeds, position_ids=positions, past_key_values=self.cache,
+                            use_cache=True, unimem=ctx).last_hidden_state  # [1, t, hidden]
+        return lm.model.get_output_embeddings()(hidden[:, -1])[0]
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """Greedy argmax, or a seeded draw with temperature and nucleus filtering."""
+    if not sampling.do_sample:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1).cpu()
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep a token while the mass before it is below top_p: the first token always survives.
+        keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(lm: MemoryLM, prompt: torch.Tensor, *, max_new_tokens: int,
+             eos_token_id: int | Sequence[int] | None = None, stop: Callable[[list[int]], bool] | None = None,
+             sampling: Sampling | None = None) -> list[int]:
+    """Continue `prompt` (1-D token ids, at least one) by at most `max_new_tokens` tokens.
+
+    Stops after an end-of-sequence token (kept, as transformers does) or once `stop(generated)` is true.
+    """
+    if len(prompt) < 1:
+        raise ValueError("generation needs a prompt of at least one token")
+    sampling = sampling or Sampling()
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.do_sample else None
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    tokens = [int(t) for t in prompt]
+    length = lm.segment_len
+    state = lm.new_state(1)
+    start = 0
+    logits = None
+    while len(tokens) - start >= length:
+        logits = lm.forward_segment(state, torch.tensor([tokens[start:start + length]], device=lm.device), start)[0, -1]
+        start += length
+    segment = OpenSegment(lm, state, start)
+    if len(tokens) > start:
+        logits = segment.feed(tokens[start:])
+    generated: list[int] = []
+    while len(generated) < max_new_tokens:
+        token = next_token(logits, sampling, generator)
+        generated.append(token)
+        tokens.append(token)
+        if token in eos or (stop is not None and stop(generated)) or len(generated) == max_new_tokens:
+            break
+        if len(tokens) - start == length:
+            ids = torch.tensor([tokens[start:]], device=lm.device)
+            logits = lm.forward_segment(state, ids, start)[0, -1]
+            start += length
+            segment = OpenSegment(lm, state, start)
+        else:
+            logits = segment.feed([token])
+    return generated

@@ -1,0 +1,222 @@
+"""Memory state carried between segments: per-layer key/value banks, pinned global tokens, RMT memory tokens.
+
+Banks hold keys and values at the model's KV-head count (GQA models keep their memory small). All injected layers
+write the same tokens, so the bookkeeping (sizes, ids, document positions) lives once in `MemoryState`, and the
+per-segment `SegmentPlan` tells every layer exactly what to read and write.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from unimem_bench.methods.config import UniMemConfig
+from unimem_bench.methods.engine.retrieval import FaissBank
+
+_TENSORS = ("keys", "values", "global_keys", "global_values")
+"""The tensors of a `LayerMemory`."""
+
+
+def overflow_drop(n_old: int, n_new: int, size: int, policy: str) -> tuple[int, int]:
+    """How many (old, new) entries to drop from the front when `n_new` slots are written to `n_old` held ones."""
+    drop_new = max(0, n_new - size)
+    kept_new = n_new - drop_new
+    if policy == "fifo":
+        return max(0, n_old + kept_new - size), drop_new
+    return (n_old if n_old + kept_new > size else 0), drop_new
+
+
+def pool_tokens(x: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Mean over consecutive groups of `ratio` tokens; a shorter last group is averaged on its own.
+
+    x [batch, kv_heads, n, dim] -> [batch, kv_heads, ceil(n / ratio), dim]
+    """
+    full = x.shape[2] // ratio * ratio
+    parts = [x[:, :, :full].unflatten(2, (-1, ratio)).mean(3)]
+    if full < x.shape[2]:
+        parts.append(x[:, :, full:].mean(2, keepdim=True))
+    return torch.cat(parts, dim=2)
+
+
+@dataclass
+class SegmentPlan:
+    """What the injected layers read and write for one segment; computed once, before the forward."""
+
+    n_read: int
+    """RMT read slots in front of the segment tokens."""
+    n_seg: int
+    """Segment tokens in the input (padding included: rows that end early are dropped afterwards)."""
+    n_global: int
+    """Pinned global tokens visible to this segment."""
+    n_window: int
+    """Bank slots read by position: the most recent ones."""
+    n_candidates: int
+    """Bank slots searched by top-k: those before the window."""
+    first_id: int
+    """Memory id of bank slot 0 (ids grow by one per written slot; faiss searches id ranges)."""
+    to_global: int
+    """Segment tokens that become pinned global tokens (only in the first segment)."""
+    drop_old: int
+    """Bank slots evicted from the front by this segment's write."""
+    drop_new: int
+    """Newly written slots dropped at once because one write overflows the whole memory."""
+    frame_cos: torch.Tensor | None
+    """[frame_len, head_dim] RoPE cos at frame positions 0.. (compact mode), to place memory keys."""
+    frame_sin: torch.Tensor | None
+    """Like frame_cos."""
+    mask: torch.Tensor | None
+    """[input, prefix + input] additive mask: memory prefix visible to all, the input causal (None: no prefix)."""
+    rope_scale: float
+    """RoPE's attention scaling (1 for default and linear RoPE), undone when keys are stored unrotated."""
+    detach: bool
+    """Store memory without gradient history (stop-gradient training, and always at evaluation)."""
+    write: bool = True
+    """Write this input to memory; False while decoding reads memory through a KV cache of the open segment."""
+    reads: dict[int, LayerMemory] = field(default_factory=dict)
+    """Per layer, the memory its first call read. Gradient checkpointing calls a layer again during backward; that
+    call must read the same memory (not what later writes left) and write nothing."""
+
+
+@dataclass
+class LayerMemory:
+    """One injected layer's memory: [batch, kv_heads, slots, head_dim] tensors."""
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    global_keys: torch.Tensor | None = None
+    global_values: torch.Tensor | None = None
+    faiss: FaissBank | None = None
+
+    def write(self, plan: SegmentPlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write this segment's keys/values [batch, kv_heads, n_seg, head_dim] (already in storage frame)."""
+        if plan.detach:
+            keys, values = keys.detach(), values.detach()
+        if plan.to_global:
+            # Copies, not views: a view would pin the whole segment's keys/values for the document's lifetime.
+            self.global_keys = keys[:, :, :plan.to_global].clone()
+            self.global_values = values[:, :, :plan.to_global].clone()
+            keys, values = keys[:, :, plan.to_global:], values[:, :, plan.to_global:]
+        if config.writing.kv == "pooling":
+            keys, values = pool_tokens(keys, config.writing.pool_ratio), pool_tokens(values, config.writing.pool_ratio)
+        new_first_id = plan.first_id + (0 if self.keys is None else self.keys.shape[2]) + plan.drop_new
+        new_keys, values = keys[:, :, plan.drop_new:], values[:, :, plan.drop_new:]
+        keys = new_keys
+        if self.keys is not None:
+            keys = torch.cat([self.keys[:, :, plan.drop_old:], new_keys], dim=2)
+            values = torch.cat([self.values[:, :, plan.drop_old:], values], dim=2)
+        self.keys, self.values = keys, values
+        if self.faiss is not None:
+            self.faiss.add(new_keys, new_first_id, keys, new_first_id + new_keys.shape[2] - keys.shape[2])
+
+    def snapshot(self) -> LayerMemory:
+        """The current tensors (writes replace them, never modify them in place, so this is a frozen view)."""
+        return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        for name in _TENSORS:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, rows))
+        if self.faiss is not None:
+            self.faiss.select_rows(rows.tolist())
+
+    def detach(self) -> None:
+        for name in _TENSORS:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.detach())
+
+
+@dataclass
+class MemoryState:
+    """The memory of a batch of documents streamed in lockstep."""
+
+    layers: dict[int, LayerMemory]
+    n_global: int = 0
+    """Pinned global tokens held."""
+    n_bank: int = 0
+    """Slots held in every layer's bank."""
+    next_id: int = 0
+    """Id of the next slot written."""
+    positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """[n_bank] document position of each bank slot (the first token of a pooled slot)."""
+    rmt: torch.Tensor | None = None
+    """[batch, memory_tokens, hidden] RMT read embeddings for the next segment."""
+    segments: int = 0
+    """Segments processed so far."""
+
+    @property
+    def first_id(self) -> int:
+        return self.next_id - self.n_bank
+
+    def plan(self, config: UniMemConfig, *, n_read: int, n_seg: int) -> tuple[SegmentPlan, int]:
+        """The plan for the next segment and the number of bank slots it writes."""
+        r, m = config.reading, config.management
+        n_window = self.n_bank if r.read_all else min(r.window, self.n_bank)
+        to_global = min(r.global_tokens, n_seg) if self.segments == 0 else 0
+        if config.uses_kv_memory and m.size:
+            n_rest = n_seg - to_global
+            n_new = math.ceil(n_rest / config.writing.pool_ratio) if config.writing.kv == "pooling" else n_rest
+            drop_old, drop_new = overflow_drop(self.n_bank, n_new, m.size, m.overflow)
+        else:
+            n_new, drop_old, drop_new = 0, 0, 0
+        plan = SegmentPlan(
+            n_read=n_read, n_seg=n_seg, n_global=self.n_global, n_window=n_window,
+            n_candidates=self.n_bank - n_window if r.topk else 0, first_id=self.first_id, to_global=to_global,
+            drop_old=drop_old, drop_new=drop_new, frame_cos=None, frame_sin=None, mask=None, rope_scale=1.0,
+            detach=True,
+        )
+        return plan, n_new
+
+    def commit(self, plan: SegmentPlan, config: UniMemConfig, n_new: int, doc_start: int) -> None:
+        """Update the shared bookkeeping after every layer wrote the segment."""
+        self.segments += 1
+        self.n_global += plan.to_global
+        if not n_new:
+            return
+        step = config.writing.pool_ratio if config.writing.kv == "pooling" else 1
+        new_pos = doc_start + plan.to_global + torch.arange(n_new) * step
+        kept = new_pos[plan.drop_new:]
+        self.positions = torch.cat([self.positions[plan.drop_old:], kept])
+        self.n_bank = self.n_bank - plan.drop_old + len(kept)
+        self.next_id += n_new
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (documents that still have tokens to score)."""
+        for layer in self.layers.values():
+            layer.select_rows(rows)
+        if self.rmt is not None:
+            self.rmt = self.rmt.index_select(0, rows)
+
+    def detach(self) -> None:
+        """Cut gradient history (the end of a BPTT window)."""
+        for layer in self.layers.values():
+            layer.detach()
+        if self.rmt is not None:
+            self.rmt = self.rmt.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and detached tensors (on CPU): what a training checkpoint needs to continue this memory exactly.
+        A faiss index is not saved; `load_state_dict` rebuilds it from the keys."""
+        tensors = {f"{i}.{name}": t.detach().cpu() for i, layer in self.layers.items()
+                   for name in _TENSORS if (t := getattr(layer, name)) is not None}
+        if self.rmt is not None:
+            tensors["rmt"] = self.rmt.detach().cpu()
+        return {"n_global": self.n_global, "n_bank": self.n_bank, "next_id": self.next_id,
+                "segments": self.segments, "positions": self.positions.clone(), "tensors": tensors}
+
+    def load_state_dict(self, data: dict[str, Any], device: torch.device) -> None:
+        """Restore what `state_dict` saved into this (fresh) state of the same method."""
+        self.n_global, self.n_bank, self.next_id = data["n_global"], data["n_bank"], data["next_id"]
+        self.segments, self.positions = data["segments"], data["positions"].clone()
+        tensors = data["tensors"]
+        for i, layer in self.layers.items():
+            for name in _TENSORS:
+                setattr(layer, name, tensors[f"{i}.{name}"].to(device) if f"{i}.{name}" in tensors else None)
+            if layer.faiss is not None and layer.keys is not None:
+                layer.faiss.rebuild(layer.keys, self.first_id)
+        self.rmt = tensors["rmt"].to(device) if "rmt" in tensors else None
+

@@ -1,0 +1,267 @@
+"""MemoryLM: any Hugging Face LLaMA-family causal LM streamed segment by segment with UniMem memory.
+
+Nothing of the modeling code is copied: the model keeps its weights, rotary embedding and decoder; the engine
+registers one attention function (`attention.unimem_attention`), switches the model to it, and feeds each segment
+through the stock decoder with the memory state as a keyword argument. `close()` (or leaving the `with` block)
+gives the model back as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
+
+from unimem_bench.methods.config import ConfigError, UniMemConfig
+from unimem_bench.methods.engine.attention import ATTENTION_NAME, SegmentContext, prefix_mask, unimem_attention
+from unimem_bench.methods.engine.generation import generate
+from unimem_bench.methods.engine.memory import LayerMemory, MemoryState
+from unimem_bench.methods.engine.retrieval import FaissBank
+from unimem_bench.methods.engine.sampling import Sampling
+
+# Decoders whose attention goes through transformers' AttentionInterface with RoPE applied before it.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class HookError(ValueError):
+    """A model the engine cannot hook; the message is one line naming the model type and what is supported."""
+
+
+def check_hookable(config: PretrainedConfig) -> None:
+    """Raise HookError unless this model config is a RoPE decoder the engine can hook (no weights needed)."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise HookError(f"model type {model_type!r} cannot be hooked: unimem-bench needs a LLaMA-family RoPE decoder "
+                        f"({', '.join(SUPPORTED_MODEL_TYPES)}); pick such a checkpoint with --model")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in ("default", "linear", "llama3", "dynamic"):
+        raise HookError(f"rope_type {rope['rope_type']!r} cannot be hooked: memory keys are re-positioned with plain "
+                        "RoPE rotations (default, linear, llama3, dynamic)")
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """One document's scores: every token after the first."""
+
+    nll: torch.Tensor
+    """[tokens] negative log-likelihood in nats."""
+    greedy: torch.Tensor
+    """[tokens] bool: the token was the argmax of its prediction (lm-eval's is_greedy)."""
+
+
+class MemoryLM(nn.Module):
+    """A causal LM with memory-augmented attention (UniMem Eq. 9) that scores documents streamed in segments."""
+
+    def __init__(self, model: PreTrainedModel, config: UniMemConfig, *, segment_len: int,
+                 trained_context: int | None = None) -> None:
+        super().__init__()
+        check_hookable(model.config)
+        self.model = model
+        self.config = config
+        n_layers = model.config.num_hidden_layers
+        self.layers = frozenset(config.bind(n_layers=n_layers, segment_len=segment_len))
+        self.segment_len = segment_len * config.position.segment_factor
+        self.trained_context = trained_context or model.config.max_position_embeddings
+        self._restore = (model.config._attn_implementation, self.decoder.rotary_emb)
+        self.rope_factor = self._resolve_rope_factor()
+        if self.rope_factor != 1.0:
+            self.decoder.rotary_emb = linear_rope(self.decoder.rotary_emb, model.config, self.rope_factor)
+        if ATTENTION_NAME not in AttentionInterface._global_mapping:
+            AttentionInterface.register(ATTENTION_NAME, unimem_attention)
+        model.set_attn_implementation(ATTENTION_NAME)
+        self.memory_embeddings: nn.Parameter | None = None
+        m = config.writing.memory_tokens
+        if m:
+            embed = model.get_input_embeddings().weight
+            # RMT initialises memory tokens randomly; embedding-scale noise keeps them in the input distribution.
+            generator = torch.Generator().manual_seed(0)
+            scale = 1.0 if embed.is_meta else float(embed.detach().float().std())  # meta: shapes only (dry runs)
+            init = torch.randn(m, embed.shape[1], generator=generator) * scale
+            self.memory_embeddings = nn.Parameter(init.to(device=embed.device, dtype=embed.dtype))
+
+    def method_state(self) -> dict[str, torch.Tensor]:
+        """The method's own learned parameters (RMT's `memory_embeddings`), by name: what a fine-tuned checkpoint
+        saves besides the model's weights."""
+        return {name: p.detach() for name, p in self.named_parameters() if not name.startswith("model.")}
+
+    def load_method_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load what `method_state` saved (a fine-tuned checkpoint's learned memory tokens) in place of the init."""
+        own = dict(self.named_parameters())
+        expected = {name for name in own if not name.startswith("model.")}
+        if set(tensors) != expected:
+            raise ConfigError(f"saved method state has {sorted(tensors) or 'nothing'} but method {self.config.name!r} "
+                              f"learns {sorted(expected) or 'nothing'}: evaluate the checkpoint with its own method")
+        for name, tensor in tensors.items():
+            if tensor.shape != own[name].shape:
+                raise ConfigError(f"saved {name} has shape {tuple(tensor.shape)} but this configuration needs "
+                                  f"{tuple(own[name].shape)}: keep the checkpoint's writing.memory_tokens")
+            with torch.no_grad():
+                own[name].copy_(tensor)
+
+    def _resolve_rope_factor(self) -> float:
+        factor = self.config.position.rope_factor
+        if factor == 0:
+            return max(1.0, self.segment_len / self.trained_context)
+        return float(factor)
+
+    @contextlib.contextmanager
+    def reading_at_once(self, length: int) -> Iterator[MemoryLM]:
+        """A memoryless method reading `length` tokens at once: vanilla is then full attention, position
+        interpolation rescales RoPE for that length (its automatic factor)."""
+        if self.config.has_memory:
+            raise ValueError(f"{self.config.name} carries memory: it streams long inputs in its segments")
+        saved = (self.segment_len, self.rope_factor, self.decoder.rotary_emb)
+        base = self._restore[1]
+        self.segment_len = length
+        self.rope_factor = self._resolve_rope_factor()
+        self.decoder.rotary_emb = (linear_rope(base, self.model.config, self.rope_factor) if self.rope_factor != 1.0
+                                   else base)
+        try:
+            yield self
+        finally:
+            self.segment_len, self.rope_factor, self.decoder.rotary_emb = saved
+
+    def close(self) -> None:
+        """Give the wrapped model back with its own attention implementation and rotary embedding."""
+        attn, rotary = self._restore
+        self.decoder.rotary_emb = rotary
+        self.model.set_attn_implementation(attn)
+
+    def __enter__(self) -> MemoryLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The model's decoder stack (looked up, not registered: the model's weights appear once in state_dict)."""
+        return self.model.get_decoder()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def new_state(self, batch: int) -> MemoryState:
+        """An empty memory for `batch` documents."""
+        reading, size = self.config.reading, self.config.management.size
+        use_faiss = self.config.uses_kv_memory and reading.topk and reading.index != "torch"
+        layers = {i: LayerMemory(faiss=FaissBank(reading, size) if use_faiss else None) for i in self.layers}
+        state = MemoryState(layers=layers)
+        if self.memory_embeddings is not None:
+            state.rmt = self.memory_embeddings.unsqueeze(0).expand(batch, -1, -1)
+        return state
+
+    def forward_segment(self, state: MemoryState, input_ids: torch.Tensor, doc_start: int) -> torch.Tensor:
+        """Run one segment [batch, n] starting at document position `doc_start`; returns logits [batch, n, vocab]
+        and updates `state`."""
+        config = self.config
+        m = config.writing.memory_tokens
+        n = input_ids.shape[1]
+        plan, n_new = state.plan(config, n_read=m, n_seg=n)
+        embeds = self.model.get_input_embeddings()(input_ids)  # [batch, n, hidden]
+        if m:
+            write_slots = self.memory_embeddings.unsqueeze(0).expand(embeds.shape[0], -1, -1)
+            embeds = torch.cat([state.rmt, embeds, write_slots], dim=1)
+        n_prefix = plan.n_global + plan.n_window
+        compact = config.position.mode == "compact"
+        first = n_prefix if compact else doc_start
+        positions = torch.arange(first, first + embeds.shape[1], device=embeds.device).unsqueeze(0)
+        if compact and self.layers and config.uses_kv_memory:
+            frame = torch.arange(n_prefix + embeds.shape[1], device=embeds.device).unsqueeze(0)
+            cos, sin = self.decoder.rotary_emb(embeds, frame)
+            plan.frame_cos, plan.frame_sin = cos[0], sin[0]
+            plan.rope_scale = float(getattr(self.decoder.rotary_emb, "attention_scaling", 1.0))
+        if n_prefix and self.layers:
+            plan.mask = prefix_mask(embeds.shape[1], n_prefix, embeds.dtype, embeds.device)
+        plan.detach = not torch.is_grad_enabled() or config.training.strategy == "stop_gradient"
+        ctx = SegmentContext(config=config, layers=self.layers, state=state, plan=plan)
+        hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, unimem=ctx,
+                              use_cache=False).last_hidden_state  # [batch, m + n + m, hidden]
+        if m:
+            # A copy, not a view: a view would keep the whole [batch, m + n + m, hidden] output alive.
+            state.rmt = hidden[:, -m:].detach().clone() if plan.detach else hidden[:, -m:].clone()
+        state.commit(plan, config, n_new, doc_start)
+        return self.model.get_output_embeddings()(hidden[:, m:m + n])
+
+    def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+                 stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None) -> list[int]:
+        """Continue `prompt` through memory (see `generation.generate`); returns the new token ids."""
+        return generate(self, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                        sampling=sampling)
+
+    def score(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
+              progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """Per-token negative log-likelihoods (nats) of each document (see `score_tokens`)."""
+        return [s.nll for s in self.score_tokens(docs, batch_size=batch_size, progress=progress)]
+
+    @torch.inference_mode()
+    def score_tokens(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
+                     progress: Callable[[int], None] | None = None) -> list[TokenScores]:
+        """Per-token negative log-likelihoods (nats) of each document, streamed through memory, and whether each
+        token was the model's argmax.
+
+        Every token after the first is scored exactly once, the first token of a segment by the last position of
+        the previous one, so all methods score the same tokens. Documents are batched longest first and run in
+        lockstep; a finished document leaves the batch (and the memory), so padding is never scored and batching
+        never changes a result.
+        """
+        results: list[TokenScores | None] = [None] * len(docs)
+        order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
+        for lo in range(0, len(order), batch_size):
+            rows = order[lo:lo + batch_size]
+            for i, nll in zip(rows, self._score_batch([docs[i] for i in rows], progress), strict=True):
+                results[i] = nll
+        return results  # type: ignore[return-value]
+
+    def _score_batch(self, docs: list[torch.Tensor], progress: Callable[[int], None] | None) -> list[TokenScores]:
+        device = self.device
+        lengths = [len(d) for d in docs]
+        pieces: list[list[torch.Tensor]] = [[] for _ in docs]
+        greedy: list[list[torch.Tensor]] = [[] for _ in docs]
+        state = self.new_state(len(docs))
+        active = list(range(len(docs)))
+        for start in range(0, max(lengths) - 1, self.segment_len):
+            still = [i for i in active if lengths[i] - 1 > start]
+            if len(still) < len(active):
+                state.select_rows(torch.tensor([active.index(i) for i in still], device=device))
+                active = still
+            width = min(self.segment_len, max(lengths[i] for i in active) - 1 - start)
+            ids = torch.zeros(len(active), width, dtype=torch.long)
+            targets = torch.full((len(active), width), -100, dtype=torch.long)
+            for row, i in enumerate(active):
+                piece = docs[i][start:start + width]
+                ids[row, :len(piece)] = piece
+                target = docs[i][start + 1:start + width + 1]
+                targets[row, :len(target)] = target
+            logits = self.forward_segment(state, ids.to(device), start)
+            # At least float32 for the log-softmax (bf16 logits lose digits); float64 models keep float64.
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            nll = F.cross_entropy(wide.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
+                                  reduction="none").view(len(active), width).cpu()
+            hits = (logits.argmax(-1).cpu() == targets)  # [rows, width]
+            for row, i in enumerate(active):
+                n = max(0, min(width, lengths[i] - 1 - start))
+                pieces[i].append(nll[row, :n])
+                greedy[i].append(hits[row, :n])
+            if progress is not None:
+                progress(int((targets >= 0).sum()))
+        empty = torch.zeros(0, dtype=torch.bool)
+        return [TokenScores(torch.cat(p) if p else empty.float(), torch.cat(g) if g else empty)
+                for p, g in zip(pieces, greedy, strict=True)]
+
+
+def linear_rope(rotary: nn.Module, config: PretrainedConfig, factor: float) -> nn.Module:
+    """The model's own rotary class rebuilt with transformers' `linear` rope parameters (position interpolation)."""
+    scaled = copy.deepcopy(config)
+    params = dict(scaled.rope_parameters or {})
+    params.update(rope_type="linear", factor=factor)
+    scaled.rope_parameters = params
+    device = rotary.inv_freq.device
+    return type(rotary)(config=scaled).to(device)

@@ -1,0 +1,1 @@
+"""Task data: local corpora and Hugging Face hub sources."""

@@ -1,0 +1,1 @@
+"""Needle-in-a-Haystack and RULER: synthetic retrieval over long haystacks."""
