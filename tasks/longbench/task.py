@@ -118,8 +118,11 @@ class LongBenchTask:
         return trained_context - self.largest_gen
 
     def check(self, options: TaskOptions) -> None:
+        self.check_data(options)
         if options.trained_context is not None:
             self.prompt_budget(options.trained_context, options)  # a prompt must fit beside the answer
+
+    def check_data(self, options: TaskOptions) -> None:
         if options.data_dir is None:
             check_hub_dataset(self.dataset, task=self.name, local=self.local_data)
             return
