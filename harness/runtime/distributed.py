@@ -6,8 +6,9 @@ Launched alone, everything here is a no-op: one process, rank 0, nothing gathere
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,12 @@ class ShardedLM:
         mine = self.processes.shard([len(d) for d in docs])
         nlls = self.lm.score([docs[i] for i in mine], batch_size=batch_size, progress=progress) if mine else []
         return self.processes.gather(mine, [n.cpu() for n in nlls], len(docs))
+
+    @contextlib.contextmanager
+    def reading_at_once(self, length: int) -> Iterator[ShardedLM]:
+        """The wrapped LM reading inputs of up to `length` tokens at once (task contract), still sharded."""
+        with self.lm.reading_at_once(length):  # changes the wrapped LM in place
+            yield self
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.lm, name)
