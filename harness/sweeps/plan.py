@@ -24,6 +24,7 @@ from unimem_bench.harness.evaluation import records
 from unimem_bench.harness.evaluation.runner import Plan, RunRequest, plan_run
 from unimem_bench.harness.models.resolve import load_model_config, resolve_model, trained_context
 from unimem_bench.harness.reporting.tables import Table, build_tables, headline_rows, load
+from unimem_bench.harness.runtime.environment import now
 from unimem_bench.harness.sweeps.finetuned import finetuned, point_recipe
 from unimem_bench.harness.sweeps.presets import PRESETS, Axis
 from unimem_bench.harness.training.recipe import FinetuneRecipe
@@ -213,9 +214,9 @@ def save_definition(plan: SweepPlan, out: Path, argv: list[str] | None = None) -
         if [_identity(p) for p in old.get("points", [])] != [_identity(p) for p in data["points"]]:
             raise ConfigError(f"sweep {plan.name!r} already exists in {folder} with other points: pass another "
                               f"--name or remove {path}")
-        data["created"] = old.get("created", records.now())
+        data["created"] = old.get("created", now())
     else:
-        data["created"] = records.now()
+        data["created"] = now()
     records.atomic_write_text(yaml.safe_dump(data, sort_keys=False), path)
     records.atomic_write_csv(points_frame(plan), folder / f"{plan.name}.csv")
     return path

@@ -28,10 +28,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from unimem_bench.harness.evaluation import records
 from unimem_bench.harness.models import exports as checkpoints
 from unimem_bench.harness.models.resolve import load_model
 from unimem_bench.harness.runtime.distributed import Processes, ShardedLM
+from unimem_bench.harness.runtime.environment import environment, now
 from unimem_bench.harness.training.data import DocumentStreams, Window, deal, heldout_documents, load_corpus
 from unimem_bench.harness.training.log import EVAL_COLUMNS, TRAIN_COLUMNS, CsvLog, plot_loss
 from unimem_bench.harness.training.recipe import FinetunePlan, FinetuneRecipe, check_same_shapes, plan_finetune
@@ -117,8 +117,8 @@ def _open_run_folder(recipe: FinetuneRecipe, plan: FinetunePlan, resume: bool,
                                  "steps": plan.steps, "tokens_per_step": plan.tokens_per_step(recipe),
                                  "window_segments": plan.window_segments, "segment_len": plan.segment_len,
                                  "recipe": recipe.to_dict(), "config": plan.config.to_dict(),
-                                 "started": records.now(),
-                                 **records.environment(seed=recipe.seed, device=recipe.device,
+                                 "started": now(),
+                                 **environment(seed=recipe.seed, device=recipe.device,
                                                        model=plan.source.name)})
     processes.barrier()
     return None
@@ -217,7 +217,7 @@ class _Run:
         self._evaluate()
         self._export(self.out / "model")
         if self.processes.is_main:
-            _update_info(self.out, status="finished", finished=records.now(), tokens_seen=self.tokens)
+            _update_info(self.out, status="finished", finished=now(), tokens_seen=self.tokens)
             plot_loss(self.out, f"{recipe.method} fine-tuning ({plan.source.name})")
         self.processes.barrier()
         self.console.print(f"done: model {self.out / 'model'}, logs {self.out / 'train_log.csv'}, "

@@ -10,23 +10,41 @@ budget inside one segment this is plain cached decoding, token for token what tr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-from transformers import DynamicCache
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
 
+from unimem_bench.methods.config import UniMemConfig
 from unimem_bench.methods.engine.attention import SegmentContext, prefix_mask
 from unimem_bench.methods.engine.memory import MemoryState
 from unimem_bench.methods.engine.sampling import Sampling
 
-if TYPE_CHECKING:
-    from unimem_bench.methods.engine.memory_lm import MemoryLM
+
+class SegmentModel(Protocol):
+    """What generation needs of `MemoryLM` (a protocol, so that this module does not import the engine's)."""
+
+    config: UniMemConfig
+    model: PreTrainedModel
+    layers: frozenset[int]
+    segment_len: int
+
+    @property
+    def decoder(self) -> nn.Module: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def new_state(self, batch: int) -> MemoryState: ...
+
+    def forward_segment(self, state: MemoryState, input_ids: torch.Tensor, doc_start: int) -> torch.Tensor: ...
 
 
 class OpenSegment:
     """The segment being decoded: its read-only memory plan and its KV cache."""
 
-    def __init__(self, lm: MemoryLM, state: MemoryState, doc_start: int) -> None:
+    def __init__(self, lm: SegmentModel, state: MemoryState, doc_start: int) -> None:
         config = lm.config
         self.lm, self.state = lm, state
         m = config.writing.memory_tokens
@@ -61,7 +79,7 @@ class OpenSegment:
         self.plan.mask = (prefix_mask(t, self.n_prefix + past, embeds.dtype, embeds.device)
                           if lm.layers and (self.n_prefix or past) else None)
         ctx = SegmentContext(config=lm.config, layers=lm.layers, state=self.state, plan=self.plan)
-        hidden = lm.decoder(inputs_embeds=embeds, position_ids=positions, past_key_values=self.cache,
+        hidden = lm.decoder(inputs_embeds=embeds, position_ids=positions, cache=self.cache,
                             use_cache=True, unimem=ctx).last_hidden_state  # [1, t, hidden]
         return lm.model.get_output_embeddings()(hidden[:, -1])[0]
 
@@ -80,7 +98,7 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 
 @torch.inference_mode()
-def generate(lm: MemoryLM, prompt: torch.Tensor, *, max_new_tokens: int,
+def generate(lm: SegmentModel, prompt: torch.Tensor, *, max_new_tokens: int,
              eos_token_id: int | Sequence[int] | None = None, stop: Callable[[list[int]], bool] | None = None,
              sampling: Sampling | None = None) -> list[int]:
     """Continue `prompt` (1-D token ids, at least one) by at most `max_new_tokens` tokens.
