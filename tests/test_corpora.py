@@ -13,7 +13,6 @@ from unimem_bench.tasks.data.corpora import (
     strip_gutenberg,
 )
 
-BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
 TEST_FOLDERS = {"test", "tests", "idle_test"}
 
 
@@ -73,9 +72,8 @@ def test_strip_gutenberg_synthetic() -> None:
     assert strip_gutenberg("no markers here\n") == "no markers here\n"
 
 
-@pytest.mark.skipif(not BOOKS.is_dir(), reason="shared book folder absent")
-def test_strip_gutenberg_real_book() -> None:
-    book = sorted(BOOKS.glob("*.txt"))[0]
+def test_strip_gutenberg_real_book(books_dir: Path) -> None:
+    book = sorted(books_dir.glob("*.txt"))[0]
     raw = book.read_text(encoding="utf-8")
     body = strip_gutenberg(raw)
     assert 0.8 * len(raw) < len(body) < len(raw)
@@ -83,10 +81,9 @@ def test_strip_gutenberg_real_book() -> None:
     assert "Project Gutenberg License" not in body[-5000:]
 
 
-@pytest.mark.skipif(not BOOKS.is_dir(), reason="shared book folder absent")
-def test_read_text_dir_books() -> None:
-    docs = read_text_dir(BOOKS)
-    assert [name for name, _ in docs] == sorted(p.name for p in BOOKS.glob("*.txt"))
+def test_read_text_dir_books(books_dir: Path) -> None:
+    docs = read_text_dir(books_dir)
+    assert [name for name, _ in docs] == sorted(p.name for p in books_dir.glob("*.txt"))
     assert all("*** START OF" not in text for _, text in docs)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
-from helpers import STORIES
+from helpers import SHARED_ABSENT, STORIES
 
 from unimem_bench.harness.cli import app as cli
 from unimem_bench.harness.cli.finetune import resolve_recipe
@@ -31,7 +31,7 @@ def test_recipe_resolves_for_every_method(path, monkeypatch):
     data = yaml.safe_load(path.read_text())
     assert list(data["methods"]) == METHODS.names()  # every paper method, in the registry's order
     if "stories260K" in str(data.get("model")) and not STORIES.exists():
-        pytest.skip("../shared is absent")
+        pytest.skip(f"{SHARED_ABSENT}: {STORIES} not found")
     per_step = set()
     for method in data["methods"]:
         args = cli.build_parser().parse_args(["finetune", "--recipe", str(path), "--method", method])
