@@ -54,10 +54,12 @@ class OpenSegment:
         compact = config.position.mode == "compact"
         if compact and lm.layers and config.uses_kv_memory and self.n_prefix:
             frame = torch.arange(self.n_prefix, device=lm.device).unsqueeze(0)
-            probe = lm.model.get_input_embeddings().weight[:1].unsqueeze(0)  # dtype/device for the rotary module
-            cos, sin = lm.decoder.rotary_emb(probe, frame)
+            # dtype/device for the rotary module
+            probe = lm.model.get_input_embeddings().get_parameter("weight")[:1].unsqueeze(0)
+            rotary = lm.decoder.get_submodule("rotary_emb")
+            cos, sin = rotary(probe, frame)
             plan.frame_cos, plan.frame_sin = cos[0], sin[0]
-            plan.rope_scale = float(getattr(lm.decoder.rotary_emb, "attention_scaling", 1.0))
+            plan.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.plan = plan
         self.first = self.n_prefix if compact else doc_start
         self.cache = DynamicCache(config=lm.model.config)
@@ -121,6 +123,7 @@ def generate(lm: SegmentModel, prompt: torch.Tensor, *, max_new_tokens: int,
     segment = OpenSegment(lm, state, start)
     if len(tokens) > start:
         logits = segment.feed(tokens[start:])
+    assert logits is not None  # the prompt has at least one token, so one of the two branches above ran
     generated: list[int] = []
     while len(generated) < max_new_tokens:
         token = next_token(logits, sampling, generator)
