@@ -144,10 +144,16 @@ class SampleLog:
 class Task(Protocol):
     """A registered task."""
 
-    name: str
-    version: str
-    headline: str
-    """The metric shown in summaries and plots (lower is better for perplexities)."""
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def headline(self) -> str:
+        """The metric shown in summaries and plots (lower is better for perplexities)."""
+        ...
 
     def check(self, options: TaskOptions) -> None:
         """Cheap validation before any model work: raise with one clear line if data is missing."""

@@ -132,7 +132,7 @@ class PerplexityTask:
                 log.add(doc_id, {"doc_id": doc_id, "tokens": len(nll), "bytes": len(text.encode("utf-8")),
                                  "words": len(text.split()), "nll": nll_sum,
                                  "token_ppl": math.exp(nll_sum / max(len(nll), 1))})
-        samples = [log.get(doc_id) for doc_id, _, _ in encoded]
+        samples = [log.done[doc_id] for doc_id, _, _ in encoded]
         return TaskResult(metrics=aggregate(samples), samples=samples, n=sum(s["tokens"] for s in samples),
                           context_len=max(len(ids) for _, ids, _ in encoded))
 

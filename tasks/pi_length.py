@@ -101,7 +101,7 @@ class LengthTask:
                                       "read_at_once": view.segment_len})
                         if progress is not None:
                             progress(length, None)
-            done = [log.get(key) for key in keys]
+            done = [log.done[key] for key in keys]
             samples.extend(done)
             for metric, nll_key, count_key in (("token_ppl", "nll", "tokens"), ("tail_token_ppl", "tail_nll",
                                                                                  "tail_tokens")):

@@ -1,13 +1,28 @@
-"""Fixtures: a tiny random LLaMA, and the ../shared assets (tests needing them skip when it is absent)."""
+"""Fixtures: a tiny random LLaMA, and the ../shared assets (tests needing them skip when it is absent, and fail
+instead under UNIMEM_REQUIRE_SHARED=1, as in CI, which always has them)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import BOOKS, STORIES, sweep_argv, tiny_llama
+from helpers import BOOKS, SHARED_ABSENT, STORIES, sweep_argv, tiny_llama
 from transformers import LlamaForCausalLM
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    """Under UNIMEM_REQUIRE_SHARED=1 a test skipped for a missing ../shared asset is reported as failed."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("UNIMEM_REQUIRE_SHARED") == "1":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if reason.removeprefix("Skipped: ").startswith(SHARED_ABSENT):
+            report.outcome = "failed"
+            report.longrepr = f"UNIMEM_REQUIRE_SHARED=1 but the test was skipped: {reason}"
+    return None
 
 
 @pytest.fixture(autouse=True)
@@ -50,14 +65,14 @@ def model() -> LlamaForCausalLM:
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
     if not (STORIES / "config.json").exists():
-        pytest.skip(f"../shared is absent: {STORIES} not found")
+        pytest.skip(f"{SHARED_ABSENT}: {STORIES} not found")
     return STORIES
 
 
 @pytest.fixture(scope="session")
 def books_dir() -> Path:
     if not BOOKS.is_dir():
-        pytest.skip(f"../shared is absent: {BOOKS} not found")
+        pytest.skip(f"{SHARED_ABSENT}: {BOOKS} not found")
     return BOOKS
 
 

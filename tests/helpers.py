@@ -10,6 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
 BOOKS = SHARED / "data" / "books"
+# Every skip for a missing ../shared asset starts with this; UNIMEM_REQUIRE_SHARED=1 (.ci/run) makes them failures.
+SHARED_ABSENT = "../shared is absent"
 
 
 def tiny_llama(*, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0, context: int = 256,

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import BOOKS
 
 from unimem_bench.tasks.data.corpora import (
     read_stdlib_documents,
@@ -14,7 +15,6 @@ from unimem_bench.tasks.data.corpora import (
     strip_gutenberg,
 )
 
-BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
 TEST_FOLDERS = {"test", "tests", "idle_test"}
 
 
@@ -80,10 +80,9 @@ def test_strip_gutenberg_synthetic() -> None:
 MARKER_LINE = re.compile(r"^\*{3}\s*(START|END) OF TH(E|IS) PROJECT GUTENBERG", re.MULTILINE | re.IGNORECASE)
 
 
-@pytest.mark.skipif(not BOOKS.is_dir(), reason="shared book folder absent")
-@pytest.mark.parametrize("book", sorted(p.name for p in BOOKS.glob("*.txt")) if BOOKS.is_dir() else [])
-def test_strip_gutenberg_every_shared_book(book: str) -> None:
-    raw = (BOOKS / book).read_bytes().decode("utf-8", errors="replace")
+@pytest.mark.parametrize("book", sorted(p.name for p in BOOKS.glob("*.txt")) if BOOKS.is_dir() else ["absent"])
+def test_strip_gutenberg_every_shared_book(book: str, books_dir: Path) -> None:
+    raw = (books_dir / book).read_bytes().decode("utf-8", errors="replace")
     body = strip_gutenberg(raw)
     markers = [m.group(1).upper() for m in MARKER_LINE.finditer(raw)]
     if not markers:  # not a Gutenberg file (the Debian KJV text): untouched
@@ -97,10 +96,9 @@ def test_strip_gutenberg_every_shared_book(book: str) -> None:
     assert 0.8 * len(raw) < len(body) < len(raw)
 
 
-@pytest.mark.skipif(not BOOKS.is_dir(), reason="shared book folder absent")
-def test_read_text_dir_books() -> None:
-    docs = read_text_dir(BOOKS)
-    assert [name for name, _ in docs] == sorted(p.name for p in BOOKS.glob("*.txt"))
+def test_read_text_dir_books(books_dir: Path) -> None:
+    docs = read_text_dir(books_dir)
+    assert [name for name, _ in docs] == sorted(p.name for p in books_dir.glob("*.txt"))
     assert all("*** START OF" not in text for _, text in docs)
 
 

@@ -124,14 +124,27 @@ def test_overflow_keeps_exactly_the_right_tokens(model, overflow, expected):
 
 
 def test_gqa_memory_holds_kv_heads_not_query_heads():
+    """4 query heads share 1 KV head: the bank stores that head's keys and values, and reading it scores exactly
+    as full attention does."""
     model = tiny_llama(heads=4, kv_heads=1)
+    docs = random_docs([8, 8, 8])
     with MemoryLM(model, kv_config(size=16, window=16), segment_len=8) as lm:
         state = lm.new_state(3)
         with torch.no_grad():
-            lm.forward_segment(state, torch.stack(random_docs([8, 8, 8])), 0)
-    for layer in state.layers.values():
-        assert layer.keys.shape == (3, 1, 8, 8)  # [batch, kv_heads, slots, head_dim]
-        assert layer.values.shape == (3, 1, 8, 8)
+            lm.forward_segment(state, torch.stack(docs), 0)
+    layer = model.model.layers[0]
+    for row, doc in enumerate(docs):
+        with torch.no_grad():
+            values = layer.self_attn.v_proj(layer.input_layernorm(model.model.embed_tokens(doc)))  # [8, head_dim]
+        # [batch, kv_heads, slots, head_dim]; keys stored unrotated in compact mode
+        torch.testing.assert_close(state.layers[0].keys[row], layer0_keys(model, doc), atol=ATOL, rtol=0)
+        torch.testing.assert_close(state.layers[0].values[row], values.view(8, 1, -1).transpose(0, 1), atol=ATOL,
+                                   rtol=0)
+    doc = random_docs([40])[0]
+    xl = METHODS.get("transformer_xl").config(MethodContext(2, 8, 256), ["management.size=64", "reading.window=64"])
+    with MemoryLM(model, xl, segment_len=8) as lm:
+        got = lm.score([doc])[0]
+    torch.testing.assert_close(got, full_nll(model, doc), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["compact", "absolute"])
@@ -195,13 +208,35 @@ def test_stop_gradient_detaches_memory_and_bptt_keeps_it(model):
 
 
 def test_injection_outside_layers_is_untouched(model):
+    """Memory at layer 1 only: on every segment, layer 0 outputs what the stock model (SDPA) gives for the same
+    tokens at the same positions, while layer 1, which reads memory, differs once memory holds a segment."""
+    outputs: dict[int, torch.Tensor] = {}
+    runs: list[tuple[torch.Tensor, dict[int, torch.Tensor]]] = []  # (position ids, layer outputs) per segment
+
+    def keep_output(i: int):
+        return lambda module, args, out: outputs.__setitem__(i, (out[0] if isinstance(out, tuple) else out).clone())
+
+    hooks = [model.model.layers[i].register_forward_hook(keep_output(i)) for i in (0, 1)]
+    hooks.append(model.model.register_forward_hook(
+        lambda module, args, kwargs, out: runs.append((kwargs["position_ids"].clone(), dict(outputs))),
+        with_kwargs=True))
+    doc = random_docs([24])[0]
     config = kv_config(size=16, window=8).with_overrides(["injection.layers=1"])
     with MemoryLM(model, config, segment_len=8) as lm:
         state = lm.new_state(1)
         with torch.no_grad():
-            lm.forward_segment(state, random_docs([8])[0].unsqueeze(0), 0)
-    assert set(state.layers) == {1}
-
+            for start in (0, 8, 16):
+                lm.forward_segment(state, doc[start:start + 8].unsqueeze(0), start)
+    assert set(state.layers) == {1} and model.config._attn_implementation == "sdpa" and len(runs) == 3
+    for start, (positions, ours) in zip((0, 8, 16), list(runs), strict=True):
+        with torch.no_grad():
+            model(doc[start:start + 8].unsqueeze(0), position_ids=positions)  # stock SDPA, hooks record it
+        stock = runs[-1][1]
+        torch.testing.assert_close(ours[0], stock[0], atol=ATOL, rtol=0)
+        if start:
+            assert (ours[1] - stock[1]).abs().max() > 100 * ATOL
+    for hook in hooks:
+        hook.remove()
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])

@@ -9,18 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SHARED_ABSENT, STORIES
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from unimem_bench.harness.models.llama2c import Llama2cFormatError, find_llama2c_pair, load_llama2c
 
-HF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
+HF_DIR = STORIES
 LLAMA2C_DIR = HF_DIR / "llama2c"
 MODEL_BIN = LLAMA2C_DIR / "stories260K.bin"
 TOKENIZER_BIN = LLAMA2C_DIR / "tok512.bin"
 
 pytestmark = pytest.mark.skipif(
     not (MODEL_BIN.is_file() and TOKENIZER_BIN.is_file() and (HF_DIR / "config.json").is_file()),
-    reason=f"stories260K reference checkpoints not found under {HF_DIR}",
+    reason=f"{SHARED_ABSENT}: stories260K reference checkpoints not found under {HF_DIR}",
 )
 
 Pair = tuple[PreTrainedModel, PreTrainedTokenizerFast]

@@ -219,16 +219,10 @@ def test_simple_evaluate_with_a_unimem_object_equals_hf(stories_dir, offline_tas
     assert metrics(ours) == pytest.approx(metrics(theirs), rel=1e-5)
 
 
-def slow_only(request: pytest.FixtureRequest, why: str) -> None:
-    if "slow" not in request.config.getoption("markexpr"):
-        pytest.skip(f"{why}; run with -m slow")
-
-
 @pytest.mark.slow
-def test_registering_keeps_lm_eval_models(request):
+def test_registering_keeps_lm_eval_models():
     """lm-eval fills its registry lazily only while it is empty: importing our module must not hide `hf` (a fresh
     process, since the registry is per process: ~5 s of imports, so in the slow tier)."""
-    slow_only(request, "a fresh interpreter importing torch, transformers and lm-eval")
     code = ("import unimem_bench.harness.evaluation.lm_eval_model\nfrom lm_eval.api.registry import get_model\n"
             "print(get_model('unimem').__name__, get_model('hf').__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -245,11 +239,10 @@ def cli_run(argv: list[str], out: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_cli_pass_through_runs_unimem_and_hf(stories_dir, offline_tasks, tmp_path, request):
+def test_cli_pass_through_runs_unimem_and_hf(stories_dir, offline_tasks, tmp_path):
     """`unimem-bench lm-eval` end to end, offline: transformer_xl on all three request types, and `--model hf`
     through the same pass-through matching `--model unimem` with vanilla (lm-eval indexes its ~15k built-in tasks
     on every CLI run: ~20 s of CPU each, so this is in the slow tier)."""
-    slow_only(request, "four lm-eval CLI runs take over a minute")
     common = ["--tasks", ",".join(TASKS), "--include_path", str(offline_tasks), "--device", "cpu"]
     xl = cli_run(["--model", "unimem", "--model_args", f"pretrained={stories_dir},method=transformer_xl", *common],
                  tmp_path / "xl")

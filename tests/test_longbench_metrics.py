@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import string
 from collections.abc import Callable
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def test_code_sim_scores_a_blank_first_line_as_thudm_does(lm_eval_metrics):
     assert all(has_blank_before_code(pred) for pred, _ in pairs)
     for pred, truth in pairs:
         blank = next(ln for ln in pred.lstrip("\n").split("\n") if not ln.strip())
-        assert ours.code_sim_score(pred, truth) == ours.fuzz.ratio(blank, truth) / 100
+        assert ours.code_sim_score(pred, truth) == ours.fuzz_ratio(blank, truth) / 100
     assert sum(ours.code_sim_score(p, t) < lm_eval_metrics.code_sim_score(p, t) for p, t in pairs) > 100
 
 
@@ -210,3 +211,51 @@ def test_classification_keeps_the_official_skip_after_a_removed_match():
     # "Human" is dropped as a substring of the truth; the loop then skips "being", which stays a match: 1/2.
     assert ours.classification_score("Human being", "Human being", all_classes=["Human", "being", "Human being"]) == 0.5
     assert ours.classification_score("Human being", "Human being", all_classes=["Human", "Human being"]) == 1.0
+
+
+def fuzz_pairs(seed: int, n: int) -> list[tuple[str, str]]:
+    """Generated string pairs: empty, whitespace-only, equal, edited copies, unrelated, unicode (Chinese, accents,
+    emoji, combining marks) and long lines past difflib's 200-character junk heuristic."""
+    rng = random.Random(seed)
+    alphabets = [string.ascii_letters + string.digits + string.punctuation, " \t\n", "".join(ZH) + "".join(ZH_PUNCT),
+                 "éèàüößçñøåÉ\u0301\u0308", "😀🚀🐍∑∫≈≠", string.ascii_lowercase[:4]]
+
+    def text(length: int) -> str:
+        chars = rng.choice(alphabets) + (rng.choice(alphabets) if rng.random() < 0.5 else "")
+        return "".join(rng.choice(chars) for _ in range(length))
+
+    def edit(s: str) -> str:
+        chars = list(s)
+        for _ in range(rng.randint(1, max(1, len(s) // 4))):
+            op, i = rng.random(), rng.randrange(len(chars) + 1)
+            if op < 0.4:
+                chars.insert(i, text(1))
+            elif chars and op < 0.7:
+                del chars[min(i, len(chars) - 1)]
+            elif chars:
+                chars[min(i, len(chars) - 1)] = text(1)
+        return "".join(chars)
+
+    pairs = [("", ""), ("", "a"), ("a", ""), (" ", ""), (" ", "  "), ("\t", " "), ("abc", "abc ")]
+    while len(pairs) < n:
+        a = text(rng.choice([0, 1, 2, 5, 20, 80, 250, 600]))
+        kind = rng.random()
+        b = a if kind < 0.1 else edit(a) if kind < 0.6 else text(rng.choice([0, 1, 3, 20, 80, 300]))
+        pairs.append((a, b) if rng.random() < 0.5 else (b, a))
+    return pairs
+
+
+def test_fuzz_ratio_equals_fuzzywuzzy_on_thousands_of_pairs():
+    """The standard-library ratio scores exactly as fuzzywuzzy (the official code's GPL dependency, in the dev extra
+    only as this oracle), including its rounding of halves and its empty and equal-string rules."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fuzzywuzzy warns that it falls back to difflib: the backend LongBench uses
+        from fuzzywuzzy import fuzz
+
+    pairs = fuzz_pairs(14, 4000)
+    ours_scores = [ours.fuzz_ratio(a, b) for a, b in pairs]
+    assert ours_scores == [fuzz.ratio(a, b) for a, b in pairs]
+    assert len(set(ours_scores)) > 80 and {0, 100} <= set(ours_scores)
+    assert any(len(a) > 200 and len(b) > 200 and 0 < s < 100 for (a, b), s in zip(pairs, ours_scores, strict=True))

@@ -228,8 +228,6 @@ def test_interrupted_run_resumes_without_recomputing_cells(stories_dir, books_di
 def test_story_preset_is_honest_on_stories260k(request, tokenizer, stories_lm):
     """The story needle's answer is copied from the needle, never guessed: with the needle left out (control) no
     cell finds it; with it, some do."""
-    if "slow" not in request.config.getoption("markexpr"):
-        pytest.skip("48 generations on stories260K; run with -m slow")
     options = [TaskOptions(data_dir=request.getfixturevalue("books_dir")), TaskOptions()]
     hits = {}
     for control in (False, True):

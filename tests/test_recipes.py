@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
-from helpers import STORIES
+from helpers import SHARED_ABSENT, STORIES
+from transformers import AutoConfig
 
 from unimem_bench.harness.cli import app as cli
 from unimem_bench.harness.cli.finetune import resolve_recipe
-from unimem_bench.harness.training.recipe import plan_finetune
+from unimem_bench.harness.training.recipe import FinetuneRecipe, plan_finetune
 from unimem_bench.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,8 +23,26 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 GPU = {"tinyllama-1.1b.yaml": 1_100_048_384, "llama2-7b.yaml": 6_738_415_616}  # the models' published sizes
 
 
-def test_recipes_are_shipped():
+def test_every_recipe_file_loads_and_validates():
+    """Each recipe is a mapping of `FinetuneRecipe` options (plus `launch` and per-method `methods`); the files it
+    names load: the accelerate config in accelerate, the model config as a transformers config that fits the
+    recipe's segments; and every JSON and YAML file under recipes/ parses."""
     assert {p.name for p in RECIPES} >= {*GPU, "stories260k-cpu.yaml", "reference-cpu.yaml"}
+    options = {f.name for f in dataclasses.fields(FinetuneRecipe)} | {"launch", "methods"}
+    for path in RECIPES:
+        data = yaml.safe_load(path.read_text())
+        assert isinstance(data, dict) and set(data) <= options, (path.name, set(data) - options)
+        assert all(set(section or {}) <= options for section in data["methods"].values()), path.name
+        if "launch" in data:
+            assert load_config_from_file(str(ROOT / data["launch"])).num_processes >= 1
+        if "model_config" in data:
+            config = AutoConfig.for_model(**json.loads((path.parent / data["model_config"]).read_text()))
+            assert config.model_type == "llama" and config.max_position_embeddings >= data["segment_len"]
+    for path in (ROOT / "recipes").rglob("*"):
+        if path.suffix == ".json":
+            assert isinstance(json.loads(path.read_text()), dict), path
+        elif path.suffix == ".yaml":
+            assert isinstance(yaml.safe_load(path.read_text()), dict), path
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -31,7 +51,7 @@ def test_recipe_resolves_for_every_method(path, monkeypatch):
     data = yaml.safe_load(path.read_text())
     assert list(data["methods"]) == METHODS.names()  # every paper method, in the registry's order
     if "stories260K" in str(data.get("model")) and not STORIES.exists():
-        pytest.skip("../shared is absent")
+        pytest.skip(f"{SHARED_ABSENT}: {STORIES} not found")
     per_step = set()
     for method in data["methods"]:
         args = cli.build_parser().parse_args(["finetune", "--recipe", str(path), "--method", method])

@@ -206,9 +206,7 @@ def test_concurrent_leaderboard_merges_lose_no_rows(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_backend_writes_the_rows_of_a_local_sweep(tiny_model_dir, tmp_path, request):
-    if "slow" not in request.config.getoption("markexpr"):
-        pytest.skip("starting a local Ray instance takes ~30 s; run with -m slow")
+def test_ray_backend_writes_the_rows_of_a_local_sweep(tiny_model_dir, tmp_path):
     pytest.importorskip("ray")
     local, remote = tmp_path / "local", tmp_path / "ray"
     args = ["--vary", "reading.topk=0,4,8", "--name", "topk"]

@@ -102,7 +102,7 @@ def _finetune_parser() -> argparse.ArgumentParser:
 
 def _option_dests() -> dict[str, str]:
     """Recipe key -> argparse dest for every option a recipe may set."""
-    sub = _finetune_parser()._subparsers._group_actions[0].choices["finetune"]  # type: ignore[union-attr]
+    sub = _finetune_parser()._subparsers._group_actions[0].choices["finetune"]  # type: ignore[union-attr, index]
     keys = {}
     for action in sub._actions:
         if action.dest in CONTROL or action.dest == "help":

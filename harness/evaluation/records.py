@@ -12,12 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
-import subprocess
 import tempfile
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +22,6 @@ import yaml
 from filelock import FileLock
 
 LEADERBOARD_COLUMNS = ["run_id", "model", "method", "task", "subtask", "context_len", "metric", "value", "n"]
-PACKAGES = ("unimem-bench", "torch", "transformers", "tokenizers", "datasets", "faiss-cpu", "faiss-gpu-cu12",
-            "pandas", "numpy")
 
 
 def run_id(method: str, task: str, key: dict[str, Any]) -> str:
@@ -43,30 +37,6 @@ def partial_path(out_dir: Path, rid: str) -> Path:
 
 def is_finished(out_dir: Path, rid: str) -> bool:
     return (out_dir / "runs" / rid / "metrics.json").exists()
-
-
-def git_commit() -> str:
-    """The commit of the source tree this package runs from, `+dirty` when it has changes; `unknown` outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def environment(*, seed: int, device: str, model: str) -> dict[str, Any]:
-    """What a result depends on besides its config and task."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return {"commit": git_commit(), "seed": seed, "device": device, "model": model, "python": platform.python_version(),
-            "platform": platform.platform(), "packages": versions}
 
 
 def write_run(out_dir: Path, rid: str, *, config_yaml: str, record: dict[str, Any], samples: list[dict[str, Any]],
@@ -153,6 +123,3 @@ def merge_leaderboard(path: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
         atomic_write_csv(merged, path)
     return merged
 
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -24,6 +24,7 @@ from unimem_bench.harness.models.resolve import (
 )
 from unimem_bench.harness.reporting.heatmaps import plot_niah_heatmaps
 from unimem_bench.harness.reporting.plots import plot_length_curves, plot_metric_bars
+from unimem_bench.harness.runtime import environment as run_env
 from unimem_bench.harness.runtime.distributed import Processes, ShardedLM, local_device
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig, check_hookable
 from unimem_bench.tasks import TASKS, SampleLog, Task, TaskOptions
@@ -124,7 +125,7 @@ def run_grid(req: RunRequest, plan: Plan, console: Console) -> list[str]:
 def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) -> None:
     dtype = torch.bfloat16 if plan.device.type == "cuda" else torch.float32
     model, tokenizer = load_model(plan.source, device=plan.device, dtype=dtype, console=console)
-    env = records.environment(seed=req.seed, device=str(plan.device), model=plan.source.name)
+    env = run_env.environment(seed=req.seed, device=str(plan.device), model=plan.source.name)
     leaderboard = req.out / "leaderboard.csv"
     # Under `accelerate launch` documents are split across processes; the main one alone writes.
     processes = Processes.join(cpu=plan.device.type == "cpu")
@@ -165,7 +166,7 @@ def _record(req: RunRequest, plan: Plan, cell: Cell, result: Any, seconds: float
             leaderboard: Path) -> None:
     record = {**env, "run_id": cell.run_id, "method": cell.method, "task": cell.task.name,
               "task_version": cell.task.version, "task_params": cell.key["params"], "segment_len": plan.segment_len,
-              "finished": records.now(), "seconds": round(seconds, 3),
+              "finished": run_env.now(), "seconds": round(seconds, 3),
               "units_per_second": round(result.n / seconds, 2) if seconds else None}
     records.write_run(req.out, cell.run_id, config_yaml=cell.config.to_yaml(), record=record,
                       samples=result.samples, metrics=result.metrics)

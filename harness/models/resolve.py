@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from unimem_bench.harness.models.exports import SavedMethod, read_saved_method
 from unimem_bench.harness.models.llama2c import find_llama2c_pair, load_llama2c, read_llama2c_config
@@ -100,6 +107,8 @@ def trained_context(config: PretrainedConfig) -> int:
 def load_model(source: ModelSource, *, device: torch.device, dtype: torch.dtype,
                console: Any = None) -> tuple[Any, Any]:
     """Weights and tokenizer, in eval mode on `device`; builds the reference model first if it is missing."""
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     if source.kind == "llama2c":
         model, tokenizer = load_llama2c(Path(source.location), Path(source.tokenizer or ""), dtype=dtype)
     else:
@@ -110,4 +119,5 @@ def load_model(source: ModelSource, *, device: torch.device, dtype: torch.dtype,
             location = str(build_reference(console=console))
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(location)
-    return model.to(device).eval(), tokenizer
+    # transformers types its wrapped `to` as the unbound function: the call is right, its annotation is not.
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]

@@ -158,7 +158,7 @@ def _run_ray(units: list[Unit], out: Path, address: str | None, workers: int) ->
         # No address: a local Ray instance with `workers` CPUs; "auto" or ray://host:port: an existing cluster.
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
                  log_to_driver=False)
-    remote: Callable[..., Any] = ray.remote(num_cpus=1)(_ray_task)
+    remote: Any = ray.remote(num_cpus=1)(_ray_task)  # a Ray remote function (ray has no type information)
     pending = {remote.remote(_job(u)): u for u in units}
     try:
         while pending:

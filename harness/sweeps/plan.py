@@ -24,6 +24,7 @@ from unimem_bench.harness.evaluation import records
 from unimem_bench.harness.evaluation.runner import Plan, RunRequest, plan_run
 from unimem_bench.harness.models.resolve import load_model_config, resolve_model, trained_context
 from unimem_bench.harness.reporting.tables import Table, build_tables, headline_rows, load
+from unimem_bench.harness.runtime import environment as run_env
 from unimem_bench.harness.sweeps.finetuned import finetuned, point_recipe
 from unimem_bench.harness.sweeps.presets import PRESETS, Axis
 from unimem_bench.harness.training.recipe import FinetuneRecipe
@@ -136,6 +137,8 @@ def point_values(axes: tuple[Axis, ...], zipped: bool) -> list[dict[str, str]]:
 def plan_sweep(req: SweepRequest) -> SweepPlan:
     """Resolve axes (the preset needs the model's depth) and plan every point with `plan_run`, reading no weights;
     every bad value fails here in one line."""
+    if req.base.methods is None:
+        raise ConfigError("a sweep needs --method: one method or a comma list")
     methods = METHODS.resolve(req.base.methods)
     base = req.base
     if req.finetune is not None:  # the recipe names the model and segment length unless the sweep does
@@ -213,9 +216,9 @@ def save_definition(plan: SweepPlan, out: Path, argv: list[str] | None = None) -
         if [_identity(p) for p in old.get("points", [])] != [_identity(p) for p in data["points"]]:
             raise ConfigError(f"sweep {plan.name!r} already exists in {folder} with other points: pass another "
                               f"--name or remove {path}")
-        data["created"] = old.get("created", records.now())
+        data["created"] = old.get("created", run_env.now())
     else:
-        data["created"] = records.now()
+        data["created"] = run_env.now()
     records.atomic_write_text(yaml.safe_dump(data, sort_keys=False), path)
     records.atomic_write_csv(points_frame(plan), folder / f"{plan.name}.csv")
     return path

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
+from transformers import PreTrainedModel
 
-from unimem_bench.harness.evaluation import records
 from unimem_bench.harness.models import exports as checkpoints
 from unimem_bench.harness.models.resolve import load_model
+from unimem_bench.harness.runtime import environment as run_env
 from unimem_bench.harness.runtime.distributed import Processes, ShardedLM
 from unimem_bench.harness.training.data import DocumentStreams, Window, deal, heldout_documents, load_corpus
 from unimem_bench.harness.training.log import EVAL_COLUMNS, TRAIN_COLUMNS, CsvLog, plot_loss
@@ -80,7 +81,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, stop_after_steps: 
     processes = Processes(accelerator.process_index, accelerator.num_processes)
     plan = plan_finetune(recipe, world=processes.world)
     checkpoint = _open_run_folder(recipe, plan, resume, processes)
-    if checkpoint == "finished":
+    if isinstance(checkpoint, str):  # "finished"
         console.print(f"{recipe.out} already holds the finished run: its model is in {recipe.out / 'model'}")
         return recipe.out
     run = _Run(recipe, plan, accelerator, processes, console)
@@ -117,8 +118,8 @@ def _open_run_folder(recipe: FinetuneRecipe, plan: FinetunePlan, resume: bool,
                                  "steps": plan.steps, "tokens_per_step": plan.tokens_per_step(recipe),
                                  "window_segments": plan.window_segments, "segment_len": plan.segment_len,
                                  "recipe": recipe.to_dict(), "config": plan.config.to_dict(),
-                                 "started": records.now(),
-                                 **records.environment(seed=recipe.seed, device=recipe.device,
+                                 "started": run_env.now(),
+                                 **run_env.environment(seed=recipe.seed, device=recipe.device,
                                                        model=plan.source.name)})
     processes.barrier()
     return None
@@ -217,7 +218,7 @@ class _Run:
         self._evaluate()
         self._export(self.out / "model")
         if self.processes.is_main:
-            _update_info(self.out, status="finished", finished=records.now(), tokens_seen=self.tokens)
+            _update_info(self.out, status="finished", finished=run_env.now(), tokens_seen=self.tokens)
             plot_loss(self.out, f"{recipe.method} fine-tuning ({plan.source.name})")
         self.processes.barrier()
         self.console.print(f"done: model {self.out / 'model'}, logs {self.out / 'train_log.csv'}, "
@@ -253,6 +254,7 @@ class _Run:
             if window.opens_document:
                 self.states[window.row] = self.lm.new_state(1)
             state = self.states[window.row]
+            assert state is not None  # a row's first window opens a document (or a resumed state was loaded)
             with accelerator.accumulate(self.trainer):
                 nll = self.trainer(state, window).sum()
                 accelerator.backward(nll * scale)
@@ -350,14 +352,14 @@ class _Run:
         return [self.train_log, self.eval_log, self.data_log] if self.processes.is_main else [self.data_log]
 
 
-def _gathered_embeddings(accelerator: Any, model: nn.Module) -> Any:
+def _gathered_embeddings(accelerator: Any, model: PreTrainedModel) -> Any:
     """Under ZeRO-3 the embedding is partitioned at load time: gather it while MemoryLM reads its shape and scale."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None or plugin.zero_stage != 3:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([model.get_input_embeddings().weight])
+    return deepspeed.zero.GatheredParameters([model.get_input_embeddings().get_parameter("weight")])
 
 
 def _optimizer(accelerator: Any, trainer: nn.Module, recipe: FinetuneRecipe) -> torch.optim.Optimizer:

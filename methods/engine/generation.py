@@ -10,23 +10,41 @@ budget inside one segment this is plain cached decoding, token for token what tr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-from transformers import DynamicCache
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
 
+from unimem_bench.methods.config import UniMemConfig
 from unimem_bench.methods.engine.attention import SegmentContext, prefix_mask
 from unimem_bench.methods.engine.memory import MemoryState
 from unimem_bench.methods.engine.sampling import Sampling
 
-if TYPE_CHECKING:
-    from unimem_bench.methods.engine.memory_lm import MemoryLM
+
+class SegmentModel(Protocol):
+    """What generation needs of `MemoryLM` (a protocol, so that this module does not import the engine's)."""
+
+    config: UniMemConfig
+    model: PreTrainedModel
+    layers: frozenset[int]
+    segment_len: int
+
+    @property
+    def decoder(self) -> nn.Module: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def new_state(self, batch: int) -> MemoryState: ...
+
+    def forward_segment(self, state: MemoryState, input_ids: torch.Tensor, doc_start: int) -> torch.Tensor: ...
 
 
 class OpenSegment:
     """The segment being decoded: its read-only memory plan and its KV cache."""
 
-    def __init__(self, lm: MemoryLM, state: MemoryState, doc_start: int) -> None:
+    def __init__(self, lm: SegmentModel, state: MemoryState, doc_start: int) -> None:
         config = lm.config
         self.lm, self.state = lm, state
         m = config.writing.memory_tokens
@@ -36,10 +54,12 @@ class OpenSegment:
         compact = config.position.mode == "compact"
         if compact and lm.layers and config.uses_kv_memory and self.n_prefix:
             frame = torch.arange(self.n_prefix, device=lm.device).unsqueeze(0)
-            probe = lm.model.get_input_embeddings().weight[:1].unsqueeze(0)  # dtype/device for the rotary module
-            cos, sin = lm.decoder.rotary_emb(probe, frame)
+            # dtype/device for the rotary module
+            probe = lm.model.get_input_embeddings().get_parameter("weight")[:1].unsqueeze(0)
+            rotary = lm.decoder.get_submodule("rotary_emb")
+            cos, sin = rotary(probe, frame)
             plan.frame_cos, plan.frame_sin = cos[0], sin[0]
-            plan.rope_scale = float(getattr(lm.decoder.rotary_emb, "attention_scaling", 1.0))
+            plan.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.plan = plan
         self.first = self.n_prefix if compact else doc_start
         self.cache = DynamicCache(config=lm.model.config)
@@ -61,7 +81,7 @@ class OpenSegment:
         self.plan.mask = (prefix_mask(t, self.n_prefix + past, embeds.dtype, embeds.device)
                           if lm.layers and (self.n_prefix or past) else None)
         ctx = SegmentContext(config=lm.config, layers=lm.layers, state=self.state, plan=self.plan)
-        hidden = lm.decoder(inputs_embeds=embeds, position_ids=positions, past_key_values=self.cache,
+        hidden = lm.decoder(inputs_embeds=embeds, position_ids=positions, cache=self.cache,
                             use_cache=True, unimem=ctx).last_hidden_state  # [1, t, hidden]
         return lm.model.get_output_embeddings()(hidden[:, -1])[0]
 
@@ -80,7 +100,7 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 
 @torch.inference_mode()
-def generate(lm: MemoryLM, prompt: torch.Tensor, *, max_new_tokens: int,
+def generate(lm: SegmentModel, prompt: torch.Tensor, *, max_new_tokens: int,
              eos_token_id: int | Sequence[int] | None = None, stop: Callable[[list[int]], bool] | None = None,
              sampling: Sampling | None = None, min_new_tokens: int = 0) -> list[int]:
     """Continue `prompt` (1-D token ids, at least one) by at most `max_new_tokens` tokens.
@@ -104,6 +124,7 @@ def generate(lm: MemoryLM, prompt: torch.Tensor, *, max_new_tokens: int,
     segment = OpenSegment(lm, state, start)
     if len(tokens) > start:
         logits = segment.feed(tokens[start:])
+    assert logits is not None  # the prompt has at least one token, so one of the two branches above ran
     generated: list[int] = []
     while len(generated) < max_new_tokens:
         if len(generated) < min_new_tokens and eos:

@@ -68,17 +68,17 @@ class MemoryLM(nn.Module):
         self.layers = frozenset(config.bind(n_layers=n_layers, segment_len=segment_len))
         self.segment_len = segment_len * config.position.segment_factor
         self.trained_context = trained_context or model.config.max_position_embeddings
-        self._restore = (model.config._attn_implementation, self.decoder.rotary_emb)
+        self._restore = (model.config._attn_implementation, self.decoder.get_submodule("rotary_emb"))
         self.rope_factor = self._resolve_rope_factor()
         if self.rope_factor != 1.0:
-            self.decoder.rotary_emb = linear_rope(self.decoder.rotary_emb, model.config, self.rope_factor)
+            self.decoder.rotary_emb = linear_rope(self._restore[1], model.config, self.rope_factor)
         if ATTENTION_NAME not in AttentionInterface._global_mapping:
             AttentionInterface.register(ATTENTION_NAME, unimem_attention)
         model.set_attn_implementation(ATTENTION_NAME)
         self.memory_embeddings: nn.Parameter | None = None
         m = config.writing.memory_tokens
         if m:
-            embed = model.get_input_embeddings().weight
+            embed = model.get_input_embeddings().get_parameter("weight")
             # RMT initialises memory tokens randomly; embedding-scale noise keeps them in the input distribution.
             generator = torch.Generator().manual_seed(0)
             scale = 1.0 if embed.is_meta else float(embed.detach().float().std())  # meta: shapes only (dry runs)
@@ -118,7 +118,7 @@ class MemoryLM(nn.Module):
         if self.config.has_memory:
             yield self
             return
-        saved = (self.segment_len, self.rope_factor, self.decoder.rotary_emb)
+        saved = (self.segment_len, self.rope_factor, self.decoder.get_submodule("rotary_emb"))
         base = self._restore[1]
         self.segment_len = length
         self.rope_factor = self._resolve_rope_factor()
@@ -148,7 +148,7 @@ class MemoryLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return self.model.get_input_embeddings().get_parameter("weight").device
 
     def new_state(self, batch: int) -> MemoryState:
         """An empty memory for `batch` documents."""
@@ -169,6 +169,7 @@ class MemoryLM(nn.Module):
         plan, n_new = state.plan(config, n_read=m, n_seg=n)
         embeds = self.model.get_input_embeddings()(input_ids)  # [batch, n, hidden]
         if m:
+            assert self.memory_embeddings is not None and state.rmt is not None  # m > 0: made in __init__, new_state
             write_slots = self.memory_embeddings.unsqueeze(0).expand(embeds.shape[0], -1, -1)
             embeds = torch.cat([state.rmt, embeds, write_slots], dim=1)
         n_prefix = plan.n_global + plan.n_window
@@ -177,9 +178,10 @@ class MemoryLM(nn.Module):
         positions = torch.arange(first, first + embeds.shape[1], device=embeds.device).unsqueeze(0)
         if compact and self.layers and config.uses_kv_memory:
             frame = torch.arange(n_prefix + embeds.shape[1], device=embeds.device).unsqueeze(0)
-            cos, sin = self.decoder.rotary_emb(embeds, frame)
+            rotary = self.decoder.get_submodule("rotary_emb")
+            cos, sin = rotary(embeds, frame)
             plan.frame_cos, plan.frame_sin = cos[0], sin[0]
-            plan.rope_scale = float(getattr(self.decoder.rotary_emb, "attention_scaling", 1.0))
+            plan.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         if n_prefix and self.layers:
             plan.mask = prefix_mask(embeds.shape[1], n_prefix, embeds.dtype, embeds.device)
         plan.detach = not torch.is_grad_enabled() or config.training.strategy == "stop_gradient"
@@ -266,5 +268,5 @@ def linear_rope(rotary: nn.Module, config: PretrainedConfig, factor: float) -> n
     params = dict(scaled.rope_parameters or {})
     params.update(rope_type="linear", factor=factor)
     scaled.rope_parameters = params
-    device = rotary.inv_freq.device
+    device = rotary.get_buffer("inv_freq").device
     return type(rotary)(config=scaled).to(device)

@@ -6,6 +6,8 @@ the reading step never recomputes them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -29,7 +31,7 @@ def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = S
         block = queries @ keys[:, :, lo:lo + chunk].transpose(-1, -2)  # [batch, kv_heads, q, chunk]
         scores, idx = block.topk(min(k, block.shape[-1]), dim=-1)
         idx = idx + lo
-        if best_scores is not None:
+        if best_scores is not None and best_idx is not None:
             scores = torch.cat([best_scores, scores], dim=-1)
             idx = torch.cat([best_idx, idx], dim=-1)
             scores, pick = scores.topk(k, dim=-1)
@@ -53,12 +55,12 @@ class FaissBank:
         self.faiss = faiss
         self.reading = reading
         self.capacity = max(capacity, 1)
-        self.indexes: list[list[object]] = []
+        self.indexes: list[list[Any]] = []  # faiss indexes (faiss has no type information)
         self.base_id = 0
         self.count = 0
         self.trained_on = 0
 
-    def _new_index(self, dim: int, train: np.ndarray) -> object:
+    def _new_index(self, dim: int, train: np.ndarray) -> Any:
         faiss, r = self.faiss, self.reading
         if r.index == "faiss-flat":
             return faiss.IndexFlatIP(dim)

@@ -3,7 +3,9 @@
 Every function scores one prediction against one ground truth and returns a value in [0, 1]; `score_sample` applies
 the official scorer around them: the first-line rule of trec, triviaqa, samsum and lsht, then the best score over
 the sample's answers. The same libraries as the official code do the text work: jieba (Chinese word segmentation),
-the `rouge` package (ROUGE-L F), fuzzywuzzy (code similarity).
+the `rouge` package (ROUGE-L F); code similarity is fuzzywuzzy's `fuzz.ratio`, which the official code calls,
+reimplemented here on the standard library (`fuzz_ratio`: fuzzywuzzy is GPL-2.0+, this package MIT; a test checks
+identical scores against fuzzywuzzy itself).
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ import string
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from difflib import SequenceMatcher
 from typing import Any
 
 from rouge import Rouge
 
-with warnings.catch_warnings():
-    # fuzzywuzzy warns once that it falls back to difflib without python-Levenshtein; the official scores are
-    # fuzzywuzzy's, whichever backend, so the warning is noise here.
-    warnings.simplefilter("ignore")
-    from fuzzywuzzy import fuzz
+# What scores code_sim: recorded with LongBench runs, since fuzzywuzzy with python-Levenshtein installed scores
+# differently (Levenshtein's ratio); the official environment has no python-Levenshtein, so difflib's is the one.
+METRIC_IMPLEMENTATION = {"code_sim": "difflib.SequenceMatcher ratio, as fuzzywuzzy 0.18 fuzz.ratio without "
+                                     "python-Levenshtein (unimem_bench.tasks.longbench.metrics.fuzz_ratio)"}
 
 # Chinese punctuation removed by the official Chinese normaliser, besides ASCII punctuation.
 ZH_PUNCTUATION = ("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～"
@@ -129,12 +131,22 @@ def count_score(prediction: str, ground_truth: str, **_: Any) -> float:
     return _number_share(prediction, str(ground_truth))
 
 
+def fuzz_ratio(a: str, b: str) -> int:
+    """fuzzywuzzy's `fuzz.ratio` without python-Levenshtein: 100 for equal strings (two empty ones included), 0 when
+    one is empty, else difflib's SequenceMatcher ratio (default junk heuristic) x 100, rounded half to even."""
+    if a == b:
+        return 100
+    if not a or not b:
+        return 0
+    return round(100 * SequenceMatcher(None, a, b).ratio())
+
+
 def code_sim_score(prediction: str, ground_truth: str, **_: Any) -> float:
     """fuzzywuzzy's ratio / 100 between the true next line and the prediction's first line (after leading
     newlines) that holds no backtick, `#` or `//` (comments and markdown fences are skipped; "" when none)."""
     line = next((ln for ln in prediction.lstrip("\n").split("\n")
                  if "`" not in ln and "#" not in ln and "//" not in ln), "")
-    return fuzz.ratio(line, ground_truth) / 100
+    return fuzz_ratio(line, ground_truth) / 100
 
 
 METRICS: dict[str, Callable[..., float]] = {
