@@ -35,7 +35,8 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from unimem_bench.harness.cli import USER_ERRORS, positive_int
+from unimem_bench.harness.cli.app import USER_ERRORS
+from unimem_bench.harness.cli.arguments import positive_int
 from unimem_bench.harness.models.resolve import load_model, load_model_config, resolve_model, trained_context
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig
 from unimem_bench.methods.config import Reading

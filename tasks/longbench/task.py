@@ -18,8 +18,10 @@ found in `DIR/data/`, where THUDM/LongBench's data.zip unpacks), or the hub parq
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from statistics import fmean
 from typing import Any, Literal
 
@@ -27,6 +29,7 @@ import torch
 
 from unimem_bench.tasks.arguments import arg, task_args
 from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.data.files import read_jsonl
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset
 from unimem_bench.tasks.longbench.data import (
     BUCKETS,
@@ -102,6 +105,9 @@ class LongBenchTask:
             raise DataNotFoundError(f"task {self.name!r}: --data-dir {options.data_dir} lacks "
                                     f"{', '.join(missing[:3])}{more}; add {self.local_data} or select fewer with "
                                     f"--task-arg {self.name}.datasets=NAME,...")
+        for dataset in self.selected:  # the rows the run will read: a broken line fails now, naming file and line
+            path = find_file(options.data_dir, dataset, self.e)
+            deque(islice(read_jsonl(path), options.max_docs), maxlen=0)
 
     def params(self, options: TaskOptions) -> dict[str, Any]:
         return {"data": str(options.data_dir) if options.data_dir else self.dataset, "max_docs": options.max_docs,
