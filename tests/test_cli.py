@@ -65,7 +65,7 @@ def test_run_writes_records_leaderboard_and_plot_then_resumes(stories_dir, books
             board[(board["run_id"] == run_id) & (board["metric"] == "token_ppl")]["value"].iloc[0])
     capsys.readouterr()
     assert cli.main(run_args(stories_dir, books_dir, tmp_path)) == 0
-    assert "2 of 2 results already" in capsys.readouterr().out
+    assert "2 of 2 results already" in capsys.readouterr().err
 
 
 def test_interrupt_keeps_finished_results_and_rerun_skips_them(stories_dir, books_dir, tmp_path, monkeypatch,
@@ -81,6 +81,6 @@ def test_interrupt_keeps_finished_results_and_rerun_skips_them(stories_dir, book
     monkeypatch.setattr(type(task), "run", real_run)
     capsys.readouterr()
     assert cli.main(run_args(stories_dir, books_dir, tmp_path)) == 0
-    assert "1 of 2 results already" in capsys.readouterr().out
+    assert "1 of 2 results already" in capsys.readouterr().err
     assert (first / "metrics.json").stat().st_mtime_ns == stamp
     assert set(pd.read_csv(tmp_path / "leaderboard.csv")["method"]) == {"vanilla", "transformer_xl"}
