@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from helpers import interrupt_task_run, one_line_error
 from transformers import GPT2Config
 
@@ -42,6 +45,21 @@ def test_model_the_engine_cannot_hook(capsys, tmp_path, no_model_work):
     assert "'gpt2' cannot be hooked" in out
 
 
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"unimem-bench {version('unimem-bench')}"
+
+
+def test_config_file_holds_run_flags_and_flags_win(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"methods": ["vanilla", "rmt"], "max-docs": 8, "segment_len": 64,
+                                      "set": ["reading.window=8"], "data-dir": "books", "out": str(tmp_path)}))
+    args = cli.parse(cli.build_parser(), ["run", "--config", str(config), "--max-docs", "2", "--set", "reading.topk=4"])
+    assert (args.methods, args.max_docs, args.segment_len, args.data_dir) == ("vanilla,rmt", 2, 64, Path("books"))
+    assert args.overrides == ["reading.window=8", "reading.topk=4"]  # repeatable flags add to the file's
+    assert args.tasks == "github"  # neither in the file nor given: the flag's default
+
+
 def run_args(stories_dir, books_dir, out, methods="vanilla,transformer_xl") -> list[str]:
     return ["run", "--model", str(stories_dir), "--methods", methods, "--tasks", "pg19", "--data-dir",
             str(books_dir), "--max-docs", "2", "--max-tokens", "300", "--segment-len", "64", "--out", str(out)]
@@ -65,7 +83,12 @@ def test_run_writes_records_leaderboard_and_plot_then_resumes(stories_dir, books
             board[(board["run_id"] == run_id) & (board["metric"] == "token_ppl")]["value"].iloc[0])
     capsys.readouterr()
     assert cli.main(run_args(stories_dir, books_dir, tmp_path)) == 0
-    assert "2 of 2 results already" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "2 of 2 results already" in captured.err and "2 of 2" not in captured.out
+    assert "Results" in captured.out and "leaderboard:" in captured.out and "Results" not in captured.err
+    assert cli.main([*run_args(stories_dir, books_dir, tmp_path), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "Results" in captured.out
 
 
 def test_interrupt_keeps_finished_results_and_rerun_skips_them(stories_dir, books_dir, tmp_path, monkeypatch,

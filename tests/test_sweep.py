@@ -91,6 +91,20 @@ def test_sweep_points_are_normal_runs_and_a_rerun_skips_them(sweep_results_dir, 
     assert len(records.read_leaderboard(sweep_results_dir / "leaderboard.csv")) == rows
 
 
+def test_a_saved_sweep_definition_reruns_with_config(sweep_results_dir, capsys, no_model_work):
+    """`sweep --config <out>/sweeps/<name>.yaml` is the same sweep: same name, every point already finished; a flag
+    given with it wins over the saved one (here --workers, which the definition leaves out, and --name)."""
+    for path in sorted((sweep_results_dir / "sweeps").glob("*.yaml")):
+        saved = yaml.safe_load(path.read_text())
+        assert saved["flags"]["method"] == "unimix" and "workers" not in saved["flags"]
+        capsys.readouterr()
+        assert cli.main(["sweep", "--config", str(path)]) == 0
+        assert f"sweep {saved['name']}: " in capsys.readouterr().err
+        assert yaml.safe_load(path.read_text())["points"] == saved["points"]
+    out = one_line_error(capsys, ["sweep", "--config", str(path), "--name", "x/y"])
+    assert "--name 'x/y' must be a plain file name" in out
+
+
 def test_parallel_workers_write_the_rows_a_serial_run_writes(sweep_results_dir, tiny_model_dir, tmp_path):
     """The top-k sweep of the fixture ran in 2 worker processes: every point has all its rows, equal to a run."""
     points = pd.read_csv(next((sweep_results_dir / "sweeps").glob("topk-*.csv")), dtype=str)
