@@ -48,7 +48,7 @@ from unimem_bench.harness.models.resolve import (
     resolve_model,
     trained_context,
 )
-from unimem_bench.harness.runtime.device import resolve_device
+from unimem_bench.harness.runtime.device import default_dtype, resolve_device
 from unimem_bench.harness.runtime.overrides import check_override_types
 from unimem_bench.methods import (
     METHODS,
@@ -191,7 +191,7 @@ class UnimemLM(TemplateLM):
         self.args = UnimemArgs.from_model_args(model_args)
         self.plan = plan_model(self.args)
         self._device = resolve_device(self.args.device, fall_back=True)
-        dtype = DTYPES.get(self.args.dtype) or (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
+        dtype = DTYPES.get(self.args.dtype) or default_dtype(self._device)
         model, self.tokenizer = load_model(self.plan.source, device=self._device, dtype=dtype)
         self.lm = MemoryLM(model, self.plan.config, segment_len=self.plan.segment_len,
                            trained_context=self.plan.trained_context)

@@ -23,7 +23,7 @@ from unimem_bench.harness.models.resolve import (
 )
 from unimem_bench.harness.reporting.heatmaps import plot_niah_heatmaps
 from unimem_bench.harness.reporting.plots import plot_length_curves, plot_metric_bars
-from unimem_bench.harness.runtime.device import resolve_device
+from unimem_bench.harness.runtime.device import default_dtype, resolve_device
 from unimem_bench.harness.runtime.distributed import Processes, ShardedLM
 from unimem_bench.harness.runtime.folders import check_output_folder
 from unimem_bench.harness.runtime.overrides import check_override_types
@@ -119,8 +119,7 @@ def run_grid(req: RunRequest, plan: Plan, console: Console) -> list[str]:
 
 
 def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) -> None:
-    dtype = torch.bfloat16 if plan.device.type == "cuda" else torch.float32
-    model, tokenizer = load_model(plan.source, device=plan.device, dtype=dtype, console=console)
+    model, tokenizer = load_model(plan.source, device=plan.device, dtype=default_dtype(plan.device), console=console)
     env = records.environment(seed=req.seed, device=str(plan.device), model=plan.source.name)
     leaderboard = req.out / "leaderboard.csv"
     # Under `accelerate launch` documents are split across processes; the main one alone writes.
