@@ -135,8 +135,10 @@ def test_a_latin1_book_is_read_by_its_declared_encoding_and_logged(files, tmp_pa
     assert "french.txt" in samples
 
 
-def test_read_text_decodes_undeclared_cp1252(tmp_path):
+def test_read_text_decodes_undeclared_cp1252_and_translates_newlines_as_text_mode_does(tmp_path):
     from unimem_bench.tasks.data.files import read_text
 
-    (tmp_path / "a.txt").write_bytes("“Smart quotes” and café".encode("cp1252"))
-    assert read_text(tmp_path / "a.txt") == "“Smart quotes” and café"
+    (tmp_path / "a.txt").write_bytes("“Smart quotes”\r\nand café\rend".encode("cp1252"))
+    assert read_text(tmp_path / "a.txt") == "“Smart quotes”\nand café\nend"
+    (tmp_path / "b.txt").write_bytes("Gutenberg line ends\r\nstay\r\n".encode())
+    assert read_text(tmp_path / "b.txt") == (tmp_path / "b.txt").read_text(encoding="utf-8")

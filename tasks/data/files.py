@@ -41,8 +41,13 @@ def declared_encoding(raw: bytes) -> str | None:
 
 
 def read_text(path: Path) -> str:
-    """The file's text: UTF-8, else its declared encoding, else cp1252, else Latin-1 (logged)."""
+    """The file's text, newlines translated as `Path.read_text` does: UTF-8, else its declared encoding, else
+    cp1252, else Latin-1 (logged)."""
     raw = Path(path).read_bytes()
+    return _universal_newlines(_decode(raw, path))
+
+
+def _decode(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -59,6 +64,11 @@ def read_text(path: Path) -> str:
         text, encoding = raw.decode("latin-1"), "latin-1"
     log.info("read %s as %s (not UTF-8, no encoding declared: detected)", path, encoding)
     return text
+
+
+def _universal_newlines(text: str) -> str:
+    """\r\n and \r as \n, as text-mode reading gives them (Gutenberg books have \r\n line ends)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
