@@ -140,5 +140,5 @@ def test_read_text_decodes_undeclared_cp1252_and_translates_newlines_as_text_mod
 
     (tmp_path / "a.txt").write_bytes("“Smart quotes”\r\nand café\rend".encode("cp1252"))
     assert read_text(tmp_path / "a.txt") == "“Smart quotes”\nand café\nend"
-    (tmp_path / "b.txt").write_bytes("Gutenberg line ends\r\nstay\r\n".encode())
+    (tmp_path / "b.txt").write_bytes(b"Gutenberg line ends\r\nstay\r\n")
     assert read_text(tmp_path / "b.txt") == (tmp_path / "b.txt").read_text(encoding="utf-8")
