@@ -45,6 +45,14 @@ def test_model_the_engine_cannot_hook(capsys, tmp_path, no_model_work):
     assert "'gpt2' cannot be hooked" in out
 
 
+def test_every_command_module_registers_its_command_and_handler():
+    parser = cli.build_parser()
+    names = [module.NAME for module in cli.command_modules()]
+    assert names[:3] == ["list", "run", "sweep"] and len(set(names)) == len(cli.COMMANDS)
+    for module in cli.command_modules():
+        assert parser.command_parser(module.NAME).get_default("func") is module.execute
+
+
 def test_version(capsys):
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"unimem-bench {version('unimem-bench')}"

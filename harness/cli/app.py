@@ -1,31 +1,22 @@
 """`unimem-bench`: evaluate long-context memory methods (run, sweep), fine-tune them, and read the results.
 
 Argument parsing and dispatch only: each command is one module here with `register(subparsers)`, which adds its
-parser and sets `func` (its `execute(args, streams) -> exit status`). A new command is a new module plus one line in
+parser and sets `func` (its `execute(args, streams) -> exit status`). A new command is a new module plus its name in
 `COMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
 
 from rich.console import Console
 
-from unimem_bench.harness.cli import (
-    build_reference,
-    finetune,
-    finetune_plot,
-    leaderboard,
-    listing,
-    lm_eval,
-    plot,
-    run,
-    sweep,
-)
 from unimem_bench.harness.cli.arguments import ArgumentParser, UsageError, read_config
 from unimem_bench.harness.cli.streams import Streams, logging_to, print_error
 from unimem_bench.harness.models.llama2c import Llama2cFormatError
@@ -36,8 +27,15 @@ from unimem_bench.methods.registry import UnknownNameError
 from unimem_bench.tasks import TaskArgError
 from unimem_bench.tasks.data.files import DataFormatError
 
-COMMANDS = (listing, run, sweep, leaderboard, plot, finetune, finetune_plot, build_reference, lm_eval)
-"""Every command module, in `--help` order."""
+COMMANDS = ("listing", "run", "sweep", "leaderboard", "plot", "finetune", "finetune_plot", "build_reference", "lm_eval")
+"""Every command's module under harness/cli/, in `--help` order. A module has `NAME` (the command), `register(sub)`
+(adds its parser with `set_defaults(func=execute)`) and `execute(args, streams) -> exit status`; one that takes the
+rest of the command line unparsed sets `PASS_THROUGH = True`."""
+
+
+def command_modules() -> list[ModuleType]:
+    return [importlib.import_module(f"unimem_bench.harness.cli.{name}") for name in COMMANDS]
+
 
 # Errors that mean "bad input": one line on stderr, exit status 2, no traceback. FileNotFoundError covers missing
 # models, data folders and files (DataNotFoundError, DataError).
@@ -57,7 +55,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"unimem-bench {package_version()}")
     add_verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in command_modules():
         command.register(sub)
     for command_parser in sub.choices.values():
         add_verbosity(command_parser, top=False)
@@ -77,7 +75,7 @@ def parse(parser: ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """The parsed command line: a pass-through command takes everything after its name verbatim, and a `--config`
     file fills the command's flags that the command line leaves unset."""
     position = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
-    passing = {c.NAME for c in COMMANDS if getattr(c, "PASS_THROUGH", False)}
+    passing = {c.NAME for c in command_modules() if getattr(c, "PASS_THROUGH", False)}
     if position < len(argv) and argv[position] in passing:
         args = parser.parse_args(argv[:position + 1])
         args.passthrough = list(argv[position + 1:])
