@@ -7,7 +7,7 @@ import argparse
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -62,7 +62,7 @@ class ArgumentParser(argparse.ArgumentParser):
         """The parser of subcommand `name`."""
         return self.commands.choices[name]
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 

@@ -177,7 +177,7 @@ def read_recipe_file(path: Path, method: str | None) -> dict[str, Any]:
     keys = [*(k for k in types_ if k not in KEY_FIELDS.values()), *KEY_FIELDS]
     fields: dict[str, Any] = {"overrides": ()}
     for key, value in [*((k, v) for k, v in data.items() if k not in RECIPE_ONLY), *section.items()]:
-        name = KEY_FIELDS.get(key, key)
+        name = KEY_FIELDS.get(str(key), str(key))
         if key not in keys:
             close = difflib.get_close_matches(str(key), keys, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"options: {', '.join(sorted(keys))}"
