@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,14 @@ def test_bad_input_is_one_line_on_stderr_before_model_work(files, capsys, no_mod
 def test_unknown_metric_names_the_metrics_there(sweep_results_dir, capsys):
     line = one_line_error(capsys, ["leaderboard", "--out", str(sweep_results_dir), "--metric", "perplexity"])
     assert "no rows with metric 'perplexity'" in line and "token_ppl" in line
+
+
+def test_a_real_process_writes_only_the_error_line_to_stderr(tmp_path):
+    """The command as a user runs it: `... 2>/dev/null` prints nothing, `... >/dev/null` the one line, exit 2."""
+    done = subprocess.run([sys.executable, "-m", "unimem_bench.harness.cli", "run", "--methods", "transfomer_xl",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("error: unknown method 'transfomer_xl'") and done.stderr.count("\n") == 1
 
 
 def test_the_error_goes_to_stderr_even_under_quiet(files, capsys, no_model_work):
