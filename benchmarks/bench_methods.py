@@ -42,7 +42,8 @@ from methodbench.report import (
 )
 from rich.console import Console
 
-from unimem_bench.harness.cli.app import USER_ERRORS, positive_int
+from unimem_bench.harness.cli.app import USER_ERRORS
+from unimem_bench.harness.cli.arguments import positive_int
 from unimem_bench.methods import METHODS
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"

@@ -82,7 +82,13 @@ def read_task_args_yaml(path: Path) -> list[tuple[str, str, Any]]:
     """A YAML mapping of `key: value` (every task) and/or `task: {key: value}` (one task)."""
     if not path.is_file():
         raise FileNotFoundError(f"--task-args {path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise TaskArgError(f"--task-args {path}{where} is not valid YAML ({getattr(err, 'problem', None) or err}): "
+                           "fix the file") from None
     if not isinstance(data, dict):
         raise TaskArgError(f"--task-args {path}: expected a mapping of key: value or task: {{key: value}}")
     entries: list[tuple[str, str, Any]] = []

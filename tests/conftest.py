@@ -36,13 +36,20 @@ def no_network(monkeypatch):
 
 @pytest.fixture
 def no_model_work(monkeypatch):
-    """Fail the test if weights are loaded: bad input must be caught before."""
+    """Fail the test if weights are loaded (by `run`, the trainer, or any transformers `from_pretrained`): bad input
+    must be caught before."""
+    from transformers import PreTrainedModel
+
     from unimem_bench.harness.evaluation import runner
+    from unimem_bench.harness.models import resolve
+    from unimem_bench.harness.training import trainer
 
     def forbidden(*args, **kwargs):
         raise AssertionError("model weights were loaded before the input was validated")
 
-    monkeypatch.setattr(runner, "load_model", forbidden)
+    for module in (runner, resolve, trainer):
+        monkeypatch.setattr(module, "load_model", forbidden)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(forbidden))
 
 
 @pytest.fixture

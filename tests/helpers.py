@@ -74,13 +74,16 @@ def sweep_argv(model_dir: Path, out: Path, *args: str) -> list[str]:
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
-    """Run the CLI, expect exit status 2 and a single `error:` line; return that line."""
+    """Run the CLI, expect exit status 2, nothing on stdout and a single `error:` line on stderr; return that line."""
     from unimem_bench.harness.cli import app as cli
 
+    capsys.readouterr()  # what earlier calls of the test printed
     assert cli.main(argv) == 2
-    out = capsys.readouterr().out.strip()
-    assert out.startswith("error:") and "\n" not in out, out
-    return out
+    captured = capsys.readouterr()
+    assert captured.out == "", captured.out
+    err = captured.err.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    return err
 
 
 def interrupt_task_run(monkeypatch, task: object, on_call: int) -> None:

@@ -12,6 +12,7 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
+from helpers import one_line_error
 from nbclient import NotebookClient
 
 from unimem_bench.harness.cli import app as cli
@@ -59,13 +60,12 @@ def test_settings_are_the_swept_values_within_a_sweep(sweep_results_dir):
 
 
 def test_leaderboard_filters_fail_in_one_line(sweep_results_dir, capsys):
-    assert cli.main(["leaderboard", "--out", str(sweep_results_dir), "--tasks", "pg19"]) == 2
-    out = capsys.readouterr().out.strip()
-    assert out.startswith("error:") and "no rows with task ['pg19'] (it has: github)" in out and "\n" not in out
-    assert cli.main(["leaderboard", "--out", str(sweep_results_dir / "nowhere")]) == 2
-    assert "run `unimem-bench run` or `unimem-bench sweep` first" in capsys.readouterr().out
-    assert cli.main(["plot", "--out", str(sweep_results_dir), "--sweep", "nope"]) == 2
-    assert "no sweep named 'nope'" in capsys.readouterr().out
+    out = one_line_error(capsys, ["leaderboard", "--out", str(sweep_results_dir), "--tasks", "pg19"])
+    assert "no rows with task ['pg19'] (it has: github)" in out
+    out = one_line_error(capsys, ["leaderboard", "--out", str(sweep_results_dir / "nowhere")])
+    assert "run `unimem-bench run` or `unimem-bench sweep` first" in out
+    assert "no sweep named 'nope'" in one_line_error(capsys, ["plot", "--out", str(sweep_results_dir), "--sweep",
+                                                              "nope"])
 
 
 def test_plot_writes_png_and_svg_for_the_table_and_every_sweep(sweep_results_dir, tmp_path):

@@ -196,5 +196,5 @@ def test_export_is_evaluated_by_run_with_its_method_and_learned_memory(assets, t
 ])
 def test_bad_finetune_input_fails_in_one_line(assets, tmp_path, capsys, extra, message):
     assert cli.main(finetune_argv(assets, tmp_path / "x", "transformer_xl", 256, *extra)) == 2
-    out = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().err.strip().splitlines()[-1]
     assert out.startswith("error:") and message in out, out

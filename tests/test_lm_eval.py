@@ -256,7 +256,7 @@ def test_cli_pass_through_runs_unimem_and_hf(stories_dir, offline_tasks, tmp_pat
     bad = [sys.executable, "-m", "unimem_bench.harness.cli", "lm-eval", "--model", "unimem", "--model_args",
            f"pretrained={stories_dir},method=transformer-xl", *common]
     done = subprocess.run(bad, capture_output=True, text=True)
-    assert done.returncode == 2 and "did you mean 'transformer_xl'" in done.stdout, done.stdout[-2000:]
+    assert done.returncode == 2 and "did you mean 'transformer_xl'" in done.stderr, done.stderr[-2000:]
 
 
 def test_lm_eval_subcommand_is_lm_eval_cli(capsys):

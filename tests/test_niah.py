@@ -7,6 +7,7 @@ import json
 
 import pandas as pd
 import pytest
+from helpers import one_line_error
 from transformers import AutoTokenizer
 
 from unimem_bench.harness.cli import app as cli
@@ -175,9 +176,7 @@ def test_bad_task_argument_fails_before_model_work(capsys, stories_dir, tmp_path
     monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("weights loaded before validation"))
     argv = ["run", "--model", str(stories_dir), "--tasks", "niah", "--task-arg", "niah.depths=0,2", "--out",
             str(tmp_path)]
-    assert cli.main(argv) == 2
-    out = capsys.readouterr().out.strip()
-    assert out.startswith("error:") and "niah.depths" in out and "\n" not in out
+    assert "niah.depths" in one_line_error(capsys, argv)
 
 
 def test_interrupted_run_resumes_without_recomputing_cells(stories_dir, books_dir, tmp_path, monkeypatch, capsys):
@@ -208,8 +207,7 @@ def test_interrupted_run_resumes_without_recomputing_cells(stories_dir, books_di
     capsys.readouterr()
     assert cli.main(argv(tmp_path / "a")) == 0
     assert calls == [96 - 4] * 2  # only the two cells of length 96 the interrupt left
-    out = capsys.readouterr().out
-    assert "4 samples finished before the interruption are reused" in out
+    assert "4 samples finished before the interruption are reused" in capsys.readouterr().err
     calls.clear()
     assert cli.main(argv(tmp_path / "b")) == 0
     assert len(calls) == 6

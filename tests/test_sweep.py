@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import interrupt_task_run, sweep_argv, write_text_docs
+from helpers import interrupt_task_run, one_line_error, sweep_argv, write_text_docs
 
 from unimem_bench.harness.cli import app as cli
 from unimem_bench.harness.evaluation import records
@@ -65,9 +65,8 @@ def test_layer_placement_preset_on_five_layers():
 ])
 def test_bad_sweeps_fail_in_one_line_before_model_work(capsys, tiny_model_dir, tmp_path, no_model_work, args,
                                                         message):
-    assert cli.main(sweep_argv(tiny_model_dir, tmp_path, *args)) == 2
-    out = capsys.readouterr().out.strip()
-    assert out.startswith("error:") and "\n" not in out and message in out, out
+    out = one_line_error(capsys, sweep_argv(tiny_model_dir, tmp_path, *args))
+    assert message in out, out
 
 
 def test_sweep_points_are_normal_runs_and_a_rerun_skips_them(sweep_results_dir, tiny_model_dir, tmp_path, capsys):
@@ -88,8 +87,22 @@ def test_sweep_points_are_normal_runs_and_a_rerun_skips_them(sweep_results_dir, 
     capsys.readouterr()
     rows = len(board)
     assert cli.main(sweep_argv(tiny_model_dir, sweep_results_dir, "--preset", "layer-placement")) == 0
-    assert "4 finished or duplicate: skipped; 0 to run" in " ".join(capsys.readouterr().out.split())
+    assert "4 finished or duplicate: skipped; 0 to run" in " ".join(capsys.readouterr().err.split())
     assert len(records.read_leaderboard(sweep_results_dir / "leaderboard.csv")) == rows
+
+
+def test_a_saved_sweep_definition_reruns_with_config(sweep_results_dir, capsys, no_model_work):
+    """`sweep --config <out>/sweeps/<name>.yaml` is the same sweep: same name, every point already finished; a flag
+    given with it wins over the saved one (here --workers, which the definition leaves out, and --name)."""
+    for path in sorted((sweep_results_dir / "sweeps").glob("*.yaml")):
+        saved = yaml.safe_load(path.read_text())
+        assert saved["flags"]["method"] == "unimix" and "workers" not in saved["flags"]
+        capsys.readouterr()
+        assert cli.main(["sweep", "--config", str(path)]) == 0
+        assert f"sweep {saved['name']}: " in capsys.readouterr().err
+        assert yaml.safe_load(path.read_text())["points"] == saved["points"]
+    out = one_line_error(capsys, ["sweep", "--config", str(path), "--name", "x/y"])
+    assert "--name 'x/y' must be a plain file name" in out
 
 
 def test_parallel_workers_write_the_rows_a_serial_run_writes(sweep_results_dir, tiny_model_dir, tmp_path):
@@ -124,7 +137,7 @@ def test_interrupted_sweep_resumes_without_recomputing_or_losing_rows(tiny_model
     monkeypatch.setattr(type(task), "run", real_run)
     capsys.readouterr()
     assert cli.main(argv) == 0
-    assert "1 finished or duplicate: skipped; 2 to run" in " ".join(capsys.readouterr().out.split())
+    assert "1 finished or duplicate: skipped; 2 to run" in " ".join(capsys.readouterr().err.split())
     board = records.read_leaderboard(tmp_path / "leaderboard.csv")
     points = pd.read_csv(tmp_path / "sweeps" / "resume.csv", dtype=str)
     assert set(board["run_id"]) == set(points["run_id"]) and not board.duplicated(["run_id", "metric"]).any()
@@ -146,7 +159,7 @@ def test_a_failing_point_is_reported_and_the_others_are_recorded(tiny_model_dir,
 
     monkeypatch.setattr(type(task), "run", fail_second)
     assert cli.main(sweep_argv(tiny_model_dir, tmp_path, "--vary", "reading.topk=0,4,8", "--name", "f")) == 1
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert "unimix reading.topk=4 failed" in out and "RuntimeError: out of memory" in out and "1 point(s) failed" in out
     points = pd.read_csv(tmp_path / "sweeps" / "f.csv", dtype=str)
     done = set(records.read_leaderboard(tmp_path / "leaderboard.csv")["run_id"])
@@ -156,7 +169,7 @@ def test_a_failing_point_is_reported_and_the_others_are_recorded(tiny_model_dir,
 def test_a_name_holding_another_sweep_is_refused(tiny_model_dir, sweep_results_dir, capsys, no_model_work):
     name = next((sweep_results_dir / "sweeps").glob("topk-*.yaml")).stem
     assert cli.main(sweep_argv(tiny_model_dir, sweep_results_dir, "--vary", "reading.topk=0,2", "--name", name)) == 2
-    assert "already exists" in capsys.readouterr().out
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_finetuned_sweep_trains_each_point_then_evaluates_its_export(tiny_model_dir, tmp_path, capsys):
@@ -174,7 +187,7 @@ def test_finetuned_sweep_trains_each_point_then_evaluates_its_export(tiny_model_
         assert cli.main(argv) == 0
     finally:
         torch.set_num_threads(threads)
-    assert "2 finished or duplicate: skipped; 0 to run" in " ".join(capsys.readouterr().out.split())
+    assert "2 finished or duplicate: skipped; 0 to run" in " ".join(capsys.readouterr().err.split())
     definition = yaml.safe_load(next((tmp_path / "out" / "sweeps").glob("*.yaml")).read_text())
     board = records.read_leaderboard(tmp_path / "out" / "leaderboard.csv")
     for point in definition["points"]:

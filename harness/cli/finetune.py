@@ -1,15 +1,15 @@
-"""`unimem-bench finetune` and `unimem-bench finetune-plot`: options, YAML recipes, the dry run.
+"""`unimem-bench finetune`: fine-tune a method from flags and/or a YAML recipe, or dry-run it.
 
-A recipe (recipes/*.yaml) sets the same options as the command line, by name (`segment_len: 2048`, `set: [...]`),
-with a `methods:` section holding each method's own options; options given on the command line win. Two keys are
-not options: `methods` and `launch` (the accelerate config the recipe is launched with; the dry run prints the
-command). `model_config` is found relative to the recipe file, every other path relative to the current folder.
+Every option is a `FinetuneRecipe` field (the one schema of fine-tuning options; see harness/training/recipe.py for
+the recipe file): flags default to None so that unset ones fall to the recipe, then to the field's default.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import dataclasses
+import logging
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +18,24 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from unimem_bench.harness.cli.arguments import positive_int
+from unimem_bench.harness.cli.streams import Streams
 from unimem_bench.harness.runtime.distributed import launched_world
-from unimem_bench.harness.training.recipe import FinetunePlan, FinetuneRecipe, plan_finetune
+from unimem_bench.harness.training.recipe import FinetunePlan, FinetuneRecipe, Precision, Schedule, plan_finetune
 from unimem_bench.methods import ConfigError, MemoryLM, describe
 
-# Options that steer one invocation rather than describe the run: never in a recipe.
-CONTROL = ("recipe", "resume", "stop_after_steps", "dry_run")
-RECIPE_ONLY = ("methods", "launch")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+NAME = "finetune"
+log = logging.getLogger(__name__)
 
 
 def _default(name: str) -> object:
     """A `FinetuneRecipe` default, for help texts (one source of truth)."""
-    return FinetuneRecipe.__dataclass_fields__[name].default
+    return {f.name: f.default for f in dataclasses.fields(FinetuneRecipe)}[name]
 
 
-def add_finetune_parsers(sub: Any, *, exit_on_error: bool = True) -> None:
-    """The `finetune` and `finetune-plot` subcommands (defaults None: unset options fall to the recipe, then to
-    `FinetuneRecipe`'s defaults). Recipes are parsed with `exit_on_error=False`, so a bad value raises."""
-    ft = sub.add_parser("finetune", help="fine-tune a method, streaming documents segment by segment with memory",
-                        argument_default=None, exit_on_error=exit_on_error)
+def register(sub: Any) -> None:
+    ft = sub.add_parser(NAME, help="fine-tune a method, streaming documents segment by segment with memory",
+                        argument_default=None)
     ft.add_argument("--recipe", type=Path, help="YAML recipe (recipes/); command-line options override it")
     ft.add_argument("--method", help="the method to fine-tune (see `unimem-bench list`)")
     ft.add_argument("--set", dest="overrides", action="append", metavar="FIELD=VALUE",
@@ -59,12 +51,12 @@ def add_finetune_parsers(sub: Any, *, exit_on_error: bool = True) -> None:
     ft.add_argument("--grad-accum", type=positive_int,
                     help=f"windows per stream per optimizer step (default {_default('grad_accum')})")
     ft.add_argument("--lr", type=float, help=f"peak learning rate (default {_default('lr')})")
-    ft.add_argument("--schedule", choices=["linear", "constant"],
+    ft.add_argument("--schedule", choices=typing.get_args(Schedule),
                     help=f"after warm-up (default {_default('schedule')})")
     ft.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default {_default('warmup_steps')})")
     ft.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {_default('weight_decay')})")
     ft.add_argument("--clip", type=float, help=f"gradient-norm clip, 0 = off (default {_default('clip')})")
-    ft.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU, fp32 on CPU")
+    ft.add_argument("--precision", choices=typing.get_args(Precision), help="auto: bf16 on GPU, fp32 on CPU")
     ft.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                     help="recompute decoder layers in backward (default off)")
     ft.add_argument("--eval-every", type=int,
@@ -87,101 +79,21 @@ def add_finetune_parsers(sub: Any, *, exit_on_error: bool = True) -> None:
                     help="end this invocation after N steps with a checkpoint (the schedule still spans --tokens)")
     ft.add_argument("--dry-run", action="store_true", default=False,
                     help="resolve the recipe and build the model on the meta device; train nothing")
-
-    plot = sub.add_parser("finetune-plot", help="held-out perplexity after N fine-tuning tokens, per method "
-                                                "(the paper's Appendix C), from fine-tuning run folders")
-    plot.add_argument("runs", nargs="+", type=Path, help="run folders written by `unimem-bench finetune`")
-    plot.add_argument("--out", type=Path, default=Path("results/plots/finetune_data_scale.png"))
+    ft.set_defaults(func=execute)
 
 
-def _finetune_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unimem-bench", exit_on_error=False)
-    add_finetune_parsers(parser.add_subparsers(dest="command"), exit_on_error=False)
-    return parser
-
-
-def _option_dests() -> dict[str, str]:
-    """Recipe key -> argparse dest for every option a recipe may set."""
-    sub = _finetune_parser()._subparsers._group_actions[0].choices["finetune"]  # type: ignore[union-attr, index]
-    keys = {}
-    for action in sub._actions:
-        if action.dest in CONTROL or action.dest == "help":
-            continue
-        long = next(s for s in action.option_strings if s.startswith("--"))
-        keys[long[2:].replace("-", "_")] = action.dest
-    return keys
-
-
-def recipe_argv(path: Path, method: str | None) -> list[str]:
-    """The command-line options a recipe sets for `method` (its top level, then its `methods: <method>` section)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--recipe {path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of option: value")
-    methods = data.get("methods") or {}
-    if method is None:
-        raise ConfigError(f"recipe {path}: name the method with --method (the recipe has: {', '.join(methods)})")
-    if methods and method not in methods:
-        raise ConfigError(f"recipe {path} has no section for method {method!r}: it has {', '.join(methods)}")
-    items = {k: v for k, v in data.items() if k not in RECIPE_ONLY}
-    section = methods.get(method) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"recipe {path}: methods.{method} must be a mapping of option: value")
-    keys = _option_dests()
-    argv: list[str] = []
-    for key, value in [*items.items(), *section.items()]:
-        if key not in keys:
-            raise ConfigError(f"recipe {path}: unknown option {key!r}; options: {', '.join(sorted(keys))}, "
-                              f"plus {', '.join(RECIPE_ONLY)}")
-        if key == "model_config" and value is not None:
-            value = (path.parent / str(value)).as_posix()
-        argv.extend(_flags(key, value))
-    return argv
-
-
-def _flags(key: str, value: Any) -> list[str]:
-    flag = "--" + key.replace("_", "-")
-    if value is None:
-        return []
-    if isinstance(value, bool):
-        return [flag if value else "--no-" + key.replace("_", "-")]
-    if isinstance(value, list):
-        return [part for item in value for part in (flag, str(item))]
-    return [flag, str(value)]
+def given_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The `FinetuneRecipe` fields set on the command line (unset flags are None)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneRecipe)
+            if getattr(args, f.name, None) is not None}
 
 
 def resolve_recipe(args: argparse.Namespace) -> FinetuneRecipe:
-    """The run described by the command line over the recipe over `FinetuneRecipe`'s defaults."""
-    given = dict(vars(args))
-    merged: dict[str, Any] = {}
-    if args.recipe is not None:
-        parser = _finetune_parser()
-        try:
-            from_recipe = vars(parser.parse_args(["finetune", *recipe_argv(args.recipe, args.method)]))
-        except argparse.ArgumentError as err:
-            raise ConfigError(f"recipe {args.recipe}: {err}") from None
-        merged = {k: v for k, v in from_recipe.items() if v is not None}
-        merged["overrides"] = [*(from_recipe.get("overrides") or []), *(given.get("overrides") or [])]
-    merged.update({k: v for k, v in given.items() if v is not None and k != "overrides"})
-    merged.setdefault("overrides", given.get("overrides") or [])
-    for required in ("method", "tokens", "out"):
-        if merged.get(required) is None:
-            raise ConfigError(f"finetune needs --{required} (on the command line or in the --recipe)")
-    fields = {k: v for k, v in merged.items() if k not in (*CONTROL, "command")}
-    fields["overrides"] = tuple(fields["overrides"])
-    fields["out"] = Path(str(fields["out"]).replace("{method}", fields["method"]))
-    return FinetuneRecipe(**fields)
-
-
-def recipe_for(path: Path, method: str, argv: Sequence[str] = ()) -> FinetuneRecipe:
-    """The run a recipe file describes for `method`, with further `finetune` options (`--set ...`, `--out ...`)
-    over it, as `unimem-bench finetune --recipe PATH --method METHOD ARGV` would resolve it (sweeps use this)."""
-    try:
-        args = _finetune_parser().parse_args(["finetune", "--recipe", str(path), "--method", method, *argv])
-    except argparse.ArgumentError as err:
-        raise ConfigError(f"finetune options {' '.join(argv)}: {err}") from None
-    return resolve_recipe(args)
+    """The run the command line describes over its --recipe over `FinetuneRecipe`'s defaults."""
+    given = given_fields(args)
+    if given.get("overrides") is not None:
+        given["overrides"] = tuple(given["overrides"])
+    return FinetuneRecipe.resolve(args.recipe, given)
 
 
 def dry_run(recipe: FinetuneRecipe, plan: FinetunePlan, launch: str | None, recipe_path: Path | None,
@@ -233,38 +145,28 @@ def recipe_launch(path: Path | None) -> tuple[str | None, int]:
     if not Path(launch).is_file():
         raise FileNotFoundError(f"recipe {path}: launch config {launch} not found (paths are relative to the "
                                 "current folder: run from the repository root)")
-    return launch, int((yaml.safe_load(Path(launch).read_text()) or {}).get("num_processes", 1))
+    try:
+        processes = int((yaml.safe_load(Path(launch).read_text()) or {}).get("num_processes", 1))
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError):
+        raise ConfigError(f"recipe {path}: launch config {launch} is not an accelerate config with num_processes"
+                          ) from None
+    return launch, processes
 
 
-def cmd_finetune(args: argparse.Namespace, console: Console) -> int:
+def execute(args: argparse.Namespace, streams: Streams) -> int:
     recipe = resolve_recipe(args)
     if args.dry_run:
         launch, processes = recipe_launch(args.recipe)
         # Steps depend on the processes: those of this launch, else those the recipe's launch config starts.
         plan = plan_finetune(recipe, world=launched_world() if launched_world() > 1 else processes)
-        dry_run(recipe, plan, launch, args.recipe, console)
+        dry_run(recipe, plan, launch, args.recipe, streams.out)
         return 0
     from unimem_bench.harness.training.trainer import finetune
 
     try:
-        finetune(recipe, resume=args.resume, stop_after_steps=args.stop_after_steps, console=console)
+        finetune(recipe, resume=args.resume, stop_after_steps=args.stop_after_steps, console=streams.err)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/yellow]: checkpoints in {recipe.out / 'checkpoints'} are kept; run the "
-                      "same command with --resume to continue from the newest")
+        log.warning("interrupted: checkpoints in %s are kept; run the same command with --resume to continue from "
+                    "the newest", recipe.out / "checkpoints")
         return 130
-    return 0
-
-
-def cmd_finetune_plot(args: argparse.Namespace, console: Console) -> int:
-    from unimem_bench.harness.training.log import data_scale_table, plot_data_scale
-
-    path = plot_data_scale(args.runs, args.out)
-    table = data_scale_table(args.runs)
-    out = Table(title="held-out perplexity after N fine-tuning tokens")
-    for column in ("method", "step", "tokens", "heldout_ppl"):
-        out.add_column(column, justify="left" if column == "method" else "right")
-    for row in table.itertuples():
-        out.add_row(row.method, str(row.step), f"{row.tokens:,}", f"{row.heldout_ppl:.4f}")
-    console.print(out)
-    console.print(f"plot: {path}")
     return 0

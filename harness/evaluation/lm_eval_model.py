@@ -49,6 +49,8 @@ from unimem_bench.harness.models.resolve import (
     resolve_model,
     trained_context,
 )
+from unimem_bench.harness.runtime.device import default_dtype, resolve_device
+from unimem_bench.harness.runtime.overrides import check_override_types
 from unimem_bench.methods import (
     METHODS,
     ConfigError,
@@ -161,6 +163,7 @@ class ModelPlan:
 
 def plan_model(args: UnimemArgs) -> ModelPlan:
     """Resolve and validate model, method and overrides without loading weights; one-line errors."""
+    check_override_types(args.overrides)
     source = resolve_model(args.pretrained)
     model_config = load_model_config(source)
     check_hookable(model_config)
@@ -181,18 +184,6 @@ def plan_model(args: UnimemArgs) -> ModelPlan:
     return ModelPlan(source, config, segment_len, context, max_length)
 
 
-def available_device(name: str) -> torch.device:
-    """`auto` = cuda when available, else cpu (as `unimem-bench run --device`); a CUDA device this machine lacks falls
-    back to auto."""
-    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = auto if name == "auto" else torch.device(name)
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        # lm-eval's CLI passes cuda:0 unless told otherwise, and its hf model then falls back the same way.
-        log.warning("device %s is not available here: using %s", name, auto)
-        return auto
-    return device
-
-
 @register_model("unimem")
 class UnimemLM(TemplateLM):
     """A unimem-bench method as an lm-eval model; keyword arguments are `UnimemArgs` fields (`set=` for overrides)."""
@@ -201,8 +192,8 @@ class UnimemLM(TemplateLM):
         super().__init__()
         self.args = UnimemArgs.from_model_args(model_args)
         self.plan = plan_model(self.args)
-        self._device = available_device(self.args.device)
-        dtype = DTYPES.get(self.args.dtype) or (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
+        self._device = resolve_device(self.args.device, fall_back=True)
+        dtype = DTYPES.get(self.args.dtype) or default_dtype(self._device)
         model, self.tokenizer = load_model(self.plan.source, device=self._device, dtype=dtype)
         self.lm = MemoryLM(model, self.plan.config, segment_len=self.plan.segment_len,
                            trained_context=self.plan.trained_context)

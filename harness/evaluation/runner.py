@@ -25,8 +25,11 @@ from unimem_bench.harness.models.resolve import (
 from unimem_bench.harness.reporting.heatmaps import plot_niah_heatmaps
 from unimem_bench.harness.reporting.plots import plot_length_curves, plot_metric_bars
 from unimem_bench.harness.runtime import environment as run_env
-from unimem_bench.harness.runtime.distributed import Processes, ShardedLM, local_device
-from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig, check_hookable
+from unimem_bench.harness.runtime.device import default_dtype, resolve_device
+from unimem_bench.harness.runtime.distributed import Processes, ShardedLM
+from unimem_bench.harness.runtime.folders import check_output_folder
+from unimem_bench.harness.runtime.overrides import check_override_types
+from unimem_bench.methods import METHODS, ConfigError, MemoryLM, MethodContext, UniMemConfig, check_hookable
 from unimem_bench.tasks import TASKS, SampleLog, Task, TaskOptions
 from unimem_bench.tasks.arguments import configure
 
@@ -73,12 +76,10 @@ class Plan:
     """The method a fine-tuned --model was trained with: its own cells use its config and learned memory."""
 
 
-def pick_device(name: str) -> torch.device:
-    return local_device(name)
-
-
 def plan_run(req: RunRequest) -> Plan:
     """Resolve and validate names, model, configs and data, reading no weights; raises one-line errors."""
+    check_output_folder(req.out, "--out")
+    check_override_types(req.overrides)
     source = resolve_model(req.model)
     saved = saved_method(source)
     method_names = METHODS.resolve(req.methods or (saved.method if saved else "all"))
@@ -88,7 +89,7 @@ def plan_run(req: RunRequest) -> Plan:
     context = trained_context(model_config)
     segment_len = req.segment_len or (saved.segment_len if saved else max(1, context // 2))
     if segment_len < 1:
-        raise ValueError(f"--segment-len {segment_len} must be >= 1")
+        raise ConfigError(f"--segment-len {segment_len} must be >= 1")
     ctx = MethodContext(n_layers=model_config.num_hidden_layers, segment_len=segment_len, trained_context=context)
     configs = {}
     for name in method_names:
@@ -108,7 +109,7 @@ def plan_run(req: RunRequest) -> Plan:
             key = {"model": source.name, "config": config.to_dict(), "task": task.name, "version": task.version,
                    "params": task.params(options), "segment_len": segment_len, "seed": req.seed}
             cells.append(Cell(name, task, config, records.run_id(name, task.name, key), key))
-    return Plan(source, segment_len, context, pick_device(req.device), cells, saved)
+    return Plan(source, segment_len, context, resolve_device(req.device), cells, saved)
 
 
 def run_grid(req: RunRequest, plan: Plan, console: Console) -> list[str]:
@@ -123,8 +124,7 @@ def run_grid(req: RunRequest, plan: Plan, console: Console) -> list[str]:
 
 
 def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) -> None:
-    dtype = torch.bfloat16 if plan.device.type == "cuda" else torch.float32
-    model, tokenizer = load_model(plan.source, device=plan.device, dtype=dtype, console=console)
+    model, tokenizer = load_model(plan.source, device=plan.device, dtype=default_dtype(plan.device), console=console)
     env = run_env.environment(seed=req.seed, device=str(plan.device), model=plan.source.name)
     leaderboard = req.out / "leaderboard.csv"
     # Under `accelerate launch` documents are split across processes; the main one alone writes.

@@ -105,11 +105,3 @@ class ShardedLM:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.lm, name)
 
-
-def local_device(name: str) -> torch.device:
-    """`--device` for this process: `auto` is this process's own GPU under a launcher (LOCAL_RANK), else cuda/cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

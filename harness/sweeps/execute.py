@@ -184,10 +184,12 @@ def _run_ray(units: list[Unit], out: Path, address: str | None, workers: int) ->
 
 
 def run_sweep(plan: SweepPlan, console: Console, *, workers: int = 1, backend: Backend = "local",
-              ray_address: str | None = None, argv: list[str] | None = None) -> list[UnitResult]:
-    """Save the sweep's definition, then run its unfinished points; returns what became of each."""
+              ray_address: str | None = None, argv: list[str] | None = None,
+              flags: dict[str, Any] | None = None) -> list[UnitResult]:
+    """Save the sweep's definition (with the command line `argv` and the `flags` that re-run it through
+    `sweep --config`), then run its unfinished points; returns what became of each."""
     out = plan.request.base.out
-    path = save_definition(plan, out, argv)
+    path = save_definition(plan, out, argv, flags)
     todo = pending_units(plan, out)
     points = len({u.point for u in plan.units})
     where = f"ray ({ray_address or 'local instance'})" if backend == "ray" else (
@@ -206,6 +208,6 @@ def run_sweep(plan: SweepPlan, console: Console, *, workers: int = 1, backend: B
         else:
             console.print(f"{i}/{len(todo)} {label} done in {result.seconds:.1f} s", highlight=False)
             if plan.request.finetune is not None:  # its run ids exist now: record them with the definition
-                save_definition(plan, out, argv)
+                save_definition(plan, out, argv, flags)
         results.append(result)
     return results

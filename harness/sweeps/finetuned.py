@@ -19,14 +19,9 @@ from unimem_bench.harness.training.recipe import FinetuneRecipe, plan_finetune
 def point_recipe(path: Path, method: str, base: RunRequest, overrides: tuple[str, ...]) -> FinetuneRecipe:
     """The recipe's run for `method` with the point's `overrides` (and the sweep's --model and --segment-len when
     given), in its content-named folder under `base.out`; validated without reading weights or documents."""
-    from unimem_bench.harness.cli.finetune import recipe_for
-
-    argv = [part for item in overrides for part in ("--set", item)]
-    if base.model is not None:
-        argv += ["--model", base.model]
-    if base.segment_len is not None:
-        argv += ["--segment-len", str(base.segment_len)]
-    recipe = recipe_for(path, method, [*argv, "--out", str(base.out / "finetune" / "pending")])
+    given = {"method": method, "overrides": overrides, "model": base.model, "segment_len": base.segment_len,
+             "out": base.out / "finetune" / "pending"}
+    recipe = FinetuneRecipe.resolve(path, given)
     described = {k: v for k, v in recipe.to_dict().items() if k != "out"}
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:10]
     recipe = dataclasses.replace(recipe, out=base.out.resolve() / "finetune" / f"{method}-{digest}")

@@ -184,8 +184,10 @@ def points_frame(plan: SweepPlan) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["point", "method", "task", "run_id", *(a.field for a in plan.axes)])
 
 
-def definition(plan: SweepPlan, argv: list[str] | None = None) -> dict[str, Any]:
-    """What the sweep YAML holds: enough to see what was run and to re-run it."""
+def definition(plan: SweepPlan, argv: list[str] | None = None,
+               flags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the sweep YAML holds: enough to see what was run and to re-run it (`flags`: the sweep's command-line
+    flags, which `unimem-bench sweep --config <this file>` reads)."""
     base = plan.request.base
     # Through JSON: paths become strings and tuples (task arguments) lists, which safe YAML can write.
     options = json.loads(json.dumps(dataclasses.asdict(base.options), default=str))
@@ -200,17 +202,19 @@ def definition(plan: SweepPlan, argv: list[str] | None = None) -> dict[str, Any]
                  "options": options},
         "finetune": str(plan.request.finetune) if plan.request.finetune else None,
         "command": "unimem-bench " + " ".join(argv) if argv else None,
+        "flags": flags,
         "points": [{"point": u.point, "method": u.method, "values": u.values,
                     "runs": dict(u.results()),
                     **({"finetune": str(u.finetune.out)} if u.finetune else {})} for u in plan.units],
     }
 
 
-def save_definition(plan: SweepPlan, out: Path, argv: list[str] | None = None) -> Path:
+def save_definition(plan: SweepPlan, out: Path, argv: list[str] | None = None,
+                    flags: dict[str, Any] | None = None) -> Path:
     """Write sweeps/<name>.yaml and .csv atomically; a different sweep already saved under the name is an error."""
     folder = out / SWEEPS_DIR
     path = folder / f"{plan.name}.yaml"
-    data = definition(plan, argv)
+    data = definition(plan, argv, flags)
     if path.exists():
         old = yaml.safe_load(path.read_text()) or {}
         if [_identity(p) for p in old.get("points", [])] != [_identity(p) for p in data["points"]]:

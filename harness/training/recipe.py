@@ -1,19 +1,34 @@
-"""What a fine-tuning run is asked to do (`FinetuneRecipe`, the CLI's options) and what follows from it before any
-weights are read (`plan_finetune`): the model config, the method's resolved config, segment and window lengths,
-and the number of optimizer steps. Every bad input fails here in one line.
+"""What a fine-tuning run is asked to do (`FinetuneRecipe`: the one schema of its options, filled by a YAML recipe
+and by command-line flags alike) and what follows from it before any weights are read (`plan_finetune`): the model
+config, the method's resolved config, segment and window lengths, and the number of optimizer steps. Every bad
+input fails here in one line.
+
+A recipe file (recipes/*.yaml) sets `FinetuneRecipe` fields by name (`segment_len: 2048`; the overrides as
+`set: [...]`, as the flag is spelled), with a `methods:` section holding each method's own values; values given
+directly (the command line) win. Two keys are not fields: `methods` and `launch` (the accelerate config the recipe
+is launched with). `model_config` is found relative to the recipe file, every other path relative to the current
+folder; `{method}` in `out` becomes the method's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from transformers import AutoConfig, PretrainedConfig
 
 from unimem_bench.harness.models.resolve import ModelSource, load_model_config, resolve_model, trained_context
+from unimem_bench.harness.runtime.device import resolve_device
+from unimem_bench.harness.runtime.folders import check_output_folder
+from unimem_bench.harness.runtime.overrides import check_override_types
 from unimem_bench.harness.training.data import check_data
 from unimem_bench.methods import METHODS, ConfigError, MethodContext, UniMemConfig, check_hookable
 
@@ -23,6 +38,9 @@ Precision = Literal["auto", "bf16", "fp32"]
 # Fields of the model config that decide its shapes: a recipe's shipped config must agree with the loaded weights.
 SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
                 "max_position_embeddings")
+# Keys of a recipe file that are not fields; and the field a key names when it differs (the flag's spelling).
+RECIPE_ONLY = ("methods", "launch")
+KEY_FIELDS = {"set": "overrides"}
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,100 @@ class FinetuneRecipe:
         data["model_config"] = str(self.model_config) if self.model_config else None
         return data
 
+    @classmethod
+    def resolve(cls, recipe_file: Path | None = None, given: Mapping[str, Any] | None = None) -> FinetuneRecipe:
+        """The run `given` describes (field values; None = unset) over the recipe file over the defaults.
+
+        `overrides` accumulate: the file's, then the given ones (a later override of a field wins)."""
+        given = {k: v for k, v in (given or {}).items() if v is not None}
+        unknown = set(given) - set(_field_types())
+        if unknown:
+            raise ConfigError(f"finetune has no option {sorted(unknown)[0]!r}")
+        values = read_recipe_file(recipe_file, given.get("method")) if recipe_file is not None else {}
+        overrides = (*values.get("overrides", ()), *given.get("overrides", ()))
+        values.update(given)
+        values["overrides"] = tuple(overrides)
+        for required in ("method", "tokens", "out"):
+            if values.get(required) is None:
+                raise ConfigError(f"finetune needs --{required} (on the command line or in the --recipe)")
+        values["out"] = Path(str(values["out"]).replace("{method}", values["method"]))
+        return cls(**values)
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(FinetuneRecipe)
+
+
+def read_recipe_file(path: Path, method: str | None) -> dict[str, Any]:
+    """The field values a recipe file sets for `method`: its top level, then its `methods: <method>` section, each
+    value checked against the field's type; one-line errors naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--recipe {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"recipe {path}{where} is not valid YAML ({getattr(err, 'problem', None) or err}): "
+                          "fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of option: value")
+    methods = data.get("methods") or {}
+    if method is None:
+        raise ConfigError(f"recipe {path}: name the method with --method (the recipe has: {', '.join(methods)})")
+    if methods and method not in methods:
+        raise ConfigError(f"recipe {path} has no section for method {method!r}: it has {', '.join(methods)}")
+    section = methods.get(method) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"recipe {path}: methods.{method} must be a mapping of option: value")
+    types_ = _field_types()
+    keys = [*(k for k in types_ if k not in KEY_FIELDS.values()), *KEY_FIELDS]
+    fields: dict[str, Any] = {"overrides": ()}
+    for key, value in [*((k, v) for k, v in data.items() if k not in RECIPE_ONLY), *section.items()]:
+        name = KEY_FIELDS.get(str(key), str(key))
+        if key not in keys:
+            close = difflib.get_close_matches(str(key), keys, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"options: {', '.join(sorted(keys))}"
+            raise ConfigError(f"recipe {path}: unknown option {key!r}; {hint} (plus {', '.join(RECIPE_ONLY)})")
+        value = _typed(value, types_[name], f"recipe {path}: {key}")
+        if name == "model_config" and value is not None:
+            value = path.parent / value
+        fields[name] = (*fields["overrides"], *value) if name == "overrides" else value
+    return fields
+
+
+def _typed(value: Any, kind: Any, where: str) -> Any:
+    """`value` (from YAML) as the field type `kind`, or a one-line ConfigError."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{where} needs a value")
+    kind = next(k for k in options if k is not type(None))
+    if typing.get_origin(kind) is Literal:
+        if value not in typing.get_args(kind):
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, typing.get_args(kind)))}")
+        return value
+    if typing.get_origin(kind) is tuple:
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str | int | float) for v in items):
+            raise ConfigError(f"{where}: expected a list of section.field=value strings, got {value!r}")
+        return tuple(str(v) for v in items)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {value!r} is not true or false")
+        return value
+    if kind in (int, float):
+        try:
+            if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+                raise ValueError
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} is not a {'path' if kind is Path else 'string'}")
+    return kind(str(value))
+
 
 @dataclass(frozen=True)
 class FinetunePlan:
@@ -162,6 +274,9 @@ def plan_finetune(recipe: FinetuneRecipe, *, world: int = 1) -> FinetunePlan:
     """Resolve and validate the method, model and data source of a recipe (reading neither weights nor documents);
     raises one-line errors."""
     method = METHODS.get(recipe.method)
+    resolve_device(recipe.device)
+    check_output_folder(recipe.out, "--out")
+    check_override_types(recipe.overrides)
     check_data(recipe.data)
     source = resolve_model(recipe.model)
     model_config = read_model_config(recipe, source)

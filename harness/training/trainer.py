@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from unimem_bench.harness.models import exports as checkpoints
 from unimem_bench.harness.models.resolve import load_model
 from unimem_bench.harness.runtime import environment as run_env
+from unimem_bench.harness.runtime.device import is_cpu
 from unimem_bench.harness.runtime.distributed import Processes, ShardedLM
 from unimem_bench.harness.training.data import DocumentStreams, Window, deal, heldout_documents, load_corpus
 from unimem_bench.harness.training.log import EVAL_COLUMNS, TRAIN_COLUMNS, CsvLog, plot_loss
@@ -72,7 +73,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, stop_after_steps: 
     from accelerate import Accelerator
 
     console = console or Console()
-    cpu = recipe.device == "cpu" or (recipe.device == "auto" and not torch.cuda.is_available())
+    cpu = is_cpu(recipe.device)
     bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and not cpu)
     # The scheduler steps once per optimizer step, itself (accelerate would step it once per process).
     accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no",

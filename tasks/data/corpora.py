@@ -24,6 +24,8 @@ import sysconfig
 from pathlib import Path
 from typing import Literal
 
+from unimem_bench.tasks.data.files import read_text
+
 Split = Literal["train", "heldout"]
 
 SPLIT_SALT = "unimem-bench/stdlib-split/"
@@ -108,12 +110,12 @@ def read_text_dir(
     path: Path, *, suffixes: tuple[str, ...] = (".txt",), strip_pg_header: bool = True
 ) -> list[tuple[str, str]]:
     """``(file name, text)`` for each file in ``path`` whose name ends with one of ``suffixes``, sorted by name;
-    Gutenberg boilerplate stripped when ``strip_pg_header``."""
+    Gutenberg boilerplate stripped when ``strip_pg_header``; non-UTF-8 files decoded as `files.read_text` says."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"text folder not found: {path}")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(tuple(suffixes)))
     if not files:
         raise FileNotFoundError(f"no {'/'.join(suffixes)} files in text folder: {path}")
-    docs = [(p.name, p.read_text(encoding="utf-8")) for p in files]
+    docs = [(p.name, read_text(p)) for p in files]
     return [(name, strip_gutenberg(text) if strip_pg_header else text) for name, text in docs]

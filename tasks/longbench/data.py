@@ -9,13 +9,12 @@ repobench-p (no trailing newline); the tests pin that.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from unimem_bench.tasks.data.files import read_jsonl
 from unimem_bench.tasks.data.hub import DataNotFoundError, hub_records
 
 
@@ -146,12 +145,6 @@ def normalize_record(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
         length = len(text.split()) if spec.language == "en" else len("".join(text.split()))
     return {"_id": str(row.get("_id", "")), "prompt": prompt, "answers": list(row["answers"]),
             "all_classes": list(row["all_classes"]) if row.get("all_classes") else None, "length": int(length)}
-
-
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """The rows of a jsonl file, read lazily (a limit reads only the head of a long file)."""
-    with path.open(encoding="utf-8") as f:
-        yield from (json.loads(line) for line in f if line.strip())
 
 
 def load_records(spec: DatasetSpec, *, e: bool, data_dir: Path | None, hub_id: str,

@@ -26,8 +26,10 @@ found in `DIR/data/`, where THUDM/LongBench's data.zip unpacks), or the hub parq
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from statistics import fmean
 from typing import Any, Literal
 
@@ -42,6 +44,7 @@ from unimem_bench.tasks.base import (
     generate_at_once,
     ids_digest,
 )
+from unimem_bench.tasks.data.files import read_jsonl
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset
 from unimem_bench.tasks.longbench.data import (
     BUCKETS,
@@ -128,12 +131,15 @@ class LongBenchTask:
             return
         if not options.data_dir.is_dir():
             raise DataNotFoundError(f"task {self.name!r}: --data-dir {options.data_dir} is not a folder")
-        missing = [file_name(d, self.e) for d in self.selected if find_file(options.data_dir, d, self.e) is None]
+        found = {d: find_file(options.data_dir, d, self.e) for d in self.selected}
+        missing = [file_name(d, self.e) for d, path in found.items() if path is None]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise DataNotFoundError(f"task {self.name!r}: --data-dir {options.data_dir} lacks "
                                     f"{', '.join(missing[:3])}{more}; add {self.local_data} or select fewer with "
                                     f"--task-arg {self.name}.datasets=NAME,...")
+        for path in filter(None, found.values()):  # the rows the run will read: a broken line fails now, naming
+            deque(islice(read_jsonl(path), options.max_docs), maxlen=0)  # the file and line
 
     def params(self, options: TaskOptions) -> dict[str, Any]:
         params = {"data": str(options.data_dir) if options.data_dir else self.dataset, "max_docs": options.max_docs,
@@ -246,9 +252,9 @@ def summarize(samples: list[dict[str, Any]], *, e: bool) -> tuple[dict[str, floa
     metrics["score/dataset_mean"] = fmean(scores.values())
     if e:
         per_bucket: dict[str, list[float]] = {b: [] for b in BUCKETS}
-        for d, group in by_dataset.items():
+        for d, samples in by_dataset.items():
             for b in BUCKETS:
-                inside = [s for s in group if s["bucket"] == b]
+                inside = [s for s in samples if s["bucket"] == b]
                 if inside:  # the official scorer_e would report nan for an empty bucket; no row instead
                     value = fmean(s["score"] for s in inside)
                     per_bucket[b].append(value)
