@@ -252,9 +252,9 @@ def summarize(samples: list[dict[str, Any]], *, e: bool) -> tuple[dict[str, floa
     metrics["score/dataset_mean"] = fmean(scores.values())
     if e:
         per_bucket: dict[str, list[float]] = {b: [] for b in BUCKETS}
-        for d, samples in by_dataset.items():
+        for d, in_dataset in by_dataset.items():
             for b in BUCKETS:
-                inside = [s for s in samples if s["bucket"] == b]
+                inside = [s for s in in_dataset if s["bucket"] == b]
                 if inside:  # the official scorer_e would report nan for an empty bucket; no row instead
                     value = fmean(s["score"] for s in inside)
                     per_bucket[b].append(value)
