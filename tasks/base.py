@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -59,6 +59,34 @@ def generate_at_once(lm: ScoringLM, prompt: Sequence[int], *, max_new_tokens: in
 def ids_digest(ids: Sequence[int]) -> str:
     """A short hash of token ids (sha256 of their decimal list), so a sample record pins the exact prompt read."""
     return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+Item = TypeVar("Item")
+Out = TypeVar("Out")
+
+
+@runtime_checkable
+class SampleSharding(Protocol):
+    """What a model run across several processes adds to the contract: it deals a task's samples among them.
+
+    `map_samples(fn, items)` yields `(index, fn(items[index]))` for every item on every process, each item computed
+    by one process only; every process must consume the iterator to the end (results are exchanged as they come).
+    `fn` must return something picklable (a sample record) and compute the same thing on any process.
+    """
+
+    def map_samples(self, fn: Callable[[Item], Out], items: Sequence[Item]) -> Iterator[tuple[int, Out]]:
+        ...
+
+
+def map_samples(lm: ScoringLM, fn: Callable[[Item], Out], items: Sequence[Item]) -> Iterator[tuple[int, Out]]:
+    """`(index, fn(item))` for every item in order: dealt across processes when `lm` shards samples (a launched
+    run), else computed here one by one. Generation tasks put each sample's whole work (prompt, generation, score)
+    in `fn`, so that launched processes split it as `score` splits documents."""
+    if isinstance(lm, SampleSharding):
+        yield from lm.map_samples(fn, items)
+        return
+    for index, item in enumerate(items):
+        yield index, fn(item)
 
 
 @dataclass(frozen=True)
@@ -152,7 +180,13 @@ class Task(Protocol):
 
     @property
     def headline(self) -> str:
-        """The metric shown in summaries and plots (lower is better for perplexities)."""
+        """The metric of the run's headline leaderboard row: the one number tables and plots show for the task."""
+        ...
+
+    @property
+    def higher_is_better(self) -> Mapping[str, bool]:
+        """Every metric the task reports (headline, others and breakdown rows) -> whether a larger value is better
+        (lm-eval's `higher_is_better`); written into each leaderboard row, so readers need not guess from names."""
         ...
 
     def check(self, options: TaskOptions) -> None:

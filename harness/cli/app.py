@@ -21,6 +21,7 @@ from unimem_bench.harness.cli.arguments import ArgumentParser, UsageError, read_
 from unimem_bench.harness.cli.streams import Streams, logging_to, print_error
 from unimem_bench.harness.models.llama2c import Llama2cFormatError
 from unimem_bench.harness.models.resolve import ModelSourceError
+from unimem_bench.harness.reporting.results import ResultsFormatError
 from unimem_bench.harness.runtime.distributed import is_main_process
 from unimem_bench.methods import ConfigError, HookError
 from unimem_bench.methods.registry import UnknownNameError
@@ -40,7 +41,7 @@ def command_modules() -> list[ModuleType]:
 # Errors that mean "bad input": one line on stderr, exit status 2, no traceback. FileNotFoundError covers missing
 # models, data folders and files (DataNotFoundError, DataError).
 USER_ERRORS = (UsageError, ConfigError, UnknownNameError, HookError, ModelSourceError, Llama2cFormatError,
-               FileNotFoundError, TaskArgError, DataFormatError)
+               FileNotFoundError, TaskArgError, DataFormatError, ResultsFormatError)
 
 
 def package_version() -> str:

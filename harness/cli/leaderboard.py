@@ -42,7 +42,9 @@ def filters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def execute(args: argparse.Namespace, streams: Streams) -> int:
+    from unimem_bench.harness.cli.order import registry_order
     from unimem_bench.harness.reporting.tables import show
 
-    show(args.out, streams.out, fmt=args.fmt, markdown=args.markdown, csv=args.csv, **filters(args))
+    show(args.out, streams.out, fmt=args.fmt, markdown=args.markdown, csv=args.csv, order=registry_order(),
+         **filters(args))
     return 0

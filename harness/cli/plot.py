@@ -22,10 +22,11 @@ def register(sub: Any) -> None:
 
 
 def execute(args: argparse.Namespace, streams: Streams) -> int:
+    from unimem_bench.harness.cli.order import registry_order
     from unimem_bench.harness.reporting.figures import plot_results
 
     written = plot_results(args.out, args.plots_dir, sweeps=args.sweep, formats=names(args.formats) or ["png"],
-                           **filters(args))
+                           order=registry_order(), **filters(args))
     for path in written:
         streams.out.print(f"wrote {path}", highlight=False, soft_wrap=True)
     return 0

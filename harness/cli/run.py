@@ -68,7 +68,9 @@ def run_request(args: argparse.Namespace) -> RunRequest:
 
 
 def execute(args: argparse.Namespace, streams: Streams) -> int:
-    from unimem_bench.harness.evaluation.runner import plan_run, plot_run, run_grid, summary_rows
+    from unimem_bench.harness.cli.order import registry_order
+    from unimem_bench.harness.evaluation.runner import plan_run, run_grid, summary_rows
+    from unimem_bench.harness.reporting.figures import plot_run
 
     req = run_request(args)
     plan = plan_run(req)
@@ -92,6 +94,6 @@ def execute(args: argparse.Namespace, streams: Streams) -> int:
                       f"{row['n']:,}")
     streams.out.print(table)
     streams.out.print(f"leaderboard: {req.out / 'leaderboard.csv'}", highlight=False, soft_wrap=True)
-    for figure in plot_run(req, plan):
+    for figure in plot_run(req.out, run_ids, order=registry_order()):
         streams.out.print(f"plot: {figure}", highlight=False, soft_wrap=True)
     return 0

@@ -45,9 +45,10 @@ def register(sub: Any) -> None:
 
 
 def execute(args: argparse.Namespace, streams: Streams) -> int:
-    from unimem_bench.harness.reporting.tables import render_rich
+    from unimem_bench.harness.cli.order import registry_order
+    from unimem_bench.harness.reporting.tables import render_rich, sweep_tables
     from unimem_bench.harness.sweeps.execute import run_sweep
-    from unimem_bench.harness.sweeps.plan import SweepRequest, plan_sweep, sweep_table
+    from unimem_bench.harness.sweeps.plan import SweepRequest, plan_sweep
     from unimem_bench.harness.sweeps.presets import parse_vary
 
     if args.methods is None:
@@ -66,7 +67,7 @@ def execute(args: argparse.Namespace, streams: Streams) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted: every finished point is kept in %s; run the same command again to resume", args.out)
         return 130
-    for table in sweep_table(args.out, plan.name):
+    for table in sweep_tables(args.out, plan.name, registry_order()):
         render_rich(table, streams.out, title=f"Sweep {plan.name}")
     failed = [r for r in results if r.error]
     if failed:

@@ -43,6 +43,7 @@ from unimem_bench.tasks.base import (
     TaskResult,
     generate_at_once,
     ids_digest,
+    map_samples,
 )
 from unimem_bench.tasks.data.files import read_jsonl
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset
@@ -87,6 +88,11 @@ class LongBenchTask:
     save_prompts: bool = arg(False)
     """Write each prompt's text into its sample record (every record has its token count and a hash of its ids)."""
     headline: str = "score/en"
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        # The official metrics (F1, ROUGE-L, accuracy, edit similarity) x100, per row and in every average.
+        return {"score": True, "score/en": True, "score/zh": True, "score/dataset_mean": True}
 
     def __post_init__(self) -> None:
         allowed = E_DATASETS if self.e else tuple(DATASETS)
@@ -195,17 +201,20 @@ class LongBenchTask:
         if progress is not None:
             progress(0, sum(len(r) for r in records.values()))
         budget = self.prompt_budget(lm.trained_context, options)
-        samples = []
-        for name, recs in records.items():
-            for record in recs:
-                key = f"{name}/{record['_id']}"
-                sample = log.get(key)
-                if sample is None:
-                    sample = self.predict(lm, tokenizer, DATASETS[name], record, budget)
-                    log.add(key, sample)
-                samples.append(sample)
-                if progress is not None:
-                    progress(1, None)
+        keyed = [(f"{name}/{record['_id']}", name, record) for name, recs in records.items() for record in recs]
+        todo = [item for item in keyed if log.get(item[0]) is None]
+        if progress is not None:
+            progress(len(keyed) - len(todo), None)
+
+        def predict(item: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
+            _, name, record = item
+            return self.predict(lm, tokenizer, DATASETS[name], record, budget)
+
+        for index, sample in map_samples(lm, predict, todo):  # launched processes split the samples
+            log.add(todo[index][0], sample)
+            if progress is not None:
+                progress(1, None)
+        samples = [log.done[key] for key, _, _ in keyed]
         if not samples:
             raise DataNotFoundError(f"task {self.name!r}: the selected datasets hold no sample")
         metrics, rows = summarize(samples, e=self.e)
