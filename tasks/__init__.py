@@ -6,6 +6,10 @@ from unimem_bench.tasks import pi_length  # noqa: F401
 from unimem_bench.tasks.longbench import task  # noqa: F401
 from unimem_bench.tasks.needle import niah  # noqa: F401
 from unimem_bench.tasks.needle import ruler  # noqa: F401
+from unimem_bench.tasks.needle import ruler_synthetic  # noqa: F401
+from unimem_bench.tasks.needle import ruler_qa  # noqa: F401
+from unimem_bench.tasks.needle import ruler_group  # noqa: F401
+from unimem_bench.tasks.needle import passkey  # noqa: F401
 from unimem_bench.tasks.arguments import TaskArgError
 from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, Task, TaskOptions, TaskResult
 from unimem_bench.tasks.data.hub import DataNotFoundError
