@@ -68,8 +68,10 @@ class Fitter:
 
     def build(self, length: int, sample: int) -> tuple[list[int], Built]:
         if not self.fits(length, sample, self.start):
-            raise TaskArgError(f"{self.name}.lengths {length}: the smallest prompt and {self.max_new_tokens} new "
-                               f"tokens do not fit; use longer lengths or a smaller max_new_tokens")
+            smallest = len(self.ids(length, sample, self.start)[0])
+            raise TaskArgError(f"{self.name}.lengths {length}: the smallest prompt ({smallest} tokens) and "
+                               f"{self.max_new_tokens} new tokens do not fit; use lengths of at least "
+                               f"{smallest + self.max_new_tokens}")
         n = self.fitted.get(length)
         if n is None:
             # fits(low); double high until it does not fit, then bisect

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from statistics import fmean
 from typing import Any, Literal
 
-from unimem_bench.tasks.arguments import arg, task_args
+from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
 from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
 from unimem_bench.tasks.data.hub import DataNotFoundError
 from unimem_bench.tasks.needle.haystack import MIN_LENGTH, check_grid, haystack_source
-from unimem_bench.tasks.needle.ruler import VARIANTS
+from unimem_bench.tasks.needle.ruler import VARIANTS, PromptBuilder, RulerNeedleTask
 from unimem_bench.tasks.needle.ruler_qa import FILES, GET_FILES, check_qa_data, find_file
 from unimem_bench.tasks.samples import PrefixedLog
 
@@ -128,6 +128,25 @@ class RulerGroup:
             out.append(dataclasses.replace(task, **args))
         return out
 
+    def fitting_lengths(self, members: list[Any], tokenizer: Any, options: TaskOptions,
+                        trained_context: int) -> tuple[int, ...]:
+        """The lengths every member's smallest prompt fits: all given ones (else a one-line error naming the task),
+        or the default ones that fit."""
+        lengths = self.resolved_lengths(trained_context)
+        misfits = {n: [t.name for t in members if not member_fits(t, tokenizer, options, n)] for n in lengths}
+        if self.lengths:
+            bad = [(n, names) for n, names in misfits.items() if names]
+            if bad:
+                n, names = bad[0]
+                raise TaskArgError(f"{self.name}.lengths {n}: too short for {', '.join(names)} (RULER's prompts "
+                                   f"with this tokenizer); use longer lengths")
+            return lengths
+        kept = tuple(n for n in lengths if not misfits[n])
+        if not kept:
+            raise TaskArgError(f"{self.name}: no default length holds every task's prompt; give "
+                               f"--task-arg {self.name}.lengths=...")
+        return kept
+
     def run(self, lm: ScoringLM, tokenizer: Any, options: TaskOptions, log: SampleLog | None = None,
             progress: Callable[[int, int | None], None] | None = None) -> TaskResult:
         log = log if log is not None else SampleLog()
@@ -143,12 +162,22 @@ class RulerGroup:
                 progress(0, total)
             progress(advance, None)
 
+        members = self.tasks(lm.trained_context, with_qa=qa_options is not None)
+        lengths = self.fitting_lengths(members, tokenizer, options, lm.trained_context)
+        members = [dataclasses.replace(task, lengths=lengths) for task in members]
         samples: list[dict[str, Any]] = []
-        for task in self.tasks(lm.trained_context, with_qa=qa_options is not None):
+        for task in members:
             task_options = qa_options if task.name in QA_TASKS else options
             result = task.run(lm, tokenizer, task_options, PrefixedLog(log, task.name), progress=sub_progress)
             samples += [{"task": task.name.removeprefix("ruler_"), **s} for s in result.samples]
         return summarize(samples, with_qa=qa_options is not None)
+
+
+def member_fits(task: Any, tokenizer: Any, options: TaskOptions, length: int) -> bool:
+    """Whether a member's smallest prompt and generation fit `length` (QA prompts are checked as they are built)."""
+    if isinstance(task, RulerNeedleTask):
+        return PromptBuilder(task, tokenizer, options, length).fits(length, 0.0, 0, 0)
+    return task.fits(tokenizer, options, length) if hasattr(task, "fits") else True
 
 
 def sample_score(sample: dict[str, Any]) -> float:

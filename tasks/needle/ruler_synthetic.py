@@ -239,11 +239,19 @@ class RulerSyntheticTask:
 
         return fwe, 8  # below 8 words no word but '...' appears
 
+    def fitter(self, tokenizer: Any) -> Fitter:
+        make, start = self.maker(tokenizer)
+        return Fitter(self.name, tokenizer, self.new_tokens, make, start=start)
+
+    def fits(self, tokenizer: Any, options: TaskOptions, length: int) -> bool:
+        """Whether the smallest prompt and the generation fit `length` tokens."""
+        fitter = self.fitter(tokenizer)
+        return fitter.fits(length, 0, fitter.start)
+
     def run(self, lm: ScoringLM, tokenizer: Any, options: TaskOptions, log: SampleLog | None = None,
             progress: Callable[[int, int | None], None] | None = None) -> TaskResult:
         log = log if log is not None else SampleLog()
-        make, start = self.maker(tokenizer)
-        fitter = Fitter(self.name, tokenizer, self.new_tokens, make, start=start)
+        fitter = self.fitter(tokenizer)
         lengths = task_lengths(self.name, self.lengths, lm.trained_context, fitter)
         return length_result(run_lengths(self.name, lm, tokenizer, fitter, lengths, self.samples,
                                          "string_match_all", log, progress))
