@@ -4,6 +4,7 @@
 from unimem_bench.tasks import perplexity  # noqa: I001, F401
 from unimem_bench.tasks import pi_length  # noqa: F401
 from unimem_bench.tasks.longbench import task  # noqa: F401
+from unimem_bench.tasks.longbench import v2  # noqa: F401
 from unimem_bench.tasks.needle import niah  # noqa: F401
 from unimem_bench.tasks.needle import ruler  # noqa: F401
 from unimem_bench.tasks.needle import ruler_synthetic  # noqa: F401
