@@ -194,7 +194,7 @@ def plot_run(req: RunRequest, plan: Plan) -> list[Path]:
     tasks = {c.task.name for c in plan.cells}
     frame = records.read_leaderboard(leaderboard)
     recorded = frame[frame["subtask"] == ""].groupby("run_id", sort=False)["metric"].agg(list).to_dict()
-    # A task may name its headline by what it holds (ruler: avg/13, or avg/11-synthetic when the QA data is missing).
+    # A task may name its headline by what it holds (ruler: avg13, or avg11-synthetic when the QA data is missing).
     metrics = dict.fromkeys(c.task.headline if c.task.headline in recorded.get(c.run_id, [c.task.headline])
                             else recorded[c.run_id][0] for c in plan.cells)
     figures = [plot_metric_bars(leaderboard, plots / f"{metric}.png", metric=metric, model=model) for metric in metrics]

@@ -117,6 +117,9 @@ class InfiniteBenchSynthetic:
                    for t in self.tasks for d in self.depths}
         if not self.lengths:  # default lengths too short for a prompt are left out
             lengths = [n for n in lengths if all(f.fits(n, 0, 1) for f in fitters.values())] or lengths
+        for fitter in fitters.values():  # checked before the first prompt runs
+            for length in lengths:
+                fitter.require(length)
         keys = [(t, n, float(d), i, f"{t}/L={n}/{depth_label(d)}/sample={i}")
                 for t in self.tasks for n in lengths for d in self.depths for i in range(self.samples)]
         if progress is not None:

@@ -66,12 +66,16 @@ class Fitter:
     def fits(self, length: int, sample: int, n: int) -> bool:
         return len(self.ids(length, sample, n)[0]) + self.max_new_tokens <= length
 
-    def build(self, length: int, sample: int) -> tuple[list[int], Built]:
+    def require(self, length: int, sample: int = 0) -> None:
+        """Raise a one-line TaskArgError when even the smallest prompt does not fit `length`."""
         if not self.fits(length, sample, self.start):
             smallest = len(self.ids(length, sample, self.start)[0])
             raise TaskArgError(f"{self.name}.lengths {length}: the smallest prompt ({smallest} tokens) and "
                                f"{self.max_new_tokens} new tokens do not fit; use lengths of at least "
                                f"{smallest + self.max_new_tokens}")
+
+    def build(self, length: int, sample: int) -> tuple[list[int], Built]:
+        self.require(length, sample)
         n = self.fitted.get(length)
         if n is None:
             # fits(low); double high until it does not fit, then bisect
@@ -91,7 +95,9 @@ class Fitter:
 def task_lengths(name: str, lengths: Sequence[int], trained_context: int, fitter: Fitter) -> list[int]:
     """The given lengths, or the default multiples of the trained context that can hold the smallest prompt."""
     resolved = resolve_lengths(lengths, trained_context)
-    if lengths:
+    if lengths:  # every given length is checked before the first prompt runs
+        for length in resolved:
+            fitter.require(length)
         return resolved
     kept = [n for n in resolved if fitter.fits(n, 0, fitter.start)]
     if not kept:

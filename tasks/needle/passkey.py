@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
+from unimem_bench.tasks.arguments import arg, task_args
 from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
 from unimem_bench.tasks.needle.haystack import DEFAULT_DEPTHS, cell_key, check_grid, resolve_lengths
 from unimem_bench.tasks.needle.lengths import Fitter, sample_rng
@@ -103,6 +103,9 @@ class PasskeyTask:
         lengths = resolve_lengths(self.lengths, lm.trained_context)
         if not self.lengths:  # default lengths too short for the prompt are left out
             lengths = [n for n in lengths if fitters[float(self.depths[0])].fits(n, 0, 0)] or lengths
+        for fitter in fitters.values():  # checked before the first prompt runs
+            for length in lengths:
+                fitter.require(length)
         cells = [(length, float(depth)) for length in lengths for depth in self.depths]
         keys = [(length, depth, i, f"{cell_key(length, depth)}/sample={i}")
                 for length, depth in cells for i in range(self.samples)]
@@ -112,11 +115,7 @@ class PasskeyTask:
         for length, depth, i, key in keys:
             if log.get(key) is not None:
                 continue
-            try:
-                ids, built = fitters[depth].build(length, i)
-            except TaskArgError:
-                raise TaskArgError(f"{self.name}.lengths {length}: the prompt without garbage and "
-                                   f"{self.max_new_tokens} new tokens do not fit; use longer lengths") from None
+            ids, built = fitters[depth].build(length, i)
             passkey = built.answers[0]
 
             def found(gen: list[int], passkey: str = passkey) -> bool:  # a digit after the first integer ends it

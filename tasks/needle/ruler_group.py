@@ -2,10 +2,10 @@
 
 RULER's tables (NVIDIA/RULER README, commit c3f5e3b) report, per model and context length, the mean of the 13 task
 scores (x100), and the mean of those over the lengths. This task runs the 8 needle variants, vt, cwe, fwe, qa_1
-and qa_2 at one set of lengths and writes that: the headline `avg/13` (mean over lengths), a row `avg/13` per
+and qa_2 at one set of lengths and writes that: the headline `avg13` (mean over lengths), a row `avg13` per
 length, and a row per task and length (`score`, x100). Without the QA files and without the hub (`qa=auto`, the
 default) the two QA tasks are left out, one line on stderr says so and how to get them, and the headline is
-named `avg/11-synthetic`: an 11-task average is not RULER's number and is never labelled as one.
+named `avg11-synthetic`: an 11-task average is not RULER's number and is never labelled as one.
 `qa=on` requires the QA data (one-line error before any model work when it is missing); `qa=off` always runs the 11.
 
 The needle variants place their asked needle on the `depths` grid (RULER draws each sample's depth from 40) with
@@ -38,7 +38,7 @@ to beyond it; below the trained context cwe's few-shot example and 120 answer to
 
 def headline_name(with_qa: bool) -> str:
     """What the average is called: RULER's 13-task average only when all 13 ran."""
-    return "avg/13" if with_qa else "avg/11-synthetic"
+    return "avg13" if with_qa else "avg11-synthetic"
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ class RulerGroup:
 
     @property
     def headline(self) -> str:
-        """`avg/11-synthetic` when the QA tasks are off; `avg/13` otherwise (a run without QA data writes
-        `avg/11-synthetic` instead)."""
+        """`avg11-synthetic` when the QA tasks are off; `avg13` otherwise (a run without QA data writes
+        `avg11-synthetic` instead)."""
         return headline_name(self.qa != "off")
 
     def qa_source(self, options: TaskOptions) -> TaskOptions | None:
@@ -98,7 +98,7 @@ class RulerGroup:
                 check_qa_data(self.name, next(d for d, f in FILES.items() if f == missing[0]), options.data_dir)
         elif self.qa == "auto" and self.qa_source(options) is None:
             print(f"warning: {self.name}: no QA data (squad.json, hotpotqa.json in --data-dir, nor the hub), so the "
-                  f"headline is avg/11-synthetic, not RULER's 13-task average; add {GET_FILES} or pass --task-arg "
+                  f"headline is avg11-synthetic, not RULER's 13-task average; add {GET_FILES} or pass --task-arg "
                   f"{self.name}.qa=off", file=sys.stderr)
         else:
             self.qa_source(options)
