@@ -21,7 +21,7 @@ from typing import Any
 from unimem_bench.tasks.arguments import arg, task_args
 from unimem_bench.tasks.babilong.prompts import TASKS as QA_TASKS
 from unimem_bench.tasks.babilong.task import predict, summarize
-from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
 from unimem_bench.tasks.data.hub import DataNotFoundError
 from unimem_bench.tasks.needle.haystack import haystack_text
 from unimem_bench.tasks.needle.lengths import sample_rng
@@ -145,6 +145,10 @@ class BabilongSynthetic:
     """Seed of the facts, the background's start and the fact positions."""
     headline: str = "accuracy"
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"accuracy": True}
+
     def __post_init__(self) -> None:
         if not self.tasks or any(t not in QA_TASKS for t in self.tasks):
             raise ValueError(f"{self.name}.tasks: choose from {', '.join(QA_TASKS)}")
@@ -169,20 +173,21 @@ class BabilongSynthetic:
         if progress is not None:
             progress(0, len(keys))
             progress(sum(log.get(k[-1]) is not None for k in keys), None)
-        samples = []
-        for task, length, i, key in keys:
-            sample = log.get(key)
-            if sample is None:
-                rng = sample_rng(self.seed, self.name, task, length, i)
-                facts, question, answer = make_facts(task, rng)
-                context = noisy_context(facts, sentences, tokenizer, length, rng)
-                sample = {"key": key, "task": task, "context_len": length, "sample": i, "facts": facts,
-                          **predict(lm, tokenizer, task, context, question, answer)}
-                log.add(key, sample)
-                if progress is not None:
-                    progress(1, None)
-            samples.append(sample)
-        return summarize(samples)
+
+        def run_prompt(item: tuple[str, int, int, str]) -> dict[str, Any]:
+            task, length, i, key = item
+            rng = sample_rng(self.seed, self.name, task, length, i)
+            facts, question, answer = make_facts(task, rng)
+            context = noisy_context(facts, sentences, tokenizer, length, rng)
+            return {"key": key, "task": task, "context_len": length, "sample": i, "facts": facts,
+                    **predict(lm, tokenizer, task, context, question, answer)}
+
+        todo = [item for item in keys if log.get(item[-1]) is None]
+        for _, sample in map_samples(lm, run_prompt, todo):  # launched processes split the prompts
+            log.add(sample["key"], sample)
+            if progress is not None:
+                progress(1, None)
+        return summarize([log.get(k[-1]) for k in keys])
 
 
 TASKS.register("babilong-synthetic")(BabilongSynthetic(name="babilong-synthetic", version="1.0"))

@@ -23,7 +23,7 @@ import torch
 from unimem_bench.tasks.arguments import arg, task_args
 from unimem_bench.tasks.babilong.prompts import MAX_NEW_TOKENS, TASK_LABELS, compare_answers, task_prompt
 from unimem_bench.tasks.babilong.prompts import TASKS as QA_TASKS
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset, hub_records
 from unimem_bench.tasks.samples import encode, prompt_fields
 
@@ -90,6 +90,10 @@ class BabilongTask:
     """BABILong split names (0k, 1k, 2k ... 128k; empty: 0k up to 8x the model's trained context)."""
     headline: str = "accuracy"
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"accuracy": True}
+
     def __post_init__(self) -> None:
         if not self.tasks or any(t not in QA_TASKS for t in self.tasks):
             raise ValueError(f"{self.name}.tasks: choose from {', '.join(QA_TASKS)}")
@@ -117,18 +121,22 @@ class BabilongTask:
         data = {(t, s): load_split(t, s, options.data_dir, options.max_docs) for t in self.tasks for s in splits}
         if progress is not None:
             progress(0, sum(len(rows) for rows in data.values()))
-        samples = []
-        for (task, split), rows in data.items():
-            for i, row in enumerate(rows):
-                key = f"{task}/{split}/{i}"
-                sample = log.get(key)
-                if sample is None:
-                    sample = {"key": key, "task": task, "split": split, "context_len": split_tokens(split),
-                              **predict(lm, tokenizer, task, row["input"], row["question"], row["target"])}
-                    log.add(key, sample)
-                samples.append(sample)
-                if progress is not None:
-                    progress(1, None)
+        items = [(task, split, row, f"{task}/{split}/{i}") for (task, split), rows in data.items()
+                 for i, row in enumerate(rows)]
+        if progress is not None:
+            progress(sum(log.get(key) is not None for *_, key in items), None)
+
+        def run_prompt(item: tuple[str, str, dict[str, Any], str]) -> dict[str, Any]:
+            task, split, row, key = item
+            return {"key": key, "task": task, "split": split, "context_len": split_tokens(split),
+                    **predict(lm, tokenizer, task, row["input"], row["question"], row["target"])}
+
+        todo = [item for item in items if log.get(item[3]) is None]
+        for _, sample in map_samples(lm, run_prompt, todo):  # launched processes split the prompts
+            log.add(sample["key"], sample)
+            if progress is not None:
+                progress(1, None)
+        samples = [log.get(key) for *_, key in items]
         if not samples:
             raise DataNotFoundError(f"task {self.name!r}: the selected splits hold no sample")
         return summarize(samples)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
 from unimem_bench.tasks.infinitebench.metrics import score_one
 from unimem_bench.tasks.infinitebench.prompts import MAX_NEW_TOKENS, SHORT_NAMES, create_prompt
 from unimem_bench.tasks.needle.haystack import DEFAULT_DEPTHS, check_grid, depth_label, resolve_lengths
@@ -86,6 +86,10 @@ class InfiniteBenchSynthetic:
     """Seed of the keys and values."""
     headline: str = "accuracy"
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"accuracy": True}
+
     def __post_init__(self) -> None:
         check_grid(self.name, self.lengths, self.depths, max(MAX_NEW_TOKENS[t] for t in SYNTHETIC))
         unknown = [t for t in self.tasks if t not in SYNTHETIC]
@@ -125,22 +129,23 @@ class InfiniteBenchSynthetic:
         if progress is not None:
             progress(0, len(keys))
             progress(sum(log.get(k[-1]) is not None for k in keys), None)
-        samples = []
-        for task, length, depth, i, key in keys:
-            sample = log.get(key)
-            if sample is None:
-                ids, built = fitters[task, depth].build(length, i)
-                new = lm.generate(torch.tensor(ids), max_new_tokens=MAX_NEW_TOKENS[task],
-                                  eos_token_id=tokenizer.eos_token_id)
-                prediction = tokenizer.decode(new, skip_special_tokens=True)
-                sample = {"key": key, "task": task, "context_len": length, "depth": depth, "sample": i,
-                          **prompt_fields(ids), "haystack_units": built.n, "prediction": prediction,
-                          "answers": built.answers, "score": score_one(task, prediction, built.answers[0])}
-                log.add(key, sample)
-                if progress is not None:
-                    progress(1, None)
-            samples.append(sample)
-        return summarize(samples)
+
+        def run_prompt(item: tuple[str, int, float, int, str]) -> dict[str, Any]:
+            task, length, depth, i, key = item
+            ids, built = fitters[task, depth].build(length, i)
+            new = lm.generate(torch.tensor(ids), max_new_tokens=MAX_NEW_TOKENS[task],
+                              eos_token_id=tokenizer.eos_token_id)
+            prediction = tokenizer.decode(new, skip_special_tokens=True)
+            return {"key": key, "task": task, "context_len": length, "depth": depth, "sample": i,
+                    **prompt_fields(ids), "haystack_units": built.n, "prediction": prediction,
+                    "answers": built.answers, "score": score_one(task, prediction, built.answers[0])}
+
+        todo = [item for item in keys if log.get(item[-1]) is None]
+        for _, sample in map_samples(lm, run_prompt, todo):  # launched processes split the prompts
+            log.add(sample["key"], sample)
+            if progress is not None:
+                progress(1, None)
+        return summarize([log.get(k[-1]) for k in keys])
 
 
 def summarize(samples: list[dict[str, Any]]) -> TaskResult:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset, hub_records
 from unimem_bench.tasks.infinitebench.metrics import score_one
 from unimem_bench.tasks.infinitebench.prompts import MAX_NEW_TOKENS, SHORT_NAMES, TASK_NAMES, create_prompt, get_answer
@@ -59,6 +59,10 @@ class InfiniteBenchTask:
     """Tokens generated at most (0 = the official per-task lengths, 3 to 30,000)."""
     headline: str = "score"
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"score": True}
+
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASK_NAMES]
         if unknown:
@@ -92,18 +96,20 @@ class InfiniteBenchTask:
         if progress is not None:
             progress(0, sum(len(e) for e in examples.values()))
         budget = self.max_length or lm.trained_context
-        samples = []
-        for task, egs in examples.items():
-            for i, eg in enumerate(egs):
-                key = f"{task}/{eg.get('id', i)}"
-                sample = log.get(key)
-                if sample is None:
-                    sample = self.predict(lm, tokenizer, task, eg, budget)
-                    sample["key"] = key
-                    log.add(key, sample)
-                samples.append(sample)
-                if progress is not None:
-                    progress(1, None)
+        items = [(task, eg, f"{task}/{eg.get('id', i)}") for task, egs in examples.items() for i, eg in enumerate(egs)]
+        if progress is not None:
+            progress(sum(log.get(key) is not None for *_, key in items), None)
+
+        def run_prompt(item: tuple[str, dict[str, Any], str]) -> dict[str, Any]:
+            task, eg, key = item
+            return {"key": key, **self.predict(lm, tokenizer, task, eg, budget)}
+
+        todo = [item for item in items if log.get(item[2]) is None]
+        for _, sample in map_samples(lm, run_prompt, todo):  # launched processes split the prompts
+            log.add(sample["key"], sample)
+            if progress is not None:
+                progress(1, None)
+        samples = [log.get(key) for *_, key in items]
         if not samples:
             raise DataNotFoundError(f"task {self.name!r}: the selected tasks hold no sample")
         return summarize(samples)

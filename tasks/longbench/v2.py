@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset, hub_records
 from unimem_bench.tasks.samples import encode, prompt_fields, truncate_middle_ids
 
@@ -83,6 +83,10 @@ class LongBenchV2Task:
     models)."""
     headline: str = "accuracy"
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"accuracy": True}
+
     def __post_init__(self) -> None:
         if self.max_length < 0:
             raise ValueError(f"{self.name}.max_length {self.max_length} must be >= 0 (0 = the trained context)")
@@ -128,15 +132,13 @@ class LongBenchV2Task:
         budget = self.max_length or lm.trained_context
         if progress is not None:
             progress(0, len(items))
-        samples = []
-        for item in items:
-            sample = log.get(item["_id"])
-            if sample is None:
-                sample = self.predict(lm, tokenizer, item, budget)
-                log.add(item["_id"], sample)
-            samples.append(sample)
+            progress(sum(log.get(item["_id"]) is not None for item in items), None)
+        todo = [item for item in items if log.get(item["_id"]) is None]
+        for _, sample in map_samples(lm, lambda item: self.predict(lm, tokenizer, item, budget), todo):
+            log.add(sample["_id"], sample)  # launched processes split the questions
             if progress is not None:
                 progress(1, None)
+        samples = [log.get(item["_id"]) for item in items]
         if not samples:
             raise DataNotFoundError(f"task {self.name!r}: the data holds no question")
         return summarize(samples)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from unimem_bench.tasks.arguments import TaskArgError
-from unimem_bench.tasks.base import MetricRow, ScoringLM, TaskResult
+from unimem_bench.tasks.base import MetricRow, ScoringLM, TaskResult, map_samples
 from unimem_bench.tasks.needle.haystack import resolve_lengths, string_match_all
 from unimem_bench.tasks.samples import encode, prompt_fields
 
@@ -113,26 +113,27 @@ def run_lengths(name: str, lm: ScoringLM, tokenizer: Any, fitter: Fitter, length
         progress(0, len(keys))
         progress(sum(log.get(key) is not None for *_, key in keys), None)
     score = METRICS[metric]
-    records = []
-    for length, i, key in keys:
-        record = log.get(key)
-        if record is None:
-            ids, built = fitter.build(length, i)
 
-            def done(gen: list[int], refs: list[str] = built.answers) -> bool:
-                return score(tokenizer.decode(gen), refs) == 1  # found text stays found: the score cannot change
+    def run_prompt(item: tuple[int, int, str]) -> dict[str, Any]:
+        length, i, key = item
+        ids, built = fitter.build(length, i)
 
-            new = lm.generate(torch.tensor(ids), max_new_tokens=fitter.max_new_tokens,
-                              eos_token_id=tokenizer.eos_token_id, stop=done)
-            prediction = tokenizer.decode(new, skip_special_tokens=True)
-            record = {"key": key, "context_len": length, "sample": i, **prompt_fields(ids), "haystack_units": built.n,
-                      "prediction": prediction, "answers": built.answers, "new_tokens": len(new),
-                      "metric": metric, "score": score(prediction, built.answers)}
-            log.add(key, record)
-            if progress is not None:
-                progress(1, None)
-        records.append(record)
-    return records
+        def done(gen: list[int], refs: list[str] = built.answers) -> bool:
+            return score(tokenizer.decode(gen), refs) == 1  # found text stays found: the score cannot change
+
+        new = lm.generate(torch.tensor(ids), max_new_tokens=fitter.max_new_tokens,
+                          eos_token_id=tokenizer.eos_token_id, stop=done)
+        prediction = tokenizer.decode(new, skip_special_tokens=True)
+        return {"key": key, "context_len": length, "sample": i, **prompt_fields(ids), "haystack_units": built.n,
+                "prediction": prediction, "answers": built.answers, "new_tokens": len(new), "metric": metric,
+                "score": score(prediction, built.answers)}
+
+    todo = [item for item in keys if log.get(item[2]) is None]
+    for _, record in map_samples(lm, run_prompt, todo):  # launched processes split the prompts
+        log.add(record["key"], record)
+        if progress is not None:
+            progress(1, None)
+    return [log.get(key) for *_, key in keys]
 
 
 def length_result(records: list[dict[str, Any]], metric_name: str = "accuracy") -> TaskResult:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
 from unimem_bench.tasks.needle.haystack import DEFAULT_DEPTHS, cell_key, check_grid, resolve_lengths
 from unimem_bench.tasks.needle.lengths import Fitter, sample_rng
 from unimem_bench.tasks.needle.niah import grid_result
@@ -53,6 +53,12 @@ def first_integer(text: str) -> str | None:
     return match.group() if match else None
 
 
+def integer_ended(tokenizer: Any, generated: list[int]) -> bool:
+    """The generation holds an integer followed by something else: later tokens cannot change the score."""
+    text = tokenizer.decode(generated)
+    return first_integer(text) is not None and not text.rstrip().endswith(tuple("0123456789"))
+
+
 def passkey_score(prediction: str, key: str) -> float:
     """1 when the first integer in the prediction is the passkey."""
     return float(first_integer(prediction) == key)
@@ -78,6 +84,10 @@ class PasskeyTask:
     seed: int = arg(42)
     """Seed of the passkeys."""
     headline: str = "accuracy"
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"accuracy": True}
 
     def __post_init__(self) -> None:
         check_grid(self.name, self.lengths, self.depths, self.max_new_tokens)
@@ -112,22 +122,21 @@ class PasskeyTask:
         if progress is not None:
             progress(0, len(keys))
             progress(sum(log.get(key) is not None for *_, key in keys), None)
-        for length, depth, i, key in keys:
-            if log.get(key) is not None:
-                continue
+
+        def run_prompt(item: tuple[int, float, int, str]) -> dict[str, Any]:
+            length, depth, i, key = item
             ids, built = fitters[depth].build(length, i)
             passkey = built.answers[0]
-
-            def found(gen: list[int], passkey: str = passkey) -> bool:  # a digit after the first integer ends it
-                text = tokenizer.decode(gen)
-                return first_integer(text) is not None and not text.rstrip().endswith(tuple("0123456789"))
-
             new = lm.generate(torch.tensor(ids), max_new_tokens=self.max_new_tokens,
-                              eos_token_id=tokenizer.eos_token_id, stop=found)
+                              eos_token_id=tokenizer.eos_token_id, stop=lambda gen: integer_ended(tokenizer, gen))
             prediction = tokenizer.decode(new, skip_special_tokens=True)
-            log.add(key, {"key": key, "context_len": length, "depth": depth, "sample": i, **prompt_fields(ids),
-                          "garbage_chars": built.n, "prediction": prediction, "answers": [passkey],
-                          "new_tokens": len(new), "accuracy": passkey_score(prediction, passkey)})
+            return {"key": key, "context_len": length, "depth": depth, "sample": i, **prompt_fields(ids),
+                    "garbage_chars": built.n, "prediction": prediction, "answers": [passkey], "new_tokens": len(new),
+                    "accuracy": passkey_score(prediction, passkey)}
+
+        todo = [item for item in keys if log.get(item[3]) is None]
+        for _, sample in map_samples(lm, run_prompt, todo):  # launched processes split the prompts
+            log.add(sample["key"], sample)
             if progress is not None:
                 progress(1, None)
         result = grid_result([(length, depth, [log.get(key) for ln, d, _, key in keys if (ln, d) == (length, depth)])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any, Literal
 
@@ -60,6 +60,9 @@ class RulerGroup:
     qa: Literal["auto", "on", "off"] = arg("auto")
     """QA tasks: `auto` runs them when --data-dir has squad.json/hotpotqa.json or the hub answers, `on` requires
     them, `off` leaves them out."""
+    found_qa: dict[str, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
+    """Whether this instance's last check (before any model work) or run found the QA data: the headline names what
+    the run averages, and the runner reads it after the run (init=False: every copy starts empty)."""
 
     def __post_init__(self) -> None:
         check_grid(self.name, self.lengths, self.depths, 1)
@@ -68,12 +71,21 @@ class RulerGroup:
 
     @property
     def headline(self) -> str:
-        """`avg11-synthetic` when the QA tasks are off; `avg13` otherwise (a run without QA data writes
-        `avg11-synthetic` instead)."""
-        return headline_name(self.qa != "off")
+        """`avg13`, or `avg11-synthetic` when the QA tasks are off or their data was not found."""
+        return headline_name(self.qa != "off" and self.found_qa.get("qa", True))
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"avg13": True, "avg11-synthetic": True, "score": True}
 
     def qa_source(self, options: TaskOptions) -> TaskOptions | None:
-        """The options the QA tasks read their data with (--data-dir's files, else the hub), or None without data."""
+        """The options the QA tasks read their data with (--data-dir's files, else the hub), or None without data
+        (recorded in found_qa)."""
+        source = self._qa_source(options)
+        self.found_qa["qa"] = source is not None
+        return source
+
+    def _qa_source(self, options: TaskOptions) -> TaskOptions | None:
         if self.qa == "off":
             return None
         data_dir = options.data_dir
@@ -96,12 +108,10 @@ class RulerGroup:
             missing = [f for d, f in FILES.items() if find_file(options.data_dir, d) is None]
             if missing:
                 check_qa_data(self.name, next(d for d, f in FILES.items() if f == missing[0]), options.data_dir)
-        elif self.qa == "auto" and self.qa_source(options) is None:
+        elif self.qa_source(options) is None and self.qa == "auto":
             print(f"warning: {self.name}: no QA data (squad.json, hotpotqa.json in --data-dir, nor the hub), so the "
                   f"headline is avg11-synthetic, not RULER's 13-task average; add {GET_FILES} or pass --task-arg "
                   f"{self.name}.qa=off", file=sys.stderr)
-        else:
-            self.qa_source(options)
 
     def params(self, options: TaskOptions) -> dict[str, Any]:
         return {"haystack": haystack_source(options.data_dir), **task_args(self),

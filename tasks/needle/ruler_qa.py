@@ -157,6 +157,10 @@ class RulerQATask:
     """Seed of the distractor documents and their order (RULER's random_seed)."""
     headline: str = "accuracy"
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"accuracy": True}
+
     def __post_init__(self) -> None:
         check_grid(self.name, self.lengths, (0.0,), self.max_new_tokens)
         if self.samples < 1:

@@ -183,6 +183,10 @@ class RulerSyntheticTask:
     """vt: tokens of the in-context example at most (RULER: 500; never more than 1/8 of the length; 0 = none)."""
     headline: str = "accuracy"
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"accuracy": True}
+
     def __post_init__(self) -> None:
         check_grid(self.name, self.lengths, (0.0,), self.new_tokens)
         if self.samples < 1 or self.fewshot_tokens < 0:
