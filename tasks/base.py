@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -16,7 +18,12 @@ from unimem_bench.methods.registry import Registry
 
 
 class ScoringLM(Protocol):
-    """What a task may ask of a model (lm-eval's LM interface in miniature); `MemoryLM` implements it."""
+    """What a task may ask of a model (lm-eval's LM interface in miniature); `MemoryLM` implements it.
+
+    One meaning of a method in every task: a method without memory (vanilla, position_interpolation) reads a task's
+    whole input at once, up to what the task allows; a memory method streams it through its segments and memory.
+    Tasks get that through `reading_at_once` (or `generate_at_once`), never by asking which method they run.
+    """
 
     segment_len: int
     """Tokens per segment: what the model reads at once besides its memory."""
@@ -29,9 +36,29 @@ class ScoringLM(Protocol):
         ...
 
     def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
-                 stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None) -> list[int]:
-        """Continue the 1-D prompt through memory; returns the new token ids."""
+                 stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None,
+                 min_new_tokens: int = 0) -> list[int]:
+        """Continue the 1-D prompt through memory; returns the new token ids. The end-of-sequence ids cannot be
+        generated before `min_new_tokens` new tokens (transformers' min_new_tokens)."""
         ...
+
+    def reading_at_once(self, length: int) -> AbstractContextManager[ScoringLM]:
+        """This model while it reads inputs of up to `length` tokens (prompt plus generated tokens): a method
+        without memory reads all of it at once (its local context widened to `length`: vanilla is full attention,
+        position interpolation rescales RoPE to the length); a method with memory is unchanged and streams."""
+        ...
+
+
+def generate_at_once(lm: ScoringLM, prompt: Sequence[int], *, max_new_tokens: int, **kwargs: Any) -> list[int]:
+    """`lm.generate` with the prompt and its generation budget read at once by a method without memory (see
+    `ScoringLM`); keyword arguments are `generate`'s."""
+    with lm.reading_at_once(len(prompt) + max_new_tokens) as view:
+        return view.generate(torch.as_tensor(list(prompt), dtype=torch.long), max_new_tokens=max_new_tokens, **kwargs)
+
+
+def ids_digest(ids: Sequence[int]) -> str:
+    """A short hash of token ids (sha256 of their decimal list), so a sample record pins the exact prompt read."""
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
 
 
 Item = TypeVar("Item")
@@ -76,6 +103,9 @@ class TaskOptions:
     """Documents streamed together; never changes a score."""
     task_args: tuple[tuple[str, str, Any], ...] = ()
     """(task or "", field, value) settings from `--task-arg` / `--task-args`; see `configure`."""
+    trained_context: int | None = None
+    """The model's trained context in tokens, set by the runner's planning from the model's config (no weights), so
+    `check` and `params` can resolve defaults that depend on it; None when not known."""
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ class PerplexityTask:
                 if self.corpus == "books":
                     text = strip_gutenberg(text)
                 if len(text) >= self.min_chars:
-                    docs.append((str(row.get("short_book_title") or row.get("id") or i), text))
+                    docs.append((str(row.get("short_book_title") or row.get("path") or row.get("id") or i), text))
                 if limit and len(docs) >= limit:
                     break
         else:
@@ -107,7 +107,7 @@ class PerplexityTask:
     def check(self, options: TaskOptions) -> None:
         if options.data_dir is None and self.dataset:
             local = ".txt books" if self.corpus == "books" else "source files"
-            check_hub_dataset(self.dataset, task=self.name, local=local)
+            check_hub_dataset(self.dataset, task=self.name, local=local, data_files=self.data_files or None)
             return
         self.documents(options)
 
@@ -154,8 +154,10 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, float]:
 
 
 # 10,000 characters is ~3K tokens of code: long for the reference model's 256-token context.
-# Offline default: the held-out standard library; with --task-arg dataset=... a hub corpus, e.g. RedPajama's GitHub
-# sample: dataset=togethercomputer/RedPajama-Data-1T-Sample data_files=github_sample.jsonl split=train.
+# Offline default: the held-out standard library; with --task-arg dataset=... a hub corpus without a loading script,
+# e.g. CodeParrot's GitHub Python files (parquet): dataset=codeparrot/codeparrot-clean-valid split=train
+# text_field=content.
 TASKS.register("github")(PerplexityTask(name="github", version="1.1", corpus="code", min_chars=10_000))
-# Books are long anyway; the filter only drops stray short files. PG-19's test split: its 100 evaluation books.
-TASKS.register("pg19")(PerplexityTask(name="pg19", version="1.1", corpus="books", dataset="deepmind/pg19"))
+# Books are long anyway; the filter only drops stray short files. PG-19's test split, its 100 evaluation books, from
+# a parquet copy with deepmind/pg19's fields: deepmind/pg19 itself is script-based, which datasets >= 4 cannot load.
+TASKS.register("pg19")(PerplexityTask(name="pg19", version="1.2", corpus="books", dataset="emozilla/pg19"))

@@ -16,8 +16,7 @@ shows undiluted by the document's start. The headline rows are the longest lengt
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,6 @@ from unimem_bench.tasks.arguments import arg, task_args
 from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
 from unimem_bench.tasks.data.corpora import read_stdlib_documents, read_text_dir
 from unimem_bench.tasks.perplexity import CODE_SUFFIXES, encode_document
-
-
-@contextmanager
-def reading_length(lm: ScoringLM, length: int) -> Iterator[ScoringLM]:
-    """`lm` as it reads a `length`-token document: memoryless methods widen their local context to the length."""
-    widen = getattr(lm, "reading_at_once", None)
-    if widen is None:
-        raise TypeError("the pi-length task needs the engine's MemoryLM (it widens memoryless methods' context)")
-    if lm.config.has_memory:
-        yield lm
-        return
-    with widen(length):  # changes `lm` in place, so a wrapper (sharded evaluation) keeps wrapping it
-        yield lm
 
 
 @dataclass(frozen=True)
@@ -110,7 +96,7 @@ class LengthTask:
             if progress is not None:
                 progress((len(encoded) - len(todo)) * length, None)
             if todo:
-                with reading_length(lm, length) as view:
+                with lm.reading_at_once(length) as view:
                     for key, ids in todo:
                         nll = view.score([ids])[0].double()  # nll[i] scores token i + 1
                         tail = nll[length // 2 - 1:]
@@ -132,4 +118,4 @@ class LengthTask:
                           rows=[r for r in rows if r.context_len != longest])
 
 
-TASKS.register("pi-length")(LengthTask(name="pi-length", version="1.0"))
+TASKS.register("pi-length")(LengthTask(name="pi-length", version="1.1"))

@@ -103,6 +103,14 @@ def test_greedy_generation_equals_transformers_generate(hf, vanilla):
     assert cut == [text.split(".")[0] for text in expected] and cut != expected  # the stop string mattered
 
 
+def test_generation_reads_prompt_and_budget_at_once_without_memory(stories_dir, hf):
+    """Vanilla with 8-token segments but max_length 512 generates as lm-eval's hf does: the whole (cut) prompt and
+    its budget are read at once, as in every task."""
+    short = UnimemLM(pretrained=str(stories_dir), method="vanilla", segment_len=8, max_length=512)
+    stopped = [request("generate_until", p, {"until": ["."], "max_gen_toks": 20}) for p in STORY_PROMPTS]
+    assert short.generate_until(stopped, disable_tqdm=True) == hf.generate_until(stopped, disable_tqdm=True)
+
+
 def test_sampling_is_seeded_per_request(vanilla):
     kwargs = {"until": [], "max_gen_toks": 12, "do_sample": True, "temperature": 1.5}
     reqs = [request("generate_until", "Once upon a time", kwargs) for _ in range(2)]

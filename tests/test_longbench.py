@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from helpers import one_line_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,9 +20,10 @@ from unimem_bench.harness.cli import app as cli
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.tasks import TASKS, SampleLog, TaskArgError, TaskOptions
 from unimem_bench.tasks.arguments import configure
+from unimem_bench.tasks.base import ids_digest
 from unimem_bench.tasks.longbench.data import DATASETS, E_DATASETS, bucket, truncate_middle
 from unimem_bench.tasks.longbench.fixture import write_longbench_dir
-from unimem_bench.tasks.longbench.task import stop_at_newline, summarize
+from unimem_bench.tasks.longbench.task import summarize
 
 # Datasets whose official template (THUDM config) and lm-eval's yaml differ, in whitespace only.
 WHITESPACE_DIFFERENCES = {"triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p"}
@@ -103,17 +105,28 @@ def test_scores_average_datasets_not_samples():
                + [{"dataset": "trec", "score": 0.0, "prompt_tokens": 20, "bucket": "8k+"}]
                + [{"dataset": "lcc", "score": 40.0, "prompt_tokens": 30, "bucket": "0-4k"}])
     metrics, rows = summarize(samples, e=True)
-    assert metrics["score"] == pytest.approx((100 + 0 + 40) / 3)  # not the sample mean 68
+    assert metrics["score/dataset_mean"] == pytest.approx((100 + 0 + 40) / 3)  # not the sample mean 68
+    assert metrics["score/en"] == pytest.approx((100 + 0 + 40) / 3)  # one dataset per category here
+    assert "score/zh" not in metrics  # the code datasets alone make no Chinese score
     by = {r.subtask: r for r in rows}
     assert by["qasper"].value == 100 and by["qasper"].n == 3 and by["trec"].context_len == 20
-    assert by["category:single_doc_qa"].value == 100 and by["category:code"].value == 40
+    assert by["category:single_doc_qa/en"].value == 100 and by["category:code/en"].value == 40
     assert by["length:0-4k"].value == pytest.approx(70) and by["length:0-4k"].n == 4
     assert by["length:8k+"].value == 0 and "length:4-8k" not in by and "qasper/8k+" not in by
 
 
-def test_samsum_stops_at_a_newline_after_some_text():
-    stop = stop_at_newline(13)
-    assert not stop([13]) and not stop([5]) and stop([13, 5, 13]) and stop([5, 13])
+def test_language_scores_are_means_of_category_means_as_the_official_tables():
+    """THUDM's README: English Avg = mean of its six category averages, code included in both languages."""
+    scores = {"narrativeqa": 10, "qasper": 20, "multifieldqa_en": 60, "hotpotqa": 30, "2wikimqa": 50,
+              "multifieldqa_zh": 70, "dureader": 5, "lcc": 40, "repobench-p": 80}
+    samples = [{"dataset": d, "score": float(v), "prompt_tokens": 1} for d, v in scores.items()]
+    metrics, rows = summarize(samples, e=False)
+    single_en, multi_en, code = (10 + 20 + 60) / 3, (30 + 50) / 2, (40 + 80) / 2
+    assert metrics["score/en"] == pytest.approx((single_en + multi_en + code) / 3)
+    assert metrics["score/zh"] == pytest.approx((70 + 5 + code) / 3)
+    assert metrics["score/dataset_mean"] == pytest.approx(sum(scores.values()) / len(scores))
+    by = {r.subtask: r.value for r in rows}
+    assert by["category:single_doc_qa/zh"] == 70 and by["category:code/zh"] == by["category:code/en"] == code
 
 
 def test_task_arguments_are_validated():
@@ -156,8 +169,10 @@ def test_every_dataset_end_to_end_then_resumes_from_the_log(stories, data_dir):
     english = [s["prompt_tokens"] for s in result.samples if DATASETS[s["dataset"]].language == "en"]
     assert max(english) <= 130  # head and tail of 64 tokens each, BOS again in front; re-encoding may split a pair
     rows = {r.subtask: r.value for r in result.rows}
-    assert set(rows) == set(DATASETS) | {f"category:{s.category}" for s in DATASETS.values()}
-    assert result.metrics["score"] == pytest.approx(sum(rows[d] for d in DATASETS) / 21)
+    categories = {f"category:{s.category}/{language}" for s in DATASETS.values() for language in ("en", "zh")}
+    assert set(rows) == set(DATASETS) | categories
+    assert result.metrics["score/dataset_mean"] == pytest.approx(sum(rows[d] for d in DATASETS) / 21)
+    assert set(result.metrics) == {"score/en", "score/zh", "score/dataset_mean"}
     again = task.run(NoGeneration(), tokenizer, options, log)
     assert again.samples == result.samples and again.metrics == result.metrics
 
@@ -191,6 +206,74 @@ def test_missing_dataset_files_are_named_before_model_work(capsys, tmp_path, no_
     assert "qasper_e.jsonl" in out and "and 10 more" in out
 
 
+def test_vanilla_reads_each_prompt_at_once_so_predictions_depend_on_it(stories, data_dir):
+    """Vanilla (segment 256 of a 512 context) reads each truncated prompt and its answer at once: every prediction
+    is transformers' own greedy generation from the same prompt ids, and they differ across datasets."""
+    model, tokenizer = stories
+    names = ("qasper", "hotpotqa", "musique", "trec", "triviaqa")
+    task = dataclasses.replace(TASKS.get("longbench"), datasets=names, max_gen=8)
+    assert task.prompt_budget(512, TaskOptions()) == 504  # the default max_length: 512 - 8
+    with vanilla_lm(model) as lm:
+        samples = task.run(lm, tokenizer, TaskOptions(data_dir=data_dir, max_docs=2)).samples
+    assert len({s["prediction"] for s in samples}) > 1
+    for s in samples:
+        record = next(json.loads(line) for line in (data_dir / f"{s['dataset']}.jsonl").read_text().splitlines()
+                      if json.loads(line)["_id"] == s["_id"])
+        prompt, _ = truncate_middle(tokenizer, DATASETS[s["dataset"]].prompt.format(**record), 504)
+        ids = tokenizer(prompt)["input_ids"]
+        assert s["prompt_ids_sha256"] == ids_digest(ids) and s["prompt_tokens"] == len(ids) > 256
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                  eos_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+        assert s["generated_tokens"] == len(expected), s["dataset"]
+        assert s["prediction"] == tokenizer.decode(expected, skip_special_tokens=True), s["dataset"]
+
+
+def test_default_max_length_is_the_context_less_the_longest_answer():
+    """THUDM's model2maxlen convention: 3,584 prompt tokens for a 4K model on all 21 datasets (gov_report: 512)."""
+    task = TASKS.get("longbench")
+    assert task.prompt_budget(4096, TaskOptions()) == 4096 - 512
+    assert dataclasses.replace(task, datasets=("qasper", "trec")).prompt_budget(512, TaskOptions()) == 512 - 128
+    assert dataclasses.replace(task, max_gen=16).prompt_budget(512, TaskOptions()) == 496
+    assert dataclasses.replace(task, max_length=100).prompt_budget(512, TaskOptions()) == 100
+    assert dataclasses.replace(task, max_gen=16).prompt_budget(512, TaskOptions(max_tokens=300)) == 300
+    assert dataclasses.replace(task, context="stream").prompt_budget(512, TaskOptions()) == 32_768
+    with pytest.raises(TaskArgError, match="512 tokens leaves no prompt .gov_report generates 512"):
+        task.prompt_budget(512, TaskOptions())
+    assert task.params(TaskOptions(trained_context=4096))["prompt_budget"] == 3584
+
+
+def test_no_room_for_a_prompt_fails_in_planning(capsys, stories_dir, data_dir, tmp_path, no_model_work):
+    out = one_line_error(capsys, ["run", "--model", str(stories_dir), "--tasks", "longbench", "--data-dir",
+                                  str(data_dir), "--out", str(tmp_path)])
+    assert "leaves no prompt" in out and "longbench.max_gen" in out
+
+
+def test_min_new_tokens_forbids_an_end_as_the_first_token(model):
+    """samsum's rule (pred.py's min_length = prompt + 1): the first token is the best one that is not an end."""
+    prompt = torch.arange(3, 19)
+    config = METHODS.get("vanilla").config(MethodContext(n_layers=2, segment_len=64, trained_context=64))
+    with MemoryLM(model, config, segment_len=64) as lm:
+        first = lm.generate(prompt, max_new_tokens=1)[0]
+        assert lm.generate(prompt, max_new_tokens=4, eos_token_id=[first, 1]) == [first]
+        forced = lm.generate(prompt, max_new_tokens=4, eos_token_id=[first, 1], min_new_tokens=1)
+    logits = model(prompt.unsqueeze(0)).logits[0, -1]
+    logits[[first, 1]] = float("-inf")
+    assert forced[0] == int(logits.argmax()) != first and len(forced) > 1
+
+
+def test_samples_hash_their_prompt_and_save_it_on_request(stories, data_dir):
+    model, tokenizer = stories
+    task = dataclasses.replace(TASKS.get("longbench"), datasets=("samsum", "lcc"), max_gen=4, save_prompts=True)
+    with vanilla_lm(model, "transformer_xl") as lm:
+        samples = task.run(lm, tokenizer, TaskOptions(data_dir=data_dir, max_docs=1)).samples
+    newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
+    for s in samples:
+        ids = tokenizer(s["prompt"])["input_ids"]
+        assert s["prompt_ids_sha256"] == ids_digest(ids) and s["prompt_tokens"] == len(ids)
+    assert samples[0]["generated_tokens"] >= 1 and not samples[0]["prediction"].startswith("\n")
+    assert newline not in tokenizer(samples[0]["prediction"], add_special_tokens=False)["input_ids"][:1]
+
+
 def test_cli_writes_predictions_scores_and_leaderboard_rows(stories_dir, data_dir, tmp_path):
     argv = ["run", "--model", str(stories_dir), "--methods", "vanilla,rmt", "--tasks", "longbench,longbench-e",
             "--data-dir", str(data_dir), "--limit", "1", "--task-arg", "datasets=qasper,trec,lcc", "--task-arg",
@@ -199,10 +282,10 @@ def test_cli_writes_predictions_scores_and_leaderboard_rows(stories_dir, data_di
     board = pd.read_csv(tmp_path / "leaderboard.csv", keep_default_na=False)
     assert set(board["method"]) == {"vanilla", "rmt"} and set(board["task"]) == {"longbench", "longbench-e"}
     subtasks = set(board[board["task"] == "longbench-e"]["subtask"])
-    assert {"", "qasper", "qasper/0-4k", "category:few_shot", "length:0-4k"} <= subtasks
+    assert {"", "qasper", "qasper/0-4k", "category:few_shot/en", "length:0-4k"} <= subtasks
     for run_id in set(board["run_id"]):
         samples = [json.loads(line) for line in (tmp_path / "runs" / run_id / "samples.jsonl").read_text().splitlines()]
         assert [s["dataset"] for s in samples] == ["qasper", "trec", "lcc"]
-        headline = board[(board["run_id"] == run_id) & (board["subtask"] == "")]["value"].iloc[0]
-        assert headline == pytest.approx(sum(s["score"] for s in samples) / 3)
-    assert (tmp_path / "plots" / "score.png").stat().st_size > 10_000
+        headline = board[(board["run_id"] == run_id) & (board["subtask"] == "")].set_index("metric")["value"]
+        assert headline["score/dataset_mean"] == pytest.approx(sum(s["score"] for s in samples) / 3)
+        assert all(s["prompt_ids_sha256"] and s["prompt_tokens"] <= 128 + 2 for s in samples)

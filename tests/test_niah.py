@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pandas as pd
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from unimem_bench.harness.cli import app as cli
@@ -14,6 +14,7 @@ from unimem_bench.harness.evaluation import runner
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.tasks import TASKS, TaskArgError, TaskOptions
 from unimem_bench.tasks.arguments import configure
+from unimem_bench.tasks.base import generate_at_once
 from unimem_bench.tasks.needle.haystack import (
     NOISE,
     SentenceEnds,
@@ -46,13 +47,19 @@ class RecordingLM:
     """The real model, with every prompt it is asked to continue kept (and optionally an interrupt after k)."""
 
     def __init__(self, lm, interrupt_after: int | None = None) -> None:
-        self.lm, self.prompts, self.interrupt_after = lm, [], interrupt_after
+        self.lm, self.prompts, self.read, self.interrupt_after = lm, [], [], interrupt_after
         self.segment_len, self.trained_context = lm.segment_len, lm.trained_context
+
+    @contextlib.contextmanager
+    def reading_at_once(self, length: int):
+        with self.lm.reading_at_once(length):
+            yield self
 
     def generate(self, prompt, **kwargs):
         if self.interrupt_after is not None and len(self.prompts) == self.interrupt_after:
             raise KeyboardInterrupt
         self.prompts.append(prompt.tolist())
+        self.read.append(self.lm.segment_len)
         return self.lm.generate(prompt, **kwargs)
 
 
@@ -104,6 +111,7 @@ def test_every_prompt_is_exactly_its_length_minus_the_budget(tokenizer, books_di
     lm = RecordingLM(stories_lm)
     result = task.run(lm, tokenizer, TaskOptions(data_dir=books_dir))
     assert [len(p) for p in lm.prompts] == [length - 5 for length in (96, 160, 300) for _ in range(3)]
+    assert lm.read == [length for length in (96, 160, 300) for _ in range(3)]  # vanilla reads each cell at once
     parts = PromptParts(tokenizer, task.spec)
     for prompt, sample in zip(lm.prompts, result.samples, strict=True):
         at = sample["needle_at"]
@@ -236,6 +244,6 @@ def test_generation_sees_the_prompt_as_built(tokenizer, stories_lm):
     task = niah(lengths="100", depths="1", max_new_tokens=6, preset="story")
     lm = RecordingLM(stories_lm)
     sample = task.run(lm, tokenizer, TaskOptions()).samples[0]
-    again = stories_lm.generate(torch.tensor(lm.prompts[0]), max_new_tokens=6, eos_token_id=tokenizer.eos_token_id)
+    again = generate_at_once(stories_lm, lm.prompts[0], max_new_tokens=6, eos_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(again, skip_special_tokens=True)
     assert text.startswith(sample["generated"])

@@ -7,9 +7,11 @@ import torch
 from helpers import random_docs, tiny_llama
 from test_engine import full_nll
 
+from unimem_bench.harness.runtime.distributed import Processes, ShardedLM
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.tasks import TASKS, SampleLog, TaskOptions
 from unimem_bench.tasks.arguments import configure
+from unimem_bench.tasks.base import generate_at_once
 
 
 def test_vanilla_read_at_once_is_full_attention(model):
@@ -40,11 +42,32 @@ def test_position_interpolation_read_at_once_equals_transformers_linear_rope():
     torch.testing.assert_close(at_once, full_nll(reference, doc), atol=1e-5, rtol=0)
 
 
-def test_memory_methods_cannot_be_widened(model):
+def test_memory_methods_read_unchanged_they_stream(model):
+    doc = random_docs([64])[0]
     config = METHODS.get("transformer_xl").config(MethodContext(n_layers=2, segment_len=16, trained_context=256))
-    with MemoryLM(model, config, segment_len=16) as lm, pytest.raises(ValueError, match="streams"), \
-            lm.reading_at_once(64):
-        pass
+    with MemoryLM(model, config, segment_len=16) as lm:
+        streamed = lm.score([doc])[0]
+        with lm.reading_at_once(64) as view:
+            assert view is lm and view.segment_len == 16
+            assert torch.equal(view.score([doc])[0], streamed)
+
+
+def test_generate_at_once_reads_prompt_and_answer_at_once_also_sharded(model):
+    """Vanilla with 16-token segments generates from a 40-token prompt exactly as full attention does (transformers'
+    generate), also through the sharded wrapper the runner uses; a memory method generates as it streams."""
+    prompt = random_docs([40])[0]
+    expected = model.generate(prompt.unsqueeze(0), max_new_tokens=6, do_sample=False)[0, 40:].tolist()
+    vanilla = METHODS.get("vanilla").config(MethodContext(n_layers=2, segment_len=16, trained_context=256))
+    with MemoryLM(model, vanilla, segment_len=16) as lm:
+        assert lm.generate(prompt, max_new_tokens=6) != expected  # streamed, vanilla forgets the earlier segments
+        sharded = ShardedLM(lm, Processes())
+        assert generate_at_once(sharded, prompt.tolist(), max_new_tokens=6) == expected
+        with sharded.reading_at_once(46) as view:
+            assert view is sharded and lm.segment_len == 46
+        assert lm.segment_len == 16
+    xl = METHODS.get("transformer_xl").config(MethodContext(n_layers=2, segment_len=16, trained_context=256))
+    with MemoryLM(model, xl, segment_len=16) as lm:
+        assert generate_at_once(lm, prompt.tolist(), max_new_tokens=6) == lm.generate(prompt, max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")

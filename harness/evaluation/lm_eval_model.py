@@ -16,7 +16,8 @@ The three request types go through the engine (`MemoryLM`), weights loaded once 
   and the continuation's NLLs are summed, with lm-eval's is_greedy flag from `score_tokens`.
 - loglikelihood_rolling: see `UnimemLM.loglikelihood_rolling`.
 - generate_until: `MemoryLM.generate`, stopped once a stop string appears in the decoded text and cut at the first
-  one, as lm-eval's hf model does; greedy, or seeded sampling from the task's gen_kwargs.
+  one, as lm-eval's hf model does; greedy, or seeded sampling from the task's gen_kwargs. As in every task, a method
+  without memory reads the (max_length-truncated) prompt and its budget at once, a memory method streams it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from unimem_bench.methods import (
     UniMemConfig,
     check_hookable,
 )
+from unimem_bench.tasks.base import generate_at_once
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -328,8 +330,9 @@ class UnimemLM(TemplateLM):
                     raise ValueError(f"max_gen_toks={budget} leaves no prompt in max_length={self.max_length}")
                 keep = self.max_length - budget  # as lm-eval's hf: room for the whole budget
             prompt = self.tok_encode(context, left_truncate_len=keep) or [self.prefix_token_id]
-            ids = self.lm.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=budget,
-                                   eos_token_id=self.stop_ids, stop=self.stopper(until), sampling=sampling)
+            # Prompt and budget read at once by a method without memory (as the tasks do); memory methods stream.
+            ids = generate_at_once(self.lm, prompt, max_new_tokens=budget, eos_token_id=self.stop_ids,
+                                   stop=self.stopper(until), sampling=sampling)
             text = postprocess_generated_text(self.tok_decode(ids), until, None)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             results.append(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,13 +94,16 @@ def plan_run(req: RunRequest) -> Plan:
             ctx, req.overrides)
         config.bind(n_layers=ctx.n_layers, segment_len=segment_len)
         configs[name] = config
+    # Tasks check their data (local files, or the hub repository's file list) and what depends on the model's
+    # trained context here, before any weights load.
+    options = dataclasses.replace(req.options, trained_context=context)
     for task in tasks:
-        task.check(req.options)
+        task.check(options)
     cells = []
     for name, config in configs.items():
         for task in tasks:
             key = {"model": source.name, "config": config.to_dict(), "task": task.name, "version": task.version,
-                   "params": task.params(req.options), "segment_len": segment_len, "seed": req.seed}
+                   "params": task.params(options), "segment_len": segment_len, "seed": req.seed}
             cells.append(Cell(name, task, config, records.run_id(name, task.name, key), key))
     return Plan(source, segment_len, context, pick_device(req.device), cells, saved)
 

@@ -6,6 +6,7 @@ Launched alone, everything here is a no-op: one process, rank 0, nothing gathere
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -129,6 +130,12 @@ class ShardedLM:
             for r, (_, value) in enumerate(parts):
                 if start + r < len(items):
                     yield start + r, value
+
+    @contextlib.contextmanager
+    def reading_at_once(self, length: int) -> Iterator[ShardedLM]:
+        """The wrapped LM reading inputs of up to `length` tokens at once (task contract), still sharded."""
+        with self.lm.reading_at_once(length):  # changes the wrapped LM in place
+            yield self
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.lm, name)

@@ -82,10 +82,11 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 @torch.inference_mode()
 def generate(lm: MemoryLM, prompt: torch.Tensor, *, max_new_tokens: int,
              eos_token_id: int | Sequence[int] | None = None, stop: Callable[[list[int]], bool] | None = None,
-             sampling: Sampling | None = None) -> list[int]:
+             sampling: Sampling | None = None, min_new_tokens: int = 0) -> list[int]:
     """Continue `prompt` (1-D token ids, at least one) by at most `max_new_tokens` tokens.
 
-    Stops after an end-of-sequence token (kept, as transformers does) or once `stop(generated)` is true.
+    Stops after an end-of-sequence token (kept, as transformers does) or once `stop(generated)` is true. The
+    end-of-sequence ids are suppressed until `min_new_tokens` tokens are generated (transformers' min_new_tokens).
     """
     if len(prompt) < 1:
         raise ValueError("generation needs a prompt of at least one token")
@@ -105,6 +106,8 @@ def generate(lm: MemoryLM, prompt: torch.Tensor, *, max_new_tokens: int,
         logits = segment.feed(tokens[start:])
     generated: list[int] = []
     while len(generated) < max_new_tokens:
+        if len(generated) < min_new_tokens and eos:
+            logits = logits.index_fill(0, torch.tensor(sorted(eos), device=logits.device), float("-inf"))
         token = next_token(logits, sampling, generator)
         generated.append(token)
         tokens.append(token)

@@ -112,10 +112,12 @@ class MemoryLM(nn.Module):
 
     @contextlib.contextmanager
     def reading_at_once(self, length: int) -> Iterator[MemoryLM]:
-        """A memoryless method reading `length` tokens at once: vanilla is then full attention, position
-        interpolation rescales RoPE for that length (its automatic factor)."""
+        """This model reading inputs of up to `length` tokens (the task contract's `reading_at_once`): a method
+        without memory reads them at once (vanilla is then full attention, position interpolation rescales RoPE for
+        that length: its automatic factor); a method with memory is unchanged: it streams them in its segments."""
         if self.config.has_memory:
-            raise ValueError(f"{self.config.name} carries memory: it streams long inputs in its segments")
+            yield self
+            return
         saved = (self.segment_len, self.rope_factor, self.decoder.rotary_emb)
         base = self._restore[1]
         self.segment_len = length
@@ -191,10 +193,11 @@ class MemoryLM(nn.Module):
         return self.model.get_output_embeddings()(hidden[:, m:m + n])
 
     def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
-                 stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None) -> list[int]:
+                 stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None,
+                 min_new_tokens: int = 0) -> list[int]:
         """Continue `prompt` through memory (see `generation.generate`); returns the new token ids."""
         return generate(self, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                        sampling=sampling)
+                        sampling=sampling, min_new_tokens=min_new_tokens)
 
     def score(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
               progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sysconfig
 from pathlib import Path
 from typing import Literal
@@ -31,8 +32,9 @@ HELDOUT_PERCENT = 10
 """Share of modules (not files or characters) that go to "heldout"."""
 
 _EXCLUDED_PARTS = frozenset({"site-packages", "__pycache__", "test", "tests", "idle_test"})
-_GUTENBERG_START = "*** START OF"
-_GUTENBERG_END = "*** END OF"
+# Project Gutenberg's marker lines, with or without a space after the asterisks ("***START OF THE PROJECT ...").
+_GUTENBERG_START = re.compile(r"\*\*\*\s*START OF")
+_GUTENBERG_END = re.compile(r"\*\*\*\s*END OF")
 
 
 def stdlib_root() -> Path:
@@ -92,13 +94,13 @@ def read_stdlib_documents(split: Split, *, min_chars: int = 0) -> list[tuple[str
 
 def strip_gutenberg(text: str) -> str:
     """Keep only the lines strictly between the ``*** START OF`` and ``*** END OF`` marker lines of a Project
-    Gutenberg text, as PG-19 does; a text without a start marker comes back unchanged, one without an end marker is
-    kept to its end. Surrounding whitespace is stripped."""
+    Gutenberg text (also written ``***START OF``), as PG-19 does; a text without a start marker comes back unchanged,
+    one without an end marker is kept to its end. Surrounding whitespace is stripped."""
     lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.lstrip("\ufeff").startswith(_GUTENBERG_START)), None)
+    start = next((i for i, line in enumerate(lines) if _GUTENBERG_START.match(line.lstrip("\ufeff"))), None)
     if start is None:
         return text
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(_GUTENBERG_END)), len(lines))
+    end = next((i for i in range(start + 1, len(lines)) if _GUTENBERG_END.match(lines[i])), len(lines))
     return "".join(lines[start + 1 : end]).strip()
 
 

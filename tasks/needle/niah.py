@@ -3,7 +3,8 @@
 A grid of context lengths x needle depths. Each cell's prompt is exactly `length - max_new_tokens` tokens: the
 haystack (books from --data-dir, or RULER's noise) trimmed so that the template, needle and question fit, the needle
 inserted `depth` of the way into the haystack tokens and moved back to the previous sentence end, the question
-after it. The model generates greedily through its memory (prompts longer than its context stream through it);
+after it. The model generates greedily: a method without memory reads the whole cell at once (vanilla: full
+attention, also past its trained context), a memory method streams the prompt through its segments and memory;
 a cell scores 1 when the needle's answer appears in the generated text (case-insensitive, whitespace normalised;
 no LLM judge). Generation stops once the answer has appeared: later tokens cannot change the score.
 """
@@ -14,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
 from unimem_bench.tasks.base import (
     TASKS,
@@ -24,6 +23,7 @@ from unimem_bench.tasks.base import (
     ScoringLM,
     TaskOptions,
     TaskResult,
+    generate_at_once,
     map_samples,
 )
 from unimem_bench.tasks.needle.haystack import (
@@ -171,9 +171,8 @@ class NeedleTask:
             length, depth = cell
             context, at = insert_needle(haystack[:hay_budget[length]], prompt.needle, depth, ends)
             ids = prompt.build(context)
-            new = lm.generate(torch.tensor(ids), max_new_tokens=self.max_new_tokens,
-                              eos_token_id=tokenizer.eos_token_id,
-                              stop=lambda gen: substring_match(spec.answer, tokenizer.decode(gen)))
+            new = generate_at_once(lm, ids, max_new_tokens=self.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                   stop=lambda gen: substring_match(spec.answer, tokenizer.decode(gen)))
             generated = tokenizer.decode(new, skip_special_tokens=True)
             return {"key": cell_key(length, depth), "context_len": length, "depth": depth, "prompt_tokens": len(ids),
                     "haystack_tokens": hay_budget[length], "needle_at": prompt.offset + at,
@@ -220,4 +219,4 @@ def grid_result(cells: list[tuple[int, float, list[dict[str, Any]]]], metric: st
 
 
 # Kamradt's protocol with his needle by default; `preset=story` for TinyStories-class models.
-TASKS.register("niah")(NeedleTask(name="niah", version="1.0"))
+TASKS.register("niah")(NeedleTask(name="niah", version="1.1"))

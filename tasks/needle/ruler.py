@@ -24,10 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
-from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
+from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult, generate_at_once, map_samples
 from unimem_bench.tasks.needle.haystack import (
     DEFAULT_DEPTHS,
     NOISE,
@@ -244,8 +242,8 @@ class RulerNeedleTask:
             def found_all(gen: list[int], refs: list[str] = needles.answers) -> bool:
                 return string_match_all(tokenizer.decode(gen), refs) == 1
 
-            new = lm.generate(torch.tensor(ids), max_new_tokens=self.max_new_tokens,
-                              eos_token_id=tokenizer.eos_token_id, stop=found_all)
+            new = generate_at_once(lm, ids, max_new_tokens=self.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                   stop=found_all)
             text = tokenizer.decode(new, skip_special_tokens=True)
             return {"key": key, "context_len": length, "depth": depth, "sample": i, "prompt_tokens": len(ids),
                     "haystack_units": units, "query": needles.query, "answers": needles.answers,
@@ -340,7 +338,7 @@ def register_variants() -> None:
     """One task per variant, named as in RULER's synthetic.yaml with a `ruler_` prefix."""
     for variant in VARIANTS:
         name = f"ruler_niah_{variant}"
-        TASKS.register(name)(RulerNeedleTask(name=name, version="1.0", variant=variant))
+        TASKS.register(name)(RulerNeedleTask(name=name, version="1.1", variant=variant))
 
 
 register_variants()
