@@ -3,18 +3,16 @@ middle truncation most long-context benchmarks apply."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from unimem_bench.tasks.base import SampleLog
+from unimem_bench.tasks.base import SampleLog, ids_digest
 
 
 def prompt_fields(ids: Sequence[int]) -> dict[str, Any]:
     """`prompt_tokens` and `prompt_hash` (sha256 of the ids, 16 hex digits): two runs read the same prompt exactly
     when their hashes agree."""
-    digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
-    return {"prompt_tokens": len(ids), "prompt_hash": digest}
+    return {"prompt_tokens": len(ids), "prompt_hash": ids_digest(ids)}
 
 
 class PrefixedLog:

@@ -18,12 +18,19 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-import torch
-
 from unimem_bench.tasks.arguments import arg, task_args
 from unimem_bench.tasks.babilong.prompts import MAX_NEW_TOKENS, TASK_LABELS, compare_answers, task_prompt
 from unimem_bench.tasks.babilong.prompts import TASKS as QA_TASKS
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
+from unimem_bench.tasks.base import (
+    TASKS,
+    MetricRow,
+    SampleLog,
+    ScoringLM,
+    TaskOptions,
+    TaskResult,
+    generate_at_once,
+    map_samples,
+)
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset, hub_records
 from unimem_bench.tasks.samples import encode, prompt_fields
 
@@ -56,7 +63,7 @@ def load_split(task: str, split: str, data_dir: Path | None, limit: int | None) 
 def predict(lm: ScoringLM, tokenizer: Any, task: str, context: str, question: str, target: str) -> dict[str, Any]:
     """One official BABILong prediction and its check."""
     ids = encode(tokenizer, task_prompt(task, context, question))
-    new = lm.generate(torch.tensor(ids), max_new_tokens=MAX_NEW_TOKENS, eos_token_id=tokenizer.eos_token_id)
+    new = generate_at_once(lm, ids, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=tokenizer.eos_token_id)
     output = tokenizer.decode(new, skip_special_tokens=True).strip()
     return {**prompt_fields(ids), "question": question, "prediction": output, "answers": [target],
             "accuracy": float(compare_answers(target, output, question, TASK_LABELS[task]))}

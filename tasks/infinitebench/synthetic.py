@@ -21,10 +21,17 @@ from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
 
-import torch
-
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
+from unimem_bench.tasks.base import (
+    TASKS,
+    MetricRow,
+    SampleLog,
+    ScoringLM,
+    TaskOptions,
+    TaskResult,
+    generate_at_once,
+    map_samples,
+)
 from unimem_bench.tasks.infinitebench.metrics import score_one
 from unimem_bench.tasks.infinitebench.prompts import MAX_NEW_TOKENS, SHORT_NAMES, create_prompt
 from unimem_bench.tasks.needle.haystack import DEFAULT_DEPTHS, check_grid, depth_label, resolve_lengths
@@ -133,7 +140,7 @@ class InfiniteBenchSynthetic:
         def run_prompt(item: tuple[str, int, float, int, str]) -> dict[str, Any]:
             task, length, depth, i, key = item
             ids, built = fitters[task, depth].build(length, i)
-            new = lm.generate(torch.tensor(ids), max_new_tokens=MAX_NEW_TOKENS[task],
+            new = generate_at_once(lm, ids, max_new_tokens=MAX_NEW_TOKENS[task],
                               eos_token_id=tokenizer.eos_token_id)
             prediction = tokenizer.decode(new, skip_special_tokens=True)
             return {"key": key, "task": task, "context_len": length, "depth": depth, "sample": i,

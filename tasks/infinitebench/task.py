@@ -17,10 +17,17 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-import torch
-
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
+from unimem_bench.tasks.base import (
+    TASKS,
+    MetricRow,
+    SampleLog,
+    ScoringLM,
+    TaskOptions,
+    TaskResult,
+    generate_at_once,
+    map_samples,
+)
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset, hub_records
 from unimem_bench.tasks.infinitebench.metrics import score_one
 from unimem_bench.tasks.infinitebench.prompts import MAX_NEW_TOKENS, SHORT_NAMES, TASK_NAMES, create_prompt, get_answer
@@ -123,7 +130,7 @@ class InfiniteBenchTask:
                          bos=False)
         ids = encode(tokenizer, "", bos=True) + ids
         max_new = self.max_new_tokens or MAX_NEW_TOKENS[task]
-        new = lm.generate(torch.tensor(ids), max_new_tokens=max_new, eos_token_id=tokenizer.eos_token_id)
+        new = generate_at_once(lm, ids, max_new_tokens=max_new, eos_token_id=tokenizer.eos_token_id)
         prediction = tokenizer.decode(new, skip_special_tokens=True)
         label = get_answer(eg, task)
         return {"task": task, "id": eg.get("id"), **prompt_fields(ids), "truncated": truncated, "max_length": budget,

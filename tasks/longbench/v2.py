@@ -20,10 +20,17 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-import torch
-
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
+from unimem_bench.tasks.base import (
+    TASKS,
+    MetricRow,
+    SampleLog,
+    ScoringLM,
+    TaskOptions,
+    TaskResult,
+    generate_at_once,
+    map_samples,
+)
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset, hub_records
 from unimem_bench.tasks.samples import encode, prompt_fields, truncate_middle_ids
 
@@ -108,7 +115,7 @@ class LongBenchV2Task:
             ids = encode(tokenizer, tokenizer.decode(truncate_middle_ids(ids, budget), skip_special_tokens=True),
                          bos=False)
         ids = encode(tokenizer, "") + ids
-        new = lm.generate(torch.tensor(ids), max_new_tokens=max_new, eos_token_id=tokenizer.eos_token_id)
+        new = generate_at_once(lm, ids, max_new_tokens=max_new, eos_token_id=tokenizer.eos_token_id)
         return tokenizer.decode(new, skip_special_tokens=True), ids
 
     def predict(self, lm: ScoringLM, tokenizer: Any, item: dict[str, Any], budget: int) -> dict[str, Any]:

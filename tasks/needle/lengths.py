@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from statistics import fmean
 from typing import Any, Literal
 
-import torch
-
 from unimem_bench.tasks.arguments import TaskArgError
-from unimem_bench.tasks.base import MetricRow, ScoringLM, TaskResult, map_samples
+from unimem_bench.tasks.base import MetricRow, ScoringLM, TaskResult, generate_at_once, map_samples
 from unimem_bench.tasks.needle.haystack import resolve_lengths, string_match_all
 from unimem_bench.tasks.samples import encode, prompt_fields
 
@@ -121,7 +119,7 @@ def run_lengths(name: str, lm: ScoringLM, tokenizer: Any, fitter: Fitter, length
         def done(gen: list[int], refs: list[str] = built.answers) -> bool:
             return score(tokenizer.decode(gen), refs) == 1  # found text stays found: the score cannot change
 
-        new = lm.generate(torch.tensor(ids), max_new_tokens=fitter.max_new_tokens,
+        new = generate_at_once(lm, ids, max_new_tokens=fitter.max_new_tokens,
                           eos_token_id=tokenizer.eos_token_id, stop=done)
         prediction = tokenizer.decode(new, skip_special_tokens=True)
         return {"key": key, "context_len": length, "sample": i, **prompt_fields(ids), "haystack_units": built.n,

@@ -19,10 +19,17 @@ from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
 
-import torch
-
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
+from unimem_bench.tasks.base import (
+    TASKS,
+    MetricRow,
+    SampleLog,
+    ScoringLM,
+    TaskOptions,
+    TaskResult,
+    generate_at_once,
+    map_samples,
+)
 from unimem_bench.tasks.needle.haystack import DEFAULT_DEPTHS, cell_key, check_grid, resolve_lengths
 from unimem_bench.tasks.needle.lengths import Fitter, sample_rng
 from unimem_bench.tasks.needle.niah import grid_result
@@ -127,7 +134,7 @@ class PasskeyTask:
             length, depth, i, key = item
             ids, built = fitters[depth].build(length, i)
             passkey = built.answers[0]
-            new = lm.generate(torch.tensor(ids), max_new_tokens=self.max_new_tokens,
+            new = generate_at_once(lm, ids, max_new_tokens=self.max_new_tokens,
                               eos_token_id=tokenizer.eos_token_id, stop=lambda gen: integer_ended(tokenizer, gen))
             prediction = tokenizer.decode(new, skip_special_tokens=True)
             return {"key": key, "context_len": length, "depth": depth, "sample": i, **prompt_fields(ids),
