@@ -196,3 +196,26 @@ def test_fwe_runs_scores_and_resumes(tokenizer, stories_dir, one_thread):
         assert re.fullmatch(r"[0-9a-f]{16}", s["prompt_hash"]) and s["new_tokens"] <= 4
     again = t.run(NoGeneration(), tokenizer, TaskOptions(), log)  # every sample from the log: the model is never asked
     assert again.samples == result.samples
+
+
+@pytest.mark.slow  # about 30 s on 2 cores: 11 tasks' prompts fitted and generated at 2,600 characters
+def test_group_end_to_end_on_a_tiny_random_model(tmp_path, capsys, books_dir, one_thread):
+    """The CLI runs the 11 synthetic tasks on a tiny random LLaMA (character tokenizer) and records the honest
+    headline, a row per task and the per-length average."""
+    import pandas as pd
+    from helpers import save_tiny_model
+
+    from unimem_bench.harness.cli import app as cli
+
+    model = save_tiny_model(tmp_path / "tiny", context=4096)
+    argv = ["run", "--model", str(model), "--methods", "vanilla", "--tasks", "ruler", "--data-dir", str(books_dir),
+            "--out", str(tmp_path / "out"), "--task-arg", "lengths=2600", "--task-arg", "samples=1",
+            "--task-arg", "depths=0.5", "--task-arg", "fewshot_tokens=0"]
+    assert cli.main(argv) == 0
+    assert "avg11-synthetic" in capsys.readouterr().err
+    board = pd.read_csv(tmp_path / "out" / "leaderboard.csv", keep_default_na=False)
+    head = board[board["headline"].astype(str) == "True"]
+    assert list(head["metric"]) == ["avg11-synthetic"] and list(head["task"]) == ["ruler"]
+    rows = board[(board["subtask"] != "") & (board["metric"] == "score")]
+    assert len(rows) == 12 and set(rows["context_len"]) == {2600}
+    assert float(head["value"].iloc[0]) == pytest.approx(rows[rows["subtask"] != "avg11-synthetic"]["value"].mean())
