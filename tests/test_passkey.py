@@ -65,3 +65,19 @@ def test_grid_rows_resume_and_heatmap(stories_dir, tmp_path, one_thread):
             "--task-arg", "lengths=200,400", "--task-arg", "depths=0,1", "--task-arg", "samples=1"]
     assert cli.main(argv) == 0
     assert (tmp_path / "plots" / "passkey_methods.png").is_file()  # the NIAH heatmap code draws passkey's grid
+
+
+def test_garbage_is_the_longest_that_fits_on_a_tiny_random_model(one_thread):
+    """With a character tokenizer a prompt is its characters plus BOS: the garbage must be the longest that fits."""
+    from helpers import char_tokenizer, tiny_llama
+
+    tokenizer = char_tokenizer()
+    task = configure([TASKS.get("passkey")], [("", "lengths", "300,420"), ("", "depths", "0.25"),
+                                             ("", "samples", "1"), ("", "max_new_tokens", "4")])[0]
+    with memory_lm(tiny_llama(context=512), "transformer_xl", segment_len=64, trained_context=256) as lm:
+        result = task.run(lm, tokenizer, TaskOptions())
+    for s in result.samples:
+        n, key = s["garbage_chars"], s["answers"][0]
+        assert s["prompt_tokens"] == len(passkey_prompt(n, 0.25, key)) + 1
+        assert len(passkey_prompt(n, 0.25, key)) + 1 + 4 <= s["context_len"] < len(passkey_prompt(n + 1, 0.25, key)) + 5
+        assert s["new_tokens"] <= 4
