@@ -164,9 +164,12 @@ def test_group_averages_tasks_per_length_and_names_what_it_averaged():
 
 
 def test_group_without_qa_data_warns_in_one_line_and_runs_the_eleven(capsys, books_dir):
-    TASKS.get("ruler").check(TaskOptions(data_dir=books_dir))
+    group = task("ruler", samples=3)
+    group.check(TaskOptions(data_dir=books_dir))
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "avg11-synthetic" in err and "squad.json" in err and "qa=off" in err
+    assert group.headline == "avg11-synthetic" and len(group.params(TaskOptions(data_dir=books_dir))["tasks"]) == 11
+    assert task("ruler", samples=3).headline == "avg13"  # a fresh copy has not looked for the data yet
     task("ruler", qa="off").check(TaskOptions(data_dir=books_dir))
     assert capsys.readouterr().err == ""
 

@@ -114,8 +114,10 @@ class RulerGroup:
                   f"{self.name}.qa=off", file=sys.stderr)
 
     def params(self, options: TaskOptions) -> dict[str, Any]:
+        """The members that run (so a run with the QA data never reuses one without it), after `check`."""
+        with_qa = self.found_qa["qa"] if "qa" in self.found_qa else self.qa_source(options) is not None
         return {"haystack": haystack_source(options.data_dir), **task_args(self),
-                "tasks": [t.name for t in self.tasks(0, with_qa=self.qa != "off")]}
+                "tasks": [t.name for t in self.tasks(0, with_qa=with_qa)]}
 
     def resolved_lengths(self, trained_context: int) -> tuple[int, ...]:
         if self.lengths:
