@@ -289,3 +289,4 @@ def test_cli_writes_predictions_scores_and_leaderboard_rows(stories_dir, data_di
         headline = board[(board["run_id"] == run_id) & (board["subtask"] == "")].set_index("metric")["value"]
         assert headline["score/dataset_mean"] == pytest.approx(sum(s["score"] for s in samples) / 3)
         assert all(s["prompt_ids_sha256"] and s["prompt_tokens"] <= 128 + 2 for s in samples)
+        assert list(board[(board["run_id"] == run_id) & board["headline"]]["metric"]) == ["score/en"]
