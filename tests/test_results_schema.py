@@ -13,9 +13,11 @@ import pytest
 from helpers import save_tiny_model, write_text_docs
 
 from unimem_bench.harness.cli import app as cli
+from unimem_bench.harness.cli.order import registry_order
 from unimem_bench.harness.evaluation import records
 from unimem_bench.harness.reporting import results
 from unimem_bench.harness.reporting.tables import sweep_tables, to_markdown
+from unimem_bench.harness.runtime import environment as run_env
 from unimem_bench.tasks import TASKS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,7 +89,7 @@ def outputs(out: Path, plots: Path, capsys) -> dict[str, object]:
     for fmt in ("rich", "markdown", "csv"):
         assert cli.main(["leaderboard", "--out", str(out), "--format", fmt]) == 0
         found[fmt] = capsys.readouterr().out
-    found["sweep"] = "\n".join(to_markdown(t) for t in sweep_tables(out, "window", cli.registry_order()))
+    found["sweep"] = "\n".join(to_markdown(t) for t in sweep_tables(out, "window", registry_order()))
     assert cli.main(["plot", "--out", str(out), "--plots-dir", str(plots), "--formats", "png"]) == 0
     capsys.readouterr()
     found.update({p.name: p.read_bytes() for p in sorted(plots.rglob("*.png"))})
@@ -151,7 +153,7 @@ def test_schema_1_files_read_as_their_readers_did_and_upgrade_on_write(tmp_path,
     records.merge_leaderboard(tmp_path / "leaderboard.csv", [{
         "run_id": "c", "model": "m", "method": "vanilla", "task": "niah", "subtask": "", "context_len": 160,
         "metric": "accuracy", "value": 0.25, "n": 4, "summary": True, "headline": True, "higher_is_better": True,
-        "finished": records.now()}])
+        "finished": run_env.now()}])
     raw = pd.read_csv(tmp_path / "leaderboard.csv", keep_default_na=False)
     assert list(raw.columns) == results.LEADERBOARD_COLUMNS and set(raw["schema"]) == {2} and len(raw) == 6
     assert raw.loc[raw["run_id"] == "a", "headline"].sum() == 1
@@ -163,15 +165,16 @@ def test_newer_schemas_fail_in_one_line(tmp_path, capsys):
            "higher_is_better": False, "finished": "", "schema": 3}
     pd.DataFrame([row]).to_csv(tmp_path / "leaderboard.csv", index=False)
     assert cli.main(["leaderboard", "--out", str(tmp_path)]) == 2
-    out = capsys.readouterr().out.strip()
-    assert "leaderboard schema 3" in out and "upgrade" in out and "\n" not in out
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert not captured.out and "leaderboard schema 3" in err and "upgrade" in err and "\n" not in err
     (tmp_path / "runs" / "a").mkdir(parents=True)
     (tmp_path / "runs" / "a" / "run.json").write_text(json.dumps({"schema": 3}))
     with pytest.raises(results.ResultsFormatError, match="run record schema 3"):
         results.read_run_json(tmp_path, "a")
     (tmp_path / "leaderboard.csv").write_text("run_id,model\nx,y\n")
     assert cli.main(["leaderboard", "--out", str(tmp_path)]) == 2
-    assert "lacks the column(s) method, task" in capsys.readouterr().out
+    assert "lacks the column(s) method, task" in capsys.readouterr().err
 
 
 def test_reporting_imports_neither_torch_nor_the_registries_nor_the_runner():
