@@ -235,7 +235,7 @@ class UniMemConfig:
         if m.size and w.kv == "none":
             raise ConfigError(f"management.size={m.size} but nothing writes keys/values: set writing.kv=direct or "
                               "management.size=0")
-        if m.size and not (r.window or r.topk or r.read_all):
+        if m.size and not (r.window or r.topk or r.read_all or (r.global_tokens and r.global_source == "memory")):
             raise ConfigError(f"management.size={m.size} but nothing reads it: set reading.window, reading.topk or "
                               "reading.read_all")
 
