@@ -141,7 +141,7 @@ def test_gqa_memory_holds_kv_heads_not_query_heads():
         assert layer.values.shape == (3, 1, 8, 8)
 
 
-@pytest.mark.parametrize("mode", ["compact", "absolute"])
+@pytest.mark.parametrize("mode", ["official", "compact", "absolute"])
 def test_position_modes_place_globals_and_window_as_named(mode):
     # With one layer, memory keys/values depend only on their own token and position, so the memory read must
     # equal plain HF over the tokens it holds: [globals ; window ; segment] at the positions the mode names.
@@ -156,7 +156,9 @@ def test_position_modes_place_globals_and_window_as_named(mode):
                 logits = lm.forward_segment(state, doc[start:start + segment].unsqueeze(0), start)
     start = 24  # last segment: globals 0-1, window = the previous 8 tokens (16-23), segment 24-31
     kept = torch.cat([doc[:globals_], doc[start - window:start], doc[start:start + segment]])
-    if mode == "compact":
+    if mode == "official":  # every memory key at 0, the segment from 0
+        positions = torch.cat([torch.zeros(globals_ + window, dtype=torch.long), torch.arange(segment)])
+    elif mode == "compact":
         positions = torch.arange(len(kept))
     else:
         positions = torch.cat([torch.arange(globals_), torch.arange(start - window, start + segment)])
