@@ -221,3 +221,24 @@ def test_paper_setting_transformer_xl_with_official_positions_beats_vanilla(stor
         with MemoryLM(model, config, segment_len=512) as lm:
             ppl[name] = TASKS.get("pg19").run(lm, tokenizer, options).metrics["token_ppl"]
     assert ppl["transformer_xl"] < ppl["vanilla"] < ppl["whole_compact"], ppl
+
+
+def test_sliding_window_counts_rmt_read_slots_as_queries():
+    # The official mask indexes queries over the whole input, read slots first: with m = 2 memory tokens and a
+    # window of 8, segment token i reaches the last 8 - 2 - i window slots.
+    model = tiny_llama(layers=1)
+    config = UniMemConfig(management=Management(size=8), writing=Writing(kv="direct", memory_tokens=2),
+                          reading=Reading(window=8, sliding=True), position=Position(mode="official"))
+    doc = random_docs([17], seed=4)[0]
+    with MemoryLM(model, config, segment_len=8) as lm, torch.no_grad():
+        state = lm.new_state(1)
+        lm.forward_segment(state, doc[:8].unsqueeze(0), 0)
+        read = state.rmt
+        got = lm.forward_segment(state, doc[8:16].unsqueeze(0), 8)[0]
+        embed = model.get_input_embeddings()
+        for i in range(8):
+            window = doc[2 + i:8]
+            embeds = torch.cat([embed(window).unsqueeze(0), read, embed(doc[8:9 + i]).unsqueeze(0)], dim=1)
+            positions = torch.tensor([[*([0] * len(window)), 0, 1, *range(2, 3 + i)]])
+            expected = model(inputs_embeds=embeds, position_ids=positions).logits[0, -1]
+            torch.testing.assert_close(got[i], expected, atol=ATOL, rtol=0, msg=f"query {i}")
