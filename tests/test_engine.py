@@ -55,11 +55,15 @@ def test_close_gives_the_model_back(model):
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["compact", "absolute"])
 @pytest.mark.parametrize("segment", [1, 7, 16])
-def test_transformer_xl_window_covering_document_equals_full_attention(model, segment):
+def test_transformer_xl_window_covering_document_equals_full_attention(model, segment, mode):
+    # Compact and absolute positions keep memory and segment at consecutive positions: a (sliding) window that
+    # covers the document is full causal attention.
     doc = random_docs([48])[0]
     config = METHODS.get("transformer_xl").config(MethodContext(2, segment, 256),
-                                                  ["management.size=64", "reading.window=64"])
+                                                  ["management.size=64", "reading.window=64",
+                                                   f"position.mode={mode}"])
     with MemoryLM(model, config, segment_len=segment) as lm:
         got = lm.score([doc])[0]
     torch.testing.assert_close(got, full_nll(model, doc), atol=ATOL, rtol=0)
@@ -107,8 +111,11 @@ def layer0_keys(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("overflow", "expected"), [
     # size 10, segments of 4, 26 tokens scored -> 7 segments (the last has 1 input token).
     ("fifo", list(range(15, 25))),  # after writing tokens 0..24, FIFO holds the most recent 10
-    # clear-all: 0-7, then 8-11 would make 12 > 10: cleared -> 8-15, cleared again -> 16-19, 16-23, 16-24
-    ("clear", list(range(16, 25))),
+    # clear-and-write: 0-7, then 8-11 would make 12 > 10: cleared -> 8-15, cleared again -> 16-19, 16-23, 16-24
+    ("clear-and-write", list(range(16, 25))),
+    # clear (official: reset, write nothing): 0-7, 8-11 dropped with the memory -> empty, 12-15, 12-19, then
+    # 20-23 dropped with the memory -> empty, 24
+    ("clear", [24]),
 ])
 def test_overflow_keeps_exactly_the_right_tokens(model, overflow, expected):
     doc = random_docs([26])[0]
@@ -147,7 +154,7 @@ def test_gqa_memory_holds_kv_heads_not_query_heads():
     torch.testing.assert_close(got, full_nll(model, doc), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["compact", "absolute"])
+@pytest.mark.parametrize("mode", ["official", "compact", "absolute"])
 def test_position_modes_place_globals_and_window_as_named(mode):
     # With one layer, memory keys/values depend only on their own token and position, so the memory read must
     # equal plain HF over the tokens it holds: [globals ; window ; segment] at the positions the mode names.
@@ -162,7 +169,9 @@ def test_position_modes_place_globals_and_window_as_named(mode):
                 logits = lm.forward_segment(state, doc[start:start + segment].unsqueeze(0), start)
     start = 24  # last segment: globals 0-1, window = the previous 8 tokens (16-23), segment 24-31
     kept = torch.cat([doc[:globals_], doc[start - window:start], doc[start:start + segment]])
-    if mode == "compact":
+    if mode == "official":  # every memory key at 0, the segment from 0
+        positions = torch.cat([torch.zeros(globals_ + window, dtype=torch.long), torch.arange(segment)])
+    elif mode == "compact":
         positions = torch.arange(len(kept))
     else:
         positions = torch.cat([torch.arange(globals_), torch.arange(start - window, start + segment)])
@@ -249,7 +258,8 @@ def test_other_llama_family_decoders_are_hooked_exactly(family):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     doc = random_docs([40])[0]
-    xl = METHODS.get("transformer_xl").config(MethodContext(2, 8, 256), ["management.size=64", "reading.window=64"])
+    xl = METHODS.get("transformer_xl").config(MethodContext(2, 8, 256), ["management.size=64", "reading.window=64",
+                                                                         "position.mode=compact"])
     with MemoryLM(model, xl, segment_len=8) as lm:
         got = lm.score([doc])[0]
     torch.testing.assert_close(got, full_nll(model, doc), atol=ATOL, rtol=0)

@@ -29,10 +29,24 @@ def test_faiss_flat_gives_the_exact_neighbours_over_an_id_range():
     bank = FaissBank(Reading(topk=8, index="faiss-flat"), capacity=1000)
     bank.rebuild(keys, first_id=100)
     # search bank slots [50, 450): memory ids 150..549
-    scores, idx = bank.search(queries, 8, first_id=150, n_candidates=400)
+    scores, idx = bank.search(queries, 8, first_id=150, start=0, stop=400)
     expected_scores, expected_idx = topk_exact(queries, keys[:, :, 50:450], 8)
     assert torch.equal(idx, expected_idx)
     torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=1e-5)
+    # a range not starting at bank slot 0 (the bank's own global slots come first): indices stay bank indices
+    _, idx = bank.search(queries, 8, first_id=150, start=20, stop=400)
+    assert torch.equal(idx, topk_exact(queries, keys[:, :, 70:450], 8)[1] + 20)
+
+
+def test_exact_search_with_per_query_limits():
+    queries, keys = data(300)
+    limit = torch.arange(queries.shape[2]) % 7 + 3  # query i searches keys [0, limit[i])
+    scores, idx = topk_exact(queries, keys, 5, chunk=64, limit=limit)
+    full = (queries @ keys.transpose(-1, -2)).masked_fill(torch.arange(300) >= limit[:, None], float("-inf"))
+    expected_scores, expected_idx = full.topk(5, dim=-1)
+    torch.testing.assert_close(scores, expected_scores)  # -inf where a query has fewer than 5 keys
+    found = expected_scores > float("-inf")
+    assert torch.equal(idx[found], expected_idx[found])
 
 
 @pytest.mark.parametrize("index", ["faiss-ivf", "faiss-hnsw"])
@@ -40,7 +54,7 @@ def test_approximate_indexes_find_most_true_neighbours(index):
     queries, keys = data(4000, q=64)
     bank = FaissBank(Reading(topk=10, index=index, ivf_lists=32, ivf_probe=8), capacity=4000)
     bank.rebuild(keys, first_id=0)
-    _, idx = bank.search(queries, 10, first_id=0, n_candidates=4000)
+    _, idx = bank.search(queries, 10, first_id=0, start=0, stop=4000)
     _, exact = topk_exact(queries, keys, 10)
     recall = (idx.unsqueeze(-1) == exact.unsqueeze(-2)).any(-1).float().mean().item()
     assert recall > 0.8
@@ -56,6 +70,6 @@ def test_faiss_bank_follows_fifo_writes_and_rebuilds_when_stale():
         held = keys[:, :, start - 4:start + 4]
         bank.add(keys[:, :, start:start + 4], start, held, start - 4)
         queries, _ = data(1, seed=start)
-        _, idx = bank.search(queries, 4, first_id=start - 4, n_candidates=8)
+        _, idx = bank.search(queries, 4, first_id=start - 4, start=0, stop=8)
         assert torch.equal(idx, topk_exact(queries, held, 4)[1])
     assert bank.count <= 2 * 8 + 4

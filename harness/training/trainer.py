@@ -71,14 +71,18 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, stop_after_steps: 
              console: Console | None = None) -> Path:
     """Fine-tune `recipe.method`; returns the run folder. Resumable; every process of a launch calls this."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     console = console or Console()
     cpu = is_cpu(recipe.device)
     bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and not cpu)
     # The scheduler steps once per optimizer step, itself (accelerate would step it once per process).
+    # RMT write slots fed from memory use the learned memory embeddings only in a document's first segment, so a
+    # DDP step may leave them without gradient.
     accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no",
                               gradient_accumulation_steps=recipe.batch_size * recipe.grad_accum,
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     processes = Processes(accelerator.process_index, accelerator.num_processes)
     plan = plan_finetune(recipe, world=processes.world)
     checkpoint = _open_run_folder(recipe, plan, resume, processes)
