@@ -187,7 +187,6 @@ def stories_model(folder: Path) -> torch.nn.Module:
 
 @pytest.mark.parametrize("spec", defaults(segment=32, doc=97), ids=lambda c: c.name)
 def test_engine_equals_reference_on_stories260k(spec: Case, stories_dir, one_thread) -> None:
-    from transformers import AutoModelForCausalLM
 
     model = stories_model(stories_dir)
     check_against_reference(model, spec, stories_doc(spec.doc), model.config.max_position_embeddings)
