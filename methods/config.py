@@ -20,11 +20,13 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line naming the problem and the fix."""
 
 
-Overflow = Literal["fifo", "clear"]
+Overflow = Literal["fifo", "clear", "clear-and-write"]
 KVWrite = Literal["direct", "pooling", "none"]
 Index = Literal["torch", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
-PositionMode = Literal["compact", "absolute"]
-Strategy = Literal["stop_gradient", "bptt"]
+PositionMode = Literal["official", "compact", "absolute"]
+Strategy = Literal["stop_gradient", "bptt", "bptt_tokens"]
+GlobalSource = Literal["document", "memory"]
+WriteSlots = Literal["memory", "learned"]
 
 
 def _check_choice(name: str, value: object, kind: object) -> None:
@@ -46,7 +48,10 @@ class Management:
     size: int = 0
     """Tokens of key/value memory per injected layer (pinned global tokens not counted). 0 = no KV memory."""
     overflow: Overflow = "fifo"
-    """`fifo` drops the oldest tokens; `clear` empties the memory when the next write would not fit."""
+    """What a write that would not fit does. `fifo` drops the oldest tokens. `clear` (the official code's reset,
+    thunlp/UniMem `MemoryLayer.update_memory_l`): empties the memory and writes nothing of this segment, so the next
+    segment reads an empty memory. `clear-and-write`: empties the memory, then writes this segment. A write into
+    an empty memory always happens (its oldest tokens dropped if one segment exceeds the size)."""
 
     def __post_init__(self) -> None:
         _check_nonneg(**{"management.size": self.size})
@@ -62,10 +67,16 @@ class Writing:
     pool_ratio: int = 4
     """Tokens averaged into one memory slot when kv=pooling."""
     memory_tokens: int = 0
-    """Model-forward writing (RMT): m learnable memory tokens read before each segment and written after it."""
+    """Model-forward writing (RMT): m memory tokens read before each segment and written after it; the last-layer
+    states of the write slots become the next segment's read slots (the first segment reads learned embeddings)."""
+    write_slots: WriteSlots = "learned"
+    """What fills RMT's write slots. `memory` (official code, `ExternalMemory.prepare_input_states`, and booydar's
+    RMT): the same states as the read slots, i.e. the previous segment's memory. `learned`: the learned memory
+    embeddings every segment."""
 
     def __post_init__(self) -> None:
         _check_choice("writing.kv", self.kv, KVWrite)
+        _check_choice("writing.write_slots", self.write_slots, WriteSlots)
         _check_nonneg(**{"writing.memory_tokens": self.memory_tokens})
         if self.pool_ratio < 2:
             raise ConfigError(f"writing.pool_ratio={self.pool_ratio} must be >= 2 (1 would be direct writing)")
@@ -76,11 +87,23 @@ class Reading:
     """Memory Reading: which memory tokens each query sees, all merged into one softmax with the local segment."""
 
     window: int = 0
-    """Most recent memory tokens read by position (every query of the segment sees them, as in Transformer-XL)."""
+    """W: the most recent memory tokens read by position (the window part of memory)."""
+    sliding: bool = False
+    """True (paper Eq. 3, 8; official `MemoryLayer._generate_window_mask_for_chunk`): 0-based query i of the input
+    (RMT read slots counted first, as the official code counts them) sees only the last min(W - i, window) window
+    slots, i.e. the W tokens before it plus itself. False: every query sees the whole window."""
+    stride: int = 1
+    """Dilation of the window (official Longformer preset: 2): query i keeps the window slots whose index in the
+    memory bank (0 = oldest slot held) is congruent to i mod stride. 1 = no dilation."""
     global_tokens: int = 0
-    """The document's first G tokens, pinned and read by every later segment (Longformer's global attention)."""
+    """G global tokens read by every query, besides the window (Longformer's global attention)."""
+    global_source: GlobalSource = "document"
+    """`document`: the document's first G tokens, pinned forever. `memory` (official `MemoryLayer.retrieve`): the
+    first G slots of the current memory bank, which move as the memory moves (and vanish when it is cleared)."""
     topk: int = 0
-    """Per query and head, the k most similar memory tokens outside the window (Memorizing Transformer's kNN)."""
+    """Per query and head, the k most similar memory tokens that its window does not read (Memorizing Transformer's
+    kNN): with a sliding window, the slots before the query's own reach (official
+    `_generate_topk_index_out_of_windows`), global slots excluded."""
     read_all: bool = False
     """Read the whole memory by position (RMT-style full read); excludes window and topk."""
     index: Index = "torch"
@@ -97,6 +120,9 @@ class Reading:
             **{"reading.window": self.window, "reading.global_tokens": self.global_tokens, "reading.topk": self.topk}
         )
         _check_choice("reading.index", self.index, Index)
+        _check_choice("reading.global_source", self.global_source, GlobalSource)
+        if self.stride < 1:
+            raise ConfigError(f"reading.stride={self.stride} must be >= 1 (1 = no dilation)")
         if self.read_all and (self.window or self.topk):
             raise ConfigError("reading.read_all=true already reads every memory token: set reading.window=0 and "
                               "reading.topk=0")
@@ -132,9 +158,16 @@ class Training:
     """How gradients flow through memory when a method is fine-tuned."""
 
     strategy: Strategy = "stop_gradient"
-    """`stop_gradient` detaches memory (Transformer-XL, Memorizing Transformer); `bptt` backpropagates through it."""
+    """`stop_gradient` detaches memory every segment (Transformer-XL, Memorizing Transformer); `bptt` backpropagates
+    through all memory; `bptt_tokens` backpropagates through the model-forward memory (RMT memory tokens) while the
+    key/value memory is detached every segment (UniMix: its memory tokens learn from later segments)."""
     bptt_segments: int = 1
-    """With bptt, memory is detached every k segments, so gradients reach k-1 segments back."""
+    """With bptt or bptt_tokens, memory is detached every k segments, so gradients reach k-1 segments back."""
+
+    @property
+    def window_segments(self) -> int:
+        """Segments per forward/backward window: k unless everything is detached every segment."""
+        return 1 if self.strategy == "stop_gradient" else self.bptt_segments
 
     def __post_init__(self) -> None:
         _check_choice("training.strategy", self.strategy, Strategy)
@@ -147,9 +180,11 @@ class Position:
     """Positions under RoPE for the segment and its memory keys."""
 
     mode: PositionMode = "compact"
-    """`compact`: globals, then the window, then the segment take consecutive positions from 0 (StreamingLLM-style,
-    so distances stay inside the trained range) and top-k keys sit at position 0 (as the paper's code and
-    LongLLaMA do). `absolute`: every token keeps its position in the document."""
+    """`official` (thunlp/UniMem `pos_type='pos0'`): every memory key (globals, window, top-k, pooled) at position
+    0, and the input's positions restart at 0 every segment (RMT read slots first). `compact`: globals, window and
+    input at consecutive positions from 0 (StreamingLLM-style) and top-k keys at 0; the segment then sits at
+    positions G + W and beyond, past the trained context when G + W + segment exceeds it. `absolute`: every token at
+    its document position (RMT read slots on the m positions before the segment, write slots after it)."""
     rope_factor: float = 1.0
     """Linear position interpolation factor (transformers' `linear` rope type); 0 = local context / trained context."""
     segment_factor: int = 1
@@ -192,6 +227,9 @@ class UniMemConfig:
         if r.window > m.size and m.size:
             raise ConfigError(f"reading.window={r.window} is larger than management.size={m.size}: the window is "
                               f"read from memory, so raise management.size to at least {r.window}")
+        if r.global_tokens and r.global_source == "memory" and not m.size:
+            raise ConfigError(f"reading.global_tokens={r.global_tokens} with reading.global_source=memory reads the "
+                              "first slots of memory: set management.size > 0 (or reading.global_source=document)")
         if reads_kv and w.kv == "none":
             raise ConfigError("reading memory keys/values needs them written: set writing.kv=direct (or pooling)")
         if m.size and w.kv == "none":
@@ -218,7 +256,7 @@ class UniMemConfig:
     def bind(self, *, n_layers: int, segment_len: int) -> tuple[int, ...]:
         """Check the model-dependent parts; return the injected layer indices."""
         layers = self.injection.resolve(n_layers)
-        if self.reading.global_tokens > segment_len:
+        if self.reading.global_source == "document" and self.reading.global_tokens > segment_len:
             raise ConfigError(f"reading.global_tokens={self.reading.global_tokens} exceeds the segment length "
                               f"{segment_len}: global tokens must come from the first segment")
         return layers

@@ -107,8 +107,11 @@ def layer0_keys(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("overflow", "expected"), [
     # size 10, segments of 4, 26 tokens scored -> 7 segments (the last has 1 input token).
     ("fifo", list(range(15, 25))),  # after writing tokens 0..24, FIFO holds the most recent 10
-    # clear-all: 0-7, then 8-11 would make 12 > 10: cleared -> 8-15, cleared again -> 16-19, 16-23, 16-24
-    ("clear", list(range(16, 25))),
+    # clear-and-write: 0-7, then 8-11 would make 12 > 10: cleared -> 8-15, cleared again -> 16-19, 16-23, 16-24
+    ("clear-and-write", list(range(16, 25))),
+    # clear (official: reset, write nothing): 0-7, 8-11 dropped with the memory -> empty, 12-15, 12-19, then
+    # 20-23 dropped with the memory -> empty, 24
+    ("clear", [24]),
 ])
 def test_overflow_keeps_exactly_the_right_tokens(model, overflow, expected):
     doc = random_docs([26])[0]

@@ -175,7 +175,7 @@ def plan_finetune(recipe: FinetuneRecipe, *, world: int = 1) -> FinetunePlan:
         # faiss returns scores as numbers: the query would get no gradient through the retrieved keys.
         raise ConfigError(f"reading.index={config.reading.index} cannot be fine-tuned (faiss scores carry no "
                           "gradient): train with reading.index=torch, evaluate with any index")
-    k = config.training.bptt_segments if config.training.strategy == "bptt" else 1
+    k = config.training.window_segments
     plan = FinetunePlan(source=source, model_config=model_config, config=config, segment_len=segment_len,
                         trained_context=context, window_segments=k, world=world, steps=1)
     steps = math.ceil(recipe.tokens / plan.tokens_per_step(recipe))

@@ -14,15 +14,13 @@ exactly the paper's gate g (Eq. 12-13).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
-from unimem_bench.methods.config import UniMemConfig
-from unimem_bench.methods.engine.memory import LayerMemory, MemoryState, SegmentPlan
+from unimem_bench.methods.engine.memory import LayerMemory
+from unimem_bench.methods.engine.plan import SegmentContext
 from unimem_bench.methods.engine.retrieval import topk_exact
 
 ATTENTION_NAME = "unimem"
@@ -32,16 +30,6 @@ QUERY_CHUNK = 1024
 
 # PyTorch's fused CPU flash attention, which also returns the log-sum-exp (a private op: absent -> manual path).
 CPU_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-@dataclass
-class SegmentContext:
-    """Handed to the model's forward as `unimem=`: the memory state and this segment's plan."""
-
-    config: UniMemConfig
-    layers: frozenset[int]
-    state: MemoryState
-    plan: SegmentPlan
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -71,61 +59,52 @@ def unimem_attention(
 
 def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    """Read memory, attend, write this segment; returns [batch, heads, seq, dim].
+    """Read memory, attend, write this segment; returns [batch, heads, seq, dim] in the query's dtype.
 
-    Gradient checkpointing runs this again during backward: that call reads what the first one read (`plan.reads`)
+    Gradient checkpointing runs this again during backward: that call reads what the first one read (`ctx.reads`)
     and repeats every tensor operation, but writes nothing.
     """
     plan, config, bank = ctx.plan, ctx.config, ctx.state.layers[layer]
-    first_call = layer not in plan.reads
+    first_call = layer not in ctx.reads
     if first_call:
-        plan.reads[layer] = bank.snapshot()
-    mem = plan.reads[layer]
-    compact = config.position.mode == "compact"
+        ctx.reads[layer] = bank.snapshot()
+    mem = ctx.reads[layer]
     prefix_k: list[torch.Tensor] = []
     prefix_v: list[torch.Tensor] = []
     if plan.n_global:
-        gk = mem.global_keys
-        if compact:
-            gk = rotate(gk, plan.frame_cos[:plan.n_global], plan.frame_sin[:plan.n_global])
-        prefix_k.append(gk)
-        prefix_v.append(mem.global_values)
+        if plan.globals_in_bank:
+            prefix_k.append(mem.keys[:, :, :plan.n_global])
+            prefix_v.append(mem.values[:, :, :plan.n_global])
+        else:
+            prefix_k.append(mem.global_keys)
+            prefix_v.append(mem.global_values)
     if plan.n_window:
-        wk = mem.keys[:, :, mem.keys.shape[2] - plan.n_window:]
-        if compact:
-            span = slice(plan.n_global, plan.n_global + plan.n_window)
-            wk = rotate(wk, plan.frame_cos[span], plan.frame_sin[span])
-        prefix_k.append(wk)
-        prefix_v.append(mem.values[:, :, mem.values.shape[2] - plan.n_window:])
-    n_prefix = plan.n_global + plan.n_window
-    keys = torch.cat([*prefix_k, key], dim=2) if prefix_k else key  # [batch, kv_heads, prefix + seq, dim]
-    values = torch.cat([*prefix_v, value], dim=2) if prefix_v else value
+        prefix_k.append(mem.keys[:, :, plan.n_bank - plan.n_window:])
+        prefix_v.append(mem.values[:, :, plan.n_bank - plan.n_window:])
+    if prefix_k:
+        memory_k = torch.cat(prefix_k, dim=2)  # [batch, kv_heads, prefix, dim]
+        if plan.place is not None:  # compact: stored keys (position 0) moved to positions 0 .. prefix - 1
+            memory_k = rotate(memory_k, *plan.place)
+        keys = torch.cat([memory_k, key], dim=2)  # [batch, kv_heads, prefix + seq, dim]
+        values = torch.cat([*prefix_v, value], dim=2)
+    else:
+        keys, values = key, value
 
-    if config.reading.topk and plan.n_candidates:
-        out, lse = attention_with_lse(query, keys, values, plan.mask, scale)
+    if ctx.topk_end is not None:
+        out, lse = attention_with_lse(query, keys, values, ctx.mask, scale)
         out = merge_topk(ctx, mem, query, out, lse, scale)
     else:
-        out = prefix_causal_sdpa(query, keys, values, plan.mask, scale)
+        out = prefix_causal_sdpa(query, keys, values, ctx.mask, scale)
 
-    if plan.write and config.uses_kv_memory and config.management.size:
+    if plan.write and (plan.n_new or plan.to_global) and first_call:
         seg = slice(plan.n_read, plan.n_read + plan.n_seg)
         seg_k = key[:, :, seg]
-        if compact:
-            # Store keys unrotated (position 0): undo RoPE at the positions the segment had in this frame.
-            pos = slice(n_prefix + plan.n_read, n_prefix + plan.n_read + plan.n_seg)
-            seg_k = rotate(seg_k, plan.frame_cos[pos], -plan.frame_sin[pos]) / plan.rope_scale**2
-        if first_call:
-            bank.write(plan, config, seg_k, value[:, :, seg])
-    return out
-
-
-def prefix_mask(n_query: int, n_prefix: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[query, prefix + query] additive mask (0 or -inf): every query sees the whole prefix and the segment causally.
-
-    Additive rather than boolean because SDPA converts a boolean mask to this in every call (once per layer).
-    """
-    visible = torch.ones(n_query, n_prefix + n_query, dtype=torch.bool, device=device).tril(n_prefix)
-    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
+        if plan.store is not None:
+            # Store keys unrotated (position 0): undo RoPE at the positions the segment had in this input.
+            cos, sin = (t[seg] for t in plan.store)
+            seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
+        bank.write(plan, config, seg_k, value[:, :, seg])
+    return out.to(query.dtype)  # the fused CPU kernel's float32 log-sum-exp must not promote the output
 
 
 def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -153,7 +132,8 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
         return CPU_FLASH_WITH_LSE(query, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
     q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
     if mask is None:
-        mask = prefix_mask(seq, 0, query.dtype, query.device)
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
+        mask = torch.zeros(seq, seq, dtype=query.dtype, device=query.device).masked_fill(~causal, float("-inf"))
     outs, lses = [], []
     for lo in range(0, seq, QUERY_CHUNK):
         hi = min(seq, lo + QUERY_CHUNK)
@@ -168,21 +148,28 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                scale: float) -> torch.Tensor:
-    """Add the top-k bank slots before the window to the softmax of `out`/`lse` (one softmax over the union)."""
-    plan, reading = ctx.plan, ctx.config.reading
+    """Add each query's top-k bank slots, searched in [topk_start, topk_end[query]), to the softmax of `out`/`lse`
+    (one softmax over the union)."""
     batch, heads, seq, dim = query.shape
     kv_heads = mem.keys.shape[1]
     group = heads // kv_heads
     q = query.reshape(batch, kv_heads, group * seq, dim)  # [batch, kv_heads, group * seq, dim]
-    k = min(reading.topk, plan.n_candidates)
+    end = ctx.topk_end.repeat(group)  # [group * seq]: q's rows are (group, seq) flattened
+    lo, hi = ctx.topk_start, int(end.max())
+    n = hi - lo
+    k = min(ctx.config.reading.topk, n)
     if mem.faiss is not None:
-        logits, idx = mem.faiss.search(q, k, plan.first_id, plan.n_candidates)
+        # One id range per search: fetch enough to keep k after dropping what lies in a query's own window reach.
+        wide = min(n, k + hi - int(end.min()))
+        logits, idx = mem.faiss.search(q, wide, ctx.plan.first_id, lo, hi)
+        logits = logits.masked_fill(idx >= end.view(1, 1, -1, 1), float("-inf"))
+        logits, pick = logits.topk(k, dim=-1)
+        idx = idx.gather(-1, pick) - lo
     else:
-        logits, idx = topk_exact(q, mem.keys[:, :, :plan.n_candidates], k)
-    found = idx >= 0
+        logits, idx = topk_exact(q, mem.keys[:, :, lo:hi], k, limit=end - lo)
+    found = (idx >= 0) & (logits > float("-inf"))
     idx = idx.clamp(min=0)
-    n = plan.n_candidates
-    cand_v = mem.values[:, :, :n].unsqueeze(2).expand(batch, kv_heads, group * seq, n, dim)
+    cand_v = mem.values[:, :, lo:hi].unsqueeze(2).expand(batch, kv_heads, group * seq, n, dim)
     picked_v = cand_v.gather(3, idx.unsqueeze(-1).expand(*idx.shape, dim))  # [batch, kv_heads, g*seq, k, dim]
     logits = (logits * scale).masked_fill(~found, float("-inf"))
     lse_k = logits.logsumexp(-1)  # [batch, kv_heads, g*seq]

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
-from unimem_bench.methods.engine.attention import SegmentContext, prefix_mask
 from unimem_bench.methods.engine.memory import MemoryState
+from unimem_bench.methods.engine.plan import build_plan, segment_context
 from unimem_bench.methods.engine.sampling import Sampling
 
 if TYPE_CHECKING:
@@ -30,18 +30,9 @@ class OpenSegment:
         config = lm.config
         self.lm, self.state = lm, state
         m = config.writing.memory_tokens
-        plan, _ = state.plan(config, n_read=m, n_seg=0)
-        plan.write, plan.detach = False, True
-        self.n_prefix = plan.n_global + plan.n_window
-        compact = config.position.mode == "compact"
-        if compact and lm.layers and config.uses_kv_memory and self.n_prefix:
-            frame = torch.arange(self.n_prefix, device=lm.device).unsqueeze(0)
-            probe = lm.model.get_input_embeddings().weight[:1].unsqueeze(0)  # dtype/device for the rotary module
-            cos, sin = lm.decoder.rotary_emb(probe, frame)
-            plan.frame_cos, plan.frame_sin = cos[0], sin[0]
-            plan.rope_scale = float(getattr(lm.decoder.rotary_emb, "attention_scaling", 1.0))
-        self.plan = plan
-        self.first = self.n_prefix if compact else doc_start
+        probe = lm.model.get_input_embeddings().weight[:1].unsqueeze(0)  # dtype/device for the rotary module
+        self.plan = build_plan(config, state, n_read=m, n_seg=0, n_write=0, doc_start=doc_start,
+                               rotary=lm.decoder.rotary_emb, probe=probe, write=False, grad=False)
         self.cache = DynamicCache(config=lm.model.config)
         self.pending_read_slots = state.rmt if m else None
 
@@ -56,11 +47,11 @@ class OpenSegment:
         if past and embeds.shape[1] > 1:
             raise ValueError("an open segment takes one prefill, then one token per step")
         t = embeds.shape[1]
-        positions = torch.arange(self.first + past, self.first + past + t, device=lm.device).unsqueeze(0)
-        # Memory layers see [prefix ; cached ; new]; an explicit mask because SDPA's is_causal aligns top-left.
-        self.plan.mask = (prefix_mask(t, self.n_prefix + past, embeds.dtype, embeds.device)
-                          if lm.layers and (self.n_prefix or past) else None)
-        ctx = SegmentContext(config=lm.config, layers=lm.layers, state=self.state, plan=self.plan)
+        first = self.plan.first_position + past
+        positions = torch.arange(first, first + t, device=lm.device).unsqueeze(0)
+        # Memory layers see [prefix ; cached ; new], masked for queries past .. past + t - 1 of the input.
+        ctx = segment_context(lm.config, lm.layers, self.state, self.plan, query_start=past, n_query=t,
+                              dtype=embeds.dtype, device=embeds.device)
         hidden = lm.decoder(inputs_embeds=embeds, position_ids=positions, past_key_values=self.cache,
                             use_cache=True, unimem=ctx).last_hidden_state  # [1, t, hidden]
         return lm.model.get_output_embeddings()(hidden[:, -1])[0]

@@ -2,31 +2,39 @@
 
 Banks hold keys and values at the model's KV-head count (GQA models keep their memory small). All injected layers
 write the same tokens, so the bookkeeping (sizes, ids, document positions) lives once in `MemoryState`, and the
-per-segment `SegmentPlan` tells every layer exactly what to read and write.
+per-segment `SegmentPlan` (plan.py) tells every layer exactly what to read and write.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from unimem_bench.methods.config import UniMemConfig
 from unimem_bench.methods.engine.retrieval import FaissBank
 
+if TYPE_CHECKING:
+    from unimem_bench.methods.engine.plan import SegmentPlan
+
 _TENSORS = ("keys", "values", "global_keys", "global_values")
 """The tensors of a `LayerMemory`."""
 
 
 def overflow_drop(n_old: int, n_new: int, size: int, policy: str) -> tuple[int, int]:
-    """How many (old, new) entries to drop from the front when `n_new` slots are written to `n_old` held ones."""
+    """How many (old, new) entries to drop from the front when `n_new` slots are written to `n_old` held ones.
+
+    An empty memory always takes the write (its oldest part when one write exceeds the size). When the write does
+    not fit: fifo evicts the oldest, clear-and-write empties then writes, clear (official) empties and writes nothing.
+    """
     drop_new = max(0, n_new - size)
     kept_new = n_new - drop_new
     if policy == "fifo":
         return max(0, n_old + kept_new - size), drop_new
-    return (n_old if n_old + kept_new > size else 0), drop_new
+    if n_old + kept_new <= size:
+        return 0, drop_new
+    return n_old, (n_new if policy == "clear" else drop_new)
 
 
 def pool_tokens(x: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -42,45 +50,6 @@ def pool_tokens(x: torch.Tensor, ratio: int) -> torch.Tensor:
 
 
 @dataclass
-class SegmentPlan:
-    """What the injected layers read and write for one segment; computed once, before the forward."""
-
-    n_read: int
-    """RMT read slots in front of the segment tokens."""
-    n_seg: int
-    """Segment tokens in the input (padding included: rows that end early are dropped afterwards)."""
-    n_global: int
-    """Pinned global tokens visible to this segment."""
-    n_window: int
-    """Bank slots read by position: the most recent ones."""
-    n_candidates: int
-    """Bank slots searched by top-k: those before the window."""
-    first_id: int
-    """Memory id of bank slot 0 (ids grow by one per written slot; faiss searches id ranges)."""
-    to_global: int
-    """Segment tokens that become pinned global tokens (only in the first segment)."""
-    drop_old: int
-    """Bank slots evicted from the front by this segment's write."""
-    drop_new: int
-    """Newly written slots dropped at once because one write overflows the whole memory."""
-    frame_cos: torch.Tensor | None
-    """[frame_len, head_dim] RoPE cos at frame positions 0.. (compact mode), to place memory keys."""
-    frame_sin: torch.Tensor | None
-    """Like frame_cos."""
-    mask: torch.Tensor | None
-    """[input, prefix + input] additive mask: memory prefix visible to all, the input causal (None: no prefix)."""
-    rope_scale: float
-    """RoPE's attention scaling (1 for default and linear RoPE), undone when keys are stored unrotated."""
-    detach: bool
-    """Store memory without gradient history (stop-gradient training, and always at evaluation)."""
-    write: bool = True
-    """Write this input to memory; False while decoding reads memory through a KV cache of the open segment."""
-    reads: dict[int, LayerMemory] = field(default_factory=dict)
-    """Per layer, the memory its first call read. Gradient checkpointing calls a layer again during backward; that
-    call must read the same memory (not what later writes left) and write nothing."""
-
-
-@dataclass
 class LayerMemory:
     """One injected layer's memory: [batch, kv_heads, slots, head_dim] tensors."""
 
@@ -92,7 +61,7 @@ class LayerMemory:
 
     def write(self, plan: SegmentPlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write this segment's keys/values [batch, kv_heads, n_seg, head_dim] (already in storage frame)."""
-        if plan.detach:
+        if plan.detach_kv:
             keys, values = keys.detach(), values.detach()
         if plan.to_global:
             # Copies, not views: a view would pin the whole segment's keys/values for the document's lifetime.
@@ -107,6 +76,11 @@ class LayerMemory:
         if self.keys is not None:
             keys = torch.cat([self.keys[:, :, plan.drop_old:], new_keys], dim=2)
             values = torch.cat([self.values[:, :, plan.drop_old:], values], dim=2)
+        if not keys.shape[2]:  # cleared and nothing written: an empty memory
+            self.keys = self.values = None
+            if self.faiss is not None:
+                self.faiss.indexes = []
+            return
         self.keys, self.values = keys, values
         if self.faiss is not None:
             self.faiss.add(new_keys, new_first_id, keys, new_first_id + new_keys.shape[2] - keys.shape[2])
@@ -152,29 +126,11 @@ class MemoryState:
     def first_id(self) -> int:
         return self.next_id - self.n_bank
 
-    def plan(self, config: UniMemConfig, *, n_read: int, n_seg: int) -> tuple[SegmentPlan, int]:
-        """The plan for the next segment and the number of bank slots it writes."""
-        r, m = config.reading, config.management
-        n_window = self.n_bank if r.read_all else min(r.window, self.n_bank)
-        to_global = min(r.global_tokens, n_seg) if self.segments == 0 else 0
-        if config.uses_kv_memory and m.size:
-            n_rest = n_seg - to_global
-            n_new = math.ceil(n_rest / config.writing.pool_ratio) if config.writing.kv == "pooling" else n_rest
-            drop_old, drop_new = overflow_drop(self.n_bank, n_new, m.size, m.overflow)
-        else:
-            n_new, drop_old, drop_new = 0, 0, 0
-        plan = SegmentPlan(
-            n_read=n_read, n_seg=n_seg, n_global=self.n_global, n_window=n_window,
-            n_candidates=self.n_bank - n_window if r.topk else 0, first_id=self.first_id, to_global=to_global,
-            drop_old=drop_old, drop_new=drop_new, frame_cos=None, frame_sin=None, mask=None, rope_scale=1.0,
-            detach=True,
-        )
-        return plan, n_new
-
-    def commit(self, plan: SegmentPlan, config: UniMemConfig, n_new: int, doc_start: int) -> None:
+    def commit(self, plan: SegmentPlan, config: UniMemConfig, doc_start: int) -> None:
         """Update the shared bookkeeping after every layer wrote the segment."""
         self.segments += 1
         self.n_global += plan.to_global
+        n_new = plan.n_new
         if not n_new:
             return
         step = config.writing.pool_ratio if config.writing.kv == "pooling" else 1

@@ -19,9 +19,10 @@ from torch import nn
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
 from unimem_bench.methods.config import ConfigError, UniMemConfig
-from unimem_bench.methods.engine.attention import ATTENTION_NAME, SegmentContext, prefix_mask, unimem_attention
+from unimem_bench.methods.engine.attention import ATTENTION_NAME, unimem_attention
 from unimem_bench.methods.engine.generation import generate
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState
+from unimem_bench.methods.engine.plan import build_plan, segment_context
 from unimem_bench.methods.engine.retrieval import FaissBank
 from unimem_bench.methods.engine.sampling import Sampling
 
@@ -164,30 +165,23 @@ class MemoryLM(nn.Module):
         config = self.config
         m = config.writing.memory_tokens
         n = input_ids.shape[1]
-        plan, n_new = state.plan(config, n_read=m, n_seg=n)
         embeds = self.model.get_input_embeddings()(input_ids)  # [batch, n, hidden]
+        plan = build_plan(config, state, n_read=m, n_seg=n, n_write=m, doc_start=doc_start,
+                          rotary=self.decoder.rotary_emb, probe=embeds, write=True, grad=torch.is_grad_enabled())
         if m:
-            write_slots = self.memory_embeddings.unsqueeze(0).expand(embeds.shape[0], -1, -1)
-            embeds = torch.cat([state.rmt, embeds, write_slots], dim=1)
-        n_prefix = plan.n_global + plan.n_window
-        compact = config.position.mode == "compact"
-        first = n_prefix if compact else doc_start
+            write_slots = (state.rmt if config.writing.write_slots == "memory"
+                           else self.memory_embeddings.unsqueeze(0).expand(embeds.shape[0], -1, -1))
+            embeds = torch.cat([state.rmt, embeds, write_slots], dim=1)  # [batch, m + n + m, hidden]
+        first = plan.first_position
         positions = torch.arange(first, first + embeds.shape[1], device=embeds.device).unsqueeze(0)
-        if compact and self.layers and config.uses_kv_memory:
-            frame = torch.arange(n_prefix + embeds.shape[1], device=embeds.device).unsqueeze(0)
-            cos, sin = self.decoder.rotary_emb(embeds, frame)
-            plan.frame_cos, plan.frame_sin = cos[0], sin[0]
-            plan.rope_scale = float(getattr(self.decoder.rotary_emb, "attention_scaling", 1.0))
-        if n_prefix and self.layers:
-            plan.mask = prefix_mask(embeds.shape[1], n_prefix, embeds.dtype, embeds.device)
-        plan.detach = not torch.is_grad_enabled() or config.training.strategy == "stop_gradient"
-        ctx = SegmentContext(config=config, layers=self.layers, state=state, plan=plan)
+        ctx = segment_context(config, self.layers, state, plan, query_start=0, n_query=embeds.shape[1],
+                              dtype=embeds.dtype, device=embeds.device)
         hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, unimem=ctx,
                               use_cache=False).last_hidden_state  # [batch, m + n + m, hidden]
         if m:
             # A copy, not a view: a view would keep the whole [batch, m + n + m, hidden] output alive.
-            state.rmt = hidden[:, -m:].detach().clone() if plan.detach else hidden[:, -m:].clone()
-        state.commit(plan, config, n_new, doc_start)
+            state.rmt = hidden[:, -m:].detach().clone() if plan.detach_tokens else hidden[:, -m:].clone()
+        state.commit(plan, config, doc_start)
         return self.model.get_output_embeddings()(hidden[:, m:m + n])
 
     def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,

@@ -15,18 +15,21 @@ from unimem_bench.methods.config import Reading
 SEARCH_CHUNK = 8192
 
 
-def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = SEARCH_CHUNK) -> tuple[torch.Tensor,
-                                                                                                    torch.Tensor]:
-    """Exact top-k inner products, chunked over keys.
+def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = SEARCH_CHUNK,
+               limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k inner products, chunked over keys; with `limit` [q], query i searches keys [0, limit[i]) only.
 
     queries [batch, kv_heads, q, dim], keys [batch, kv_heads, n, dim] -> (scores, indices), each
-    [batch, kv_heads, q, min(k, n)], best first.
+    [batch, kv_heads, q, min(k, n)], best first; score -inf where a query has fewer than k keys.
     """
     k = min(k, keys.shape[2])
     best_scores: torch.Tensor | None = None
     best_idx: torch.Tensor | None = None
     for lo in range(0, keys.shape[2], chunk):
         block = queries @ keys[:, :, lo:lo + chunk].transpose(-1, -2)  # [batch, kv_heads, q, chunk]
+        if limit is not None:
+            cols = torch.arange(lo, lo + block.shape[-1], device=block.device)
+            block = block.masked_fill(cols[None, :] >= limit[:, None], float("-inf"))
         scores, idx = block.topk(min(k, block.shape[-1]), dim=-1)
         idx = idx + lo
         if best_scores is not None:
@@ -102,16 +105,16 @@ class FaissBank:
                 index.add(np.ascontiguousarray(data[b, h]))
         self.count += new_keys.shape[2]
 
-    def search(self, queries: torch.Tensor, k: int, first_id: int, n_candidates: int) -> tuple[torch.Tensor,
-                                                                                               torch.Tensor]:
-        """Top-k over the bank entries [0, n_candidates) (memory ids first_id...).
+    def search(self, queries: torch.Tensor, k: int, first_id: int, start: int, stop: int) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+        """Top-k over the bank entries [start, stop) (bank slot 0 has memory id first_id).
 
         queries [batch, kv_heads, q, dim] -> (scores, bank indices) [batch, kv_heads, q, k]; index -1 and score
         -inf where an approximate index found fewer than k.
         """
         faiss, r = self.faiss, self.reading
         lo = first_id - self.base_id
-        selector = faiss.IDSelectorRange(lo, lo + n_candidates)
+        selector = faiss.IDSelectorRange(lo + start, lo + stop)
         if r.index == "faiss-ivf":
             params = faiss.SearchParametersIVF(sel=selector, nprobe=r.ivf_probe)
         elif r.index == "faiss-hnsw":

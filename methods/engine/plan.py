@@ -1,0 +1,155 @@
+"""The per-segment plan: what every injected layer reads and writes, and at which positions, built once.
+
+`build_plan` is the only place a `SegmentPlan` is made; nothing changes it afterwards. A forward call gets a
+`SegmentContext`: the plan plus what depends on which queries this call holds (the reading mask, the top-k limits)
+and the gradient-checkpointing read cache, so a full segment forward and one decoding step share the plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from unimem_bench.methods.config import UniMemConfig
+from unimem_bench.methods.engine.memory import LayerMemory, MemoryState, overflow_drop
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """What the injected layers read and write for one segment (or one open, decoding segment)."""
+
+    n_read: int
+    """RMT read slots at the front of the input."""
+    n_seg: int
+    """Segment tokens in the input (padding included: rows that end early are dropped afterwards)."""
+    n_global: int
+    """Global keys read by every query: pinned document tokens, or the bank's first slots (`globals_in_bank`)."""
+    globals_in_bank: bool
+    """The globals are bank slots [0, n_global) (reading.global_source=memory)."""
+    n_window: int
+    """Window slots: the bank's last n_window slots (after the globals)."""
+    n_bank: int
+    """Bank slots held before this segment's write."""
+    first_id: int
+    """Memory id of bank slot 0 (ids grow by one per written slot; faiss searches id ranges)."""
+    to_global: int
+    """Segment tokens that become pinned global tokens (document globals, first segment only)."""
+    drop_old: int
+    """Bank slots evicted from the front by this segment's write."""
+    drop_new: int
+    """Newly written slots dropped at once (one write larger than the memory, or a clear that writes nothing)."""
+    n_new: int
+    """Bank slots this segment's write produces before drops (0 when nothing is written)."""
+    first_position: int
+    """RoPE position of input index 0; the input runs on consecutively from it."""
+    place: tuple[torch.Tensor, torch.Tensor] | None
+    """(cos, sin) [n_global + n_window, head_dim] placing stored (unrotated) globals and window (compact mode)."""
+    store: tuple[torch.Tensor, torch.Tensor] | None
+    """(cos, sin) [input, head_dim] at the input's positions, undone on the keys written (memory at position 0)."""
+    rope_scale: float
+    """RoPE's attention scaling (1 for default and linear RoPE), undone when keys are stored unrotated."""
+    detach_kv: bool
+    """Store key/value memory without gradient history (stop-gradient, bptt_tokens, and always at evaluation)."""
+    detach_tokens: bool
+    """Keep RMT memory-token states without gradient history (stop-gradient, and always at evaluation)."""
+    write: bool
+    """Write this segment to memory; False for an open segment decoded through a KV cache."""
+
+    @property
+    def n_prefix(self) -> int:
+        """Memory keys in front of the local keys: globals then window."""
+        return self.n_global + self.n_window
+
+
+def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: int, n_write: int, doc_start: int,
+               rotary: nn.Module, probe: torch.Tensor, write: bool, grad: bool) -> SegmentPlan:
+    """The plan for the next input of `state`: [n_read read slots ; n_seg tokens ; n_write write slots].
+
+    `probe` gives dtype and device for the rotary module; `grad` says whether gradients are being recorded.
+    """
+    r, m, mode = config.reading, config.management, config.position.mode
+    in_bank = r.global_source == "memory"
+    n_global = min(r.global_tokens, state.n_bank) if in_bank else state.n_global
+    free = state.n_bank - (n_global if in_bank else 0)
+    n_window = free if r.read_all else min(r.window, free)
+    to_global = min(r.global_tokens, n_seg) if (write and not in_bank and state.segments == 0) else 0
+    n_new = drop_old = drop_new = 0
+    if write and config.uses_kv_memory and m.size:
+        n_rest = n_seg - to_global
+        n_new = math.ceil(n_rest / config.writing.pool_ratio) if config.writing.kv == "pooling" else n_rest
+        drop_old, drop_new = overflow_drop(state.n_bank, n_new, m.size, m.overflow)
+    n_prefix = n_global + n_window
+    first = {"compact": n_prefix, "official": 0, "absolute": doc_start - n_read}[mode]
+    n_input = n_read + n_seg + n_write
+    place = store = None
+    scale = float(getattr(rotary, "attention_scaling", 1.0))
+    if mode == "compact" and n_prefix:
+        place = _cos_sin(rotary, probe, torch.arange(n_prefix))
+    if mode != "absolute" and (n_new or to_global):
+        store = _cos_sin(rotary, probe, torch.arange(first, first + n_input))
+    strategy = config.training.strategy
+    return SegmentPlan(
+        n_read=n_read, n_seg=n_seg, n_global=n_global, globals_in_bank=in_bank, n_window=n_window,
+        n_bank=state.n_bank, first_id=state.first_id, to_global=to_global, drop_old=drop_old, drop_new=drop_new,
+        n_new=n_new, first_position=first, place=place, store=store, rope_scale=scale,
+        detach_kv=not grad or strategy != "bptt", detach_tokens=not grad or strategy == "stop_gradient", write=write,
+    )
+
+
+def _cos_sin(rotary: nn.Module, probe: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = rotary(probe, positions.to(probe.device).unsqueeze(0))  # [1, n, head_dim] each
+    return cos[0], sin[0]
+
+
+@dataclass
+class SegmentContext:
+    """Handed to the model's forward as `unimem=`: the plan, and what this call's queries read."""
+
+    config: UniMemConfig
+    layers: frozenset[int]
+    state: MemoryState
+    plan: SegmentPlan
+    mask: torch.Tensor | None
+    """[queries, prefix + local keys] additive mask (0 / -inf); None: no prefix, causal from the input's start."""
+    topk_end: torch.Tensor | None
+    """[queries] per query, the bank index before which top-k searches (None: no top-k this call)."""
+    topk_start: int = 0
+    """First bank slot top-k may pick (the bank globals come before it)."""
+    reads: dict[int, LayerMemory] = field(default_factory=dict)
+    """Per layer, the memory its first call read. Gradient checkpointing calls a layer again during backward; that
+    call must read the same memory (not what later writes left) and write nothing."""
+
+
+def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryState, plan: SegmentPlan, *,
+                    query_start: int, n_query: int, dtype: torch.dtype, device: torch.device) -> SegmentContext:
+    """The context of one forward call whose queries are input indices query_start .. query_start + n_query - 1
+    (the local keys are the input's first query_start + n_query tokens)."""
+    r = config.reading
+    i = torch.arange(query_start, query_start + n_query, device=device)  # [queries] input indices
+    # Window slots each query reaches, counted from the bank's end: all of them, or W - i when sliding.
+    reach = (torch.clamp(r.window - i, 0, plan.n_window) if r.sliding and not r.read_all
+             else torch.full_like(i, plan.n_window))
+    mask = None
+    if plan.n_prefix or query_start:
+        n_local = query_start + n_query
+        visible = torch.ones(n_query, plan.n_prefix + n_local, dtype=torch.bool, device=device)
+        if plan.n_window:
+            w = torch.arange(plan.n_window, device=device)  # [window]
+            seen = w[None, :] >= plan.n_window - reach[:, None]  # [queries, window]
+            if r.stride > 1:
+                slot = plan.n_bank - plan.n_window + w  # index in the bank (0 = oldest slot held)
+                seen &= (slot[None, :] % r.stride) == (i[:, None] % r.stride)
+            visible[:, plan.n_global:plan.n_prefix] = seen
+        j = torch.arange(n_local, device=device)
+        visible[:, plan.n_prefix:] = j[None, :] <= i[:, None]  # the input, causally
+        # Additive rather than boolean because SDPA converts a boolean mask to this in every call (once per layer).
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
+    start = plan.n_global if plan.globals_in_bank else 0
+    topk_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
+    if not r.topk or int(topk_end.max()) <= start:
+        topk_end = None
+    return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
+                          topk_start=start)
