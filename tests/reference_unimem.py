@@ -113,16 +113,6 @@ class Slot:
 
 
 @dataclass
-class Visible:
-    """A memory slot as one segment reads it: its key already at its read position."""
-
-    index: int
-    """Index in the layer's memory list (-1 for document globals)."""
-    key: torch.Tensor
-    value: torch.Tensor
-
-
-@dataclass
 class Memory:
     """Everything carried between segments."""
 
@@ -164,7 +154,7 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
     if m:
         x = torch.cat([memory.read, x, memory.write])
     views = {i: segment_view(llama, spec, memory, i) for i in spec.layers}
-    n_prefix = next(iter(views.values()))[3] if views else 0
+    n_prefix = next(iter(views.values())).n_prefix if views else 0
     positions = input_positions(spec, n_prefix, doc_start, m, n)
     written = {}
     for layer in range(llama.n_layers):
@@ -179,13 +169,12 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
         for t in range(len(x)):
             for head in range(llama.heads):
                 g = head // (llama.heads // llama.kv_heads)
-                keys, values = [], []
+                keys, values = k_rot[:t + 1, g], v[:t + 1, g]  # the input, causally
                 if layer in spec.layers:
-                    keys, values = read_memory(spec, views[layer], q_rot[t, head], g, t)
-                keys += [k_rot[s, g] for s in range(t + 1)]
-                values += [v[s, g] for s in range(t + 1)]
-                weights = torch.softmax(torch.stack(keys) @ q_rot[t, head] / math.sqrt(llama.head_dim), dim=0)
-                attn[t, head] = weights @ torch.stack(values)
+                    mem_keys, mem_values = read_memory(spec, views[layer], q_rot[t, head], g, t)
+                    keys, values = torch.cat([mem_keys, keys]), torch.cat([mem_values, values])
+                weights = torch.softmax(keys @ q_rot[t, head] / math.sqrt(llama.head_dim), dim=0)
+                attn[t, head] = weights @ values
         x = x + llama.linear(attn.reshape(len(x), -1), p + "self_attn.o_proj")
         h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
         gate = llama.linear(h, p + "mlp.gate_proj")
@@ -211,54 +200,81 @@ def input_positions(spec: Description, n_prefix: int, doc_start: int, m: int, n:
     return list(range(first, first + 2 * m + n))
 
 
-def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory,
-                 layer: int) -> tuple[list[Visible], list[Visible], list[Visible], int]:
-    """(globals, window, top-k candidates, compact prefix length) of one layer's memory for this segment."""
+def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer: int) -> View:
+    """One layer's memory as this segment reads it."""
     bank = memory.banks[layer]
     if spec.global_source == "memory":
-        n_global = min(spec.global_tokens, len(bank))
-        global_slots = list(enumerate(bank[:n_global]))
+        global_slots = bank[:min(spec.global_tokens, len(bank))]
+        first = len(global_slots)
     else:
-        n_global = 0
-        global_slots = [(-1, s) for s in memory.globals_[layer]]
-    rest = len(bank) - n_global
-    n_window = rest if spec.read_all else min(spec.window, rest)
-    window_slots = [(b, bank[b]) for b in range(len(bank) - n_window, len(bank))]
-    candidates = [(b, bank[b]) for b in range(n_global, len(bank) - n_window)] if spec.topk else []
+        global_slots, first = memory.globals_[layer], 0
+    n_window = len(bank) - first if spec.read_all else min(spec.window, len(bank) - first)
+    window_start = len(bank) - n_window
 
     def at(slot: Slot, frame: int | None) -> torch.Tensor:
         if spec.position == "absolute":
             return slot.key_doc
         if spec.position == "compact" and frame is not None:
             return llama.rope(slot.key, frame, spec.rope_factor)
-        return slot.key  # position 0
+        return slot.key  # position 0: official for every memory key, compact for top-k
 
-    globals_ = [Visible(b, at(s, j), s.value) for j, (b, s) in enumerate(global_slots)]
-    window = [Visible(b, at(s, len(globals_) + j), s.value) for j, (b, s) in enumerate(window_slots)]
-    cands = [Visible(b, at(s, None), s.value) for b, s in candidates]
-    return globals_, window, cands, len(globals_) + len(window)
+    def stack(items: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        return torch.stack(items) if items else like.new_zeros(0, *like.shape[1:])
+
+    empty = llama.w["model.embed_tokens.weight"].new_zeros(0, llama.kv_heads, llama.head_dim)
+    window = range(window_start, len(bank))
+    searchable = range(first, len(bank)) if spec.topk else range(0)
+    return View(
+        global_keys=stack([at(s, j) for j, s in enumerate(global_slots)], empty),
+        global_values=stack([s.value for s in global_slots], empty),
+        window_index=list(window),
+        window_keys=stack([at(bank[b], len(global_slots) + b - window_start) for b in window], empty),
+        window_values=stack([bank[b].value for b in window], empty),
+        search_index=list(searchable),
+        search_keys=stack([at(bank[b], None) for b in searchable], empty),
+        search_values=stack([bank[b].value for b in searchable], empty),
+        n_bank=len(bank), n_prefix=len(global_slots) + n_window,
+    )
 
 
-def read_memory(spec: Description, view: tuple[list[Visible], list[Visible], list[Visible], int],
-                query: torch.Tensor, g: int, t: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Keys and values of the memory slots query `t` (input index) of KV head `g` reads."""
-    globals_, window, candidates, _ = view
-    keys = [s.key[g] for s in globals_]
-    values = [s.value[g] for s in globals_]
-    n_bank_end = window[-1].index + 1 if window else 0
-    for s in window:
-        if not spec.read_all:
-            reach = max(0, min(spec.window - t, len(window))) if spec.sliding else len(window)
-            if s.index < n_bank_end - reach or s.index % spec.stride != t % spec.stride:
-                continue
-        keys.append(s.key[g])
-        values.append(s.value[g])
-    if candidates:
-        scores = torch.stack([s.key[g] @ query for s in candidates])
-        for j in scores.topk(min(spec.topk, len(candidates))).indices.tolist():
-            keys.append(candidates[j].key[g])
-            values.append(candidates[j].value[g])
-    return keys, values
+@dataclass
+class View:
+    """One layer's memory for one segment, keys at their read positions: [slots, kv_heads, head_dim] tensors."""
+
+    global_keys: torch.Tensor
+    """Read by every query."""
+    global_values: torch.Tensor
+    window_index: list[int]
+    """Memory index of each window slot."""
+    window_keys: torch.Tensor
+    window_values: torch.Tensor
+    search_index: list[int]
+    """Memory index of each slot top-k may pick (every non-global slot; a query searches those before its reach)."""
+    search_keys: torch.Tensor
+    search_values: torch.Tensor
+    n_bank: int
+    """Slots in the layer's memory."""
+    n_prefix: int
+    """Globals plus window: where compact positions put the input."""
+
+
+def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+    """Keys and values [n, head_dim] of the memory slots that query `t` (0-based input index, RMT read slots
+    first) of KV head `g` reads: the globals, its window slots, then its top-k among the slots before its reach."""
+    n_window = len(view.window_index)
+    reach = max(0, min(spec.window - t, n_window)) if spec.sliding and not spec.read_all else n_window
+    seen = [j for j, b in enumerate(view.window_index)
+            if b >= view.n_bank - reach and b % spec.stride == t % spec.stride]
+    keys = [view.global_keys[:, g], view.window_keys[seen, g]]
+    values = [view.global_values[:, g], view.window_values[seen, g]]
+    candidates = [j for j, b in enumerate(view.search_index) if b < view.n_bank - reach]
+    if candidates and spec.topk:
+        scores = view.search_keys[candidates, g] @ query
+        picked = [candidates[j] for j in scores.topk(min(spec.topk, len(candidates))).indices.tolist()]
+        keys.append(view.search_keys[picked, g])
+        values.append(view.search_values[picked, g])
+    return torch.cat(keys), torch.cat(values)
 
 
 def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tensor, doc_keys: torch.Tensor,
@@ -274,7 +290,7 @@ def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tens
     new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0))
            for j in range(0, len(keys), step)]
     bank = memory.banks[layer]
-    if len(bank) + len(new) > spec.size and spec.overflow != "fifo":
+    if bank and len(bank) + len(new) > spec.size and spec.overflow != "fifo":
         bank.clear()
         if spec.overflow == "clear":
             return

@@ -79,6 +79,9 @@ GRID = [
     *[case(f"lf-globals-{src}", "longformer", f"reading.global_source={src}") for src in ("document", "memory")],
     case("lf-full-window", "longformer", "reading.sliding=false"),
     case("lf-fifo", "longformer", "management.overflow=fifo"),
+    case("lf-clear-and-write", "longformer", "management.overflow=clear-and-write"),
+    case("lf-memory-globals-clear", "longformer", "reading.global_source=memory", "management.overflow=clear",
+         "reading.sliding=true", "reading.stride=2"),
     *[case(f"lf-{mode}", "longformer", f"position.mode={mode}") for mode in ("official", "compact", "absolute")],
     # RMT: read/write slots, more memory tokens, every position mode, with a KV window.
     *[case(f"rmt-write-{slots}", "rmt", "writing.memory_tokens=3", f"writing.write_slots={slots}")
@@ -89,6 +92,9 @@ GRID = [
     # UniMix: window + globals + top-k + memory tokens in one softmax.
     case("unimix-top2", "unimix", "reading.topk=2"),
     case("unimix-full-window", "unimix", "reading.sliding=false"),
+    case("unimix-sliding", "unimix", "reading.sliding=true"),
+    case("unimix-sliding-stride2", "unimix", "reading.sliding=true", "reading.stride=2"),
+    case("unimix-write-learned", "unimix", "writing.memory_tokens=2", "writing.write_slots=learned"),
     *[case(f"unimix-globals-{src}", "unimix", f"reading.global_source={src}") for src in ("document", "memory")],
     *[case(f"unimix-{mode}", "unimix", f"position.mode={mode}") for mode in ("official", "compact", "absolute")],
     # Pooling writes, read by window and by top-k.
