@@ -123,20 +123,23 @@ def describe(config: UniMemConfig) -> dict[str, str]:
     """The four dimensions in words, as the paper's Table 1 lists them."""
     m, w, r = config.management, config.writing, config.reading
     management = f"{m.size:,} tok, {m.overflow}" if m.size else "-"
+    if m.size and w.memory_tokens:
+        management += f" + {w.memory_tokens} memory tok"
     writes = []
     if w.kv == "direct":
         writes.append("direct")
     elif w.kv == "pooling":
         writes.append(f"pooling /{w.pool_ratio}")
     if w.memory_tokens:
-        writes.append(f"model forward ({w.memory_tokens} tok)")
+        writes.append(f"model forward ({w.memory_tokens} tok, {w.write_slots} write slots)")
     reads = []
     if r.read_all:
         reads.append("all")
     if r.window:
-        reads.append(f"window {r.window:,}")
+        reads.append(f"window {r.window:,}" + (" sliding" if r.sliding else "")
+                     + (f" stride {r.stride}" if r.stride > 1 else ""))
     if r.global_tokens:
-        reads.append(f"global {r.global_tokens}")
+        reads.append(f"global {r.global_tokens} ({r.global_source})")
     if r.topk:
         reads.append(f"top-{r.topk} ({r.index})")
     if w.memory_tokens:
@@ -152,6 +155,6 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         "reading": ", ".join(reads) or "-",
         "injection": format_layers(config.injection.layers) if (m.size or w.memory_tokens) else "-",
         "training": "-" if not (m.size or w.memory_tokens) else config.training.strategy + (
-            f" k={config.training.bptt_segments}" if config.training.strategy == "bptt" else ""),
+            f" k={config.training.bptt_segments}" if config.training.strategy != "stop_gradient" else ""),
         "position": config.position.mode + (f"; {', '.join(extra)}" if extra else ""),
     }

@@ -2,8 +2,18 @@
 
 Each segment attends to the cached keys/values of the previous segment, then caches its own.
 
-UniMem dimensions (paper Table 1/2): Management one segment (2,048 tokens), FIFO; Writing direct (cache K/V);
-Reading all of the cache by position (window = memory); Injection all layers. Trained with stop-gradient.
+Where each default comes from (paper = UniMem Table 1/2 and Eq. 3/10; official = thunlp/UniMem,
+`run_clm_no_trainer.py` mode `Trans-XL` and `modeling_llama.py`):
+- Management, one segment, FIFO: paper and official (`memory_size=1`, `reset=False`).
+- Writing, direct K/V: paper and official (`MemoryLayer.update_memory_l`).
+- Reading, a sliding window of one segment: paper (Eq. 3: query i reaches L - i memory slots) and official
+  (`_generate_window_mask_for_chunk`: 0-based query i sees the last W - i slots; we follow the official count, one
+  slot more than the paper's formula). `reading.sliding=false` gives every query the whole window.
+- Injection, all layers: paper and official.
+- Training, stop-gradient: paper; the official script (`--n_bptt_step 1`) also detaches memory every segment.
+- Positions, official: memory keys at position 0 and segment positions restarting at 0 (official `pos_type='pos0'`;
+  the paper does not say). At segment = trained context this is what keeps XL no worse than vanilla; compact
+  positions run the segment past the trained context (README, Fidelity).
 """
 
 from __future__ import annotations
@@ -19,11 +29,11 @@ def transformer_xl(ctx: MethodContext) -> UniMemConfig:
         # Table 2: memory 2,048 = one segment; FIFO replaces it with the segment just read.
         management=Management(size=ctx.segments(1), overflow="fifo"),
         writing=Writing(kv="direct"),
-        # Table 2: window 2,048 = the whole memory, read by position.
-        reading=Reading(window=ctx.segments(1)),
+        # Table 2: window 2,048 = the whole memory, read by position, sliding per query (Eq. 3, official mask).
+        reading=Reading(window=ctx.segments(1), sliding=True),
         injection=Injection("all"),
         # XL's cache is a constant to the gradient ("SG" in the paper).
         training=Training(strategy="stop_gradient"),
-        # Memory then segment at consecutive positions: XL's relative distances, within the trained range.
-        position=Position(mode="compact"),
+        # The official code's positions: memory at 0, the segment from 0.
+        position=Position(mode="official"),
     )

@@ -55,11 +55,15 @@ def test_close_gives_the_model_back(model):
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["compact", "absolute"])
 @pytest.mark.parametrize("segment", [1, 7, 16])
-def test_transformer_xl_window_covering_document_equals_full_attention(model, segment):
+def test_transformer_xl_window_covering_document_equals_full_attention(model, segment, mode):
+    # Compact and absolute positions keep memory and segment at consecutive positions: a (sliding) window that
+    # covers the document is full causal attention.
     doc = random_docs([48])[0]
     config = METHODS.get("transformer_xl").config(MethodContext(2, segment, 256),
-                                                  ["management.size=64", "reading.window=64"])
+                                                  ["management.size=64", "reading.window=64",
+                                                   f"position.mode={mode}"])
     with MemoryLM(model, config, segment_len=segment) as lm:
         got = lm.score([doc])[0]
     torch.testing.assert_close(got, full_nll(model, doc), atol=ATOL, rtol=0)
@@ -217,7 +221,8 @@ def test_other_llama_family_decoders_are_hooked_exactly(family):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     doc = random_docs([40])[0]
-    xl = METHODS.get("transformer_xl").config(MethodContext(2, 8, 256), ["management.size=64", "reading.window=64"])
+    xl = METHODS.get("transformer_xl").config(MethodContext(2, 8, 256), ["management.size=64", "reading.window=64",
+                                                                         "position.mode=compact"])
     with MemoryLM(model, xl, segment_len=8) as lm:
         got = lm.score([doc])[0]
     torch.testing.assert_close(got, full_nll(model, doc), atol=ATOL, rtol=0)

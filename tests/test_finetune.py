@@ -30,7 +30,7 @@ def method_lm(name: str, segment: int = 8, checkpointing: bool = False) -> tuple
     """The method on a fresh tiny model, BPTT windows widened to 3 segments; returns (lm, segments per window)."""
     model = tiny_llama()
     config = METHODS.get(name).config(MethodContext(n_layers=2, segment_len=segment, trained_context=256))
-    bptt = config.training.strategy == "bptt"
+    bptt = config.training.strategy != "stop_gradient"
     if bptt:
         config = config.with_overrides(["training.bptt_segments=3"])
     if checkpointing:

@@ -96,14 +96,15 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     else:
         out = prefix_causal_sdpa(query, keys, values, ctx.mask, scale)
 
-    if plan.write and (plan.n_new or plan.to_global) and first_call:
+    if plan.write and (plan.n_new or plan.to_global):
         seg = slice(plan.n_read, plan.n_read + plan.n_seg)
         seg_k = key[:, :, seg]
         if plan.store is not None:
             # Store keys unrotated (position 0): undo RoPE at the positions the segment had in this input.
             cos, sin = (t[seg] for t in plan.store)
             seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
-        bank.write(plan, config, seg_k, value[:, :, seg])
+        if first_call:  # a recomputation repeats the tensor operations above but writes nothing
+            bank.write(plan, config, seg_k, value[:, :, seg])
     return out.to(query.dtype)  # the fused CPU kernel's float32 log-sum-exp must not promote the output
 
 
