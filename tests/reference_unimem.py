@@ -8,15 +8,19 @@ of visible (key, value) pairs from an explicit Python list of memory slots per l
 - Transformer-XL (Eq. 3, 10): the window, the most recent memory slots read by position; `sliding` lets 0-based
   query i reach only the last min(W - i, slots) of them (the official `_generate_window_mask_for_chunk`: the W
   tokens before it, plus itself), `stride` s keeps the slots whose memory index is congruent to i mod s.
-- Memorizing Transformer (Eq. 5, 11-13): per query and head, the k memory slots before the window with the largest
-  dot product, in the same softmax as the local segment (the paper's gate is that softmax's split).
+- Memorizing Transformer (Eq. 5, 11-13): per query and head, the k memory slots with the largest dot product among
+  those before the query's window reach (official `_generate_topk_index_out_of_windows` searches outside each
+  query's window; globals excluded), in the same softmax as the local segment (the paper's gate is its split).
 - RMT (Eq. 6, 14): m read slots before the segment and m write slots after it, causal; the next read slots are the
   final-norm outputs at the write slots (the official `update_rmt_memory` takes them after `self.norm`), and the
   next write slots are those outputs too (`memory`) or the learned embeddings again (`learned`).
-- Longformer (Eq. 8, 15): the window plus G global slots every query sees: the document's first G tokens
-  (`document`) or the first G slots of the current memory (`memory`, official).
+- Longformer (Eq. 8, 15): the window plus G global slots every query sees: the document's first G tokens, pinned
+  and never written to memory (`document`), or the first G slots of the current memory (`memory`, official), the
+  window then being the last W of the slots after them.
 - Management: `fifo` drops the oldest slots; `clear` (official `reset`) empties a memory the segment would overflow
-  and writes nothing of it; `clear-and-write` empties it, then writes the segment.
+  and writes nothing of it; `clear-and-write` empties it, then writes the segment. An empty memory always takes a
+  write (its last `size` slots). Pooling writes the mean of every `pool_ratio` consecutive tokens (a shorter last
+  group on its own).
 - Positions: `official` puts every memory key at position 0 and restarts the input (read slots, segment, write
   slots) at 0 every segment; `compact` gives globals, window and input consecutive positions from 0 and top-k keys
   position 0; `absolute` gives every token its document position (read slots just before the segment).
