@@ -13,7 +13,8 @@ of visible (key, value) pairs from an explicit Python list of memory slots per l
   query's window; globals excluded), in the same softmax as the local segment (the paper's gate is its split).
 - RMT (Eq. 6, 14): m read slots before the segment and m write slots after it, causal; the next read slots are the
   final-norm outputs at the write slots (the official `update_rmt_memory` takes them after `self.norm`), and the
-  next write slots are those outputs too (`memory`) or the learned embeddings again (`learned`).
+  next write slots are those outputs too (`memory`) or the learned embeddings again (`learned`). The first segment
+  reads the learned embeddings (the official code has no read slots in its first segment).
 - Longformer (Eq. 8, 15): the window plus G global slots every query sees: the document's first G tokens, pinned
   and never written to memory (`document`), or the first G slots of the current memory (`memory`, official), the
   window then being the last W of the slots after them.
@@ -67,7 +68,7 @@ class Description:
     global_source: str = "document"
     """document (the document's first tokens, pinned) | memory (the current memory's first slots)."""
     topk: int = 0
-    """Memory slots before the window read per query and head by largest dot product."""
+    """Memory slots read per query and head by largest dot product, among those before the query's window reach."""
     read_all: bool = False
     """Read the whole memory by position (the window is all of it)."""
     position: str = "compact"
@@ -129,7 +130,10 @@ class Memory:
     write: torch.Tensor | None = None
     """[m, hidden] RMT write slots of the next segment."""
     segments: int = 0
+    """Segments processed so far."""
     learned: torch.Tensor | None = field(default=None, repr=False)
+    """[m, hidden] the learned memory embeddings: the first read and write slots, and every write slot of
+    write_slots learned."""
 
 
 def reference_nll(llama: ReferenceLlama, spec: Description, doc: torch.Tensor,

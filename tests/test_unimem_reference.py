@@ -3,20 +3,17 @@
 Every registered method's default and a grid of variants (window full/sliding and dilated, sizes, globals, top-k up
 to k = all, every overflow policy and position mode, RMT read/write slots, pooling, injection sets, segment lengths
 of 1 and not dividing the document) on random tiny LLaMAs (GQA, 3 layers) and on stories260K: per-token NLL within
-1e-5. The reference reads only the config's values; grid entries naming a config field or value the engine does not
-have yet are skipped with that name.
+1e-5. The reference reads only the config's values, never engine code.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from helpers import BOOKS, STORIES, random_docs, slow_only, tiny_llama
 from reference_unimem import Description, ReferenceLlama, reference_nll
 
@@ -36,18 +33,11 @@ class Case:
     overrides: tuple[str, ...] = ()
     segment: int = 8
     doc: int = 44
-    needs: tuple[str, ...] = ()
-    """Config values whose meaning this case relies on (e.g. `clear` means official clear only next to
-    `clear-and-write`): skipped until the engine has them."""
 
 
-def case(name: str, method: str, *overrides: str, segment: int = 8, doc: int = 44,
-         needs: tuple[str, ...] = ()) -> Case:
-    return Case(name, method, overrides, segment, doc, needs)
+def case(name: str, method: str, *overrides: str, segment: int = 8, doc: int = 44) -> Case:
+    return Case(name, method, overrides, segment, doc)
 
-
-KV = ("writing.kv=direct",)
-OFFICIAL_CLEAR = ("management.overflow=clear-and-write",)
 
 GRID = [
     # Window: full or sliding, dilated, smaller than the memory, longer than a segment.
@@ -71,7 +61,7 @@ GRID = [
     case("mt-segment1", "memorizing_transformer", "management.size=5", "reading.topk=2", segment=1, doc=10),
     # Overflow, with a window and top-k over a memory of 12 written 8 at a time.
     *[case(f"overflow-{policy}", "memorizing_transformer", "management.size=12", f"management.overflow={policy}",
-           "reading.topk=3", "reading.window=4", "injection.layers=all", needs=OFFICIAL_CLEAR)
+           "reading.topk=3", "reading.window=4", "injection.layers=all")
       for policy in ("fifo", "clear", "clear-and-write")],
     # Longformer: dilation, global sources, window modes, overflow, positions.
     case("lf-stride1", "longformer", "reading.stride=1"),
@@ -103,7 +93,7 @@ GRID = [
     case("pool3-topk", "memorizing_transformer", "writing.kv=pooling", "writing.pool_ratio=3", "reading.topk=2",
          "injection.layers=all"),
     # Whole memory by position; position interpolation with a fixed factor.
-    case("read-all", "vanilla", *KV, "management.size=16", "reading.read_all=true"),
+    case("read-all", "vanilla", "writing.kv=direct", "management.size=16", "reading.read_all=true"),
     case("pi-factor3", "position_interpolation", "position.rope_factor=3"),
 ]
 
@@ -112,44 +102,21 @@ def defaults(segment: int = 8, doc: int = 44) -> list[Case]:
     return [case(f"{name}-default", name, segment=segment, doc=doc) for name in METHODS.names()]
 
 
-def missing_vocab(items: tuple[str, ...]) -> str | None:
-    """The first `section.field=value` whose field or value the engine's config does not have yet, as a reason."""
-    sections = typing.get_type_hints(UniMemConfig)
-    for item in items:
-        key, _, raw = item.partition("=")
-        section, _, name = key.partition(".")
-        kind = sections[section]
-        if name not in {f.name for f in dataclasses.fields(kind)}:
-            return f"awaiting engine field {key} (not in methods/config.py {kind.__name__} yet)"
-        choices = typing.get_args(typing.get_type_hints(kind)[name])
-        value = yaml.safe_load(raw)
-        if choices and all(isinstance(c, str) for c in choices) and value not in choices:
-            return f"awaiting engine value {key}={value!r} (config offers {', '.join(choices)})"
-    return None
-
-
 def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_context: int) -> Description:
-    """The config's values as the reference's plain description (fields the engine lacks: today's behaviour)."""
+    """The config's values as the reference's plain description."""
     m, w, r, p = config.management, config.writing, config.reading, config.position
     local = segment_len * p.segment_factor
     layers = range(n_layers) if config.injection.layers == "all" else config.injection.layers
-    overflow = m.overflow
-    if overflow == "clear" and missing_vocab(OFFICIAL_CLEAR):
-        overflow = "clear-and-write"  # before issue 9, `clear` named what is now `clear-and-write`
     return Description(
         segment_len=local, layers=frozenset(layers) if w.kv != "none" else frozenset(), size=m.size,
-        overflow=overflow, kv=w.kv, pool_ratio=w.pool_ratio, memory_tokens=w.memory_tokens,
-        write_slots=getattr(w, "write_slots", "learned"), window=r.window, sliding=getattr(r, "sliding", False),
-        stride=getattr(r, "stride", 1), global_tokens=r.global_tokens,
-        global_source=getattr(r, "global_source", "document"), topk=r.topk, read_all=r.read_all,
+        overflow=m.overflow, kv=w.kv, pool_ratio=w.pool_ratio, memory_tokens=w.memory_tokens,
+        write_slots=w.write_slots, window=r.window, sliding=r.sliding, stride=r.stride, global_tokens=r.global_tokens,
+        global_source=r.global_source, topk=r.topk, read_all=r.read_all,
         position=p.mode, rope_factor=p.rope_factor or max(1.0, local / trained_context),
     )
 
 
 def check_against_reference(model: torch.nn.Module, spec: Case, doc: torch.Tensor, trained_context: int) -> None:
-    reason = missing_vocab(spec.overrides + spec.needs)
-    if reason:
-        pytest.skip(reason)
     n_layers = model.config.num_hidden_layers
     ctx = MethodContext(n_layers=n_layers, segment_len=spec.segment, trained_context=trained_context)
     config = METHODS.get(spec.method).config(ctx, spec.overrides)
