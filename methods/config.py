@@ -103,7 +103,8 @@ class Reading:
     topk: int = 0
     """Per query and head, the k most similar memory tokens that its window does not read (Memorizing Transformer's
     kNN): with a sliding window, the slots before the query's own reach (official
-    `_generate_topk_index_out_of_windows`), global slots excluded."""
+    `_generate_topk_index_out_of_windows`), global slots excluded. Slots a dilated window skips are not candidates
+    (the official code lets top-k pick them; its presets never combine top-k with a stride)."""
     read_all: bool = False
     """Read the whole memory by position (RMT-style full read); excludes window and topk."""
     index: Index = "torch"
@@ -182,9 +183,10 @@ class Position:
     mode: PositionMode = "compact"
     """`official` (thunlp/UniMem `pos_type='pos0'`): every memory key (globals, window, top-k, pooled) at position
     0, and the input's positions restart at 0 every segment (RMT read slots first). `compact`: globals, window and
-    input at consecutive positions from 0 (StreamingLLM-style) and top-k keys at 0; the segment then sits at
-    positions G + W and beyond, past the trained context when G + W + segment exceeds it. `absolute`: every token at
-    its document position (RMT read slots on the m positions before the segment, write slots after it)."""
+    input at consecutive positions from 0 (StreamingLLM-style) and top-k keys at 0; query i of the segment is then
+    G + W + i from the first global and, with a full window, W + i from the oldest window slot, which runs past the
+    trained context when the segment is the trained context (a sliding window keeps it at W). `absolute`: every
+    token at its document position (RMT read slots on the m positions before the segment, write slots after it)."""
     rope_factor: float = 1.0
     """Linear position interpolation factor (transformers' `linear` rope type); 0 = local context / trained context."""
     segment_factor: int = 1
@@ -235,7 +237,7 @@ class UniMemConfig:
         if m.size and w.kv == "none":
             raise ConfigError(f"management.size={m.size} but nothing writes keys/values: set writing.kv=direct or "
                               "management.size=0")
-        if m.size and not (r.window or r.topk or r.read_all):
+        if m.size and not (r.window or r.topk or r.read_all or (r.global_tokens and r.global_source == "memory")):
             raise ConfigError(f"management.size={m.size} but nothing reads it: set reading.window, reading.topk or "
                               "reading.read_all")
 

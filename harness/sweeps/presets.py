@@ -90,8 +90,11 @@ PRESETS: dict[str, Preset] = {
                    lambda ctx: [Axis("reading.topk", ("0", "4", "8", "16", "32", "64"))]),
     "window": Preset("window length by position: 0 to one segment, doubling (the paper's 0-2,048)",
                      lambda ctx: [Axis("reading.window", tuple(dict.fromkeys(paper_window(ctx))))]),
-    "overflow": Preset("memory overflow handling: FIFO vs clear-all",
-                       lambda ctx: [Axis("management.overflow", ("fifo", "clear"))]),
+    "overflow": Preset("memory overflow handling: FIFO, clear-all as the official code (reset, write nothing) and "
+                       "clear-all that writes the segment after the reset",
+                       lambda ctx: [Axis("management.overflow", ("fifo", "clear", "clear-and-write"))]),
+    "position": Preset("positions of memory keys and segment: official (memory at 0), compact, absolute",
+                       lambda ctx: [Axis("position.mode", ("official", "compact", "absolute"))]),
     "compressed-tokens": Preset("model-forward compressed tokens per segment: 0-80 per 2,048, scaled",
                                 lambda ctx: [Axis("writing.memory_tokens", tuple(paper_compressed(ctx)))]),
 }

@@ -6,10 +6,11 @@ Registered in transformers' `AttentionInterface`; stock LLaMA-family models call
 key states, and the `unimem` keyword argument (a `SegmentContext`) given to the model's forward reaches it. Layers
 outside the injection set, and calls without a context, take transformers' own SDPA path unchanged.
 
-Reading merges four disjoint key sets into one softmax: pinned global tokens, the window (the bank's most recent
-slots), the top-k bank slots before the window, and the causal local segment. Global, window and local keys share one
-SDPA call; top-k keys differ per query, so that part is computed apart and merged through log-sum-exp, which is
-exactly the paper's gate g (Eq. 12-13).
+Reading merges four disjoint key sets into one softmax: global tokens (pinned document tokens or the bank's first
+slots), the window (the bank's most recent slots; sliding and dilated per query through the mask, as the official
+`_generate_window_mask_for_chunk`), the top-k bank slots outside each query's window reach, and the causal local
+segment. Global, window and local keys share one SDPA call; top-k keys differ per query, so that part is computed
+apart and merged through log-sum-exp, which is exactly the paper's gate g (Eq. 12-13).
 """
 
 from __future__ import annotations
