@@ -92,7 +92,9 @@ GRID = [
     case("pool2-window", "transformer_xl", "writing.kv=pooling", "writing.pool_ratio=2", "management.size=8"),
     case("pool3-topk", "memorizing_transformer", "writing.kv=pooling", "writing.pool_ratio=3", "reading.topk=2",
          "injection.layers=all"),
-    # Whole memory by position; position interpolation with a fixed factor.
+    # Memory globals alone; the whole memory by position; position interpolation with a fixed factor.
+    case("memory-globals-only", "vanilla", "writing.kv=direct", "management.size=12", "reading.global_tokens=3",
+         "reading.global_source=memory"),
     case("read-all", "vanilla", "writing.kv=direct", "management.size=16", "reading.read_all=true"),
     case("pi-factor3", "position_interpolation", "position.rope_factor=3"),
 ]
