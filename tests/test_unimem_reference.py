@@ -148,14 +148,15 @@ def test_engine_equals_reference_on_a_tiny_llama(spec: Case, one_thread) -> None
 def stories_doc(n: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    text = next(iter(sorted(BOOKS.glob("*.txt")))).read_text()[20_000:40_000] if BOOKS.is_dir() else (
-        "Once upon a time there was a little girl who loved to read books about the sea. " * 40)
+    text = next(iter(sorted(BOOKS.glob("*.txt")))).read_text()[20_000:20_800] if BOOKS.is_dir() else (
+        "Once upon a time there was a little girl who loved to read books about the sea. " * 12)
     ids = AutoTokenizer.from_pretrained(STORIES)(text)["input_ids"]
     return torch.tensor(ids[:n])
 
 
 def stories_model(folder: Path) -> torch.nn.Module:
-    """stories260K in float64: its NLLs are ~10 nats, where float32's relative 1e-6 is already 1e-5."""
+    """stories260K in float64: in float32 its engine and reference NLLs (~4 nats) differ by up to 2e-5 from rounding;
+    in float64 (transformers still takes RMSNorm and the RoPE tables through float32) by at most 5e-6."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
@@ -163,14 +164,12 @@ def stories_model(folder: Path) -> torch.nn.Module:
 
 @pytest.mark.parametrize("spec", defaults(segment=32, doc=110), ids=lambda c: c.name)
 def test_engine_equals_reference_on_stories260k(spec: Case, stories_dir, one_thread) -> None:
-
     model = stories_model(stories_dir)
     check_against_reference(model, spec, stories_doc(spec.doc), model.config.max_position_embeddings)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", [dataclasses.replace(c, doc=c.doc * 2) for c in GRID],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize("spec", [dataclasses.replace(c, doc=c.doc * 2) for c in GRID], ids=lambda c: c.name)
 def test_engine_equals_reference_grid_on_stories260k(spec: Case, stories_dir, one_thread, request) -> None:
     slow_only(request, "the variant grid on stories260K takes minutes")
     model = stories_model(stories_dir)
