@@ -58,6 +58,7 @@ GRID = [
     case("mt-top-all", "memorizing_transformer", "reading.topk=64", "injection.layers=all"),
     *[case(f"mt-top3-{mode}", "memorizing_transformer", "reading.topk=3", f"position.mode={mode}")
       for mode in ("official", "compact", "absolute")],
+    case("mt-top3-faiss-flat", "memorizing_transformer", "reading.topk=3", "reading.index=faiss-flat"),
     case("mt-segment1", "memorizing_transformer", "management.size=5", "reading.topk=2", segment=1, doc=10),
     # Overflow, with a window and top-k over a memory of 12 written 8 at a time.
     *[case(f"overflow-{policy}", "memorizing_transformer", "management.size=12", f"management.overflow={policy}",
@@ -80,6 +81,7 @@ GRID = [
     *[case(f"rmt-{mode}", "rmt", "writing.memory_tokens=3", f"position.mode={mode}")
       for mode in ("official", "compact", "absolute")],
     case("rmt-with-xl-window", "transformer_xl", "writing.memory_tokens=2"),
+    case("rmt-segment1", "rmt", "writing.memory_tokens=2", segment=1, doc=10),
     # UniMix: window + globals + top-k + memory tokens in one softmax.
     case("unimix-top2", "unimix", "reading.topk=2"),
     case("unimix-full-window", "unimix", "reading.sliding=false"),
@@ -90,6 +92,8 @@ GRID = [
     *[case(f"unimix-{mode}", "unimix", f"position.mode={mode}") for mode in ("official", "compact", "absolute")],
     # Pooling writes, read by window and by top-k.
     case("pool2-window", "transformer_xl", "writing.kv=pooling", "writing.pool_ratio=2", "management.size=8"),
+    case("pool2-window-compact", "transformer_xl", "writing.kv=pooling", "writing.pool_ratio=2", "management.size=8",
+         "position.mode=compact"),
     case("pool3-topk", "memorizing_transformer", "writing.kv=pooling", "writing.pool_ratio=3", "reading.topk=2",
          "injection.layers=all"),
     # Memory globals alone; the whole memory by position; position interpolation with a fixed factor.
@@ -118,6 +122,13 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
     )
 
 
+def reference_llama(model: torch.nn.Module) -> ReferenceLlama:
+    """The reference decoder on the model's weights (its state dict and architecture numbers only)."""
+    c = model.config
+    return ReferenceLlama(model.state_dict(), heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+                          eps=c.rms_norm_eps, rope_theta=c.rope_parameters["rope_theta"])
+
+
 def check_against_reference(model: torch.nn.Module, spec: Case, doc: torch.Tensor, trained_context: int) -> None:
     n_layers = model.config.num_hidden_layers
     ctx = MethodContext(n_layers=n_layers, segment_len=spec.segment, trained_context=trained_context)
@@ -131,10 +142,7 @@ def check_against_reference(model: torch.nn.Module, spec: Case, doc: torch.Tenso
             embeddings = torch.randn(config.writing.memory_tokens, model.config.hidden_size, generator=generator)
             lm.load_method_state({"memory_embeddings": embeddings})
         got = lm.score([doc])[0]
-    c = model.config
-    llama = ReferenceLlama(model.state_dict(), heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
-                           eps=c.rms_norm_eps, rope_theta=c.rope_parameters["rope_theta"])
-    expected = reference_nll(llama, description, doc, embeddings)
+    expected = reference_nll(reference_llama(model), description, doc, embeddings)
     assert got.shape == expected.shape == (len(doc) - 1,)
     torch.testing.assert_close(got.double(), expected, atol=ATOL, rtol=0)
 
@@ -143,6 +151,23 @@ def check_against_reference(model: torch.nn.Module, spec: Case, doc: torch.Tenso
 def test_engine_equals_reference_on_a_tiny_llama(spec: Case, one_thread) -> None:
     model = tiny_llama(layers=3, heads=4, kv_heads=2, context=TINY_CONTEXT, seed=3)
     check_against_reference(model, spec, random_docs([spec.doc], seed=5)[0], TINY_CONTEXT)
+
+
+def test_documents_batched_in_lockstep_equal_the_reference(one_thread) -> None:
+    """Rows leave the batch (and its memory) as their documents end; each still matches its own reference run."""
+    model = tiny_llama(layers=3, heads=4, kv_heads=2, context=TINY_CONTEXT, seed=3)
+    config = METHODS.get("unimix").config(MethodContext(n_layers=3, segment_len=8, trained_context=TINY_CONTEXT))
+    docs = random_docs([44, 19, 30], seed=6)
+    embeddings = torch.randn(config.writing.memory_tokens, model.config.hidden_size,
+                             generator=torch.Generator().manual_seed(7))
+    with MemoryLM(model, config, segment_len=8, trained_context=TINY_CONTEXT) as lm:
+        lm.load_method_state({"memory_embeddings": embeddings})
+        got = lm.score(docs, batch_size=3)
+    llama = reference_llama(model)
+    description = describe(config, n_layers=3, segment_len=8, trained_context=TINY_CONTEXT)
+    for doc, nll in zip(docs, got, strict=True):
+        expected = reference_nll(llama, description, doc, embeddings)
+        torch.testing.assert_close(nll.double(), expected, atol=ATOL, rtol=0)
 
 
 def stories_doc(n: int) -> torch.Tensor:
