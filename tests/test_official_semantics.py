@@ -124,6 +124,34 @@ def test_rmt_input_is_read_slots_segment_write_slots_at_the_named_positions(mode
     torch.testing.assert_close(state.rmt, hidden[:, -m:], atol=ATOL, rtol=0)
 
 
+def test_absolute_positions_keep_segment_tokens_at_their_document_positions_with_memory_tokens():
+    # K/V memory at document positions plus 2 memory tokens: segment token i must sit at doc_start + i (a bug once
+    # put it at doc_start + m + i), with the read slots on the 2 positions before it and the write slots after it.
+    # The rotary module sees the positions; one layer makes the read exact against plain HF.
+    model = tiny_llama(layers=1)
+    config = UniMemConfig(management=Management(size=8), writing=Writing(kv="direct", memory_tokens=2),
+                          reading=Reading(window=8), position=Position(mode="absolute"))
+    doc = random_docs([17])[0]
+    seen: list[list[int]] = []
+    with MemoryLM(model, config, segment_len=8) as lm, torch.no_grad():
+        def record(module, args, kwargs, out):
+            seen.append((args[1] if len(args) > 1 else kwargs["position_ids"])[0].tolist())
+
+        hook = lm.decoder.rotary_emb.register_forward_hook(record, with_kwargs=True)
+        state = lm.new_state(1)
+        lm.forward_segment(state, doc[:8].unsqueeze(0), 0)
+        read = state.rmt
+        got = lm.forward_segment(state, doc[8:16].unsqueeze(0), 8)[0]
+        hook.remove()
+        assert seen[-1] == [6, 7, *range(8, 16), 16, 17]  # the decoder's call for segment 2
+        embed = model.get_input_embeddings()
+        for i in range(8):
+            embeds = torch.cat([embed(doc[:8]).unsqueeze(0), read, embed(doc[8:9 + i]).unsqueeze(0)], dim=1)
+            positions = torch.tensor([[*range(8), 6, 7, *range(8, 9 + i)]])
+            expected = model(inputs_embeds=embeds, position_ids=positions).logits[0, -1]
+            torch.testing.assert_close(got[i], expected, atol=ATOL, rtol=0, msg=f"query {i}")
+
+
 @pytest.mark.parametrize(("strategy", "reaches"), [("bptt_tokens", True), ("stop_gradient", False)])
 def test_bptt_tokens_trains_memory_tokens_through_later_segments_with_kv_memory_detached(strategy, reaches):
     model = tiny_llama(layers=2)
