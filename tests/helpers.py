@@ -98,3 +98,11 @@ def interrupt_task_run(monkeypatch, task: object, on_call: int) -> None:
         return real_run(self, *args, **kwargs)
 
     monkeypatch.setattr(type(task), "run", run_then_interrupt)
+
+
+def slow_only(request, why: str) -> None:
+    """Skip a slow-tier test unless `-m slow` selected it (a plain `pytest` runs every marker)."""
+    import pytest
+
+    if "slow" not in request.config.getoption("markexpr"):
+        pytest.skip(f"{why}; run with -m slow")

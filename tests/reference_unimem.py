@@ -1,0 +1,306 @@
+"""An independent float64 reference of UniMem (Fang et al., 2024, arXiv 2402.03009) for the engine's exactness tests.
+
+Written from the paper's equations and the official code (thunlp/UniMem, `MemoryLayer` in its modeling_llama.py),
+never from the engine, which it does not import: a LLaMA decoder computed by hand from a state dict (RMSNorm, RoPE,
+grouped-query attention, SwiGLU), and UniMem's Eq. 9 as explicit loops: every query of every head builds its own list
+of visible (key, value) pairs from an explicit Python list of memory slots per layer, then takes one softmax.
+
+- Transformer-XL (Eq. 3, 10): the window, the most recent memory slots read by position; `sliding` lets 0-based
+  query i reach only the last min(W - i, slots) of them (the official `_generate_window_mask_for_chunk`: the W
+  tokens before it, plus itself), `stride` s keeps the slots whose memory index is congruent to i mod s.
+- Memorizing Transformer (Eq. 5, 11-13): per query and head, the k memory slots with the largest dot product among
+  those before the query's window reach (official `_generate_topk_index_out_of_windows` searches outside each
+  query's window; globals excluded), in the same softmax as the local segment (the paper's gate is its split).
+- RMT (Eq. 6, 14): m read slots before the segment and m write slots after it, causal; the next read slots are the
+  final-norm outputs at the write slots (the official `update_rmt_memory` takes them after `self.norm`), and the
+  next write slots are those outputs too (`memory`) or the learned embeddings again (`learned`). The first segment
+  reads the learned embeddings (the official code has no read slots in its first segment).
+- Longformer (Eq. 8, 15): the window plus G global slots every query sees: the document's first G tokens, pinned
+  and never written to memory (`document`), or the first G slots of the current memory (`memory`, official), the
+  window then being the last W of the slots after them.
+- Management: `fifo` drops the oldest slots; `clear` (official `reset`) empties a memory the segment would overflow
+  and writes nothing of it; `clear-and-write` empties it, then writes the segment. An empty memory always takes a
+  write (its last `size` slots). Pooling writes the mean of every `pool_ratio` consecutive tokens (a shorter last
+  group on its own).
+- Positions: `official` puts every memory key at position 0 and restarts the input (read slots, segment, write
+  slots) at 0 every segment; `compact` gives globals, window and input consecutive positions from 0 and top-k keys
+  position 0; `absolute` gives every token its document position (read slots just before the segment).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class Description:
+    """A method as plain values: what the reference computes (built by the tests from a config's fields)."""
+
+    segment_len: int
+    """Tokens per streamed segment: the method's local context."""
+    layers: frozenset[int] = frozenset()
+    """Layers that read and write the key/value memory."""
+    size: int = 0
+    """Key/value memory slots per layer (pinned document globals not counted)."""
+    overflow: str = "fifo"
+    """fifo | clear | clear-and-write."""
+    kv: str = "none"
+    """direct | pooling | none: what a segment writes to the key/value memory."""
+    pool_ratio: int = 4
+    """Tokens averaged into one slot when kv is pooling."""
+    memory_tokens: int = 0
+    """RMT read/write slots m."""
+    write_slots: str = "learned"
+    """learned | memory: what fills the write slots after the first segment."""
+    window: int = 0
+    """Most recent memory slots read by position."""
+    sliding: bool = False
+    """Query i reaches only the last min(window - i, slots) window slots."""
+    stride: int = 1
+    """Window dilation: query i reads window slots whose memory index is congruent to i mod stride."""
+    global_tokens: int = 0
+    """Global slots every query reads."""
+    global_source: str = "document"
+    """document (the document's first tokens, pinned) | memory (the current memory's first slots)."""
+    topk: int = 0
+    """Memory slots read per query and head by largest dot product, among those before the query's window reach."""
+    read_all: bool = False
+    """Read the whole memory by position (the window is all of it)."""
+    position: str = "compact"
+    """official | compact | absolute."""
+    rope_factor: float = 1.0
+    """Linear position interpolation: RoPE angles at position p / rope_factor."""
+
+
+class ReferenceLlama:
+    """A LLaMA decoder in float64 from a state dict and the architecture's numbers (no transformers code runs)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], *, heads: int, kv_heads: int, eps: float,
+                 rope_theta: float) -> None:
+        self.w = {name: t.detach().to(F64) for name, t in state.items()}
+        self.heads, self.kv_heads, self.eps = heads, kv_heads, eps
+        self.n_layers = 1 + max(int(n.split(".")[2]) for n in self.w if n.startswith("model.layers."))
+        self.head_dim = self.w["model.layers.0.self_attn.q_proj.weight"].shape[0] // heads
+        self.inv_freq = 1.0 / rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=F64) / self.head_dim)
+        self.lm_head = self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        bias = self.w.get(name + ".bias")
+        y = x @ self.w[name + ".weight"].T
+        return y if bias is None else y + bias
+
+    def rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.w[name]
+
+    def rope(self, x: torch.Tensor, position: float, factor: float) -> torch.Tensor:
+        """Rotate x [..., head_dim] to `position` (half-split pairs, as LLaMA checkpoints in HF layout use)."""
+        angle = position / factor * self.inv_freq
+        cos, sin = torch.cat([angle.cos(), angle.cos()]), torch.cat([angle.sin(), angle.sin()])
+        half = self.head_dim // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+@dataclass
+class Slot:
+    """One memory slot of one layer: [kv_heads, head_dim] tensors."""
+
+    key: torch.Tensor
+    """Unrotated key (position 0); pooled slots: the mean of their tokens' unrotated keys."""
+    key_doc: torch.Tensor
+    """Key rotated at its document position; pooled slots: the mean of their tokens' rotated keys."""
+    value: torch.Tensor
+
+
+@dataclass
+class Memory:
+    """Everything carried between segments."""
+
+    banks: dict[int, list[Slot]]
+    """Per injected layer, the memory slots, oldest first."""
+    globals_: dict[int, list[Slot]]
+    """Per injected layer, the document's pinned global tokens (global_source document)."""
+    read: torch.Tensor | None = None
+    """[m, hidden] RMT read slots of the next segment."""
+    write: torch.Tensor | None = None
+    """[m, hidden] RMT write slots of the next segment."""
+    segments: int = 0
+    """Segments processed so far."""
+    learned: torch.Tensor | None = field(default=None, repr=False)
+    """[m, hidden] the learned memory embeddings: the first read and write slots, and every write slot of
+    write_slots learned."""
+
+
+def reference_nll(llama: ReferenceLlama, spec: Description, doc: torch.Tensor,
+                  memory_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token NLL [len(doc) - 1] of `doc` streamed in segments; every token after the first is scored once, a
+    segment's first token by the previous segment's last position."""
+    memory = Memory(banks={i: [] for i in spec.layers}, globals_={i: [] for i in spec.layers})
+    if spec.memory_tokens:
+        learned = memory_embeddings.detach().to(F64)
+        memory.read, memory.write, memory.learned = learned, learned, learned
+    out = []
+    for start in range(0, len(doc) - 1, spec.segment_len):
+        width = min(spec.segment_len, len(doc) - 1 - start)
+        logits = forward_segment(llama, spec, memory, doc[start:start + width], start)
+        logp = torch.log_softmax(logits, dim=-1)
+        targets = doc[start + 1:start + width + 1]
+        out.append(-logp[torch.arange(width), targets])
+    return torch.cat(out)
+
+
+def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, ids: torch.Tensor,
+                    doc_start: int) -> torch.Tensor:
+    """Logits [n, vocab] of one segment; updates `memory`."""
+    m, n = spec.memory_tokens, len(ids)
+    x = llama.w["model.embed_tokens.weight"][ids]
+    if m:
+        x = torch.cat([memory.read, x, memory.write])
+    views = {i: segment_view(llama, spec, memory, i) for i in spec.layers}
+    n_prefix = next(iter(views.values())).n_prefix if views else 0
+    positions = input_positions(spec, n_prefix, doc_start, m, n)
+    written = {}
+    for layer in range(llama.n_layers):
+        p = f"model.layers.{layer}."
+        h = llama.rms_norm(x, p + "input_layernorm.weight")
+        q = llama.linear(h, p + "self_attn.q_proj").view(len(x), llama.heads, -1)  # [T, heads, dim]
+        k = llama.linear(h, p + "self_attn.k_proj").view(len(x), llama.kv_heads, -1)  # [T, kv_heads, dim]
+        v = llama.linear(h, p + "self_attn.v_proj").view(len(x), llama.kv_heads, -1)
+        q_rot = torch.stack([llama.rope(q[t], positions[t], spec.rope_factor) for t in range(len(x))])
+        k_rot = torch.stack([llama.rope(k[t], positions[t], spec.rope_factor) for t in range(len(x))])
+        attn = torch.zeros_like(q)
+        for t in range(len(x)):
+            for head in range(llama.heads):
+                g = head // (llama.heads // llama.kv_heads)
+                keys, values = k_rot[:t + 1, g], v[:t + 1, g]  # the input, causally
+                if layer in spec.layers:
+                    mem_keys, mem_values = read_memory(spec, views[layer], q_rot[t, head], g, t)
+                    keys, values = torch.cat([mem_keys, keys]), torch.cat([mem_values, values])
+                weights = torch.softmax(keys @ q_rot[t, head] / math.sqrt(llama.head_dim), dim=0)
+                attn[t, head] = weights @ values
+        x = x + llama.linear(attn.reshape(len(x), -1), p + "self_attn.o_proj")
+        h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
+        gate = llama.linear(h, p + "mlp.gate_proj")
+        x = x + llama.linear(gate * torch.sigmoid(gate) * llama.linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+        if layer in spec.layers:
+            doc_keys = torch.stack([llama.rope(k[m + j], doc_start + j, spec.rope_factor) for j in range(n)])
+            written[layer] = (k[m:m + n], doc_keys, v[m:m + n])
+    x = llama.rms_norm(x, "model.norm.weight")
+    for layer, (keys, doc_keys, values) in written.items():
+        write_memory(spec, memory, layer, keys, doc_keys, values)
+    if m:
+        memory.read = x[m + n:]
+        memory.write = x[m + n:] if spec.write_slots == "memory" else memory.learned
+    memory.segments += 1
+    return x[m:m + n] @ llama.lm_head.T
+
+
+def input_positions(spec: Description, n_prefix: int, doc_start: int, m: int, n: int) -> list[int]:
+    """Positions of [read slots ; segment ; write slots]."""
+    if spec.position == "absolute":
+        return list(range(doc_start - m, doc_start + n + m))
+    first = n_prefix if spec.position == "compact" else 0
+    return list(range(first, first + 2 * m + n))
+
+
+def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer: int) -> View:
+    """One layer's memory as this segment reads it."""
+    bank = memory.banks[layer]
+    if spec.global_source == "memory":
+        global_slots = bank[:min(spec.global_tokens, len(bank))]
+        first = len(global_slots)
+    else:
+        global_slots, first = memory.globals_[layer], 0
+    n_window = len(bank) - first if spec.read_all else min(spec.window, len(bank) - first)
+    window_start = len(bank) - n_window
+
+    def at(slot: Slot, frame: int | None) -> torch.Tensor:
+        if spec.position == "absolute":
+            return slot.key_doc
+        if spec.position == "compact" and frame is not None:
+            return llama.rope(slot.key, frame, spec.rope_factor)
+        return slot.key  # position 0: official for every memory key, compact for top-k
+
+    def stack(items: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        return torch.stack(items) if items else like.new_zeros(0, *like.shape[1:])
+
+    empty = llama.w["model.embed_tokens.weight"].new_zeros(0, llama.kv_heads, llama.head_dim)
+    window = range(window_start, len(bank))
+    searchable = range(first, len(bank)) if spec.topk else range(0)
+    return View(
+        global_keys=stack([at(s, j) for j, s in enumerate(global_slots)], empty),
+        global_values=stack([s.value for s in global_slots], empty),
+        window_index=list(window),
+        window_keys=stack([at(bank[b], len(global_slots) + b - window_start) for b in window], empty),
+        window_values=stack([bank[b].value for b in window], empty),
+        search_index=list(searchable),
+        search_keys=stack([at(bank[b], None) for b in searchable], empty),
+        search_values=stack([bank[b].value for b in searchable], empty),
+        n_bank=len(bank), n_prefix=len(global_slots) + n_window,
+    )
+
+
+@dataclass
+class View:
+    """One layer's memory for one segment, keys at their read positions: [slots, kv_heads, head_dim] tensors."""
+
+    global_keys: torch.Tensor
+    """Read by every query."""
+    global_values: torch.Tensor
+    window_index: list[int]
+    """Memory index of each window slot."""
+    window_keys: torch.Tensor
+    window_values: torch.Tensor
+    search_index: list[int]
+    """Memory index of each slot top-k may pick (every non-global slot; a query searches those before its reach)."""
+    search_keys: torch.Tensor
+    search_values: torch.Tensor
+    n_bank: int
+    """Slots in the layer's memory."""
+    n_prefix: int
+    """Globals plus window: where compact positions put the input."""
+
+
+def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+    """Keys and values [n, head_dim] of the memory slots that query `t` (0-based input index, RMT read slots
+    first) of KV head `g` reads: the globals, its window slots, then its top-k among the slots before its reach."""
+    n_window = len(view.window_index)
+    reach = max(0, min(spec.window - t, n_window)) if spec.sliding and not spec.read_all else n_window
+    seen = [j for j, b in enumerate(view.window_index)
+            if b >= view.n_bank - reach and b % spec.stride == t % spec.stride]
+    keys = [view.global_keys[:, g], view.window_keys[seen, g]]
+    values = [view.global_values[:, g], view.window_values[seen, g]]
+    candidates = [j for j, b in enumerate(view.search_index) if b < view.n_bank - reach]
+    if candidates and spec.topk:
+        scores = view.search_keys[candidates, g] @ query
+        picked = [candidates[j] for j in scores.topk(min(spec.topk, len(candidates))).indices.tolist()]
+        keys.append(view.search_keys[picked, g])
+        values.append(view.search_values[picked, g])
+    return torch.cat(keys), torch.cat(values)
+
+
+def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tensor, doc_keys: torch.Tensor,
+                 values: torch.Tensor) -> None:
+    """Write a segment's keys/values [n, kv_heads, dim] to one layer's memory under the overflow policy."""
+    if spec.kv == "none" or not spec.size:
+        return
+    if memory.segments == 0 and spec.global_source == "document" and spec.global_tokens:
+        g = min(spec.global_tokens, len(keys))
+        memory.globals_[layer] = [Slot(keys[j], doc_keys[j], values[j]) for j in range(g)]
+        keys, doc_keys, values = keys[g:], doc_keys[g:], values[g:]
+    step = spec.pool_ratio if spec.kv == "pooling" else 1
+    new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0))
+           for j in range(0, len(keys), step)]
+    bank = memory.banks[layer]
+    if bank and len(bank) + len(new) > spec.size and spec.overflow != "fifo":
+        bank.clear()
+        if spec.overflow == "clear":
+            return
+    bank.extend(new)
+    del bank[:max(0, len(bank) - spec.size)]
