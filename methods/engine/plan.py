@@ -148,9 +148,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
         # Additive rather than boolean because SDPA converts a boolean mask to this in every call (once per layer).
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
     start = plan.n_global if plan.globals_in_bank else 0
-    # [queries]: top-k reads the slots before the query's window reach
-    topk_end: torch.Tensor | None = plan.n_bank - reach
-    if not r.topk or int(topk_end.max()) <= start:
-        topk_end = None
+    reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
+    topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
                           topk_start=start)
