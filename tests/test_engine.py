@@ -148,7 +148,8 @@ def test_gqa_memory_holds_kv_heads_not_query_heads():
         torch.testing.assert_close(state.layers[0].values[row], values.view(8, 1, -1).transpose(0, 1), atol=ATOL,
                                    rtol=0)
     doc = random_docs([40])[0]
-    xl = METHODS.get("transformer_xl").config(MethodContext(2, 8, 256), ["management.size=64", "reading.window=64"])
+    xl = METHODS.get("transformer_xl").config(MethodContext(2, 8, 256), ["management.size=64", "reading.window=64",
+                                                                      "position.mode=absolute"])
     with MemoryLM(model, xl, segment_len=8) as lm:
         got = lm.score([doc])[0]
     torch.testing.assert_close(got, full_nll(model, doc), atol=ATOL, rtol=0)
