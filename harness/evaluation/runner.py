@@ -21,8 +21,10 @@ from unimem_bench.harness.models.resolve import (
     saved_method,
     trained_context,
 )
+from unimem_bench.harness.reporting.differences import plot_metric_dots, plot_position_curves
 from unimem_bench.harness.reporting.heatmaps import plot_niah_heatmaps
 from unimem_bench.harness.reporting.plots import plot_length_curves, plot_metric_bars
+from unimem_bench.harness.reporting.tables import lower_is_better
 from unimem_bench.harness.runtime.distributed import Processes, ShardedLM, local_device
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig, check_hookable
 from unimem_bench.tasks import TASKS, SampleLog, Task, TaskOptions
@@ -188,12 +190,17 @@ def summary_rows(req: RunRequest, run_ids: list[str]) -> list[dict[str, Any]]:
 
 
 def plot_run(req: RunRequest, plan: Plan) -> list[Path]:
-    """The figures for this run's model, drawn from the leaderboard file: one bar plot per headline metric of its
-    tasks (token_ppl, score ...), the length curves for pi-length, and the depth x length heatmaps of needle tasks."""
+    """The figures for this run's model, drawn from the leaderboard file: perplexity by position relative to vanilla
+    (tasks with position-bucket rows), one figure per headline metric of its tasks (dots on a fitted axis for
+    perplexities, bars from zero for accuracies and scores), the length curves for pi-length, and the depth x length
+    heatmaps of needle tasks."""
     leaderboard, plots, model = req.out / "leaderboard.csv", req.out / "plots", plan.source.name
     tasks = {c.task.name for c in plan.cells}
     metrics = dict.fromkeys(c.task.headline for c in plan.cells)
-    figures = [plot_metric_bars(leaderboard, plots / f"{metric}.png", metric=metric, model=model) for metric in metrics]
+    rows = records.read_leaderboard(leaderboard)
+    figures = plot_position_curves(rows[(rows["model"] == model) & rows["task"].isin(tasks)], plots)
+    figures += [(plot_metric_dots if lower_is_better(metric) else plot_metric_bars)(
+        leaderboard, plots / f"{metric}.png", metric=metric, model=model) for metric in metrics]
     if "pi-length" in tasks:
         figures.append(plot_length_curves(leaderboard, plots / "pi_length.png", model=model))
         figures.append(plot_length_curves(leaderboard, plots / "pi_length_tail.png", metric="tail_token_ppl",

@@ -1,6 +1,10 @@
 """`unimem-bench plot`: every figure a results folder supports, written as PNG and SVG under plots/.
 
-- `bars_<metric>`: the leaderboard table as grouped bars (tasks without a per-length or per-depth breakdown);
+- `dots_<metric>` (lower-is-better metrics such as perplexity: dots on an axis fitted to the values) or
+  `bars_<metric>` (accuracies and scores, bars from zero): the leaderboard table (tasks without a per-length
+  breakdown);
+- `<task>_positions`: perplexity per position bucket within the document and each method's change relative to
+  vanilla (tasks with `pos:<start>-<end>` rows: pg19, github);
 - `sweep_<name>`: each saved sweep, the metric against its swept field (the per-layer figure for layer placement);
 - `<task>_<method>` and `<task>_methods`: depth x length heatmaps of every needle task (rows with `depth=d`
   subtasks: niah, ruler_niah_*), in a folder per model when the results hold several;
@@ -16,6 +20,7 @@ import matplotlib
 import pandas as pd
 
 from unimem_bench.harness.reporting import tables as lb
+from unimem_bench.harness.reporting.differences import draw_metric_dots, plot_position_curves
 from unimem_bench.harness.reporting.heatmaps import DEPTH, plot_niah_heatmaps
 from unimem_bench.harness.reporting.plots import (
     FORMATS,
@@ -84,7 +89,10 @@ def plot_results(out: Path, plots_dir: Path | None = None, *, model: str | None 
     if not sweeps:
         flat = frame[~frame["task"].isin(length_tasks(frame))]
         for table in lb.build_tables(flat, out, metric) if not flat.empty else []:
-            written += save_formats(draw_metric_bars(table), plots_dir / f"bars_{table.metric}", formats)
+            if table.lower_better:
+                written += save_formats(draw_metric_dots(table), plots_dir / f"dots_{table.metric}", formats)
+            else:
+                written += save_formats(draw_metric_bars(table), plots_dir / f"bars_{table.metric}", formats)
     written += plot_sweeps(out, plots_dir, names=sweeps, model=model, tasks=tasks, methods=methods, metric=metric,
                            formats=formats)
     if not sweeps:
@@ -109,6 +117,7 @@ def _breakdown_figures(out: Path, frame: pd.DataFrame, plots_dir: Path, metric: 
         for model_id in models:
             rows = frame[frame["model"] == model_id]
             folder = plots_dir / _slug(lb.short_model(model_id)) if len(models) > 1 else plots_dir
+            written += plot_position_curves(rows, folder, formats=formats)
             if needle_tasks(rows):
                 written += plot_niah_heatmaps(leaderboard, folder, model=model_id, tasks=needle_tasks(rows),
                                               formats=formats)
