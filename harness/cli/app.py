@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from unimem_bench.harness.cli import report
 from unimem_bench.harness.cli.finetune import add_finetune_parsers, cmd_finetune, cmd_finetune_plot
 from unimem_bench.harness.models.llama2c import Llama2cFormatError
 from unimem_bench.harness.models.resolve import ModelSourceError
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--model_args pretrained=PATH,method=NAME --tasks TASK ...")
     add_finetune_parsers(sub)
     add_analysis_parsers(sub)
+    report.add_parser(sub)
     return parser
 
 
@@ -266,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sweep(args, console, argv)
         if args.command in ("leaderboard", "plot"):
             return cmd_analysis(args, console)
+        if args.command == "report":
+            return report.cmd_report(args, console)
         if args.command == "finetune":
             return cmd_finetune(args, console)
         if args.command == "finetune-plot":
