@@ -40,8 +40,10 @@ BASELINE = "vanilla"
 
 
 def position_tasks(frame: pd.DataFrame) -> list[str]:
-    """Tasks with position-bucket rows, in order of appearance."""
-    return list(dict.fromkeys(frame.loc[frame["subtask"].str.match(POSITION.pattern), "task"]))
+    """Tasks with rows for at least two position buckets (one bucket has no curve), in order of appearance."""
+    rows = frame[frame["subtask"].str.match(POSITION.pattern)]
+    buckets = rows.groupby("task", sort=False)["subtask"].nunique()
+    return list(buckets[buckets > 1].index)
 
 
 def position_table(frame: pd.DataFrame, task: str, metric: str = "token_ppl") -> pd.DataFrame:
