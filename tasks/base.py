@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -32,6 +32,34 @@ class ScoringLM(Protocol):
                  stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None) -> list[int]:
         """Continue the 1-D prompt through memory; returns the new token ids."""
         ...
+
+
+Item = TypeVar("Item")
+Out = TypeVar("Out")
+
+
+@runtime_checkable
+class SampleSharding(Protocol):
+    """What a model run across several processes adds to the contract: it deals a task's samples among them.
+
+    `map_samples(fn, items)` yields `(index, fn(items[index]))` for every item on every process, each item computed
+    by one process only; every process must consume the iterator to the end (results are exchanged as they come).
+    `fn` must return something picklable (a sample record) and compute the same thing on any process.
+    """
+
+    def map_samples(self, fn: Callable[[Item], Out], items: Sequence[Item]) -> Iterator[tuple[int, Out]]:
+        ...
+
+
+def map_samples(lm: ScoringLM, fn: Callable[[Item], Out], items: Sequence[Item]) -> Iterator[tuple[int, Out]]:
+    """`(index, fn(item))` for every item in order: dealt across processes when `lm` shards samples (a launched
+    run), else computed here one by one. Generation tasks put each sample's whole work (prompt, generation, score)
+    in `fn`, so that launched processes split it as `score` splits documents."""
+    if isinstance(lm, SampleSharding):
+        yield from lm.map_samples(fn, items)
+        return
+    for index, item in enumerate(items):
+        yield index, fn(item)
 
 
 @dataclass(frozen=True)
@@ -117,7 +145,13 @@ class Task(Protocol):
     name: str
     version: str
     headline: str
-    """The metric shown in summaries and plots (lower is better for perplexities)."""
+    """The metric of the run's headline leaderboard row: the one number tables and plots show for the task."""
+
+    @property
+    def higher_is_better(self) -> Mapping[str, bool]:
+        """Every metric the task reports (headline, others and breakdown rows) -> whether a larger value is better
+        (lm-eval's `higher_is_better`); written into each leaderboard row, so readers need not guess from names."""
+        ...
 
     def check(self, options: TaskOptions) -> None:
         """Cheap validation before any model work: raise with one clear line if data is missing."""

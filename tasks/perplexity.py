@@ -74,6 +74,10 @@ class PerplexityTask:
     """End of the first position bucket in tokens; each later bucket doubles ([512, 1024), [1024, 2048) ...)."""
     headline: str = "token_ppl"
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return dict.fromkeys(("token_ppl", "bits_per_byte", "word_ppl", "nll_per_token"), False)
+
     def __post_init__(self) -> None:
         if self.min_chars < 0:
             raise ValueError(f"{self.name}.min_chars {self.min_chars} must be >= 0")

@@ -55,6 +55,10 @@ class LengthTask:
     """Documents shorter than this many characters are skipped before tokenising."""
     headline: str = "token_ppl"
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"token_ppl": False, "tail_token_ppl": False}
+
     def __post_init__(self) -> None:
         chosen = self.lengths or self.multiples
         if not chosen or min(chosen) < 1:

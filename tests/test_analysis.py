@@ -80,17 +80,22 @@ def test_plot_writes_png_and_svg_for_the_table_and_every_sweep(sweep_results_dir
 
 
 def test_plot_draws_needle_heatmaps_and_length_curves_from_breakdown_rows(tmp_path):
-    """Rows in the runner's shape: headline rows first, then breakdowns (NIAH depths; pi-length per length)."""
+    """Rows in the runner's shape: summary rows (the headline among them) and breakdowns (NIAH depths; pi-length
+    per length, the longest being the summary)."""
     rows, lengths = [], (512, 1024, 2048)
     for method in ("vanilla", "position_interpolation"):
-        niah = {"run_id": f"{method}--niah--1", "model": "hf:/m/stories260K", "method": method, "task": "niah", "n": 4}
-        rows.append({**niah, "subtask": "", "context_len": 2048, "metric": "accuracy", "value": 0.5})
-        rows += [{**niah, "subtask": f"depth={d}", "context_len": n, "metric": "accuracy", "value": d}
-                 for d in (0.0, 0.5, 1.0) for n in lengths]
+        niah = {"run_id": f"{method}--niah--1", "model": "hf:/m/stories260K", "method": method, "task": "niah", "n": 4,
+                "higher_is_better": True, "finished": "2026-01-01T00:00:00+00:00", "schema": 2}
+        rows.append({**niah, "subtask": "", "context_len": 2048, "metric": "accuracy", "value": 0.5, "summary": True,
+                     "headline": True})
+        rows += [{**niah, "subtask": f"depth={d}", "context_len": n, "metric": "accuracy", "value": d,
+                  "summary": False, "headline": False} for d in (0.0, 0.5, 1.0) for n in lengths]
         pi = {"run_id": f"{method}--pi-length--1", "model": "hf:/m/stories260K", "method": method,
-              "task": "pi-length", "subtask": "", "n": 9}
+              "task": "pi-length", "subtask": "", "n": 9, "higher_is_better": False,
+              "finished": "2026-01-01T00:00:00+00:00", "schema": 2}
         for metric in ("token_ppl", "tail_token_ppl"):
-            rows += [{**pi, "context_len": n, "metric": metric, "value": 10.0 + i} for i, n in enumerate(lengths[::-1])]
+            rows += [{**pi, "context_len": n, "metric": metric, "value": 10.0 + i, "summary": n == 2048,
+                      "headline": n == 2048 and metric == "token_ppl"} for i, n in enumerate(lengths[::-1])]
     pd.DataFrame(rows, columns=records.LEADERBOARD_COLUMNS).to_csv(tmp_path / "leaderboard.csv", index=False)
     assert cli.main(["plot", "--out", str(tmp_path)]) == 0
     names = {p.name for p in (tmp_path / "plots").iterdir()}

@@ -105,3 +105,63 @@ def test_shard_deals_every_item_to_exactly_one_process():
     parts = [Processes(rank, 3).shard(sizes) for rank in range(3)]
     assert sorted(i for part in parts for i in part) == list(range(len(sizes)))
     assert [sizes[part[0]] for part in parts] == [90, 66, 40]  # longest first, dealt round the processes
+
+
+GENERATION_TASKS = "longbench,niah,ruler_niah_single_1"
+
+
+def generation_argv(root: Path, out: Path) -> list[str]:
+    """LongBench (fixture files), NIAH (the .txt book beside them) and a RULER variant on the tiny model through a
+    memory method: 4 + 6 + 4 short generations, long prompts streaming through memory."""
+    return ["run", "--model", str(root / "tiny"), "--methods", "transformer_xl", "--tasks", GENERATION_TASKS,
+            "--data-dir", str(root / "data"), "--max-docs", "2", "--segment-len", "64", "--out", str(out),
+            "--task-arg", "longbench.datasets=trec,passage_count", "--task-arg", "longbench.max_gen=6",
+            "--task-arg", "niah.preset=story", "--task-arg", "niah.lengths=96,300", "--task-arg", "depths=0,0.5,1",
+            "--task-arg", "niah.max_new_tokens=6", "--task-arg", "ruler_niah_single_1.lengths=700,900",
+            "--task-arg", "ruler_niah_single_1.depths=0,1", "--task-arg", "ruler_niah_single_1.max_new_tokens=6"]
+
+
+def generation_worker(rank: int, world: int, port: int, root: Path) -> None:
+    """One launched process of `run` on generation tasks, recording the prompts it generated for."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    real_generate = MemoryLM.generate
+    prompts: list[list[int]] = []
+
+    def recording_generate(self, prompt, **kwargs):
+        prompts.append(prompt.tolist())
+        return real_generate(self, prompt, **kwargs)
+
+    MemoryLM.generate = recording_generate
+    assert cli.main(generation_argv(root, root / "results-two")) == 0
+    (root / f"generated-rank{rank}.json").write_text(json.dumps(prompts))
+
+
+def test_two_processes_split_generation_and_write_the_samples_of_one(tmp_path):
+    from unimem_bench.tasks.longbench.fixture import write_longbench_dir
+
+    save_tiny_model(tmp_path / "tiny")
+    write_longbench_dir(tmp_path / "data", n=2, words=120)
+    write_text_docs(tmp_path / "data", [3000])
+    assert cli.main(generation_argv(tmp_path, tmp_path / "results-one")) == 0
+    mp.start_processes(generation_worker, args=(2, free_port(), tmp_path), nprocs=2, start_method="fork")
+
+    one, two = tmp_path / "results-one" / "runs", tmp_path / "results-two" / "runs"
+    runs = sorted(p.name for p in one.iterdir())
+    assert len(runs) == 3 and sorted(p.name for p in two.iterdir()) == runs  # 3 tasks, no partial logs left
+    for rid in runs:
+        assert (two / rid / "samples.jsonl").read_bytes() == (one / rid / "samples.jsonl").read_bytes(), rid
+        assert (two / rid / "metrics.json").read_bytes() == (one / rid / "metrics.json").read_bytes(), rid
+    # Every prompt was generated for by exactly one of the two processes, and each took its share.
+    generated = [json.loads((tmp_path / f"generated-rank{r}.json").read_text()) for r in range(2)]
+    samples = sum(len((one / rid / "samples.jsonl").read_text().splitlines()) for rid in runs)
+    assert len(generated[0]) + len(generated[1]) == samples == 4 + 6 + 4
+    assert abs(len(generated[0]) - len(generated[1])) <= 3  # one each per round; a task may leave one over
+    board_one = pd.read_csv(tmp_path / "results-one" / "leaderboard.csv")
+    board_two = pd.read_csv(tmp_path / "results-two" / "leaderboard.csv")
+    pd.testing.assert_frame_equal(board_two, board_one)

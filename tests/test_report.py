@@ -7,13 +7,15 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from unimem_bench.harness.cli import app as cli
-from unimem_bench.harness.evaluation import records
+from unimem_bench.harness.reporting import results as reader
 
 CHROMIUM = os.environ.get("UNIMEM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 NO_BROWSER = ("no browser for the page test: install the system Chromium (`apt-get install -y chromium`) and "
@@ -47,9 +49,9 @@ def page(results: Path) -> Path:
 
 
 def headline_values(results: Path, task: str, metric: str) -> dict[str, float]:
-    frame = records.read_leaderboard(results / "leaderboard.csv")
-    rows = frame[(frame["task"] == task) & (frame["subtask"] == "") & (frame["metric"] == metric)]
-    return {m: float(v) for m, v in rows.drop_duplicates("run_id")[["method", "value"]].itertuples(index=False)}
+    frame = reader.read_leaderboard(results / "leaderboard.csv")
+    rows = frame[(frame["task"] == task) & frame["summary"] & (frame["metric"] == metric)]
+    return {m: float(v) for m, v in rows[["method", "value"]].itertuples(index=False)}
 
 
 def test_page_is_self_contained_and_links_every_number_to_a_run_record(results, page):
@@ -58,33 +60,41 @@ def test_page_is_self_contained_and_links_every_number_to_a_run_record(results, 
     assert "<link" not in text and "<script src" not in text
     images = re.findall(r'<img [^>]*src="([^"]+)"', text)
     assert len(images) >= 4 and all(src.startswith("data:image/svg+xml;base64,") for src in images)
-    frame = records.read_leaderboard(results / "leaderboard.csv")
+    frame = reader.read_leaderboard(results / "leaderboard.csv")
     linked = set(re.findall(r'data-run="([^"]+)"', text))
     assert linked == set(frame["run_id"])
     for rid in linked:
         assert f'id="run-{rid}"' in text
-        assert records.read_run_json(results, rid)["commit"] in text
+        assert reader.read_run_json(results, rid)["commit"] in text
 
 
 def test_position_buckets_are_breakdown_rows_and_a_table_on_the_page(results, page):
-    frame = records.read_leaderboard(results / "leaderboard.csv")
+    frame = reader.read_leaderboard(results / "leaderboard.csv")
     buckets = frame[(frame["task"] == "github") & frame["subtask"].str.startswith("pos:")]
-    assert list(dict.fromkeys(buckets["subtask"])) == ["pos:0-64", "pos:64-128", "pos:128-256", "pos:256-512",
-                                                        "pos:512-1024"]
+    assert set(buckets["subtask"]) == {"pos:0-64", "pos:64-128", "pos:128-256", "pos:256-512", "pos:512-1024"}
+    assert (buckets["context_len"] == buckets["subtask"].str.split("-").str[1].astype(int)).all()
     # Every document's scored tokens land in exactly one bucket.
-    for _, run in buckets.groupby("run_id"):
-        total = frame[(frame["run_id"] == run["run_id"].iloc[0]) & (frame["subtask"] == "")]["n"].iloc[0]
-        assert run["n"].sum() == total
+    for rid, run in buckets.groupby("run_id"):
+        assert not run["summary"].any() and not run["higher_is_better"].any()
+        assert run["n"].sum() == frame[(frame["run_id"] == rid) & frame["headline"]]["n"].item()
     text = page.read_text()
     assert "token_ppl by position in the document" in text
     assert (results / "plots" / "github_positions.png").exists()
+
+
+def test_the_page_module_imports_neither_torch_nor_the_registries_nor_the_runner():
+    code = ("import sys, unimem_bench.harness.reporting.html; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('unimem_bench.methods', "
+            "'unimem_bench.tasks', 'unimem_bench.harness.evaluation', 'matplotlib.pyplot'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_report_errors_are_one_line(capsys, tmp_path):
     from helpers import one_line_error
 
     assert "no leaderboard" in one_line_error(capsys, ["report", "--results", str(tmp_path)])
-    (tmp_path / "leaderboard.csv").write_text(",".join(records.LEADERBOARD_COLUMNS) + "\n")
+    (tmp_path / "leaderboard.csv").write_text(",".join(reader.V1_COLUMNS) + "\n")
     assert "is a folder" in one_line_error(capsys, ["report", "--results", str(tmp_path), "--out", str(tmp_path)])
 
 

@@ -15,6 +15,7 @@ from unimem_bench.harness.cli import report
 from unimem_bench.harness.cli.finetune import add_finetune_parsers, cmd_finetune, cmd_finetune_plot
 from unimem_bench.harness.models.llama2c import Llama2cFormatError
 from unimem_bench.harness.models.resolve import ModelSourceError
+from unimem_bench.harness.reporting.results import Order, ResultsFormatError
 from unimem_bench.harness.runtime.distributed import is_main_process
 from unimem_bench.methods import METHODS, PAPER_CONTEXT, ConfigError, HookError, describe
 from unimem_bench.methods.registry import UnknownNameError
@@ -26,7 +27,12 @@ if TYPE_CHECKING:
 
 # Errors that mean "bad input": printed as one line, exit status 2, no traceback.
 USER_ERRORS = (ConfigError, UnknownNameError, HookError, ModelSourceError, Llama2cFormatError, FileNotFoundError,
-               TaskArgError)
+               TaskArgError, ResultsFormatError)
+
+
+def registry_order() -> Order:
+    """Tables and figures list methods and tasks in the registries' order (vanilla first, as `list` does)."""
+    return Order(methods=tuple(METHODS.names()), tasks=tuple(TASKS.names()))
 
 
 def positive_int(text: str) -> int:
@@ -164,7 +170,8 @@ def run_request(args: argparse.Namespace) -> RunRequest:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from unimem_bench.harness.evaluation.runner import plan_run, plot_run, run_grid, summary_rows
+    from unimem_bench.harness.evaluation.runner import plan_run, run_grid, summary_rows
+    from unimem_bench.harness.reporting.figures import plot_run
 
     req = run_request(args)
     plan = plan_run(req)
@@ -188,15 +195,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                       f"{row['n']:,}")
     console.print(table)
     console.print(f"leaderboard: {req.out / 'leaderboard.csv'}")
-    for figure in plot_run(req, plan):
+    for figure in plot_run(req.out, run_ids, order=registry_order()):  # from the files the runner wrote
         console.print(f"plot: {figure}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
-    from unimem_bench.harness.reporting.tables import render_rich
+    from unimem_bench.harness.reporting.tables import render_rich, sweep_tables
     from unimem_bench.harness.sweeps.execute import run_sweep
-    from unimem_bench.harness.sweeps.plan import SweepRequest, plan_sweep, sweep_table
+    from unimem_bench.harness.sweeps.plan import SweepRequest, plan_sweep
     from unimem_bench.harness.sweeps.presets import parse_vary
 
     if args.backend == "ray" and importlib.util.find_spec("ray") is None:
@@ -213,7 +220,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console, argv: list[str]) -> in
         console.print(f"[yellow]interrupted[/yellow]: every finished point is kept in {args.out}; run the same "
                       "command again to resume")
         return 130
-    for table in sweep_table(args.out, plan.name):
+    for table in sweep_tables(args.out, plan.name, registry_order()):
         render_rich(table, console, title=f"Sweep {plan.name}")
     failed = [r for r in results if r.error]
     if failed:
@@ -230,12 +237,12 @@ def cmd_analysis(args: argparse.Namespace, console: Console) -> int:
     if args.command == "leaderboard":
         from unimem_bench.harness.reporting.tables import show
 
-        show(args.out, console, fmt=args.fmt, markdown=args.markdown, csv=args.csv, **filters)
+        show(args.out, console, fmt=args.fmt, markdown=args.markdown, csv=args.csv, order=registry_order(), **filters)
         return 0
     from unimem_bench.harness.reporting.figures import plot_results
 
     written = plot_results(args.out, args.plots_dir, sweeps=args.sweep, formats=names(args.formats) or ["png"],
-                           **filters)
+                           order=registry_order(), **filters)
     for path in written:
         console.print(f"wrote {path}", highlight=False)
     return 0

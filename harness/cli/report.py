@@ -19,10 +19,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from unimem_bench.harness.cli.app import registry_order
     from unimem_bench.harness.reporting.html import write_report
 
     if args.out is not None and args.out.is_dir():
         raise FileNotFoundError(f"--out {args.out} is a folder: give the page's file name, e.g. {args.out}/report.html")
-    page = write_report(args.results, args.out, title=args.title)
+    page = write_report(args.results, args.out, title=args.title, order=registry_order())
     console.print(f"wrote {page} ({page.stat().st_size / 1024:,.0f} KiB)", highlight=False)
     return 0

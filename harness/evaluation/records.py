@@ -1,10 +1,12 @@
 """Run records: one folder per (method, task) result, and the tidy leaderboard CSV that indexes them.
 
-Each folder `runs/<run_id>/` holds config.yaml (the resolved method config), run.json (environment: git commit,
-package versions, seed, device, model id, task parameters), samples.jsonl and metrics.json. It is written into a
-temporary folder and renamed into place, so a folder either is complete or does not exist; the leaderboard is
-replaced atomically too, under a file lock (`.leaderboard.csv.lock`) so that parallel workers merging at once lose
-no rows. The presence of `runs/<run_id>/metrics.json` is what makes a re-run skip a cell.
+Each folder `runs/<run_id>/` holds config.yaml (the resolved method config), run.json (its `schema` version;
+environment: git commit, package versions, seed, device, model id, task parameters, headline metric and each
+metric's direction), samples.jsonl and metrics.json. It is written into a temporary folder and renamed into place,
+so a folder either is complete or does not exist; the leaderboard is replaced atomically too, under a file lock
+(`.leaderboard.csv.lock`) so that parallel workers merging at once lose no rows. The presence of
+`runs/<run_id>/metrics.json` is what makes a re-run skip a cell. The formats and their one reader (which reads
+older files too) are in `harness/reporting/results.py`.
 """
 
 from __future__ import annotations
@@ -22,10 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 from filelock import FileLock
 
-LEADERBOARD_COLUMNS = ["run_id", "model", "method", "task", "subtask", "context_len", "metric", "value", "n"]
+from unimem_bench.harness.reporting.results import (
+    LEADERBOARD_COLUMNS,
+    LEADERBOARD_SCHEMA,
+    RUN_SCHEMA,
+    read_leaderboard,
+    read_run_config,
+    read_run_json,
+)
+
+__all__ = ["LEADERBOARD_COLUMNS", "LEADERBOARD_SCHEMA", "RUN_SCHEMA", "read_leaderboard", "read_run_config",
+           "read_run_json"]
+
 PACKAGES = ("unimem-bench", "torch", "transformers", "tokenizers", "datasets", "faiss-cpu", "faiss-gpu-cu12",
             "pandas", "numpy")
 
@@ -76,7 +88,7 @@ def write_run(out_dir: Path, rid: str, *, config_yaml: str, record: dict[str, An
     runs.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{rid}.", dir=runs))
     (tmp / "config.yaml").write_text(config_yaml)
-    (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (tmp / "run.json").write_text(json.dumps({"schema": RUN_SCHEMA, **record}, indent=2, default=str) + "\n")
     with (tmp / "samples.jsonl").open("w") as f:
         for sample in samples:
             f.write(json.dumps(sample, default=str) + "\n")
@@ -102,18 +114,6 @@ def install_run(out_dir: Path, rid: str, files: dict[str, bytes]) -> Path:
     return final
 
 
-def read_run_json(out_dir: Path, rid: str) -> dict[str, Any]:
-    """A run's record (run.json), or {} when the folder is absent."""
-    path = out_dir / "runs" / rid / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def read_run_config(out_dir: Path, rid: str) -> dict[str, Any]:
-    """A run's resolved method config (config.yaml) as a dict, or {} when the folder is absent."""
-    path = out_dir / "runs" / rid / "config.yaml"
-    return yaml.safe_load(path.read_text()) or {} if path.exists() else {}
-
-
 def atomic_write_text(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -130,12 +130,6 @@ def atomic_write_csv(frame: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read_leaderboard(path: Path) -> pd.DataFrame:
-    if not path.exists():
-        return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
-    return pd.read_csv(path, keep_default_na=False, dtype={"subtask": str})
-
-
 def leaderboard_lock(path: Path) -> FileLock:
     """The lock every writer of `path` holds across its read-merge-replace (an OS lock: freed if a writer dies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +137,10 @@ def leaderboard_lock(path: Path) -> FileLock:
 
 
 def merge_leaderboard(path: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Add tidy rows; rows of a run id already present are replaced. Atomic replace of the CSV, under a file lock
-    so that concurrent processes (parallel sweep workers) never drop each other's rows."""
-    new = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
+    """Add tidy rows (LEADERBOARD_COLUMNS but `schema`); rows of a run id already present are replaced. Atomic
+    replace of the CSV, under a file lock so that concurrent processes (parallel sweep workers) never drop each
+    other's rows. An older-schema file is rewritten in the current schema."""
+    new = pd.DataFrame([{**row, "schema": LEADERBOARD_SCHEMA} for row in rows], columns=LEADERBOARD_COLUMNS)
     with leaderboard_lock(path):
         old = read_leaderboard(path)
         old = old[~old["run_id"].isin(set(new["run_id"]))]

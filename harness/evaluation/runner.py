@@ -21,10 +21,6 @@ from unimem_bench.harness.models.resolve import (
     saved_method,
     trained_context,
 )
-from unimem_bench.harness.reporting.differences import plot_metric_dots, plot_position_curves
-from unimem_bench.harness.reporting.heatmaps import plot_niah_heatmaps
-from unimem_bench.harness.reporting.plots import plot_length_curves, plot_metric_bars
-from unimem_bench.harness.reporting.tables import lower_is_better
 from unimem_bench.harness.runtime.distributed import Processes, ShardedLM, local_device
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig, check_hookable
 from unimem_bench.tasks import TASKS, SampleLog, Task, TaskOptions
@@ -161,48 +157,41 @@ def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) 
 
 def _record(req: RunRequest, plan: Plan, cell: Cell, result: Any, seconds: float, env: dict[str, Any],
             leaderboard: Path) -> None:
-    record = {**env, "run_id": cell.run_id, "method": cell.method, "task": cell.task.name,
-              "task_version": cell.task.version, "task_params": cell.key["params"], "segment_len": plan.segment_len,
-              "finished": records.now(), "seconds": round(seconds, 3),
+    task = cell.task
+    directions = dict(task.higher_is_better)
+    reported = [*result.metrics, *(r.metric for r in result.rows)]
+    undeclared = sorted(set(reported) - set(directions))
+    if undeclared:  # a task's own bug: every metric needs its direction declared
+        raise ValueError(f"task {task.name!r} reports {', '.join(undeclared)} without declaring it in higher_is_better")
+    if task.headline not in result.metrics:
+        raise ValueError(f"task {task.name!r} did not report its headline metric {task.headline!r}")
+    finished = records.now()
+    record = {**env, "run_id": cell.run_id, "method": cell.method, "task": task.name, "task_version": task.version,
+              "task_params": cell.key["params"], "headline": task.headline, "higher_is_better": directions,
+              "segment_len": plan.segment_len, "finished": finished, "seconds": round(seconds, 3),
               "units_per_second": round(result.n / seconds, 2) if seconds else None}
     records.write_run(req.out, cell.run_id, config_yaml=cell.config.to_yaml(), record=record,
                       samples=result.samples, metrics=result.metrics)
-    base = {"run_id": cell.run_id, "model": plan.source.name, "method": cell.method, "task": cell.task.name}
-    rows = [{**base, "subtask": "", "context_len": result.context_len, "metric": metric, "value": value, "n": result.n}
+    base = {"run_id": cell.run_id, "model": plan.source.name, "method": cell.method, "task": task.name,
+            "finished": finished}
+    rows = [{**base, "subtask": "", "context_len": result.context_len, "metric": metric, "value": value, "n": result.n,
+             "summary": True, "headline": metric == task.headline, "higher_is_better": directions[metric]}
             for metric, value in result.metrics.items()]
     rows += [{**base, "subtask": r.subtask, "context_len": r.context_len, "metric": r.metric, "value": r.value,
-              "n": r.n} for r in result.rows]
+              "n": r.n, "summary": False, "headline": False, "higher_is_better": directions[r.metric]}
+             for r in result.rows]
     records.merge_leaderboard(leaderboard, rows)
 
 
 def summary_rows(req: RunRequest, run_ids: list[str]) -> list[dict[str, Any]]:
-    """Leaderboard rows of these runs, one dict per (method, task) with its metrics as keys."""
+    """The summary rows of these runs, one dict per (method, task) with its metrics as keys (registry order of
+    methods within each task)."""
     frame = records.read_leaderboard(req.out / "leaderboard.csv")
-    frame = frame[frame["run_id"].isin(run_ids) & (frame["subtask"] == "")]
+    frame = frame[frame["run_id"].isin(run_ids) & frame["summary"]]
     table = []
-    for (method, task), group in frame.groupby(["method", "task"], sort=False):
-        group = group.drop_duplicates("metric")  # the headline rows come first; breakdowns by length follow
+    for (method, task), group in frame.groupby(["method", "task"]):
         row: dict[str, Any] = {"method": method, "task": task, "n": int(group["n"].iloc[0])}
         row.update(dict(zip(group["metric"], group["value"].astype(float), strict=True)))
         table.append(row)
     order = {c: i for i, c in enumerate(METHODS.names())}
     return sorted(table, key=lambda r: (r["task"], order.get(r["method"], len(order))))
-
-
-def plot_run(req: RunRequest, plan: Plan) -> list[Path]:
-    """The figures for this run's model, drawn from the leaderboard file: perplexity by position relative to vanilla
-    (tasks with position-bucket rows), one figure per headline metric of its tasks (dots on a fitted axis for
-    perplexities, bars from zero for accuracies and scores), the length curves for pi-length, and the depth x length
-    heatmaps of needle tasks."""
-    leaderboard, plots, model = req.out / "leaderboard.csv", req.out / "plots", plan.source.name
-    tasks = {c.task.name for c in plan.cells}
-    metrics = dict.fromkeys(c.task.headline for c in plan.cells)
-    rows = records.read_leaderboard(leaderboard)
-    figures = plot_position_curves(rows[(rows["model"] == model) & rows["task"].isin(tasks)], plots)
-    figures += [(plot_metric_dots if lower_is_better(metric) else plot_metric_bars)(
-        leaderboard, plots / f"{metric}.png", metric=metric, model=model) for metric in metrics]
-    if "pi-length" in tasks:
-        figures.append(plot_length_curves(leaderboard, plots / "pi_length.png", model=model))
-        figures.append(plot_length_curves(leaderboard, plots / "pi_length_tail.png", metric="tail_token_ppl",
-                                          model=model))
-    return figures + plot_niah_heatmaps(leaderboard, plots, model=model, tasks=tasks)

@@ -14,6 +14,7 @@ import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -33,6 +34,7 @@ from unimem_bench.harness.reporting.plots import (
     save_figure,
     save_formats,
 )
+from unimem_bench.harness.reporting.results import ALPHABETICAL, Order, latest_runs
 
 POSITION = re.compile(r"^pos:(?P<start>\d+)-(?P<end>\d+)$")
 BASELINE = "vanilla"
@@ -46,17 +48,18 @@ def position_tasks(frame: pd.DataFrame) -> list[str]:
     return list(buckets[buckets > 1].index)
 
 
-def position_table(frame: pd.DataFrame, task: str, metric: str = "token_ppl") -> pd.DataFrame:
-    """Methods x position buckets (columns: bucket end in tokens, ascending) of one task and model's rows; the run
-    written last per method when the leaderboard holds several."""
+def position_table(frame: pd.DataFrame, task: str, metric: str = "token_ppl",
+                   order: Order = ALPHABETICAL) -> pd.DataFrame:
+    """Methods (in `order`) x position buckets (columns: bucket end in tokens, ascending) of one task and model's
+    rows; each method's newest run when the leaderboard holds several."""
     rows = frame[(frame["task"] == task) & (frame["metric"] == metric) & frame["subtask"].str.match(POSITION.pattern)]
     if rows.empty:
         raise ValueError(f"no position-bucket rows of {task!r} for metric {metric!r}")
-    latest = rows.groupby("method", sort=False)["run_id"].last()
-    rows = rows[rows["run_id"].isin(latest)]
+    rows = latest_runs(rows, ["method"])
     ends = rows["subtask"].str.extract(POSITION)["end"].astype(int)
-    return rows.assign(end=ends, value=rows["value"].astype(float)).pivot_table(
-        index="method", columns="end", values="value", aggfunc="last", sort=False).sort_index(axis=1)
+    table = rows.assign(end=ends, value=rows["value"].astype(float)).pivot_table(
+        index="method", columns="end", values="value", aggfunc="first")
+    return table.loc[order.sort_methods(table.index)].sort_index(axis=1)
 
 
 def bucket_label(end: int, first: int) -> str:
@@ -66,17 +69,23 @@ def bucket_label(end: int, first: int) -> str:
     return f"{short(0 if end == first else end // 2)}-{short(end)}"
 
 
-def draw_position_curves(table: pd.DataFrame, *, task: str, model: str = "", metric: str = "token_ppl") -> Figure:
+def draw_position_curves(table: pd.DataFrame, *, task: str, model: str = "", metric: str = "token_ppl",
+                         order: Order = ALPHABETICAL) -> Figure:
     """Left: `metric` per position bucket, one line per method (log y). Right: each method's change relative to
     vanilla per bucket in percent (vanilla is the zero line; below zero = memory helps). Without a vanilla run only
     the left panel is drawn."""
     relative = BASELINE in table.index and len(table) > 1
+    methods = [str(m) for m in table.index]
+
+    def color(method: str) -> Any:
+        return method_color(method, order, methods)
+
     fig, axes = new_figure(2 if relative else 1, width=5.6, height=4.2)
     ends = list(table.columns)
     labels = [bucket_label(end, ends[0]) for end in ends]
     with matplotlib.rc_context(STYLE):
         for method, values in table.iterrows():
-            axes[0].plot(ends, values.to_numpy(dtype=float), marker="o", label=method, color=method_color(str(method)))
+            axes[0].plot(ends, values.to_numpy(dtype=float), marker="o", label=method, color=color(str(method)))
         axes[0].set_yscale("log")
         axes[0].yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         axes[0].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
@@ -85,15 +94,15 @@ def draw_position_curves(table: pd.DataFrame, *, task: str, model: str = "", met
         axes[0].set_title(f"{pretty(metric)} by position")
         if relative:
             base = table.loc[BASELINE].to_numpy(dtype=float)
-            axes[1].axhline(0.0, color=method_color(BASELINE), linewidth=1.2, linestyle="--", label=BASELINE)
+            axes[1].axhline(0.0, color=color(BASELINE), linewidth=1.2, linestyle="--", label=BASELINE)
             for method, values in table.drop(index=BASELINE).iterrows():
                 change = 100.0 * (values.to_numpy(dtype=float) / base - 1.0)
-                axes[1].plot(ends, change, marker="o", label=method, color=method_color(str(method)))
+                axes[1].plot(ends, change, marker="o", label=method, color=color(str(method)))
                 last = int(np.flatnonzero(~np.isnan(change))[-1]) if (~np.isnan(change)).any() else None
                 if last is not None:
                     axes[1].annotate(f"{change[last]:+.1f}%", (ends[last], change[last]), xytext=(5, 0),
                                      textcoords="offset points", va="center", fontsize=8,
-                                     color=method_color(str(method)))
+                                     color=color(str(method)))
             axes[1].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:+g}%"))
             axes[1].set_ylabel(f"change in {pretty(metric)} vs {BASELINE} (%)")
             axes[1].set_title(f"relative to {BASELINE} (below 0: better)")
@@ -108,7 +117,7 @@ def draw_position_curves(table: pd.DataFrame, *, task: str, model: str = "", met
     return fig
 
 
-def draw_metric_dots(table: lb.Table, title: str = "") -> Figure:
+def draw_metric_dots(table: lb.Table, title: str = "", order: Order = ALPHABETICAL) -> Figure:
     """One panel per task (column): each row (method and setting) a dot at its value on an axis fitted to the values,
     the value printed beside it, the best ringed."""
     values = table.values
@@ -116,7 +125,7 @@ def draw_metric_dots(table: lb.Table, title: str = "") -> Figure:
     labels = [textwrap.fill(f"{m} ({s})" if s else m, LEGEND_CHARS, subsequent_indent="  ") for m, s in rows]
     if values.index.get_level_values("model").nunique() > 1:
         labels = [f"{idx[0]}: {label}" for idx, label in zip(values.index, labels, strict=True)]
-    colors = row_colors(rows)
+    colors = row_colors(rows, order)
     n_rows, n_cols = values.shape
     fig, axes = new_figure(n_cols, width=4.2, height=max(2.2, 0.75 + 0.32 * n_rows + 0.1 * sum(
         label.count("\n") for label in labels)))
@@ -140,28 +149,31 @@ def draw_metric_dots(table: lb.Table, title: str = "") -> Figure:
             ax.set_yticks(y, labels if k == 0 else [""] * n_rows)
             ax.grid(axis="y", visible=False)
             ax.set_title(str(task))
-            ax.set_xlabel(f"{pretty(table.metric)} ({'lower' if table.lower_better else 'higher'} is better)")
+            higher = table.higher_is_better.get(task, False)
+            ax.set_xlabel(f"{pretty(table.metric)} ({'higher' if higher else 'lower'} is better)")
         fig.suptitle(fit(title or f"{pretty(table.metric)} per method (best ringed)", fig))
     return fig
 
 
-def plot_metric_dots(leaderboard: Path, out: Path, *, metric: str = "token_ppl", model: str | None = None) -> Path:
+def plot_metric_dots(leaderboard: Path, out: Path, *, metric: str = "token_ppl", model: str | None = None,
+                     order: Order = ALPHABETICAL) -> Path:
     """The dot figure of one metric from a leaderboard file, saved as `out` (its suffix picks the format)."""
     frame = lb.load(leaderboard.parent, metric=metric)
     if model is not None:
         frame = frame[frame["model"] == model]
     if frame.empty:
         raise ValueError(f"{leaderboard} has no rows for metric {metric!r}" + (f" and model {model}" if model else ""))
-    table = lb.build_tables(frame, leaderboard.parent, metric)[0]
+    table = lb.build_tables(frame, leaderboard.parent, metric, order=order)[0]
     title = f"{pretty(metric)} per method" + (f" ({lb.short_model(model)})" if model else "")
-    return save_figure(draw_metric_dots(table, title), out)
+    return save_figure(draw_metric_dots(table, title, order), out)
 
 
-def plot_position_curves(frame: pd.DataFrame, plots_dir: Path, *, formats: Sequence[str] = ("png",)) -> list[Path]:
+def plot_position_curves(frame: pd.DataFrame, plots_dir: Path, *, formats: Sequence[str] = ("png",),
+                         order: Order = ALPHABETICAL) -> list[Path]:
     """`<task>_positions` for every task with position-bucket rows in `frame` (one model's rows), in `formats`."""
     written: list[Path] = []
     for task in position_tasks(frame):
         model = str(frame["model"].iloc[0])
-        fig = draw_position_curves(position_table(frame, task), task=task, model=model)
+        fig = draw_position_curves(position_table(frame, task, order=order), task=task, model=model, order=order)
         written += save_formats(fig, plots_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', task)}_positions", formats)
     return written

@@ -24,7 +24,6 @@ import matplotlib
 import matplotlib.colors
 import pandas as pd
 
-from unimem_bench.harness.evaluation import records
 from unimem_bench.harness.reporting import tables as lb
 from unimem_bench.harness.reporting.differences import (
     POSITION,
@@ -36,7 +35,7 @@ from unimem_bench.harness.reporting.differences import (
 from unimem_bench.harness.reporting.figures import length_tasks, needle_tasks, plot_sweeps
 from unimem_bench.harness.reporting.heatmaps import DEPTH, plot_niah_heatmaps
 from unimem_bench.harness.reporting.plots import draw_metric_bars, method_color, plot_length_curves, save_figure
-from unimem_bench.harness.sweeps.plan import list_sweeps
+from unimem_bench.harness.reporting.results import ALPHABETICAL, Order, latest_runs, list_sweeps, load, read_run_json
 
 Row = tuple[str, str, str]
 """A table row: (model, method, setting)."""
@@ -58,23 +57,23 @@ class Grid:
 
 
 def higher_is_better(frame: pd.DataFrame, metric: str) -> bool:
-    """The metric's direction: the leaderboard's `higher_is_better` column when it has one, else by its name."""
-    if "higher_is_better" in frame.columns:
-        flags = frame.loc[frame["metric"] == metric, "higher_is_better"].astype(str).str.lower()
-        if len(flags):
-            return flags.iloc[0] in ("true", "1")
-    return not lb.lower_is_better(metric)
+    """The metric's direction, as its task declared it (the leaderboard's `higher_is_better`)."""
+    return bool(frame.loc[frame["metric"] == metric, "higher_is_better"].iloc[0])
 
 
-def grid(rows: pd.DataFrame, column: pd.Series, labels: dict[str, tuple[str, str]], higher: dict[str, bool]) -> Grid:
-    """`rows` (with a `setting` column) as a Grid keyed by `column`; the run written last wins a cell."""
+def grid(rows: pd.DataFrame, column: pd.Series, labels: dict[str, tuple[str, str]], higher: dict[str, bool],
+         order: Order) -> Grid:
+    """`rows` (with a `setting` column) as a Grid keyed by `column` (columns in the rows' order), rows in method
+    order, then model and setting; the newest run wins a cell."""
     frame = rows.assign(column=column.to_numpy(), model=rows["model"].map(lb.short_model))
-    latest = frame.drop_duplicates(["model", "method", "setting", "column"], keep="last")
-    keys: list[Row] = list(dict.fromkeys(zip(latest["model"], latest["method"], latest["setting"], strict=True)))
+    latest = latest_runs(frame, ["model", "method", "setting", "column"])
+    keys: list[Row] = sorted(set(zip(latest["model"], latest["method"], latest["setting"], strict=True)),
+                             key=lambda r: (order.method_key(r[1]), r[0], lb.natural_key(r[2])))
     cells = {((m, meth, s), c): (float(v), rid) for m, meth, s, c, v, rid in zip(
         latest["model"], latest["method"], latest["setting"], latest["column"], latest["value"], latest["run_id"],
         strict=True)}
-    return Grid(keys, list(dict.fromkeys(latest["column"])), labels, cells, higher, hidden=len(frame) - len(latest))
+    columns = [c for c in dict.fromkeys(frame["column"]) if c in set(latest["column"])]
+    return Grid(keys, columns, labels, cells, higher, hidden=len(frame) - len(latest))
 
 
 def best_cells(g: Grid) -> set[tuple[Row, str]]:
@@ -93,13 +92,10 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _hex(method: str) -> str:
-    return matplotlib.colors.to_hex(method_color(method))
-
-
-def render_grid(g: Grid, *, headline: str | None = None, caption: str = "") -> str:
+def render_grid(g: Grid, order: Order, *, headline: str | None = None, caption: str = "") -> str:
     """A sortable table: row headers (model when several, method, setting when any), then the numbers."""
     show_model = len({r[0] for r in g.rows}) > 1
+    methods = [r[1] for r in g.rows]
     show_setting = any(r[2] for r in g.rows)
     best = best_cells(g)
     sort = '<span class="sort" aria-hidden="true"></span>'
@@ -116,7 +112,8 @@ def render_grid(g: Grid, *, headline: str | None = None, caption: str = "") -> s
     for row in g.rows:
         model, method, setting = row
         cells = [f'<td class="text">{_e(model)}</td>'] if show_model else []
-        cells.append(f'<td class="text"><span class="swatch" style="background:{_hex(method)}"></span>'
+        color = matplotlib.colors.to_hex(method_color(method, order, methods))
+        cells.append(f'<td class="text"><span class="swatch" style="background:{color}"></span>'
                      f'{_e(method)}</td>')
         cells += [f'<td class="text setting">{_e(setting)}</td>'] if show_setting else []
         for column in g.columns:
@@ -137,6 +134,15 @@ def render_grid(g: Grid, *, headline: str | None = None, caption: str = "") -> s
         note += f'<p class="note">{g.hidden} older result(s) of the same method, setting and column not shown.</p>'
     return (f'<div class="scroll"><table class="board"><thead><tr>{"".join(head)}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>{note}')
+
+
+def breakdown_key(subtask: str, context_len: int) -> tuple[Any, ...]:
+    """Breakdown columns in reading order: position buckets by start, then by length and depth, else by name."""
+    position = POSITION.match(subtask)
+    if position:
+        return (0, int(position["start"]), context_len, "")
+    depth = DEPTH.match(subtask)
+    return (1, context_len, float(depth["depth"]) if depth else 0.0, "" if depth else lb.natural_key(subtask))
 
 
 def breakdown_label(subtask: str, context_len: int, several_lengths: bool) -> tuple[str, str]:
@@ -161,26 +167,27 @@ def _figure(path_or_fig: Any, tmp: Path, caption: str) -> str:
             f'<figcaption>{_e(caption)}</figcaption></figure>')
 
 
-def task_section(out: Path, frame: pd.DataFrame, task: str, headline: str, tmp: Path) -> str:
+def task_section(out: Path, frame: pd.DataFrame, task: str, headline: str, tmp: Path, order: Order) -> str:
     """A task's card: its metrics table (headline first), a table per breakdown metric, its figures."""
     rows = frame[frame["task"] == task].copy()
     rows["setting"] = rows["run_id"].map(lb.run_settings(out, rows))
-    summary = lb.headline_rows(rows[rows["subtask"] == ""])
-    breakdown = rows.drop(index=summary.index)
-    several_lengths = summary.groupby("run_id")["context_len"].nunique().max() > 1 or \
-        rows.groupby(["run_id", "subtask", "metric"]).size().max() > 1
-    metrics = [headline, *[m for m in dict.fromkeys(summary["metric"]) if m != headline]]
-    summary = summary[summary["metric"].isin(metrics)]
+    summary = rows[rows["summary"]]
+    breakdown = rows[~rows["summary"]]
+    several_lengths = rows.groupby(["run_id", "subtask", "metric"]).size().max() > 1
+    metrics = [headline, *sorted(set(summary["metric"]) - {headline})]
+    summary = summary.sort_values("metric", key=lambda m: m.map(metrics.index), kind="stable")
     g = grid(summary, summary["metric"], {m: (m, "headline" if m == headline else "") for m in metrics},
-             {m: higher_is_better(frame, m) for m in metrics})
-    g = Grid(g.rows, [m for m in metrics if m in g.columns], g.labels, g.cells, g.higher, g.hidden)
-    versions = ", ".join(sorted({str(records.read_run_json(out, r).get("task_version", "?"))
+             {m: higher_is_better(frame, m) for m in metrics}, order)
+    versions = ", ".join(sorted({str(read_run_json(out, r).get("task_version", "?"))
                                  for r in rows["run_id"].unique()}))
     parts = [f'<section class="card" id="task-{_e(task)}"><h2>{_e(task)}</h2>'
              f'<div class="meta">version {_e(versions)} · {rows["run_id"].nunique()} run(s) · '
              f'headline <b>{_e(headline)}</b> · click a header to sort, a number for its run record</div>',
-             "<h3>Metrics</h3>", render_grid(g, headline=headline)]
-    for metric, part in breakdown.groupby("metric", sort=False):
+             "<h3>Metrics</h3>", render_grid(g, order, headline=headline)]
+    for metric in sorted(set(breakdown["metric"]), key=lambda m: (m != headline, m)):
+        part = breakdown[breakdown["metric"] == metric]
+        keys_order = [breakdown_key(sub, int(n)) for sub, n in zip(part["subtask"], part["context_len"], strict=True)]
+        part = part.iloc[sorted(range(len(part)), key=keys_order.__getitem__)]
         keys = [f"{s}@{n}" for s, n in zip(part["subtask"], part["context_len"], strict=True)]
         labels = {k: breakdown_label(s, int(n), several_lengths)
                   for k, s, n in zip(keys, part["subtask"], part["context_len"], strict=True)}
@@ -189,49 +196,51 @@ def task_section(out: Path, frame: pd.DataFrame, task: str, headline: str, tmp: 
             "evaluation length" if (part["subtask"] == "").all() else "subtask"
         parts += [f'<h3>{_e(metric)} by {kinds}<span class="hint">{len(set(keys))} columns</span></h3>',
                   render_grid(grid(part, pd.Series(keys, index=part.index), labels,
-                                   dict.fromkeys(keys, higher_is_better(frame, metric))))]
+                                   dict.fromkeys(keys, higher_is_better(frame, metric)), order), order)]
     figures = []
     for model, model_rows in rows.groupby("model", sort=False):
         where = f"{task}, {lb.short_model(str(model))}"
         if task in position_tasks(model_rows):
-            figures.append(_figure(draw_position_curves(position_table(model_rows, task), task=task,
-                                                        model=str(model)), tmp,
+            table = position_table(model_rows, task, order=order)
+            figures.append(_figure(draw_position_curves(table, task=task, model=str(model), order=order), tmp,
                                    f"{where}: perplexity by position and change relative to vanilla"))
         if task in needle_tasks(model_rows):
             for path in plot_niah_heatmaps(out / "leaderboard.csv", tmp / f"niah-{len(figures)}", model=str(model),
-                                           tasks=[task], formats=("svg",)):
+                                           tasks=[task], formats=("svg",), order=order):
                 if path.stem.endswith("_methods"):
                     figures.append(_figure(path, tmp, f"{where}: accuracy by needle depth and context length"))
         if task in length_tasks(model_rows):
-            for metric in dict.fromkeys(model_rows.loc[model_rows["subtask"] == "", "metric"]):
+            for metric in [headline, *sorted(set(model_rows.loc[model_rows["subtask"] == "", "metric"]) - {headline})]:
                 path = plot_length_curves(out / "leaderboard.csv", tmp / f"len-{len(figures)}.svg", task=task,
-                                          metric=metric, model=str(model))
+                                          metric=metric, model=str(model), order=order)
                 figures.append(_figure(path, tmp, f"{where}: {metric} against evaluation length"))
     if figures:
         parts += ["<h3>Figures</h3>", '<div class="figures">', *figures, "</div>"]
     return "\n".join([*parts, "</section>"])
 
 
-def overview_section(out: Path, frame: pd.DataFrame, heads: dict[str, str], tmp: Path) -> str:
+def overview_section(out: Path, frame: pd.DataFrame, heads: dict[str, str], tmp: Path, order: Order) -> str:
     """Each task's headline per method (one column per task) and the headline figures."""
-    rows = frame[frame["metric"] == frame["task"].map(heads)]
-    rows = lb.headline_rows(rows[rows["subtask"] == ""]).copy()
+    rows = frame[frame["summary"] & (frame["metric"] == frame["task"].map(heads))].copy()
+    rows = rows.sort_values("task", key=lambda t: t.map(order.task_key), kind="stable")
     rows["setting"] = rows["run_id"].map(lb.run_settings(out, rows))
     labels = {t: (t, heads[t]) for t in heads}
-    g = grid(rows, rows["task"], labels, {t: higher_is_better(frame, heads[t]) for t in heads})
+    g = grid(rows, rows["task"], labels, {t: higher_is_better(frame, heads[t]) for t in heads}, order)
     flat = frame[~frame["task"].isin(length_tasks(frame))]
-    figures = [_figure(draw_metric_bars(t) if not t.lower_better else draw_metric_dots(t), tmp,
-                       f"{t.metric} per method" + (" (best ringed)" if t.lower_better else ""))
-               for t in (lb.build_tables(flat, out) if not flat.empty else [])]
+    figures = []
+    for table in lb.build_tables(flat, out, order=order) if not flat.empty else []:
+        lower = not any(table.higher_is_better.values())
+        fig = draw_metric_dots(table, order=order) if lower else draw_metric_bars(table, order=order)
+        figures.append(_figure(fig, tmp, f"{table.metric} per method" + (" (best ringed)" if lower else "")))
     return "\n".join(['<section class="card" id="overview"><h2>Leaderboard</h2>',
                       '<div class="meta">each task\'s headline metric per method (best per column marked ★); '
                       "click a header to sort, a number for its run record</div>",
-                      render_grid(g), '<div class="figures">', *figures, "</div></section>"])
+                      render_grid(g, order), '<div class="figures">', *figures, "</div></section>"])
 
 
 def record_html(out: Path, rid: str) -> str:
     """A run's record: identity, environment, task parameters, config.yaml and metrics.json."""
-    record = records.read_run_json(out, rid)
+    record = read_run_json(out, rid)
     folder = out / "runs" / rid
     if not record:
         return f'<div class="record"><p>No run folder at {_e(folder)}.</p></div>'
@@ -249,34 +258,36 @@ def record_html(out: Path, rid: str) -> str:
             f"<h4>metrics.json</h4><pre>{_e(metrics)}</pre></div>")
 
 
-def runs_section(out: Path, frame: pd.DataFrame) -> str:
+def runs_section(out: Path, frame: pd.DataFrame, order: Order) -> str:
     runs = frame.drop_duplicates("run_id")
+    runs = runs.assign(task_key=runs["task"].map(order.task_key), method_key=runs["method"].map(order.method_key))
+    runs = runs.sort_values(["task_key", "method_key", "finished"], kind="stable")
     items = [f'<details class="run" id="run-{_e(r.run_id)}"><summary>{_e(r.method)} · {_e(r.task)} · '
              f"{_e(lb.short_model(r.model))} <code>{_e(r.run_id)}</code></summary>{record_html(out, r.run_id)}"
-             "</details>" for r in runs.sort_values(["task", "method"], kind="stable").itertuples()]
+             "</details>" for r in runs.itertuples()]
     return "\n".join(['<section class="card" id="runs"><h2>Run records</h2>',
                       '<div class="meta">config, commit, package versions, seed and task parameters of every run '
                       "(<code>runs/&lt;run_id&gt;/</code>)</div>", *items, "</section>"])
 
 
-def build_page(out: Path, *, title: str = "unimem-bench results") -> str:
-    """The whole page as a string (no file written)."""
-    frame = lb.load(out)
-    heads = lb.headlines(frame)
-    commits = sorted({str(records.read_run_json(out, r).get("commit", "?")) for r in frame["run_id"].unique()})
+def build_page(out: Path, *, title: str = "unimem-bench results", order: Order = ALPHABETICAL) -> str:
+    """The whole page as a string (no file written); methods and tasks in `order`."""
+    frame = load(out)
+    heads = dict(sorted(lb.headlines(frame).items(), key=lambda item: order.task_key(item[0])))
+    commits = sorted({str(read_run_json(out, r).get("commit", "?")) for r in frame["run_id"].unique()})
     chips = {"models": frame["model"].nunique(), "methods": frame["method"].nunique(), "tasks": len(heads),
              "runs": frame["run_id"].nunique(), "rows": len(frame)}
     with tempfile.TemporaryDirectory() as name, matplotlib.rc_context({"svg.hashsalt": "unimem-bench"}):
         tmp = Path(name)
-        sections = [overview_section(out, frame, heads, tmp)]
-        sections += [task_section(out, frame, task, metric, tmp) for task, metric in heads.items()]
+        sections = [overview_section(out, frame, heads, tmp, order)]
+        sections += [task_section(out, frame, task, metric, tmp, order) for task, metric in heads.items()]
         sweeps = [s["name"] for s in list_sweeps(out)]
         if sweeps:
             figures = [_figure(p, tmp, p.stem.replace("_", " ")) for p in plot_sweeps(out, tmp / "sweeps",
-                                                                                      formats=("svg",))]
+                                                                                      formats=("svg",), order=order)]
             sections.append('<section class="card" id="sweeps"><h2>Sweeps</h2><div class="meta">'
                             f'{_e(", ".join(sweeps))}</div><div class="figures">{"".join(figures)}</div></section>')
-    sections.append(runs_section(out, frame))
+    sections.append(runs_section(out, frame, order))
     nav = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in [("overview", "Leaderboard"),
                                                             *((f"task-{t}", t) for t in heads),
                                                             *([("sweeps", "Sweeps")] if sweeps else []),
@@ -293,8 +304,9 @@ def build_page(out: Path, *, title: str = "unimem-bench results") -> str:
     return template.replace("{{title}}", _e(title)).replace("{{body}}", body)
 
 
-def write_report(out: Path, page: Path | None = None, *, title: str = "unimem-bench results") -> Path:
+def write_report(out: Path, page: Path | None = None, *, title: str = "unimem-bench results",
+                 order: Order = ALPHABETICAL) -> Path:
     """Write the page (default `<out>/report.html`) atomically; returns its path."""
     page = page or out / "report.html"
-    records.atomic_write_text(build_page(out, title=title), page)
+    lb.atomic_write_text(build_page(out, title=title, order=order), page)
     return page

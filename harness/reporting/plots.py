@@ -2,8 +2,9 @@
 
 `draw_*` functions take frames and return a matplotlib Figure (notebooks show them inline); `plot_*` functions read
 the files and save them. `STYLE` is the one look of every figure `unimem-bench plot` writes, and each method keeps
-its colour (its position in the method registry). Leaderboard figures use each run's headline rows: its first row
-of a metric (breakdown rows by subtask or length follow it).
+its colour (its position in the `Order` of methods: the registry's when the CLI draws). Leaderboard figures use each
+run's summary rows (the breakdowns by subtask or length have their own figures); best marks follow each row's
+`higher_is_better`. Nothing here selects a backend: figures are drawn on `Figure` objects, never through pyplot.
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from unimem_bench.harness.reporting import tables as lb
-from unimem_bench.methods import METHODS
-from unimem_bench.methods.config import parse_layers
+from unimem_bench.harness.reporting.results import (
+    ALPHABETICAL,
+    Order,
+    latest_runs,
+    layer_indices,
+    read_leaderboard,
+)
 
 STYLE: dict[str, Any] = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
@@ -34,15 +41,18 @@ LEGEND_CHARS = 48
 """Legend entries wrap at this many characters (settings can name several fields)."""
 
 
-def method_color(method: str) -> Any:
-    names = METHODS.names()
-    return matplotlib.colormaps["tab10"](names.index(method) % 10 if method in names else 9)
+def method_color(method: str, order: Order = ALPHABETICAL, present: Sequence[str] = ()) -> Any:
+    """A method's colour: its position among `order`'s methods and those `present` (all of a figure's methods),
+    so that it keeps its colour from figure to figure of the same results."""
+    names = order.sort_methods([*order.methods, *present, method])
+    return matplotlib.colormaps["tab10"](names.index(method) % 10)
 
 
-def row_colors(rows: Sequence[tuple[str, str]]) -> list[Any]:
+def row_colors(rows: Sequence[tuple[str, str]], order: Order = ALPHABETICAL) -> list[Any]:
     """Method colours when each method has one row; otherwise one tab20 colour per row."""
-    if len({m for m, _ in rows}) == len(rows):
-        return [method_color(m) for m, _ in rows]
+    present = [m for m, _ in rows]
+    if len(set(present)) == len(rows):
+        return [method_color(m, order, present) for m in present]
     return [matplotlib.colormaps["tab20"](i % 20) for i in range(len(rows))]
 
 
@@ -70,7 +80,7 @@ def save_formats(fig: Figure, stem: Path, formats: Sequence[str] = FORMATS) -> l
         return [save_figure(fig, stem.with_name(f"{stem.name}.{fmt}")) for fmt in formats]
 
 
-def draw_metric_bars(table: lb.Table, title: str = "") -> Figure:
+def draw_metric_bars(table: lb.Table, title: str = "", order: Order = ALPHABETICAL) -> Figure:
     """Grouped bars: groups are the table's columns (tasks), bars its rows (method and setting), values on top."""
     values = table.values
     rows = [(idx[1], idx[2]) for idx in values.index]
@@ -87,7 +97,7 @@ def draw_metric_bars(table: lb.Table, title: str = "") -> Figure:
                             height=max(4.5, legend_height))
     width = 0.8 / n_rows
     with matplotlib.rc_context(STYLE):
-        for j, (label, color) in enumerate(zip(labels, row_colors(rows), strict=True)):
+        for j, (label, color) in enumerate(zip(labels, row_colors(rows, order), strict=True)):
             xs = np.arange(n_cols) + (j - (n_rows - 1) / 2) * width
             bars = ax.bar(xs, values.iloc[j].to_numpy(dtype=float), width, label=label, color=color)
             ax.bar_label(bars, fmt="%.4g", fontsize=7, padding=2, rotation=90 if n_rows > 4 else 0)
@@ -102,16 +112,17 @@ def draw_metric_bars(table: lb.Table, title: str = "") -> Figure:
     return fig
 
 
-def plot_metric_bars(leaderboard: Path, out: Path, *, metric: str = "token_ppl", model: str | None = None) -> Path:
+def plot_metric_bars(leaderboard: Path, out: Path, *, metric: str = "token_ppl", model: str | None = None,
+                     order: Order = ALPHABETICAL) -> Path:
     """The bar figure of one metric from a leaderboard file, saved as `out` (its suffix picks the format)."""
     frame = lb.load(leaderboard.parent, metric=metric)
     if model is not None:
         frame = frame[frame["model"] == model]
     if frame.empty:
         raise ValueError(f"{leaderboard} has no rows for metric {metric!r}" + (f" and model {model}" if model else ""))
-    table = lb.build_tables(frame, leaderboard.parent, metric)[0]
+    table = lb.build_tables(frame, leaderboard.parent, metric, order=order)[0]
     title = f"{pretty(metric)} per method and task" + (f" ({lb.short_model(model)})" if model else "")
-    return save_figure(draw_metric_bars(table, title), out)
+    return save_figure(draw_metric_bars(table, title, order), out)
 
 
 def _numeric(values: Sequence[str]) -> list[float] | None:
@@ -126,24 +137,30 @@ def _doubling(xs: Sequence[float]) -> bool:
     return min(xs) >= 0 and len(positive) >= 3 and max(positive) / min(positive) >= 8
 
 
-def draw_sweep_lines(frame: pd.DataFrame, field: str, values: Sequence[str], metric: str, title: str = "") -> Figure:
+def draw_sweep_lines(frame: pd.DataFrame, field: str, values: Sequence[str], metric: str, title: str = "",
+                     order: Order = ALPHABETICAL) -> Figure:
     """`metric` against the swept `field` (x in sweep order; numeric fields on a numeric axis), one line per method
-    and value of the other swept fields, one panel per task."""
+    and value of the other swept fields (in `order`, then sweep order), one panel per task."""
     others = [c for c in frame.columns if "." in c and c != field]
-    tasks = list(dict.fromkeys(frame["task"]))
+    tasks = order.sort_tasks(frame["task"])
+    methods = order.sort_methods(frame["method"])
     xs_num = _numeric(values)
+    rank = {v: i for i, v in enumerate(values)}
     fig, axes = new_figure(len(tasks), width=5.5, height=4.0)
     with matplotlib.rc_context(STYLE):
         for ax, task in zip(axes, tasks, strict=True):
             sub = frame[frame["task"] == task]
-            for k, (key, line) in enumerate(sub.groupby(["method", *others], sort=False)):
+            groups = sub.groupby(["method", *others])
+            # Lines in method order, then in the order of the sweep's points (or of the other fields' values).
+            lines = sorted(groups, key=lambda g: (order.method_key(g[0][0]),
+                                                  int(g[1]["point"].min()) if "point" in g[1] else 0, g[0]))
+            for k, (key, line) in enumerate(lines):
                 key = key if isinstance(key, tuple) else (key,)
                 label = ", ".join([key[0], *(f"{o.split('.')[-1]}={v}" for o, v in zip(others, key[1:],
                                                                                       strict=True))])
-                order = {v: i for i, v in enumerate(values)}
-                line = line.sort_values(field, key=lambda s: s.map(order))
-                x = [xs_num[order[v]] if xs_num else order[v] for v in line[field]]
-                color = method_color(key[0]) if not others else matplotlib.colormaps["tab10"](k % 10)
+                line = line.sort_values(field, key=lambda s: s.map(rank))
+                x = [xs_num[rank[v]] if xs_num else rank[v] for v in line[field]]
+                color = method_color(key[0], order, methods) if not others else matplotlib.colormaps["tab10"](k % 10)
                 ax.plot(x, line["value"], marker="o", label=label, color=color)
             if xs_num is None:
                 ax.set_xticks(range(len(values)), list(values))
@@ -162,20 +179,21 @@ def draw_sweep_lines(frame: pd.DataFrame, field: str, values: Sequence[str], met
 
 def layer_order(values: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split injection.layers values into single layers (by index) and groups (ranges, `all`), in sweep order."""
-    singles = [v for v in values if v != "all" and len(parse_layers(v)) == 1]
+    singles = [v for v in values if len(layer_indices(v) or ()) == 1]
     groups = [v for v in values if v not in singles]
-    return sorted(singles, key=lambda v: parse_layers(v)[0]), groups
+    return sorted(singles, key=lambda v: (layer_indices(v) or (0,))[0]), groups
 
 
-def draw_layer_placement(frame: pd.DataFrame, values: Sequence[str], metric: str, title: str = "") -> Figure:
+def draw_layer_placement(frame: pd.DataFrame, values: Sequence[str], metric: str, title: str = "",
+                         order: Order = ALPHABETICAL) -> Figure:
     """Bars of `metric` with memory at one layer (each index), then at groups of layers (hatched); a dashed line at
     the all-layer value and the best single layer outlined. One panel per task, one bar colour per method."""
     singles, groups = layer_order(values)
     cats = singles + groups
-    tasks = list(dict.fromkeys(frame["task"]))
-    methods = list(dict.fromkeys(frame["method"]))
+    tasks = order.sort_tasks(frame["task"])
+    methods = order.sort_methods(frame["method"])
     fig, axes = new_figure(len(tasks), width=max(5.0, 0.55 * len(cats) * len(methods) + 2.5), height=4.0)
-    lower = lb.lower_is_better(metric)
+    lower = not frame["higher_is_better"].all()  # the rows' own declaration (sweep_results carries it)
     width = 0.8 / len(methods)
     with matplotlib.rc_context(STYLE):
         for ax, task in zip(axes, tasks, strict=True):
@@ -183,7 +201,7 @@ def draw_layer_placement(frame: pd.DataFrame, values: Sequence[str], metric: str
                 sub = frame[(frame["task"] == task) & (frame["method"] == method)].set_index("injection.layers")
                 heights = [float(sub["value"].get(c, np.nan)) for c in cats]
                 xs = np.arange(len(cats)) + (j - (len(methods) - 1) / 2) * width
-                bars = ax.bar(xs, heights, width, color=method_color(method), label=method,
+                bars = ax.bar(xs, heights, width, color=method_color(method, order, methods), label=method,
                               hatch=[None] * len(singles) + ["//"] * len(groups), edgecolor="white")
                 ax.bar_label(bars, fmt="%.4g", fontsize=7, padding=2, rotation=90)
                 single = [h for h in heights[:len(singles)] if not np.isnan(h)]
@@ -192,8 +210,8 @@ def draw_layer_placement(frame: pd.DataFrame, values: Sequence[str], metric: str
                     bars[best].set_edgecolor("black")
                     bars[best].set_linewidth(1.5)
                 if "all" in sub.index:
-                    ax.axhline(float(sub["value"]["all"]), color=method_color(method), linestyle="--", linewidth=1,
-                               label=f"{method}, all layers")
+                    ax.axhline(float(sub["value"]["all"]), color=method_color(method, order, methods), linestyle="--",
+                               linewidth=1, label=f"{method}, all layers")
             if groups and singles:
                 ax.axvline(len(singles) - 0.5, color="grey", linewidth=0.8)
             ax.set_xticks(range(len(cats)), cats)
@@ -213,28 +231,23 @@ LENGTH_METRIC_LABELS = {"token_ppl": "perplexity of all L tokens",
 
 
 def plot_length_curves(leaderboard: Path, out: Path, *, task: str = "pi-length", metric: str = "token_ppl",
-                       model: str | None = None) -> Path:
-    """`metric` against evaluation length (log2 axis), one line per method: the position-interpolation figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    frame = pd.read_csv(leaderboard, keep_default_na=False)
+                       model: str | None = None, order: Order = ALPHABETICAL) -> Path:
+    """`metric` against evaluation length (log2 axis), one line per method (its newest run): the
+    position-interpolation figure, from a task's rows at several lengths without a subtask."""
+    frame = read_leaderboard(leaderboard)
     frame = frame[(frame["task"] == task) & (frame["metric"] == metric) & (frame["subtask"] == "")]
     if model is not None:
         frame = frame[frame["model"] == model]
     if frame.empty:
         raise ValueError(f"{leaderboard} has no {task!r} rows for metric {metric!r}")
-    # The latest run per method when the leaderboard holds several.
-    latest = frame.groupby("method", sort=False)["run_id"].last()
-    frame = frame[frame["run_id"].isin(latest)]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
-    for method, group in frame.groupby("method", sort=False):
-        group = group.sort_values("context_len")
+    frame = latest_runs(frame, ["method"])
+    methods = order.sort_methods(frame["method"])
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for method in methods:
+        group = frame[frame["method"] == method].sort_values("context_len")
         ax.plot(group["context_len"], group["value"].astype(float), marker="o", label=method,
-                color=method_color(method))
+                color=method_color(method, order, methods))
     lengths = sorted(frame["context_len"].unique())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -252,14 +265,12 @@ def plot_length_curves(leaderboard: Path, out: Path, *, task: str = "pi-length",
     return save_figure(fig, out)
 
 
-def save_figure(fig: Any, out: Path) -> Path:
-    """Write the figure atomically (PNG or SVG by suffix) and close it."""
-    import matplotlib.pyplot as plt
-
+def save_figure(fig: Figure, out: Path) -> Path:
+    """Write the figure atomically (PNG or SVG by suffix). Figures here are `Figure` objects, never registered
+    with pyplot: nothing to close, and no backend chosen for the caller."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
     os.close(fd)
     fig.savefig(tmp, dpi=150)
-    plt.close(fig)
     os.replace(tmp, out)
     return out

@@ -2,32 +2,40 @@
 
 A row is a method at one setting: when a results folder holds several runs of a method (a sweep, or `--set`
 overrides), the config fields that differ between them (read from each run's config.yaml and run.json) name the
-setting, e.g. `injection.layers=2`. A column is a task, holding each run's headline row (its first row of the
-metric; the breakdowns by depth or length have their own figures). Where a cell has several results (e.g. the
-same method and setting with other `--max-docs`), the newest run in the file is shown.
+setting, e.g. `injection.layers=2`. A column is a task, holding each run's summary row of the metric (by default
+the task's headline metric, from the leaderboard's `headline` column; breakdowns by depth or length have their own
+figures). Where a cell has several results (e.g. the same method and setting with other `--max-docs`), the newest
+run (by `finished`) is shown. The best cell of a column follows the metric's `higher_is_better`. Nothing here
+depends on the order of the file's rows: rows follow `Order` (methods) and then the setting, columns `Order` (tasks).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from unimem_bench.harness.evaluation import records
-from unimem_bench.methods import METHODS
-from unimem_bench.methods.config import format_layers
-from unimem_bench.tasks import TASKS
+from unimem_bench.harness.reporting.results import (
+    ALPHABETICAL,
+    Order,
+    latest_runs,
+    layers_text,
+    load,
+    read_run_config,
+    read_run_json,
+    sweep_points,
+)
 
-LOWER_IS_BETTER = ("ppl", "nll", "bits_per", "loss", "seconds", "bytes")
-"""Metric name parts meaning smaller is better; every other metric (accuracy, F1, ROUGE...) is higher-better."""
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(part in metric for part in LOWER_IS_BETTER)
+__all__ = ["Order", "Table", "build_tables", "load", "run_settings", "short_model", "show", "sweep_tables"]
 
 
 def short_model(name: str) -> str:
@@ -45,7 +53,7 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
         elif isinstance(value, list):
-            flat[f"{prefix}{key}"] = format_layers(tuple(value))
+            flat[f"{prefix}{key}"] = layers_text(value)
         else:
             flat[f"{prefix}{key}"] = str(value)
     return flat
@@ -55,44 +63,24 @@ def run_settings(out: Path, frame: pd.DataFrame) -> dict[str, str]:
     """run_id -> the fields that differ among the runs of its method (on any model: a fine-tuned sweep gives each
     point its own model), as `field=value, ...`."""
     settings: dict[str, str] = {}
-    for _, group in frame.groupby("method", sort=False):
+    for _, group in frame.groupby("method"):
         fields = {}
-        for rid in dict.fromkeys(group["run_id"]):
-            flat = _flatten(records.read_run_config(out, rid))
-            record = records.read_run_json(out, rid)
+        for rid in sorted(set(group["run_id"])):
+            flat = _flatten(read_run_config(out, rid))
+            record = read_run_json(out, rid)
             flat.update({k: str(record[k]) for k in ("segment_len", "seed") if k in record})
             flat.pop("name", None)
             fields[rid] = flat
-        keys = dict.fromkeys(k for flat in fields.values() for k in flat)
+        keys = sorted({k for flat in fields.values() for k in flat})
         varying = [k for k in keys if len({flat.get(k) for flat in fields.values()}) > 1]
         for rid, flat in fields.items():
             settings[rid] = ", ".join(f"{k}={flat.get(k, '-')}" for k in varying)
     return settings
 
 
-def load(out: Path, *, model: str | None = None, tasks: list[str] | None = None, methods: list[str] | None = None,
-         metric: str | None = None, run_ids: list[str] | None = None) -> pd.DataFrame:
-    """The leaderboard rows that pass the filters (model: a substring of the model id)."""
-    path = out / "leaderboard.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"no leaderboard at {path}: run `unimem-bench run` or `unimem-bench sweep` first "
-                                "(or pass --out to the results folder)")
-    frame = records.read_leaderboard(path)
-    filters = {"model": (model, frame["model"].str.contains(model, regex=False) if model else None),
-               "task": (tasks, frame["task"].isin(tasks) if tasks else None),
-               "method": (methods, frame["method"].isin(methods) if methods else None),
-               "metric": (metric, frame["metric"] == metric if metric else None),
-               "run_id": ("of this sweep", frame["run_id"].isin(run_ids) if run_ids is not None else None)}
-    for name, (wanted, mask) in filters.items():
-        if mask is None:
-            continue
-        if not mask.any():
-            known = ", ".join(sorted(map(str, frame[name].unique()))) or "none"
-            raise FileNotFoundError(f"{path} has no rows with {name} {wanted!r} (it has: {known})")
-        frame = frame[mask]
-    frame = frame.copy()
-    frame["value"] = frame["value"].astype(float)
-    return frame
+def natural_key(text: str) -> list[Any]:
+    """`topk=16` after `topk=4`: digit runs compare as numbers."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text))]
 
 
 @dataclass(frozen=True)
@@ -104,50 +92,61 @@ class Table:
     best: pd.DataFrame
     hidden: int
     """Older results not shown because a newer one fills the same cell."""
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    """Column (task) -> whether larger values of the metric are better there (what marks the best cell)."""
 
     @property
-    def lower_better(self) -> bool:
-        return lower_is_better(self.metric)
+    def direction(self) -> str:
+        """`higher is better`, `lower is better`, or per column when the tasks disagree."""
+        kinds = set(self.higher_is_better.values())
+        if len(kinds) != 1:
+            return "better per task: " + ", ".join(f"{c} {'higher' if h else 'lower'}"
+                                                   for c, h in self.higher_is_better.items())
+        return f"{'higher' if kinds.pop() else 'lower'} is better"
 
 
 def headlines(frame: pd.DataFrame) -> dict[str, str]:
-    """task -> its headline metric (registered tasks that report it) or else its first metric, in order of
-    appearance."""
-    found = {}
-    for task, group in frame.groupby("task", sort=False):
-        headline = TASKS.get(task).headline if task in TASKS.names() else group["metric"].iloc[0]
-        found[task] = headline if headline in set(group["metric"]) else group["metric"].iloc[0]
-    return found
+    """task -> its headline metric: the `headline` row of the task's newest run."""
+    rows = latest_runs(frame[frame["headline"]], ["task"])
+    return dict(zip(rows["task"], rows["metric"], strict=True))
 
 
-def headline_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Each run's first row of each metric: its headline (breakdown rows by subtask or length follow it)."""
-    return frame.drop_duplicates(["run_id", "metric"], keep="first")
+def _row_order(latest: pd.DataFrame, order: Order, position: dict[str, int]) -> list[tuple[str, str, str]]:
+    """The (model, method, setting) rows sorted by method order, model, first run in `position`, then setting."""
+    first = latest.assign(position=latest["run_id"].map(lambda r: position.get(r, len(position))))
+    earliest = first.groupby(["model", "method", "setting"])["position"].min()
+    return sorted(earliest.index, key=lambda i: (order.method_key(i[1]), i[0], earliest[i], natural_key(i[2])))
 
 
-def build_tables(frame: pd.DataFrame, out: Path, metric: str | None = None) -> list[Table]:
+def build_tables(frame: pd.DataFrame, out: Path, metric: str | None = None, *, order: Order = ALPHABETICAL,
+                 run_order: Sequence[str] | None = None) -> list[Table]:
     """One table per metric: `metric`, or the headline metric of each task present. A row's setting names what
-    differs between the runs of its method within the table (run records under `out`)."""
-    order = {name: i for i, name in enumerate(METHODS.names())}
+    differs between the runs of its method within the table (run records under `out`); rows follow `order`'s
+    methods, then the model, then `run_order` (a sweep's points) or the setting."""
     tables = []
+    position = {rid: i for i, rid in enumerate(run_order or [])}
     task_headline = headlines(frame)
-    for name in [metric] if metric else list(dict.fromkeys(task_headline.values())):
-        rows = headline_rows(frame[frame["metric"] == name]).copy()
+    by_task = order.sort_tasks(task_headline)
+    for name in [metric] if metric else list(dict.fromkeys(task_headline[t] for t in by_task)):
+        rows = frame[(frame["metric"] == name) & frame["summary"]].copy()
         if not metric:
             rows = rows[rows["task"].map(task_headline) == name]
+        if rows.empty:
+            continue
         rows["setting"] = rows["run_id"].map(run_settings(out, rows))
         rows["model"] = rows["model"].map(short_model)
         rows["column"] = rows["task"]
-        rows["rank"] = rows["method"].map(lambda m: order.get(m, len(order)))
         keys = ["model", "method", "setting", "column"]
-        latest = rows.drop_duplicates(keys, keep="last")
-        wide = latest.pivot_table(index=["rank", "model", "method", "setting"], columns="column", values="value",
-                                  aggfunc="last", sort=False)
-        wide = wide.sort_index(level="rank", sort_remaining=False).droplevel("rank")
-        wide = wide[list(dict.fromkeys(latest["column"]))]
-        extreme = wide.min() if lower_is_better(name) else wide.max()
+        latest = latest_runs(rows, keys)
+        wide = latest.pivot_table(index=["model", "method", "setting"], columns="column", values="value",
+                                  aggfunc="first")
+        wide = wide.loc[_row_order(latest, order, position), order.sort_tasks(latest["column"])]
+        newest = latest_runs(latest, ["column"])
+        higher = dict(zip(newest["column"], newest["higher_is_better"], strict=True))
+        higher = {c: bool(higher[c]) for c in wide.columns}
+        extreme = pd.Series({c: wide[c].max() if higher[c] else wide[c].min() for c in wide.columns})
         best = wide.eq(extreme, axis="columns")
-        tables.append(Table(name, wide, best, hidden=len(rows) - len(latest)))
+        tables.append(Table(name, wide, best, hidden=len(rows) - len(latest), higher_is_better=higher))
     return tables
 
 
@@ -165,8 +164,7 @@ def _fmt(value: float) -> str:
 
 def render_rich(table: Table, console: Console, title: str) -> None:
     levels, heads = _row_headers(table)
-    direction = "lower" if table.lower_better else "higher"
-    out = RichTable(title=f"{title}: {table.metric}", caption=f"{direction} is better; best per column in bold")
+    out = RichTable(title=f"{title}: {table.metric}", caption=f"{table.direction}; best per column in bold")
     for level in levels:
         out.add_column(level)
     for column in table.values.columns:
@@ -186,8 +184,7 @@ def to_markdown(table: Table) -> str:
     for head, (_, row), (_, best) in zip(heads, table.values.iterrows(), table.best.iterrows(), strict=True):
         cells = [f"**{_fmt(v)}**" if b else _fmt(v) for v, b in zip(row, best, strict=True)]
         lines.append("| " + " | ".join([*head, *cells]) + " |")
-    direction = "lower" if table.lower_better else "higher"
-    return f"**{table.metric}** ({direction} is better; best per column in bold)\n\n" + "\n".join(lines) + "\n"
+    return f"**{table.metric}** ({table.direction}; best per column in bold)\n\n" + "\n".join(lines) + "\n"
 
 
 def to_csv_frame(table: Table) -> pd.DataFrame:
@@ -202,9 +199,10 @@ def to_csv_frame(table: Table) -> pd.DataFrame:
 
 def show(out: Path, console: Console, *, model: str | None = None, tasks: list[str] | None = None,
          methods: list[str] | None = None, metric: str | None = None, fmt: str = "rich",
-         markdown: Path | None = None, csv: Path | None = None) -> list[Table]:
+         markdown: Path | None = None, csv: Path | None = None, order: Order = ALPHABETICAL) -> list[Table]:
     """Print the tables (rich, markdown or csv) and write the Markdown and CSV files asked for."""
-    tables = build_tables(load(out, model=model, tasks=tasks, methods=methods, metric=metric), out, metric)
+    tables = build_tables(load(out, model=model, tasks=tasks, methods=methods, metric=metric), out, metric,
+                          order=order)
     text_md = "\n".join(to_markdown(t) for t in tables)
     text_csv = pd.concat([to_csv_frame(t) for t in tables], ignore_index=True).to_csv(index=False)
     if fmt == "rich":
@@ -214,6 +212,23 @@ def show(out: Path, console: Console, *, model: str | None = None, tasks: list[s
         console.out(text_md if fmt == "markdown" else text_csv, highlight=False)
     for path, text in ((markdown, text_md), (csv, text_csv)):
         if path is not None:
-            records.atomic_write_text(text, path)
+            atomic_write_text(text, path)
             console.print(f"wrote {path}", highlight=False)
     return tables
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def sweep_tables(out: Path, name: str, order: Order = ALPHABETICAL) -> list[Table]:
+    """The leaderboard tables of a saved sweep's finished runs: a row per point and method, in point order."""
+    run_ids = list(dict.fromkeys(sweep_points(out, name)["run_id"]))
+    finished = [rid for rid in run_ids if (out / "runs" / rid / "metrics.json").exists()]
+    if not finished:
+        return []
+    return build_tables(load(out, run_ids=finished), out, order=order, run_order=finished)

@@ -7,9 +7,9 @@ Launched alone, everything here is a no-op: one process, rank 0, nothing gathere
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -78,11 +78,16 @@ class Processes:
         return out
 
 
-class ShardedLM:
-    """A scoring LM whose `score` splits documents across processes and gathers the results on all of them.
+Item = TypeVar("Item")
+Out = TypeVar("Out")
 
-    Each document is scored whole by one process (its memory never leaves that process), so the gathered scores are
-    exactly those of one process scoring everything. Anything else is passed through to the wrapped LM.
+
+class ShardedLM:
+    """A scoring LM whose `score` splits documents across processes and gathers the results on all of them, and
+    whose `map_samples` does the same for a generation task's samples (the contract's `SampleSharding`).
+
+    Each document or sample is computed whole by one process (its memory never leaves that process), so the gathered
+    results are exactly those of one process computing everything. Anything else is passed through to the wrapped LM.
     """
 
     def __init__(self, lm: Any, processes: Processes) -> None:
@@ -94,6 +99,36 @@ class ShardedLM:
         mine = self.processes.shard([len(d) for d in docs])
         nlls = self.lm.score([docs[i] for i in mine], batch_size=batch_size, progress=progress) if mine else []
         return self.processes.gather(mine, [n.cpu() for n in nlls], len(docs))
+
+    def map_samples(self, fn: Callable[[Item], Out], items: Sequence[Item]) -> Iterator[tuple[int, Out]]:
+        """`(index, fn(item))` for every item, on every process. Items go out in rounds of one per process (item
+        r * world + rank is this process's in round r: neighbouring samples, e.g. the cells of one context length,
+        cost about the same), and each round's results are exchanged before they are yielded, so a task logs
+        every finished sample at once and an interrupted run loses at most one round. An error in any process
+        stops every process: the one that failed raises its own exception, the others a RuntimeError naming it."""
+        world, rank = self.processes.world, self.processes.rank
+        for start in range(0, len(items), world):
+            failed: Exception | None = None
+            mine: tuple[bool, Any] = (True, None)
+            if start + rank < len(items):
+                try:
+                    mine = (True, fn(items[start + rank]))
+                except Exception as err:  # every process must reach the exchange below, or the others hang in it
+                    if world == 1:
+                        raise
+                    failed, mine = err, (False, f"{type(err).__name__}: {err}")
+            parts: list[Any] = [mine]
+            if world > 1:
+                parts = [None] * world
+                dist.all_gather_object(parts, mine)
+            if failed is not None:
+                raise failed
+            errors = [(r, detail) for r, (ok, detail) in enumerate(parts) if not ok]
+            if errors:
+                raise RuntimeError(f"process {errors[0][0]} failed on a sample: {errors[0][1]}")
+            for r, (_, value) in enumerate(parts):
+                if start + r < len(items):
+                    yield start + r, value
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.lm, name)

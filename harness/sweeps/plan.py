@@ -4,7 +4,7 @@ A point is a `RunRequest` with the base overrides plus its `section.field=value`
 so its run ids, records and leaderboard rows are exactly those `unimem-bench run --set field=value` writes, and a
 point whose run ids are finished is skipped. The definition is saved before anything runs, as
 `sweeps/<name>.yaml` (axes, base request, points with their run ids) and `sweeps/<name>.csv` (one row per run id
-with the swept values), which the leaderboard, plots and notebooks read.
+with the swept values), which the leaderboard, plots and notebooks read through `harness/reporting/results.py`.
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ import yaml
 from unimem_bench.harness.evaluation import records
 from unimem_bench.harness.evaluation.runner import Plan, RunRequest, plan_run
 from unimem_bench.harness.models.resolve import load_model_config, resolve_model, trained_context
-from unimem_bench.harness.reporting.tables import Table, build_tables, headline_rows, load
+from unimem_bench.harness.reporting.results import SWEEPS_DIR
 from unimem_bench.harness.sweeps.finetuned import finetuned, point_recipe
 from unimem_bench.harness.sweeps.presets import PRESETS, Axis
 from unimem_bench.harness.training.recipe import FinetuneRecipe
 from unimem_bench.methods import METHODS, ConfigError, MethodContext
-
-SWEEPS_DIR = "sweeps"
 
 
 @dataclass(frozen=True)
@@ -224,55 +222,3 @@ def save_definition(plan: SweepPlan, out: Path, argv: list[str] | None = None) -
 def _identity(point: dict[str, Any]) -> Any:
     """A saved point's work: its fine-tuning folder (its run ids appear once trained), else its run ids."""
     return point.get("finetune") or point.get("runs")
-
-
-def list_sweeps(out: Path) -> list[dict[str, Any]]:
-    """Every saved sweep definition under `out`, oldest first."""
-    files = sorted((out / SWEEPS_DIR).glob("*.yaml"))
-    found = [yaml.safe_load(f.read_text()) for f in files]
-    return sorted(found, key=lambda d: (d.get("created") or "", d["name"]))
-
-
-def find_sweep(out: Path, name: str | None = None, *, field: str | None = None,
-               preset: str | None = None) -> dict[str, Any]:
-    """The sweep named `name`, else the newest one varying `field` (or made by `preset`)."""
-    sweeps = list_sweeps(out)
-    if name is not None:
-        match = [s for s in sweeps if s["name"] == name]
-    else:
-        match = [s for s in sweeps if (field is None or field in s["axes"]) and (preset is None or
-                                                                               s.get("preset") == preset)]
-    if not match:
-        what = f"named {name!r}" if name else f"varying {field}" if field else f"from preset {preset}"
-        raise FileNotFoundError(f"no sweep {what} in {out / SWEEPS_DIR}: run `unimem-bench sweep` first "
-                                f"(saved sweeps: {', '.join(s['name'] for s in sweeps) or 'none'})")
-    return match[-1]
-
-
-def sweep_results(out: Path, name: str, metric: str | None = None) -> pd.DataFrame:
-    """The sweep's points joined with their headline leaderboard rows (finished runs only), plus each run's seconds.
-
-    Columns: point, method, task, run_id, one column per swept field (strings), subtask, context_len, metric,
-    value, n, seconds.
-    """
-    points = pd.read_csv(out / SWEEPS_DIR / f"{name}.csv", dtype=str, keep_default_na=False)
-    points["point"] = points["point"].astype(int)
-    board = headline_rows(records.read_leaderboard(out / "leaderboard.csv"))
-    if metric is not None:
-        board = board[board["metric"] == metric]
-    board = board.drop(columns=["method", "task", "model"])
-    frame = points.merge(board, on="run_id", how="inner")
-    frame["value"] = frame["value"].astype(float)
-    frame["seconds"] = [records.read_run_json(out, rid).get("seconds") for rid in frame["run_id"]]
-    return frame
-
-
-def sweep_table(out: Path, name: str) -> list[Table]:
-    """The leaderboard tables of this sweep's finished runs (a row per point and method)."""
-    points = pd.read_csv(out / SWEEPS_DIR / f"{name}.csv", dtype=str, keep_default_na=False)
-    finished = list(dict.fromkeys(rid for rid in points["run_id"] if records.is_finished(out, rid)))
-    if not finished:
-        return []
-    frame = load(out, run_ids=finished)
-    order = {rid: i for i, rid in enumerate(finished)}
-    return build_tables(frame.sort_values("run_id", key=lambda s: s.map(order), kind="stable"), out)

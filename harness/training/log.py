@@ -57,14 +57,12 @@ def _cell(value: Any) -> str:
 
 def plot_loss(run_dir: Path, title: str) -> Path:
     """`loss.png`: training loss per step (and its running mean) and held-out perplexity, against tokens seen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a Figure, never pyplot: no backend is chosen for the caller
 
     train = pd.read_csv(run_dir / "train_log.csv") if (run_dir / "train_log.csv").exists() else None
     evals = pd.read_csv(run_dir / "eval_log.csv") if (run_dir / "eval_log.csv").exists() else None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    left, right = fig.subplots(1, 2)
     if train is not None and not train.empty:
         left.plot(train["tokens"], train["loss"], lw=0.8, alpha=0.4, label="step")
         # A running mean over ~5% of the steps shows the trend through the per-document noise.
@@ -102,13 +100,11 @@ def data_scale_table(run_dirs: list[Path]) -> pd.DataFrame:
 
 def plot_data_scale(run_dirs: list[Path], out: Path) -> Path:
     """The Appendix C study: held-out perplexity against training tokens, one line per method (run)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     table = data_scale_table(run_dirs)
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
     for (method, _), group in table.groupby(["method", "run"], sort=False):
         # Tokens start at 0 (before fine-tuning): a symlog axis keeps that point on a log-like scale.
         ax.plot(group["tokens"], group["heldout_ppl"], marker="o", label=method)

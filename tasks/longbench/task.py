@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset
 from unimem_bench.tasks.longbench.data import (
     BUCKETS,
@@ -66,6 +66,10 @@ class LongBenchTask:
     max_gen: int = arg(0)
     """Tokens generated at most (0 = the official per-dataset lengths, 32 to 512)."""
     headline: str = "score"
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"score": True}  # the official metrics (F1, ROUGE-L, accuracy, edit similarity) x100
 
     def __post_init__(self) -> None:
         allowed = E_DATASETS if self.e else tuple(DATASETS)
@@ -142,17 +146,20 @@ class LongBenchTask:
         if progress is not None:
             progress(0, sum(len(r) for r in records.values()))
         budget = self.prompt_budget(lm, options)
-        samples = []
-        for name, recs in records.items():
-            for record in recs:
-                key = f"{name}/{record['_id']}"
-                sample = log.get(key)
-                if sample is None:
-                    sample = self.predict(lm, tokenizer, DATASETS[name], record, budget)
-                    log.add(key, sample)
-                samples.append(sample)
-                if progress is not None:
-                    progress(1, None)
+        keyed = [(f"{name}/{record['_id']}", name, record) for name, recs in records.items() for record in recs]
+        todo = [item for item in keyed if log.get(item[0]) is None]
+        if progress is not None:
+            progress(len(keyed) - len(todo), None)
+
+        def predict(item: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
+            _, name, record = item
+            return self.predict(lm, tokenizer, DATASETS[name], record, budget)
+
+        for index, sample in map_samples(lm, predict, todo):  # launched processes split the samples
+            log.add(todo[index][0], sample)
+            if progress is not None:
+                progress(1, None)
+        samples = [log.get(key) for key, _, _ in keyed]
         if not samples:
             raise DataNotFoundError(f"task {self.name!r}: the selected datasets hold no sample")
         metrics, rows = summarize(samples, e=self.e)

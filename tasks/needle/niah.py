@@ -17,7 +17,15 @@ from typing import Any, Literal
 import torch
 
 from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import (
+    TASKS,
+    MetricRow,
+    SampleLog,
+    ScoringLM,
+    TaskOptions,
+    TaskResult,
+    map_samples,
+)
 from unimem_bench.tasks.needle.haystack import (
     DEFAULT_DEPTHS,
     SentenceEnds,
@@ -99,6 +107,10 @@ class NeedleTask:
     """Leave the needle out: how often the answer comes without it (a guessable answer scores here)."""
     headline: str = "accuracy"
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"accuracy": True}
+
     def __post_init__(self) -> None:
         check_grid(self.name, self.lengths, self.depths, self.max_new_tokens)
         if self.skip_chars < 0:
@@ -154,21 +166,24 @@ class NeedleTask:
         haystack = haystack_ids(tokenizer, haystack_text(options.data_dir)[self.skip_chars:],
                                 max(hay_budget.values()))
         ends = SentenceEnds(tokenizer)
-        for length, depth in cells:
-            key = cell_key(length, depth)
-            if log.get(key) is not None:
-                continue
+
+        def run_cell(cell: tuple[int, float]) -> dict[str, Any]:
+            length, depth = cell
             context, at = insert_needle(haystack[:hay_budget[length]], prompt.needle, depth, ends)
             ids = prompt.build(context)
             new = lm.generate(torch.tensor(ids), max_new_tokens=self.max_new_tokens,
                               eos_token_id=tokenizer.eos_token_id,
                               stop=lambda gen: substring_match(spec.answer, tokenizer.decode(gen)))
             generated = tokenizer.decode(new, skip_special_tokens=True)
-            log.add(key, {"key": key, "context_len": length, "depth": depth, "prompt_tokens": len(ids),
-                          "haystack_tokens": hay_budget[length], "needle_at": prompt.offset + at,
-                          "needle_depth": at / hay_budget[length] if hay_budget[length] else 0.0,
-                          "new_tokens": len(new), "generated": generated,
-                          "accuracy": float(substring_match(spec.answer, generated))})
+            return {"key": cell_key(length, depth), "context_len": length, "depth": depth, "prompt_tokens": len(ids),
+                    "haystack_tokens": hay_budget[length], "needle_at": prompt.offset + at,
+                    "needle_depth": at / hay_budget[length] if hay_budget[length] else 0.0,
+                    "new_tokens": len(new), "generated": generated,
+                    "accuracy": float(substring_match(spec.answer, generated))}
+
+        todo = [cell for cell in cells if log.get(cell_key(*cell)) is None]
+        for _, sample in map_samples(lm, run_cell, todo):  # launched processes split the cells
+            log.add(sample["key"], sample)
             if progress is not None:
                 progress(1, None)
         return grid_result([(length, depth, [log.get(cell_key(length, depth))]) for length, depth in cells])

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
-from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
 from unimem_bench.tasks.needle.haystack import (
     DEFAULT_DEPTHS,
     NOISE,
@@ -195,6 +195,10 @@ class RulerNeedleTask:
     """Seed of the keys, values and placements (RULER's random_seed)."""
     headline: str = "accuracy"
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"accuracy": True}
+
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown RULER niah variant {self.variant!r}: one of {', '.join(VARIANTS)}")
@@ -232,20 +236,24 @@ class RulerNeedleTask:
         if progress is not None:
             progress(0, len(keys))
             progress(sum(log.get(key) is not None for *_, key in keys), None)
-        for length, depth, i, key in keys:
-            if log.get(key) is not None:
-                continue
+
+        def run_prompt(item: tuple[int, float, int, str]) -> dict[str, Any]:
+            length, depth, i, key = item
             ids, needles, units = builder.build(length, depth, i)
+
             def found_all(gen: list[int], refs: list[str] = needles.answers) -> bool:
                 return string_match_all(tokenizer.decode(gen), refs) == 1
 
             new = lm.generate(torch.tensor(ids), max_new_tokens=self.max_new_tokens,
                               eos_token_id=tokenizer.eos_token_id, stop=found_all)
             text = tokenizer.decode(new, skip_special_tokens=True)
-            log.add(key, {"key": key, "context_len": length, "depth": depth, "sample": i, "prompt_tokens": len(ids),
-                          "haystack_units": units, "query": needles.query, "answers": needles.answers,
-                          "new_tokens": len(new), "generated": text,
-                          "accuracy": string_match_all(text, needles.answers)})
+            return {"key": key, "context_len": length, "depth": depth, "sample": i, "prompt_tokens": len(ids),
+                    "haystack_units": units, "query": needles.query, "answers": needles.answers,
+                    "new_tokens": len(new), "generated": text, "accuracy": string_match_all(text, needles.answers)}
+
+        todo = [item for item in keys if log.get(item[3]) is None]
+        for _, sample in map_samples(lm, run_prompt, todo):  # launched processes split the prompts
+            log.add(sample["key"], sample)
             if progress is not None:
                 progress(1, None)
         return grid_result([(length, depth, [log.get(key) for ln, d, _, key in keys if (ln, d) == (length, depth)])
@@ -312,12 +320,15 @@ class PromptBuilder:
                                f"max_new_tokens")
         n = self.fitted.get((length, sample))
         if n is None:
+            # Fitted at the grid's first depth whichever prompt comes first, so that a prompt never depends on
+            # which others this process built before it (sharded or resumed runs build the same prompts).
+            first = float(self.task.depths[0])
             low, high = 0, 1  # fits(low), then doubling until high does not fit, then bisection
-            while self.fits(length, depth, sample, high):
+            while self.fits(length, first, sample, high):
                 low, high = high, high * 2
             while high - low > 1:
                 mid = (low + high) // 2
-                low, high = (mid, high) if self.fits(length, depth, sample, mid) else (low, mid)
+                low, high = (mid, high) if self.fits(length, first, sample, mid) else (low, mid)
             n = self.fitted[(length, sample)] = low
         while n > 0 and not self.fits(length, depth, sample, n):  # another depth may tokenise a token longer
             n -= 1
