@@ -82,6 +82,18 @@ def test_position_buckets_are_breakdown_rows_and_a_table_on_the_page(results, pa
     assert (results / "plots" / "github_positions.png").exists()
 
 
+def test_page_of_sweeps_names_each_setting_and_embeds_every_sweep_figure(sweep_results_dir, tmp_path):
+    from unimem_bench.harness.reporting.html import write_report
+
+    text = write_report(sweep_results_dir, tmp_path / "sweeps.html").read_text()
+    sweeps = reader.list_sweeps(sweep_results_dir)
+    section = text[text.index('id="sweeps"'):text.index('id="runs"')]
+    assert section.count("<img ") == len(sweeps) >= 3
+    board = reader.read_leaderboard(sweep_results_dir / "leaderboard.csv")
+    assert set(re.findall(r'data-run="([^"]+)"', text)) == set(board["run_id"])
+    assert '<th class="text" data-type="text">setting' in text and "injection.layers=" in text
+
+
 def test_the_page_module_imports_neither_torch_nor_the_registries_nor_the_runner():
     code = ("import sys, unimem_bench.harness.reporting.html; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('unimem_bench.methods', "

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--model_args pretrained=PATH,method=NAME --tasks TASK ...")
     add_finetune_parsers(sub)
     add_analysis_parsers(sub)
-    report.add_parser(sub)
+    report.register(sub)
     return parser
 
 
@@ -275,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sweep(args, console, argv)
         if args.command in ("leaderboard", "plot"):
             return cmd_analysis(args, console)
-        if args.command == "report":
-            return report.cmd_report(args, console)
+        if args.command == report.NAME:
+            return args.func(args, SimpleNamespace(out=console))
         if args.command == "finetune":
             return cmd_finetune(args, console)
         if args.command == "finetune-plot":

@@ -186,6 +186,8 @@ def task_section(out: Path, frame: pd.DataFrame, task: str, headline: str, tmp: 
              "<h3>Metrics</h3>", render_grid(g, order, headline=headline)]
     for metric in sorted(set(breakdown["metric"]), key=lambda m: (m != headline, m)):
         part = breakdown[breakdown["metric"] == metric]
+        if (part["subtask"] == "").all():  # rows per evaluation length: the summary's length belongs beside them
+            part = rows[(rows["metric"] == metric) & (rows["subtask"] == "")]
         keys_order = [breakdown_key(sub, int(n)) for sub, n in zip(part["subtask"], part["context_len"], strict=True)]
         part = part.iloc[sorted(range(len(part)), key=keys_order.__getitem__)]
         keys = [f"{s}@{n}" for s, n in zip(part["subtask"], part["context_len"], strict=True)]
