@@ -164,4 +164,49 @@ def test_two_processes_split_generation_and_write_the_samples_of_one(tmp_path):
     assert abs(len(generated[0]) - len(generated[1])) <= 3  # one each per round; a task may leave one over
     board_one = pd.read_csv(tmp_path / "results-one" / "leaderboard.csv")
     board_two = pd.read_csv(tmp_path / "results-two" / "leaderboard.csv")
-    pd.testing.assert_frame_equal(board_two, board_one)
+    pd.testing.assert_frame_equal(board_two.drop(columns="finished"), board_one.drop(columns="finished"))
+
+
+def map_worker(rank: int, world: int, port: int, root: Path) -> None:
+    """Deal 7 items to 2 processes through ShardedLM.map_samples, then a failing item: what each process saw."""
+    import torch.distributed as dist
+
+    from unimem_bench.harness.runtime.distributed import ShardedLM
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    sharded = ShardedLM(None, Processes(rank, world))
+    computed: list[int] = []
+
+    def square(item: int) -> dict[str, int]:
+        computed.append(item)
+        return {"item": item, "square": item * item}
+
+    got = list(sharded.map_samples(square, list(range(7))))
+
+    def fail_on_three(item: int) -> int:
+        if item == 3:
+            raise ValueError("item 3 is bad")
+        return item
+
+    seen: list[int] = []
+    try:
+        for index, _ in sharded.map_samples(fail_on_three, list(range(6))):
+            seen.append(index)
+        error = "none"
+    except Exception as err:  # the test records which error each process raised
+        error = f"{type(err).__name__}: {err}"
+    dist.destroy_process_group()
+    (root / f"map-rank{rank}.json").write_text(json.dumps({"got": got, "computed": computed, "seen": seen,
+                                                            "error": error}))
+
+
+def test_map_samples_deals_items_and_stops_every_process_on_an_error(tmp_path):
+    mp.start_processes(map_worker, args=(2, free_port(), tmp_path), nprocs=2, start_method="fork")
+    ranks = [json.loads((tmp_path / f"map-rank{r}.json").read_text()) for r in range(2)]
+    expected = [[i, {"item": i, "square": i * i}] for i in range(7)]
+    assert ranks[0]["got"] == ranks[1]["got"] == expected  # every process gets every result, in order
+    assert ranks[0]["computed"] == [0, 2, 4, 6] and ranks[1]["computed"] == [1, 3, 5]  # each item computed once
+    # Item 3 is process 1's, in the second round: both saw the first round, then both stopped.
+    assert ranks[0]["seen"] == ranks[1]["seen"] == [0, 1]
+    assert ranks[1]["error"] == "ValueError: item 3 is bad"
+    assert ranks[0]["error"] == "RuntimeError: process 1 failed on a sample: ValueError: item 3 is bad"

@@ -193,7 +193,8 @@ MERGER = textwrap.dedent("""
     path, who = Path(sys.argv[1]), sys.argv[2]
     for i in range(25):
         merge_leaderboard(path, [{"run_id": f"{who}-{i}", "model": "m", "method": "x", "task": "t", "subtask": "",
-                                  "context_len": 0, "metric": "token_ppl", "value": float(i), "n": 1}])
+                                  "context_len": 0, "metric": "token_ppl", "value": float(i), "n": 1,
+                                  "summary": True, "headline": True, "higher_is_better": False, "finished": ""}])
 """)
 
 

@@ -140,6 +140,10 @@ def merge_leaderboard(path: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Add tidy rows (LEADERBOARD_COLUMNS but `schema`); rows of a run id already present are replaced. Atomic
     replace of the CSV, under a file lock so that concurrent processes (parallel sweep workers) never drop each
     other's rows. An older-schema file is rewritten in the current schema."""
+    for row in rows:
+        missing = [c for c in LEADERBOARD_COLUMNS if c != "schema" and c not in row]
+        if missing:
+            raise ValueError(f"leaderboard row of {row.get('run_id')!r} lacks {', '.join(missing)}")
     new = pd.DataFrame([{**row, "schema": LEADERBOARD_SCHEMA} for row in rows], columns=LEADERBOARD_COLUMNS)
     with leaderboard_lock(path):
         old = read_leaderboard(path)
