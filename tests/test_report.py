@@ -102,6 +102,27 @@ def test_the_page_module_imports_neither_torch_nor_the_registries_nor_the_runner
     assert done.stdout.strip() == "[]"
 
 
+def test_position_figure_draws_each_methods_change_relative_to_vanilla_per_bucket(results):
+    from unimem_bench.harness.reporting.differences import draw_position_curves, position_table
+
+    frame = reader.read_leaderboard(results / "leaderboard.csv")
+    fig = draw_position_curves(position_table(frame, "github"), task="github")
+    absolute, relative = fig.axes[:2]
+    buckets = frame[(frame["task"] == "github") & frame["subtask"].str.startswith("pos:")]
+    per_method = {m: rows.sort_values("context_len") for m, rows in buckets.groupby("method")}
+    vanilla = per_method["vanilla"]["value"].to_numpy()
+    lines = {line.get_label(): line for line in relative.get_lines()}
+    assert set(lines) == set(METHODS)  # vanilla is the dashed zero line
+    for method, rows in per_method.items():
+        drawn = lines[method].get_ydata()
+        expected = [0.0, 0.0] if method == "vanilla" else 100 * (rows["value"].to_numpy() / vanilla - 1)
+        assert drawn == pytest.approx(expected)
+        if method != "vanilla":
+            assert list(lines[method].get_xdata()) == rows["context_len"].tolist()
+    assert {line.get_label() for line in absolute.get_lines()} == set(METHODS)
+    assert relative.get_xscale() == "log"
+
+
 def test_report_errors_are_one_line(capsys, tmp_path):
     from helpers import one_line_error
 
