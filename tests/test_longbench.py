@@ -203,6 +203,6 @@ def test_cli_writes_predictions_scores_and_leaderboard_rows(stories_dir, data_di
     for run_id in set(board["run_id"]):
         samples = [json.loads(line) for line in (tmp_path / "runs" / run_id / "samples.jsonl").read_text().splitlines()]
         assert [s["dataset"] for s in samples] == ["qasper", "trec", "lcc"]
-        headline = board[(board["run_id"] == run_id) & (board["subtask"] == "")]["value"].iloc[0]
+        (headline,) = board[(board["run_id"] == run_id) & board["headline"]]["value"]
         assert headline == pytest.approx(sum(s["score"] for s in samples) / 3)
     assert (tmp_path / "plots" / "score.png").stat().st_size > 10_000
