@@ -1,1 +1,1 @@
-"""Tables and figures from results/ files (no torch, no runner)."""
+"""Reporting from results/ files alone: the one reader (results.py), tables and figures; no torch or runner."""
