@@ -3,7 +3,9 @@
 `github` is code (default data: the held-out split of the Python standard library, present on every machine; or
 any directory of source files); `pg19` is books (a directory of .txt books, Project Gutenberg header and footer
 stripped as PG-19 does). Reported, aggregated over tokens (never a mean of segment or document means):
-token perplexity, bits per byte, and word-level perplexity (PG-19's convention: whitespace-separated words).
+token perplexity, bits per byte, and word-level perplexity (PG-19's convention: whitespace-separated words); and
+token perplexity per bucket of position within the document (`pos:0-512`, `pos:512-1024`, `pos:1024-2048` ...
+breakdown rows), which shows whether a method helps more the farther a token is from the document's start.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
 from unimem_bench.tasks.data.corpora import read_stdlib_documents, read_text_dir, strip_gutenberg
 from unimem_bench.tasks.data.hub import check_hub_dataset, hub_records
 
@@ -68,6 +70,8 @@ class PerplexityTask:
     """Files of the hub repository to read (a glob), for repositories that mix sources."""
     text_field: str = arg("text")
     """The column holding a document's text."""
+    first_bucket: int = arg(512)
+    """End of the first position bucket in tokens; each later bucket doubles ([512, 1024), [1024, 2048) ...)."""
     headline: str = "token_ppl"
 
     @property
@@ -77,6 +81,8 @@ class PerplexityTask:
     def __post_init__(self) -> None:
         if self.min_chars < 0:
             raise ValueError(f"{self.name}.min_chars {self.min_chars} must be >= 0")
+        if self.first_bucket < 1:
+            raise ValueError(f"{self.name}.first_bucket {self.first_bucket} must be >= 1")
 
     def documents(self, options: TaskOptions) -> list[tuple[str, str]]:
         """(doc_id, text) in the task's fixed order, filtered and limited by the options."""
@@ -135,10 +141,11 @@ class PerplexityTask:
                 nll_sum = float(nll.double().sum())
                 log.add(doc_id, {"doc_id": doc_id, "tokens": len(nll), "bytes": len(text.encode("utf-8")),
                                  "words": len(text.split()), "nll": nll_sum,
-                                 "token_ppl": math.exp(nll_sum / max(len(nll), 1))})
+                                 "token_ppl": math.exp(nll_sum / max(len(nll), 1)),
+                                 "positions": position_sums(nll, self.first_bucket)})
         samples = [log.done[doc_id] for doc_id, _, _ in encoded]
         return TaskResult(metrics=aggregate(samples), samples=samples, n=sum(s["tokens"] for s in samples),
-                          context_len=max(len(ids) for _, ids, _ in encoded))
+                          context_len=max(len(ids) for _, ids, _ in encoded), rows=position_rows(samples))
 
 
 def aggregate(samples: list[dict[str, Any]]) -> dict[str, float]:
@@ -153,11 +160,40 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def position_sums(nll: torch.Tensor, first_bucket: int) -> dict[str, list[float]]:
+    """`start-end` -> [NLL sum, tokens] of one document's scored tokens by position (nll[i] scores the token at
+    position i + 1; BOS is position 0), in buckets [0, first), [first, 2 first), [2 first, 4 first) ..."""
+    positions = torch.arange(1, len(nll) + 1)
+    edges = [first_bucket]
+    while edges[-1] <= len(nll):
+        edges.append(2 * edges[-1])
+    index = torch.bucketize(positions, torch.tensor(edges), right=True)  # edges[i-1] <= position < edges[i]
+    sums = torch.zeros(len(edges), dtype=torch.float64).index_add_(0, index, nll.double())
+    counts = torch.bincount(index, minlength=len(edges))
+    starts = [0, *edges[:-1]]
+    return {f"{lo}-{hi}": [float(sums[i]), int(counts[i])]
+            for i, (lo, hi) in enumerate(zip(starts, edges, strict=True)) if counts[i]}
+
+
+def position_rows(samples: list[dict[str, Any]]) -> list[MetricRow]:
+    """Token perplexity per position bucket over all documents (`subtask` `pos:<start>-<end>`, `context_len` the
+    bucket's end), every token weighing the same."""
+    totals: dict[tuple[int, int], list[float]] = {}
+    for sample in samples:
+        for label, (nll, tokens) in sample["positions"].items():
+            lo, hi = map(int, label.split("-"))
+            total = totals.setdefault((lo, hi), [0.0, 0])
+            total[0] += nll
+            total[1] += tokens
+    return [MetricRow(subtask=f"pos:{lo}-{hi}", metric="token_ppl", value=math.exp(nll / tokens), n=int(tokens),
+                      context_len=hi) for (lo, hi), (nll, tokens) in sorted(totals.items())]
+
+
 # 10,000 characters is ~3K tokens of code: long for the reference model's 256-token context.
 # Offline default: the held-out standard library; with --task-arg dataset=... a hub corpus without a loading script,
 # e.g. CodeParrot's GitHub Python files (parquet): dataset=codeparrot/codeparrot-clean-valid split=train
 # text_field=content.
-TASKS.register("github")(PerplexityTask(name="github", version="1.1", corpus="code", min_chars=10_000))
+TASKS.register("github")(PerplexityTask(name="github", version="1.2", corpus="code", min_chars=10_000))
 # Books are long anyway; the filter only drops stray short files. PG-19's test split, its 100 evaluation books, from
 # a parquet copy with deepmind/pg19's fields: deepmind/pg19 itself is script-based, which datasets >= 4 cannot load.
-TASKS.register("pg19")(PerplexityTask(name="pg19", version="1.2", corpus="books", dataset="emozilla/pg19"))
+TASKS.register("pg19")(PerplexityTask(name="pg19", version="1.3", corpus="books", dataset="emozilla/pg19"))

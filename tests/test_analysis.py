@@ -28,7 +28,7 @@ def sweep_frame(out: Path, prefix: str, metric: str = "token_ppl") -> tuple[dict
     definition = yaml.safe_load(next((out / "sweeps").glob(f"{prefix}-*.yaml")).read_text())
     points = pd.read_csv(out / "sweeps" / f"{definition['name']}.csv", dtype=str, keep_default_na=False)
     board = pd.read_csv(out / "leaderboard.csv", keep_default_na=False)
-    board = board[board["metric"] == metric][["run_id", "value"]]
+    board = board[(board["metric"] == metric) & (board["subtask"] == "")][["run_id", "value"]]  # headline rows
     return definition, points.merge(board, on="run_id")
 
 
@@ -36,7 +36,7 @@ def test_leaderboard_marks_the_best_of_each_column(sweep_results_dir, capsys):
     md, csv = sweep_results_dir / "board.md", sweep_results_dir / "board.csv"
     assert cli.main(["leaderboard", "--out", str(sweep_results_dir), "--markdown", str(md), "--csv", str(csv)]) == 0
     board = pd.read_csv(sweep_results_dir / "leaderboard.csv", keep_default_na=False)
-    ppl = board[board["metric"] == "token_ppl"]
+    ppl = board[(board["metric"] == "token_ppl") & (board["subtask"] == "")]
     best = ppl["value"].min()
     table = pd.read_csv(csv, dtype=str)
     starred = table[table["github"].str.endswith("*")]
@@ -71,7 +71,7 @@ def test_leaderboard_filters_fail_in_one_line(sweep_results_dir, capsys):
 def test_plot_writes_png_and_svg_for_the_table_and_every_sweep(sweep_results_dir, tmp_path):
     assert cli.main(["plot", "--out", str(sweep_results_dir), "--plots-dir", str(tmp_path)]) == 0
     sweeps = [p.stem for p in (sweep_results_dir / "sweeps").glob("*.yaml")]
-    stems = {"bars_token_ppl", *(f"sweep_{s}" for s in sweeps)}
+    stems = {"dots_token_ppl", *(f"sweep_{s}" for s in sweeps)}
     assert {p.name for p in tmp_path.iterdir()} == {f"{s}.{ext}" for s in stems for ext in ("png", "svg")}
     for stem in stems:
         image = matplotlib.image.imread(tmp_path / f"{stem}.png")

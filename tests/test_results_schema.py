@@ -101,7 +101,7 @@ def test_reordered_leaderboard_changes_no_table_or_plot(mixed_results, tmp_path,
     original = path.read_bytes()
     try:
         before = outputs(mixed_results, tmp_path / "before", capsys)
-        assert {"bars_token_ppl.png", "bars_accuracy.png", "sweep_window.png", "niah_methods.png",
+        assert {"dots_token_ppl.png", "bars_accuracy.png", "sweep_window.png", "niah_methods.png",
                 "pi_length_token_ppl_tiny.png"} <= set(before)
         assert "transformer_xl" in before["markdown"] and "reading.window=16" in before["markdown"]
         frame = pd.read_csv(path, keep_default_na=False, dtype=str)

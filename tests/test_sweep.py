@@ -112,7 +112,7 @@ def test_parallel_workers_write_the_rows_a_serial_run_writes(sweep_results_dir, 
     metrics = set(board["metric"])
     for rid in points["run_id"]:
         assert set(board.loc[board["run_id"] == rid, "metric"]) == metrics
-    assert not board.duplicated(["run_id", "metric"]).any()
+    assert not board.duplicated(["run_id", "metric", "subtask", "context_len"]).any()
     argv = sweep_argv(tiny_model_dir, tmp_path, "--set", "reading.topk=8")
     argv[0], argv[1] = "run", "--methods"
     assert cli.main(argv) == 0
@@ -120,8 +120,9 @@ def test_parallel_workers_write_the_rows_a_serial_run_writes(sweep_results_dir, 
     rid = alone["run_id"].iloc[0]
     assert rid == points.loc[points["reading.topk"] == "8", "run_id"].item()
     # Workers run one torch thread each: float32 sums may differ from a multi-threaded run in the last digits.
-    expected = board[board["run_id"] == rid].set_index("metric")["value"]
-    assert alone.set_index("metric")["value"].to_dict() == pytest.approx(expected.to_dict(), rel=1e-6)
+    key = ["metric", "subtask", "context_len"]  # one row per metric of each breakdown (position buckets)
+    expected = board[board["run_id"] == rid].set_index(key)["value"]
+    assert alone.set_index(key)["value"].to_dict() == pytest.approx(expected.to_dict(), rel=1e-6)
 
 
 def test_interrupted_sweep_resumes_without_recomputing_or_losing_rows(tiny_model_dir, tmp_path, monkeypatch,
@@ -140,7 +141,8 @@ def test_interrupted_sweep_resumes_without_recomputing_or_losing_rows(tiny_model
     assert "1 finished or duplicate: skipped; 2 to run" in " ".join(capsys.readouterr().err.split())
     board = records.read_leaderboard(tmp_path / "leaderboard.csv")
     points = pd.read_csv(tmp_path / "sweeps" / "resume.csv", dtype=str)
-    assert set(board["run_id"]) == set(points["run_id"]) and not board.duplicated(["run_id", "metric"]).any()
+    assert set(board["run_id"]) == set(points["run_id"])
+    assert not board.duplicated(["run_id", "metric", "subtask", "context_len"]).any()
     assert pd.concat([done, board]).drop_duplicates().shape[0] == len(board)  # the first rows are kept unchanged
     for rid, stamp in stamps.items():
         assert (tmp_path / "runs" / rid / "metrics.json").stat().st_mtime_ns == stamp

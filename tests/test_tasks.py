@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from unimem_bench.tasks import TASKS, TaskOptions
-from unimem_bench.tasks.perplexity import aggregate, encode_document
+from unimem_bench.tasks.perplexity import aggregate, encode_document, position_sums
 
 
 class ConstantLM:
@@ -20,6 +20,13 @@ class ConstantLM:
 
     def score(self, docs, *, batch_size=1, progress=None):
         return [torch.full((len(d) - 1,), self.nll) for d in docs]
+
+
+class PositionLM:
+    """Scores the token at position p (BOS = 0) with NLL 1 + p / 1000: perplexity rises along the document."""
+
+    def score(self, docs, *, batch_size=1, progress=None):
+        return [1.0 + torch.arange(1, len(d), dtype=torch.float32) / 1000 for d in docs]
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +68,29 @@ def test_github_default_data_is_the_heldout_stdlib_split():
     docs = task.documents(TaskOptions(max_docs=5))
     assert len(docs) == 5 and all(len(text) >= task.min_chars for _, text in docs)
     assert docs == task.documents(TaskOptions(max_docs=5))
+
+
+def test_position_sums_bucket_every_scored_token_by_its_position():
+    nll = torch.rand(1500, generator=torch.Generator().manual_seed(0))
+    sums = position_sums(nll, 256)
+    assert list(sums) == ["0-256", "256-512", "512-1024", "1024-2048"]
+    # nll[i] scores position i + 1: positions 1..255 (255 tokens), 256..511, 512..1023, 1024..1500.
+    assert [count for _, count in sums.values()] == [255, 256, 512, 477]
+    for label, (total, _) in sums.items():
+        lo, hi = map(int, label.split("-"))
+        assert total == pytest.approx(float(nll.double()[max(lo - 1, 0):hi - 1].sum()))
+
+
+def test_books_task_adds_position_bucket_rows_that_recombine_to_the_headline(tokenizer, books_dir):
+    options = TaskOptions(data_dir=books_dir, max_docs=2, max_tokens=1300)
+    result = TASKS.get("pg19").run(PositionLM(), tokenizer, options)
+    assert [r.subtask for r in result.rows] == ["pos:0-512", "pos:512-1024", "pos:1024-2048"]
+    assert [r.context_len for r in result.rows] == [512, 1024, 2048]
+    assert [r.n for r in result.rows] == [2 * 511, 2 * 512, 2 * 276]
+    # Each bucket's perplexity is exp of the mean NLL 1 + p / 1000 over its positions p.
+    for row, (lo, hi) in zip(result.rows, [(1, 512), (512, 1024), (1024, 1300)], strict=True):
+        assert row.metric == "token_ppl"
+        assert row.value == pytest.approx(math.exp(1 + (lo + hi - 1) / 2 / 1000), rel=1e-5)
+    assert [r.value for r in result.rows] == sorted(r.value for r in result.rows)
+    pooled = sum(math.log(r.value) * r.n for r in result.rows) / sum(r.n for r in result.rows)
+    assert math.exp(pooled) == pytest.approx(result.metrics["token_ppl"], rel=1e-9)

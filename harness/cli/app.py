@@ -28,7 +28,8 @@ from unimem_bench.methods.registry import UnknownNameError
 from unimem_bench.tasks import TaskArgError
 from unimem_bench.tasks.data.files import DataFormatError
 
-COMMANDS = ("listing", "run", "sweep", "leaderboard", "plot", "finetune", "finetune_plot", "build_reference", "lm_eval")
+COMMANDS = ("listing", "run", "sweep", "leaderboard", "plot", "report", "finetune", "finetune_plot", "build_reference",
+            "lm_eval")
 """Every command's module under harness/cli/, in `--help` order. A module has `NAME` (the command), `register(sub)`
 (adds its parser with `set_defaults(func=execute)`) and `execute(args, streams) -> exit status`; one that takes the
 rest of the command line unparsed sets `PASS_THROUGH = True`."""

@@ -1,1 +1,2 @@
-"""Reporting from results/ files alone: the one reader (results.py), tables and figures; no torch or runner."""
+"""Reporting from results/ files alone: the one reader (results.py), tables, figures (differences.py: position curves
+relative to vanilla, dot plots) and the self-contained results page (html.py + report.html); no torch or runner."""

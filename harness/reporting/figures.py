@@ -1,6 +1,10 @@
 """`unimem-bench plot` and the figures of a finished `run`, drawn from results files alone.
 
-- `bars_<metric>`: the leaderboard table as grouped bars (tasks without a per-length or per-depth breakdown);
+- `dots_<metric>` (lower-is-better metrics such as perplexity: dots on an axis fitted to the values) or
+  `bars_<metric>` (accuracies and scores, bars from zero): the leaderboard table (tasks without a per-length
+  breakdown);
+- `<task>_positions`: perplexity per position bucket within the document and each method's change relative to
+  vanilla (tasks with `pos:<start>-<end>` rows: pg19, github);
 - `sweep_<name>`: each saved sweep, the metric against its swept field (the per-layer figure for layer placement);
 - `<task>_<method>` and `<task>_methods`: depth x length heatmaps of every needle task (rows with `depth=d`
   subtasks: niah, ruler_niah_*), in a folder per model when the results hold several;
@@ -19,6 +23,7 @@ import matplotlib
 import pandas as pd
 
 from unimem_bench.harness.reporting import tables as lb
+from unimem_bench.harness.reporting.differences import draw_metric_dots, plot_metric_dots, plot_position_curves
 from unimem_bench.harness.reporting.heatmaps import DEPTH, plot_niah_heatmaps
 from unimem_bench.harness.reporting.plots import (
     FORMATS,
@@ -93,7 +98,12 @@ def plot_results(out: Path, plots_dir: Path | None = None, *, model: str | None 
     if not sweeps:
         flat = frame[~frame["task"].isin(length_tasks(frame))]
         for table in lb.build_tables(flat, out, metric, order=order) if not flat.empty else []:
-            written += save_formats(draw_metric_bars(table, order=order), plots_dir / f"bars_{table.metric}", formats)
+            if not any(table.higher_is_better.values()):
+                written += save_formats(draw_metric_dots(table, order=order), plots_dir / f"dots_{table.metric}",
+                                        formats)
+            else:
+                written += save_formats(draw_metric_bars(table, order=order), plots_dir / f"bars_{table.metric}",
+                                        formats)
     written += plot_sweeps(out, plots_dir, names=sweeps, model=model, tasks=tasks, methods=methods, metric=metric,
                            formats=formats, order=order)
     if not sweeps:
@@ -106,7 +116,7 @@ def plot_results(out: Path, plots_dir: Path | None = None, *, model: str | None 
 
 def _breakdown_figures(out: Path, frame: pd.DataFrame, plots_dir: Path, metric: str | None,
                        formats: Sequence[str], order: Order) -> list[Path]:
-    """Needle heatmaps and length curves, per model, in the house style."""
+    """Position curves, needle heatmaps and length curves, per model, in the house style."""
     written: list[Path] = []
     leaderboard = out / "leaderboard.csv"
     models = sorted(set(frame["model"]))
@@ -114,6 +124,7 @@ def _breakdown_figures(out: Path, frame: pd.DataFrame, plots_dir: Path, metric: 
         for model_id in models:
             rows = frame[frame["model"] == model_id]
             folder = plots_dir / _slug(lb.short_model(model_id)) if len(models) > 1 else plots_dir
+            written += plot_position_curves(rows, folder, formats=formats, order=order)
             if needle_tasks(rows):
                 written += plot_niah_heatmaps(leaderboard, folder, model=model_id, tasks=needle_tasks(rows),
                                               formats=formats, order=order)
@@ -127,10 +138,11 @@ def _breakdown_figures(out: Path, frame: pd.DataFrame, plots_dir: Path, metric: 
 
 def plot_run(out: Path, run_ids: Sequence[str], *, order: Order = ALPHABETICAL) -> list[Path]:
     """The figures `unimem-bench run` draws after its runs are recorded, from the files alone, for the model of
-    `run_ids` (every method of that model in the leaderboard): `plots/<metric>.png` bars per headline metric of
-    their tasks (a `/` in a metric's name becomes `_`), `plots/<task>.png` (headline metric) and
-    `plots/<task>_<metric>.png` length curves for tasks reported at several lengths, and the depth x length
-    heatmaps of needle tasks."""
+    `run_ids` (every method of that model in the leaderboard): `plots/<task>_positions.png`, perplexity by position
+    relative to vanilla for tasks with position-bucket rows; `plots/<metric>.png` per headline metric of their tasks
+    (`/` becomes `_`; dots on a fitted axis when lower is better, bars from zero otherwise); `plots/<task>.png` (headline metric) and
+    `plots/<task>_<metric>.png` length curves for tasks reported at several lengths, and the depth x length heatmaps
+    of needle tasks."""
     leaderboard, plots = out / "leaderboard.csv", out / "plots"
     board = read_leaderboard(leaderboard)
     mine = board[board["run_id"].isin(run_ids)]
@@ -138,9 +150,12 @@ def plot_run(out: Path, run_ids: Sequence[str], *, order: Order = ALPHABETICAL) 
     for model in sorted(set(mine["model"])):
         rows = mine[mine["model"] == model]
         headline = rows[rows["headline"]]
+        figures += plot_position_curves(board[(board["model"] == model) & board["task"].isin(rows["task"])], plots,
+                                        order=order)
         for metric in sorted(set(headline["metric"])):
-            figures.append(plot_metric_bars(leaderboard, plots / f"{_slug(metric)}.png", metric=metric, model=model,
-                                            order=order))
+            lower = not headline.loc[headline["metric"] == metric, "higher_is_better"].any()
+            figures.append((plot_metric_dots if lower else plot_metric_bars)(
+                leaderboard, plots / f"{_slug(metric)}.png", metric=metric, model=model, order=order))
         for task in length_tasks(rows):
             slug = _slug(task.replace("-", "_"))
             task_headline = set(headline.loc[headline["task"] == task, "metric"])
