@@ -140,9 +140,9 @@ def plot_run(out: Path, run_ids: Sequence[str], *, order: Order = ALPHABETICAL) 
     """The figures `unimem-bench run` draws after its runs are recorded, from the files alone, for the model of
     `run_ids` (every method of that model in the leaderboard): `plots/<task>_positions.png`, perplexity by position
     relative to vanilla for tasks with position-bucket rows; `plots/<metric>.png` per headline metric of their tasks
-    (`/` becomes `_`; dots on a fitted axis when lower is better, bars from zero otherwise); `plots/<task>.png` (headline metric) and
-    `plots/<task>_<metric>.png` length curves for tasks reported at several lengths, and the depth x length heatmaps
-    of needle tasks."""
+    (`/` becomes `_`; dots on a fitted axis when lower is better, bars from zero otherwise); `plots/<task>.png`
+    (headline metric) and `plots/<task>_<metric>.png` length curves for tasks reported at several lengths, and the
+    depth x length heatmaps of needle tasks."""
     leaderboard, plots = out / "leaderboard.csv", out / "plots"
     board = read_leaderboard(leaderboard)
     mine = board[board["run_id"].isin(run_ids)]
