@@ -192,3 +192,14 @@ def test_page_in_headless_chromium_sorts_marks_the_best_and_opens_run_records(re
             assert errors == [] and remote == []
         finally:
             browser.close()
+
+
+def test_breakdown_columns_order_depth_and_named_rows_of_one_metric_by_length():
+    """Passkey-style breakdowns mix `depth=<d>` cells and named rows at the same lengths: they sort (length first,
+    then depth, then name) instead of comparing a name with nothing."""
+    from unimem_bench.harness.reporting.html import breakdown_key
+
+    rows = [("qa2", 512), ("depth=0.5", 512), ("depth=0", 512), ("qa10", 256), ("pos:512-1024", 0), ("", 256)]
+    ordered = sorted(rows, key=lambda r: breakdown_key(*r))
+    assert ordered == [("pos:512-1024", 0), ("", 256), ("qa10", 256), ("depth=0", 512), ("depth=0.5", 512),
+                       ("qa2", 512)]

@@ -140,9 +140,9 @@ def breakdown_key(subtask: str, context_len: int) -> tuple[Any, ...]:
     """Breakdown columns in reading order: position buckets by start, then by length and depth, else by name."""
     position = POSITION.match(subtask)
     if position:
-        return (0, int(position["start"]), context_len, "")
-    depth = DEPTH.match(subtask)
-    return (1, context_len, float(depth["depth"]) if depth else 0.0, "" if depth else lb.natural_key(subtask))
+        return (0, int(position["start"]), context_len, [])
+    depth = DEPTH.match(subtask)  # the last item is always a list: a depth row and a named row can share a length
+    return (1, context_len, float(depth["depth"]) if depth else math.inf, [] if depth else lb.natural_key(subtask))
 
 
 def breakdown_label(subtask: str, context_len: int, several_lengths: bool) -> tuple[str, str]:
