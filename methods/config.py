@@ -96,7 +96,8 @@ class Reading:
     """Dilation of the window (official Longformer preset: 2): query i keeps the window slots whose index in the
     memory bank (0 = oldest slot held) is congruent to i mod stride. 1 = no dilation."""
     global_tokens: int = 0
-    """G global tokens read by every query, besides the window (Longformer's global attention)."""
+    """G global tokens read by every query, besides the window (Longformer's global attention). Document globals
+    are the document's first G tokens, taken from as many first segments as they span."""
     global_source: GlobalSource = "document"
     """`document`: the document's first G tokens, pinned forever. `memory` (official `MemoryLayer.retrieve`): the
     first G slots of the current memory bank, which move as the memory moves (and vanish when it is cleared)."""
@@ -191,6 +192,12 @@ class Position:
     """Linear position interpolation factor (transformers' `linear` rope type); 0 = local context / trained context."""
     segment_factor: int = 1
     """The method's local context in run segments: position interpolation reads several segments at once."""
+    sink_shift: bool = False
+    """StreamingLLM's rolling cache re-rotated at positions inside the cache (official `pos_shift`): each query sees
+    the global (sink) keys at the positions just before the oldest window slot it reads, not at 0 .. G-1, so a
+    sliding window streamed in segments gives every query the keys and relative positions a token-by-token cache
+    of G sinks + W recent tokens gives it. Needs compact positions, document globals, a sliding window, stride 1,
+    and segments no longer than the window."""
 
     def __post_init__(self) -> None:
         _check_choice("position.mode", self.mode, PositionMode)
@@ -198,6 +205,9 @@ class Position:
             raise ConfigError(f"position.rope_factor={self.rope_factor} must be >= 1 (or 0 for automatic)")
         if self.segment_factor < 1:
             raise ConfigError(f"position.segment_factor={self.segment_factor} must be >= 1")
+        if self.sink_shift and self.mode != "compact":
+            raise ConfigError(f"position.sink_shift=true moves global keys within compact positions: set "
+                              f"position.mode=compact (not {self.mode})")
 
 
 @dataclass(frozen=True)
@@ -240,6 +250,11 @@ class UniMemConfig:
         if m.size and not (r.window or r.topk or r.read_all or (r.global_tokens and r.global_source == "memory")):
             raise ConfigError(f"management.size={m.size} but nothing reads it: set reading.window, reading.topk or "
                               "reading.read_all")
+        if self.position.sink_shift and not (r.global_tokens and r.global_source == "document" and r.window
+                                             and r.sliding and r.stride == 1):
+            raise ConfigError("position.sink_shift=true shifts document globals in front of a sliding window: set "
+                              "reading.global_tokens > 0, reading.global_source=document, reading.window > 0, "
+                              "reading.sliding=true and reading.stride=1")
 
     @property
     def uses_kv_memory(self) -> bool:
@@ -258,9 +273,11 @@ class UniMemConfig:
     def bind(self, *, n_layers: int, segment_len: int) -> tuple[int, ...]:
         """Check the model-dependent parts; return the injected layer indices."""
         layers = self.injection.resolve(n_layers)
-        if self.reading.global_source == "document" and self.reading.global_tokens > segment_len:
-            raise ConfigError(f"reading.global_tokens={self.reading.global_tokens} exceeds the segment length "
-                              f"{segment_len}: global tokens must come from the first segment")
+        local = segment_len * self.position.segment_factor
+        if self.position.sink_shift and local > self.reading.window:
+            raise ConfigError(f"position.sink_shift=true with a {local}-token segment needs reading.window >= {local} "
+                              "(a query further than the window into its segment would see too many local keys): "
+                              "raise reading.window or shorten the segment")
         return layers
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,9 +15,9 @@ of visible (key, value) pairs from an explicit Python list of memory slots per l
   final-norm outputs at the write slots (the official `update_rmt_memory` takes them after `self.norm`), and the
   next write slots are those outputs too (`memory`) or the learned embeddings again (`learned`). The first segment
   reads the learned embeddings (the official code has no read slots in its first segment).
-- Longformer (Eq. 8, 15): the window plus G global slots every query sees: the document's first G tokens, pinned
-  and never written to memory (`document`), or the first G slots of the current memory (`memory`, official), the
-  window then being the last W of the slots after them.
+- Longformer (Eq. 8, 15): the window plus G global slots every query sees: the document's first G tokens (from as
+  many first segments as they span), pinned and never written to memory (`document`), or the first G slots of the
+  current memory (`memory`, official), the window then being the last W of the slots after them.
 - Management: `fifo` drops the oldest slots; `clear` (official `reset`) empties a memory the segment would overflow
   and writes nothing of it; `clear-and-write` empties it, then writes the segment. An empty memory always takes a
   write (its last `size` slots). Pooling writes the mean of every `pool_ratio` consecutive tokens (a shorter last
@@ -25,6 +25,8 @@ of visible (key, value) pairs from an explicit Python list of memory slots per l
 - Positions: `official` puts every memory key at position 0 and restarts the input (read slots, segment, write
   slots) at 0 every segment; `compact` gives globals, window and input consecutive positions from 0 and top-k keys
   position 0; `absolute` gives every token its document position (read slots just before the segment).
+- StreamingLLM (`sink_shift`): compact positions with each query's globals moved up by the window slots its sliding
+  reach skips; `rolling_cache_nll` is its official token-by-token evaluation, written on its own.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class Description:
     """official | compact | absolute."""
     rope_factor: float = 1.0
     """Linear position interpolation: RoPE angles at position p / rope_factor."""
+    sink_shift: bool = False
+    """StreamingLLM: a query's global keys sit at the positions just before its first visible window slot (compact
+    positions moved up by the number of window slots its sliding reach skips)."""
 
 
 class ReferenceLlama:
@@ -179,7 +184,7 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
                 g = head // (llama.heads // llama.kv_heads)
                 keys, values = k_rot[:t + 1, g], v[:t + 1, g]  # the input, causally
                 if layer in spec.layers:
-                    mem_keys, mem_values = read_memory(spec, views[layer], q_rot[t, head], g, t)
+                    mem_keys, mem_values = read_memory(spec, views[layer], q_rot[t, head], g, t, llama)
                     keys, values = torch.cat([mem_keys, keys]), torch.cat([mem_values, values])
                 weights = torch.softmax(keys @ q_rot[t, head] / math.sqrt(llama.head_dim), dim=0)
                 attn[t, head] = weights @ values
@@ -266,15 +271,18 @@ class View:
     """Globals plus window: where compact positions put the input."""
 
 
-def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int) -> tuple[torch.Tensor,
-                                                                                           torch.Tensor]:
+def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int,
+                llama: ReferenceLlama) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [n, head_dim] of the memory slots that query `t` (0-based input index, RMT read slots
     first) of KV head `g` reads: the globals, its window slots, then its top-k among the slots before its reach."""
     n_window = len(view.window_index)
     reach = max(0, min(spec.window - t, n_window)) if spec.sliding and not spec.read_all else n_window
     seen = [j for j, b in enumerate(view.window_index)
             if b >= view.n_bank - reach and b % spec.stride == t % spec.stride]
-    keys = [view.global_keys[:, g], view.window_keys[seen, g]]
+    global_keys = view.global_keys[:, g]
+    if spec.sink_shift:  # the globals move up to just before the first window slot this query sees
+        global_keys = llama.rope(global_keys, n_window - reach, spec.rope_factor)
+    keys = [global_keys, view.window_keys[seen, g]]
     values = [view.global_values[:, g], view.window_values[seen, g]]
     candidates = [j for j, b in enumerate(view.search_index) if b < view.n_bank - reach]
     if candidates and spec.topk:
@@ -290,9 +298,10 @@ def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tens
     """Write a segment's keys/values [n, kv_heads, dim] to one layer's memory under the overflow policy."""
     if spec.kv == "none" or not spec.size:
         return
-    if memory.segments == 0 and spec.global_source == "document" and spec.global_tokens:
-        g = min(spec.global_tokens, len(keys))
-        memory.globals_[layer] = [Slot(keys[j], doc_keys[j], values[j]) for j in range(g)]
+    pinned = memory.globals_[layer]
+    if spec.global_source == "document" and len(pinned) < spec.global_tokens:  # the document's first G tokens
+        g = min(spec.global_tokens - len(pinned), len(keys))
+        pinned.extend(Slot(keys[j], doc_keys[j], values[j]) for j in range(g))
         keys, doc_keys, values = keys[g:], doc_keys[g:], values[g:]
     step = spec.pool_ratio if spec.kv == "pooling" else 1
     new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0))
@@ -304,3 +313,38 @@ def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tens
             return
     bank.extend(new)
     del bank[:max(0, len(bank) - spec.size)]
+
+
+def rolling_cache_nll(llama: ReferenceLlama, doc: torch.Tensor, *, sinks: int, recent: int) -> torch.Tensor:
+    """Per-token NLL [len(doc) - 1] of StreamingLLM as its official evaluation runs it: one token at a time through
+    a per-layer Python list of (unrotated key, value) pairs; after every step the list keeps its first `sinks` and
+    last `recent` entries (`StartRecentKVCache`). Keys are rotated at their index in the list and the query at the
+    list's last index (`pos_shift`: positions inside the cache, not in the document)."""
+    cache: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(llama.n_layers)]
+    group = llama.heads // llama.kv_heads
+    out = []
+    for t in range(len(doc) - 1):
+        x = llama.w["model.embed_tokens.weight"][doc[t]]  # [hidden]
+        for layer in range(llama.n_layers):
+            p = f"model.layers.{layer}."
+            h = llama.rms_norm(x, p + "input_layernorm.weight")
+            q = llama.linear(h, p + "self_attn.q_proj").view(llama.heads, -1)
+            k = llama.linear(h, p + "self_attn.k_proj").view(llama.kv_heads, -1)
+            v = llama.linear(h, p + "self_attn.v_proj").view(llama.kv_heads, -1)
+            entries = cache[layer]
+            entries.append((k, v))
+            keys = torch.stack([llama.rope(key, j, 1.0) for j, (key, _) in enumerate(entries)])  # [n, kv, dim]
+            values = torch.stack([value for _, value in entries])
+            q_rot = llama.rope(q, len(entries) - 1, 1.0)  # [heads, dim]
+            attn = torch.stack([torch.softmax(keys[:, hd // group] @ q_rot[hd] / math.sqrt(llama.head_dim), 0)
+                                @ values[:, hd // group] for hd in range(llama.heads)])
+            x = x + llama.linear(attn.reshape(-1), p + "self_attn.o_proj")
+            h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
+            gate = llama.linear(h, p + "mlp.gate_proj")
+            x = x + llama.linear(gate * torch.sigmoid(gate) * llama.linear(h, p + "mlp.up_proj"),
+                                 p + "mlp.down_proj")
+            if len(entries) > sinks + recent:
+                del entries[sinks:len(entries) - recent]
+        logits = llama.rms_norm(x, "model.norm.weight") @ llama.lm_head.T
+        out.append(-torch.log_softmax(logits, -1)[doc[t + 1]])
+    return torch.stack(out)

@@ -101,6 +101,15 @@ GRID = [
          "reading.global_source=memory"),
     case("read-all", "vanilla", "writing.kv=direct", "management.size=16", "reading.read_all=true"),
     case("pi-factor3", "position_interpolation", "position.rope_factor=3"),
+    # StreamingLLM: sinks at per-query cache positions; more sinks than a segment; a window longer than a segment;
+    # sinks at fixed compact positions; one-token segments.
+    case("sllm-sinks3", "streaming_llm", "reading.global_tokens=3"),
+    case("sllm-sinks11-segment5", "streaming_llm", "reading.global_tokens=11", segment=5, doc=30),
+    case("sllm-window12-of-12", "streaming_llm", "management.size=12", "reading.window=12"),
+    case("sllm-no-shift", "streaming_llm", "position.sink_shift=false"),
+    case("sllm-segment1", "streaming_llm", "management.size=4", "reading.window=4", segment=1, doc=12),
+    case("globals-over-segments", "longformer", "reading.global_source=document", "reading.global_tokens=11",
+         segment=5, doc=30),
 ]
 
 
@@ -118,7 +127,7 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         overflow=m.overflow, kv=w.kv, pool_ratio=w.pool_ratio, memory_tokens=w.memory_tokens,
         write_slots=w.write_slots, window=r.window, sliding=r.sliding, stride=r.stride, global_tokens=r.global_tokens,
         global_source=r.global_source, topk=r.topk, read_all=r.read_all,
-        position=p.mode, rope_factor=p.rope_factor or max(1.0, local / trained_context),
+        position=p.mode, rope_factor=p.rope_factor or max(1.0, local / trained_context), sink_shift=p.sink_shift,
     )
 
 

@@ -91,9 +91,12 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     else:
         keys, values = key, value
 
-    if ctx.topk_end is not None:
+    if ctx.topk_end is not None or ctx.sink_shift is not None:
         out, lse = attention_with_lse(query, keys, values, ctx.mask, scale)
-        out = merge_topk(ctx, mem, query, out, lse, scale)
+        if ctx.sink_shift is not None:
+            out, lse = merge_sinks(ctx, mem, query, out, lse, scale)
+        if ctx.topk_end is not None:
+            out = merge_topk(ctx, mem, query, out, lse, scale)
     else:
         out = prefix_causal_sdpa(query, keys, values, ctx.mask, scale)
 
@@ -180,3 +183,26 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
     lse_k = lse_k.reshape(batch, heads, seq)
     total = torch.logaddexp(lse, lse_k)
     return out * torch.exp(lse - total).unsqueeze(-1) + out_k * torch.exp(lse_k - total).unsqueeze(-1)
+
+
+def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the document globals (attention sinks) at per-query positions sink_shift + 0 .. G-1 to the softmax of
+    `out`/`lse` (StreamingLLM's rolling cache, re-rotated inside the cache); returns the merged (out, lse)."""
+    plan = ctx.plan
+    assert ctx.sink_shift is not None and plan.place is not None and mem.global_keys is not None
+    assert mem.global_values is not None
+    batch, heads, seq, dim = query.shape
+    kv_heads = mem.global_keys.shape[1]
+    cos, sin = plan.place  # [n_prefix, head_dim], positions 0 .. n_prefix - 1
+    at = ctx.sink_shift[:, None] + torch.arange(plan.n_global, device=query.device)  # [queries, globals]
+    keys = rotate(mem.global_keys.unsqueeze(2), cos[at], sin[at])  # [batch, kv_heads, queries, globals, dim]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, seq, dim)  # [batch, kv_heads, group, queries, dim]
+    logits = torch.einsum("bkgqd,bkqjd->bkgqj", q, keys.to(q.dtype)) * scale
+    lse_s = logits.logsumexp(-1)  # [batch, kv_heads, group, queries]
+    probs = torch.exp(logits - lse_s.unsqueeze(-1))
+    out_s = torch.einsum("bkgqj,bkjd->bkgqd", probs, mem.global_values.to(q.dtype)).reshape(batch, heads, seq, dim)
+    lse_s = lse_s.reshape(batch, heads, seq)
+    total = torch.logaddexp(lse.to(lse_s.dtype), lse_s)
+    merged = out * torch.exp(lse - total).unsqueeze(-1) + out_s * torch.exp(lse_s - total).unsqueeze(-1)
+    return merged, total

@@ -75,7 +75,8 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
     n_global = min(r.global_tokens, state.n_bank) if in_bank else state.n_global
     free = state.n_bank - (n_global if in_bank else 0)
     n_window = free if r.read_all else min(r.window, free)
-    to_global = min(r.global_tokens, n_seg) if (write and not in_bank and state.segments == 0) else 0
+    # Document globals: the document's first G tokens, from as many first segments as they span.
+    to_global = min(r.global_tokens - state.n_global, n_seg) if (write and not in_bank) else 0
     n_new = drop_old = drop_new = 0
     if write and config.uses_kv_memory and m.size:
         n_rest = n_seg - to_global
@@ -118,6 +119,9 @@ class SegmentContext:
     """[queries] per query, the bank index before which top-k searches (None: no top-k this call)."""
     topk_start: int = 0
     """First bank slot top-k may pick (the bank globals come before it)."""
+    sink_shift: torch.Tensor | None = None
+    """[queries] position.sink_shift: how far each query's global keys move up from 0 .. G-1 (the window slots its
+    sliding reach skips); the globals are then masked out of `mask` and read apart (None: no shift)."""
     reads: dict[int, LayerMemory] = field(default_factory=dict)
     """Per layer, the memory its first call read. Gradient checkpointing calls a layer again during backward; that
     call must read the same memory (not what later writes left) and write nothing."""
@@ -132,6 +136,9 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     # Window slots each query reaches, counted from the bank's end: all of them, or W - i when sliding.
     reach = (torch.clamp(r.window - i, 0, plan.n_window) if r.sliding and not r.read_all
              else torch.full_like(i, plan.n_window))
+    shift = None
+    if config.position.sink_shift and plan.n_global and not plan.globals_in_bank:
+        shift = plan.n_window - reach  # [queries] window slots the query skips
     mask = None
     if plan.n_prefix or query_start:
         n_local = query_start + n_query
@@ -145,10 +152,12 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
             visible[:, plan.n_global:plan.n_prefix] = seen
         j = torch.arange(n_local, device=device)
         visible[:, plan.n_prefix:] = j[None, :] <= i[:, None]  # the input, causally
+        if shift is not None:
+            visible[:, :plan.n_global] = False  # read apart, at per-query positions
         # Additive rather than boolean because SDPA converts a boolean mask to this in every call (once per layer).
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
     start = plan.n_global if plan.globals_in_bank else 0
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
     topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
-                          topk_start=start)
+                          topk_start=start, sink_shift=shift)
