@@ -116,6 +116,17 @@ class Reading:
     """IVF cells searched per query: 16 of 256 keeps recall high at a sixteenth of the work."""
     hnsw_neighbors: int = 32
     """HNSW graph degree M; 32 is faiss' recommended default for recall above 0.95."""
+    random_slots: int = 0
+    """BigBird's random attention: R memory slots per query block, drawn at random (seeded) among the slots its
+    window does not read: the non-global bank slots before the window reach of the block's first query. Query block
+    b (input index // random_block) of the document's s-th segment (0-based) takes the first R entries of
+    `torch.randperm(n, generator=torch.Generator().manual_seed((random_seed * 1_000_003 + s) * 1_000_003 + b))` over
+    its n candidates in bank order (all of them when n <= R); every head and layer reads the same slots, at the
+    positions top-k keys get. 0 = none."""
+    random_block: int = 64
+    """Queries per block sharing their random slots (BigBird's block size, 64)."""
+    random_seed: int = 0
+    """Seed of the random slots: the same seed reads the same slots."""
 
     def __post_init__(self) -> None:
         _check_nonneg(
@@ -130,6 +141,12 @@ class Reading:
                               "reading.topk=0")
         if min(self.ivf_lists, self.ivf_probe, self.hnsw_neighbors) < 1:
             raise ConfigError("reading.ivf_lists, reading.ivf_probe and reading.hnsw_neighbors must be >= 1")
+        _check_nonneg(**{"reading.random_slots": self.random_slots, "reading.random_seed": self.random_seed})
+        if self.random_block < 1:
+            raise ConfigError(f"reading.random_block={self.random_block} must be >= 1 (queries per block)")
+        if self.random_slots and (self.topk or self.read_all):
+            raise ConfigError("reading.random_slots draws from the slots top-k or read_all would read: set "
+                              "reading.topk=0 and reading.read_all=false (or reading.random_slots=0)")
 
 
 @dataclass(frozen=True)
@@ -231,9 +248,11 @@ class UniMemConfig:
 
     def __post_init__(self) -> None:
         m, w, r = self.management, self.writing, self.reading
-        reads_kv = r.window or r.topk or r.read_all or r.global_tokens
+        reads_kv = r.window or r.topk or r.read_all or r.global_tokens or r.random_slots
         if r.topk and not m.size:
             raise ConfigError(f"reading.topk={r.topk} needs memory to search: set management.size > 0")
+        if r.random_slots and not m.size:
+            raise ConfigError(f"reading.random_slots={r.random_slots} draws from memory: set management.size > 0")
         if (r.window or r.read_all) and not m.size:
             raise ConfigError("reading.window/read_all read from memory: set management.size > 0")
         if r.window > m.size and m.size:
@@ -247,7 +266,8 @@ class UniMemConfig:
         if m.size and w.kv == "none":
             raise ConfigError(f"management.size={m.size} but nothing writes keys/values: set writing.kv=direct or "
                               "management.size=0")
-        if m.size and not (r.window or r.topk or r.read_all or (r.global_tokens and r.global_source == "memory")):
+        if m.size and not (r.window or r.topk or r.read_all or r.random_slots
+                           or (r.global_tokens and r.global_source == "memory")):
             raise ConfigError(f"management.size={m.size} but nothing reads it: set reading.window, reading.topk or "
                               "reading.read_all")
         if self.position.sink_shift and not (r.global_tokens and r.global_source == "document" and r.window

@@ -152,6 +152,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         reads.append(f"global {r.global_tokens} ({r.global_source})")
     if r.topk:
         reads.append(f"top-{r.topk} ({r.index})")
+    if r.random_slots:
+        reads.append(f"random {r.random_slots} per {r.random_block} queries")
     if w.memory_tokens:
         reads.append("memory tokens")
     extra = []

@@ -77,6 +77,12 @@ class Description:
     """official | compact | absolute."""
     rope_factor: float = 1.0
     """Linear position interpolation: RoPE angles at position p / rope_factor."""
+    random_slots: int = 0
+    """BigBird: memory slots per query block drawn at random among those before the block's first query's reach."""
+    random_block: int = 64
+    """Queries per block sharing their random slots."""
+    random_seed: int = 0
+    """Seed of the random draw."""
     sink_shift: bool = False
     """StreamingLLM: a query's global keys sit at the positions just before its first visible window slot (compact
     positions moved up by the number of window slots its sliding reach skips)."""
@@ -236,7 +242,7 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
 
     empty = llama.w["model.embed_tokens.weight"].new_zeros(0, llama.kv_heads, llama.head_dim)
     window = range(window_start, len(bank))
-    searchable = range(first, len(bank)) if spec.topk else range(0)
+    searchable = range(first, len(bank)) if spec.topk or spec.random_slots else range(0)
     return View(
         global_keys=stack([at(s, j) for j, s in enumerate(global_slots)], empty),
         global_values=stack([s.value for s in global_slots], empty),
@@ -246,7 +252,7 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
         search_index=list(searchable),
         search_keys=stack([at(bank[b], None) for b in searchable], empty),
         search_values=stack([bank[b].value for b in searchable], empty),
-        n_bank=len(bank), n_prefix=len(global_slots) + n_window,
+        n_bank=len(bank), n_prefix=len(global_slots) + n_window, segment=memory.segments,
     )
 
 
@@ -269,6 +275,8 @@ class View:
     """Slots in the layer's memory."""
     n_prefix: int
     """Globals plus window: where compact positions put the input."""
+    segment: int = 0
+    """0-based index of the segment reading this view (the random draw depends on it)."""
 
 
 def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int,
@@ -284,6 +292,10 @@ def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: i
         global_keys = llama.rope(global_keys, n_window - reach, spec.rope_factor)
     keys = [global_keys, view.window_keys[seen, g]]
     values = [view.global_values[:, g], view.window_values[seen, g]]
+    if spec.random_slots:
+        keys_r, values_r = random_read(spec, view, g, t)
+        keys.append(keys_r)
+        values.append(values_r)
     candidates = [j for j, b in enumerate(view.search_index) if b < view.n_bank - reach]
     if candidates and spec.topk:
         scores = view.search_keys[candidates, g] @ query
@@ -348,3 +360,18 @@ def rolling_cache_nll(llama: ReferenceLlama, doc: torch.Tensor, *, sinks: int, r
         logits = llama.rms_norm(x, "model.norm.weight") @ llama.lm_head.T
         out.append(-torch.log_softmax(logits, -1)[doc[t + 1]])
     return torch.stack(out)
+
+
+def random_read(spec: Description, view: View, g: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BigBird's random slots of query `t`: its block is t // random_block; the candidates are the non-global
+    memory slots older than everything the block's first query reaches by window; the block takes the first
+    random_slots entries of a permutation drawn from a generator seeded by (seed, segment, block)."""
+    block = t // spec.random_block
+    first = block * spec.random_block
+    n_window = len(view.window_index)
+    reach = max(0, min(spec.window - first, n_window)) if spec.sliding else n_window
+    candidates = [j for j, b in enumerate(view.search_index) if b < view.n_bank - reach]
+    seed = (spec.random_seed * 1_000_003 + view.segment) * 1_000_003 + block
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked = [candidates[j] for j in order[:spec.random_slots]]
+    return view.search_keys[picked, g], view.search_values[picked, g]

@@ -108,6 +108,17 @@ GRID = [
     case("sllm-window12-of-12", "streaming_llm", "management.size=12", "reading.window=12"),
     case("sllm-no-shift", "streaming_llm", "position.sink_shift=false"),
     case("sllm-segment1", "streaming_llm", "management.size=4", "reading.window=4", segment=1, doc=12),
+    # BigBird: random slots per query block (one block per query, blocks of 3 and 8, more slots than candidates, a
+    # second seed), with every position mode, full and fifo memory, and without window or globals.
+    case("bb-random2-block3", "bigbird", "reading.random_slots=2", "reading.random_block=3"),
+    case("bb-random5-block8-seed7", "bigbird", "reading.random_slots=5", "reading.random_block=8",
+         "reading.random_seed=7"),
+    case("bb-random-all", "bigbird", "reading.random_slots=40"),
+    case("bb-full-window", "bigbird", "reading.sliding=false", "management.size=20", "management.overflow=fifo"),
+    *[case(f"bb-{mode}", "bigbird", f"position.mode={mode}") for mode in ("official", "compact", "absolute")],
+    case("bb-random-only", "vanilla", "writing.kv=direct", "management.size=12", "reading.random_slots=3",
+         "reading.random_block=2"),
+    case("bb-segment5-uneven", "bigbird", segment=5, doc=30),
     case("globals-over-segments", "longformer", "reading.global_source=document", "reading.global_tokens=11",
          segment=5, doc=30),
 ]
@@ -128,6 +139,7 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         write_slots=w.write_slots, window=r.window, sliding=r.sliding, stride=r.stride, global_tokens=r.global_tokens,
         global_source=r.global_source, topk=r.topk, read_all=r.read_all,
         position=p.mode, rope_factor=p.rope_factor or max(1.0, local / trained_context), sink_shift=p.sink_shift,
+        random_slots=r.random_slots, random_block=r.random_block, random_seed=r.random_seed,
     )
 
 

@@ -91,10 +91,12 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     else:
         keys, values = key, value
 
-    if ctx.topk_end is not None or ctx.sink_shift is not None:
+    if ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None:
         out, lse = attention_with_lse(query, keys, values, ctx.mask, scale)
         if ctx.sink_shift is not None:
             out, lse = merge_sinks(ctx, mem, query, out, lse, scale)
+        if ctx.random_slots is not None:
+            out, lse = merge_random(ctx, mem, query, out, lse, scale)
         if ctx.topk_end is not None:
             out = merge_topk(ctx, mem, query, out, lse, scale)
     else:
@@ -192,16 +194,36 @@ def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out:
     plan = ctx.plan
     assert ctx.sink_shift is not None and plan.place is not None and mem.global_keys is not None
     assert mem.global_values is not None
-    batch, heads, seq, dim = query.shape
-    kv_heads = mem.global_keys.shape[1]
     cos, sin = plan.place  # [n_prefix, head_dim], positions 0 .. n_prefix - 1
     at = ctx.sink_shift[:, None] + torch.arange(plan.n_global, device=query.device)  # [queries, globals]
     keys = rotate(mem.global_keys.unsqueeze(2), cos[at], sin[at])  # [batch, kv_heads, queries, globals, dim]
+    return merge_per_query(query, out, lse, keys, mem.global_values.unsqueeze(2), None, scale)
+
+
+def merge_random(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add each query's random bank slots (BigBird, `ctx.random_slots`) to the softmax of `out`/`lse`."""
+    assert ctx.random_slots is not None and mem.keys is not None and mem.values is not None
+    idx = ctx.random_slots.clamp(min=0)  # [queries, R]
+    keys = mem.keys[:, :, idx]  # [batch, kv_heads, queries, R, dim]
+    return merge_per_query(query, out, lse, keys, mem.values[:, :, idx], ctx.random_slots >= 0, scale)
+
+
+def merge_per_query(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor, valid: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over `out`'s keys and per-query extra keys/values [batch, kv_heads, queries or 1, n, dim] (`valid`
+    [queries, n] marks the real ones); returns the merged (out, lse)."""
+    batch, heads, seq, dim = query.shape
+    kv_heads = keys.shape[1]
     q = query.reshape(batch, kv_heads, heads // kv_heads, seq, dim)  # [batch, kv_heads, group, queries, dim]
-    logits = torch.einsum("bkgqd,bkqjd->bkgqj", q, keys.to(q.dtype)) * scale
+    logits = torch.einsum("bkgqd,bkqjd->bkgqj", q, keys.to(q.dtype).expand(-1, -1, seq, -1, -1)) * scale
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
     lse_s = logits.logsumexp(-1)  # [batch, kv_heads, group, queries]
-    probs = torch.exp(logits - lse_s.unsqueeze(-1))
-    out_s = torch.einsum("bkgqj,bkjd->bkgqd", probs, mem.global_values.to(q.dtype)).reshape(batch, heads, seq, dim)
+    probs = torch.exp(logits - lse_s.unsqueeze(-1)).nan_to_num(0.0)  # a query without extra keys: all zero
+    out_s = torch.einsum("bkgqj,bkqjd->bkgqd", probs, values.to(q.dtype).expand(-1, -1, seq, -1, -1))
+    out_s = out_s.reshape(batch, heads, seq, dim)
     lse_s = lse_s.reshape(batch, heads, seq)
     total = torch.logaddexp(lse.to(lse_s.dtype), lse_s)
     merged = out * torch.exp(lse - total).unsqueeze(-1) + out_s * torch.exp(lse_s - total).unsqueeze(-1)

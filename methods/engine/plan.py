@@ -119,6 +119,9 @@ class SegmentContext:
     """[queries] per query, the bank index before which top-k searches (None: no top-k this call)."""
     topk_start: int = 0
     """First bank slot top-k may pick (the bank globals come before it)."""
+    random_slots: torch.Tensor | None = None
+    """[queries, reading.random_slots] bank indices of each query's random slots, -1 where fewer were drawn (None:
+    no random slots this call)."""
     sink_shift: torch.Tensor | None = None
     """[queries] position.sink_shift: how far each query's global keys move up from 0 .. G-1 (the window slots its
     sliding reach skips); the globals are then masked out of `mask` and read apart (None: no shift)."""
@@ -159,5 +162,29 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     start = plan.n_global if plan.globals_in_bank else 0
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
     topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
+    random = random_slots(config, plan, state.segments, i, start) if r.random_slots else None
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
-                          topk_start=start, sink_shift=shift)
+                          topk_start=start, sink_shift=shift, random_slots=random)
+
+
+def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
+                 start: int) -> torch.Tensor | None:
+    """BigBird's seeded random slots (the rule is `Reading.random_slots`'): [queries, R] bank indices, -1 padded;
+    None when no query has a candidate."""
+    r = config.reading
+    blocks = queries // r.random_block  # [queries]
+    picks: dict[int, torch.Tensor] = {}
+    for block in blocks.unique().tolist():
+        first = block * r.random_block  # the block's first query decides its candidates
+        reach = min(max(r.window - first, 0), plan.n_window) if r.sliding else plan.n_window
+        n = plan.n_bank - reach - start
+        if n <= 0:
+            continue
+        generator = torch.Generator().manual_seed((r.random_seed * 1_000_003 + segment) * 1_000_003 + block)
+        picks[block] = torch.randperm(n, generator=generator)[:r.random_slots] + start
+    if not picks:
+        return None
+    table = torch.full((int(blocks.max()) + 1, r.random_slots), -1, dtype=torch.long)
+    for block, slots in picks.items():
+        table[block, :len(slots)] = slots
+    return table.to(queries.device)[blocks]
