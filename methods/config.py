@@ -127,6 +127,15 @@ class Reading:
     """Queries per block sharing their random slots (BigBird's block size, 64)."""
     random_seed: int = 0
     """Seed of the random slots: the same seed reads the same slots."""
+    dilated_segments: tuple[int, ...] = ()
+    """LongNet's dilated attention: segment lengths w_j in tokens, one per pattern (with `dilation_rates`). Pattern j
+    splits the document into w_j-token segments; head h of a query at document position p reads the keys k <= p of
+    p's segment with k = p = h (mod r_j) (head offset h mod r_j; a query off its offset reads nothing in that
+    pattern). The window and local keys are restricted to the union of the patterns, each key weighted by the number
+    of patterns that hold it (LongNet sums the patterns' outputs weighted by their softmax denominators, which is this
+    one softmax). Empty = no dilation."""
+    dilation_rates: tuple[int, ...] = ()
+    """LongNet's dilation rate r_j of each pattern; one pattern must have rate 1 so every query reads something."""
 
     def __post_init__(self) -> None:
         _check_nonneg(
@@ -141,7 +150,19 @@ class Reading:
                               "reading.topk=0")
         if min(self.ivf_lists, self.ivf_probe, self.hnsw_neighbors) < 1:
             raise ConfigError("reading.ivf_lists, reading.ivf_probe and reading.hnsw_neighbors must be >= 1")
-        _check_nonneg(**{"reading.random_slots": self.random_slots, "reading.random_seed": self.random_seed})
+        object.__setattr__(self, "dilated_segments", tuple(int(w) for w in self.dilated_segments))
+        object.__setattr__(self, "dilation_rates", tuple(int(r) for r in self.dilation_rates))
+        if len(self.dilated_segments) != len(self.dilation_rates):
+            raise ConfigError(f"reading.dilated_segments has {len(self.dilated_segments)} lengths but "
+                              f"reading.dilation_rates {len(self.dilation_rates)}: give one rate per segment length")
+        if any(v < 1 for v in self.dilated_segments + self.dilation_rates):
+            raise ConfigError("reading.dilated_segments and reading.dilation_rates must be >= 1")
+        if self.dilation_rates and 1 not in self.dilation_rates:
+            raise ConfigError("reading.dilation_rates needs one pattern of rate 1 (LongNet's first), or queries off "
+                              "every head offset would read nothing: add 1")
+        if self.dilation_rates and (self.topk or self.random_slots or self.global_tokens or self.stride > 1):
+            raise ConfigError("reading.dilated_segments restricts window and local keys by position: set "
+                              "reading.topk, reading.random_slots and reading.global_tokens to 0 and reading.stride=1")
         if self.random_block < 1:
             raise ConfigError(f"reading.random_block={self.random_block} must be >= 1 (queries per block)")
         if self.random_slots and (self.topk or self.read_all):
@@ -263,6 +284,8 @@ class UniMemConfig:
                               "first slots of memory: set management.size > 0 (or reading.global_source=document)")
         if reads_kv and w.kv == "none":
             raise ConfigError("reading memory keys/values needs them written: set writing.kv=direct (or pooling)")
+        if r.dilation_rates and w.memory_tokens:
+            raise ConfigError("reading.dilated_segments counts document positions: set writing.memory_tokens=0")
         if m.size and w.kv == "none":
             raise ConfigError(f"management.size={m.size} but nothing writes keys/values: set writing.kv=direct or "
                               "management.size=0")
@@ -288,7 +311,8 @@ class UniMemConfig:
 
     def without_memory(self) -> UniMemConfig:
         """The same method with every memory switched off (what the exactness tests compare to plain HF)."""
-        return dataclasses.replace(self, management=Management(), writing=Writing(), reading=Reading())
+        return dataclasses.replace(self, management=Management(), writing=Writing(), reading=Reading(),
+                                   position=dataclasses.replace(self.position, sink_shift=False))
 
     def bind(self, *, n_layers: int, segment_len: int) -> tuple[int, ...]:
         """Check the model-dependent parts; return the injected layer indices."""

@@ -83,6 +83,10 @@ class Description:
     """Queries per block sharing their random slots."""
     random_seed: int = 0
     """Seed of the random draw."""
+    dilated_segments: tuple[int, ...] = ()
+    """LongNet: segment length w_j of each dilated pattern."""
+    dilation_rates: tuple[int, ...] = ()
+    """LongNet: dilation rate r_j of each pattern (head h takes offset h mod r_j)."""
     sink_shift: bool = False
     """StreamingLLM: a query's global keys sit at the positions just before its first visible window slot (compact
     positions moved up by the number of window slots its sliding reach skips)."""
@@ -126,6 +130,8 @@ class Slot:
     key_doc: torch.Tensor
     """Key rotated at its document position; pooled slots: the mean of their tokens' rotated keys."""
     value: torch.Tensor
+    position: int = -1
+    """Document position of the slot's (first) token."""
 
 
 @dataclass
@@ -189,10 +195,15 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
             for head in range(llama.heads):
                 g = head // (llama.heads // llama.kv_heads)
                 keys, values = k_rot[:t + 1, g], v[:t + 1, g]  # the input, causally
-                if layer in spec.layers:
+                log_count = torch.zeros(t + 1, dtype=F64)
+                if layer in spec.layers and spec.dilation_rates:
+                    keys, values, log_count = dilated_read(spec, views[layer], keys, values, g, head, t, doc_start)
+                elif layer in spec.layers:
                     mem_keys, mem_values = read_memory(spec, views[layer], q_rot[t, head], g, t, llama)
                     keys, values = torch.cat([mem_keys, keys]), torch.cat([mem_values, values])
-                weights = torch.softmax(keys @ q_rot[t, head] / math.sqrt(llama.head_dim), dim=0)
+                    log_count = torch.zeros(len(keys), dtype=F64)
+                logits = keys @ q_rot[t, head] / math.sqrt(llama.head_dim) + log_count
+                weights = torch.softmax(logits, dim=0)
                 attn[t, head] = weights @ values
         x = x + llama.linear(attn.reshape(len(x), -1), p + "self_attn.o_proj")
         h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
@@ -203,7 +214,7 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
             written[layer] = (k[m:m + n], doc_keys, v[m:m + n])
     x = llama.rms_norm(x, "model.norm.weight")
     for layer, (keys, doc_keys, values) in written.items():
-        write_memory(spec, memory, layer, keys, doc_keys, values)
+        write_memory(spec, memory, layer, keys, doc_keys, values, doc_start)
     if m:
         memory.read = x[m + n:]
         memory.write = x[m + n:] if spec.write_slots == "memory" else memory.learned
@@ -253,6 +264,7 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
         search_keys=stack([at(bank[b], None) for b in searchable], empty),
         search_values=stack([bank[b].value for b in searchable], empty),
         n_bank=len(bank), n_prefix=len(global_slots) + n_window, segment=memory.segments,
+        window_positions=[bank[b].position for b in window],
     )
 
 
@@ -277,6 +289,8 @@ class View:
     """Globals plus window: where compact positions put the input."""
     segment: int = 0
     """0-based index of the segment reading this view (the random draw depends on it)."""
+    window_positions: list[int] = field(default_factory=list)
+    """Document position of each window slot."""
 
 
 def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int,
@@ -306,17 +320,18 @@ def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: i
 
 
 def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tensor, doc_keys: torch.Tensor,
-                 values: torch.Tensor) -> None:
+                 values: torch.Tensor, doc_start: int = 0) -> None:
     """Write a segment's keys/values [n, kv_heads, dim] to one layer's memory under the overflow policy."""
     if spec.kv == "none" or not spec.size:
         return
     pinned = memory.globals_[layer]
     if spec.global_source == "document" and len(pinned) < spec.global_tokens:  # the document's first G tokens
         g = min(spec.global_tokens - len(pinned), len(keys))
-        pinned.extend(Slot(keys[j], doc_keys[j], values[j]) for j in range(g))
+        pinned.extend(Slot(keys[j], doc_keys[j], values[j], doc_start + j) for j in range(g))
         keys, doc_keys, values = keys[g:], doc_keys[g:], values[g:]
+        doc_start += g
     step = spec.pool_ratio if spec.kv == "pooling" else 1
-    new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0))
+    new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0), doc_start + j)
            for j in range(0, len(keys), step)]
     bank = memory.banks[layer]
     if bank and len(bank) + len(new) > spec.size and spec.overflow != "fifo":
@@ -375,3 +390,25 @@ def random_read(spec: Description, view: View, g: int, t: int) -> tuple[torch.Te
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
     picked = [candidates[j] for j in order[:spec.random_slots]]
     return view.search_keys[picked, g], view.search_values[picked, g]
+
+
+def dilated_read(spec: Description, view: View, local_keys: torch.Tensor, local_values: torch.Tensor, g: int,
+                 head: int, t: int, doc_start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LongNet: the window slots and causal input keys that query `t` of `head` reads, each with the log of the
+    number of patterns holding it. Pattern j holds key position k for query position p when both lie in the same
+    w_j-token segment of the document and both equal the head's offset (head mod r_j) modulo r_j."""
+    n_window = len(view.window_index)
+    reach = max(0, min(spec.window - t, n_window)) if spec.sliding and not spec.read_all else n_window
+    p = doc_start + t
+    seen = [j for j, b in enumerate(view.window_index) if b >= view.n_bank - reach]
+    positions = [view.window_positions[j] for j in seen] + [doc_start + j for j in range(t + 1)]
+    keys = torch.cat([view.window_keys[seen, g], local_keys])
+    values = torch.cat([view.window_values[seen, g], local_values])
+
+    def count(k: int) -> int:
+        return sum(1 for w, r in zip(spec.dilated_segments, spec.dilation_rates, strict=True)
+                   if p // w == k // w and p % r == head % r and k % r == head % r)
+
+    counts = torch.tensor([count(k) for k in positions], dtype=F64)
+    held = counts > 0
+    return keys[held], values[held], counts[held].log()

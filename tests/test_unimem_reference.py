@@ -119,6 +119,15 @@ GRID = [
     case("bb-random-only", "vanilla", "writing.kv=direct", "management.size=12", "reading.random_slots=3",
          "reading.random_block=2"),
     case("bb-segment5-uneven", "bigbird", segment=5, doc=30),
+    # LongNet: dilated patterns with per-head offsets over memory and input, every position mode, a sliding window,
+    # a rate-3 pattern (offsets 0-2 on 4 heads), patterns not aligned with the run's segments.
+    case("ln-default-compact", "longnet", "position.mode=compact"),
+    case("ln-official", "longnet", "position.mode=official"),
+    case("ln-rates-1-3", "longnet", "reading.dilated_segments=[6,12]", "reading.dilation_rates=[1,3]"),
+    case("ln-uneven", "longnet", "reading.dilated_segments=[5,11,20]", segment=7, doc=40),
+    case("ln-sliding-window", "longnet", "reading.read_all=false", "reading.window=8", "reading.sliding=true"),
+    case("ln-segment1", "longnet", "reading.dilated_segments=[2,4]", "reading.dilation_rates=[1,2]",
+         "management.size=4", segment=1, doc=12),
     case("globals-over-segments", "longformer", "reading.global_source=document", "reading.global_tokens=11",
          segment=5, doc=30),
 ]
@@ -140,6 +149,7 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         global_source=r.global_source, topk=r.topk, read_all=r.read_all,
         position=p.mode, rope_factor=p.rope_factor or max(1.0, local / trained_context), sink_shift=p.sink_shift,
         random_slots=r.random_slots, random_block=r.random_block, random_seed=r.random_seed,
+        dilated_segments=r.dilated_segments, dilation_rates=r.dilation_rates,
     )
 
 

@@ -102,4 +102,7 @@ PRESETS: dict[str, Preset] = {
     "random-slots": Preset("BigBird's random slots per query block: 0-4 blocks of 64 per 2,048, scaled (its r = 3)",
                            lambda ctx: [Axis("reading.random_slots", tuple(dict.fromkeys(
                                str(ctx.paper_tokens(64) * n) for n in range(5))))]),
+    "dilation": Preset("LongNet's dilation rates of its 3 patterns: none (1,1,1), the paper's geometric (1,2,4), "
+                       "steeper (1,4,16)",
+                       lambda ctx: [Axis("reading.dilation_rates", ("[1,1,1]", "[1,2,4]", "[1,4,16]"))]),
 }

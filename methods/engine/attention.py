@@ -91,8 +91,11 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     else:
         keys, values = key, value
 
+    mask = ctx.mask
+    if mask is not None and mask.dim() == 3:  # LongNet: one row per head offset; head h takes row h mod offsets
+        mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
     if ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None:
-        out, lse = attention_with_lse(query, keys, values, ctx.mask, scale)
+        out, lse = attention_with_lse(query, keys, values, mask, scale)
         if ctx.sink_shift is not None:
             out, lse = merge_sinks(ctx, mem, query, out, lse, scale)
         if ctx.random_slots is not None:
@@ -100,7 +103,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
         if ctx.topk_end is not None:
             out = merge_topk(ctx, mem, query, out, lse, scale)
     else:
-        out = prefix_causal_sdpa(query, keys, values, ctx.mask, scale)
+        out = prefix_causal_sdpa(query, keys, values, mask, scale)
 
     if plan.write and (plan.n_new or plan.to_global):
         seg = slice(plan.n_read, plan.n_read + plan.n_seg)
@@ -116,7 +119,8 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
 
 def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                        scale: float) -> torch.Tensor:
-    """SDPA over [prefix ; local] with GQA kept unexpanded: q [batch, heads, seq, dim] -> same shape."""
+    """SDPA over [prefix ; local] with GQA kept unexpanded: q [batch, heads, seq, dim] -> same shape; the mask is
+    [queries, keys] or per head [heads, queries, keys]."""
     gqa = query.shape[1] != keys.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -136,7 +140,8 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
         k = keys.repeat_interleave(group, dim=1) if group > 1 else keys  # the fused op has no GQA switch
         v = values.repeat_interleave(group, dim=1) if group > 1 else values
-        return CPU_FLASH_WITH_LSE(query, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
+        flat = mask if mask is None or mask.dim() == 2 else mask.unsqueeze(0)  # per-head: [1, heads, seq, keys]
+        return CPU_FLASH_WITH_LSE(query, k, v, 0.0, mask is None, attn_mask=flat, scale=scale)
     q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
     if mask is None:
         causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
@@ -144,7 +149,8 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     outs, lses = [], []
     for lo in range(0, seq, QUERY_CHUNK):
         hi = min(seq, lo + QUERY_CHUNK)
-        scores = torch.einsum("bkgsd,bktd->bkgst", q[:, :, :, lo:hi], keys) * scale + mask[lo:hi]
+        block = mask[lo:hi] if mask.dim() == 2 else mask[:, lo:hi].unflatten(0, (kv_heads, group))
+        scores = torch.einsum("bkgsd,bktd->bkgst", q[:, :, :, lo:hi], keys) * scale + block
         lse = scores.logsumexp(-1)  # [batch, kv_heads, group, rows]
         probs = torch.exp(scores - lse.unsqueeze(-1))
         outs.append(torch.einsum("bkgst,bktd->bkgsd", probs, values))

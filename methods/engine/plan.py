@@ -57,6 +57,8 @@ class SegmentPlan:
     """Keep RMT memory-token states without gradient history (stop-gradient, and always at evaluation)."""
     write: bool
     """Write this segment to memory; False for an open segment decoded through a KV cache."""
+    doc_start: int = 0
+    """Document position of the segment's first token (LongNet's dilation reads document positions)."""
 
     @property
     def n_prefix(self) -> int:
@@ -97,6 +99,7 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
         n_bank=state.n_bank, first_id=state.first_id, to_global=to_global, drop_old=drop_old, drop_new=drop_new,
         n_new=n_new, first_position=first, place=place, store=store, rope_scale=scale,
         detach_kv=not grad or strategy != "bptt", detach_tokens=not grad or strategy == "stop_gradient", write=write,
+        doc_start=doc_start,
     )
 
 
@@ -143,7 +146,9 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     if config.position.sink_shift and plan.n_global and not plan.globals_in_bank:
         shift = plan.n_window - reach  # [queries] window slots the query skips
     mask = None
-    if plan.n_prefix or query_start:
+    if r.dilation_rates:
+        mask = dilated_mask(config, state, plan, i, reach, dtype)
+    elif plan.n_prefix or query_start:
         n_local = query_start + n_query
         visible = torch.ones(n_query, plan.n_prefix + n_local, dtype=torch.bool, device=device)
         if plan.n_window:
@@ -188,3 +193,27 @@ def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries:
     for block, slots in picks.items():
         table[block, :len(slots)] = slots
     return table.to(queries.device)[blocks]
+
+
+def dilated_mask(config: UniMemConfig, state: MemoryState, plan: SegmentPlan, queries: torch.Tensor,
+                 reach: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """LongNet's patterns as an additive mask [offsets, queries, window + local keys]: log(number of patterns holding
+    the key) where visible, -inf elsewhere; row o is every head h with h = o mod lcm(rates)."""
+    r = config.reading
+    device = queries.device
+    window_pos = state.positions[plan.n_bank - plan.n_window:].to(device)  # [window] document positions
+    n_local = int(queries.max()) + 1
+    keys = torch.cat([window_pos, plan.doc_start + torch.arange(n_local, device=device)])  # [keys]
+    q = plan.doc_start + queries  # [queries] document positions
+    w = torch.arange(plan.n_window, device=device)
+    in_window = w[None, :] >= plan.n_window - reach[:, None]  # [queries, window]
+    causal = torch.arange(n_local, device=device)[None, :] <= queries[:, None]  # [queries, local]
+    base = torch.cat([in_window, causal], dim=1)  # [queries, keys]
+    offsets = math.lcm(*r.dilation_rates)
+    count = torch.zeros(offsets, len(q), len(keys), device=device)
+    for length, rate in zip(r.dilated_segments, r.dilation_rates, strict=True):
+        same = (q[:, None] // length) == (keys[None, :] // length)  # [queries, keys]
+        for o in range(offsets):
+            on = ((q % rate) == o % rate)[:, None] & ((keys % rate) == o % rate)[None, :]
+            count[o] += (same & on & base).to(count.dtype)
+    return torch.where(count > 0, count.log(), float("-inf")).to(dtype)
