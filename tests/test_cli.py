@@ -40,6 +40,13 @@ def test_list_csv_gives_every_method_its_dimensions_training_and_fidelity(capsys
     assert "global 4 (document)" in row["reading"] and "window" in row["reading"]
 
 
+def test_a_method_needs_a_fidelity_line_of_a_known_kind():
+    from unimem_bench.methods.registry import method
+
+    with pytest.raises(ValueError, match="must start with one of"):
+        method("not_registered", paper="-", url="-", fidelity="faithful")
+
+
 def test_every_command_module_registers_its_command_and_handler():
     parser = cli.build_parser()
     names = [module.NAME for module in cli.command_modules()]
