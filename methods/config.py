@@ -150,6 +150,7 @@ class Reading:
                               "reading.topk=0")
         if min(self.ivf_lists, self.ivf_probe, self.hnsw_neighbors) < 1:
             raise ConfigError("reading.ivf_lists, reading.ivf_probe and reading.hnsw_neighbors must be >= 1")
+        _check_nonneg(**{"reading.random_slots": self.random_slots, "reading.random_seed": self.random_seed})
         object.__setattr__(self, "dilated_segments", tuple(int(w) for w in self.dilated_segments))
         object.__setattr__(self, "dilation_rates", tuple(int(r) for r in self.dilation_rates))
         if len(self.dilated_segments) != len(self.dilation_rates):
