@@ -154,6 +154,9 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         reads.append(f"top-{r.topk} ({r.index})")
     if r.random_slots:
         reads.append(f"random {r.random_slots} per {r.random_block} queries")
+    if r.dilation_rates:
+        reads.append("dilated " + " ".join(f"{w:,}/{k}" for w, k in zip(r.dilated_segments, r.dilation_rates,
+                                                                       strict=True)))
     if w.memory_tokens:
         reads.append("memory tokens")
     extra = []
