@@ -96,7 +96,8 @@ class Reading:
     """Dilation of the window (official Longformer preset: 2): query i keeps the window slots whose index in the
     memory bank (0 = oldest slot held) is congruent to i mod stride. 1 = no dilation."""
     global_tokens: int = 0
-    """G global tokens read by every query, besides the window (Longformer's global attention)."""
+    """G global tokens read by every query, besides the window (Longformer's global attention). Document globals
+    are the document's first G tokens, taken from as many first segments as they span."""
     global_source: GlobalSource = "document"
     """`document`: the document's first G tokens, pinned forever. `memory` (official `MemoryLayer.retrieve`): the
     first G slots of the current memory bank, which move as the memory moves (and vanish when it is cleared)."""
@@ -115,6 +116,26 @@ class Reading:
     """IVF cells searched per query: 16 of 256 keeps recall high at a sixteenth of the work."""
     hnsw_neighbors: int = 32
     """HNSW graph degree M; 32 is faiss' recommended default for recall above 0.95."""
+    random_slots: int = 0
+    """BigBird's random attention: R memory slots per query block, drawn at random (seeded) among the slots its
+    window does not read: the non-global bank slots before the window reach of the block's first query. Query block
+    b (input index // random_block) of the document's s-th segment (0-based) takes the first R entries of
+    `torch.randperm(n, generator=torch.Generator().manual_seed((random_seed * 1_000_003 + s) * 1_000_003 + b))` over
+    its n candidates in bank order (all of them when n <= R); every head and layer reads the same slots, at the
+    positions top-k keys get. 0 = none."""
+    random_block: int = 64
+    """Queries per block sharing their random slots (BigBird's block size, 64)."""
+    random_seed: int = 0
+    """Seed of the random slots: the same seed reads the same slots."""
+    dilated_segments: tuple[int, ...] = ()
+    """LongNet's dilated attention: segment lengths w_j in tokens, one per pattern (with `dilation_rates`). Pattern j
+    splits the document into w_j-token segments; head h of a query at document position p reads the keys k <= p of
+    p's segment with k = p = h (mod r_j) (head offset h mod r_j; a query off its offset reads nothing in that
+    pattern). The window and local keys are restricted to the union of the patterns, each key weighted by the number
+    of patterns that hold it (LongNet sums the patterns' outputs weighted by their softmax denominators, which is this
+    one softmax). Empty = no dilation."""
+    dilation_rates: tuple[int, ...] = ()
+    """LongNet's dilation rate r_j of each pattern; one pattern must have rate 1 so every query reads something."""
 
     def __post_init__(self) -> None:
         _check_nonneg(
@@ -129,6 +150,25 @@ class Reading:
                               "reading.topk=0")
         if min(self.ivf_lists, self.ivf_probe, self.hnsw_neighbors) < 1:
             raise ConfigError("reading.ivf_lists, reading.ivf_probe and reading.hnsw_neighbors must be >= 1")
+        _check_nonneg(**{"reading.random_slots": self.random_slots, "reading.random_seed": self.random_seed})
+        object.__setattr__(self, "dilated_segments", tuple(int(w) for w in self.dilated_segments))
+        object.__setattr__(self, "dilation_rates", tuple(int(r) for r in self.dilation_rates))
+        if len(self.dilated_segments) != len(self.dilation_rates):
+            raise ConfigError(f"reading.dilated_segments has {len(self.dilated_segments)} lengths but "
+                              f"reading.dilation_rates {len(self.dilation_rates)}: give one rate per segment length")
+        if any(v < 1 for v in self.dilated_segments + self.dilation_rates):
+            raise ConfigError("reading.dilated_segments and reading.dilation_rates must be >= 1")
+        if self.dilation_rates and 1 not in self.dilation_rates:
+            raise ConfigError("reading.dilation_rates needs one pattern of rate 1 (LongNet's first), or queries off "
+                              "every head offset would read nothing: add 1")
+        if self.dilation_rates and (self.topk or self.random_slots or self.global_tokens or self.stride > 1):
+            raise ConfigError("reading.dilated_segments restricts window and local keys by position: set "
+                              "reading.topk, reading.random_slots and reading.global_tokens to 0 and reading.stride=1")
+        if self.random_block < 1:
+            raise ConfigError(f"reading.random_block={self.random_block} must be >= 1 (queries per block)")
+        if self.random_slots and (self.topk or self.read_all):
+            raise ConfigError("reading.random_slots draws from the slots top-k or read_all would read: set "
+                              "reading.topk=0 and reading.read_all=false (or reading.random_slots=0)")
 
 
 @dataclass(frozen=True)
@@ -191,6 +231,12 @@ class Position:
     """Linear position interpolation factor (transformers' `linear` rope type); 0 = local context / trained context."""
     segment_factor: int = 1
     """The method's local context in run segments: position interpolation reads several segments at once."""
+    sink_shift: bool = False
+    """StreamingLLM's rolling cache re-rotated at positions inside the cache (official `pos_shift`): each query sees
+    the global (sink) keys at the positions just before the oldest window slot it reads, not at 0 .. G-1, so a
+    sliding window streamed in segments gives every query the keys and relative positions a token-by-token cache
+    of G sinks + W recent tokens gives it. Needs compact positions, document globals, a sliding window, stride 1,
+    and segments no longer than the window."""
 
     def __post_init__(self) -> None:
         _check_choice("position.mode", self.mode, PositionMode)
@@ -198,6 +244,9 @@ class Position:
             raise ConfigError(f"position.rope_factor={self.rope_factor} must be >= 1 (or 0 for automatic)")
         if self.segment_factor < 1:
             raise ConfigError(f"position.segment_factor={self.segment_factor} must be >= 1")
+        if self.sink_shift and self.mode != "compact":
+            raise ConfigError(f"position.sink_shift=true moves global keys within compact positions: set "
+                              f"position.mode=compact (not {self.mode})")
 
 
 @dataclass(frozen=True)
@@ -221,9 +270,11 @@ class UniMemConfig:
 
     def __post_init__(self) -> None:
         m, w, r = self.management, self.writing, self.reading
-        reads_kv = r.window or r.topk or r.read_all or r.global_tokens
+        reads_kv = r.window or r.topk or r.read_all or r.global_tokens or r.random_slots
         if r.topk and not m.size:
             raise ConfigError(f"reading.topk={r.topk} needs memory to search: set management.size > 0")
+        if r.random_slots and not m.size:
+            raise ConfigError(f"reading.random_slots={r.random_slots} draws from memory: set management.size > 0")
         if (r.window or r.read_all) and not m.size:
             raise ConfigError("reading.window/read_all read from memory: set management.size > 0")
         if r.window > m.size and m.size:
@@ -234,12 +285,20 @@ class UniMemConfig:
                               "first slots of memory: set management.size > 0 (or reading.global_source=document)")
         if reads_kv and w.kv == "none":
             raise ConfigError("reading memory keys/values needs them written: set writing.kv=direct (or pooling)")
+        if r.dilation_rates and w.memory_tokens:
+            raise ConfigError("reading.dilated_segments counts document positions: set writing.memory_tokens=0")
         if m.size and w.kv == "none":
             raise ConfigError(f"management.size={m.size} but nothing writes keys/values: set writing.kv=direct or "
                               "management.size=0")
-        if m.size and not (r.window or r.topk or r.read_all or (r.global_tokens and r.global_source == "memory")):
+        if m.size and not (r.window or r.topk or r.read_all or r.random_slots
+                           or (r.global_tokens and r.global_source == "memory")):
             raise ConfigError(f"management.size={m.size} but nothing reads it: set reading.window, reading.topk or "
                               "reading.read_all")
+        if self.position.sink_shift and not (r.global_tokens and r.global_source == "document" and r.window
+                                             and r.sliding and r.stride == 1):
+            raise ConfigError("position.sink_shift=true shifts document globals in front of a sliding window: set "
+                              "reading.global_tokens > 0, reading.global_source=document, reading.window > 0, "
+                              "reading.sliding=true and reading.stride=1")
 
     @property
     def uses_kv_memory(self) -> bool:
@@ -253,14 +312,17 @@ class UniMemConfig:
 
     def without_memory(self) -> UniMemConfig:
         """The same method with every memory switched off (what the exactness tests compare to plain HF)."""
-        return dataclasses.replace(self, management=Management(), writing=Writing(), reading=Reading())
+        return dataclasses.replace(self, management=Management(), writing=Writing(), reading=Reading(),
+                                   position=dataclasses.replace(self.position, sink_shift=False))
 
     def bind(self, *, n_layers: int, segment_len: int) -> tuple[int, ...]:
         """Check the model-dependent parts; return the injected layer indices."""
         layers = self.injection.resolve(n_layers)
-        if self.reading.global_source == "document" and self.reading.global_tokens > segment_len:
-            raise ConfigError(f"reading.global_tokens={self.reading.global_tokens} exceeds the segment length "
-                              f"{segment_len}: global tokens must come from the first segment")
+        local = segment_len * self.position.segment_factor
+        if self.position.sink_shift and local > self.reading.window:
+            raise ConfigError(f"position.sink_shift=true with a {local}-token segment needs reading.window >= {local} "
+                              "(a query further than the window into its segment would see too many local keys): "
+                              "raise reading.window or shorten the segment")
         return layers
 
     def to_dict(self) -> dict[str, Any]:

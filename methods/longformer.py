@@ -25,7 +25,9 @@ from unimem_bench.methods.config import Injection, Management, Position, Reading
 from unimem_bench.methods.registry import MethodContext, method
 
 
-@method("longformer", paper="Longformer (Beltagy et al., 2020)", url="https://arxiv.org/abs/2004.05150")
+@method("longformer", paper="Longformer (Beltagy et al., 2020)", url="https://arxiv.org/abs/2004.05150",
+        fidelity=("decoder variant: causal sliding window + dilation + globals streamed over segments (official "
+                  "UniMem preset); Longformer's bidirectional local attention and task-chosen globals are dropped"))
 def longformer(ctx: MethodContext) -> UniMemConfig:
     return UniMemConfig(
         name="longformer",

@@ -22,7 +22,9 @@ from unimem_bench.methods.registry import MethodContext, method
 
 
 @method("memorizing_transformer", paper="Memorizing Transformer (Wu et al., 2022)",
-        url="https://arxiv.org/abs/2203.08913")
+        url="https://arxiv.org/abs/2203.08913",
+        fidelity=("approximation: exact top-k kNN merged into one softmax (the paper's learned gate is that "
+                  "split); memory keys at position 0 as the official UniMem code, no learned gate"))
 def memorizing_transformer(ctx: MethodContext) -> UniMemConfig:
     return UniMemConfig(
         name="memorizing_transformer",

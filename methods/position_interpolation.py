@@ -16,7 +16,8 @@ from unimem_bench.methods.registry import MethodContext, method
 
 
 @method("position_interpolation", paper="Position Interpolation (Chen et al., 2023)",
-        url="https://arxiv.org/abs/2306.15595")
+        url="https://arxiv.org/abs/2306.15595",
+        fidelity="exact: linear RoPE interpolation (transformers' `linear` rope type) over 4 segments")
 def position_interpolation(ctx: MethodContext) -> UniMemConfig:
     return UniMemConfig(
         name="position_interpolation",

@@ -101,6 +101,8 @@ class Method:
     paper: str
     url: str
     build: Callable[[MethodContext], UniMemConfig]
+    fidelity: str
+    """How the config relates to the original: `exact`, `decoder variant` or `approximation`, then what differs."""
 
     def config(self, ctx: MethodContext, overrides: Sequence[str] = ()) -> UniMemConfig:
         """The method's defaults for this model and segment length, with `section.field=value` overrides."""
@@ -110,11 +112,19 @@ class Method:
 METHODS: Registry[Method] = Registry("method")
 
 
-def method(name: str, *, paper: str, url: str) -> Callable[[Callable[[MethodContext], UniMemConfig]], Method]:
-    """Decorator registering a config-building function as method `name`."""
+FIDELITY_KINDS = ("exact", "decoder variant", "approximation")
+"""How a method's config relates to the original computation; a fidelity line starts with one of these."""
+
+
+def method(name: str, *, paper: str, url: str,
+           fidelity: str) -> Callable[[Callable[[MethodContext], UniMemConfig]], Method]:
+    """Decorator registering a config-building function as method `name`; `fidelity` starts with one of
+    FIDELITY_KINDS and says what differs from the original."""
+    if not fidelity.startswith(FIDELITY_KINDS):
+        raise ValueError(f"method {name!r}: fidelity {fidelity!r} must start with one of {FIDELITY_KINDS}")
 
     def decorate(build: Callable[[MethodContext], UniMemConfig]) -> Method:
-        return METHODS.register(name)(Method(name=name, paper=paper, url=url, build=build))
+        return METHODS.register(name)(Method(name=name, paper=paper, url=url, build=build, fidelity=fidelity))
 
     return decorate
 
@@ -142,9 +152,16 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         reads.append(f"global {r.global_tokens} ({r.global_source})")
     if r.topk:
         reads.append(f"top-{r.topk} ({r.index})")
+    if r.random_slots:
+        reads.append(f"random {r.random_slots} per {r.random_block} queries")
+    if r.dilation_rates:
+        reads.append("dilated " + " ".join(f"{w:,}/{k}" for w, k in zip(r.dilated_segments, r.dilation_rates,
+                                                                       strict=True)))
     if w.memory_tokens:
         reads.append("memory tokens")
     extra = []
+    if config.position.sink_shift:
+        extra.append("sinks at cache positions")
     if config.position.rope_factor != 1:
         extra.append("PI x" + ("auto" if config.position.rope_factor == 0 else f"{config.position.rope_factor:g}"))
     if config.position.segment_factor != 1:

@@ -25,7 +25,9 @@ from unimem_bench.methods.config import Injection, Position, Training, UniMemCon
 from unimem_bench.methods.registry import MethodContext, method
 
 
-@method("rmt", paper="Recurrent Memory Transformer (Bulatov et al., 2022)", url="https://arxiv.org/abs/2207.06881")
+@method("rmt", paper="Recurrent Memory Transformer (Bulatov et al., 2022)", url="https://arxiv.org/abs/2207.06881",
+        fidelity=("exact: memory tokens read before and written after each segment (official UniMem RMT), the "
+                  "first segment reading learned embeddings"))
 def rmt(ctx: MethodContext) -> UniMemConfig:
     return UniMemConfig(
         name="rmt",

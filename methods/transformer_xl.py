@@ -23,7 +23,9 @@ from unimem_bench.methods.config import Injection, Management, Position, Reading
 from unimem_bench.methods.registry import MethodContext, method
 
 
-@method("transformer_xl", paper="Transformer-XL (Dai et al., 2019)", url="https://arxiv.org/abs/1901.02860")
+@method("transformer_xl", paper="Transformer-XL (Dai et al., 2019)", url="https://arxiv.org/abs/1901.02860",
+        fidelity=("approximation: XL's cache read by a stock RoPE LLaMA (official UniMem positions: memory at 0), "
+                  "not XL's relative positional encoding"))
 def transformer_xl(ctx: MethodContext) -> UniMemConfig:
     return UniMemConfig(
         name="transformer_xl",

@@ -25,7 +25,8 @@ from unimem_bench.methods.config import Injection, Management, Position, Reading
 from unimem_bench.methods.registry import MethodContext, method
 
 
-@method("unimix", paper="UniMix (Fang et al., 2024)", url="https://arxiv.org/abs/2402.03009")
+@method("unimix", paper="UniMix (Fang et al., 2024)", url="https://arxiv.org/abs/2402.03009",
+        fidelity="exact: the UniMem paper's own combination (Table 2), as its official code")
 def unimix(ctx: MethodContext) -> UniMemConfig:
     return UniMemConfig(
         name="unimix",

@@ -14,6 +14,7 @@ from unimem_bench.methods.config import Position, UniMemConfig
 from unimem_bench.methods.registry import MethodContext, method
 
 
-@method("vanilla", paper="Base model, no memory", url="https://arxiv.org/abs/2402.03009")
+@method("vanilla", paper="Base model, no memory", url="https://arxiv.org/abs/2402.03009",
+        fidelity="exact: the base model on each segment alone")
 def vanilla(ctx: MethodContext) -> UniMemConfig:
     return UniMemConfig(name="vanilla", position=Position(mode="official"))

@@ -15,9 +15,9 @@ of visible (key, value) pairs from an explicit Python list of memory slots per l
   final-norm outputs at the write slots (the official `update_rmt_memory` takes them after `self.norm`), and the
   next write slots are those outputs too (`memory`) or the learned embeddings again (`learned`). The first segment
   reads the learned embeddings (the official code has no read slots in its first segment).
-- Longformer (Eq. 8, 15): the window plus G global slots every query sees: the document's first G tokens, pinned
-  and never written to memory (`document`), or the first G slots of the current memory (`memory`, official), the
-  window then being the last W of the slots after them.
+- Longformer (Eq. 8, 15): the window plus G global slots every query sees: the document's first G tokens (from as
+  many first segments as they span), pinned and never written to memory (`document`), or the first G slots of the
+  current memory (`memory`, official), the window then being the last W of the slots after them.
 - Management: `fifo` drops the oldest slots; `clear` (official `reset`) empties a memory the segment would overflow
   and writes nothing of it; `clear-and-write` empties it, then writes the segment. An empty memory always takes a
   write (its last `size` slots). Pooling writes the mean of every `pool_ratio` consecutive tokens (a shorter last
@@ -25,6 +25,8 @@ of visible (key, value) pairs from an explicit Python list of memory slots per l
 - Positions: `official` puts every memory key at position 0 and restarts the input (read slots, segment, write
   slots) at 0 every segment; `compact` gives globals, window and input consecutive positions from 0 and top-k keys
   position 0; `absolute` gives every token its document position (read slots just before the segment).
+- StreamingLLM (`sink_shift`): compact positions with each query's globals moved up by the window slots its sliding
+  reach skips; `rolling_cache_nll` is its official token-by-token evaluation, written on its own.
 """
 
 from __future__ import annotations
@@ -75,6 +77,19 @@ class Description:
     """official | compact | absolute."""
     rope_factor: float = 1.0
     """Linear position interpolation: RoPE angles at position p / rope_factor."""
+    random_slots: int = 0
+    """BigBird: memory slots per query block drawn at random among those before the block's first query's reach."""
+    random_block: int = 64
+    """Queries per block sharing their random slots."""
+    random_seed: int = 0
+    """Seed of the random draw."""
+    dilated_segments: tuple[int, ...] = ()
+    """LongNet: segment length w_j of each dilated pattern."""
+    dilation_rates: tuple[int, ...] = ()
+    """LongNet: dilation rate r_j of each pattern (head h takes offset h mod r_j)."""
+    sink_shift: bool = False
+    """StreamingLLM: a query's global keys sit at the positions just before its first visible window slot (compact
+    positions moved up by the number of window slots its sliding reach skips)."""
 
 
 class ReferenceLlama:
@@ -115,6 +130,8 @@ class Slot:
     key_doc: torch.Tensor
     """Key rotated at its document position; pooled slots: the mean of their tokens' rotated keys."""
     value: torch.Tensor
+    position: int = -1
+    """Document position of the slot's (first) token."""
 
 
 @dataclass
@@ -178,10 +195,15 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
             for head in range(llama.heads):
                 g = head // (llama.heads // llama.kv_heads)
                 keys, values = k_rot[:t + 1, g], v[:t + 1, g]  # the input, causally
-                if layer in spec.layers:
-                    mem_keys, mem_values = read_memory(spec, views[layer], q_rot[t, head], g, t)
+                log_count = torch.zeros(t + 1, dtype=F64)
+                if layer in spec.layers and spec.dilation_rates:
+                    keys, values, log_count = dilated_read(spec, views[layer], keys, values, g, head, t, doc_start)
+                elif layer in spec.layers:
+                    mem_keys, mem_values = read_memory(spec, views[layer], q_rot[t, head], g, t, llama)
                     keys, values = torch.cat([mem_keys, keys]), torch.cat([mem_values, values])
-                weights = torch.softmax(keys @ q_rot[t, head] / math.sqrt(llama.head_dim), dim=0)
+                    log_count = torch.zeros(len(keys), dtype=F64)
+                logits = keys @ q_rot[t, head] / math.sqrt(llama.head_dim) + log_count
+                weights = torch.softmax(logits, dim=0)
                 attn[t, head] = weights @ values
         x = x + llama.linear(attn.reshape(len(x), -1), p + "self_attn.o_proj")
         h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
@@ -192,7 +214,7 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
             written[layer] = (k[m:m + n], doc_keys, v[m:m + n])
     x = llama.rms_norm(x, "model.norm.weight")
     for layer, (keys, doc_keys, values) in written.items():
-        write_memory(spec, memory, layer, keys, doc_keys, values)
+        write_memory(spec, memory, layer, keys, doc_keys, values, doc_start)
     if m:
         memory.read = x[m + n:]
         memory.write = x[m + n:] if spec.write_slots == "memory" else memory.learned
@@ -231,7 +253,7 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
 
     empty = llama.w["model.embed_tokens.weight"].new_zeros(0, llama.kv_heads, llama.head_dim)
     window = range(window_start, len(bank))
-    searchable = range(first, len(bank)) if spec.topk else range(0)
+    searchable = range(first, len(bank)) if spec.topk or spec.random_slots else range(0)
     return View(
         global_keys=stack([at(s, j) for j, s in enumerate(global_slots)], empty),
         global_values=stack([s.value for s in global_slots], empty),
@@ -241,7 +263,8 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
         search_index=list(searchable),
         search_keys=stack([at(bank[b], None) for b in searchable], empty),
         search_values=stack([bank[b].value for b in searchable], empty),
-        n_bank=len(bank), n_prefix=len(global_slots) + n_window,
+        n_bank=len(bank), n_prefix=len(global_slots) + n_window, segment=memory.segments,
+        window_positions=[bank[b].position for b in window],
     )
 
 
@@ -264,18 +287,29 @@ class View:
     """Slots in the layer's memory."""
     n_prefix: int
     """Globals plus window: where compact positions put the input."""
+    segment: int = 0
+    """0-based index of the segment reading this view (the random draw depends on it)."""
+    window_positions: list[int] = field(default_factory=list)
+    """Document position of each window slot."""
 
 
-def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int) -> tuple[torch.Tensor,
-                                                                                           torch.Tensor]:
+def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int,
+                llama: ReferenceLlama) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [n, head_dim] of the memory slots that query `t` (0-based input index, RMT read slots
     first) of KV head `g` reads: the globals, its window slots, then its top-k among the slots before its reach."""
     n_window = len(view.window_index)
     reach = max(0, min(spec.window - t, n_window)) if spec.sliding and not spec.read_all else n_window
     seen = [j for j, b in enumerate(view.window_index)
             if b >= view.n_bank - reach and b % spec.stride == t % spec.stride]
-    keys = [view.global_keys[:, g], view.window_keys[seen, g]]
+    global_keys = view.global_keys[:, g]
+    if spec.sink_shift:  # the globals move up to just before the first window slot this query sees
+        global_keys = llama.rope(global_keys, n_window - reach, spec.rope_factor)
+    keys = [global_keys, view.window_keys[seen, g]]
     values = [view.global_values[:, g], view.window_values[seen, g]]
+    if spec.random_slots:
+        keys_r, values_r = random_read(spec, view, g, t)
+        keys.append(keys_r)
+        values.append(values_r)
     candidates = [j for j, b in enumerate(view.search_index) if b < view.n_bank - reach]
     if candidates and spec.topk:
         scores = view.search_keys[candidates, g] @ query
@@ -286,16 +320,18 @@ def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: i
 
 
 def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tensor, doc_keys: torch.Tensor,
-                 values: torch.Tensor) -> None:
+                 values: torch.Tensor, doc_start: int = 0) -> None:
     """Write a segment's keys/values [n, kv_heads, dim] to one layer's memory under the overflow policy."""
     if spec.kv == "none" or not spec.size:
         return
-    if memory.segments == 0 and spec.global_source == "document" and spec.global_tokens:
-        g = min(spec.global_tokens, len(keys))
-        memory.globals_[layer] = [Slot(keys[j], doc_keys[j], values[j]) for j in range(g)]
+    pinned = memory.globals_[layer]
+    if spec.global_source == "document" and len(pinned) < spec.global_tokens:  # the document's first G tokens
+        g = min(spec.global_tokens - len(pinned), len(keys))
+        pinned.extend(Slot(keys[j], doc_keys[j], values[j], doc_start + j) for j in range(g))
         keys, doc_keys, values = keys[g:], doc_keys[g:], values[g:]
+        doc_start += g
     step = spec.pool_ratio if spec.kv == "pooling" else 1
-    new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0))
+    new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0), doc_start + j)
            for j in range(0, len(keys), step)]
     bank = memory.banks[layer]
     if bank and len(bank) + len(new) > spec.size and spec.overflow != "fifo":
@@ -304,3 +340,75 @@ def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tens
             return
     bank.extend(new)
     del bank[:max(0, len(bank) - spec.size)]
+
+
+def rolling_cache_nll(llama: ReferenceLlama, doc: torch.Tensor, *, sinks: int, recent: int) -> torch.Tensor:
+    """Per-token NLL [len(doc) - 1] of StreamingLLM as its official evaluation runs it: one token at a time through
+    a per-layer Python list of (unrotated key, value) pairs; after every step the list keeps its first `sinks` and
+    last `recent` entries (`StartRecentKVCache`). Keys are rotated at their index in the list and the query at the
+    list's last index (`pos_shift`: positions inside the cache, not in the document)."""
+    cache: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(llama.n_layers)]
+    group = llama.heads // llama.kv_heads
+    out = []
+    for t in range(len(doc) - 1):
+        x = llama.w["model.embed_tokens.weight"][doc[t]]  # [hidden]
+        for layer in range(llama.n_layers):
+            p = f"model.layers.{layer}."
+            h = llama.rms_norm(x, p + "input_layernorm.weight")
+            q = llama.linear(h, p + "self_attn.q_proj").view(llama.heads, -1)
+            k = llama.linear(h, p + "self_attn.k_proj").view(llama.kv_heads, -1)
+            v = llama.linear(h, p + "self_attn.v_proj").view(llama.kv_heads, -1)
+            entries = cache[layer]
+            entries.append((k, v))
+            keys = torch.stack([llama.rope(key, j, 1.0) for j, (key, _) in enumerate(entries)])  # [n, kv, dim]
+            values = torch.stack([value for _, value in entries])
+            q_rot = llama.rope(q, len(entries) - 1, 1.0)  # [heads, dim]
+            attn = torch.stack([torch.softmax(keys[:, hd // group] @ q_rot[hd] / math.sqrt(llama.head_dim), 0)
+                                @ values[:, hd // group] for hd in range(llama.heads)])
+            x = x + llama.linear(attn.reshape(-1), p + "self_attn.o_proj")
+            h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
+            gate = llama.linear(h, p + "mlp.gate_proj")
+            x = x + llama.linear(gate * torch.sigmoid(gate) * llama.linear(h, p + "mlp.up_proj"),
+                                 p + "mlp.down_proj")
+            if len(entries) > sinks + recent:
+                del entries[sinks:len(entries) - recent]
+        logits = llama.rms_norm(x, "model.norm.weight") @ llama.lm_head.T
+        out.append(-torch.log_softmax(logits, -1)[doc[t + 1]])
+    return torch.stack(out)
+
+
+def random_read(spec: Description, view: View, g: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BigBird's random slots of query `t`: its block is t // random_block; the candidates are the non-global
+    memory slots older than everything the block's first query reaches by window; the block takes the first
+    random_slots entries of a permutation drawn from a generator seeded by (seed, segment, block)."""
+    block = t // spec.random_block
+    first = block * spec.random_block
+    n_window = len(view.window_index)
+    reach = max(0, min(spec.window - first, n_window)) if spec.sliding else n_window
+    candidates = [j for j, b in enumerate(view.search_index) if b < view.n_bank - reach]
+    seed = (spec.random_seed * 1_000_003 + view.segment) * 1_000_003 + block
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked = [candidates[j] for j in order[:spec.random_slots]]
+    return view.search_keys[picked, g], view.search_values[picked, g]
+
+
+def dilated_read(spec: Description, view: View, local_keys: torch.Tensor, local_values: torch.Tensor, g: int,
+                 head: int, t: int, doc_start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LongNet: the window slots and causal input keys that query `t` of `head` reads, each with the log of the
+    number of patterns holding it. Pattern j holds key position k for query position p when both lie in the same
+    w_j-token segment of the document and both equal the head's offset (head mod r_j) modulo r_j."""
+    n_window = len(view.window_index)
+    reach = max(0, min(spec.window - t, n_window)) if spec.sliding and not spec.read_all else n_window
+    p = doc_start + t
+    seen = [j for j, b in enumerate(view.window_index) if b >= view.n_bank - reach]
+    positions = [view.window_positions[j] for j in seen] + [doc_start + j for j in range(t + 1)]
+    keys = torch.cat([view.window_keys[seen, g], local_keys])
+    values = torch.cat([view.window_values[seen, g], local_values])
+
+    def count(k: int) -> int:
+        return sum(1 for w, r in zip(spec.dilated_segments, spec.dilation_rates, strict=True)
+                   if p // w == k // w and p % r == head % r and k % r == head % r)
+
+    counts = torch.tensor([count(k) for k in positions], dtype=F64)
+    held = counts > 0
+    return keys[held], values[held], counts[held].log()

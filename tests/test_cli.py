@@ -22,6 +22,31 @@ def test_list_prints_methods_and_tasks(capsys):
         assert name in out
 
 
+def test_list_csv_gives_every_method_its_dimensions_training_and_fidelity(capsys):
+    import io
+
+    from unimem_bench.methods import METHODS
+    from unimem_bench.methods.registry import FIDELITY_KINDS
+
+    assert cli.main(["list", "--format", "csv"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out), dtype=str)
+    assert list(table.columns) == ["method", "management", "writing", "reading", "injection", "training", "fidelity",
+                                   "paper"]
+    assert list(table["method"]) == METHODS.names()
+    assert all(f.startswith(FIDELITY_KINDS) for f in table["fidelity"])
+    assert all("arxiv.org" in p for p in table["paper"])
+    row = table.set_index("method").loc["streaming_llm"]
+    assert (row["management"], row["writing"], row["injection"]) == ("2,048 tok, fifo", "direct", "all")
+    assert "global 4 (document)" in row["reading"] and "window" in row["reading"]
+
+
+def test_a_method_needs_a_fidelity_line_of_a_known_kind():
+    from unimem_bench.methods.registry import method
+
+    with pytest.raises(ValueError, match="must start with one of"):
+        method("not_registered", paper="-", url="-", fidelity="faithful")
+
+
 def test_every_command_module_registers_its_command_and_handler():
     parser = cli.build_parser()
     names = [module.NAME for module in cli.command_modules()]

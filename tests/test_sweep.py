@@ -45,6 +45,13 @@ def test_layer_thirds_cover_every_layer_in_three_contiguous_near_equal_groups(n_
     assert max(map(len, groups)) - min(map(len, groups)) <= 1
 
 
+def test_position_reading_presets_scale_with_the_segment():
+    ctx = MethodContext(n_layers=5, segment_len=128, trained_context=512)
+    assert PRESETS["sinks"].axes(ctx) == [Axis("reading.global_tokens", ("1", "2", "4", "8"))]
+    # BigBird's block of 64 per 2,048 is 4 per 128: 0 to 4 blocks of random slots.
+    assert PRESETS["random-slots"].axes(ctx) == [Axis("reading.random_slots", ("0", "4", "8", "12", "16"))]
+
+
 def test_layer_placement_preset_on_five_layers():
     axes = PRESETS["layer-placement"].axes(MethodContext(n_layers=5, segment_len=128, trained_context=512))
     # The third "4" is the single layer 4: one point, not two.

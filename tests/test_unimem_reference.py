@@ -101,6 +101,35 @@ GRID = [
          "reading.global_source=memory"),
     case("read-all", "vanilla", "writing.kv=direct", "management.size=16", "reading.read_all=true"),
     case("pi-factor3", "position_interpolation", "position.rope_factor=3"),
+    # StreamingLLM: sinks at per-query cache positions; more sinks than a segment; a window longer than a segment;
+    # sinks at fixed compact positions; one-token segments.
+    case("sllm-sinks3", "streaming_llm", "reading.global_tokens=3"),
+    case("sllm-sinks11-segment5", "streaming_llm", "reading.global_tokens=11", segment=5, doc=30),
+    case("sllm-window12-of-12", "streaming_llm", "management.size=12", "reading.window=12"),
+    case("sllm-no-shift", "streaming_llm", "position.sink_shift=false"),
+    case("sllm-segment1", "streaming_llm", "management.size=4", "reading.window=4", segment=1, doc=12),
+    # BigBird: random slots per query block (one block per query, blocks of 3 and 8, more slots than candidates, a
+    # second seed), with every position mode, full and fifo memory, and without window or globals.
+    case("bb-random2-block3", "bigbird", "reading.random_slots=2", "reading.random_block=3"),
+    case("bb-random5-block8-seed7", "bigbird", "reading.random_slots=5", "reading.random_block=8",
+         "reading.random_seed=7"),
+    case("bb-random-all", "bigbird", "reading.random_slots=40"),
+    case("bb-full-window", "bigbird", "reading.sliding=false", "management.size=20", "management.overflow=fifo"),
+    *[case(f"bb-{mode}", "bigbird", f"position.mode={mode}") for mode in ("official", "compact", "absolute")],
+    case("bb-random-only", "vanilla", "writing.kv=direct", "management.size=12", "reading.random_slots=3",
+         "reading.random_block=2"),
+    case("bb-segment5-uneven", "bigbird", segment=5, doc=30),
+    # LongNet: dilated patterns with per-head offsets over memory and input, every position mode, a sliding window,
+    # a rate-3 pattern (offsets 0-2 on 4 heads), patterns not aligned with the run's segments.
+    case("ln-default-compact", "longnet", "position.mode=compact"),
+    case("ln-official", "longnet", "position.mode=official"),
+    case("ln-rates-1-3", "longnet", "reading.dilated_segments=[6,12]", "reading.dilation_rates=[1,3]"),
+    case("ln-uneven", "longnet", "reading.dilated_segments=[5,11,20]", segment=7, doc=40),
+    case("ln-sliding-window", "longnet", "reading.read_all=false", "reading.window=8", "reading.sliding=true"),
+    case("ln-segment1", "longnet", "reading.dilated_segments=[2,4]", "reading.dilation_rates=[1,2]",
+         "management.size=4", segment=1, doc=12),
+    case("globals-over-segments", "longformer", "reading.global_source=document", "reading.global_tokens=11",
+         segment=5, doc=30),
 ]
 
 
@@ -118,7 +147,9 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         overflow=m.overflow, kv=w.kv, pool_ratio=w.pool_ratio, memory_tokens=w.memory_tokens,
         write_slots=w.write_slots, window=r.window, sliding=r.sliding, stride=r.stride, global_tokens=r.global_tokens,
         global_source=r.global_source, topk=r.topk, read_all=r.read_all,
-        position=p.mode, rope_factor=p.rope_factor or max(1.0, local / trained_context),
+        position=p.mode, rope_factor=p.rope_factor or max(1.0, local / trained_context), sink_shift=p.sink_shift,
+        random_slots=r.random_slots, random_block=r.random_block, random_seed=r.random_seed,
+        dilated_segments=r.dilated_segments, dilation_rates=r.dilation_rates,
     )
 
 

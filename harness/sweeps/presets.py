@@ -97,4 +97,12 @@ PRESETS: dict[str, Preset] = {
                        lambda ctx: [Axis("position.mode", ("official", "compact", "absolute"))]),
     "compressed-tokens": Preset("model-forward compressed tokens per segment: 0-80 per 2,048, scaled",
                                 lambda ctx: [Axis("writing.memory_tokens", tuple(paper_compressed(ctx)))]),
+    "sinks": Preset("attention sinks kept by StreamingLLM: 1, 2, 4, 8 initial tokens (its paper's ablation)",
+                    lambda ctx: [Axis("reading.global_tokens", ("1", "2", "4", "8"))]),
+    "random-slots": Preset("BigBird's random slots per query block: 0-4 blocks of 64 per 2,048, scaled (its r = 3)",
+                           lambda ctx: [Axis("reading.random_slots", tuple(dict.fromkeys(
+                               str(ctx.paper_tokens(64) * n) for n in range(5))))]),
+    "dilation": Preset("LongNet's dilation rates of its 3 patterns: none (1,1,1), the paper's geometric (1,2,4), "
+                       "steeper (1,4,16)",
+                       lambda ctx: [Axis("reading.dilation_rates", ("[1,1,1]", "[1,2,4]", "[1,4,16]"))]),
 }

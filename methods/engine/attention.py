@@ -91,11 +91,19 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     else:
         keys, values = key, value
 
-    if ctx.topk_end is not None:
-        out, lse = attention_with_lse(query, keys, values, ctx.mask, scale)
-        out = merge_topk(ctx, mem, query, out, lse, scale)
+    mask = ctx.mask
+    if mask is not None and mask.dim() == 3:  # LongNet: one row per head offset; head h takes row h mod offsets
+        mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
+    if ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None:
+        out, lse = attention_with_lse(query, keys, values, mask, scale)
+        if ctx.sink_shift is not None:
+            out, lse = merge_sinks(ctx, mem, query, out, lse, scale)
+        if ctx.random_slots is not None:
+            out, lse = merge_random(ctx, mem, query, out, lse, scale)
+        if ctx.topk_end is not None:
+            out = merge_topk(ctx, mem, query, out, lse, scale)
     else:
-        out = prefix_causal_sdpa(query, keys, values, ctx.mask, scale)
+        out = prefix_causal_sdpa(query, keys, values, mask, scale)
 
     if plan.write and (plan.n_new or plan.to_global):
         seg = slice(plan.n_read, plan.n_read + plan.n_seg)
@@ -111,7 +119,8 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
 
 def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                        scale: float) -> torch.Tensor:
-    """SDPA over [prefix ; local] with GQA kept unexpanded: q [batch, heads, seq, dim] -> same shape."""
+    """SDPA over [prefix ; local] with GQA kept unexpanded: q [batch, heads, seq, dim] -> same shape; the mask is
+    [queries, keys] or per head [heads, queries, keys]."""
     gqa = query.shape[1] != keys.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -131,7 +140,8 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
         k = keys.repeat_interleave(group, dim=1) if group > 1 else keys  # the fused op has no GQA switch
         v = values.repeat_interleave(group, dim=1) if group > 1 else values
-        return CPU_FLASH_WITH_LSE(query, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
+        flat = mask if mask is None or mask.dim() == 2 else mask.unsqueeze(0)  # per-head: [1, heads, seq, keys]
+        return CPU_FLASH_WITH_LSE(query, k, v, 0.0, mask is None, attn_mask=flat, scale=scale)
     q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
     if mask is None:
         causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
@@ -139,7 +149,8 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     outs, lses = [], []
     for lo in range(0, seq, QUERY_CHUNK):
         hi = min(seq, lo + QUERY_CHUNK)
-        scores = torch.einsum("bkgsd,bktd->bkgst", q[:, :, :, lo:hi], keys) * scale + mask[lo:hi]
+        block = mask[lo:hi] if mask.dim() == 2 else mask[:, lo:hi].unflatten(0, (kv_heads, group))
+        scores = torch.einsum("bkgsd,bktd->bkgst", q[:, :, :, lo:hi], keys) * scale + block
         lse = scores.logsumexp(-1)  # [batch, kv_heads, group, rows]
         probs = torch.exp(scores - lse.unsqueeze(-1))
         outs.append(torch.einsum("bkgst,bktd->bkgsd", probs, values))
@@ -180,3 +191,46 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
     lse_k = lse_k.reshape(batch, heads, seq)
     total = torch.logaddexp(lse, lse_k)
     return out * torch.exp(lse - total).unsqueeze(-1) + out_k * torch.exp(lse_k - total).unsqueeze(-1)
+
+
+def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the document globals (attention sinks) at per-query positions sink_shift + 0 .. G-1 to the softmax of
+    `out`/`lse` (StreamingLLM's rolling cache, re-rotated inside the cache); returns the merged (out, lse)."""
+    plan = ctx.plan
+    assert ctx.sink_shift is not None and plan.place is not None and mem.global_keys is not None
+    assert mem.global_values is not None
+    cos, sin = plan.place  # [n_prefix, head_dim], positions 0 .. n_prefix - 1
+    at = ctx.sink_shift[:, None] + torch.arange(plan.n_global, device=query.device)  # [queries, globals]
+    keys = rotate(mem.global_keys.unsqueeze(2), cos[at], sin[at])  # [batch, kv_heads, queries, globals, dim]
+    return merge_per_query(query, out, lse, keys, mem.global_values.unsqueeze(2), None, scale)
+
+
+def merge_random(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add each query's random bank slots (BigBird, `ctx.random_slots`) to the softmax of `out`/`lse`."""
+    assert ctx.random_slots is not None and mem.keys is not None and mem.values is not None
+    idx = ctx.random_slots.clamp(min=0)  # [queries, R]
+    keys = mem.keys[:, :, idx]  # [batch, kv_heads, queries, R, dim]
+    return merge_per_query(query, out, lse, keys, mem.values[:, :, idx], ctx.random_slots >= 0, scale)
+
+
+def merge_per_query(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor, valid: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over `out`'s keys and per-query extra keys/values [batch, kv_heads, queries or 1, n, dim] (`valid`
+    [queries, n] marks the real ones); returns the merged (out, lse)."""
+    batch, heads, seq, dim = query.shape
+    kv_heads = keys.shape[1]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, seq, dim)  # [batch, kv_heads, group, queries, dim]
+    logits = torch.einsum("bkgqd,bkqjd->bkgqj", q, keys.to(q.dtype).expand(-1, -1, seq, -1, -1)) * scale
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
+    lse_s = logits.logsumexp(-1)  # [batch, kv_heads, group, queries]
+    probs = torch.exp(logits - lse_s.unsqueeze(-1)).nan_to_num(0.0)  # a query without extra keys: all zero
+    out_s = torch.einsum("bkgqj,bkqjd->bkgqd", probs, values.to(q.dtype).expand(-1, -1, seq, -1, -1))
+    out_s = out_s.reshape(batch, heads, seq, dim)
+    lse_s = lse_s.reshape(batch, heads, seq)
+    total = torch.logaddexp(lse.to(lse_s.dtype), lse_s)
+    merged = out * torch.exp(lse - total).unsqueeze(-1) + out_s * torch.exp(lse_s - total).unsqueeze(-1)
+    return merged, total

@@ -85,8 +85,11 @@ class LayerMemory:
             keys, values = keys.detach(), values.detach()
         if plan.to_global:
             # Copies, not views: a view would pin the whole segment's keys/values for the document's lifetime.
-            self.global_keys = keys[:, :, :plan.to_global].clone()
-            self.global_values = values[:, :, :plan.to_global].clone()
+            new_k, new_v = keys[:, :, :plan.to_global].clone(), values[:, :, :plan.to_global].clone()
+            if self.global_keys is not None and self.global_values is not None:  # globals spanning first segments
+                new_k = torch.cat([self.global_keys, new_k], dim=2)
+                new_v = torch.cat([self.global_values, new_v], dim=2)
+            self.global_keys, self.global_values = new_k, new_v
             keys, values = keys[:, :, plan.to_global:], values[:, :, plan.to_global:]
         if config.writing.kv == "pooling":
             keys, values = pool_tokens(keys, config.writing.pool_ratio), pool_tokens(values, config.writing.pool_ratio)

@@ -57,6 +57,8 @@ class SegmentPlan:
     """Keep RMT memory-token states without gradient history (stop-gradient, and always at evaluation)."""
     write: bool
     """Write this segment to memory; False for an open segment decoded through a KV cache."""
+    doc_start: int = 0
+    """Document position of the segment's first token (LongNet's dilation reads document positions)."""
 
     @property
     def n_prefix(self) -> int:
@@ -75,7 +77,8 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
     n_global = min(r.global_tokens, state.n_bank) if in_bank else state.n_global
     free = state.n_bank - (n_global if in_bank else 0)
     n_window = free if r.read_all else min(r.window, free)
-    to_global = min(r.global_tokens, n_seg) if (write and not in_bank and state.segments == 0) else 0
+    # Document globals: the document's first G tokens, from as many first segments as they span.
+    to_global = min(r.global_tokens - state.n_global, n_seg) if (write and not in_bank) else 0
     n_new = drop_old = drop_new = 0
     if write and config.uses_kv_memory and m.size:
         n_rest = n_seg - to_global
@@ -96,6 +99,7 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
         n_bank=state.n_bank, first_id=state.first_id, to_global=to_global, drop_old=drop_old, drop_new=drop_new,
         n_new=n_new, first_position=first, place=place, store=store, rope_scale=scale,
         detach_kv=not grad or strategy != "bptt", detach_tokens=not grad or strategy == "stop_gradient", write=write,
+        doc_start=doc_start,
     )
 
 
@@ -118,6 +122,12 @@ class SegmentContext:
     """[queries] per query, the bank index before which top-k searches (None: no top-k this call)."""
     topk_start: int = 0
     """First bank slot top-k may pick (the bank globals come before it)."""
+    random_slots: torch.Tensor | None = None
+    """[queries, reading.random_slots] bank indices of each query's random slots, -1 where fewer were drawn (None:
+    no random slots this call)."""
+    sink_shift: torch.Tensor | None = None
+    """[queries] position.sink_shift: how far each query's global keys move up from 0 .. G-1 (the window slots its
+    sliding reach skips); the globals are then masked out of `mask` and read apart (None: no shift)."""
     reads: dict[int, LayerMemory] = field(default_factory=dict)
     """Per layer, the memory its first call read. Gradient checkpointing calls a layer again during backward; that
     call must read the same memory (not what later writes left) and write nothing."""
@@ -132,8 +142,13 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     # Window slots each query reaches, counted from the bank's end: all of them, or W - i when sliding.
     reach = (torch.clamp(r.window - i, 0, plan.n_window) if r.sliding and not r.read_all
              else torch.full_like(i, plan.n_window))
+    shift = None
+    if config.position.sink_shift and plan.n_global and not plan.globals_in_bank:
+        shift = plan.n_window - reach  # [queries] window slots the query skips
     mask = None
-    if plan.n_prefix or query_start:
+    if r.dilation_rates:
+        mask = dilated_mask(config, state, plan, i, reach, dtype)
+    elif plan.n_prefix or query_start:
         n_local = query_start + n_query
         visible = torch.ones(n_query, plan.n_prefix + n_local, dtype=torch.bool, device=device)
         if plan.n_window:
@@ -145,10 +160,60 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
             visible[:, plan.n_global:plan.n_prefix] = seen
         j = torch.arange(n_local, device=device)
         visible[:, plan.n_prefix:] = j[None, :] <= i[:, None]  # the input, causally
+        if shift is not None:
+            visible[:, :plan.n_global] = False  # read apart, at per-query positions
         # Additive rather than boolean because SDPA converts a boolean mask to this in every call (once per layer).
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
     start = plan.n_global if plan.globals_in_bank else 0
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
     topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
+    random = random_slots(config, plan, state.segments, i, start) if r.random_slots else None
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
-                          topk_start=start)
+                          topk_start=start, sink_shift=shift, random_slots=random)
+
+
+def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
+                 start: int) -> torch.Tensor | None:
+    """BigBird's seeded random slots (the rule is `Reading.random_slots`'): [queries, R] bank indices, -1 padded;
+    None when no query has a candidate."""
+    r = config.reading
+    blocks = queries // r.random_block  # [queries]
+    picks: dict[int, torch.Tensor] = {}
+    for block in blocks.unique().tolist():
+        first = block * r.random_block  # the block's first query decides its candidates
+        reach = min(max(r.window - first, 0), plan.n_window) if r.sliding else plan.n_window
+        n = plan.n_bank - reach - start
+        if n <= 0:
+            continue
+        generator = torch.Generator().manual_seed((r.random_seed * 1_000_003 + segment) * 1_000_003 + block)
+        picks[block] = torch.randperm(n, generator=generator)[:r.random_slots] + start
+    if not picks:
+        return None
+    table = torch.full((int(blocks.max()) + 1, r.random_slots), -1, dtype=torch.long)
+    for block, slots in picks.items():
+        table[block, :len(slots)] = slots
+    return table.to(queries.device)[blocks]
+
+
+def dilated_mask(config: UniMemConfig, state: MemoryState, plan: SegmentPlan, queries: torch.Tensor,
+                 reach: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """LongNet's patterns as an additive mask [offsets, queries, window + local keys]: log(number of patterns holding
+    the key) where visible, -inf elsewhere; row o is every head h with h = o mod lcm(rates)."""
+    r = config.reading
+    device = queries.device
+    window_pos = state.positions[plan.n_bank - plan.n_window:].to(device)  # [window] document positions
+    n_local = int(queries.max()) + 1
+    keys = torch.cat([window_pos, plan.doc_start + torch.arange(n_local, device=device)])  # [keys]
+    q = plan.doc_start + queries  # [queries] document positions
+    w = torch.arange(plan.n_window, device=device)
+    in_window = w[None, :] >= plan.n_window - reach[:, None]  # [queries, window]
+    causal = torch.arange(n_local, device=device)[None, :] <= queries[:, None]  # [queries, local]
+    base = torch.cat([in_window, causal], dim=1)  # [queries, keys]
+    offsets = math.lcm(*r.dilation_rates)
+    count = torch.zeros(offsets, len(q), len(keys), device=device)
+    for length, rate in zip(r.dilated_segments, r.dilation_rates, strict=True):
+        same = (q[:, None] // length) == (keys[None, :] // length)  # [queries, keys]
+        for o in range(offsets):
+            on = ((q % rate) == o % rate)[:, None] & ((keys % rate) == o % rate)[None, :]
+            count[o] += (same & on & base).to(count.dtype)
+    return torch.where(count > 0, count.log(), float("-inf")).to(dtype)
