@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
+from unimem_bench.methods.engine import eviction
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.plan import SegmentContext
 from unimem_bench.methods.engine.retrieval import topk_exact
@@ -69,6 +70,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     first_call = layer not in ctx.reads
     if first_call:
         ctx.reads[layer] = bank.snapshot()
+        bank.note_read(plan.n_prefix)
     mem = ctx.reads[layer]
     prefix_k: list[torch.Tensor] = []
     prefix_v: list[torch.Tensor] = []
@@ -91,11 +93,23 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     else:
         keys, values = key, value
 
+    policy = config.management.eviction
+    # Score-based eviction by attention: the segment's attention evidence, for the write below.
+    scored = first_call and plan.write and plan.n_new > 0 and policy in (*eviction.NEEDS_ALL_QUERIES,
+                                                                         *eviction.NEEDS_LAST_QUERIES)
+    lse = None
     if ctx.topk_end is not None:
         out, lse = attention_with_lse(query, keys, values, ctx.mask, scale)
         out = merge_topk(ctx, mem, query, out, lse, scale)
+    elif scored and policy in eviction.NEEDS_ALL_QUERIES:
+        out, lse = attention_with_lse(query, keys, values, ctx.mask, scale)
     else:
         out = prefix_causal_sdpa(query, keys, values, ctx.mask, scale)
+    fresh = None
+    if scored:
+        fresh = eviction.attention_scores(config.management, query, keys, ctx.mask, scale, lse,
+                                          n_memory=plan.n_prefix, n_read=plan.n_read, n_seg=plan.n_seg,
+                                          first_id=plan.first_id + plan.n_bank)
 
     if plan.write and (plan.n_new or plan.to_global):
         seg = slice(plan.n_read, plan.n_read + plan.n_seg)
@@ -105,7 +119,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
             cos, sin = (t[seg] for t in plan.store)
             seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
         if first_call:  # a recomputation repeats the tensor operations above but writes nothing
-            bank.write(plan, config, seg_k, value[:, :, seg])
+            bank.write(plan, config, seg_k, value[:, :, seg], fresh)
     return out.to(query.dtype)  # the fused CPU kernel's float32 log-sum-exp must not promote the output
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from unimem_bench.methods.config import ConfigError, UniMemConfig
 from unimem_bench.methods.engine.attention import ATTENTION_NAME, unimem_attention
 from unimem_bench.methods.engine.generation import generate
-from unimem_bench.methods.engine.memory import LayerMemory, MemoryState
+from unimem_bench.methods.engine.memory import LayerMemory, LayerUsage, MemoryState
 from unimem_bench.methods.engine.plan import build_plan, segment_context
 from unimem_bench.methods.engine.retrieval import FaissBank
 from unimem_bench.methods.engine.sampling import Sampling
@@ -77,6 +78,9 @@ class MemoryLM(nn.Module):
             AttentionInterface.register(ATTENTION_NAME, unimem_attention)
         model.set_attn_implementation(ATTENTION_NAME)
         self.memory_embeddings: nn.Parameter | None = None
+        self.usage: dict[int, LayerUsage] = {}
+        self.longest_input = 0
+        self.reset_usage()
         m = config.writing.memory_tokens
         if m:
             embed = model.get_input_embeddings().get_parameter("weight")
@@ -151,11 +155,43 @@ class MemoryLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().get_parameter("weight").device
 
+    def reset_usage(self) -> None:
+        """Start counting memory usage afresh (the runner does, once per task)."""
+        self.usage = {i: LayerUsage() for i in sorted(self.layers)}
+        self.longest_input = 0
+
+    def note_input(self, end: int) -> None:
+        """Count an input reaching document position `end` (exclusive)."""
+        self.longest_input = max(self.longest_input, end)
+
+    def usage_record(self) -> dict[str, object]:
+        """Small run record of what memory did: per injected layer, slots evicted, read, read compressed."""
+        return {"longest_input": self.longest_input,
+                "layers": {str(i): dataclasses.asdict(u) for i, u in self.usage.items()}}
+
+    def check_compressed(self) -> None:
+        """Raise ConfigError when a score-based compression method never read a compressed memory although its
+        budget is below the longest input: its scores would be full-cache scores (KVCache-Factory's failure)."""
+        m = self.config.management
+        if not (m.scored and m.size and self.longest_input > m.size):
+            return
+        if any(u.read_compressed for u in self.usage.values()):
+            return
+        raise ConfigError(f"method {self.config.name!r} compressed nothing: its budget management.size={m.size} is "
+                          f"below the longest input ({self.longest_input} tokens) but no query read an evicted "
+                          f"memory (segment length {self.segment_len}: eviction only follows a segment), so its "
+                          "scores would be full-cache scores; stream the input in shorter segments so one starts "
+                          f"after the first {m.size} tokens (e.g. --segment-len {max(1, m.size // 2)})")
+
     def new_state(self, batch: int) -> MemoryState:
         """An empty memory for `batch` documents."""
         reading, size = self.config.reading, self.config.management.size
         use_faiss = self.config.uses_kv_memory and reading.topk and reading.index != "torch"
-        layers = {i: LayerMemory(faiss=FaissBank(reading, size) if use_faiss else None) for i in self.layers}
+        seed = self.config.management.seed
+        layers = {i: LayerMemory(faiss=FaissBank(reading, size) if use_faiss else None, usage=self.usage[i],
+                                 generator=torch.Generator().manual_seed(seed * 1_000_003 + i)
+                                 if self.config.management.eviction == "random" else None)
+                  for i in self.layers}
         state = MemoryState(layers=layers)
         if self.memory_embeddings is not None:
             state.rmt = self.memory_embeddings.unsqueeze(0).expand(batch, -1, -1)
@@ -167,6 +203,7 @@ class MemoryLM(nn.Module):
         config = self.config
         m = config.writing.memory_tokens
         n = input_ids.shape[1]
+        self.note_input(doc_start + n)
         embeds = self.model.get_input_embeddings()(input_ids)  # [batch, n, hidden]
         plan = build_plan(config, state, n_read=m, n_seg=n, n_write=m, doc_start=doc_start,
                           rotary=self.decoder.get_submodule("rotary_emb"), probe=embeds, write=True,
