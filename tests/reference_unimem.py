@@ -315,7 +315,7 @@ def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tens
 # - tova (Oren et al., 2024): the last query's attention averaged over all heads of the layer.
 # - snapkv (Li et al., 2024): per head, the mean attention of the last `observe` queries, averaged over a window of
 #   `pool_kernel` neighbouring candidates (zero beyond the ends, divided by the kernel), averaged over the group.
-# - knorm (Devoto et al., 2024): minus the key's L2 norm.
+# - knorm (Devoto et al., 2024): minus the key's L2 norm, compared at 1e-4 (equal norms tie).
 # - lru: the id of the latest query whose attention (mean over the group's heads) to the slot is at least
 #   1 / (keys that query sees); a slot written counts as used at its own id.
 
@@ -410,7 +410,7 @@ def _score(spec: EvictionSpec, cands: list[HeadSlot], weights: dict[tuple[int, i
     heads_g = range(g * group, (g + 1) * group)
     if spec.policy == "knorm":
         for s in cands:
-            s.score = -float(s.key.norm())
+            s.score = -round(float(s.key.norm()) * 1e4)
     elif spec.policy == "h2o":
         for c, s in enumerate(cands):
             s.score += sum(_received(weights[hd, t], c, n_held, t) for hd in heads_g for t in range(n))

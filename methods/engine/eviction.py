@@ -31,6 +31,10 @@ NEEDS_ALL_QUERIES = ("h2o", "lru")
 NEEDS_LAST_QUERIES = ("tova", "snapkv")
 """Policies scored by the attention of the segment's last queries."""
 
+KNORM_GRID = 1e4
+"""Key norms compare at 1e-4: a repeated token's identical layer-0 keys, stored from different positions, differ by
+rounding only, and must tie (then the newer is kept) rather than be ordered by rounding noise."""
+
 # Query rows per probability block: bounds each [rows x keys] block as the attention's own blocks do.
 ROW_CHUNK = 512
 
@@ -118,7 +122,8 @@ def combine(m: Management, held: torch.Tensor | None, fresh: torch.Tensor | None
     segment's `attention_scores`. Higher is kept."""
     policy = m.eviction
     if policy == "knorm":  # the largest key norms go (Devoto et al., 2024)
-        return -keys.to(torch.promote_types(keys.dtype, torch.float32)).norm(dim=-1)
+        norm = keys.to(torch.promote_types(keys.dtype, torch.float32)).norm(dim=-1)
+        return -torch.round(norm * KNORM_GRID)
     if policy == "random":
         return torch.rand(ids.shape, generator=generator, dtype=torch.float64).to(keys.device)
     assert fresh is not None  # an attention policy: memory_attention computed it
