@@ -7,11 +7,14 @@ is full attention. A compression run that never read a compressed memory fails w
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from helpers import random_docs, tiny_llama
+from helpers import random_docs, save_tiny_model, tiny_llama, write_text_docs
 from reference_unimem import EvictionSpec, ReferenceLlama, eviction_nll
 
+from unimem_bench.harness.cli import app as cli
 from unimem_bench.methods import ConfigError, MemoryLM, UniMemConfig
 from unimem_bench.methods.config import Management, Position, Reading, Writing
 
@@ -147,3 +150,23 @@ def test_eviction_config_errors() -> None:
                      reading=Reading(window=4))
     with pytest.raises(ConfigError, match="exceeds management.size"):
         Management(size=4, eviction="tova", sinks=2, recent=3)
+
+
+def test_run_of_a_compression_method_that_never_compressed_fails(tmp_path, capsys) -> None:
+    """The CLI run: one segment holds each whole document, so h2o's budget of 16 never applies to a read."""
+    model = save_tiny_model(tmp_path / "tiny")
+    books = write_text_docs(tmp_path / "books", [1200, 1200])
+    argv = ["run", "--model", str(model), "--methods", "h2o", "--tasks", "pg19", "--data-dir", str(books),
+            "--max-docs", "2", "--max-tokens", "120", "--segment-len", "128", "--set", "management.size=16",
+            "--set", "management.recent=8", "--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert cli.main(argv) == 2  # after the task ran (only the run can tell), so progress lines come before it
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: method 'h2o' compressed nothing") and "--segment-len 8" in line
+    # Streamed in segments the same run compresses, and records what it evicted and read per layer.
+    assert cli.main([*argv[:-4], "--segment-len", "32", "--out", str(tmp_path / "out")]) == 0
+    record = json.loads(next((tmp_path / "out" / "runs").glob("*/run.json")).read_text())
+    usage = record["memory_usage"]
+    assert usage["longest_input"] == 119  # the last token is only a target
+    assert set(usage["layers"]) == {"0", "1"}
+    assert all(u["evicted"] > 0 and u["read_compressed"] > 0 for u in usage["layers"].values())

@@ -70,7 +70,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     first_call = layer not in ctx.reads
     if first_call:
         ctx.reads[layer] = bank.snapshot()
-        bank.note_read(plan.n_prefix)
+        bank.note_read(plan.n_prefix * query.shape[0])
     mem = ctx.reads[layer]
     prefix_k: list[torch.Tensor] = []
     prefix_v: list[torch.Tensor] = []

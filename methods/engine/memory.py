@@ -51,9 +51,9 @@ class LayerUsage:
     """What one injected layer did over a run (all documents): the proof a compression method really compressed."""
 
     evicted: int = 0
-    """Slots evicted by a score-based policy (per KV head, per document row), summed over writes."""
+    """Slots evicted (per KV head; FIFO and clears included), summed over writes and documents."""
     read: int = 0
-    """Memory slots read (per row), summed over forward calls."""
+    """Memory slots read, summed over forward calls and documents."""
     read_compressed: int = 0
     """Of those, slots read from a memory that had already evicted something (a compressed cache)."""
 
@@ -103,10 +103,10 @@ class LayerMemory:
     generator: torch.Generator | None = None
     """The seeded generator of `random` eviction."""
     has_evicted: bool = False
-    """This document's memory evicted something by score."""
+    """This document's memory has evicted something: what it holds now is compressed."""
 
     def note_read(self, slots: int) -> None:
-        """Count a forward call reading `slots` memory slots."""
+        """Count a forward call reading `slots` memory slots (summed over its batch rows)."""
         if self.usage is not None:
             self.usage.read += slots
             if self.has_evicted:
@@ -118,6 +118,11 @@ class LayerMemory:
         the segment's attention evidence for score-based eviction (`eviction.attention_scores`)."""
         if plan.detach_kv:
             keys, values = keys.detach(), values.detach()
+        dropped = plan.drop_old + plan.drop_new
+        if dropped:  # held slots or this write's own (a write larger than the memory)
+            self.has_evicted = True
+            if self.usage is not None:
+                self.usage.evicted += dropped * keys.shape[0]
         if config.management.scored:
             self._write_scored(plan, config, keys, values, fresh)
             return
@@ -160,9 +165,6 @@ class LayerMemory:
             keys = keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[3]))
             values = values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, values.shape[3]))
             new_ids, scores = new_ids.gather(2, keep), scores.gather(2, keep)
-            self.has_evicted = True
-            if self.usage is not None:
-                self.usage.evicted += plan.drop_old + plan.drop_new
         self.keys, self.values, self.ids = keys, values, new_ids
         self.scores = scores if m.eviction in eviction.NEEDS_ALL_QUERIES else None
 

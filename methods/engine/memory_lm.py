@@ -165,7 +165,8 @@ class MemoryLM(nn.Module):
         self.longest_input = max(self.longest_input, end)
 
     def usage_record(self) -> dict[str, object]:
-        """Small run record of what memory did: per injected layer, slots evicted, read, read compressed."""
+        """Small run record of what memory did: the longest input, and per injected layer the slots evicted, read,
+        and read from a memory that had evicted (each summed over documents)."""
         return {"longest_input": self.longest_input,
                 "layers": {str(i): dataclasses.asdict(u) for i, u in self.usage.items()}}
 
