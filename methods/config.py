@@ -70,6 +70,9 @@ class Management:
     """SnapKV's pooling kernel over neighbouring slots (paper default 7; kvpress uses 5)."""
     seed: int = 0
     """Seed of `random` eviction (mixed with the layer index, so layers evict differently)."""
+    budget: float = 0.0
+    """For score-based eviction, the fraction of the input kept (0 < budget <= 1; compression 4x = 0.25): replaces
+    `size` by ceil(budget x the input's tokens) for each input (in a batch, its longest). 0: `size` slots."""
 
     def __post_init__(self) -> None:
         _check_nonneg(**{"management.size": self.size, "management.sinks": self.sinks,
@@ -86,6 +89,12 @@ class Management:
         if self.eviction != "fifo" and self.overflow != "fifo":
             raise ConfigError(f"management.eviction={self.eviction} replaces the overflow policy: set "
                               "management.overflow=fifo")
+        if not 0 <= self.budget <= 1:
+            raise ConfigError(f"management.budget={self.budget} must be a fraction of the input in (0, 1], e.g. 0.25 "
+                              "for 4x compression (0 = use management.size)")
+        if self.budget and not self.scored:
+            raise ConfigError("management.budget sizes a score-evicting memory per input: set management.eviction "
+                              "(h2o, tova, snapkv, knorm, random, lru), or give management.size in slots")
         if self.size and self.sinks + self.recent > self.size:
             raise ConfigError(f"management.sinks + management.recent = {self.sinks + self.recent} exceeds "
                               f"management.size={self.size}: protect fewer tokens or raise the size")

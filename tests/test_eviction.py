@@ -170,3 +170,26 @@ def test_run_of_a_compression_method_that_never_compressed_fails(tmp_path, capsy
     assert usage["longest_input"] == 119  # the last token is only a target
     assert set(usage["layers"]) == {"0", "1"}
     assert all(u["evicted"] > 0 and u["read_compressed"] > 0 for u in usage["layers"].values())
+
+
+def test_budget_is_a_fraction_of_each_input() -> None:
+    """management.budget=0.25 scores each document as management.size=ceil(0.25 x its tokens) does; 1 keeps all."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, context=64)
+    docs = random_docs([40, 29], seed=4)
+    base = config_for(EvictionSpec(segment_len=6, size=6, policy="h2o", position="compact", recent=2))
+    with MemoryLM(model, base.with_overrides(["management.budget=0.25"]), segment_len=6) as lm:
+        got = lm.score(docs)
+        lm.check_compressed()
+    for doc, nll in zip(docs, got, strict=True):
+        size = -(-len(doc) // 4)
+        with MemoryLM(model, base.with_overrides([f"management.size={size}"]), segment_len=6) as lm:
+            torch.testing.assert_close(nll, lm.score([doc])[0], atol=0, rtol=0)
+    with MemoryLM(model, base.with_overrides(["management.budget=1"]), segment_len=6) as lm:
+        kept_all = lm.score(docs)
+        assert all(u.evicted == 0 for u in lm.usage.values())
+    with MemoryLM(model, UniMemConfig(), segment_len=64) as lm:
+        dense = lm.score(docs)
+    for a, b in zip(kept_all, dense, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="management.budget sizes a score-evicting memory"):
+        Management(size=8, budget=0.5)

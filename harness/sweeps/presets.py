@@ -97,4 +97,7 @@ PRESETS: dict[str, Preset] = {
                        lambda ctx: [Axis("position.mode", ("official", "compact", "absolute"))]),
     "compressed-tokens": Preset("model-forward compressed tokens per segment: 0-80 per 2,048, scaled",
                                 lambda ctx: [Axis("writing.memory_tokens", tuple(paper_compressed(ctx)))]),
+    # kvpress' and the eviction papers' compression ratios; 1x keeps every token (full attention, streamed).
+    "budget": Preset("KV-cache compression 1x, 2x, 4x, 8x of each input (management.budget; score-evicting methods)",
+                     lambda ctx: [Axis("management.budget", ("1", "0.5", "0.25", "0.125"))]),
 }

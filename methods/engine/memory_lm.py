@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -170,19 +171,35 @@ class MemoryLM(nn.Module):
         return {"longest_input": self.longest_input,
                 "layers": {str(i): dataclasses.asdict(u) for i, u in self.usage.items()}}
 
+    @contextlib.contextmanager
+    def budget_for(self, tokens: int) -> Iterator[None]:
+        """With `management.budget`, the memory size for an input of `tokens` tokens while the block runs."""
+        m = self.config.management
+        if not m.budget:
+            yield
+            return
+        saved = self.config
+        size = max(1, m.sinks + m.recent, math.ceil(m.budget * tokens))
+        self.config = dataclasses.replace(saved, management=dataclasses.replace(m, size=size))
+        try:
+            yield
+        finally:
+            self.config = saved
+
     def check_compressed(self) -> None:
         """Raise ConfigError when a score-based compression method never read a compressed memory although its
         budget is below the longest input: its scores would be full-cache scores (KVCache-Factory's failure)."""
         m = self.config.management
-        if not (m.scored and m.size and self.longest_input > m.size):
+        size = math.ceil(m.budget * self.longest_input) if m.budget else m.size
+        if not (m.scored and size and self.longest_input > size):
             return
         if any(u.read_compressed for u in self.usage.values()):
             return
-        raise ConfigError(f"method {self.config.name!r} compressed nothing: its budget management.size={m.size} is "
+        raise ConfigError(f"method {self.config.name!r} compressed nothing: its budget of {size} slots is "
                           f"below the longest input ({self.longest_input} tokens) but no query read an evicted "
                           f"memory (segment length {self.segment_len}: eviction only follows a segment), so its "
                           "scores would be full-cache scores; stream the input in shorter segments so one starts "
-                          f"after the first {m.size} tokens (e.g. --segment-len {max(1, m.size // 2)})")
+                          f"after the first {size} tokens (e.g. --segment-len {max(1, size // 2)})")
 
     def new_state(self, batch: int) -> MemoryState:
         """An empty memory for `batch` documents."""
@@ -230,8 +247,9 @@ class MemoryLM(nn.Module):
                  stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None,
                  min_new_tokens: int = 0) -> list[int]:
         """Continue `prompt` through memory (see `generation.generate`); returns the new token ids."""
-        return generate(self, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                        sampling=sampling, min_new_tokens=min_new_tokens)
+        with self.budget_for(len(prompt)):
+            return generate(self, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                            sampling=sampling, min_new_tokens=min_new_tokens)
 
     def score(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
               progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
@@ -253,7 +271,9 @@ class MemoryLM(nn.Module):
         order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
         for lo in range(0, len(order), batch_size):
             rows = order[lo:lo + batch_size]
-            for i, nll in zip(rows, self._score_batch([docs[i] for i in rows], progress), strict=True):
+            with self.budget_for(max(len(docs[i]) for i in rows)):
+                scored = self._score_batch([docs[i] for i in rows], progress)
+            for i, nll in zip(rows, scored, strict=True):
                 results[i] = nll
         return results  # type: ignore[return-value]
 
