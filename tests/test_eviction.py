@@ -193,3 +193,18 @@ def test_budget_is_a_fraction_of_each_input() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     with pytest.raises(ConfigError, match="management.budget sizes a score-evicting memory"):
         Management(size=8, budget=0.5)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "lru", "snapkv"])
+def test_scores_in_small_blocks_match_the_reference(policy: str, monkeypatch) -> None:
+    """Blocks of a few query rows (the bound long inputs get) give the same evictions as one block."""
+    from unimem_bench.methods.engine import eviction
+
+    monkeypatch.setattr(eviction, "BLOCK_ELEMENTS", 4 * 20 * 3)  # 3 query rows of 4 heads x 20 keys per block
+    spec = EvictionSpec(segment_len=8, size=12, policy=policy, position="compact", observe=5, recent=2)
+    model = peaked_llama(layers=2, heads=4, kv_heads=2, context=64).double()
+    doc = torch.randperm(99, generator=torch.Generator().manual_seed(8))[:30]
+    ref_nll, ref_held = eviction_nll(reference_llama(model), spec, doc)
+    nll, held = engine_run(model, spec, doc)
+    torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
+    assert held == ref_held

@@ -4,8 +4,9 @@ When a segment's write would overflow the memory, the candidates are [held slots
 document order. Each gets a score per KV head; sinks (the document's first tokens) and recent tokens are protected;
 the `size` best are kept in document order, ties kept for the newer slot. Where a policy needs attention
 probabilities, they come from the segment's own queries over [memory ; segment] (the keys the engine attended),
-computed in blocks of query rows against the log-sum-exp the attention returned (H2O, LRU: every query) or over the
-few rows a policy reads (TOVA: the last query; SnapKV: the last `observe`), never as a [queries x keys] matrix.
+computed in bounded blocks of query rows against the log-sum-exp the attention returned (H2O, LRU: every query)
+or over the few rows a policy reads (TOVA: the last query; SnapKV: the last `observe`), never as a [queries x keys]
+matrix.
 
 Where ours differs from the official code (kvpress, FMInference/H2O), all because eviction runs while a document
 streams in segments instead of once after a prefill or once per generated token:
@@ -35,8 +36,8 @@ KNORM_GRID = 1e4
 """Key norms compare at 1e-4: a repeated token's identical layer-0 keys, stored from different positions, differ by
 rounding only, and must tie (then the newer is kept) rather than be ordered by rounding noise."""
 
-# Query rows per probability block: bounds each [rows x keys] block as the attention's own blocks do.
-ROW_CHUNK = 512
+# Elements per probability block [heads, rows, keys]: 2^24 floats (64 MiB in float32) whatever the model's width.
+BLOCK_ELEMENTS = 1 << 24
 
 
 def _row_mask(mask: torch.Tensor | None, lo: int, hi: int, n_keys: int, device: torch.device) -> torch.Tensor:
@@ -55,8 +56,9 @@ def _probabilities(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor |
     kv_heads = keys.shape[1]
     wide = torch.promote_types(query.dtype, torch.float32)
     k = keys.to(wide)
-    for start in range(lo, hi, ROW_CHUNK):
-        stop = min(hi, start + ROW_CHUNK)
+    rows = max(1, BLOCK_ELEMENTS // (batch * heads * keys.shape[2]))
+    for start in range(lo, hi, rows):
+        stop = min(hi, start + rows)
         q = query[:, :, start:stop].to(wide).reshape(batch, kv_heads, heads // kv_heads, stop - start, dim)
         logits = torch.einsum("bkgsd,bktd->bkgst", q, k) * scale
         logits = logits + _row_mask(mask, start, stop, keys.shape[2], query.device).to(wide)
