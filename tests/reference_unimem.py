@@ -328,7 +328,8 @@ class EvictionSpec:
     size: int
     policy: str
     position: str = "official"
-    """official (memory keys at position 0, input from 0) | compact (slot j of a head at position j, input after)."""
+    """official (memory keys at position 0, input from 0) | compact (slot j of a head at position j, input after) |
+    absolute (every token at its document position: kept keys keep theirs, as kvpress)."""
     sinks: int = 0
     recent: int = 0
     observe: int = 32
@@ -366,7 +367,7 @@ def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[lis
         p = f"model.layers.{layer}."
         held = banks[layer]
         n_held = len(held[0])
-        first = n_held if spec.position == "compact" else 0
+        first = {"compact": n_held, "official": 0, "absolute": doc_start}[spec.position]
         h = llama.rms_norm(x, p + "input_layernorm.weight")
         q = llama.linear(h, p + "self_attn.q_proj").view(n, llama.heads, -1)
         k = llama.linear(h, p + "self_attn.k_proj").view(n, llama.kv_heads, -1)
@@ -378,8 +379,8 @@ def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[lis
         for t in range(n):
             for head in range(llama.heads):
                 g = head // group
-                mem = [llama.rope(s.key, j, 1.0) if spec.position == "compact" else s.key
-                       for j, s in enumerate(held[g])]
+                at = {"compact": lambda j, s: j, "official": lambda j, s: 0, "absolute": lambda j, s: s.id}
+                mem = [llama.rope(s.key, at[spec.position](j, s), 1.0) for j, s in enumerate(held[g])]
                 keys = torch.stack(mem + [k_rot[j][g] for j in range(t + 1)])
                 values = torch.stack([s.value for s in held[g]] + [v[j, g] for j in range(t + 1)])
                 w = torch.softmax(keys @ q_rot[t][head] / math.sqrt(llama.head_dim), dim=0)

@@ -63,6 +63,7 @@ def engine_run(model: torch.nn.Module, spec: EvictionSpec, doc: torch.Tensor) ->
 CASES = [
     *[EvictionSpec(segment_len=5, size=7, policy=p) for p in POLICIES],
     *[EvictionSpec(segment_len=4, size=6, policy=p, position="compact", sinks=1, recent=2) for p in POLICIES],
+    *[EvictionSpec(segment_len=5, size=8, policy=p, position="absolute", sinks=2) for p in POLICIES],
     EvictionSpec(segment_len=6, size=5, policy="snapkv", observe=3, pool_kernel=3, recent=3),
     EvictionSpec(segment_len=9, size=4, policy="h2o", recent=2),
     EvictionSpec(segment_len=1, size=3, policy="tova", sinks=1),
@@ -83,13 +84,14 @@ def test_eviction_matches_reference(spec: EvictionSpec) -> None:
     assert all(len(head) == spec.size for layer in held for head in layer)
 
 
+@pytest.mark.parametrize("mode", ["compact", "absolute"])
 @pytest.mark.parametrize("policy", [*POLICIES, "random"])
-def test_budget_covering_everything_is_full_attention(policy: str) -> None:
+def test_budget_covering_everything_is_full_attention(policy: str, mode: str) -> None:
     model = tiny_llama(layers=2, heads=4, kv_heads=2, context=64)
     doc = random_docs([30], seed=5)[0]
     with MemoryLM(model, UniMemConfig(), segment_len=64) as lm:
         dense = lm.score([doc])[0]
-    spec = EvictionSpec(segment_len=6, size=64, policy=policy, position="compact")
+    spec = EvictionSpec(segment_len=6, size=64, policy=policy, position=mode)
     with MemoryLM(model, config_for(spec), segment_len=6) as lm:
         nll = lm.score([doc])[0]
         assert all(u.evicted == 0 for u in lm.usage.values())
