@@ -11,6 +11,10 @@ from unimem_bench.methods import position_interpolation  # noqa: F401
 from unimem_bench.methods import streaming_llm  # noqa: F401
 from unimem_bench.methods import bigbird  # noqa: F401
 from unimem_bench.methods import longnet  # noqa: F401
+from unimem_bench.methods import h2o  # noqa: F401
+from unimem_bench.methods import tova  # noqa: F401
+from unimem_bench.methods import snapkv  # noqa: F401
+from unimem_bench.methods import knorm  # noqa: F401
 from unimem_bench.methods.config import ConfigError, UniMemConfig
 from unimem_bench.methods.engine.memory_lm import HookError, MemoryLM, TokenScores, check_hookable
 from unimem_bench.methods.engine.sampling import Sampling

@@ -27,6 +27,7 @@ PositionMode = Literal["official", "compact", "absolute"]
 Strategy = Literal["stop_gradient", "bptt", "bptt_tokens"]
 GlobalSource = Literal["document", "memory"]
 WriteSlots = Literal["memory", "learned"]
+Eviction = Literal["fifo", "h2o", "tova", "snapkv", "knorm", "random", "lru"]
 
 
 def _check_choice(name: str, value: object, kind: object) -> None:
@@ -53,9 +54,55 @@ class Management:
     segment reads an empty memory. `clear-and-write`: empties the memory, then writes this segment. A write into
     an empty memory always happens (its oldest tokens dropped if one segment exceeds the size)."""
 
+    eviction: Eviction = "fifo"
+    """Which slots a full memory gives up (per layer and KV head, when [memory ; segment] exceeds the size).
+    `fifo`: the oldest. Score-based (the lowest score goes): `h2o` attention each slot received, accumulated over
+    every query so far; `tova` the last query's attention averaged over all heads; `snapkv` the last `observe`
+    queries' attention, averaged and pooled over `pool_kernel` neighbours; `knorm` the key's L2 norm (the largest
+    norms go); `random` seeded uniform; `lru` the latest query that attended to the slot above uniform."""
+    sinks: int = 0
+    """The document's first tokens that score-based eviction never evicts (attention sinks)."""
+    recent: int = 0
+    """The most recent tokens that score-based eviction never evicts (H2O's recent part, SnapKV's window)."""
+    observe: int = 32
+    """SnapKV's observation window: the last queries whose attention scores the slots (paper default 32)."""
+    pool_kernel: int = 7
+    """SnapKV's pooling kernel over neighbouring slots (paper default 7; kvpress uses 5)."""
+    seed: int = 0
+    """Seed of `random` eviction (mixed with the layer index, so layers evict differently)."""
+    budget: float = 0.0
+    """For score-based eviction, the fraction of the input kept (0 < budget <= 1; compression 4x = 0.25): replaces
+    `size` by ceil(budget x the input's tokens) for each input (in a batch, its longest). 0: `size` slots."""
+
     def __post_init__(self) -> None:
-        _check_nonneg(**{"management.size": self.size})
+        _check_nonneg(**{"management.size": self.size, "management.sinks": self.sinks,
+                         "management.recent": self.recent})
         _check_choice("management.overflow", self.overflow, Overflow)
+        _check_choice("management.eviction", self.eviction, Eviction)
+        if self.observe < 1 or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ConfigError(f"management.observe={self.observe} must be >= 1 and management.pool_kernel="
+                              f"{self.pool_kernel} odd and >= 1 (pooling keeps each slot at its kernel's centre)")
+        if self.eviction == "fifo" and (self.sinks or self.recent):
+            raise ConfigError("management.sinks/recent protect tokens from score-based eviction: set "
+                              "management.eviction (h2o, tova, snapkv, knorm, random, lru), or for StreamingLLM's "
+                              "sinks under FIFO use reading.global_tokens")
+        if self.eviction != "fifo" and self.overflow != "fifo":
+            raise ConfigError(f"management.eviction={self.eviction} replaces the overflow policy: set "
+                              "management.overflow=fifo")
+        if not 0 <= self.budget <= 1:
+            raise ConfigError(f"management.budget={self.budget} must be a fraction of the input in (0, 1], e.g. 0.25 "
+                              "for 4x compression (0 = use management.size)")
+        if self.budget and not self.scored:
+            raise ConfigError("management.budget sizes a score-evicting memory per input: set management.eviction "
+                              "(h2o, tova, snapkv, knorm, random, lru), or give management.size in slots")
+        if self.size and self.sinks + self.recent > self.size:
+            raise ConfigError(f"management.sinks + management.recent = {self.sinks + self.recent} exceeds "
+                              f"management.size={self.size}: protect fewer tokens or raise the size")
+
+    @property
+    def scored(self) -> bool:
+        """Whether a full memory evicts by score (not first in, first out)."""
+        return self.eviction != "fifo"
 
 
 @dataclass(frozen=True)
@@ -290,6 +337,12 @@ class UniMemConfig:
         if m.size and w.kv == "none":
             raise ConfigError(f"management.size={m.size} but nothing writes keys/values: set writing.kv=direct or "
                               "management.size=0")
+        if m.scored and (w.kv != "direct" or r.topk or r.global_tokens or r.random_slots
+                         or not (r.read_all or r.window == m.size)):
+            raise ConfigError(f"management.eviction={m.eviction} scores whole slots read by every query: use "
+                              "writing.kv=direct, reading.read_all=true (or reading.window=management.size), "
+                              "reading.topk=0, reading.random_slots=0 and reading.global_tokens=0 (management.sinks "
+                              "keeps the first tokens)")
         if m.size and not (r.window or r.topk or r.read_all or r.random_slots
                            or (r.global_tokens and r.global_source == "memory")):
             raise ConfigError(f"management.size={m.size} but nothing reads it: set reading.window, reading.topk or "

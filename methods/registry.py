@@ -132,7 +132,11 @@ def method(name: str, *, paper: str, url: str,
 def describe(config: UniMemConfig) -> dict[str, str]:
     """The four dimensions in words, as the paper's Table 1 lists them."""
     m, w, r = config.management, config.writing, config.reading
-    management = f"{m.size:,} tok, {m.overflow}" if m.size else "-"
+    management = f"{m.size:,} tok, {m.eviction if m.scored else m.overflow}" if m.size else "-"
+    if m.size and m.budget:
+        management = f"{m.budget:g} of the input, {m.eviction}"
+    if m.size and m.scored and (m.sinks or m.recent):
+        management += f" (sinks {m.sinks}, recent {m.recent})"
     if m.size and w.memory_tokens:
         management += f" + {w.memory_tokens} memory tok"
     writes = []

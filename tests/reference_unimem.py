@@ -412,3 +412,145 @@ def dilated_read(spec: Description, view: View, local_keys: torch.Tensor, local_
     counts = torch.tensor([count(k) for k in positions], dtype=F64)
     held = counts > 0
     return keys[held], values[held], counts[held].log()
+
+
+# Score-based eviction (issue 10), written from the policies' papers and kvpress' definitions: every KV head keeps
+# its own explicit list of slots (id = document position, unrotated key, value, running score). Each query of each
+# head reads its KV head's list (read_all) plus the segment causally and takes one softmax; its weights are kept.
+# After the segment, each layer's KV head scores [its slots ; the segment's tokens] and keeps the best `size`:
+# sinks (id < sinks) and recent tokens (id >= end - recent) always, then the highest scores, ties for the newer id.
+# - h2o (Zhang et al., 2023): running sum of the attention each slot received from every query of the group's heads.
+# - tova (Oren et al., 2024): the last query's attention averaged over all heads of the layer.
+# - snapkv (Li et al., 2024): per head, the mean attention of the last `observe` queries, averaged over a window of
+#   `pool_kernel` neighbouring candidates (zero beyond the ends, divided by the kernel), averaged over the group.
+# - knorm (Devoto et al., 2024): minus the key's L2 norm, compared at 1e-4 (equal norms tie).
+# - lru: the id of the latest query whose attention (mean over the group's heads) to the slot is at least
+#   1 / (keys that query sees); a slot written counts as used at its own id.
+
+
+@dataclass
+class EvictionSpec:
+    """A score-evicting method as plain values (read_all reading, direct writing, every layer injected)."""
+
+    segment_len: int
+    size: int
+    policy: str
+    position: str = "official"
+    """official (memory keys at position 0, input from 0) | compact (slot j of a head at position j, input after) |
+    absolute (every token at its document position: kept keys keep theirs, as kvpress)."""
+    sinks: int = 0
+    recent: int = 0
+    observe: int = 32
+    pool_kernel: int = 7
+
+
+@dataclass
+class HeadSlot:
+    id: int
+    key: torch.Tensor
+    """[head_dim] unrotated."""
+    value: torch.Tensor
+    score: float = 0.0
+
+
+def eviction_nll(llama: ReferenceLlama, spec: EvictionSpec, doc: torch.Tensor) -> tuple[torch.Tensor, list[list[
+        list[int]]]]:
+    """Per-token NLL [len(doc) - 1] and, per layer and KV head, the ids finally held."""
+    banks = [[[] for _ in range(llama.kv_heads)] for _ in range(llama.n_layers)]
+    out = []
+    for start in range(0, len(doc) - 1, spec.segment_len):
+        width = min(spec.segment_len, len(doc) - 1 - start)
+        logits = _eviction_segment(llama, spec, banks, doc[start:start + width], start)
+        logp = torch.log_softmax(logits, dim=-1)
+        out.append(-logp[torch.arange(width), doc[start + 1:start + width + 1]])
+    return torch.cat(out), [[[s.id for s in head] for head in layer] for layer in banks]
+
+
+def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[list[list[HeadSlot]]],
+                      ids: torch.Tensor, doc_start: int) -> torch.Tensor:
+    n = len(ids)
+    x = llama.w["model.embed_tokens.weight"][ids]
+    group = llama.heads // llama.kv_heads
+    for layer in range(llama.n_layers):
+        p = f"model.layers.{layer}."
+        held = banks[layer]
+        n_held = len(held[0])
+        first = {"compact": n_held, "official": 0, "absolute": doc_start}[spec.position]
+        h = llama.rms_norm(x, p + "input_layernorm.weight")
+        q = llama.linear(h, p + "self_attn.q_proj").view(n, llama.heads, -1)
+        k = llama.linear(h, p + "self_attn.k_proj").view(n, llama.kv_heads, -1)
+        v = llama.linear(h, p + "self_attn.v_proj").view(n, llama.kv_heads, -1)
+        q_rot = [llama.rope(q[t], first + t, 1.0) for t in range(n)]
+        k_rot = [llama.rope(k[t], first + t, 1.0) for t in range(n)]
+        attn = torch.zeros_like(q)
+        weights: dict[tuple[int, int], torch.Tensor] = {}  # (head, query) -> [n_held + t + 1]
+        for t in range(n):
+            for head in range(llama.heads):
+                g = head // group
+                at = {"compact": lambda j, s: j, "official": lambda j, s: 0, "absolute": lambda j, s: s.id}
+                mem = [llama.rope(s.key, at[spec.position](j, s), 1.0) for j, s in enumerate(held[g])]
+                keys = torch.stack(mem + [k_rot[j][g] for j in range(t + 1)])
+                values = torch.stack([s.value for s in held[g]] + [v[j, g] for j in range(t + 1)])
+                w = torch.softmax(keys @ q_rot[t][head] / math.sqrt(llama.head_dim), dim=0)
+                weights[head, t] = w
+                attn[t, head] = w @ values
+        x = x + llama.linear(attn.reshape(n, -1), p + "self_attn.o_proj")
+        h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
+        gate = llama.linear(h, p + "mlp.gate_proj")
+        x = x + llama.linear(gate * torch.sigmoid(gate) * llama.linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+        for g in range(llama.kv_heads):
+            cands = held[g] + [HeadSlot(doc_start + j, k[j, g], v[j, g]) for j in range(n)]
+            _score(spec, cands, weights, g, group, llama.heads, n_held, n, doc_start)
+            held[g] = _keep(spec, cands, doc_start + n)
+    x = llama.rms_norm(x, "model.norm.weight")
+    return x @ llama.lm_head.T
+
+
+def _received(w: torch.Tensor, c: int, n_held: int, t: int) -> float:
+    """Weight a query's vector `w` (its held slots, then the segment up to t) gives candidate c (0 if unseen)."""
+    if c < n_held:
+        return float(w[c])
+    j = c - n_held
+    return float(w[n_held + j]) if j <= t else 0.0
+
+
+def _score(spec: EvictionSpec, cands: list[HeadSlot], weights: dict[tuple[int, int], torch.Tensor], g: int,
+           group: int, heads: int, n_held: int, n: int, doc_start: int) -> None:
+    heads_g = range(g * group, (g + 1) * group)
+    if spec.policy == "knorm":
+        for s in cands:
+            s.score = -round(float(s.key.norm()) * 1e4)
+    elif spec.policy == "h2o":
+        for c, s in enumerate(cands):
+            s.score += sum(_received(weights[hd, t], c, n_held, t) for hd in heads_g for t in range(n))
+    elif spec.policy == "lru":
+        for c, s in enumerate(cands):
+            if c >= n_held:
+                s.score = float(s.id)
+            for t in range(n):
+                share = sum(_received(weights[hd, t], c, n_held, t) for hd in heads_g) / group
+                if share >= 1.0 / (n_held + t + 1):
+                    s.score = max(s.score, float(doc_start + t))
+    elif spec.policy == "tova":
+        for c, s in enumerate(cands):
+            s.score = sum(_received(weights[hd, n - 1], c, n_held, n - 1) for hd in range(heads)) / heads
+    elif spec.policy == "snapkv":
+        obs = range(n - min(spec.observe, n), n)
+        per_head = [[sum(_received(weights[hd, t], c, n_held, t) for t in obs) / len(obs) for c in range(len(cands))]
+                    for hd in heads_g]
+        half = spec.pool_kernel // 2
+        for c, s in enumerate(cands):
+            pooled = [sum(row[j] for j in range(c - half, c + half + 1) if 0 <= j < len(cands)) / spec.pool_kernel
+                      for row in per_head]
+            s.score = sum(pooled) / group
+    else:
+        raise ValueError(f"no reference for eviction {spec.policy!r}")
+
+
+def _keep(spec: EvictionSpec, cands: list[HeadSlot], end: int) -> list[HeadSlot]:
+    if len(cands) <= spec.size:
+        return cands
+    def rank(s: HeadSlot) -> tuple[bool, float, int]:
+        return (s.id < spec.sinks or s.id >= end - spec.recent, s.score, s.id)
+    kept = sorted(cands, key=rank, reverse=True)[:spec.size]
+    return sorted(kept, key=lambda s: s.id)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import BOOKS, STORIES, random_docs, slow_only, tiny_llama
-from reference_unimem import Description, ReferenceLlama, reference_nll
+from reference_unimem import Description, EvictionSpec, ReferenceLlama, eviction_nll, reference_nll
 
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig
 
@@ -173,7 +173,13 @@ def check_against_reference(model: torch.nn.Module, spec: Case, doc: torch.Tenso
             embeddings = torch.randn(config.writing.memory_tokens, model.config.hidden_size, generator=generator)
             lm.load_method_state({"memory_embeddings": embeddings})
         got = lm.score([doc])[0]
-    expected = reference_nll(reference_llama(model), description, doc, embeddings)
+    if config.management.scored:  # score-based eviction: the reference's per-head slot lists
+        m = config.management
+        evicting = EvictionSpec(segment_len=spec.segment, size=m.size, policy=m.eviction, position=config.position.mode,
+                                sinks=m.sinks, recent=m.recent, observe=m.observe, pool_kernel=m.pool_kernel)
+        expected = eviction_nll(reference_llama(model), evicting, doc)[0]
+    else:
+        expected = reference_nll(reference_llama(model), description, doc, embeddings)
     assert got.shape == expected.shape == (len(doc) - 1,)
     torch.testing.assert_close(got.double(), expected, atol=ATOL, rtol=0)
 

@@ -150,10 +150,14 @@ def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) 
                         console.print(f"[dim]{method} / {cell.task.name}: {reused} samples finished before the "
                                       "interruption are reused[/dim]")
                     start = time.perf_counter()
+                    lm.reset_usage()
                     result = cell.task.run(ShardedLM(lm, processes), tokenizer, req.options, log, progress=advance)
                     seconds = time.perf_counter() - start
+                    # A compression method that never read a compressed cache would report full-cache scores.
+                    lm.check_compressed()
                     if processes.is_main:
-                        _record(req, plan, cell, result, seconds, {**env, "reused_samples": reused}, leaderboard)
+                        _record(req, plan, cell, result, seconds,
+                                {**env, "reused_samples": reused, "memory_usage": lm.usage_record()}, leaderboard)
                         records.partial_path(req.out, cell.run_id).unlink(missing_ok=True)
                     processes.barrier()
                     progress.remove_task(bar)

@@ -105,4 +105,7 @@ PRESETS: dict[str, Preset] = {
     "dilation": Preset("LongNet's dilation rates of its 3 patterns: none (1,1,1), the paper's geometric (1,2,4), "
                        "steeper (1,4,16)",
                        lambda ctx: [Axis("reading.dilation_rates", ("[1,1,1]", "[1,2,4]", "[1,4,16]"))]),
+    # kvpress' and the eviction papers' compression ratios; 1x keeps every token (full attention, streamed).
+    "budget": Preset("KV-cache compression 1x, 2x, 4x, 8x of each input (management.budget; score-evicting methods)",
+                     lambda ctx: [Axis("management.budget", ("1", "0.5", "0.25", "0.125"))]),
 }

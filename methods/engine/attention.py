@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
+from unimem_bench.methods.engine import eviction
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.plan import SegmentContext
 from unimem_bench.methods.engine.retrieval import topk_exact
@@ -69,6 +70,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     first_call = layer not in ctx.reads
     if first_call:
         ctx.reads[layer] = bank.snapshot()
+        bank.note_read(plan.n_prefix * query.shape[0])
     mem = ctx.reads[layer]
     prefix_k: list[torch.Tensor] = []
     prefix_v: list[torch.Tensor] = []
@@ -91,9 +93,14 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     else:
         keys, values = key, value
 
+    policy = config.management.eviction
+    # Score-based eviction by attention: the segment's attention evidence, for the write below.
+    scored = first_call and plan.write and plan.n_new > 0 and policy in (*eviction.NEEDS_ALL_QUERIES,
+                                                                         *eviction.NEEDS_LAST_QUERIES)
     mask = ctx.mask
     if mask is not None and mask.dim() == 3:  # LongNet: one row per head offset; head h takes row h mod offsets
         mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
+    lse = None
     if ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None:
         out, lse = attention_with_lse(query, keys, values, mask, scale)
         if ctx.sink_shift is not None:
@@ -102,8 +109,15 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
             out, lse = merge_random(ctx, mem, query, out, lse, scale)
         if ctx.topk_end is not None:
             out = merge_topk(ctx, mem, query, out, lse, scale)
+    elif scored and policy in eviction.NEEDS_ALL_QUERIES:
+        out, lse = attention_with_lse(query, keys, values, mask, scale)
     else:
         out = prefix_causal_sdpa(query, keys, values, mask, scale)
+    fresh = None
+    if scored:  # the config refuses scored eviction beside top-k, random slots and sinks: lse is this softmax's
+        fresh = eviction.attention_scores(config.management, query, keys, mask, scale, lse,
+                                          n_memory=plan.n_prefix, n_read=plan.n_read, n_seg=plan.n_seg,
+                                          first_id=plan.first_id + plan.n_bank)
 
     if plan.write and (plan.n_new or plan.to_global):
         seg = slice(plan.n_read, plan.n_read + plan.n_seg)
@@ -113,7 +127,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
             cos, sin = (t[seg] for t in plan.store)
             seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
         if first_call:  # a recomputation repeats the tensor operations above but writes nothing
-            bank.write(plan, config, seg_k, value[:, :, seg])
+            bank.write(plan, config, seg_k, value[:, :, seg], fresh)
     return out.to(query.dtype)  # the fused CPU kernel's float32 log-sum-exp must not promote the output
 
 

@@ -40,6 +40,8 @@ class SegmentModel(Protocol):
 
     def forward_segment(self, state: MemoryState, input_ids: torch.Tensor, doc_start: int) -> torch.Tensor: ...
 
+    def note_input(self, end: int) -> None: ...
+
 
 class OpenSegment:
     """The segment being decoded: its read-only memory plan and its KV cache."""
@@ -54,6 +56,7 @@ class OpenSegment:
                                rotary=lm.decoder.get_submodule("rotary_emb"), probe=probe, write=False, grad=False)
         self.cache = DynamicCache(config=lm.model.config)
         self.pending_read_slots = state.rmt if m else None
+        self.doc_start = doc_start
 
     def feed(self, ids: Sequence[int]) -> torch.Tensor:
         """Append tokens to the open segment; returns the logits [vocab] after the last one."""
@@ -66,6 +69,7 @@ class OpenSegment:
         if past and embeds.shape[1] > 1:
             raise ValueError("an open segment takes one prefill, then one token per step")
         t = embeds.shape[1]
+        lm.note_input(self.doc_start + past + len(ids))
         first = self.plan.first_position + past
         positions = torch.arange(first, first + t, device=lm.device).unsqueeze(0)
         # Memory layers see [prefix ; cached ; new], masked for queries past .. past + t - 1 of the input.

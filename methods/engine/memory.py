@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from unimem_bench.methods.config import UniMemConfig
+from unimem_bench.methods.engine import eviction
 from unimem_bench.methods.engine.retrieval import FaissBank
 
 
@@ -21,6 +22,9 @@ class WritePlan(Protocol):
 
     @property
     def first_id(self) -> int: ...
+
+    @property
+    def n_bank(self) -> int: ...
 
     @property
     def to_global(self) -> int: ...
@@ -38,8 +42,20 @@ class WritePlan(Protocol):
     def detach_kv(self) -> bool: ...
 
 
-_TENSORS = ("keys", "values", "global_keys", "global_values")
+_TENSORS = ("keys", "values", "global_keys", "global_values", "ids", "scores")
 """The tensors of a `LayerMemory`."""
+
+
+@dataclass
+class LayerUsage:
+    """What one injected layer did over a run (all documents): the proof a compression method really compressed."""
+
+    evicted: int = 0
+    """Slots evicted (per KV head; FIFO and clears included), summed over writes and documents."""
+    read: int = 0
+    """Memory slots read, summed over forward calls and documents."""
+    read_compressed: int = 0
+    """Of those, slots read from a memory that had already evicted something (a compressed cache)."""
 
 
 def overflow_drop(n_old: int, n_new: int, size: int, policy: str) -> tuple[int, int]:
@@ -78,11 +94,38 @@ class LayerMemory:
     global_keys: torch.Tensor | None = None
     global_values: torch.Tensor | None = None
     faiss: FaissBank | None = None
+    ids: torch.Tensor | None = None
+    """[batch, kv_heads, slots] document position of each slot (score-based eviction only: heads keep their own)."""
+    scores: torch.Tensor | None = None
+    """[batch, kv_heads, slots] running scores of the held slots (h2o: attention received; lru: last use)."""
+    usage: LayerUsage | None = None
+    """Shared run counters (the model's), updated by reads and evictions."""
+    generator: torch.Generator | None = None
+    """The seeded generator of `random` eviction."""
+    has_evicted: bool = False
+    """This document's memory has evicted something: what it holds now is compressed."""
 
-    def write(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write this segment's keys/values [batch, kv_heads, n_seg, head_dim] (already in storage frame)."""
+    def note_read(self, slots: int) -> None:
+        """Count a forward call reading `slots` memory slots (summed over its batch rows)."""
+        if self.usage is not None:
+            self.usage.read += slots
+            if self.has_evicted:
+                self.usage.read_compressed += slots
+
+    def write(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor,
+              fresh: torch.Tensor | None = None) -> None:
+        """Write this segment's keys/values [batch, kv_heads, n_seg, head_dim] (already in storage frame); `fresh`:
+        the segment's attention evidence for score-based eviction (`eviction.attention_scores`)."""
         if plan.detach_kv:
             keys, values = keys.detach(), values.detach()
+        dropped = plan.drop_old + plan.drop_new
+        if dropped:  # held slots or this write's own (a write larger than the memory)
+            self.has_evicted = True
+            if self.usage is not None:
+                self.usage.evicted += dropped * keys.shape[0]
+        if config.management.scored:
+            self._write_scored(plan, config, keys, values, fresh)
+            return
         if plan.to_global:
             # Copies, not views: a view would pin the whole segment's keys/values for the document's lifetime.
             new_k, new_v = keys[:, :, :plan.to_global].clone(), values[:, :, :plan.to_global].clone()
@@ -108,9 +151,29 @@ class LayerMemory:
         if self.faiss is not None:
             self.faiss.add(new_keys, new_first_id, keys, new_first_id + new_keys.shape[2] - keys.shape[2])
 
+    def _write_scored(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor,
+                      fresh: torch.Tensor | None) -> None:
+        """Append the segment, then keep the best `size` candidates per KV head (`eviction`)."""
+        m = config.management
+        batch, kv_heads, n_new = keys.shape[:3]
+        first_new = plan.first_id + plan.n_bank
+        new_ids = (first_new + torch.arange(n_new, device=keys.device)).expand(batch, kv_heads, n_new)
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+            new_ids = torch.cat([self.ids, new_ids], dim=2)
+        scores = eviction.combine(m, self.scores, fresh, keys, new_ids, self.generator)
+        kept = keys.shape[2] - plan.drop_old - plan.drop_new
+        if kept < keys.shape[2]:
+            keep = eviction.keep_indices(m, scores, new_ids, kept, first_new + n_new)  # [batch, kv_heads, kept]
+            keys = keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[3]))
+            values = values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, values.shape[3]))
+            new_ids, scores = new_ids.gather(2, keep), scores.gather(2, keep)
+        self.keys, self.values, self.ids = keys, values, new_ids
+        self.scores = scores if m.eviction in eviction.NEEDS_ALL_QUERIES else None
+
     def snapshot(self) -> LayerMemory:
         """The current tensors (writes replace them, never modify them in place, so this is a frozen view)."""
-        return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss)
+        return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         for name in _TENSORS:

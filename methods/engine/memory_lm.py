@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +23,7 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from unimem_bench.methods.config import ConfigError, UniMemConfig
 from unimem_bench.methods.engine.attention import ATTENTION_NAME, unimem_attention
 from unimem_bench.methods.engine.generation import generate
-from unimem_bench.methods.engine.memory import LayerMemory, MemoryState
+from unimem_bench.methods.engine.memory import LayerMemory, LayerUsage, MemoryState
 from unimem_bench.methods.engine.plan import build_plan, segment_context
 from unimem_bench.methods.engine.retrieval import FaissBank
 from unimem_bench.methods.engine.sampling import Sampling
@@ -77,6 +79,9 @@ class MemoryLM(nn.Module):
             AttentionInterface.register(ATTENTION_NAME, unimem_attention)
         model.set_attn_implementation(ATTENTION_NAME)
         self.memory_embeddings: nn.Parameter | None = None
+        self.usage: dict[int, LayerUsage] = {}
+        self.longest_input = 0
+        self.reset_usage()
         m = config.writing.memory_tokens
         if m:
             embed = model.get_input_embeddings().get_parameter("weight")
@@ -151,11 +156,60 @@ class MemoryLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().get_parameter("weight").device
 
+    def reset_usage(self) -> None:
+        """Start counting memory usage afresh (the runner does, once per task)."""
+        self.usage = {i: LayerUsage() for i in sorted(self.layers)}
+        self.longest_input = 0
+
+    def note_input(self, end: int) -> None:
+        """Count an input reaching document position `end` (exclusive)."""
+        self.longest_input = max(self.longest_input, end)
+
+    def usage_record(self) -> dict[str, object]:
+        """Small run record of what memory did: the longest input, and per injected layer the slots evicted, read,
+        and read from a memory that had evicted (each summed over documents)."""
+        return {"longest_input": self.longest_input,
+                "layers": {str(i): dataclasses.asdict(u) for i, u in self.usage.items()}}
+
+    @contextlib.contextmanager
+    def budget_for(self, tokens: int) -> Iterator[None]:
+        """With `management.budget`, the memory size for an input of `tokens` tokens while the block runs."""
+        m = self.config.management
+        if not m.budget:
+            yield
+            return
+        saved = self.config
+        size = max(1, m.sinks + m.recent, math.ceil(m.budget * tokens))
+        self.config = dataclasses.replace(saved, management=dataclasses.replace(m, size=size))
+        try:
+            yield
+        finally:
+            self.config = saved
+
+    def check_compressed(self) -> None:
+        """Raise ConfigError when a score-based compression method never read a compressed memory although its
+        budget is below the longest input: its scores would be full-cache scores (KVCache-Factory's failure)."""
+        m = self.config.management
+        size = math.ceil(m.budget * self.longest_input) if m.budget else m.size
+        if not (m.scored and size and self.longest_input > size):
+            return
+        if any(u.read_compressed for u in self.usage.values()):
+            return
+        raise ConfigError(f"method {self.config.name!r} compressed nothing: its budget of {size} slots is "
+                          f"below the longest input ({self.longest_input} tokens) but no query read an evicted "
+                          f"memory (segment length {self.segment_len}: eviction only follows a segment), so its "
+                          "scores would be full-cache scores; stream the input in shorter segments so one starts "
+                          f"after the first {size} tokens (e.g. --segment-len {max(1, size // 2)})")
+
     def new_state(self, batch: int) -> MemoryState:
         """An empty memory for `batch` documents."""
         reading, size = self.config.reading, self.config.management.size
         use_faiss = self.config.uses_kv_memory and reading.topk and reading.index != "torch"
-        layers = {i: LayerMemory(faiss=FaissBank(reading, size) if use_faiss else None) for i in self.layers}
+        seed = self.config.management.seed
+        layers = {i: LayerMemory(faiss=FaissBank(reading, size) if use_faiss else None, usage=self.usage[i],
+                                 generator=torch.Generator().manual_seed(seed * 1_000_003 + i)
+                                 if self.config.management.eviction == "random" else None)
+                  for i in self.layers}
         state = MemoryState(layers=layers)
         if self.memory_embeddings is not None:
             state.rmt = self.memory_embeddings.unsqueeze(0).expand(batch, -1, -1)
@@ -167,6 +221,7 @@ class MemoryLM(nn.Module):
         config = self.config
         m = config.writing.memory_tokens
         n = input_ids.shape[1]
+        self.note_input(doc_start + n)
         embeds = self.model.get_input_embeddings()(input_ids)  # [batch, n, hidden]
         plan = build_plan(config, state, n_read=m, n_seg=n, n_write=m, doc_start=doc_start,
                           rotary=self.decoder.get_submodule("rotary_emb"), probe=embeds, write=True,
@@ -192,8 +247,9 @@ class MemoryLM(nn.Module):
                  stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None,
                  min_new_tokens: int = 0) -> list[int]:
         """Continue `prompt` through memory (see `generation.generate`); returns the new token ids."""
-        return generate(self, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                        sampling=sampling, min_new_tokens=min_new_tokens)
+        with self.budget_for(len(prompt)):
+            return generate(self, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                            sampling=sampling, min_new_tokens=min_new_tokens)
 
     def score(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
               progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
@@ -215,7 +271,9 @@ class MemoryLM(nn.Module):
         order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
         for lo in range(0, len(order), batch_size):
             rows = order[lo:lo + batch_size]
-            for i, nll in zip(rows, self._score_batch([docs[i] for i in rows], progress), strict=True):
+            with self.budget_for(max(len(docs[i]) for i in rows)):
+                scored = self._score_batch([docs[i] for i in rows], progress)
+            for i, nll in zip(rows, scored, strict=True):
                 results[i] = nll
         return results  # type: ignore[return-value]
 

@@ -1,0 +1,148 @@
+"""Score-based eviction (Memory Management): which slots a full memory gives up, per layer and KV head.
+
+When a segment's write would overflow the memory, the candidates are [held slots ; the segment's tokens], in
+document order. Each gets a score per KV head; sinks (the document's first tokens) and recent tokens are protected;
+the `size` best are kept in document order, ties kept for the newer slot. Where a policy needs attention
+probabilities, they come from the segment's own queries over [memory ; segment] (the keys the engine attended),
+computed in bounded blocks of query rows against the log-sum-exp the attention returned (H2O, LRU: every query)
+or over the few rows a policy reads (TOVA: the last query; SnapKV: the last `observe`), never as a [queries x keys]
+matrix.
+
+Where ours differs from the official code (kvpress, FMInference/H2O), all because eviction runs while a document
+streams in segments instead of once after a prefill or once per generated token:
+- H2O evicts at the end of every segment, not after every token; GQA query heads add up into their KV head.
+- TOVA and SnapKV score with the segment's last queries at every eviction (kvpress: once, with the prompt's).
+- SnapKV pools over the candidates in memory order, which after per-head eviction are not adjacent tokens.
+- LRU (UniMem's future work; no official code): a slot is used by a query that gives it at least the uniform share
+  1/visible-keys of its attention, averaged over the KV head's query heads; never used = its write time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from unimem_bench.methods.config import Management
+
+NEEDS_ALL_QUERIES = ("h2o", "lru")
+"""Policies scored by every query's attention (the attention returns its log-sum-exp for them)."""
+
+NEEDS_LAST_QUERIES = ("tova", "snapkv")
+"""Policies scored by the attention of the segment's last queries."""
+
+KNORM_GRID = 1e4
+"""Key norms compare at 1e-4: a repeated token's identical layer-0 keys, stored from different positions, differ by
+rounding only, and must tie (then the newer is kept) rather than be ordered by rounding noise."""
+
+# Elements per probability block [heads, rows, keys]: 2^24 floats (64 MiB in float32) whatever the model's width.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def _row_mask(mask: torch.Tensor | None, lo: int, hi: int, n_keys: int, device: torch.device) -> torch.Tensor:
+    """Additive mask [rows, keys] of query rows lo..hi-1; None means causal over keys (no memory in front)."""
+    if mask is not None:
+        return mask[lo:hi]
+    rows = torch.arange(lo, hi, device=device)[:, None]
+    keys = torch.arange(n_keys, device=device)[None, :]
+    return torch.zeros(hi - lo, n_keys, device=device).masked_fill(keys > rows, float("-inf"))
+
+
+def _probabilities(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float, lo: int,
+                   hi: int, lse: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Attention probabilities of query rows lo..hi-1, in blocks: (first row, [batch, kv_heads, group, rows, keys])."""
+    batch, heads, _, dim = query.shape
+    kv_heads = keys.shape[1]
+    wide = torch.promote_types(query.dtype, torch.float32)
+    k = keys.to(wide)
+    rows = max(1, BLOCK_ELEMENTS // (batch * heads * keys.shape[2]))
+    for start in range(lo, hi, rows):
+        stop = min(hi, start + rows)
+        q = query[:, :, start:stop].to(wide).reshape(batch, kv_heads, heads // kv_heads, stop - start, dim)
+        logits = torch.einsum("bkgsd,bktd->bkgst", q, k) * scale
+        logits = logits + _row_mask(mask, start, stop, keys.shape[2], query.device).to(wide)
+        if lse is None:
+            probs = torch.softmax(logits, dim=-1)
+        else:
+            row_lse = lse[:, :, start:stop].to(wide).reshape(batch, kv_heads, -1, stop - start, 1)
+            probs = torch.exp(logits - row_lse)
+        yield start, probs
+
+
+def attention_scores(m: Management, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                     lse: torch.Tensor | None, *, n_memory: int, n_read: int, n_seg: int,
+                     first_id: int) -> torch.Tensor:
+    """This segment's attention evidence per candidate [batch, kv_heads, n_memory + n_seg].
+
+    query [batch, heads, input, dim]; keys [batch, kv_heads, n_memory + input, dim] (memory, then the input:
+    n_read read slots, n_seg segment tokens, write slots); `first_id`: the id (document position) of the first
+    segment token. h2o: attention received, summed over queries and the KV head's query heads; lru: the id of the
+    latest query giving at least 1/visible of its attention (-1: none); tova: the last query's attention averaged
+    over all heads; snapkv: the last `observe` queries' attention averaged, pooled, averaged over the group.
+    """
+    policy = m.eviction
+    candidates = torch.cat([torch.arange(n_memory), n_memory + n_read + torch.arange(n_seg)]).to(query.device)
+    last = n_read + n_seg  # rows after it are RMT write slots
+    if policy in NEEDS_ALL_QUERIES:
+        batch, kv_heads = keys.shape[:2]
+        out = torch.zeros(batch, kv_heads, len(candidates), dtype=torch.promote_types(query.dtype, torch.float32),
+                          device=query.device)
+        if policy == "lru":
+            out -= 1
+        for start, probs in _probabilities(query, keys, mask, scale, 0, last, lse):
+            probs = probs[..., candidates]
+            if policy == "h2o":
+                out += probs.sum(dim=(2, 3))
+                continue
+            share = probs.mean(2)  # [batch, kv_heads, rows, candidates]
+            visible = torch.isfinite(_row_mask(mask, start, start + share.shape[2], keys.shape[2], query.device))
+            uniform = 1.0 / visible.sum(-1).clamp(min=1)  # [rows]
+            rows = first_id + torch.arange(start, start + share.shape[2], device=query.device) - n_read
+            used = share >= uniform[:, None].to(share.dtype)
+            when = torch.where(used, rows[:, None].to(share.dtype), torch.full_like(share, -1.0))
+            out = torch.maximum(out, when.amax(2))
+        return out
+    observe = 1 if policy == "tova" else min(m.observe, n_seg)
+    total = None
+    for _, probs in _probabilities(query, keys, mask, scale, last - observe, last, None):
+        part = probs[..., candidates].sum(3)  # [batch, kv_heads, group, candidates]
+        total = part if total is None else total + part
+    assert total is not None  # observe >= 1
+    mean = total / observe
+    if policy == "tova":
+        return mean.mean(dim=(1, 2), keepdim=True).squeeze(2).expand(-1, keys.shape[1], -1)
+    batch, kv_heads, group, n = mean.shape
+    pooled = F.avg_pool1d(mean.reshape(-1, 1, n), m.pool_kernel, stride=1, padding=m.pool_kernel // 2)
+    return pooled.reshape(batch, kv_heads, group, n).mean(2)
+
+
+def combine(m: Management, held: torch.Tensor | None, fresh: torch.Tensor | None, keys: torch.Tensor,
+            ids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Scores [batch, kv_heads, candidates] of the candidates (keys [batch, kv_heads, candidates, dim], ids
+    [batch, kv_heads, candidates]); `held` carries the held slots' running scores (h2o, lru) and `fresh` this
+    segment's `attention_scores`. Higher is kept."""
+    policy = m.eviction
+    if policy == "knorm":  # the largest key norms go (Devoto et al., 2024)
+        norm = keys.to(torch.promote_types(keys.dtype, torch.float32)).norm(dim=-1)
+        return -torch.round(norm * KNORM_GRID)
+    if policy == "random":
+        return torch.rand(ids.shape, generator=generator, dtype=torch.float64).to(keys.device)
+    assert fresh is not None  # an attention policy: memory_attention computed it
+    if policy in NEEDS_LAST_QUERIES:
+        return fresh
+    n_held = 0 if held is None else held.shape[2]
+    if policy == "h2o":
+        return fresh if held is None else fresh + F.pad(held, (0, fresh.shape[2] - n_held))
+    # lru: written counts as used; a held slot keeps its last use
+    since = ids.to(fresh.dtype) if held is None else torch.cat([held, ids[..., n_held:].to(fresh.dtype)], dim=2)
+    return torch.maximum(since, fresh)
+
+
+def keep_indices(m: Management, scores: torch.Tensor, ids: torch.Tensor, kept: int, end_id: int) -> torch.Tensor:
+    """Candidate indices [batch, kv_heads, kept] to keep, in document order: sinks (ids < m.sinks) and recent tokens
+    (ids >= end_id - m.recent) first, then the highest scores, a tie kept for the newer slot."""
+    protect = (ids < m.sinks) | (ids >= end_id - m.recent)
+    rank = scores.masked_fill(protect, float("inf")).flip(-1)  # flipped: a stable sort then prefers newer slots
+    order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :kept]
+    return (scores.shape[-1] - 1 - order).sort(dim=-1).values
