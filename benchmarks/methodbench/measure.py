@@ -302,7 +302,8 @@ def bench_retrieval(config: PretrainedConfig, segment_len: int, sizes: Iterable[
         bank = FaissBank(Reading(topk=k, index="faiss-flat"), capacity=size)
         bank.rebuild(keys, first_id=0)
         torch_s, (_, torch_idx) = median_time(lambda keys=keys: topk_exact(queries, keys, k), repeats)
-        faiss_s, (_, faiss_idx) = median_time(lambda bank=bank, size=size: bank.search(queries, k, 0, size), repeats)
+        faiss_s, (_, faiss_idx) = median_time(lambda bank=bank, size=size: bank.search(queries, k, 0, 0, size),
+                                              repeats)
         same = (torch_idx.sort(-1).values == faiss_idx.sort(-1).values).all(-1)
         results.append(RetrievalResult(size, torch_s * 1e3, faiss_s * 1e3, same.float().mean().item()))
     return results
