@@ -27,6 +27,7 @@ PositionMode = Literal["official", "compact", "absolute"]
 Strategy = Literal["stop_gradient", "bptt", "bptt_tokens"]
 GlobalSource = Literal["document", "memory"]
 WriteSlots = Literal["memory", "learned"]
+ChunkKey = Literal["mean", "bounds"]
 
 
 def _check_choice(name: str, value: object, kind: object) -> None:
@@ -115,6 +116,14 @@ class Reading:
     """IVF cells searched per query: 16 of 256 keeps recall high at a sixteenth of the work."""
     hnsw_neighbors: int = 32
     """HNSW graph degree M; 32 is faiss' recommended default for recall above 0.95."""
+    chunk_size: int = 0
+    """Chunk-level retrieval (LongMem's token-to-chunk) when > 0: the searchable memory (from the first non-global
+    slot) is grouped in consecutive chunks of this many slots, the last one possibly shorter; each query ranks the
+    chunks lying wholly before its window reach by their chunk key and reads the tokens of the best
+    topk / chunk_size chunks (so `topk` still counts tokens read). 0 = token-level top-k."""
+    chunk_key: ChunkKey = "mean"
+    """How a chunk is ranked: `mean` (LongMem: the mean of its keys, scored by dot product) or `bounds` (Quest: the
+    upper bound sum_d max(q_d min_d, q_d max_d) of q.k over the chunk, from per-dimension key minima and maxima)."""
 
     def __post_init__(self) -> None:
         _check_nonneg(
@@ -129,6 +138,14 @@ class Reading:
                               "reading.topk=0")
         if min(self.ivf_lists, self.ivf_probe, self.hnsw_neighbors) < 1:
             raise ConfigError("reading.ivf_lists, reading.ivf_probe and reading.hnsw_neighbors must be >= 1")
+        _check_choice("reading.chunk_key", self.chunk_key, ChunkKey)
+        _check_nonneg(**{"reading.chunk_size": self.chunk_size})
+        if self.chunk_size and (not self.topk or self.topk % self.chunk_size):
+            raise ConfigError(f"reading.chunk_size={self.chunk_size} reads whole chunks: set reading.topk to a "
+                              f"multiple of it (the tokens read, e.g. {4 * self.chunk_size})")
+        if self.chunk_size and self.index != "torch":
+            raise ConfigError(f"reading.chunk_size={self.chunk_size} searches chunk keys exactly in torch: set "
+                              "reading.index=torch (or reading.chunk_size=0 for a faiss token search)")
 
 
 @dataclass(frozen=True)

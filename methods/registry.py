@@ -141,7 +141,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
     if r.global_tokens:
         reads.append(f"global {r.global_tokens} ({r.global_source})")
     if r.topk:
-        reads.append(f"top-{r.topk} ({r.index})")
+        reads.append(f"top-{r.topk} ({r.index})" if not r.chunk_size
+                     else f"top-{r.topk} in chunks of {r.chunk_size} ({r.chunk_key})")
     if w.memory_tokens:
         reads.append("memory tokens")
     extra = []

@@ -75,6 +75,13 @@ class Description:
     """official | compact | absolute."""
     rope_factor: float = 1.0
     """Linear position interpolation: RoPE angles at position p / rope_factor."""
+    chunk_size: int = 0
+    """Chunk-level retrieval when > 0: the slots top-k may pick, in memory order, form consecutive chunks of this
+    many (the last possibly shorter); a query ranks the chunks all of whose slots lie before its window reach and
+    reads every slot of its best topk / chunk_size chunks."""
+    chunk_key: str = "mean"
+    """mean (a chunk's score is q . the mean of its keys) | bounds (sum over dimensions of the larger of q_d times
+    the chunk's smallest and largest key in that dimension)."""
 
 
 class ReferenceLlama:
@@ -277,7 +284,11 @@ def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: i
     keys = [view.global_keys[:, g], view.window_keys[seen, g]]
     values = [view.global_values[:, g], view.window_values[seen, g]]
     candidates = [j for j, b in enumerate(view.search_index) if b < view.n_bank - reach]
-    if candidates and spec.topk:
+    if candidates and spec.topk and spec.chunk_size:
+        picked = best_chunk_slots(spec, view, query, g, len(candidates))
+        keys.append(view.search_keys[picked, g])
+        values.append(view.search_values[picked, g])
+    elif candidates and spec.topk:
         scores = view.search_keys[candidates, g] @ query
         picked = [candidates[j] for j in scores.topk(min(spec.topk, len(candidates))).indices.tolist()]
         keys.append(view.search_keys[picked, g])
@@ -304,3 +315,21 @@ def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tens
             return
     bank.extend(new)
     del bank[:max(0, len(bank) - spec.size)]
+
+
+def best_chunk_slots(spec: Description, view: View, query: torch.Tensor, g: int, n_candidates: int) -> list[int]:
+    """Search-list positions of the slots of the best topk / chunk_size chunks for `query` of KV head `g`; the
+    candidates are the first `n_candidates` search slots, and only chunks wholly among them count."""
+    n = len(view.search_index)
+    chunks = [list(range(lo, min(lo + spec.chunk_size, n))) for lo in range(0, n, spec.chunk_size)]
+    chunks = [c for c in chunks if c[-1] < n_candidates]
+    scores = []
+    for members in chunks:
+        keys = view.search_keys[members, g]  # [members, head_dim]
+        if spec.chunk_key == "mean":
+            scores.append(float(keys.mean(0) @ query))
+        else:
+            low, high = keys.min(0).values, keys.max(0).values
+            scores.append(float(torch.maximum(query * low, query * high).sum()))
+    order = sorted(range(len(chunks)), key=lambda c: -scores[c])[:spec.topk // spec.chunk_size]
+    return [j for c in order for j in chunks[c]]

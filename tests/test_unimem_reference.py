@@ -101,6 +101,18 @@ GRID = [
          "reading.global_source=memory"),
     case("read-all", "vanilla", "writing.kv=direct", "management.size=16", "reading.read_all=true"),
     case("pi-factor3", "position_interpolation", "position.rope_factor=3"),
+    # Chunk-level retrieval: chunks of 2 and 3 (a short last chunk), mean and bounds keys, per-query limits under a
+    # sliding window, every position mode, chunks covering all memory.
+    *[case(f"chunk{c}-{key}", "memorizing_transformer", f"reading.chunk_size={c}", f"reading.topk={2 * c}",
+           f"reading.chunk_key={key}", "injection.layers=all") for c in (2, 3) for key in ("mean", "bounds")],
+    *[case(f"chunk2-{key}-sliding-window", "memorizing_transformer", "reading.chunk_size=2", "reading.topk=4",
+           f"reading.chunk_key={key}", "reading.window=6", "reading.sliding=true", "management.size=20")
+      for key in ("mean", "bounds")],
+    *[case(f"chunk3-{mode}", "memorizing_transformer", "reading.chunk_size=3", "reading.topk=6",
+           "reading.chunk_key=bounds", f"position.mode={mode}") for mode in ("official", "compact", "absolute")],
+    case("chunk4-all", "memorizing_transformer", "reading.chunk_size=4", "reading.topk=64"),
+    case("chunk3-segment1", "memorizing_transformer", "management.size=7", "reading.chunk_size=3", "reading.topk=3",
+         segment=1, doc=12),
 ]
 
 
@@ -119,6 +131,7 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         write_slots=w.write_slots, window=r.window, sliding=r.sliding, stride=r.stride, global_tokens=r.global_tokens,
         global_source=r.global_source, topk=r.topk, read_all=r.read_all,
         position=p.mode, rope_factor=p.rope_factor or max(1.0, local / trained_context),
+        chunk_size=r.chunk_size, chunk_key=r.chunk_key,
     )
 
 
