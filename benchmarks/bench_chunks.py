@@ -57,7 +57,7 @@ def main() -> None:
     for kind in ("mean", "bounds"):
         runs[f"chunks ({kind})"] = lambda kind=kind: read_chunks(q, keys, values, args.topk, args.chunk_size, kind)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for name, run in runs.items():  # warm-up
+    for run in runs.values():  # warm-up
         run()
     for _ in range(args.repeats):
         for name, run in runs.items():

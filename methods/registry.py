@@ -79,6 +79,8 @@ class MethodContext:
     """Tokens per streamed segment in this run."""
     trained_context: int
     """The model's trained context length."""
+    memory_layers: tuple[int, ...] = ()
+    """Memory layers a memory-trained checkpoint names (LongLLaMA's `mem_layers`); empty for a plain model."""
 
     def segments(self, n: float) -> int:
         """`n` segments in tokens: the paper's sizes are whole 2,048-token segments."""

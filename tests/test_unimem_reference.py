@@ -111,6 +111,9 @@ GRID = [
     *[case(f"chunk3-{mode}", "memorizing_transformer", "reading.chunk_size=3", "reading.topk=6",
            "reading.chunk_key=bounds", f"position.mode={mode}") for mode in ("official", "compact", "absolute")],
     case("chunk4-all", "memorizing_transformer", "reading.chunk_size=4", "reading.topk=64"),
+    # FoT / LongLLaMA: dense memory attention (a LongLLaMA checkpoint) and kNN top-k, memory keys at position 0.
+    case("fot-dense", "fot", "reading.topk=0", "reading.read_all=true", "injection.layers=1"),
+    case("fot-top3-chunks", "fot", "reading.topk=3", "reading.chunk_size=3"),
     case("chunk3-segment1", "memorizing_transformer", "management.size=7", "reading.chunk_size=3", "reading.topk=3",
          segment=1, doc=12),
 ]
