@@ -9,6 +9,7 @@ from unimem_bench.methods import longformer  # noqa: F401
 from unimem_bench.methods import unimix  # noqa: F401
 from unimem_bench.methods import position_interpolation  # noqa: F401
 from unimem_bench.methods import fot  # noqa: F401
+from unimem_bench.methods import unlimiformer  # noqa: F401
 from unimem_bench.methods.config import ConfigError, UniMemConfig
 from unimem_bench.methods.engine.memory_lm import HookError, MemoryLM, TokenScores, check_hookable
 from unimem_bench.methods.engine.sampling import Sampling

@@ -58,6 +58,10 @@ class Management:
         _check_nonneg(**{"management.size": self.size})
         _check_choice("management.overflow", self.overflow, Overflow)
 
+    freeze_after_prompt: bool = False
+    """Generation writes no segment made only of generated tokens: the memory ends with the segment holding the
+    prompt's last token (prompt-retrieval methods such as Unlimiformer index the prompt, not their own output)."""
+
 
 @dataclass(frozen=True)
 class Writing:
@@ -216,6 +220,13 @@ class Position:
         if self.segment_factor < 1:
             raise ConfigError(f"position.segment_factor={self.segment_factor} must be >= 1")
 
+    scaled_memory: bool = False
+    """Unlimiformer's LLaMA mode: memory positions scaled into the trained context. With L document tokens before
+    the segment and R = trained context - local context positions left for memory, a top-k slot at document position
+    p is attended at position floor(p * min(1, R / L)) and the input runs from min(L, R), so nothing exceeds the
+    trained context and order is kept. Slots are searched unrotated (the query rotated, as Unlimiformer's datastore
+    search). Needs position.mode=official and reading by top-k alone."""
+
 
 @dataclass(frozen=True)
 class UniMemConfig:
@@ -257,6 +268,7 @@ class UniMemConfig:
         if m.size and not (r.window or r.topk or r.read_all or (r.global_tokens and r.global_source == "memory")):
             raise ConfigError(f"management.size={m.size} but nothing reads it: set reading.window, reading.topk or "
                               "reading.read_all")
+        check_scaled_memory(self)
 
     @property
     def uses_kv_memory(self) -> bool:
@@ -382,3 +394,16 @@ def format_layers(layers: tuple[int, ...] | str) -> str:
         else:
             runs.append([i, i])
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def check_scaled_memory(config: UniMemConfig) -> None:
+    """position.scaled_memory places top-k slots and the input itself: nothing else may place memory keys."""
+    r, p = config.reading, config.position
+    if not p.scaled_memory:
+        return
+    if p.mode != "official":
+        raise ConfigError(f"position.scaled_memory=true places memory and input itself: set position.mode=official "
+                          f"(not {p.mode})")
+    if not r.topk or r.window or r.read_all or r.global_tokens or config.writing.memory_tokens:
+        raise ConfigError("position.scaled_memory=true scales top-k slots only: set reading.topk > 0 and "
+                          "reading.window=0, reading.global_tokens=0, reading.read_all=false, writing.memory_tokens=0")

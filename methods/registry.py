@@ -127,6 +127,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
     management = f"{m.size:,} tok, {m.overflow}" if m.size else "-"
     if m.size and w.memory_tokens:
         management += f" + {w.memory_tokens} memory tok"
+    if m.size and m.freeze_after_prompt:
+        management += ", frozen after the prompt"
     writes = []
     if w.kv == "direct":
         writes.append("direct")
@@ -152,6 +154,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         extra.append("PI x" + ("auto" if config.position.rope_factor == 0 else f"{config.position.rope_factor:g}"))
     if config.position.segment_factor != 1:
         extra.append(f"local context x{config.position.segment_factor}")
+    if config.position.scaled_memory:
+        extra.append("top-k scaled into the trained context")
     return {
         "management": management,
         "writing": ", ".join(writes) or "-",

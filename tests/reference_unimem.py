@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -82,6 +83,12 @@ class Description:
     chunk_key: str = "mean"
     """mean (a chunk's score is q . the mean of its keys) | bounds (sum over dimensions of the larger of q_d times
     the chunk's smallest and largest key in that dimension)."""
+    scaled_memory: bool = False
+    """Unlimiformer's LLaMA mode: with L document tokens before the segment and R = trained_context - segment_len,
+    a top-k slot searched by its unrotated key is attended rotated to floor(p * min(1, R / L)) (p its document
+    position), and the segment's positions start at min(L, R). Direct FIFO memory only here."""
+    trained_context: int = 0
+    """The model's trained context (scaled_memory)."""
 
 
 class ReferenceLlama:
@@ -168,7 +175,7 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
     x = llama.w["model.embed_tokens.weight"][ids]
     if m:
         x = torch.cat([memory.read, x, memory.write])
-    views = {i: segment_view(llama, spec, memory, i) for i in spec.layers}
+    views = {i: segment_view(llama, spec, memory, i, doc_start) for i in spec.layers}
     n_prefix = next(iter(views.values())).n_prefix if views else 0
     positions = input_positions(spec, n_prefix, doc_start, m, n)
     written = {}
@@ -209,13 +216,16 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
 
 def input_positions(spec: Description, n_prefix: int, doc_start: int, m: int, n: int) -> list[int]:
     """Positions of [read slots ; segment ; write slots]."""
+    if spec.scaled_memory:
+        first = min(doc_start, max(0, spec.trained_context - spec.segment_len))
+        return list(range(first, first + n))
     if spec.position == "absolute":
         return list(range(doc_start - m, doc_start + n + m))
     first = n_prefix if spec.position == "compact" else 0
     return list(range(first, first + 2 * m + n))
 
 
-def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer: int) -> View:
+def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer: int, doc_start: int = 0) -> View:
     """One layer's memory as this segment reads it."""
     bank = memory.banks[layer]
     if spec.global_source == "memory":
@@ -249,6 +259,7 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
         search_keys=stack([at(bank[b], None) for b in searchable], empty),
         search_values=stack([bank[b].value for b in searchable], empty),
         n_bank=len(bank), n_prefix=len(global_slots) + n_window,
+        attend_keys=scaled_keys(llama, spec, bank, searchable, doc_start) if spec.scaled_memory else None,
     )
 
 
@@ -271,6 +282,8 @@ class View:
     """Slots in the layer's memory."""
     n_prefix: int
     """Globals plus window: where compact positions put the input."""
+    attend_keys: torch.Tensor | None = None
+    """The keys top-k slots are attended with when not their searched keys (scaled_memory), like search_keys."""
 
 
 def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int) -> tuple[torch.Tensor,
@@ -286,12 +299,12 @@ def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: i
     candidates = [j for j, b in enumerate(view.search_index) if b < view.n_bank - reach]
     if candidates and spec.topk and spec.chunk_size:
         picked = best_chunk_slots(spec, view, query, g, len(candidates))
-        keys.append(view.search_keys[picked, g])
+        keys.append((view.search_keys if view.attend_keys is None else view.attend_keys)[picked, g])
         values.append(view.search_values[picked, g])
     elif candidates and spec.topk:
         scores = view.search_keys[candidates, g] @ query
         picked = [candidates[j] for j in scores.topk(min(spec.topk, len(candidates))).indices.tolist()]
-        keys.append(view.search_keys[picked, g])
+        keys.append((view.search_keys if view.attend_keys is None else view.attend_keys)[picked, g])
         values.append(view.search_values[picked, g])
     return torch.cat(keys), torch.cat(values)
 
@@ -333,3 +346,15 @@ def best_chunk_slots(spec: Description, view: View, query: torch.Tensor, g: int,
             scores.append(float(torch.maximum(query * low, query * high).sum()))
     order = sorted(range(len(chunks)), key=lambda c: -scores[c])[:spec.topk // spec.chunk_size]
     return [j for c in order for j in chunks[c]]
+
+
+def scaled_keys(llama: ReferenceLlama, spec: Description, bank: list[Slot], searchable: range,
+                doc_start: int) -> torch.Tensor:
+    """Unlimiformer's keys: slot b of a direct FIFO memory holds document token doc_start - len(bank) + b, attended
+    at that position scaled from [0, doc_start) into [0, trained_context - segment_len)."""
+    assert spec.kv == "direct" and spec.overflow == "fifo" and not spec.global_tokens
+    room = max(0, spec.trained_context - spec.segment_len)
+    scale = min(Fraction(1), Fraction(room, doc_start)) if doc_start else Fraction(1)  # exact: p * scale may be whole
+    keys = [llama.rope(bank[b].key, math.floor((doc_start - len(bank) + b) * scale), spec.rope_factor)
+            for b in searchable]
+    return torch.stack(keys) if keys else torch.zeros(0, llama.kv_heads, llama.head_dim, dtype=F64)

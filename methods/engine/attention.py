@@ -176,6 +176,9 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         logits, idx = topk_exact(q, mem.keys[:, :, lo:hi], k, limit=end - lo)
     found = (idx >= 0) & (logits > float("-inf"))
     idx = idx.clamp(min=0)
+    if ctx.plan.topk_place is not None:  # scaled_memory: attend the picked slots at their scaled positions
+        cos, sin = (gather_slots(t[lo:hi].expand(batch, kv_heads, -1, -1), idx) for t in ctx.plan.topk_place)
+        logits = torch.einsum("bhqd,bhqkd->bhqk", q, rotate(gather_slots(mem.keys[:, :, lo:hi], idx), cos, sin))
     picked_v = gather_slots(mem.values[:, :, lo:hi], idx)  # [batch, kv_heads, g*seq, k, dim]
     logits = (logits * scale).masked_fill(~found, float("-inf"))
     lse_k = logits.logsumexp(-1)  # [batch, kv_heads, g*seq]
