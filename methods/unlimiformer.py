@@ -9,8 +9,8 @@ window size) "such that the model will not see positional embeddings that did no
 UniMem Table 1: Management Multi-Sgm, no eviction ("/"); Writing Direct; Reading Similarity; Injection All.
 
 Where each default comes from (paper = Unlimiformer; official = abertsch72/unlimiformer `src/unlimiformer.py`):
-- Reading: exact top-k with k = the trained context minus the segment, so retrieved plus local keys fill exactly
-  the trained window (official: k = min(prompt, window) retrieved keys take the place of the window's cache).
+- Reading: exact top-k with k = the trained context (official: k = min(prompt, window) in
+  `attention_forward_hook`; the memory holds fewer early on, and then all of it is read).
 - Positions: `position.scaled_memory` (official LLaMA mode, above); the segment takes the window's last positions.
 - Management: 256 segments FIFO: the paper keeps the whole input (no eviction, Table 1 "/"); the bound only matters
   past 256 segments. `management.freeze_after_prompt`: generation indexes the prompt only (official: the datastore
@@ -35,8 +35,8 @@ FIDELITY = ("decoder variant: Unlimiformer's LLaMA mode as segment streaming. Ke
 
 @method("unlimiformer", paper="Unlimiformer (Bertsch et al., 2023)", url="https://arxiv.org/abs/2305.01625")
 def unlimiformer(ctx: MethodContext) -> UniMemConfig:
-    # Retrieved plus local keys fill the trained window (official: k = the window size).
-    topk = max(1, ctx.trained_context - ctx.segment_len)
+    # Official: k = the model window (min(prompt, window), and the memory is never larger than needed).
+    topk = ctx.trained_context
     return UniMemConfig(
         name="unlimiformer",
         # The whole input is kept (Table 1: no eviction); FIFO only past 256 segments.

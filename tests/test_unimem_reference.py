@@ -118,7 +118,7 @@ GRID = [
     case("fot-dense", "fot", "reading.topk=0", "reading.read_all=true", "injection.layers=1"),
     case("fot-top3-chunks", "fot", "reading.topk=3", "reading.chunk_size=3"),
     # Unlimiformer: top-k slots at positions scaled into the trained context (16 here, 8 left to memory).
-    case("unlimiformer-top8", "unlimiformer", distinct=True),
+    case("unlimiformer-top8", "unlimiformer", "reading.topk=8", distinct=True),
     case("unlimiformer-top3", "unlimiformer", "reading.topk=3", distinct=True),
     case("unlimiformer-top-all", "unlimiformer", "reading.topk=64"),
     case("unlimiformer-segment5", "unlimiformer", "reading.topk=4", segment=5, doc=31, distinct=True),

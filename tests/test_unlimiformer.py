@@ -45,6 +45,6 @@ def test_scaled_memory_refuses_what_it_cannot_place(overrides) -> None:
         METHODS.get("unlimiformer").config(MethodContext(2, 8, 16), overrides)
 
 
-def test_unlimiformer_reads_the_trained_window_minus_the_segment() -> None:
+def test_unlimiformer_reads_as_many_keys_as_the_trained_window() -> None:
     config = METHODS.get("unlimiformer").config(MethodContext(5, 128, 512))
-    assert config.reading.topk == 384 and config.injection.layers == "all" and config.position.scaled_memory
+    assert config.reading.topk == 512 and config.injection.layers == "all" and config.position.scaled_memory
