@@ -97,4 +97,8 @@ PRESETS: dict[str, Preset] = {
                        lambda ctx: [Axis("position.mode", ("official", "compact", "absolute"))]),
     "compressed-tokens": Preset("model-forward compressed tokens per segment: 0-80 per 2,048, scaled",
                                 lambda ctx: [Axis("writing.memory_tokens", tuple(paper_compressed(ctx)))]),
+    "chunk-size": Preset("chunk-level retrieval (LongMem): 32 tokens read as tokens (0) or as chunks of 2, 4, 8, 16, "
+                         "by mean keys",
+                         lambda ctx: [Axis("reading.topk", ("32",)), Axis("reading.chunk_size", ("0", "2", "4", "8",
+                                                                                                 "16"))]),
 }
