@@ -282,7 +282,8 @@ class UniMemConfig:
 
     def without_memory(self) -> UniMemConfig:
         """The same method with every memory switched off (what the exactness tests compare to plain HF)."""
-        return dataclasses.replace(self, management=Management(), writing=Writing(), reading=Reading())
+        return dataclasses.replace(self, management=Management(), writing=Writing(), reading=Reading(),
+                                   position=dataclasses.replace(self.position, scaled_memory=False))
 
     def bind(self, *, n_layers: int, segment_len: int) -> tuple[int, ...]:
         """Check the model-dependent parts; return the injected layer indices."""
