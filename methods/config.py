@@ -59,8 +59,7 @@ class Management:
         _check_choice("management.overflow", self.overflow, Overflow)
 
     freeze_after_prompt: bool = False
-    """Generation writes no segment made only of generated tokens: the memory ends with the segment holding the
-    prompt's last token (prompt-retrieval methods such as Unlimiformer index the prompt, not their own output)."""
+    """Generation writes no segment made only of generated tokens (Unlimiformer indexes the prompt only)."""
 
 
 @dataclass(frozen=True)
@@ -121,13 +120,11 @@ class Reading:
     hnsw_neighbors: int = 32
     """HNSW graph degree M; 32 is faiss' recommended default for recall above 0.95."""
     chunk_size: int = 0
-    """Chunk-level retrieval (LongMem's token-to-chunk) when > 0: the searchable memory (from the first non-global
-    slot) is grouped in consecutive chunks of this many slots, the last one possibly shorter; each query ranks the
-    chunks lying wholly before its window reach by their chunk key and reads the tokens of the best
-    topk / chunk_size chunks (so `topk` still counts tokens read). 0 = token-level top-k."""
+    """Chunk-level retrieval (LongMem's token-to-chunk) when > 0: the searchable memory in consecutive chunks of this
+    many slots (the last possibly shorter); a query ranks the chunks wholly before its window reach and reads every
+    token of its best topk / chunk_size chunks (`topk` still counts tokens read). 0 = token-level top-k."""
     chunk_key: ChunkKey = "mean"
-    """How a chunk is ranked: `mean` (LongMem: the mean of its keys, scored by dot product) or `bounds` (Quest: the
-    upper bound sum_d max(q_d min_d, q_d max_d) of q.k over the chunk, from per-dimension key minima and maxima)."""
+    """Chunk ranking: `mean` (LongMem: q . the mean key) or `bounds` (Quest: sum_d max(q_d min_d, q_d max_d))."""
 
     def __post_init__(self) -> None:
         _check_nonneg(
@@ -144,12 +141,10 @@ class Reading:
             raise ConfigError("reading.ivf_lists, reading.ivf_probe and reading.hnsw_neighbors must be >= 1")
         _check_choice("reading.chunk_key", self.chunk_key, ChunkKey)
         _check_nonneg(**{"reading.chunk_size": self.chunk_size})
-        if self.chunk_size and (not self.topk or self.topk % self.chunk_size):
-            raise ConfigError(f"reading.chunk_size={self.chunk_size} reads whole chunks: set reading.topk to a "
-                              f"multiple of it (the tokens read, e.g. {4 * self.chunk_size})")
-        if self.chunk_size and self.index != "torch":
-            raise ConfigError(f"reading.chunk_size={self.chunk_size} searches chunk keys exactly in torch: set "
-                              "reading.index=torch (or reading.chunk_size=0 for a faiss token search)")
+        c = self.chunk_size
+        if c and (not self.topk or self.topk % c or self.index != "torch"):
+            raise ConfigError(f"reading.chunk_size={c} reads whole chunks by an exact torch search: set reading.topk "
+                              f"to a multiple of it (tokens read, e.g. {4 * c}) and reading.index=torch")
 
 
 @dataclass(frozen=True)
@@ -221,11 +216,9 @@ class Position:
             raise ConfigError(f"position.segment_factor={self.segment_factor} must be >= 1")
 
     scaled_memory: bool = False
-    """Unlimiformer's LLaMA mode: memory positions scaled into the trained context. With L document tokens before
-    the segment and R = trained context - local context positions left for memory, a top-k slot at document position
-    p is attended at position floor(p * min(1, R / L)) and the input runs from min(L, R), so nothing exceeds the
-    trained context and order is kept. Slots are searched unrotated (the query rotated, as Unlimiformer's datastore
-    search). Needs position.mode=official and reading by top-k alone."""
+    """Unlimiformer's LLaMA mode: with L tokens before the segment and R = trained - local context, a top-k slot at
+    document position p, searched unrotated, is attended at floor(p * min(1, R / L)); the input runs from min(L, R).
+    Needs position.mode=official and reading by top-k alone."""
 
 
 @dataclass(frozen=True)
@@ -399,12 +392,8 @@ def format_layers(layers: tuple[int, ...] | str) -> str:
 
 def check_scaled_memory(config: UniMemConfig) -> None:
     """position.scaled_memory places top-k slots and the input itself: nothing else may place memory keys."""
-    r, p = config.reading, config.position
-    if not p.scaled_memory:
-        return
-    if p.mode != "official":
-        raise ConfigError(f"position.scaled_memory=true places memory and input itself: set position.mode=official "
-                          f"(not {p.mode})")
-    if not r.topk or r.window or r.read_all or r.global_tokens or config.writing.memory_tokens:
-        raise ConfigError("position.scaled_memory=true scales top-k slots only: set reading.topk > 0 and "
-                          "reading.window=0, reading.global_tokens=0, reading.read_all=false, writing.memory_tokens=0")
+    r = config.reading
+    if config.position.scaled_memory and (config.position.mode != "official" or not r.topk or r.window
+                                          or r.read_all or r.global_tokens or config.writing.memory_tokens):
+        raise ConfigError("position.scaled_memory=true places top-k slots and the input: set position.mode=official, "
+                          "reading.topk > 0, and no window, globals, read_all or memory tokens")
