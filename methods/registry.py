@@ -79,6 +79,8 @@ class MethodContext:
     """Tokens per streamed segment in this run."""
     trained_context: int
     """The model's trained context length."""
+    memory_layers: tuple[int, ...] = ()
+    """Memory layers a memory-trained checkpoint names (LongLLaMA's `mem_layers`); empty for a plain model."""
 
     def segments(self, n: float) -> int:
         """`n` segments in tokens: the paper's sizes are whole 2,048-token segments."""
@@ -139,6 +141,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         management += f" (sinks {m.sinks}, recent {m.recent})"
     if m.size and w.memory_tokens:
         management += f" + {w.memory_tokens} memory tok"
+    if m.size and m.freeze_after_prompt:
+        management += ", frozen after the prompt"
     writes = []
     if w.kv == "direct":
         writes.append("direct")
@@ -155,7 +159,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
     if r.global_tokens:
         reads.append(f"global {r.global_tokens} ({r.global_source})")
     if r.topk:
-        reads.append(f"top-{r.topk} ({r.index})")
+        reads.append(f"top-{r.topk} ({r.index})" if not r.chunk_size
+                     else f"top-{r.topk} in chunks of {r.chunk_size} ({r.chunk_key})")
     if r.random_slots:
         reads.append(f"random {r.random_slots} per {r.random_block} queries")
     if r.dilation_rates:
@@ -170,6 +175,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         extra.append("PI x" + ("auto" if config.position.rope_factor == 0 else f"{config.position.rope_factor:g}"))
     if config.position.segment_factor != 1:
         extra.append(f"local context x{config.position.segment_factor}")
+    if config.position.scaled_memory:
+        extra.append("top-k scaled into the trained context")
     return {
         "management": management,
         "writing": ", ".join(writes) or "-",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -90,6 +91,19 @@ class Description:
     sink_shift: bool = False
     """StreamingLLM: a query's global keys sit at the positions just before its first visible window slot (compact
     positions moved up by the number of window slots its sliding reach skips)."""
+    chunk_size: int = 0
+    """Chunk-level retrieval when > 0: the slots top-k may pick, in memory order, form consecutive chunks of this
+    many (the last possibly shorter); a query ranks the chunks all of whose slots lie before its window reach and
+    reads every slot of its best topk / chunk_size chunks."""
+    chunk_key: str = "mean"
+    """mean (a chunk's score is q . the mean of its keys) | bounds (sum over dimensions of the larger of q_d times
+    the chunk's smallest and largest key in that dimension)."""
+    scaled_memory: bool = False
+    """Unlimiformer's LLaMA mode: with L document tokens before the segment and R = trained_context - segment_len,
+    a top-k slot searched by its unrotated key is attended rotated to floor(p * min(1, R / L)) (p its document
+    position), and the segment's positions start at min(L, R). Direct FIFO memory only here."""
+    trained_context: int = 0
+    """The model's trained context (scaled_memory)."""
 
 
 class ReferenceLlama:
@@ -178,7 +192,7 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
     x = llama.w["model.embed_tokens.weight"][ids]
     if m:
         x = torch.cat([memory.read, x, memory.write])
-    views = {i: segment_view(llama, spec, memory, i) for i in spec.layers}
+    views = {i: segment_view(llama, spec, memory, i, doc_start) for i in spec.layers}
     n_prefix = next(iter(views.values())).n_prefix if views else 0
     positions = input_positions(spec, n_prefix, doc_start, m, n)
     written = {}
@@ -224,13 +238,16 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
 
 def input_positions(spec: Description, n_prefix: int, doc_start: int, m: int, n: int) -> list[int]:
     """Positions of [read slots ; segment ; write slots]."""
+    if spec.scaled_memory:
+        first = min(doc_start, max(0, spec.trained_context - spec.segment_len))
+        return list(range(first, first + n))
     if spec.position == "absolute":
         return list(range(doc_start - m, doc_start + n + m))
     first = n_prefix if spec.position == "compact" else 0
     return list(range(first, first + 2 * m + n))
 
 
-def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer: int) -> View:
+def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer: int, doc_start: int = 0) -> View:
     """One layer's memory as this segment reads it."""
     bank = memory.banks[layer]
     if spec.global_source == "memory":
@@ -265,6 +282,7 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
         search_values=stack([bank[b].value for b in searchable], empty),
         n_bank=len(bank), n_prefix=len(global_slots) + n_window, segment=memory.segments,
         window_positions=[bank[b].position for b in window],
+        attend_keys=scaled_keys(llama, spec, bank, searchable, doc_start) if spec.scaled_memory else None,
     )
 
 
@@ -291,6 +309,8 @@ class View:
     """0-based index of the segment reading this view (the random draw depends on it)."""
     window_positions: list[int] = field(default_factory=list)
     """Document position of each window slot."""
+    attend_keys: torch.Tensor | None = None
+    """The keys top-k slots are attended with when not their searched keys (scaled_memory), like search_keys."""
 
 
 def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int,
@@ -311,10 +331,14 @@ def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: i
         keys.append(keys_r)
         values.append(values_r)
     candidates = [j for j, b in enumerate(view.search_index) if b < view.n_bank - reach]
-    if candidates and spec.topk:
+    if candidates and spec.topk and spec.chunk_size:
+        picked = best_chunk_slots(spec, view, query, g, len(candidates))
+        keys.append((view.search_keys if view.attend_keys is None else view.attend_keys)[picked, g])
+        values.append(view.search_values[picked, g])
+    elif candidates and spec.topk:
         scores = view.search_keys[candidates, g] @ query
         picked = [candidates[j] for j in scores.topk(min(spec.topk, len(candidates))).indices.tolist()]
-        keys.append(view.search_keys[picked, g])
+        keys.append((view.search_keys if view.attend_keys is None else view.attend_keys)[picked, g])
         values.append(view.search_values[picked, g])
     return torch.cat(keys), torch.cat(values)
 
@@ -554,3 +578,33 @@ def _keep(spec: EvictionSpec, cands: list[HeadSlot], end: int) -> list[HeadSlot]
         return (s.id < spec.sinks or s.id >= end - spec.recent, s.score, s.id)
     kept = sorted(cands, key=rank, reverse=True)[:spec.size]
     return sorted(kept, key=lambda s: s.id)
+
+
+def best_chunk_slots(spec: Description, view: View, query: torch.Tensor, g: int, n_candidates: int) -> list[int]:
+    """Search-list positions of the slots of the best topk / chunk_size chunks for `query` of KV head `g`; the
+    candidates are the first `n_candidates` search slots, and only chunks wholly among them count."""
+    n = len(view.search_index)
+    chunks = [list(range(lo, min(lo + spec.chunk_size, n))) for lo in range(0, n, spec.chunk_size)]
+    chunks = [c for c in chunks if c[-1] < n_candidates]
+    scores = []
+    for members in chunks:
+        keys = view.search_keys[members, g]  # [members, head_dim]
+        if spec.chunk_key == "mean":
+            scores.append(float(keys.mean(0) @ query))
+        else:
+            low, high = keys.min(0).values, keys.max(0).values
+            scores.append(float(torch.maximum(query * low, query * high).sum()))
+    order = sorted(range(len(chunks)), key=lambda c: -scores[c])[:spec.topk // spec.chunk_size]
+    return [j for c in order for j in chunks[c]]
+
+
+def scaled_keys(llama: ReferenceLlama, spec: Description, bank: list[Slot], searchable: range,
+                doc_start: int) -> torch.Tensor:
+    """Unlimiformer's keys: slot b of a direct FIFO memory holds document token doc_start - len(bank) + b, attended
+    at that position scaled from [0, doc_start) into [0, trained_context - segment_len)."""
+    assert spec.kv == "direct" and spec.overflow == "fifo" and not spec.global_tokens
+    room = max(0, spec.trained_context - spec.segment_len)
+    scale = min(Fraction(1), Fraction(room, doc_start)) if doc_start else Fraction(1)  # exact: p * scale may be whole
+    keys = [llama.rope(bank[b].key, math.floor((doc_start - len(bank) + b) * scale), spec.rope_factor)
+            for b in searchable]
+    return torch.stack(keys) if keys else torch.zeros(0, llama.kv_heads, llama.head_dim, dtype=F64)

@@ -77,3 +77,14 @@ def test_presets_scale_with_model_and_segment():
     paper = METHODS.get("unimix").config(PAPER_CONTEXT)
     # Table 2: 20,520 = 20,480 K/V tokens + 40 compressed tokens.
     assert (paper.management.size, paper.reading.topk, paper.writing.memory_tokens) == (20_480, 4, 40)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"chunk_size": 4, "topk": 6}, "multiple of it"),
+    ({"chunk_size": 4}, "multiple of it"),
+    ({"chunk_size": 4, "topk": 8, "index": "faiss-flat"}, "reading.index=torch"),
+    ({"chunk_size": 4, "topk": 8, "chunk_key": "max"}, "reading.chunk_key"),
+])
+def test_chunk_retrieval_values_are_validated(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        Reading(**kwargs)

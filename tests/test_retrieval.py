@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unimem_bench.methods.config import Reading
-from unimem_bench.methods.engine.retrieval import FaissBank, topk_exact
+from unimem_bench.methods.engine.retrieval import FaissBank, chunk_keys, chunk_queries, topk_chunk_slots, topk_exact
 
 
 def data(n: int, q: int = 24, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,3 +73,34 @@ def test_faiss_bank_follows_fifo_writes_and_rebuilds_when_stale():
         _, idx = bank.search(queries, 4, first_id=start - 4, start=0, stop=8)
         assert torch.equal(idx, topk_exact(queries, held, 4)[1])
     assert bank.count <= 2 * 8 + 4
+
+
+@pytest.mark.parametrize("kind", ["mean", "bounds"])
+def test_chunk_search_reads_the_best_chunks_by_brute_force(kind):
+    queries, keys = data(50, q=12)  # chunks of 4: twelve full, one of 2
+    limit = torch.arange(12) * 4 + 5  # query i ranks the chunks wholly before limit[i]
+    slots, found = topk_chunk_slots(queries, keys, 12, 4, kind, limit=limit)
+    for b, h, i in [(0, 0, 0), (1, 2, 5), (0, 1, 11)]:
+        q, scores = queries[b, h, i], []
+        for lo in range(0, 50, 4):
+            block = keys[b, h, lo:lo + 4]
+            inside = lo + len(block) <= limit[i]
+            bound = torch.maximum(q * block.amin(0), q * block.amax(0)).sum() if kind == "bounds" else block.mean(0) @ q
+            scores.append((float(bound) if inside else float("-inf"), lo))
+        best = [lo for s, lo in sorted(scores, reverse=True)[:3] if s > float("-inf")]
+        expected = sorted(j for lo in best for j in range(lo, min(lo + 4, 50)))
+        assert sorted(slots[b, h, i][found[b, h, i]].tolist()) == expected
+
+
+def test_bounds_are_upper_bounds_of_every_key_in_the_chunk():
+    queries, keys = data(64)
+    bound = chunk_queries(queries, "bounds") @ chunk_keys(keys, 8, "bounds").transpose(-1, -2)  # [2, 3, 24, 8]
+    exact = (queries @ keys.transpose(-1, -2)).unflatten(-1, (8, 8)).amax(-1)
+    assert (bound >= exact - 1e-5).all()
+
+
+def test_chunks_covering_all_memory_read_every_slot():
+    queries, keys = data(30)
+    slots, found = topk_chunk_slots(queries, keys, 32, 4, "mean")
+    assert torch.equal(slots.masked_fill(~found, -1).sort(-1).values[..., 2:],
+                       torch.arange(30).expand(2, 3, 24, 30))

@@ -17,7 +17,7 @@ import torch
 from helpers import BOOKS, STORIES, random_docs, slow_only, tiny_llama
 from reference_unimem import Description, EvictionSpec, ReferenceLlama, eviction_nll, reference_nll
 
-from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig
+from unimem_bench.methods import METHODS, PAPER_CONTEXT, MemoryLM, MethodContext, UniMemConfig
 
 ATOL = 1e-5
 TINY_CONTEXT = 16
@@ -33,10 +33,13 @@ class Case:
     overrides: tuple[str, ...] = ()
     segment: int = 8
     doc: int = 44
+    distinct: bool = False
+    """A document of distinct tokens: where top-k keys are attended at different positions (Unlimiformer), a
+    repeated token's equal layer-0 keys tie in the search, and which one wins is arbitrary (rounding decides)."""
 
 
-def case(name: str, method: str, *overrides: str, segment: int = 8, doc: int = 44) -> Case:
-    return Case(name, method, overrides, segment, doc)
+def case(name: str, method: str, *overrides: str, segment: int = 8, doc: int = 44, distinct: bool = False) -> Case:
+    return Case(name, method, overrides, segment, doc, distinct)
 
 
 GRID = [
@@ -130,11 +133,34 @@ GRID = [
          "management.size=4", segment=1, doc=12),
     case("globals-over-segments", "longformer", "reading.global_source=document", "reading.global_tokens=11",
          segment=5, doc=30),
+    # Chunk-level retrieval: chunks of 2 and 3 (a short last chunk), mean and bounds keys, per-query limits under a
+    # sliding window, every position mode, chunks covering all memory.
+    *[case(f"chunk{c}-{key}", "memorizing_transformer", f"reading.chunk_size={c}", f"reading.topk={2 * c}",
+           f"reading.chunk_key={key}", "injection.layers=all") for c in (2, 3) for key in ("mean", "bounds")],
+    *[case(f"chunk2-{key}-sliding-window", "memorizing_transformer", "reading.chunk_size=2", "reading.topk=4",
+           f"reading.chunk_key={key}", "reading.window=6", "reading.sliding=true", "management.size=20")
+      for key in ("mean", "bounds")],
+    *[case(f"chunk3-{mode}", "memorizing_transformer", "reading.chunk_size=3", "reading.topk=6",
+           "reading.chunk_key=bounds", f"position.mode={mode}") for mode in ("official", "compact", "absolute")],
+    case("chunk4-all", "memorizing_transformer", "reading.chunk_size=4", "reading.topk=64"),
+    # FoT / LongLLaMA: dense memory attention (a LongLLaMA checkpoint) and kNN top-k, memory keys at position 0.
+    case("fot-dense", "fot", "reading.topk=0", "reading.read_all=true", "injection.layers=1"),
+    case("fot-top3-chunks", "fot", "reading.topk=3", "reading.chunk_size=3"),
+    # Unlimiformer: top-k slots at positions scaled into the trained context (16 here, 8 left to memory).
+    case("unlimiformer-top8", "unlimiformer", "reading.topk=8", distinct=True),
+    case("unlimiformer-top3", "unlimiformer", "reading.topk=3", distinct=True),
+    case("unlimiformer-top-all", "unlimiformer", "reading.topk=64"),
+    case("unlimiformer-segment5", "unlimiformer", "reading.topk=4", segment=5, doc=31, distinct=True),
+    case("unlimiformer-chunks", "unlimiformer", "reading.topk=4", "reading.chunk_size=2", distinct=True),
+    case("unlimiformer-fifo12", "unlimiformer", "reading.topk=3", "management.size=12", distinct=True),
+    case("chunk3-segment1", "memorizing_transformer", "management.size=7", "reading.chunk_size=3", "reading.topk=3",
+         segment=1, doc=12),
 ]
 
 
 def defaults(segment: int = 8, doc: int = 44) -> list[Case]:
-    return [case(f"{name}-default", name, segment=segment, doc=doc) for name in METHODS.names()]
+    return [case(f"{name}-default", name, segment=segment, doc=doc,
+                 distinct=METHODS.get(name).config(PAPER_CONTEXT).position.scaled_memory) for name in METHODS.names()]
 
 
 def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_context: int) -> Description:
@@ -150,6 +176,7 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         position=p.mode, rope_factor=p.rope_factor or max(1.0, local / trained_context), sink_shift=p.sink_shift,
         random_slots=r.random_slots, random_block=r.random_block, random_seed=r.random_seed,
         dilated_segments=r.dilated_segments, dilation_rates=r.dilation_rates,
+        chunk_size=r.chunk_size, chunk_key=r.chunk_key, scaled_memory=p.scaled_memory, trained_context=trained_context,
     )
 
 
@@ -187,7 +214,9 @@ def check_against_reference(model: torch.nn.Module, spec: Case, doc: torch.Tenso
 @pytest.mark.parametrize("spec", defaults() + GRID, ids=lambda c: c.name)
 def test_engine_equals_reference_on_a_tiny_llama(spec: Case, one_thread) -> None:
     model = tiny_llama(layers=3, heads=4, kv_heads=2, context=TINY_CONTEXT, seed=3)
-    check_against_reference(model, spec, random_docs([spec.doc], seed=5)[0], TINY_CONTEXT)
+    doc = torch.randperm(99, generator=torch.Generator().manual_seed(5))[:spec.doc] if spec.distinct else (
+        random_docs([spec.doc], seed=5)[0])
+    check_against_reference(model, spec, doc, TINY_CONTEXT)
 
 
 def test_documents_batched_in_lockstep_equal_the_reference(one_thread) -> None:

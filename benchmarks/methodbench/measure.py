@@ -18,7 +18,13 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from unimem_bench.harness.models.resolve import load_model, load_model_config, resolve_model, trained_context
+from unimem_bench.harness.models.resolve import (
+    checkpoint_memory_layers,
+    load_model,
+    load_model_config,
+    resolve_model,
+    trained_context,
+)
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig
 from unimem_bench.methods.config import Reading
 from unimem_bench.methods.engine.memory import MemoryState
@@ -123,7 +129,7 @@ def load_llm(spec: str | None) -> PreTrainedModel:
 def method_config(name: str, config: PretrainedConfig, segment_len: int, overrides: tuple[str, ...]) -> UniMemConfig:
     """The registered defaults for this model and segment length; overrides never touch vanilla (the baseline)."""
     ctx = MethodContext(n_layers=config.num_hidden_layers, segment_len=segment_len,
-                        trained_context=trained_context(config))
+                        trained_context=trained_context(config), memory_layers=checkpoint_memory_layers(config))
     return METHODS.get(name).config(ctx, () if name == "vanilla" else overrides)
 
 

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from unimem_bench.harness.models.resolve import (
     ModelSource,
+    checkpoint_memory_layers,
     load_model,
     load_model_config,
     resolve_model,
@@ -171,10 +172,12 @@ def plan_model(args: UnimemArgs) -> ModelPlan:
     method = METHODS.get(args.method)
     n_layers = model_config.num_hidden_layers
     # Whether a method has memory does not depend on the segment length its sizes scale with.
-    probe = method.config(MethodContext(n_layers, args.segment_len or max(1, context // 2), context), args.overrides)
+    layers = checkpoint_memory_layers(model_config)
+    probe = method.config(MethodContext(n_layers, args.segment_len or max(1, context // 2), context, layers),
+                          args.overrides)
     memory = carries_memory(probe)
     segment_len = args.segment_len or (max(1, context // 2) if memory else context)
-    config = method.config(MethodContext(n_layers, segment_len, context), args.overrides)
+    config = method.config(MethodContext(n_layers, segment_len, context, layers), args.overrides)
     config.bind(n_layers=n_layers, segment_len=segment_len)
     local = segment_len * config.position.segment_factor
     max_length = args.max_length or (None if memory else local)

@@ -16,6 +16,7 @@ from unimem_bench.harness.evaluation import records
 from unimem_bench.harness.models.exports import SavedMethod
 from unimem_bench.harness.models.resolve import (
     ModelSource,
+    checkpoint_memory_layers,
     load_model,
     load_model_config,
     resolve_model,
@@ -88,7 +89,8 @@ def plan_run(req: RunRequest) -> Plan:
     segment_len = req.segment_len or (saved.segment_len if saved else max(1, context // 2))
     if segment_len < 1:
         raise ConfigError(f"--segment-len {segment_len} must be >= 1")
-    ctx = MethodContext(n_layers=model_config.num_hidden_layers, segment_len=segment_len, trained_context=context)
+    ctx = MethodContext(n_layers=model_config.num_hidden_layers, segment_len=segment_len, trained_context=context,
+                        memory_layers=checkpoint_memory_layers(model_config))
     configs = {}
     for name in method_names:
         own = saved is not None and name == saved.method

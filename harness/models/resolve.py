@@ -15,6 +15,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -86,7 +87,7 @@ def load_model_config(source: ModelSource) -> PretrainedConfig:
         return AutoConfig.from_pretrained(path) if (path / "config.json").exists() else reference_config(
             ReferenceRecipe())
     try:
-        return AutoConfig.from_pretrained(source.location)
+        return longllama_config(source.location) or AutoConfig.from_pretrained(source.location)
     except OSError as err:
         where = "the hub is unreachable or the id is wrong" if source.kind == "hub" else "its config.json is unreadable"
         raise ModelSourceError(f"--model {source.location}: cannot load its config ({where}): "
@@ -117,7 +118,34 @@ def load_model(source: ModelSource, *, device: torch.device, dtype: torch.dtype,
             from unimem_bench.harness.models.reference import build_reference
 
             location = str(build_reference(console=console))
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(location, config=longllama_config(location), dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(location)
     # transformers types its wrapped `to` as the unbound function: the call is right, its annotation is not.
     return model.to(device).eval(), tokenizer  # type: ignore[arg-type]
+
+
+LONGLLAMA_ONLY = ("mem_layers", "mem_positionals", "mem_dtype", "mem_attention_grouping", "torch_attention",
+                  "gradient_checkpoint_every_ith", "last_context_length", "auto_map", "architectures", "model_type")
+"""LongLlamaConfig fields (CStanKonrad/long_llama `src/configuration_longllama.py`) a LlamaConfig does not take."""
+
+
+def longllama_config(location: str) -> LlamaConfig | None:
+    """A LongLLaMA (FoT) checkpoint's config as the stock LlamaConfig its weights load into, or None for any other
+    model. LongLLaMA is a drop-in LLaMA (same weight names; FoT keeps LLaMA's RoPE in the local context), so the
+    `fot` method runs it; its memory layers are kept as `mem_layers` (see `checkpoint_memory_layers`)."""
+    data, _ = PretrainedConfig.get_config_dict(location)
+    if data.get("model_type") != "longllama":
+        return None
+    if not data.get("mem_positionals", True):
+        raise ModelSourceError(f"--model {location}: a LongLLaMA checkpoint with mem_positionals=false has no RoPE in "
+                               "its memory layers, which the engine cannot hook; use a LongLLaMA release "
+                               "(mem_positionals=true)")
+    fields = {name: value for name, value in data.items() if name not in LONGLLAMA_ONLY}
+    config = LlamaConfig(**fields, architectures=["LlamaForCausalLM"])
+    config.mem_layers = [int(i) for i in data.get("mem_layers", [])]
+    return config
+
+
+def checkpoint_memory_layers(config: PretrainedConfig) -> tuple[int, ...]:
+    """The memory layers a model's config names (a LongLLaMA checkpoint's `mem_layers`); () for a plain model."""
+    return tuple(int(i) for i in getattr(config, "mem_layers", None) or ())

@@ -22,7 +22,12 @@ import yaml
 
 from unimem_bench.harness.evaluation import records
 from unimem_bench.harness.evaluation.runner import Plan, RunRequest, plan_run
-from unimem_bench.harness.models.resolve import load_model_config, resolve_model, trained_context
+from unimem_bench.harness.models.resolve import (
+    checkpoint_memory_layers,
+    load_model_config,
+    resolve_model,
+    trained_context,
+)
 from unimem_bench.harness.reporting.results import SWEEPS_DIR
 from unimem_bench.harness.runtime import environment as run_env
 from unimem_bench.harness.sweeps.finetuned import finetuned, point_recipe
@@ -146,7 +151,8 @@ def plan_sweep(req: SweepRequest) -> SweepPlan:
     model_config = load_model_config(source)
     context = trained_context(model_config)
     ctx = MethodContext(n_layers=model_config.num_hidden_layers,
-                        segment_len=base.segment_len or max(1, context // 2), trained_context=context)
+                        segment_len=base.segment_len or max(1, context // 2), trained_context=context,
+                        memory_layers=checkpoint_memory_layers(model_config))
     axes = (*PRESETS[req.preset].axes(ctx), *req.axes) if req.preset is not None else req.axes
     units = []
     for i, values in enumerate(point_values(axes, req.zipped)):

@@ -108,4 +108,8 @@ PRESETS: dict[str, Preset] = {
     # kvpress' and the eviction papers' compression ratios; 1x keeps every token (full attention, streamed).
     "budget": Preset("KV-cache compression 1x, 2x, 4x, 8x of each input (management.budget; score-evicting methods)",
                      lambda ctx: [Axis("management.budget", ("1", "0.5", "0.25", "0.125"))]),
+    "chunk-size": Preset("chunk-level retrieval (LongMem): 32 tokens read as tokens (0) or as chunks of 2, 4, 8, 16, "
+                         "by mean keys",
+                         lambda ctx: [Axis("reading.topk", ("32",)), Axis("reading.chunk_size", ("0", "2", "4", "8",
+                                                                                                 "16"))]),
 }

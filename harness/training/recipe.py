@@ -25,7 +25,13 @@ from typing import Any, Literal
 import yaml
 from transformers import AutoConfig, PretrainedConfig
 
-from unimem_bench.harness.models.resolve import ModelSource, load_model_config, resolve_model, trained_context
+from unimem_bench.harness.models.resolve import (
+    ModelSource,
+    checkpoint_memory_layers,
+    load_model_config,
+    resolve_model,
+    trained_context,
+)
 from unimem_bench.harness.runtime.device import resolve_device
 from unimem_bench.harness.runtime.folders import check_output_folder
 from unimem_bench.harness.runtime.overrides import check_override_types
@@ -283,7 +289,8 @@ def plan_finetune(recipe: FinetuneRecipe, *, world: int = 1) -> FinetunePlan:
     check_hookable(model_config)
     context = trained_context(model_config)
     segment_len = recipe.segment_len or max(1, context // 2)
-    ctx = MethodContext(n_layers=model_config.num_hidden_layers, segment_len=segment_len, trained_context=context)
+    ctx = MethodContext(n_layers=model_config.num_hidden_layers, segment_len=segment_len, trained_context=context,
+                        memory_layers=checkpoint_memory_layers(model_config))
     config = method.config(ctx, recipe.overrides)
     config.bind(n_layers=ctx.n_layers, segment_len=segment_len)
     if config.reading.topk and config.reading.index != "torch":

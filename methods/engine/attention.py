@@ -23,7 +23,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from unimem_bench.methods.engine import eviction
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.plan import SegmentContext
-from unimem_bench.methods.engine.retrieval import topk_exact
+from unimem_bench.methods.engine.retrieval import topk_chunk_slots, topk_exact
 
 ATTENTION_NAME = "unimem"
 
@@ -184,7 +184,8 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
     end = ctx.topk_end.repeat(group)  # [group * seq]: q's rows are (group, seq) flattened
     lo, hi = ctx.topk_start, int(end.max())
     n = hi - lo
-    k = min(ctx.config.reading.topk, n)
+    r = ctx.config.reading
+    k = min(r.topk, n)
     if mem.faiss is not None:
         # One id range per search: fetch enough to keep k after dropping what lies in a query's own window reach.
         wide = min(n, k + hi - int(end.min()))
@@ -192,12 +193,18 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         logits = logits.masked_fill(idx >= end.view(1, 1, -1, 1), float("-inf"))
         logits, pick = logits.topk(k, dim=-1)
         idx = idx.gather(-1, pick) - lo
+    elif r.chunk_size:
+        idx, found = topk_chunk_slots(q, mem.keys[:, :, lo:hi], r.topk, r.chunk_size, r.chunk_key, limit=end - lo)
+        picked_k = gather_slots(mem.keys[:, :, lo:hi], idx)  # [batch, kv_heads, g*seq, k, dim]
+        logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k).masked_fill(~found, float("-inf"))
     else:
         logits, idx = topk_exact(q, mem.keys[:, :, lo:hi], k, limit=end - lo)
     found = (idx >= 0) & (logits > float("-inf"))
     idx = idx.clamp(min=0)
-    cand_v = mem.values[:, :, lo:hi].unsqueeze(2).expand(batch, kv_heads, group * seq, n, dim)
-    picked_v = cand_v.gather(3, idx.unsqueeze(-1).expand(*idx.shape, dim))  # [batch, kv_heads, g*seq, k, dim]
+    if ctx.plan.topk_place is not None:  # scaled_memory: attend the picked slots at their scaled positions
+        cos, sin = (gather_slots(t[lo:hi].expand(batch, kv_heads, -1, -1), idx) for t in ctx.plan.topk_place)
+        logits = torch.einsum("bhqd,bhqkd->bhqk", q, rotate(gather_slots(mem.keys[:, :, lo:hi], idx), cos, sin))
+    picked_v = gather_slots(mem.values[:, :, lo:hi], idx)  # [batch, kv_heads, g*seq, k, dim]
     logits = (logits * scale).masked_fill(~found, float("-inf"))
     lse_k = logits.logsumexp(-1)  # [batch, kv_heads, g*seq]
     probs = torch.exp(logits - lse_k.unsqueeze(-1)).nan_to_num(0.0)
@@ -248,3 +255,10 @@ def merge_per_query(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, k
     total = torch.logaddexp(lse.to(lse_s.dtype), lse_s)
     merged = out * torch.exp(lse - total).unsqueeze(-1) + out_s * torch.exp(lse_s - total).unsqueeze(-1)
     return merged, total
+
+
+def gather_slots(bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per query, the bank slots `idx` [batch, kv_heads, q, k] of bank [batch, kv_heads, n, dim] -> [..., k, dim]."""
+    batch, kv_heads, n, dim = bank.shape
+    cand = bank.unsqueeze(2).expand(batch, kv_heads, idx.shape[2], n, dim)
+    return cand.gather(3, idx.unsqueeze(-1).expand(*idx.shape, dim))

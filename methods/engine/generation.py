@@ -29,6 +29,7 @@ class SegmentModel(Protocol):
     model: PreTrainedModel
     layers: frozenset[int]
     segment_len: int
+    memory_room: int
 
     @property
     def decoder(self) -> nn.Module: ...
@@ -38,7 +39,8 @@ class SegmentModel(Protocol):
 
     def new_state(self, batch: int) -> MemoryState: ...
 
-    def forward_segment(self, state: MemoryState, input_ids: torch.Tensor, doc_start: int) -> torch.Tensor: ...
+    def forward_segment(self, state: MemoryState, input_ids: torch.Tensor, doc_start: int,
+                        write: bool = True) -> torch.Tensor: ...
 
     def note_input(self, end: int) -> None: ...
 
@@ -53,7 +55,8 @@ class OpenSegment:
         # dtype/device for the rotary module
         probe = lm.model.get_input_embeddings().get_parameter("weight")[:1].unsqueeze(0)
         self.plan = build_plan(config, state, n_read=m, n_seg=0, n_write=0, doc_start=doc_start,
-                               rotary=lm.decoder.get_submodule("rotary_emb"), probe=probe, write=False, grad=False)
+                               rotary=lm.decoder.get_submodule("rotary_emb"), probe=probe, write=False, grad=False,
+                               memory_room=lm.memory_room)
         self.cache = DynamicCache(config=lm.model.config)
         self.pending_read_slots = state.rmt if m else None
         self.doc_start = doc_start
@@ -130,7 +133,9 @@ def generate(lm: SegmentModel, prompt: torch.Tensor, *, max_new_tokens: int,
             break
         if len(tokens) - start == length:
             ids = torch.tensor([tokens[start:]], device=lm.device)
-            logits = lm.forward_segment(state, ids, start)[0, -1]
+            # A frozen memory takes no segment made only of generated tokens.
+            write = start < len(prompt) or not lm.config.management.freeze_after_prompt
+            logits = lm.forward_segment(state, ids, start, write=write)[0, -1]
             start += length
             segment = OpenSegment(lm, state, start)
         else:

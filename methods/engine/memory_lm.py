@@ -71,6 +71,8 @@ class MemoryLM(nn.Module):
         self.layers = frozenset(config.bind(n_layers=n_layers, segment_len=segment_len))
         self.segment_len = segment_len * config.position.segment_factor
         self.trained_context = trained_context or model.config.max_position_embeddings
+        # Positions of the trained context the local context leaves to memory (position.scaled_memory).
+        self.memory_room = max(0, self.trained_context - self.segment_len)
         self._restore = (model.config._attn_implementation, self.decoder.get_submodule("rotary_emb"))
         self.rope_factor = self._resolve_rope_factor()
         if self.rope_factor != 1.0:
@@ -215,17 +217,18 @@ class MemoryLM(nn.Module):
             state.rmt = self.memory_embeddings.unsqueeze(0).expand(batch, -1, -1)
         return state
 
-    def forward_segment(self, state: MemoryState, input_ids: torch.Tensor, doc_start: int) -> torch.Tensor:
+    def forward_segment(self, state: MemoryState, input_ids: torch.Tensor, doc_start: int,
+                        write: bool = True) -> torch.Tensor:
         """Run one segment [batch, n] starting at document position `doc_start`; returns logits [batch, n, vocab]
-        and updates `state`."""
+        and updates `state` (its key/value memory only when `write`)."""
         config = self.config
         m = config.writing.memory_tokens
         n = input_ids.shape[1]
         self.note_input(doc_start + n)
         embeds = self.model.get_input_embeddings()(input_ids)  # [batch, n, hidden]
         plan = build_plan(config, state, n_read=m, n_seg=n, n_write=m, doc_start=doc_start,
-                          rotary=self.decoder.get_submodule("rotary_emb"), probe=embeds, write=True,
-                          grad=torch.is_grad_enabled())
+                          rotary=self.decoder.get_submodule("rotary_emb"), probe=embeds, write=write,
+                          grad=torch.is_grad_enabled(), memory_room=self.memory_room)
         if m:
             assert self.memory_embeddings is not None and state.rmt is not None  # m > 0: made in __init__, new_state
             write_slots = (state.rmt if config.writing.write_slots == "memory"

@@ -59,6 +59,9 @@ class SegmentPlan:
     """Write this segment to memory; False for an open segment decoded through a KV cache."""
     doc_start: int = 0
     """Document position of the segment's first token (LongNet's dilation reads document positions)."""
+    topk_place: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(cos, sin) [n_bank, head_dim] at each bank slot's scaled position (position.scaled_memory): top-k slots are
+    attended there, after a search on their stored (unrotated) keys."""
 
     @property
     def n_prefix(self) -> int:
@@ -67,10 +70,11 @@ class SegmentPlan:
 
 
 def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: int, n_write: int, doc_start: int,
-               rotary: nn.Module, probe: torch.Tensor, write: bool, grad: bool) -> SegmentPlan:
+               rotary: nn.Module, probe: torch.Tensor, write: bool, grad: bool, memory_room: int = 0) -> SegmentPlan:
     """The plan for the next input of `state`: [n_read read slots ; n_seg tokens ; n_write write slots].
 
-    `probe` gives dtype and device for the rotary module; `grad` says whether gradients are being recorded.
+    `probe` gives dtype and device for the rotary module; `grad` says whether gradients are being recorded;
+    `memory_room` is the trained context minus the local context (the positions position.scaled_memory fills).
     """
     r, m, mode = config.reading, config.management, config.position.mode
     in_bank = r.global_source == "memory"
@@ -86,6 +90,9 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
         drop_old, drop_new = overflow_drop(state.n_bank, n_new, m.size, m.overflow)
     n_prefix = n_global + n_window
     first = {"compact": n_prefix, "official": 0, "absolute": doc_start - n_read}[mode]
+    topk_place = None
+    if config.position.scaled_memory:
+        first, topk_place = scaled_positions(state, doc_start, memory_room, rotary, probe)
     n_input = n_read + n_seg + n_write
     place = store = None
     scale = float(getattr(rotary, "attention_scaling", 1.0))
@@ -100,6 +107,7 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
         n_new=n_new, first_position=first, place=place, store=store, rope_scale=scale,
         detach_kv=not grad or strategy != "bptt", detach_tokens=not grad or strategy == "stop_gradient", write=write,
         doc_start=doc_start,
+        topk_place=topk_place,
     )
 
 
@@ -217,3 +225,14 @@ def dilated_mask(config: UniMemConfig, state: MemoryState, plan: SegmentPlan, qu
             on = ((q % rate) == o % rate)[:, None] & ((keys % rate) == o % rate)[None, :]
             count[o] += (same & on & base).to(count.dtype)
     return torch.where(count > 0, count.log(), float("-inf")).to(dtype)
+
+
+def scaled_positions(state: MemoryState, doc_start: int, room: int, rotary: nn.Module,
+                     probe: torch.Tensor) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Unlimiformer's LLaMA mode: the input's first position, and (cos, sin) at every bank slot's position scaled
+    from [0, doc_start) into [0, room) (unscaled while the document so far fits)."""
+    first = min(doc_start, room)
+    if not state.n_bank:
+        return first, None
+    positions = state.positions if doc_start <= room else state.positions * room // doc_start
+    return first, _cos_sin(rotary, probe, positions)

@@ -138,3 +138,46 @@ class FaissBank:
 
     def select_rows(self, rows: list[int]) -> None:
         self.indexes = [self.indexes[i] for i in rows]
+
+
+def chunk_keys(keys: torch.Tensor, chunk: int, kind: str) -> torch.Tensor:
+    """One search key per chunk of `chunk` consecutive slots (the last chunk possibly shorter).
+
+    keys [batch, kv_heads, n, dim] -> [batch, kv_heads, ceil(n / chunk), dim] for `mean`, or [..., 2 * dim] for
+    `bounds`: [max ; min] per dimension, which `chunk_queries` pairs with [relu(q) ; -relu(-q)] so that one inner
+    product is Quest's bound sum_d max(q_d min_d, q_d max_d).
+    """
+    n = keys.shape[2]
+    full = n // chunk * chunk
+    heads = [keys[:, :, :full].unflatten(2, (-1, chunk))]  # [batch, kv_heads, chunks, chunk, dim]
+    tail = [keys[:, :, full:].unsqueeze(2)] if full < n else []  # [batch, kv_heads, 1, rest, dim]
+    if kind == "mean":
+        return torch.cat([part.mean(3) for part in heads + tail], dim=2)
+    return torch.cat([torch.cat([part.amax(3), part.amin(3)], dim=-1) for part in heads + tail], dim=2)
+
+
+def chunk_queries(queries: torch.Tensor, kind: str) -> torch.Tensor:
+    """Queries [batch, kv_heads, q, dim] in the frame of `chunk_keys` (unchanged for `mean`)."""
+    if kind == "mean":
+        return queries
+    return torch.cat([queries.clamp(min=0), queries.clamp(max=0)], dim=-1)  # -relu(-q) = min(q, 0)
+
+
+def topk_chunk_slots(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int, kind: str,
+                     limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots of each query's best k // chunk chunks (LongMem's token-to-chunk retrieval).
+
+    queries [batch, kv_heads, q, dim], keys [batch, kv_heads, n, dim]; with `limit` [q], query i ranks only the
+    chunks lying wholly in [0, limit[i]). Returns (slot indices, found), each [batch, kv_heads, q, k']: k' = the
+    chunks read times `chunk`; found is False for slots past the end of a short last chunk or of a chunk not found.
+    """
+    n = keys.shape[2]
+    n_chunks = -(-n // chunk)
+    chunk_limit = None
+    if limit is not None:  # chunk j ends at min((j + 1) * chunk, n): wholly before the limit
+        chunk_limit = torch.where(limit >= n, n_chunks, limit // chunk)
+    scores, best = topk_exact(chunk_queries(queries, kind), chunk_keys(keys, chunk, kind), k // chunk,
+                              limit=chunk_limit)  # [batch, kv_heads, q, chunks read]
+    slots = (best.unsqueeze(-1) * chunk + torch.arange(chunk, device=best.device)).flatten(-2)
+    found = (slots < n) & (scores > float("-inf")).repeat_interleave(chunk, dim=-1)
+    return slots.clamp(max=n - 1), found

@@ -1,0 +1,76 @@
+"""Chunk-level retrieval (LongMem's token-to-chunk) against token-level exact top-k, reading the same tokens.
+
+    python benchmarks/bench_chunks.py [--memory 65536] [--chunk-size 4] [--topk 32] [--queries 512]
+                                      [--kv-heads 4] [--head-dim 64] [--repeats 7] [--threads 1]
+
+Times the whole similarity read of one layer for one segment, as the engine runs it (methods/engine/attention.py,
+`merge_topk`): the search (chunk keys recomputed from the memory every call, as the engine does), the keys/values of
+the picked slots, and their softmax part. Both paths run alternately in this one process on the same random memory;
+the ratio of medians is printed (token time / chunk time, so > 1 means chunks are faster).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from unimem_bench.methods.engine.attention import gather_slots
+from unimem_bench.methods.engine.retrieval import topk_chunk_slots, topk_exact
+
+
+def read_tokens(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+    logits, idx = topk_exact(q, keys, k)  # [batch, kv_heads, q, k]
+    return softmax_read(logits, gather_slots(values, idx))
+
+
+def read_chunks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, chunk: int,
+                kind: str) -> torch.Tensor:
+    idx, found = topk_chunk_slots(q, keys, k, chunk, kind)
+    logits = torch.einsum("bhqd,bhqkd->bhqk", q, gather_slots(keys, idx)).masked_fill(~found, float("-inf"))
+    return softmax_read(logits, gather_slots(values, idx))
+
+
+def softmax_read(logits: torch.Tensor, picked_v: torch.Tensor) -> torch.Tensor:
+    probs = torch.softmax(logits, dim=-1)
+    return torch.einsum("bhqk,bhqkd->bhqd", probs, picked_v)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory", type=int, default=65536, help="memory slots per KV head")
+    parser.add_argument("--chunk-size", type=int, default=4, help="slots per chunk (LongMem: 4)")
+    parser.add_argument("--topk", type=int, default=32, help="tokens read per query (both paths)")
+    parser.add_argument("--queries", type=int, default=512, help="query rows per KV head (segment x group)")
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, args.kv_heads)
+    q = torch.randn(*shape, args.queries, args.head_dim, generator=generator)  # [batch, kv_heads, q, dim]
+    keys = torch.randn(*shape, args.memory, args.head_dim, generator=generator)  # [batch, kv_heads, n, dim]
+    values = torch.randn(*shape, args.memory, args.head_dim, generator=generator)
+    runs = {"token top-k": lambda: read_tokens(q, keys, values, args.topk)}
+    for kind in ("mean", "bounds"):
+        runs[f"chunks ({kind})"] = lambda kind=kind: read_chunks(q, keys, values, args.topk, args.chunk_size, kind)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():  # warm-up
+        run()
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["token top-k"])
+    print(f"memory {args.memory:,} slots x {args.kv_heads} KV heads, head dim {args.head_dim}, {args.queries} queries, "
+          f"{args.topk} tokens read, chunks of {args.chunk_size}, {args.threads} thread(s), {args.repeats} repeats")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f"{name:>16}: {median * 1e3:8.1f} ms   speed-up vs token top-k {base / median:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

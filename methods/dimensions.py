@@ -1,0 +1,349 @@
+"""The four dimensions of UniMem's design space (arXiv 2402.03009, Table 1), plus training and positions.
+
+Memory Management, Writing, Reading and Injection, the training strategy and the positions given to memory keys:
+one frozen dataclass each, validating itself. `config.UniMemConfig` combines them into a method.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line naming the problem and the fix."""
+
+
+Overflow = Literal["fifo", "clear", "clear-and-write"]
+KVWrite = Literal["direct", "pooling", "none"]
+Index = Literal["torch", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
+PositionMode = Literal["official", "compact", "absolute"]
+Strategy = Literal["stop_gradient", "bptt", "bptt_tokens"]
+GlobalSource = Literal["document", "memory"]
+WriteSlots = Literal["memory", "learned"]
+Eviction = Literal["fifo", "h2o", "tova", "snapkv", "knorm", "random", "lru"]
+ChunkKey = Literal["mean", "bounds"]
+
+
+def _check_choice(name: str, value: object, kind: object) -> None:
+    choices = typing.get_args(kind)
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_nonneg(**values: int) -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise ConfigError(f"{name}={value} must be >= 0")
+
+
+@dataclass(frozen=True)
+class Management:
+    """Memory Management: how much is kept and what happens when it overflows."""
+
+    size: int = 0
+    """Tokens of key/value memory per injected layer (pinned global tokens not counted). 0 = no KV memory."""
+    overflow: Overflow = "fifo"
+    """What a write that would not fit does. `fifo` drops the oldest tokens. `clear` (the official code's reset,
+    thunlp/UniMem `MemoryLayer.update_memory_l`): empties the memory and writes nothing of this segment, so the next
+    segment reads an empty memory. `clear-and-write`: empties the memory, then writes this segment. A write into
+    an empty memory always happens (its oldest tokens dropped if one segment exceeds the size)."""
+
+    eviction: Eviction = "fifo"
+    """Which slots a full memory gives up (per layer and KV head, when [memory ; segment] exceeds the size).
+    `fifo`: the oldest. Score-based (the lowest score goes): `h2o` attention each slot received, accumulated over
+    every query so far; `tova` the last query's attention averaged over all heads; `snapkv` the last `observe`
+    queries' attention, averaged and pooled over `pool_kernel` neighbours; `knorm` the key's L2 norm (the largest
+    norms go); `random` seeded uniform; `lru` the latest query that attended to the slot above uniform."""
+    sinks: int = 0
+    """The document's first tokens that score-based eviction never evicts (attention sinks)."""
+    recent: int = 0
+    """The most recent tokens that score-based eviction never evicts (H2O's recent part, SnapKV's window)."""
+    observe: int = 32
+    """SnapKV's observation window: the last queries whose attention scores the slots (paper default 32)."""
+    pool_kernel: int = 7
+    """SnapKV's pooling kernel over neighbouring slots (paper default 7; kvpress uses 5)."""
+    seed: int = 0
+    """Seed of `random` eviction (mixed with the layer index, so layers evict differently)."""
+    budget: float = 0.0
+    """For score-based eviction, the fraction of the input kept (0 < budget <= 1; compression 4x = 0.25): replaces
+    `size` by ceil(budget x the input's tokens) for each input (in a batch, its longest). 0: `size` slots."""
+
+    def __post_init__(self) -> None:
+        _check_nonneg(**{"management.size": self.size, "management.sinks": self.sinks,
+                         "management.recent": self.recent})
+        _check_choice("management.overflow", self.overflow, Overflow)
+        _check_choice("management.eviction", self.eviction, Eviction)
+        if self.observe < 1 or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ConfigError(f"management.observe={self.observe} must be >= 1 and management.pool_kernel="
+                              f"{self.pool_kernel} odd and >= 1 (pooling keeps each slot at its kernel's centre)")
+        if self.eviction == "fifo" and (self.sinks or self.recent):
+            raise ConfigError("management.sinks/recent protect tokens from score-based eviction: set "
+                              "management.eviction (h2o, tova, snapkv, knorm, random, lru), or for StreamingLLM's "
+                              "sinks under FIFO use reading.global_tokens")
+        if self.eviction != "fifo" and self.overflow != "fifo":
+            raise ConfigError(f"management.eviction={self.eviction} replaces the overflow policy: set "
+                              "management.overflow=fifo")
+        if not 0 <= self.budget <= 1:
+            raise ConfigError(f"management.budget={self.budget} must be a fraction of the input in (0, 1], e.g. 0.25 "
+                              "for 4x compression (0 = use management.size)")
+        if self.budget and not self.scored:
+            raise ConfigError("management.budget sizes a score-evicting memory per input: set management.eviction "
+                              "(h2o, tova, snapkv, knorm, random, lru), or give management.size in slots")
+        if self.size and self.sinks + self.recent > self.size:
+            raise ConfigError(f"management.sinks + management.recent = {self.sinks + self.recent} exceeds "
+                              f"management.size={self.size}: protect fewer tokens or raise the size")
+
+    @property
+    def scored(self) -> bool:
+        """Whether a full memory evicts by score (not first in, first out)."""
+        return self.eviction != "fifo"
+
+    freeze_after_prompt: bool = False
+    """Generation writes no segment made only of generated tokens (Unlimiformer indexes the prompt only)."""
+
+
+@dataclass(frozen=True)
+class Writing:
+    """Memory Writing: what a processed segment leaves behind."""
+
+    kv: KVWrite = "none"
+    """`direct` caches the segment's keys/values; `pooling` caches their means over `pool_ratio` tokens."""
+    pool_ratio: int = 4
+    """Tokens averaged into one memory slot when kv=pooling."""
+    memory_tokens: int = 0
+    """Model-forward writing (RMT): m memory tokens read before each segment and written after it; the last-layer
+    states of the write slots become the next segment's read slots (the first segment reads learned embeddings)."""
+    write_slots: WriteSlots = "learned"
+    """What fills RMT's write slots. `memory` (official code, `ExternalMemory.prepare_input_states`, and booydar's
+    RMT): the same states as the read slots, i.e. the previous segment's memory. `learned`: the learned memory
+    embeddings every segment."""
+
+    def __post_init__(self) -> None:
+        _check_choice("writing.kv", self.kv, KVWrite)
+        _check_choice("writing.write_slots", self.write_slots, WriteSlots)
+        _check_nonneg(**{"writing.memory_tokens": self.memory_tokens})
+        if self.pool_ratio < 2:
+            raise ConfigError(f"writing.pool_ratio={self.pool_ratio} must be >= 2 (1 would be direct writing)")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Memory Reading: which memory tokens each query sees, all merged into one softmax with the local segment."""
+
+    window: int = 0
+    """W: the most recent memory tokens read by position (the window part of memory)."""
+    sliding: bool = False
+    """True (paper Eq. 3, 8; official `MemoryLayer._generate_window_mask_for_chunk`): 0-based query i of the input
+    (RMT read slots counted first, as the official code counts them) sees only the last min(W - i, window) window
+    slots, i.e. the W tokens before it plus itself. False: every query sees the whole window."""
+    stride: int = 1
+    """Dilation of the window (official Longformer preset: 2): query i keeps the window slots whose index in the
+    memory bank (0 = oldest slot held) is congruent to i mod stride. 1 = no dilation."""
+    global_tokens: int = 0
+    """G global tokens read by every query, besides the window (Longformer's global attention). Document globals
+    are the document's first G tokens, taken from as many first segments as they span."""
+    global_source: GlobalSource = "document"
+    """`document`: the document's first G tokens, pinned forever. `memory` (official `MemoryLayer.retrieve`): the
+    first G slots of the current memory bank, which move as the memory moves (and vanish when it is cleared)."""
+    topk: int = 0
+    """Per query and head, the k most similar memory tokens that its window does not read (Memorizing Transformer's
+    kNN): with a sliding window, the slots before the query's own reach (official
+    `_generate_topk_index_out_of_windows`), global slots excluded. Slots a dilated window skips are not candidates
+    (the official code lets top-k pick them; its presets never combine top-k with a stride)."""
+    read_all: bool = False
+    """Read the whole memory by position (RMT-style full read); excludes window and topk."""
+    index: Index = "torch"
+    """Top-k search: `torch` is exact and chunked; faiss `flat` is exact, `ivf` and `hnsw` approximate."""
+    ivf_lists: int = 256
+    """IVF cells at full memory; fewer while the memory is small (at least 39 keys per cell, faiss' minimum)."""
+    ivf_probe: int = 16
+    """IVF cells searched per query: 16 of 256 keeps recall high at a sixteenth of the work."""
+    hnsw_neighbors: int = 32
+    """HNSW graph degree M; 32 is faiss' recommended default for recall above 0.95."""
+    random_slots: int = 0
+    """BigBird's random attention: R memory slots per query block, drawn at random (seeded) among the slots its
+    window does not read: the non-global bank slots before the window reach of the block's first query. Query block
+    b (input index // random_block) of the document's s-th segment (0-based) takes the first R entries of
+    `torch.randperm(n, generator=torch.Generator().manual_seed((random_seed * 1_000_003 + s) * 1_000_003 + b))` over
+    its n candidates in bank order (all of them when n <= R); every head and layer reads the same slots, at the
+    positions top-k keys get. 0 = none."""
+    random_block: int = 64
+    """Queries per block sharing their random slots (BigBird's block size, 64)."""
+    random_seed: int = 0
+    """Seed of the random slots: the same seed reads the same slots."""
+    dilated_segments: tuple[int, ...] = ()
+    """LongNet's dilated attention: segment lengths w_j in tokens, one per pattern (with `dilation_rates`). Pattern j
+    splits the document into w_j-token segments; head h of a query at document position p reads the keys k <= p of
+    p's segment with k = p = h (mod r_j) (head offset h mod r_j; a query off its offset reads nothing in that
+    pattern). The window and local keys are restricted to the union of the patterns, each key weighted by the number
+    of patterns that hold it (LongNet sums the patterns' outputs weighted by their softmax denominators, which is this
+    one softmax). Empty = no dilation."""
+    dilation_rates: tuple[int, ...] = ()
+    """LongNet's dilation rate r_j of each pattern; one pattern must have rate 1 so every query reads something."""
+    chunk_size: int = 0
+    """Chunk-level retrieval (LongMem's token-to-chunk) when > 0: the searchable memory in consecutive chunks of this
+    many slots (the last possibly shorter); a query ranks the chunks wholly before its window reach and reads every
+    token of its best topk / chunk_size chunks (`topk` still counts tokens read). 0 = token-level top-k."""
+    chunk_key: ChunkKey = "mean"
+    """Chunk ranking: `mean` (LongMem: q . the mean key) or `bounds` (Quest: sum_d max(q_d min_d, q_d max_d))."""
+
+    def __post_init__(self) -> None:
+        _check_nonneg(
+            **{"reading.window": self.window, "reading.global_tokens": self.global_tokens, "reading.topk": self.topk}
+        )
+        _check_choice("reading.index", self.index, Index)
+        _check_choice("reading.global_source", self.global_source, GlobalSource)
+        if self.stride < 1:
+            raise ConfigError(f"reading.stride={self.stride} must be >= 1 (1 = no dilation)")
+        if self.read_all and (self.window or self.topk):
+            raise ConfigError("reading.read_all=true already reads every memory token: set reading.window=0 and "
+                              "reading.topk=0")
+        if min(self.ivf_lists, self.ivf_probe, self.hnsw_neighbors) < 1:
+            raise ConfigError("reading.ivf_lists, reading.ivf_probe and reading.hnsw_neighbors must be >= 1")
+        _check_nonneg(**{"reading.random_slots": self.random_slots, "reading.random_seed": self.random_seed})
+        object.__setattr__(self, "dilated_segments", tuple(int(w) for w in self.dilated_segments))
+        object.__setattr__(self, "dilation_rates", tuple(int(r) for r in self.dilation_rates))
+        if len(self.dilated_segments) != len(self.dilation_rates):
+            raise ConfigError(f"reading.dilated_segments has {len(self.dilated_segments)} lengths but "
+                              f"reading.dilation_rates {len(self.dilation_rates)}: give one rate per segment length")
+        if any(v < 1 for v in self.dilated_segments + self.dilation_rates):
+            raise ConfigError("reading.dilated_segments and reading.dilation_rates must be >= 1")
+        if self.dilation_rates and 1 not in self.dilation_rates:
+            raise ConfigError("reading.dilation_rates needs one pattern of rate 1 (LongNet's first), or queries off "
+                              "every head offset would read nothing: add 1")
+        if self.dilation_rates and (self.topk or self.random_slots or self.global_tokens or self.stride > 1):
+            raise ConfigError("reading.dilated_segments restricts window and local keys by position: set "
+                              "reading.topk, reading.random_slots and reading.global_tokens to 0 and reading.stride=1")
+        if self.random_block < 1:
+            raise ConfigError(f"reading.random_block={self.random_block} must be >= 1 (queries per block)")
+        if self.random_slots and (self.topk or self.read_all):
+            raise ConfigError("reading.random_slots draws from the slots top-k or read_all would read: set "
+                              "reading.topk=0 and reading.read_all=false (or reading.random_slots=0)")
+        _check_choice("reading.chunk_key", self.chunk_key, ChunkKey)
+        _check_nonneg(**{"reading.chunk_size": self.chunk_size})
+        c = self.chunk_size
+        if c and (not self.topk or self.topk % c or self.index != "torch"):
+            raise ConfigError(f"reading.chunk_size={c} reads whole chunks by an exact torch search: set reading.topk "
+                              f"to a multiple of it (tokens read, e.g. {4 * c}) and reading.index=torch")
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Memory Injection: which decoder layers read and write memory."""
+
+    layers: tuple[int, ...] | Literal["all"] = "all"
+    """0-based layer indices, or `all`. From strings: `all`, `3`, `2,5`, `12-21` (inclusive), `0,4-6`."""
+
+    def __post_init__(self) -> None:
+        if self.layers != "all":
+            layers = parse_layers(self.layers)
+            object.__setattr__(self, "layers", layers)
+
+    def resolve(self, n_layers: int) -> tuple[int, ...]:
+        """The explicit layer indices for a model with `n_layers` decoder layers."""
+        if self.layers == "all":
+            return tuple(range(n_layers))
+        bad = [i for i in self.layers if i >= n_layers]
+        if bad:
+            raise ConfigError(f"injection.layers={format_layers(self.layers)} names layer {bad[0]} but the model has "
+                              f"{n_layers} layers (0-{n_layers - 1}): choose indices below {n_layers}")
+        return self.layers
+
+
+@dataclass(frozen=True)
+class Training:
+    """How gradients flow through memory when a method is fine-tuned."""
+
+    strategy: Strategy = "stop_gradient"
+    """`stop_gradient` detaches memory every segment (Transformer-XL, Memorizing Transformer); `bptt` backpropagates
+    through all memory; `bptt_tokens` backpropagates through the model-forward memory (RMT memory tokens) while the
+    key/value memory is detached every segment (UniMix: its memory tokens learn from later segments)."""
+    bptt_segments: int = 1
+    """With bptt or bptt_tokens, memory is detached every k segments, so gradients reach k-1 segments back."""
+
+    @property
+    def window_segments(self) -> int:
+        """Segments per forward/backward window: k unless everything is detached every segment."""
+        return 1 if self.strategy == "stop_gradient" else self.bptt_segments
+
+    def __post_init__(self) -> None:
+        _check_choice("training.strategy", self.strategy, Strategy)
+        if self.bptt_segments < 1:
+            raise ConfigError(f"training.bptt_segments={self.bptt_segments} must be >= 1")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Positions under RoPE for the segment and its memory keys."""
+
+    mode: PositionMode = "compact"
+    """`official` (thunlp/UniMem `pos_type='pos0'`): every memory key (globals, window, top-k, pooled) at position
+    0, and the input's positions restart at 0 every segment (RMT read slots first). `compact`: globals, window and
+    input at consecutive positions from 0 (StreamingLLM-style) and top-k keys at 0; query i of the segment is then
+    G + W + i from the first global and, with a full window, W + i from the oldest window slot, which runs past the
+    trained context when the segment is the trained context (a sliding window keeps it at W). `absolute`: every
+    token at its document position (RMT read slots on the m positions before the segment, write slots after it)."""
+    rope_factor: float = 1.0
+    """Linear position interpolation factor (transformers' `linear` rope type); 0 = local context / trained context."""
+    segment_factor: int = 1
+    """The method's local context in run segments: position interpolation reads several segments at once."""
+    sink_shift: bool = False
+    """StreamingLLM's rolling cache re-rotated at positions inside the cache (official `pos_shift`): each query sees
+    the global (sink) keys at the positions just before the oldest window slot it reads, not at 0 .. G-1, so a
+    sliding window streamed in segments gives every query the keys and relative positions a token-by-token cache
+    of G sinks + W recent tokens gives it. Needs compact positions, document globals, a sliding window, stride 1,
+    and segments no longer than the window."""
+
+    def __post_init__(self) -> None:
+        _check_choice("position.mode", self.mode, PositionMode)
+        if self.rope_factor != 0 and self.rope_factor < 1:
+            raise ConfigError(f"position.rope_factor={self.rope_factor} must be >= 1 (or 0 for automatic)")
+        if self.segment_factor < 1:
+            raise ConfigError(f"position.segment_factor={self.segment_factor} must be >= 1")
+        if self.sink_shift and self.mode != "compact":
+            raise ConfigError(f"position.sink_shift=true moves global keys within compact positions: set "
+                              f"position.mode=compact (not {self.mode})")
+
+    scaled_memory: bool = False
+    """Unlimiformer's LLaMA mode: with L tokens before the segment and R = trained - local context, a top-k slot at
+    document position p, searched unrotated, is attended at floor(p * min(1, R / L)); the input runs from min(L, R).
+    Needs position.mode=official and reading by top-k alone."""
+
+
+def parse_layers(spec: object) -> tuple[int, ...]:
+    """`2,5` / `12-21` / `0,4-6` / a sequence of ints -> a sorted tuple of distinct 0-based indices."""
+    if isinstance(spec, int):
+        items: list[object] = [spec]
+    elif isinstance(spec, str):
+        items = [part.strip() for part in spec.split(",") if part.strip()]
+    else:
+        items = list(spec)  # type: ignore[call-overload]
+    out: set[int] = set()
+    for item in items:
+        text = str(item)
+        lo, dash, hi = text.partition("-")
+        try:
+            span = range(int(lo), int(hi) + 1) if dash else range(int(lo), int(lo) + 1)
+        except ValueError:
+            raise ConfigError(f"injection.layers: {text!r} is not a layer index or range like 12-21") from None
+        if not span or span.start < 0:
+            raise ConfigError(f"injection.layers: {text!r} is not a non-empty range of indices >= 0")
+        out.update(span)
+    if not out:
+        raise ConfigError("injection.layers is empty: give `all`, indices like 2,5 or a range like 12-21")
+    return tuple(sorted(out))
+
+
+def format_layers(layers: tuple[int, ...] | str) -> str:
+    """The inverse of `parse_layers`, compressing runs: (0, 4, 5, 6) -> `0,4-6`."""
+    if isinstance(layers, str):
+        return layers
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
