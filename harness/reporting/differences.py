@@ -28,6 +28,7 @@ from unimem_bench.harness.reporting.plots import (
     STYLE,
     fit,
     method_color,
+    metric_table,
     new_figure,
     pretty,
     row_colors,
@@ -158,14 +159,8 @@ def draw_metric_dots(table: lb.Table, title: str = "", order: Order = ALPHABETIC
 def plot_metric_dots(leaderboard: Path, out: Path, *, metric: str = "token_ppl", model: str | None = None,
                      order: Order = ALPHABETICAL) -> Path:
     """The dot figure of one metric from a leaderboard file, saved as `out` (its suffix picks the format)."""
-    frame = lb.load(leaderboard.parent, metric=metric)
-    if model is not None:
-        frame = frame[frame["model"] == model]
-    if frame.empty:
-        raise ValueError(f"{leaderboard} has no rows for metric {metric!r}" + (f" and model {model}" if model else ""))
-    table = lb.build_tables(frame, leaderboard.parent, metric, order=order)[0]
     title = f"{pretty(metric)} per method" + (f" ({lb.short_model(model)})" if model else "")
-    return save_figure(draw_metric_dots(table, title, order), out)
+    return save_figure(draw_metric_dots(metric_table(leaderboard, metric, model, order), title, order), out)
 
 
 def plot_position_curves(frame: pd.DataFrame, plots_dir: Path, *, formats: Sequence[str] = ("png",),

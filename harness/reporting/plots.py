@@ -112,17 +112,21 @@ def draw_metric_bars(table: lb.Table, title: str = "", order: Order = ALPHABETIC
     return fig
 
 
-def plot_metric_bars(leaderboard: Path, out: Path, *, metric: str = "token_ppl", model: str | None = None,
-                     order: Order = ALPHABETICAL) -> Path:
-    """The bar figure of one metric from a leaderboard file, saved as `out` (its suffix picks the format)."""
+def metric_table(leaderboard: Path, metric: str, model: str | None, order: Order) -> lb.Table:
+    """The leaderboard table of one metric (of one model when given) that the per-method figures draw."""
     frame = lb.load(leaderboard.parent, metric=metric)
     if model is not None:
         frame = frame[frame["model"] == model]
     if frame.empty:
         raise ValueError(f"{leaderboard} has no rows for metric {metric!r}" + (f" and model {model}" if model else ""))
-    table = lb.build_tables(frame, leaderboard.parent, metric, order=order)[0]
+    return lb.build_tables(frame, leaderboard.parent, metric, order=order)[0]
+
+
+def plot_metric_bars(leaderboard: Path, out: Path, *, metric: str = "token_ppl", model: str | None = None,
+                     order: Order = ALPHABETICAL) -> Path:
+    """The bar figure of one metric from a leaderboard file, saved as `out` (its suffix picks the format)."""
     title = f"{pretty(metric)} per method and task" + (f" ({lb.short_model(model)})" if model else "")
-    return save_figure(draw_metric_bars(table, title, order), out)
+    return save_figure(draw_metric_bars(metric_table(leaderboard, metric, model, order), title, order), out)
 
 
 def _numeric(values: Sequence[str]) -> list[float] | None:
