@@ -88,6 +88,7 @@ class UniMemConfig:
                               "reading.global_tokens > 0, reading.global_source=document, reading.window > 0, "
                               "reading.sliding=true and reading.stride=1")
         check_scaled_memory(self)
+        check_side_network(self)
 
     @property
     def uses_kv_memory(self) -> bool:
@@ -102,6 +103,7 @@ class UniMemConfig:
     def without_memory(self) -> UniMemConfig:
         """The same method with every memory switched off (what the exactness tests compare to plain HF)."""
         return dataclasses.replace(self, management=Management(), writing=Writing(), reading=Reading(),
+                                   injection=dataclasses.replace(self.injection, side_layers=0, side_fusion=0),
                                    position=dataclasses.replace(self.position, sink_shift=False,
                                                                        scaled_memory=False))
 
@@ -189,3 +191,14 @@ def check_scaled_memory(config: UniMemConfig) -> None:
                                           or r.read_all or r.global_tokens or config.writing.memory_tokens):
         raise ConfigError("position.scaled_memory=true places top-k slots and the input: set position.mode=official, "
                           "reading.topk > 0, and no window, globals, read_all or memory tokens")
+
+
+def check_side_network(config: UniMemConfig) -> None:
+    """LongMem's SideNet reads a cached bank of one backbone layer's keys/values by top-k (chunk) retrieval only."""
+    m, w, r = config.management, config.writing, config.reading
+    if config.injection.side_layers and (w.kv != "direct" or not m.size or not r.topk or m.scored
+                                         or m.overflow != "fifo" or r.window or r.read_all or r.global_tokens
+                                         or r.random_slots or r.dilation_rates or w.memory_tokens):
+        raise ConfigError("injection.side_layers (LongMem) reads a FIFO bank of direct keys/values by retrieval: set "
+                          "writing.kv=direct, management.size > 0, management.overflow=fifo, reading.topk > 0, and "
+                          "no window, read_all, globals, random slots, dilation, eviction or memory tokens")

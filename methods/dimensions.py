@@ -6,6 +6,7 @@ one frozen dataclass each, validating itself. `config.UniMemConfig` combines the
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -24,6 +25,7 @@ GlobalSource = Literal["document", "memory"]
 WriteSlots = Literal["memory", "learned"]
 Eviction = Literal["fifo", "h2o", "tova", "snapkv", "knorm", "random", "lru"]
 ChunkKey = Literal["mean", "bounds"]
+SideInit = Literal["copy", "identity"]
 
 
 def _check_choice(name: str, value: object, kind: object) -> None:
@@ -236,10 +238,35 @@ class Injection:
     layers: tuple[int, ...] | Literal["all"] = "all"
     """0-based layer indices, or `all`. From strings: `all`, `3`, `2,5`, `12-21` (inclusive), `0,4-6`."""
 
+    side_layers: int = 0
+    """LongMem's residual SideNet when > 0: this many side layers read the memory that `layers` (one backbone layer)
+    writes, while the backbone stays frozen. Side layer i spans backbone layers [2i, min(2i + 2, n)) (LongMem's
+    layer reduction factor 2), starts as a copy of the last of them, and adds the backbone's hidden-state difference
+    over its span (the cross-network residual). 0 = no side network."""
+    side_fusion: int = 0
+    """The memory-augmented side layer (0-based): its joint attention fuses local attention and memory attention
+    through a learned per-head gate (LongMem: backbone memory layer // 2, the 9th of 12 side layers)."""
+    side_init: SideInit = "copy"
+    """`copy` (LongMem): side layers start as copies of backbone layers. `identity`: the copies' output projections
+    (attention o_proj, MLP down_proj) start at zero, so the side network starts as exactly the backbone."""
+    side_gate: float = 0.0
+    """Initial per-head gate logit g of the joint attention: out = sigmoid(g) A_mem + (1 - sigmoid(g)) A_local
+    (LongMem's `memory_bias`, initialised to 0: an even mix). -.inf closes the gate: local attention exactly."""
+
     def __post_init__(self) -> None:
         if self.layers != "all":
             layers = parse_layers(self.layers)
             object.__setattr__(self, "layers", layers)
+        _check_choice("injection.side_init", self.side_init, SideInit)
+        _check_nonneg(**{"injection.side_layers": self.side_layers, "injection.side_fusion": self.side_fusion})
+        if self.side_layers and self.side_fusion >= self.side_layers:
+            raise ConfigError(f"injection.side_fusion={self.side_fusion} names a side layer but the SideNet has "
+                              f"{self.side_layers} (0-{self.side_layers - 1}): choose one below {self.side_layers}")
+        if self.side_layers and (self.layers == "all" or len(self.layers) != 1):
+            raise ConfigError("injection.side_layers needs the one backbone layer whose keys/values fill the memory: "
+                              "set injection.layers to a single index, e.g. injection.layers=3")
+        if math.isnan(self.side_gate) or self.side_gate == math.inf:
+            raise ConfigError(f"injection.side_gate={self.side_gate} must be a number or -.inf (closed gate)")
 
     def resolve(self, n_layers: int) -> tuple[int, ...]:
         """The explicit layer indices for a model with `n_layers` decoder layers."""
@@ -250,6 +277,14 @@ class Injection:
             raise ConfigError(f"injection.layers={format_layers(self.layers)} names layer {bad[0]} but the model has "
                               f"{n_layers} layers (0-{n_layers - 1}): choose indices below {n_layers}")
         return self.layers
+
+    def side_spans(self, n_layers: int) -> tuple[tuple[int, int], ...]:
+        """The backbone layers [lo, hi) each side layer spans (reduction factor 2; the last takes the rest)."""
+        if self.side_layers > -(-n_layers // 2):
+            raise ConfigError(f"injection.side_layers={self.side_layers} cannot span a {n_layers}-layer backbone two "
+                              f"layers each: set it to at most {-(-n_layers // 2)}")
+        bounds = [min(2 * i, n_layers) for i in range(self.side_layers)] + [n_layers]
+        return tuple(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 @dataclass(frozen=True)

@@ -177,11 +177,15 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         extra.append(f"local context x{config.position.segment_factor}")
     if config.position.scaled_memory:
         extra.append("top-k scaled into the trained context")
+    injection = format_layers(config.injection.layers) if (m.size or w.memory_tokens) else "-"
+    if config.injection.side_layers:
+        injection = (f"backbone layer {injection} writes; SideNet of {config.injection.side_layers} layers reads "
+                     f"in side layer {config.injection.side_fusion} (gated)")
     return {
         "management": management,
         "writing": ", ".join(writes) or "-",
         "reading": ", ".join(reads) or "-",
-        "injection": format_layers(config.injection.layers) if (m.size or w.memory_tokens) else "-",
+        "injection": injection,
         "training": "-" if not (m.size or w.memory_tokens) else config.training.strategy + (
             f" k={config.training.bptt_segments}" if config.training.strategy != "stop_gradient" else ""),
         "position": config.position.mode + (f"; {', '.join(extra)}" if extra else ""),

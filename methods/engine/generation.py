@@ -60,10 +60,16 @@ class OpenSegment:
         self.cache = DynamicCache(config=lm.model.config)
         self.pending_read_slots = state.rmt if m else None
         self.doc_start = doc_start
+        self.tokens: list[int] = []
+        """The open segment's tokens so far (a SideNet re-reads them: it keeps no KV cache of its own)."""
 
     def feed(self, ids: Sequence[int]) -> torch.Tensor:
         """Append tokens to the open segment; returns the logits [vocab] after the last one."""
         lm = self.lm
+        if lm.config.injection.side_layers:  # LongMem: the open segment again, memory read only
+            self.tokens += list(ids)
+            ids_open = torch.tensor([self.tokens], device=lm.device)
+            return lm.forward_segment(self.state, ids_open, self.doc_start, write=False)[0, -1]
         embeds = lm.model.get_input_embeddings()(torch.tensor([list(ids)], device=lm.device))  # [1, t, hidden]
         if self.pending_read_slots is not None:
             embeds = torch.cat([self.pending_read_slots, embeds], dim=1)

@@ -27,6 +27,7 @@ from unimem_bench.methods.engine.memory import LayerMemory, LayerUsage, MemorySt
 from unimem_bench.methods.engine.plan import build_plan, segment_context
 from unimem_bench.methods.engine.retrieval import FaissBank
 from unimem_bench.methods.engine.sampling import Sampling
+from unimem_bench.methods.engine.side_network import SideNetwork
 
 # Decoders whose attention goes through transformers' AttentionInterface with RoPE applied before it.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -84,6 +85,13 @@ class MemoryLM(nn.Module):
         self.usage: dict[int, LayerUsage] = {}
         self.longest_input = 0
         self.reset_usage()
+        # LongMem: the backbone is frozen and only the SideNet trains (`close` gives the flags back).
+        self.side: SideNetwork | None = None
+        self._frozen: list[tuple[nn.Parameter, bool]] = []
+        if config.injection.side_layers:
+            self._frozen = [(p, p.requires_grad) for p in model.parameters()]
+            model.requires_grad_(False)
+            self.side = SideNetwork(self.decoder, config)
         m = config.writing.memory_tokens
         if m:
             embed = model.get_input_embeddings().get_parameter("weight")
@@ -142,6 +150,8 @@ class MemoryLM(nn.Module):
         attn, rotary = self._restore
         self.decoder.rotary_emb = rotary
         self.model.set_attn_implementation(attn)
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
 
     def __enter__(self) -> MemoryLM:
         return self
@@ -236,6 +246,11 @@ class MemoryLM(nn.Module):
             embeds = torch.cat([state.rmt, embeds, write_slots], dim=1)  # [batch, m + n + m, hidden]
         first = plan.first_position
         positions = torch.arange(first, first + embeds.shape[1], device=embeds.device).unsqueeze(0)
+        if self.side is not None:
+            (layer,) = self.layers
+            logits = self.side(self.model, state.layers[layer], plan, embeds, positions)
+            state.commit(plan, config, doc_start)
+            return logits
         ctx = segment_context(config, self.layers, state, plan, query_start=0, n_query=embeds.shape[1],
                               dtype=embeds.dtype, device=embeds.device)
         hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, unimem=ctx,

@@ -1,0 +1,162 @@
+"""LongMem's residual SideNet (Wang et al., 2023, arXiv 2306.07174): a trainable side network over a frozen backbone.
+
+The backbone reads the segment alone and writes the keys/values of one layer (`injection.layers`) to a cached bank;
+the side layers, copies of every other backbone layer, follow the backbone's hidden states through cross-network
+residuals (side layer i adds H[hi] - H[lo] of the backbone layers it spans, official `transformer_decoder_sidenet`),
+and one of them (`injection.side_fusion`) reads the bank by token-to-chunk retrieval with unrotated queries and keys
+(memory keys carry no positions) and fuses memory and local attention per head through a learned gate:
+out = sigmoid(g) A_mem + (1 - sigmoid(g)) A_local (official `JointMultiheadAttentionWeightedSum`, `memory_bias`).
+
+The residual is computed as the side network's difference d from the backbone (x_i = H[lo_i] + d_i), the same sum in
+another order: side layers that add nothing keep d exactly 0, so an `identity` SideNet gives the backbone's logits
+bit for bit, and a closed gate (g = -inf) gives local attention exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
+
+from unimem_bench.methods.config import UniMemConfig
+from unimem_bench.methods.engine.memory import LayerMemory
+from unimem_bench.methods.engine.plan import SegmentPlan
+from unimem_bench.methods.engine.retrieval import topk_chunk_slots
+
+
+class SideNetwork(nn.Module):
+    """The side layers, their final norm and the fusion gate; the backbone is only read, never owned."""
+
+    def __init__(self, decoder: nn.Module, config: UniMemConfig) -> None:
+        super().__init__()
+        inj = config.injection
+        self.config = config
+        backbone = decoder.get_submodule("layers")
+        self.spans = inj.side_spans(len(backbone))
+        (self.source,) = inj.resolve(len(backbone))
+        self.fusion = inj.side_fusion
+        self.topk = config.reading.topk
+        # chunk_size 0 is token-level top-k: chunks of one slot.
+        self.chunk = config.reading.chunk_size or 1
+        self.chunk_key = config.reading.chunk_key
+        # Side layer i starts from the last backbone layer of its span (official: backbone layer 2i + 1).
+        self.layers = nn.ModuleList(copy.deepcopy(backbone[hi - 1]) for _, hi in self.spans)
+        self.norm = copy.deepcopy(decoder.get_submodule("norm"))
+        attn = self.layers[self.fusion].get_submodule("self_attn")
+        heads = attn.config.num_attention_heads
+        weight = attn.get_submodule("q_proj").get_parameter("weight")
+        self.gate = nn.Parameter(torch.full((heads,), inj.side_gate, dtype=weight.dtype, device=weight.device))
+        for p in self.parameters():
+            p.requires_grad_(True)
+        if inj.side_init == "identity":
+            with torch.no_grad():
+                for layer in self.layers:
+                    for name in ("self_attn.o_proj", "mlp.down_proj"):
+                        for p in layer.get_submodule(name).parameters():
+                            p.zero_()
+
+    def forward(self, model: nn.Module, bank: LayerMemory, plan: SegmentPlan, embeds: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, n, vocab] of one segment; writes the backbone's memory-layer keys/values to `bank`."""
+        decoder = model.get_decoder()
+        hidden = backbone_states(decoder, embeds, positions)  # n_layers + 1 x [batch, n, hidden]
+        pe = decoder.get_submodule("rotary_emb")(embeds, positions)  # (cos, sin) [batch, n, head_dim]
+        mem_k, mem_v = bank.keys, bank.values  # [batch, kv_heads, slots, head_dim], read before this write
+        delta: torch.Tensor | None = None
+        for i, (layer, (lo, _)) in enumerate(zip(self.layers, self.spans, strict=True)):
+            x = hidden[lo] if delta is None else hidden[lo] + delta
+            if i == self.fusion:
+                out = self.fused_layer(layer, x, pe, mem_k, mem_v)
+            else:
+                out = layer(x, attention_mask=None, position_ids=positions, position_embeddings=pe)
+            delta = out - hidden[lo]
+        final = hidden[-1] if delta is None else hidden[-1] + delta
+        if plan.n_new:
+            keys, values = memory_kv(decoder.get_submodule("layers")[self.source], hidden[self.source])
+            bank.write(plan, self.config, keys, values)
+        return model.get_output_embeddings()(self.norm(final))
+
+    def fused_layer(self, layer: nn.Module, x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
+                    mem_k: torch.Tensor | None, mem_v: torch.Tensor | None) -> torch.Tensor:
+        """The memory-augmented side layer: a LLaMA-family decoder layer whose attention is LongMem's joint
+        attention."""
+        attn = layer.get_submodule("self_attn")
+        q, k, v = projections(attn, layer.get_submodule("input_layernorm")(x))  # [batch, (kv_)heads, n, dim]
+        out = joint_attention(q, k, v, mem_k, mem_v, self.gate, pe, scale=float(attn.scaling), topk=self.topk,
+                              chunk=self.chunk, chunk_key=self.chunk_key)  # [batch, heads, n, dim]
+        h = x + attn.get_submodule("o_proj")(out.transpose(1, 2).flatten(2))
+        return h + layer.get_submodule("mlp")(layer.get_submodule("post_attention_layernorm")(h))
+
+
+def backbone_states(decoder: nn.Module, embeds: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+    """The frozen backbone on the segment alone: [embeddings, output of layer 0, ..., output of the last layer]."""
+    states = [embeds.detach()]
+    hooks = [layer.register_forward_hook(lambda _m, _a, out: states.append(out[0] if isinstance(out, tuple) else out))
+             for layer in decoder.get_submodule("layers")]
+    try:
+        with torch.no_grad():
+            decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return states
+
+
+def projections(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unrotated q [batch, heads, n, dim], k and v [batch, kv_heads, n, dim] of an attention module (q/k norms of
+    Qwen3 applied)."""
+    shape = (*h.shape[:-1], -1, int(attn.head_dim))
+    q = attn.get_submodule("q_proj")(h).view(shape)
+    k = attn.get_submodule("k_proj")(h).view(shape)
+    v = attn.get_submodule("v_proj")(h).view(shape)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.get_submodule("q_norm")(q), attn.get_submodule("k_norm")(k)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def memory_kv(layer: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone memory layer's keys and values [batch, kv_heads, n, dim] for its input `h`, unrotated: LongMem's
+    memory keys carry no positions."""
+    with torch.no_grad():
+        _, k, v = projections(layer.get_submodule("self_attn"), layer.get_submodule("input_layernorm")(h))
+    return k, v
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor | None,
+                    mem_v: torch.Tensor | None, gate: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor], *,
+                    scale: float, topk: int, chunk: int, chunk_key: str = "mean") -> torch.Tensor:
+    """LongMem's joint attention: causal local attention at RoPE positions, memory attention over each head's best
+    topk / chunk chunks (unrotated, own softmax), mixed per head by sigmoid(gate); local alone while memory is empty.
+
+    q [batch, heads, n, dim] and k, v [batch, kv_heads, n, dim] unrotated; mem_k, mem_v [batch, kv_heads, slots,
+    dim]; gate [heads]; pe (cos, sin) [batch, n, dim]. Returns [batch, heads, n, dim].
+    """
+    cos, sin = pe[0].unsqueeze(1), pe[1].unsqueeze(1)  # [batch, 1, n, dim]
+    q_rot, k_rot = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    local = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])  # [batch, heads, n, dim]
+    if mem_k is None or mem_v is None or not mem_k.shape[2]:
+        return local
+    memory = memory_attention(q, mem_k, mem_v, scale=scale, topk=topk, chunk=chunk, chunk_key=chunk_key)
+    g = torch.sigmoid(gate).view(1, -1, 1, 1).to(local.dtype)  # [1, heads, 1, 1]
+    return (1 - g) * local + g * memory
+
+
+def memory_attention(q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, *, scale: float, topk: int,
+                     chunk: int, chunk_key: str = "mean") -> torch.Tensor:
+    """Each query head's softmax over the slots of its best topk / chunk chunks (LongMem's token-to-chunk
+    retrieval, chunks ranked by their mean key); q [batch, heads, n, dim] -> [batch, heads, n, dim]."""
+    batch, heads, n, dim = q.shape
+    kv_heads = mem_k.shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads * n, dim)  # [batch, kv_heads, group * n, dim]
+    slots, found = topk_chunk_slots(grouped, mem_k, topk, chunk, chunk_key)  # [batch, kv_heads, group * n, k]
+    b = torch.arange(batch, device=q.device)[:, None, None, None]
+    h = torch.arange(kv_heads, device=q.device)[None, :, None, None]
+    keys, values = mem_k[b, h, slots], mem_v[b, h, slots]  # [batch, kv_heads, group * n, k, dim]
+    logits = torch.einsum("bhqd,bhqkd->bhqk", grouped, keys) * scale
+    weights = torch.softmax(logits.masked_fill(~found, float("-inf")), dim=-1)
+    out = torch.einsum("bhqk,bhqkd->bhqd", weights, values)  # [batch, kv_heads, group * n, dim]
+    return out.reshape(batch, heads, n, dim)
