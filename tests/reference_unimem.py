@@ -608,3 +608,104 @@ def scaled_keys(llama: ReferenceLlama, spec: Description, bank: list[Slot], sear
     keys = [llama.rope(bank[b].key, math.floor((doc_start - len(bank) + b) * scale), spec.rope_factor)
             for b in searchable]
     return torch.stack(keys) if keys else torch.zeros(0, llama.kv_heads, llama.head_dim, dtype=F64)
+
+
+# LongMem (Wang et al., 2023, arXiv 2306.07174), written from the paper and Victorwz/LongMem (`TransformerDecoder
+# SideNetBase.extract_features_scriptable`, `TransformerDecoderSideNetLayer.forward`, `JointMultiheadAttention
+# WeightedSum`, `External_Memory`): the frozen backbone reads the segment alone; side layer i maps x to
+# layer_i(x) + H[hi] - H[lo] (its span's backbone hidden-state difference, H[0] the embeddings, x_0 = H[0]); the
+# fusion layer's heads mix local attention (RoPE, causal) and memory attention (unrotated query and keys, the slots of
+# the best topk / chunk chunks by mean key, own softmax) as sigmoid(g) A_mem + (1 - sigmoid(g)) A_local, local alone
+# while the bank is empty; after the segment the backbone's memory layer appends its unrotated keys and values (the
+# oldest dropped beyond `size`).
+
+
+@dataclass(frozen=True)
+class LongMemSpec:
+    """LongMem as plain values."""
+
+    segment_len: int
+    source: int
+    """Backbone layer whose keys/values the bank caches."""
+    spans: tuple[tuple[int, int], ...]
+    """Backbone layers [lo, hi) of each side layer."""
+    fusion: int
+    """The memory-augmented side layer."""
+    size: int
+    """Bank slots."""
+    topk: int
+    """Memory tokens read per query and head."""
+    chunk_size: int
+    """Slots per retrieval chunk (1: token-level)."""
+
+
+def longmem_nll(llama: ReferenceLlama, side: dict[str, torch.Tensor], spec: LongMemSpec,
+                doc: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL [len(doc) - 1]; `side` holds the SideNet's weights as `side.layers.<i>.<...>`, `side.norm.weight`
+    and `side.gate` [heads]."""
+    w = {name: t.detach().to(F64) for name, t in side.items()}
+    bank: list[tuple[torch.Tensor, torch.Tensor]] = []  # (key, value) [kv_heads, head_dim] each, oldest first
+    out = []
+    for start in range(0, len(doc) - 1, spec.segment_len):
+        width = min(spec.segment_len, len(doc) - 1 - start)
+        logits = _longmem_segment(llama, w, spec, bank, doc[start:start + width])
+        targets = doc[start + 1:start + width + 1]
+        out.append(-torch.log_softmax(logits, dim=-1)[torch.arange(width), targets])
+    return torch.cat(out)
+
+
+def _longmem_segment(llama: ReferenceLlama, w: dict[str, torch.Tensor], spec: LongMemSpec,
+                     bank: list[tuple[torch.Tensor, torch.Tensor]], ids: torch.Tensor) -> torch.Tensor:
+    hidden = [llama.w["model.embed_tokens.weight"][ids]]
+    for layer in range(llama.n_layers):
+        hidden.append(_longmem_block(llama, llama.w, f"model.layers.{layer}.", hidden[-1], [], None, spec))
+    x = hidden[0]
+    for i, (lo, hi) in enumerate(spec.spans):
+        memory = bank if i == spec.fusion else []
+        x = _longmem_block(llama, w, f"side.layers.{i}.", x, memory, w["side.gate"], spec) + hidden[hi] - hidden[lo]
+    logits = _rms(llama, x, w["side.norm.weight"]) @ llama.lm_head.T
+    p = f"model.layers.{spec.source}."
+    h = _rms(llama, hidden[spec.source], llama.w[p + "input_layernorm.weight"])
+    keys = (h @ llama.w[p + "self_attn.k_proj.weight"].T).view(len(ids), llama.kv_heads, -1)
+    values = (h @ llama.w[p + "self_attn.v_proj.weight"].T).view(len(ids), llama.kv_heads, -1)
+    bank.extend((keys[t], values[t]) for t in range(len(ids)))
+    del bank[:max(0, len(bank) - spec.size)]
+    return logits
+
+
+def _rms(llama: ReferenceLlama, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + llama.eps) * weight
+
+
+def _longmem_block(llama: ReferenceLlama, w: dict[str, torch.Tensor], p: str, x: torch.Tensor,
+                   bank: list[tuple[torch.Tensor, torch.Tensor]], gate: torch.Tensor | None,
+                   spec: LongMemSpec) -> torch.Tensor:
+    """One LLaMA decoder layer (weights `w` under prefix `p`) whose heads also read `bank` when it is not empty."""
+    n, scale = len(x), 1 / math.sqrt(llama.head_dim)
+    h = _rms(llama, x, w[p + "input_layernorm.weight"])
+    q = (h @ w[p + "self_attn.q_proj.weight"].T).view(n, llama.heads, -1)
+    k = (h @ w[p + "self_attn.k_proj.weight"].T).view(n, llama.kv_heads, -1)
+    v = (h @ w[p + "self_attn.v_proj.weight"].T).view(n, llama.kv_heads, -1)
+    q_rot = torch.stack([llama.rope(q[t], t, 1.0) for t in range(n)])
+    k_rot = torch.stack([llama.rope(k[t], t, 1.0) for t in range(n)])
+    attn = torch.zeros_like(q)
+    for t in range(n):
+        for head in range(llama.heads):
+            g = head // (llama.heads // llama.kv_heads)
+            local = torch.softmax(k_rot[:t + 1, g] @ q_rot[t, head] * scale, dim=0) @ v[:t + 1, g]
+            if not bank:
+                attn[t, head] = local
+                continue
+            chunks = [range(lo, min(lo + spec.chunk_size, len(bank))) for lo in range(0, len(bank), spec.chunk_size)]
+            means = [float(torch.stack([bank[s][0][g] for s in c]).mean(0) @ q[t, head]) for c in chunks]
+            best = sorted(range(len(chunks)), key=lambda c: -means[c])[:spec.topk // spec.chunk_size]
+            slots = [s for c in best for s in chunks[c]]
+            mem_k = torch.stack([bank[s][0][g] for s in slots])
+            mem_v = torch.stack([bank[s][1][g] for s in slots])
+            memory = torch.softmax(mem_k @ q[t, head] * scale, dim=0) @ mem_v
+            mix = torch.sigmoid(gate[head])
+            attn[t, head] = mix * memory + (1 - mix) * local
+    x = x + attn.reshape(n, -1) @ w[p + "self_attn.o_proj.weight"].T
+    h = _rms(llama, x, w[p + "post_attention_layernorm.weight"])
+    up = h @ w[p + "mlp.gate_proj.weight"].T
+    return x + (up * torch.sigmoid(up) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T

@@ -9,13 +9,22 @@ of 1 and not dividing the document) on random tiny LLaMAs (GQA, 3 layers) and on
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import BOOKS, STORIES, random_docs, slow_only, tiny_llama
-from reference_unimem import Description, EvictionSpec, ReferenceLlama, eviction_nll, reference_nll
+from reference_unimem import (
+    Description,
+    EvictionSpec,
+    LongMemSpec,
+    ReferenceLlama,
+    eviction_nll,
+    longmem_nll,
+    reference_nll,
+)
 
 from unimem_bench.methods import METHODS, PAPER_CONTEXT, MemoryLM, MethodContext, UniMemConfig
 
@@ -153,6 +162,14 @@ GRID = [
     case("unlimiformer-segment5", "unlimiformer", "reading.topk=4", segment=5, doc=31, distinct=True),
     case("unlimiformer-chunks", "unlimiformer", "reading.topk=4", "reading.chunk_size=2", distinct=True),
     case("unlimiformer-fifo12", "unlimiformer", "reading.topk=3", "management.size=12", distinct=True),
+    # LongMem: token-level and chunked retrieval (a short last chunk), a bank smaller than the document (FIFO), the
+    # identity SideNet, a closed gate, every side layer fused, one-token segments.
+    case("longmem-tokens", "longmem", "reading.chunk_size=0", "reading.topk=3"),
+    case("longmem-chunk3-fifo10", "longmem", "reading.chunk_size=3", "reading.topk=6", "management.size=10"),
+    case("longmem-identity", "longmem", "injection.side_init=identity"),
+    case("longmem-closed", "longmem", "injection.side_gate=-.inf"),
+    case("longmem-fuse1", "longmem", "injection.side_fusion=1", "reading.topk=8"),
+    case("longmem-segment1", "longmem", "reading.topk=2", "reading.chunk_size=2", segment=1, doc=12),
     case("chunk3-segment1", "memorizing_transformer", "management.size=7", "reading.chunk_size=3", "reading.topk=3",
          segment=1, doc=12),
 ]
@@ -199,8 +216,19 @@ def check_against_reference(model: torch.nn.Module, spec: Case, doc: torch.Tenso
             generator = torch.Generator().manual_seed(7)
             embeddings = torch.randn(config.writing.memory_tokens, model.config.hidden_size, generator=generator)
             lm.load_method_state({"memory_embeddings": embeddings})
+        side = lm.method_state() if config.injection.side_layers else {}
+        if side and math.isfinite(config.injection.side_gate):
+            # Gates of our own, one per head (not the initial even mix), loaded like a side-tuned checkpoint's.
+            side["side.gate"] = torch.randn(side["side.gate"].shape, generator=torch.Generator().manual_seed(7))
+            lm.load_method_state(side)
         got = lm.score([doc])[0]
-    if config.management.scored:  # score-based eviction: the reference's per-head slot lists
+    if side:
+        inj = config.injection
+        longmem = LongMemSpec(segment_len=spec.segment, source=inj.resolve(n_layers)[0], spans=inj.side_spans(n_layers),
+                              fusion=inj.side_fusion, size=config.management.size, topk=config.reading.topk,
+                              chunk_size=config.reading.chunk_size or 1)
+        expected = longmem_nll(reference_llama(model), side, longmem, doc)
+    elif config.management.scored:  # score-based eviction: the reference's per-head slot lists
         m = config.management
         evicting = EvictionSpec(segment_len=spec.segment, size=m.size, policy=m.eviction, position=config.position.mode,
                                 sinks=m.sinks, recent=m.recent, observe=m.observe, pool_kernel=m.pool_kernel)
