@@ -110,6 +110,8 @@ class UniMemConfig:
     def bind(self, *, n_layers: int, segment_len: int) -> tuple[int, ...]:
         """Check the model-dependent parts; return the injected layer indices."""
         layers = self.injection.resolve(n_layers)
+        if self.injection.side_layers:
+            self.injection.side_spans(n_layers)
         local = segment_len * self.position.segment_factor
         if self.position.sink_shift and local > self.reading.window:
             raise ConfigError(f"position.sink_shift=true with a {local}-token segment needs reading.window >= {local} "
