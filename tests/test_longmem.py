@@ -129,3 +129,13 @@ def test_side_tuned_export_holds_the_sidenet_apart_and_run_reloads_it(tmp_path):
     fresh = pd.read_csv(tmp_path / "fresh" / "leaderboard.csv")
     untrained = float(fresh[(fresh["metric"] == "token_ppl") & (fresh["subtask"].isna())]["value"].iloc[0])
     assert got != pytest.approx(untrained, rel=1e-6)
+    # The lm-eval model loads the side-tuned SideNet too.
+    from lm_eval.api.instance import Instance
+
+    from unimem_bench.harness.evaluation.lm_eval_model import UnimemLM
+
+    text = (docs / sorted(p.name for p in docs.iterdir())[0]).read_text()[:200]
+    rolling = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)]
+    tuned = UnimemLM(pretrained=str(export), method="longmem").loglikelihood_rolling(rolling)[0]
+    initial = UnimemLM(pretrained=str(model_dir), method="longmem", segment_len=16).loglikelihood_rolling(rolling)[0]
+    assert tuned != pytest.approx(initial, rel=1e-6)

@@ -42,12 +42,14 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from unimem_bench.harness.models.exports import SavedMethod
 from unimem_bench.harness.models.resolve import (
     ModelSource,
     checkpoint_memory_layers,
     load_model,
     load_model_config,
     resolve_model,
+    saved_method,
     trained_context,
 )
 from unimem_bench.harness.runtime.device import default_dtype, resolve_device
@@ -160,6 +162,9 @@ class ModelPlan:
     trained_context: int
     max_length: int | None
     """Resolved `UnimemArgs.max_length`."""
+    saved: SavedMethod | None = None
+    """A fine-tuned export's own method (when `method` names it): its config, segment length and learned parameters
+    (RMT's memory tokens, LongMem's SideNet), as `run` evaluates it."""
 
 
 def plan_model(args: UnimemArgs) -> ModelPlan:
@@ -173,18 +178,22 @@ def plan_model(args: UnimemArgs) -> ModelPlan:
     n_layers = model_config.num_hidden_layers
     # Whether a method has memory does not depend on the segment length its sizes scale with.
     layers = checkpoint_memory_layers(model_config)
+    saved = saved_method(source)
+    if saved is not None and saved.method != args.method:
+        saved = None
     probe = method.config(MethodContext(n_layers, args.segment_len or max(1, context // 2), context, layers),
                           args.overrides)
     memory = carries_memory(probe)
-    segment_len = args.segment_len or (max(1, context // 2) if memory else context)
-    config = method.config(MethodContext(n_layers, segment_len, context, layers), args.overrides)
+    segment_len = args.segment_len or (saved.segment_len if saved else max(1, context // 2) if memory else context)
+    config = (saved.config.with_overrides(list(args.overrides)) if saved
+              else method.config(MethodContext(n_layers, segment_len, context, layers), args.overrides))
     config.bind(n_layers=n_layers, segment_len=segment_len)
     local = segment_len * config.position.segment_factor
     max_length = args.max_length or (None if memory else local)
     if max_length is not None and args.max_gen_toks >= max_length:
         raise ConfigError(f"unimem model_args: max_gen_toks={args.max_gen_toks} leaves no prompt in "
                           f"max_length={max_length}: lower max_gen_toks or raise max_length")
-    return ModelPlan(source, config, segment_len, context, max_length)
+    return ModelPlan(source, config, segment_len, context, max_length, saved)
 
 
 @register_model("unimem")
@@ -200,6 +209,8 @@ class UnimemLM(TemplateLM):
         model, self.tokenizer = load_model(self.plan.source, device=self._device, dtype=dtype)
         self.lm = MemoryLM(model, self.plan.config, segment_len=self.plan.segment_len,
                            trained_context=self.plan.trained_context)
+        if self.plan.saved is not None:
+            self.plan.saved.load_into(self.lm)
         eos = getattr(model.generation_config, "eos_token_id", None)
         # Generation stops where transformers' generate would: the model's generation config, else the tokenizer's.
         self.stop_ids: int | list[int] = eos if eos is not None else self.tokenizer.eos_token_id
