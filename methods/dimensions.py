@@ -240,9 +240,9 @@ class Injection:
 
     side_layers: int = 0
     """LongMem's residual SideNet when > 0: this many side layers read the memory that `layers` (one backbone layer)
-    writes, while the backbone stays frozen. Side layer i spans backbone layers [2i, min(2i + 2, n)) (LongMem's
-    layer reduction factor 2), starts as a copy of the last of them, and adds the backbone's hidden-state difference
-    over its span (the cross-network residual). 0 = no side network."""
+    writes, while the backbone stays frozen. Side layer i spans backbone layers [2i, 2i + 2), the last one up to
+    the backbone's end (LongMem's layer reduction factor 2), starts as a copy of the last layer of its span, and
+    adds the backbone's hidden-state difference over its span (the cross-network residual). 0 = no side network."""
     side_fusion: int = 0
     """The memory-augmented side layer (0-based): its joint attention fuses local attention and memory attention
     through a learned per-head gate (LongMem: backbone memory layer // 2, the 9th of 12 side layers)."""
