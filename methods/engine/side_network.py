@@ -15,10 +15,12 @@ bit for bit, and a closed gate (g = -inf) gives local attention exactly.
 from __future__ import annotations
 
 import copy
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import rotate_half
 
 from unimem_bench.methods.config import UniMemConfig
@@ -34,7 +36,7 @@ class SideNetwork(nn.Module):
         super().__init__()
         inj = config.injection
         self.config = config
-        backbone = decoder.get_submodule("layers")
+        backbone = cast(nn.ModuleList, decoder.get_submodule("layers"))
         self.spans = inj.side_spans(len(backbone))
         (self.source,) = inj.resolve(len(backbone))
         self.fusion = inj.side_fusion
@@ -45,8 +47,8 @@ class SideNetwork(nn.Module):
         # Side layer i starts from the last backbone layer of its span (official: backbone layer 2i + 1).
         self.layers = nn.ModuleList(copy.deepcopy(backbone[hi - 1]) for _, hi in self.spans)
         self.norm = copy.deepcopy(decoder.get_submodule("norm"))
-        attn = self.layers[self.fusion].get_submodule("self_attn")
-        heads = attn.config.num_attention_heads
+        attn: Any = self.layers[self.fusion].get_submodule("self_attn")  # a transformers attention module
+        heads = int(attn.config.num_attention_heads)
         weight = attn.get_submodule("q_proj").get_parameter("weight")
         self.gate = nn.Parameter(torch.full((heads,), inj.side_gate, dtype=weight.dtype, device=weight.device))
         for p in self.parameters():
@@ -58,10 +60,10 @@ class SideNetwork(nn.Module):
                         for p in layer.get_submodule(name).parameters():
                             p.zero_()
 
-    def forward(self, model: nn.Module, bank: LayerMemory, plan: SegmentPlan, embeds: torch.Tensor,
+    def forward(self, model: PreTrainedModel, bank: LayerMemory, plan: SegmentPlan, embeds: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
         """Logits [batch, n, vocab] of one segment; writes the backbone's memory-layer keys/values to `bank`."""
-        decoder = model.get_decoder()
+        decoder: Any = model.get_decoder()
         hidden = backbone_states(decoder, embeds, positions)  # n_layers + 1 x [batch, n, hidden]
         pe = decoder.get_submodule("rotary_emb")(embeds, positions)  # (cos, sin) [batch, n, head_dim]
         mem_k, mem_v = bank.keys, bank.values  # [batch, kv_heads, slots, head_dim], read before this write
@@ -83,7 +85,7 @@ class SideNetwork(nn.Module):
                     mem_k: torch.Tensor | None, mem_v: torch.Tensor | None) -> torch.Tensor:
         """The memory-augmented side layer: a LLaMA-family decoder layer whose attention is LongMem's joint
         attention."""
-        attn = layer.get_submodule("self_attn")
+        attn: Any = layer.get_submodule("self_attn")
         q, k, v = projections(attn, layer.get_submodule("input_layernorm")(x))  # [batch, (kv_)heads, n, dim]
         out = joint_attention(q, k, v, mem_k, mem_v, self.gate, pe, scale=float(attn.scaling), topk=self.topk,
                               chunk=self.chunk, chunk_key=self.chunk_key)  # [batch, heads, n, dim]
@@ -95,7 +97,7 @@ def backbone_states(decoder: nn.Module, embeds: torch.Tensor, positions: torch.T
     """The frozen backbone on the segment alone: [embeddings, output of layer 0, ..., output of the last layer]."""
     states = [embeds.detach()]
     hooks = [layer.register_forward_hook(lambda _m, _a, out: states.append(out[0] if isinstance(out, tuple) else out))
-             for layer in decoder.get_submodule("layers")]
+             for layer in cast(nn.ModuleList, decoder.get_submodule("layers"))]
     try:
         with torch.no_grad():
             decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False)
@@ -105,7 +107,7 @@ def backbone_states(decoder: nn.Module, embeds: torch.Tensor, positions: torch.T
     return states
 
 
-def projections(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def projections(attn: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unrotated q [batch, heads, n, dim], k and v [batch, kv_heads, n, dim] of an attention module (q/k norms of
     Qwen3 applied)."""
     shape = (*h.shape[:-1], -1, int(attn.head_dim))
