@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma list of methods (time and memory vs vanilla), topk (torch vs faiss), eviction "
                              "(score-based eviction vs the same-size FIFO, peak RSS at --budget); default "
                              "methods,topk")
+    parser.add_argument("--skip-vanilla-row", action="store_true",
+                        help="do not time vanilla against itself (its noise-floor row); every method is still timed "
+                             "beside vanilla in its own process")
     parser.add_argument("--budget", type=float, default=0.25,
                         help="management.budget of the eviction part's peak-RSS run (default 0.25: 4x compression)")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed runs per point (default: 3)")
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[yellow]note: {DEFAULT_MODEL} not found; using a random tiny LLaMA of the same shape "
                       "(times and memory stand, perplexity would not)[/yellow]")
     picked = METHODS.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    methods = ["vanilla", *[m for m in picked if m != "vanilla"]]
+    methods = [*([] if args.skip_vanilla_row else ["vanilla"]), *[m for m in picked if m != "vanilla"]]
     overrides = tuple(args.overrides)
     try:
         config = model_config(spec)
