@@ -4,7 +4,9 @@ streamed document, and top-k retrieval time (exact torch vs faiss Flat)."""
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
+import math
 import resource
 import statistics
 import sys
@@ -18,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from methodbench.random_model import PREFIX, random_config
 from unimem_bench.harness.models.resolve import (
     checkpoint_memory_layers,
     load_model,
@@ -45,11 +48,15 @@ class Job:
     """What a measuring process needs to rebuild the model and a method's config."""
 
     model: str | None
-    """`--model` as given (HF folder, llama2.c .bin, hub id); None = the random tiny LLaMA."""
+    """`--model` as given (HF folder, llama2.c .bin, hub id, or `random:<spec>` for `--random-model`); None = the
+    random tiny LLaMA."""
     method: str
     overrides: tuple[str, ...]
     segment_len: int
     threads: int
+    baseline: str = "vanilla"
+    """What the method is timed against: `vanilla`, or `fifo`: the method's own memory size under FIFO eviction
+    (the same-budget window an eviction policy must beat)."""
 
 
 @dataclass(frozen=True)
@@ -110,16 +117,20 @@ def tiny_config() -> LlamaConfig:
 
 def model_config(spec: str | None) -> PretrainedConfig:
     """The config of `--model` (no weights)."""
-    return tiny_config() if spec is None else load_model_config(resolve_model(spec))
+    if spec is None:
+        return tiny_config()
+    if spec.startswith(PREFIX):
+        return random_config(spec[len(PREFIX):])
+    return load_model_config(resolve_model(spec))
 
 
 def load_llm(spec: str | None) -> PreTrainedModel:
     """fp32 weights on CPU, in eval mode; the tiny model is seeded, so every process builds the same one. No
     tokenizer is needed (documents are random ids), so a folder with weights and config.json is enough."""
     hf_logging.disable_progress_bar()
-    if spec is None:
+    if spec is None or spec.startswith(PREFIX):
         torch.manual_seed(0)
-        return LlamaForCausalLM(tiny_config()).eval()
+        return LlamaForCausalLM(model_config(spec)).eval()
     source = resolve_model(spec)
     if source.kind == "llama2c":
         return load_model(source, device=torch.device("cpu"), dtype=torch.float32)[0]
@@ -221,7 +232,7 @@ def stream(model: PreTrainedModel, config: UniMemConfig, segment_len: int, doc: 
     """Feed the tokens `score` feeds through `forward_segment`, dropping the logits; returns the final memory.
 
     The memory run uses this rather than `score`, whose per-token output (4 bytes a token) is not memory."""
-    with MemoryLM(model, config, segment_len=segment_len) as lm:
+    with MemoryLM(model, config, segment_len=segment_len) as lm, lm.budget_for(len(doc)):
         state = lm.new_state(1)
         ids = doc[:-1].unsqueeze(0)
         for start in range(0, ids.shape[1], lm.segment_len):
@@ -234,26 +245,38 @@ def warm_up_doc(doc: torch.Tensor, segment_len: int, config: UniMemConfig) -> to
     return doc[:2 * segment_len * config.position.segment_factor + 1]
 
 
-def configs(job: Job, model: PreTrainedModel) -> tuple[UniMemConfig, UniMemConfig]:
-    """(vanilla, the job's method) for this model."""
-    return (method_config("vanilla", model.config, job.segment_len, ()),
-            method_config(job.method, model.config, job.segment_len, job.overrides))
+def fifo_twin(config: UniMemConfig, tokens: int) -> UniMemConfig:
+    """The same method with FIFO in place of its score-based eviction, holding as many slots as the method does on
+    a `tokens`-token input (its size, or its budget resolved as `MemoryLM.budget_for` does), nothing protected: a
+    StreamingLLM-like window of the same number of slots, the baseline an eviction policy's cost is judged by."""
+    m = config.management
+    size = max(1, m.sinks + m.recent, math.ceil(m.budget * tokens)) if m.budget else m.size
+    fifo = dataclasses.replace(m, eviction="fifo", sinks=0, recent=0, budget=0.0, size=size)
+    return dataclasses.replace(config, name=f"{config.name}-fifo", management=fifo)
+
+
+def configs(job: Job, model: PreTrainedModel, tokens: int) -> tuple[UniMemConfig, UniMemConfig]:
+    """(the baseline, the job's method) for this model and a `tokens`-token document."""
+    method = method_config(job.method, model.config, job.segment_len, job.overrides)
+    if job.baseline == "fifo":
+        return fifo_twin(method, tokens), method
+    return method_config("vanilla", model.config, job.segment_len, ()), method
 
 
 def time_method(job: Job, lengths: tuple[int, ...], repeats: int) -> dict[int, Timing]:
-    """Runs in a fresh process: after a warm-up, per length, `repeats` (method, vanilla) pairs in alternating
-    order, so each ratio compares two runs taken side by side."""
+    """Runs in a fresh process: after a warm-up, per length, `repeats` (method, baseline) pairs in alternating
+    order, so each ratio compares two runs taken side by side (`Timing`'s vanilla fields hold the baseline)."""
     set_threads(job.threads)
     model = load_llm(job.model)
-    vanilla, method = configs(job, model)
     doc = random_doc(model.config.vocab_size, max(lengths))
-    for config in (vanilla, method):
+    for config in configs(job, model, max(lengths)):
         run_score(model, config, job.segment_len, warm_up_doc(doc, job.segment_len, config))
     timings = {}
     for n in lengths:
+        baseline, method = configs(job, model, n + 1)
         runs: dict[str, list[tuple[float, float]]] = {"method": [], "vanilla": []}
         for r in range(repeats):
-            order = [("method", method), ("vanilla", vanilla)]
+            order = [("method", method), ("vanilla", baseline)]
             for role, config in order if r % 2 == 0 else order[::-1]:
                 runs[role].append(run_score(model, config, job.segment_len, doc[:n + 1]))
         per_token = 1e6 / n
@@ -272,7 +295,7 @@ def measure_memory(job: Job, length: int) -> Memory:
     exact_rss_accounting()
     set_threads(job.threads)
     model = load_llm(job.model)
-    _, method = configs(job, model)
+    _, method = configs(job, model, length + 1)
     doc = random_doc(model.config.vocab_size, length)
     stream(model, method, job.segment_len, warm_up_doc(doc, job.segment_len, method))
     gc.collect()

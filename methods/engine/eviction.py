@@ -60,13 +60,14 @@ def _probabilities(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor |
     for start in range(lo, hi, rows):
         stop = min(hi, start + rows)
         q = query[:, :, start:stop].to(wide).reshape(batch, kv_heads, heads // kv_heads, stop - start, dim)
-        logits = torch.einsum("bkgsd,bktd->bkgst", q, k) * scale
-        logits = logits + _row_mask(mask, start, stop, keys.shape[2], query.device).to(wide)
+        # In place on the fresh logits: the same operations in the same order, without a temporary per step.
+        logits = torch.einsum("bkgsd,bktd->bkgst", q, k).mul_(scale)
+        logits.add_(_row_mask(mask, start, stop, keys.shape[2], query.device).to(wide))
         if lse is None:
             probs = torch.softmax(logits, dim=-1)
         else:
             row_lse = lse[:, :, start:stop].to(wide).reshape(batch, kv_heads, -1, stop - start, 1)
-            probs = torch.exp(logits - row_lse)
+            probs = logits.sub_(row_lse).exp_()
         yield start, probs
 
 
@@ -83,6 +84,7 @@ def attention_scores(m: Management, query: torch.Tensor, keys: torch.Tensor, mas
     """
     policy = m.eviction
     candidates = torch.cat([torch.arange(n_memory), n_memory + n_read + torch.arange(n_seg)]).to(query.device)
+    every_key = n_read == 0 and keys.shape[2] == n_memory + n_seg  # no RMT slots: the candidates are all the keys
     last = n_read + n_seg  # rows after it are RMT write slots
     if policy in NEEDS_ALL_QUERIES:
         batch, kv_heads = keys.shape[:2]
@@ -91,7 +93,7 @@ def attention_scores(m: Management, query: torch.Tensor, keys: torch.Tensor, mas
         if policy == "lru":
             out -= 1
         for start, probs in _probabilities(query, keys, mask, scale, 0, last, lse):
-            probs = probs[..., candidates]
+            probs = probs if every_key else probs[..., candidates]
             if policy == "h2o":
                 out += probs.sum(dim=(2, 3))
                 continue
@@ -106,7 +108,7 @@ def attention_scores(m: Management, query: torch.Tensor, keys: torch.Tensor, mas
     observe = 1 if policy == "tova" else min(m.observe, n_seg)
     total = None
     for _, probs in _probabilities(query, keys, mask, scale, last - observe, last, None):
-        part = probs[..., candidates].sum(3)  # [batch, kv_heads, group, candidates]
+        part = (probs if every_key else probs[..., candidates]).sum(3)  # [batch, kv_heads, group, candidates]
         total = part if total is None else total + part
     assert total is not None  # observe >= 1
     mean = total / observe

@@ -218,13 +218,15 @@ def dilated_mask(config: UniMemConfig, state: MemoryState, plan: SegmentPlan, qu
     causal = torch.arange(n_local, device=device)[None, :] <= queries[:, None]  # [queries, local]
     base = torch.cat([in_window, causal], dim=1)  # [queries, keys]
     offsets = math.lcm(*r.dilation_rates)
-    count = torch.zeros(offsets, len(q), len(keys), device=device)
+    o = torch.arange(offsets, device=device)[:, None, None]  # [offsets, 1, 1]
+    count = torch.zeros(offsets, len(q), len(keys), dtype=torch.long, device=device)
     for length, rate in zip(r.dilated_segments, r.dilation_rates, strict=True):
-        same = (q[:, None] // length) == (keys[None, :] // length)  # [queries, keys]
-        for o in range(offsets):
-            on = ((q % rate) == o % rate)[:, None] & ((keys % rate) == o % rate)[None, :]
-            count[o] += (same & on & base).to(count.dtype)
-    return torch.where(count > 0, count.log(), float("-inf")).to(dtype)
+        same = ((q[:, None] // length) == (keys[None, :] // length)) & base  # [queries, keys]
+        on = ((q % rate)[None, :, None] == o % rate) & ((keys % rate)[None, None, :] == o % rate)
+        count += same & on  # [offsets, queries, keys]
+    # log(count) by lookup (counts are 0 .. patterns; log 0 = -inf): an elementwise log over the mask is slow.
+    levels = torch.arange(len(r.dilation_rates) + 1, device=device).float().log()
+    return levels[count].to(dtype)
 
 
 def scaled_positions(state: MemoryState, doc_start: int, room: int, rotary: nn.Module,

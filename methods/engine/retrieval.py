@@ -25,13 +25,16 @@ def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = S
     [batch, kv_heads, q, min(k, n)], best first; score -inf where a query has fewer than k keys.
     """
     k = min(k, keys.shape[2])
+    # Columns before the smallest limit are searched by every query: only those from it on need masking.
+    lowest = keys.shape[2] if limit is None else int(limit.min())
     best_scores: torch.Tensor | None = None
     best_idx: torch.Tensor | None = None
     for lo in range(0, keys.shape[2], chunk):
         block = queries @ keys[:, :, lo:lo + chunk].transpose(-1, -2)  # [batch, kv_heads, q, chunk]
-        if limit is not None:
-            cols = torch.arange(lo, lo + block.shape[-1], device=block.device)
-            block = block.masked_fill(cols[None, :] >= limit[:, None], float("-inf"))
+        if limit is not None and lowest < lo + block.shape[-1]:
+            first = max(lowest, lo)
+            cols = torch.arange(first, lo + block.shape[-1], device=block.device)
+            block[..., first - lo:].masked_fill_(cols[None, :] >= limit[:, None], float("-inf"))
         scores, idx = block.topk(min(k, block.shape[-1]), dim=-1)
         idx = idx + lo
         if best_scores is not None and best_idx is not None:

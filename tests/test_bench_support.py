@@ -1,0 +1,49 @@
+"""The benchmark's random models and eviction baselines (benchmarks/methodbench): shapes, the FIFO twin, KV bytes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from methodbench.eviction import full_kv_bytes  # noqa: E402
+from methodbench.measure import fifo_twin, load_llm, method_config, model_config  # noqa: E402
+from methodbench.random_model import PREFIX, parse  # noqa: E402
+
+from unimem_bench.methods.config import ConfigError  # noqa: E402
+from unimem_bench.methods.engine.memory_lm import MemoryLM  # noqa: E402
+
+
+def test_the_62m_preset_has_real_widths():
+    config = model_config(PREFIX + "62m")
+    assert config.hidden_size // config.num_attention_heads == 64
+    params = sum(p.numel() for p in load_llm(PREFIX + "hidden=64,layers=1,heads=2,vocab=100").parameters())
+    assert params == 2 * 100 * 64 + 4 * 64 * 64 + 3 * 64 * 192 + 2 * 64 + 64  # embeddings, attention, MLP, norms
+    assert parse("62m")["kv_heads"] == 8
+
+
+@pytest.mark.parametrize("bad", ["hidden=0", "depth=3", "hidden=100,heads=8", "heads=8,kv_heads=3"])
+def test_a_bad_random_model_names_its_part(bad):
+    with pytest.raises(ConfigError, match="--random-model"):
+        parse(bad)
+
+
+@pytest.mark.parametrize("overrides", [(), ("management.budget=0.25",)])
+def test_the_fifo_twin_holds_as_many_slots_as_the_eviction_method(overrides):
+    config = model_config(PREFIX + "hidden=64,layers=2,heads=2,vocab=100")
+    h2o = method_config("h2o", config, 16, overrides)
+    twin = fifo_twin(h2o, 200)
+    assert twin.management.eviction == "fifo" and not twin.management.scored
+    assert twin.reading == h2o.reading and twin.position == h2o.position
+    model = load_llm(PREFIX + "hidden=64,layers=2,heads=2,vocab=100")
+    with MemoryLM(model, h2o, segment_len=16) as lm, lm.budget_for(200):
+        assert twin.management.size == lm.config.management.size
+
+
+def test_full_kv_bytes_counts_keys_and_values_of_every_layer():
+    config = model_config(PREFIX + "hidden=64,layers=3,heads=4,kv_heads=2")
+    assert full_kv_bytes(config, 10) == 2 * 10 * 3 * 2 * 16 * torch.float32.itemsize
