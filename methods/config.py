@@ -88,6 +88,7 @@ class UniMemConfig:
                               "reading.global_tokens > 0, reading.global_source=document, reading.window > 0, "
                               "reading.sliding=true and reading.stride=1")
         check_scaled_memory(self)
+        check_pooled_tier(self)
 
     @property
     def uses_kv_memory(self) -> bool:
@@ -189,3 +190,17 @@ def check_scaled_memory(config: UniMemConfig) -> None:
                                           or r.read_all or r.global_tokens or config.writing.memory_tokens):
         raise ConfigError("position.scaled_memory=true places top-k slots and the input: set position.mode=official, "
                           "reading.topk > 0, and no window, globals, read_all or memory tokens")
+
+
+def check_pooled_tier(config: UniMemConfig) -> None:
+    """writing.pooled_tier sits between the globals and a FIFO-evicting direct window: nothing else may place or
+    evict memory keys."""
+    m, r, p = config.management, config.reading, config.position
+    if not config.writing.pooled_tier:
+        return
+    if not m.size:
+        raise ConfigError(f"writing.pooled_tier={config.writing.pooled_tier} pools what the direct bank evicts: set "
+                          "management.size > 0 (the direct window)")
+    if m.scored or r.dilation_rates or p.sink_shift or p.scaled_memory:
+        raise ConfigError("writing.pooled_tier needs FIFO eviction and plain positions: set management.eviction=fifo "
+                          "and no reading.dilated_segments, position.sink_shift or position.scaled_memory")

@@ -81,6 +81,9 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
         else:
             prefix_k.append(mem.global_keys)
             prefix_v.append(mem.global_values)
+    if plan.n_tier:
+        prefix_k.append(mem.tier_keys)
+        prefix_v.append(mem.tier_values)
     if plan.n_window:
         prefix_k.append(mem.keys[:, :, plan.n_bank - plan.n_window:])
         prefix_v.append(mem.values[:, :, plan.n_bank - plan.n_window:])
