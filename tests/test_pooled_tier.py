@@ -3,11 +3,18 @@ property (ratio 1 and a tier large enough = one plain window over both), and the
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from helpers import random_docs, tiny_llama
+from helpers import random_docs, sweep_argv, tiny_llama
+from lm_eval.api.instance import Instance
 from test_unimem_reference import TINY_CONTEXT, Case, case, check_against_reference
 
+from unimem_bench.harness.cli import app as cli
+from unimem_bench.harness.evaluation import records
+from unimem_bench.harness.evaluation.lm_eval_model import UnimemLM
+from unimem_bench.harness.sweeps.presets import PRESETS, Axis
 from unimem_bench.methods import METHODS, ConfigError, MemoryLM, MethodContext, describe
 
 TIER = "writing.pooled_tier"
@@ -96,3 +103,39 @@ def test_defaults_scale_with_the_segment_and_list_the_tier(name: str) -> None:
     assert small.writing.pool_ratio == {"poolingformer": 4, "longt5": 16}[name]
     assert "pooled tier" in describe(small)["reading"]
     assert METHODS.get(name).fidelity.startswith("decoder variant")
+
+
+def test_pooling_presets_scale_with_the_segment() -> None:
+    ctx = MethodContext(n_layers=5, segment_len=128, trained_context=512)
+    assert PRESETS["pool-ratio"].axes(ctx) == [Axis("writing.pool_ratio", ("1", "2", "4", "8", "16"))]
+    assert PRESETS["pooled-tier"].axes(ctx) == [Axis("writing.pooled_tier", ("0", "16", "32", "64", "128", "256"))]
+
+
+def test_run_and_the_pool_ratio_sweep_on_a_tiny_model(tiny_model_dir, tmp_path, capsys) -> None:
+    """Both methods through `run`, and the pool-ratio preset through `sweep`: every point a finished run, the
+    ratio changing the perplexity."""
+    argv = sweep_argv(tiny_model_dir, tmp_path, "--preset", "pool-ratio")
+    argv[2] = "poolingformer"
+    assert cli.main(argv) == 0
+    board = records.read_leaderboard(tmp_path / "leaderboard.csv")
+    ppl = board[(board["metric"] == "token_ppl") & (board["subtask"].fillna("") == "")]
+    assert len(ppl) == 5 and ppl["value"].nunique() == 5
+    run = sweep_argv(tiny_model_dir, tmp_path / "run")
+    run[:3] = ["run", "--methods", "vanilla,poolingformer,longt5"]
+    assert cli.main(run) == 0
+    board = records.read_leaderboard(tmp_path / "run" / "leaderboard.csv")
+    assert set(board["method"]) == {"vanilla", "poolingformer", "longt5"}
+
+
+@pytest.mark.parametrize("method", ["poolingformer", "longt5"])
+def test_two_tier_methods_run_through_the_lm_eval_model(method, stories_dir, books_dir) -> None:
+    text = next(iter(sorted(books_dir.glob("*.txt")))).read_text()[30_000:34_000]
+    rolling = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)]
+    ours = UnimemLM(pretrained=str(stories_dir), method=method, segment_len=64, batch_size=1)
+    window = UnimemLM(pretrained=str(stories_dir), method=method, segment_len=64, batch_size=1,
+                      set="writing.pooled_tier=0")
+    got, plain = ours.loglikelihood_rolling(rolling)[0], window.loglikelihood_rolling(rolling)[0]
+    assert math.isfinite(got) and got != plain  # the pooled tier is read
+    until = [Instance(request_type="generate_until", doc={}, idx=0,
+                      arguments=(text[:600], {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}))]
+    assert isinstance(ours.generate_until(until)[0], str)
