@@ -139,3 +139,22 @@ def test_two_tier_methods_run_through_the_lm_eval_model(method, stories_dir, boo
     until = [Instance(request_type="generate_until", doc={}, idx=0,
                       arguments=(text[:600], {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}))]
     assert isinstance(ours.generate_until(until)[0], str)
+
+
+def test_a_saved_state_with_a_tier_continues_exactly(one_thread) -> None:
+    """A training checkpoint's memory (`MemoryState.state_dict`) keeps the pooled tier: a restored state continues
+    the document with the same logits."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, context=TINY_CONTEXT, seed=11)
+    ctx = MethodContext(n_layers=2, segment_len=8, trained_context=TINY_CONTEXT)
+    config = METHODS.get("poolingformer").config(ctx, ["writing.pooled_tier=3", "writing.pool_ratio=2"])
+    doc = random_docs([64], seed=4)[0].unsqueeze(0)
+    with torch.no_grad(), MemoryLM(model, config, segment_len=8, trained_context=TINY_CONTEXT) as lm:
+        state = lm.new_state(1)
+        for start in range(0, 32, 8):
+            lm.forward_segment(state, doc[:, start:start + 8], start)
+        assert state.n_tier == 3 and state.layers[0].tier_keys.shape[2] == 3
+        restored = lm.new_state(1)
+        restored.load_state_dict(state.state_dict(), torch.device("cpu"))
+        for start in range(32, 64, 8):
+            torch.testing.assert_close(lm.forward_segment(restored, doc[:, start:start + 8], start),
+                                       lm.forward_segment(state, doc[:, start:start + 8], start), atol=0, rtol=0)
