@@ -9,7 +9,8 @@ outside the injection set, and calls without a context, take transformers' own S
 Reading merges four disjoint key sets into one softmax: global tokens (pinned document tokens or the bank's first
 slots), the window (the bank's most recent slots; sliding and dilated per query through the mask, as the official
 `_generate_window_mask_for_chunk`), the top-k bank slots outside each query's window reach, and the causal local
-segment. Global, window and local keys share one SDPA call; top-k keys differ per query, so that part is computed
+segment; a pooled tier (writing.pooled_tier), when there is one, is read whole between the globals and the window.
+Global, tier, window and local keys share one SDPA call; top-k keys differ per query, so that part is computed
 apart and merged through log-sum-exp, which is exactly the paper's gate g (Eq. 12-13).
 """
 
