@@ -14,9 +14,11 @@ Table 1 row and Longformer's Table 2 sizes):
   segments in blocks of 16. The tier's overflow is `clear` (Table 1: Clear All), which only a document longer than
   128 segments reaches.
 - Writing: direct K/V into the window; a block's 16 keys and values averaged into one tier slot. Blocks are
-  document-aligned (the window slides by whole segments, multiples of 16). LongT5 sums the block's token inputs and
-  layer-norms the sum before the layer's K/V projections; the norm makes a sum and a mean the same, and we average
-  the projected keys and values instead (a mean of projections, not the projection of a normed mean: no new weights).
+  document-aligned when the segment is a multiple of 16 (the window then slides by whole blocks); otherwise a
+  write's evicted slots are grouped from their own start, the last group shorter. LongT5 sums the block's token
+  inputs and layer-norms the sum before the layer's K/V projections; the norm makes a sum and a mean the same, and
+  we average the projected keys and values instead (a mean of projections, not the projection of a normed mean: no
+  new weights).
 - Reading: every query reads the whole window (not sliding, so window and tier are contiguous) and every pooled
   block. Block size 16 is a count and does not scale.
 - Injection, all layers; Training, BPTT over 2 segments (as UniMem's Longformer).
