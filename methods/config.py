@@ -89,6 +89,7 @@ class UniMemConfig:
                               "reading.sliding=true and reading.stride=1")
         check_scaled_memory(self)
         check_side_network(self)
+        check_pooled_tier(self)
 
     @property
     def uses_kv_memory(self) -> bool:
@@ -204,3 +205,15 @@ def check_side_network(config: UniMemConfig) -> None:
         raise ConfigError("injection.side_layers (LongMem) reads a FIFO bank of direct keys/values by retrieval: set "
                           "writing.kv=direct, management.size > 0, management.overflow=fifo, reading.topk > 0, and "
                           "no window, read_all, globals, random slots, dilation, eviction or memory tokens")
+def check_pooled_tier(config: UniMemConfig) -> None:
+    """writing.pooled_tier sits between the globals and a FIFO-evicting direct window: nothing else may place or
+    evict memory keys."""
+    m, r, p = config.management, config.reading, config.position
+    if not config.writing.pooled_tier:
+        return
+    if not m.size:
+        raise ConfigError(f"writing.pooled_tier={config.writing.pooled_tier} pools what the direct bank evicts: set "
+                          "management.size > 0 (the direct window)")
+    if m.scored or r.dilation_rates or p.sink_shift or p.scaled_memory:
+        raise ConfigError("writing.pooled_tier needs FIFO eviction and plain positions: set management.eviction=fifo "
+                          "and no reading.dilated_segments, position.sink_shift or position.scaled_memory")

@@ -113,7 +113,7 @@ class Writing:
     kv: KVWrite = "none"
     """`direct` caches the segment's keys/values; `pooling` caches their means over `pool_ratio` tokens."""
     pool_ratio: int = 4
-    """Tokens averaged into one memory slot when kv=pooling."""
+    """Tokens averaged into one memory slot when kv=pooling, or into one slot of the pooled tier (`pooled_tier`)."""
     memory_tokens: int = 0
     """Model-forward writing (RMT): m memory tokens read before each segment and written after it; the last-layer
     states of the write slots become the next segment's read slots (the first segment reads learned embeddings)."""
@@ -122,12 +122,24 @@ class Writing:
     RMT): the same states as the read slots, i.e. the previous segment's memory. `learned`: the learned memory
     embeddings every segment."""
 
+    pooled_tier: int = 0
+    """Two-tier memory (Poolingformer, LongT5's TGlobal): slots of a pooled tier behind the direct bank. The slots
+    one write evicts from the direct bank (always oldest first) are pooled, the means of consecutive groups of
+    `pool_ratio` of them (a shorter last group on its own), into this tier of at most `pooled_tier` slots, whose
+    own overflow follows `management.overflow`. Every query reads the whole tier with its window, in the one
+    softmax (positions: official at 0; compact between the globals and the window; absolute: the mean of the
+    tokens' keys at their document positions). 0 = evicted slots are dropped."""
+
     def __post_init__(self) -> None:
         _check_choice("writing.kv", self.kv, KVWrite)
         _check_choice("writing.write_slots", self.write_slots, WriteSlots)
-        _check_nonneg(**{"writing.memory_tokens": self.memory_tokens})
-        if self.pool_ratio < 2:
-            raise ConfigError(f"writing.pool_ratio={self.pool_ratio} must be >= 2 (1 would be direct writing)")
+        _check_nonneg(**{"writing.memory_tokens": self.memory_tokens, "writing.pooled_tier": self.pooled_tier})
+        if self.pool_ratio < 1 or (self.pool_ratio < 2 and not self.pooled_tier):
+            raise ConfigError(f"writing.pool_ratio={self.pool_ratio} must be >= 2 (1 would be direct writing; a "
+                              "pooled tier also takes 1: its slots are then the evicted tokens themselves)")
+        if self.pooled_tier and self.kv != "direct":
+            raise ConfigError(f"writing.pooled_tier={self.pooled_tier} pools the slots a direct bank evicts: set "
+                              "writing.kv=direct")
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         management += f" (sinks {m.sinks}, recent {m.recent})"
     if m.size and w.memory_tokens:
         management += f" + {w.memory_tokens} memory tok"
+    if m.size and w.pooled_tier:
+        management = f"{m.size:,} tok sliding, FIFO into a {w.pooled_tier:,}-slot pooled tier ({m.overflow})"
     if m.size and m.freeze_after_prompt:
         management += ", frozen after the prompt"
     writes = []
@@ -148,6 +150,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         writes.append("direct")
     elif w.kv == "pooling":
         writes.append(f"pooling /{w.pool_ratio}")
+    if w.pooled_tier:
+        writes.append(f"pooling /{w.pool_ratio} of evicted slots")
     if w.memory_tokens:
         writes.append(f"model forward ({w.memory_tokens} tok, {w.write_slots} write slots)")
     reads = []
@@ -166,6 +170,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
     if r.dilation_rates:
         reads.append("dilated " + " ".join(f"{w:,}/{k}" for w, k in zip(r.dilated_segments, r.dilation_rates,
                                                                        strict=True)))
+    if w.pooled_tier:
+        reads.append("pooled tier")
     if w.memory_tokens:
         reads.append("memory tokens")
     extra = []

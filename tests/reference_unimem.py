@@ -25,6 +25,10 @@ of visible (key, value) pairs from an explicit Python list of memory slots per l
 - Positions: `official` puts every memory key at position 0 and restarts the input (read slots, segment, write
   slots) at 0 every segment; `compact` gives globals, window and input consecutive positions from 0 and top-k keys
   position 0; `absolute` gives every token its document position (read slots just before the segment).
+- Two-tier memory (`pooled_tier`, Poolingformer / LongT5 TGlobal): the memory slides FIFO; the slots leaving it
+  are pooled, the means of consecutive groups of `pool_ratio` of the slots one write pushes out, into a second list
+  of at most `pooled_tier` slots (its overflow under `overflow`), which every query reads whole, between the globals
+  and the window (compact positions in that order).
 - StreamingLLM (`sink_shift`): compact positions with each query's globals moved up by the window slots its sliding
   reach skips; `rolling_cache_nll` is its official token-by-token evaluation, written on its own.
 """
@@ -104,6 +108,8 @@ class Description:
     position), and the segment's positions start at min(L, R). Direct FIFO memory only here."""
     trained_context: int = 0
     """The model's trained context (scaled_memory)."""
+    pooled_tier: int = 0
+    """Two-tier memory: slots of the pooled list that the slots pushed out of the memory are averaged into."""
 
 
 class ReferenceLlama:
@@ -162,6 +168,8 @@ class Memory:
     """[m, hidden] RMT write slots of the next segment."""
     segments: int = 0
     """Segments processed so far."""
+    tiers: dict[int, list[Slot]] = field(default_factory=dict)
+    """Per injected layer, the pooled tier (pooled_tier), oldest first."""
     learned: torch.Tensor | None = field(default=None, repr=False)
     """[m, hidden] the learned memory embeddings: the first read and write slots, and every write slot of
     write_slots learned."""
@@ -171,7 +179,8 @@ def reference_nll(llama: ReferenceLlama, spec: Description, doc: torch.Tensor,
                   memory_embeddings: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token NLL [len(doc) - 1] of `doc` streamed in segments; every token after the first is scored once, a
     segment's first token by the previous segment's last position."""
-    memory = Memory(banks={i: [] for i in spec.layers}, globals_={i: [] for i in spec.layers})
+    memory = Memory(banks={i: [] for i in spec.layers}, globals_={i: [] for i in spec.layers},
+                    tiers={i: [] for i in spec.layers})
     if spec.memory_tokens:
         learned = memory_embeddings.detach().to(F64)
         memory.read, memory.write, memory.learned = learned, learned, learned
@@ -269,20 +278,23 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
         return torch.stack(items) if items else like.new_zeros(0, *like.shape[1:])
 
     empty = llama.w["model.embed_tokens.weight"].new_zeros(0, llama.kv_heads, llama.head_dim)
+    tier = memory.tiers.get(layer, [])
     window = range(window_start, len(bank))
     searchable = range(first, len(bank)) if spec.topk or spec.random_slots else range(0)
     return View(
         global_keys=stack([at(s, j) for j, s in enumerate(global_slots)], empty),
         global_values=stack([s.value for s in global_slots], empty),
         window_index=list(window),
-        window_keys=stack([at(bank[b], len(global_slots) + b - window_start) for b in window], empty),
+        window_keys=stack([at(bank[b], len(global_slots) + len(tier) + b - window_start) for b in window], empty),
         window_values=stack([bank[b].value for b in window], empty),
         search_index=list(searchable),
         search_keys=stack([at(bank[b], None) for b in searchable], empty),
         search_values=stack([bank[b].value for b in searchable], empty),
-        n_bank=len(bank), n_prefix=len(global_slots) + n_window, segment=memory.segments,
+        n_bank=len(bank), n_prefix=len(global_slots) + len(tier) + n_window, segment=memory.segments,
         window_positions=[bank[b].position for b in window],
         attend_keys=scaled_keys(llama, spec, bank, searchable, doc_start) if spec.scaled_memory else None,
+        tier_keys=stack([at(s, len(global_slots) + j) for j, s in enumerate(tier)], empty),
+        tier_values=stack([s.value for s in tier], empty),
     )
 
 
@@ -311,6 +323,9 @@ class View:
     """Document position of each window slot."""
     attend_keys: torch.Tensor | None = None
     """The keys top-k slots are attended with when not their searched keys (scaled_memory), like search_keys."""
+    tier_keys: torch.Tensor | None = None
+    """The pooled tier, read by every query (pooled_tier)."""
+    tier_values: torch.Tensor | None = None
 
 
 def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int,
@@ -326,6 +341,9 @@ def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: i
         global_keys = llama.rope(global_keys, n_window - reach, spec.rope_factor)
     keys = [global_keys, view.window_keys[seen, g]]
     values = [view.global_values[:, g], view.window_values[seen, g]]
+    if view.tier_keys is not None:
+        keys.insert(1, view.tier_keys[:, g])
+        values.insert(1, view.tier_values[:, g])
     if spec.random_slots:
         keys_r, values_r = random_read(spec, view, g, t)
         keys.append(keys_r)
@@ -358,12 +376,35 @@ def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tens
     new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0), doc_start + j)
            for j in range(0, len(keys), step)]
     bank = memory.banks[layer]
+    if spec.pooled_tier:
+        write_two_tier(spec, memory, layer, new)
+        return
     if bank and len(bank) + len(new) > spec.size and spec.overflow != "fifo":
         bank.clear()
         if spec.overflow == "clear":
             return
     bank.extend(new)
     del bank[:max(0, len(bank) - spec.size)]
+
+
+def write_two_tier(spec: Description, memory: Memory, layer: int, new: list[Slot]) -> None:
+    """The memory slides by `new`; what leaves it is averaged in consecutive groups of pool_ratio (the last group
+    possibly shorter) into the pooled tier, which empties (clear: and takes none of them) or drops its oldest."""
+    bank, tier = memory.banks[layer], memory.tiers[layer]
+    bank.extend(new)
+    out = bank[:max(0, len(bank) - spec.size)]
+    del bank[:len(out)]
+    r = spec.pool_ratio
+    pooled = [Slot(torch.stack([s.key for s in out[j:j + r]]).mean(0),
+                   torch.stack([s.key_doc for s in out[j:j + r]]).mean(0),
+                   torch.stack([s.value for s in out[j:j + r]]).mean(0), out[j].position)
+              for j in range(0, len(out), r)]
+    if tier and len(tier) + len(pooled) > spec.pooled_tier and spec.overflow != "fifo":
+        tier.clear()
+        if spec.overflow == "clear":
+            return
+    tier.extend(pooled)
+    del tier[:max(0, len(tier) - spec.pooled_tier)]
 
 
 def rolling_cache_nll(llama: ReferenceLlama, doc: torch.Tensor, *, sinks: int, recent: int) -> torch.Tensor:

@@ -194,6 +194,7 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         random_slots=r.random_slots, random_block=r.random_block, random_seed=r.random_seed,
         dilated_segments=r.dilated_segments, dilation_rates=r.dilation_rates,
         chunk_size=r.chunk_size, chunk_key=r.chunk_key, scaled_memory=p.scaled_memory, trained_context=trained_context,
+        pooled_tier=w.pooled_tier,
     )
 
 

@@ -148,8 +148,8 @@ def method_config(name: str, config: PretrainedConfig, segment_len: int, overrid
 
 
 def state_tensors(state: MemoryState) -> list[torch.Tensor]:
-    """Every tensor the memory state holds: bank keys/values, pinned globals, RMT memory tokens."""
-    names = ("keys", "values", "global_keys", "global_values")
+    """Every tensor the memory state holds: bank keys/values, pinned globals, the pooled tier, RMT memory tokens."""
+    names = ("keys", "values", "global_keys", "global_values", "tier_keys", "tier_values")
     tensors = [getattr(layer, name) for layer in state.layers.values() for name in names]
     return [t for t in [*tensors, state.rmt] if t is not None]
 

@@ -112,4 +112,12 @@ PRESETS: dict[str, Preset] = {
                          "by mean keys",
                          lambda ctx: [Axis("reading.topk", ("32",)), Axis("reading.chunk_size", ("0", "2", "4", "8",
                                                                                                  "16"))]),
+    # Two-tier memory (Poolingformer, LongT5): tokens per pooled slot at the same tier size in slots (1 = unpooled,
+    # 4 Poolingformer's stride, 16 LongT5's block), and the tier's size from none to two segments of slots.
+    "pool-ratio": Preset("tokens averaged into one pooled-tier slot: 1, 2, 4, 8, 16 (the tier keeps its slots, so it "
+                         "reaches further back as the ratio grows)",
+                         lambda ctx: [Axis("writing.pool_ratio", ("1", "2", "4", "8", "16"))]),
+    "pooled-tier": Preset("pooled-tier slots: none, 1/8, 1/4, 1/2, 1 and 2 segments' worth",
+                          lambda ctx: [Axis("writing.pooled_tier", tuple(dict.fromkeys(
+                              str(ctx.segments(f)) for f in (0, 1 / 8, 1 / 4, 1 / 2, 1, 2))))]),
 }

@@ -9,7 +9,8 @@ outside the injection set, and calls without a context, take transformers' own S
 Reading merges four disjoint key sets into one softmax: global tokens (pinned document tokens or the bank's first
 slots), the window (the bank's most recent slots; sliding and dilated per query through the mask, as the official
 `_generate_window_mask_for_chunk`), the top-k bank slots outside each query's window reach, and the causal local
-segment. Global, window and local keys share one SDPA call; top-k keys differ per query, so that part is computed
+segment; a pooled tier (writing.pooled_tier), when there is one, is read whole between the globals and the window.
+Global, tier, window and local keys share one SDPA call; top-k keys differ per query, so that part is computed
 apart and merged through log-sum-exp, which is exactly the paper's gate g (Eq. 12-13).
 """
 
@@ -81,6 +82,9 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
         else:
             prefix_k.append(mem.global_keys)
             prefix_v.append(mem.global_values)
+    if plan.n_tier:
+        prefix_k.append(mem.tier_keys)
+        prefix_v.append(mem.tier_values)
     if plan.n_window:
         prefix_k.append(mem.keys[:, :, plan.n_bank - plan.n_window:])
         prefix_v.append(mem.values[:, :, plan.n_bank - plan.n_window:])

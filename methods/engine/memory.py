@@ -41,8 +41,17 @@ class WritePlan(Protocol):
     @property
     def detach_kv(self) -> bool: ...
 
+    @property
+    def tier_drop_old(self) -> int: ...
 
-_TENSORS = ("keys", "values", "global_keys", "global_values", "ids", "scores")
+    @property
+    def tier_drop_new(self) -> int: ...
+
+    @property
+    def n_tier_after(self) -> int: ...
+
+
+_TENSORS = ("keys", "values", "global_keys", "global_values", "ids", "scores", "tier_keys", "tier_values")
 """The tensors of a `LayerMemory`."""
 
 
@@ -104,6 +113,9 @@ class LayerMemory:
     """The seeded generator of `random` eviction."""
     has_evicted: bool = False
     """This document's memory has evicted something: what it holds now is compressed."""
+    tier_keys: torch.Tensor | None = None
+    """[batch, kv_heads, tier slots, head_dim] the pooled tier (writing.pooled_tier): means of evicted slots."""
+    tier_values: torch.Tensor | None = None
 
     def note_read(self, slots: int) -> None:
         """Count a forward call reading `slots` memory slots (summed over its batch rows)."""
@@ -136,6 +148,8 @@ class LayerMemory:
             keys, values = keys[:, :, plan.to_global:], values[:, :, plan.to_global:]
         if config.writing.kv == "pooling":
             keys, values = pool_tokens(keys, config.writing.pool_ratio), pool_tokens(values, config.writing.pool_ratio)
+        if config.writing.pooled_tier:
+            self._write_tier(plan, config, keys, values)
         new_first_id = plan.first_id + (0 if self.keys is None else self.keys.shape[2]) + plan.drop_new
         new_keys, values = keys[:, :, plan.drop_new:], values[:, :, plan.drop_new:]
         keys = new_keys
@@ -150,6 +164,23 @@ class LayerMemory:
         self.keys, self.values = keys, values
         if self.faiss is not None:
             self.faiss.add(new_keys, new_first_id, keys, new_first_id + new_keys.shape[2] - keys.shape[2])
+
+    def _write_tier(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Pool the slots this write evicts from the direct bank (its oldest held ones, then any of the new slots
+        [batch, kv_heads, n_new, dim] dropped at once) into the pooled tier, under the tier's overflow policy."""
+        evicted_k, evicted_v = keys[:, :, :plan.drop_new], values[:, :, :plan.drop_new]
+        if self.keys is not None and plan.drop_old:
+            evicted_k = torch.cat([self.keys[:, :, :plan.drop_old], evicted_k], dim=2)
+            evicted_v = torch.cat([self.values[:, :, :plan.drop_old], evicted_v], dim=2)
+        if not evicted_k.shape[2]:
+            return
+        ratio = config.writing.pool_ratio
+        pooled_k = pool_tokens(evicted_k, ratio)[:, :, plan.tier_drop_new:]  # [batch, kv_heads, pooled, dim]
+        pooled_v = pool_tokens(evicted_v, ratio)[:, :, plan.tier_drop_new:]
+        if self.tier_keys is not None and self.tier_values is not None:
+            pooled_k = torch.cat([self.tier_keys[:, :, plan.tier_drop_old:], pooled_k], dim=2)
+            pooled_v = torch.cat([self.tier_values[:, :, plan.tier_drop_old:], pooled_v], dim=2)
+        self.tier_keys, self.tier_values = (pooled_k, pooled_v) if pooled_k.shape[2] else (None, None)
 
     def _write_scored(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor,
                       fresh: torch.Tensor | None) -> None:
@@ -173,7 +204,8 @@ class LayerMemory:
 
     def snapshot(self) -> LayerMemory:
         """The current tensors (writes replace them, never modify them in place, so this is a frozen view)."""
-        return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids)
+        return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids,
+                           tier_keys=self.tier_keys, tier_values=self.tier_values)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         for name in _TENSORS:
@@ -207,6 +239,8 @@ class MemoryState:
     """[batch, memory_tokens, hidden] RMT read embeddings for the next segment."""
     segments: int = 0
     """Segments processed so far."""
+    n_tier: int = 0
+    """Slots held in every layer's pooled tier (writing.pooled_tier)."""
 
     @property
     def first_id(self) -> int:
@@ -216,6 +250,7 @@ class MemoryState:
         """Update the shared bookkeeping after every layer wrote the segment."""
         self.segments += 1
         self.n_global += plan.to_global
+        self.n_tier = plan.n_tier_after
         n_new = plan.n_new
         if not n_new:
             return
@@ -248,12 +283,14 @@ class MemoryState:
         if self.rmt is not None:
             tensors["rmt"] = self.rmt.detach().cpu()
         return {"n_global": self.n_global, "n_bank": self.n_bank, "next_id": self.next_id,
-                "segments": self.segments, "positions": self.positions.clone(), "tensors": tensors}
+                "segments": self.segments, "positions": self.positions.clone(), "tensors": tensors,
+                "n_tier": self.n_tier}
 
     def load_state_dict(self, data: dict[str, Any], device: torch.device) -> None:
         """Restore what `state_dict` saved into this (fresh) state of the same method."""
         self.n_global, self.n_bank, self.next_id = data["n_global"], data["n_bank"], data["next_id"]
         self.segments, self.positions = data["segments"], data["positions"].clone()
+        self.n_tier = data.get("n_tier", 0)
         tensors = data["tensors"]
         for i, layer in self.layers.items():
             for name in _TENSORS:

@@ -62,11 +62,19 @@ class SegmentPlan:
     topk_place: tuple[torch.Tensor, torch.Tensor] | None = None
     """(cos, sin) [n_bank, head_dim] at each bank slot's scaled position (position.scaled_memory): top-k slots are
     attended there, after a search on their stored (unrotated) keys."""
+    n_tier: int = 0
+    """Pooled-tier slots read by every query, between the globals and the window (writing.pooled_tier)."""
+    tier_drop_old: int = 0
+    """Pooled-tier slots dropped from the front by this write (the tier's overflow policy)."""
+    tier_drop_new: int = 0
+    """Slots this write pools into the tier that are dropped at once (a clear, or more than the tier holds)."""
+    n_tier_after: int = 0
+    """Pooled-tier slots held after this segment's write."""
 
     @property
     def n_prefix(self) -> int:
-        """Memory keys in front of the local keys: globals then window."""
-        return self.n_global + self.n_window
+        """Memory keys in front of the local keys: globals, the pooled tier, then the window."""
+        return self.n_global + self.n_tier + self.n_window
 
 
 def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: int, n_write: int, doc_start: int,
@@ -84,11 +92,17 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
     # Document globals: the document's first G tokens, from as many first segments as they span.
     to_global = min(r.global_tokens - state.n_global, n_seg) if (write and not in_bank) else 0
     n_new = drop_old = drop_new = 0
+    tier = config.writing.pooled_tier
+    tier_drop_old = tier_drop_new = tier_new = 0
     if write and config.uses_kv_memory and m.size:
         n_rest = n_seg - to_global
         n_new = math.ceil(n_rest / config.writing.pool_ratio) if config.writing.kv == "pooling" else n_rest
-        drop_old, drop_new = overflow_drop(state.n_bank, n_new, m.size, m.overflow)
-    n_prefix = n_global + n_window
+        # With a pooled tier the direct bank slides (FIFO into the tier); the overflow policy is the tier's.
+        drop_old, drop_new = overflow_drop(state.n_bank, n_new, m.size, "fifo" if tier else m.overflow)
+        if tier:
+            tier_new = math.ceil((drop_old + drop_new) / config.writing.pool_ratio)
+            tier_drop_old, tier_drop_new = overflow_drop(state.n_tier, tier_new, tier, m.overflow)
+    n_prefix = n_global + state.n_tier + n_window
     first = {"compact": n_prefix, "official": 0, "absolute": doc_start - n_read}[mode]
     topk_place = None
     if config.position.scaled_memory:
@@ -108,6 +122,8 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
         detach_kv=not grad or strategy != "bptt", detach_tokens=not grad or strategy == "stop_gradient", write=write,
         doc_start=doc_start,
         topk_place=topk_place,
+        n_tier=state.n_tier, tier_drop_old=tier_drop_old, tier_drop_new=tier_drop_new,
+        n_tier_after=state.n_tier - tier_drop_old + tier_new - tier_drop_new,
     )
 
 
@@ -165,7 +181,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
             if r.stride > 1:
                 slot = plan.n_bank - plan.n_window + w  # index in the bank (0 = oldest slot held)
                 seen &= (slot[None, :] % r.stride) == (i[:, None] % r.stride)
-            visible[:, plan.n_global:plan.n_prefix] = seen
+            visible[:, plan.n_prefix - plan.n_window:plan.n_prefix] = seen
         j = torch.arange(n_local, device=device)
         visible[:, plan.n_prefix:] = j[None, :] <= i[:, None]  # the input, causally
         if shift is not None:
