@@ -207,6 +207,8 @@ class MemoryState:
     """[batch, memory_tokens, hidden] RMT read embeddings for the next segment."""
     segments: int = 0
     """Segments processed so far."""
+    output: Any = None
+    """The output-distribution memory (`output_memory.OutputState`: kNN-LM / TRIME datastores), or None."""
 
     @property
     def first_id(self) -> int:
@@ -232,6 +234,8 @@ class MemoryState:
             layer.select_rows(rows)
         if self.rmt is not None:
             self.rmt = self.rmt.index_select(0, rows)
+        if self.output is not None:
+            self.output.select_rows(rows)
 
     def detach(self) -> None:
         """Cut gradient history (the end of a BPTT window)."""
@@ -248,7 +252,8 @@ class MemoryState:
         if self.rmt is not None:
             tensors["rmt"] = self.rmt.detach().cpu()
         return {"n_global": self.n_global, "n_bank": self.n_bank, "next_id": self.next_id,
-                "segments": self.segments, "positions": self.positions.clone(), "tensors": tensors}
+                "segments": self.segments, "positions": self.positions.clone(), "tensors": tensors,
+                "output": None if self.output is None else self.output.state_dict()}
 
     def load_state_dict(self, data: dict[str, Any], device: torch.device) -> None:
         """Restore what `state_dict` saved into this (fresh) state of the same method."""
@@ -261,4 +266,6 @@ class MemoryState:
             if layer.faiss is not None and layer.keys is not None:
                 layer.faiss.rebuild(layer.keys, self.first_id)
         self.rmt = tensors["rmt"].to(device) if "rmt" in tensors else None
+        if self.output is not None and data.get("output") is not None:
+            self.output.load_state_dict(data["output"], device)
 

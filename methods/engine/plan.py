@@ -105,8 +105,8 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
         n_read=n_read, n_seg=n_seg, n_global=n_global, globals_in_bank=in_bank, n_window=n_window,
         n_bank=state.n_bank, first_id=state.first_id, to_global=to_global, drop_old=drop_old, drop_new=drop_new,
         n_new=n_new, first_position=first, place=place, store=store, rope_scale=scale,
-        detach_kv=not grad or strategy != "bptt", detach_tokens=not grad or strategy == "stop_gradient", write=write,
-        doc_start=doc_start,
+        detach_kv=not grad or strategy != "bptt", detach_tokens=not grad or strategy in ("stop_gradient", "trime"),
+        write=write, doc_start=doc_start,
         topk_place=topk_place,
     )
 
