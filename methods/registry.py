@@ -168,6 +168,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
                                                                        strict=True)))
     if w.memory_tokens:
         reads.append("memory tokens")
+    if r.output != "none":
+        reads.append(describe_output(config))
     extra = []
     if config.position.sink_shift:
         extra.append("sinks at cache positions")
@@ -177,12 +179,31 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         extra.append(f"local context x{config.position.segment_factor}")
     if config.position.scaled_memory:
         extra.append("top-k scaled into the trained context")
+    injection = format_layers(config.injection.layers) if (m.size or w.memory_tokens) else "-"
+    training = "-" if not (m.size or w.memory_tokens) else config.training.strategy + (
+        f" k={config.training.bptt_segments}" if config.training.strategy not in ("stop_gradient", "trime") else "")
+    if r.output != "none":
+        management = (management + " + " if m.size else "") + "datastore of the document" + (
+            " + external corpus" if r.output_datastore else "") + ", no eviction"
+        writes.append("direct (last FFN input -> next token)")
+        injection = ("output of the last layer" if injection == "-" else injection + " + output")
+        training = "inference only" if r.output == "knn" else config.training.strategy
+    elif config.training.strategy == "trime":
+        training = "trime (joint softmax with the segment's tokens)"
     return {
         "management": management,
         "writing": ", ".join(writes) or "-",
         "reading": ", ".join(reads) or "-",
-        "injection": format_layers(config.injection.layers) if (m.size or w.memory_tokens) else "-",
-        "training": "-" if not (m.size or w.memory_tokens) else config.training.strategy + (
-            f" k={config.training.bptt_segments}" if config.training.strategy != "stop_gradient" else ""),
+        "injection": injection,
+        "training": training,
         "position": config.position.mode + (f"; {', '.join(extra)}" if extra else ""),
     }
+
+
+def describe_output(config: UniMemConfig) -> str:
+    """Reading at the output distribution (kNN-LM, TRIME) in words."""
+    r = config.reading
+    if r.output == "knn":
+        return (f"kNN-LM output: {r.output_topk:,} nearest (L2, {r.index}), T {r.output_temperature:g}, "
+                f"lambda {r.output_lambda:g}")
+    return f"TRIME joint softmax: local + top-{r.output_topk:,} ({r.index}), T {r.output_temperature:g}"

@@ -255,9 +255,11 @@ class OutputReader:
         local = local.masked_fill(cols >= rows, float("-inf"))  # entry j (token ids[j + 1]) only for j < i
         local_tokens = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # the last column is always masked
         local_tokens = local_tokens[:, None, :].expand(-1, n_new, -1)
-        scores, tokens = self._retrieve(state, queries)
-        scores = torch.cat([local, scores.to(local.dtype) * scale], -1)  # [batch, n_new, M]
-        tokens = torch.cat([local_tokens, tokens], -1)
+        if r.output == "trime":  # long and external memory; the training loss alone reads the segment
+            scores, tokens = self._retrieve(state, queries)
+            local = torch.cat([local, scores.to(local.dtype) * scale], -1)  # [batch, n_new, M]
+            local_tokens = torch.cat([local_tokens, tokens], -1)
+        scores, tokens = local, local_tokens
         log_z = torch.logsumexp(torch.cat([logits, scores], -1), dim=-1, keepdim=True)
         top = scores.amax(-1, keepdim=True).clamp_min(-1e30).detach()  # finite shift, -1e30 when nothing is read
         mass = torch.zeros_like(logits).scatter_add(-1, tokens, torch.exp(scores - top))
@@ -269,12 +271,14 @@ def _log(x: float) -> float:
     return math.log(x) if x > 0 else float("-inf")
 
 
-def corpus_datastore(reader: OutputReader, lm: Any, docs: Sequence[torch.Tensor], cache: Path,
-                     model_tag: str) -> Datastore:
+def corpus_datastore(reader: OutputReader, lm: Any, docs: Sequence[torch.Tensor], cache: Path) -> Datastore:
     """The external datastore of a tokenized corpus: every (key, next token) of each document read in the run's
-    segments without memory, loaded from `cache` when the same model, tokens and settings were indexed before."""
+    segments without memory, loaded from `cache` when the same model (its config and output weights), tokens and
+    settings were indexed before."""
     r = reader.reading
-    digest = hashlib.sha256(model_tag.encode())
+    digest = hashlib.sha256(lm.model.config.to_json_string().encode())
+    head = lm.model.get_output_embeddings().get_parameter("weight")
+    digest.update(head.detach().float().cpu().numpy().tobytes())
     digest.update(f"{r.output}|{r.index}|{r.ivf_lists}|{r.hnsw_neighbors}|{lm.segment_len}".encode())
     for doc in docs:
         digest.update(np.asarray(doc, dtype=np.int64).tobytes())
