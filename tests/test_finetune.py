@@ -35,7 +35,7 @@ def method_lm(name: str, segment: int = 8, checkpointing: bool = False) -> tuple
         config = config.with_overrides(["training.bptt_segments=3"])
     if checkpointing:
         model.activation_checkpointing_enable()
-    return MemoryLM(model, config, segment_len=segment), (3 if bptt else 1)
+    return MemoryLM(model, config, segment_len=segment), config.training.window_segments
 
 
 @pytest.mark.parametrize("name", METHODS.names())

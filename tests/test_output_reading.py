@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
-from helpers import random_docs, tiny_llama
+from helpers import one_line_error, random_docs, save_tiny_model, sweep_argv, tiny_llama, write_text_docs
 from reference_unimem import Description, reference_nll
 from test_unimem_reference import reference_llama
 
+from unimem_bench.harness.cli import app as cli
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.methods.config import Reading
 from unimem_bench.methods.engine import output_memory
@@ -143,3 +145,42 @@ def test_datastore_reading_is_in_the_config_round_trip():
     config = METHODS.get("knn_lm").config(CTX, ["reading.output_datastore=/some/corpus", "reading.output_topk=7"])
     assert dataclasses.replace(config.reading, output_topk=7) == config.reading
     assert config.has_memory and not config.without_memory().has_memory
+
+
+def test_knn_sweeps_with_a_corpus_datastore_and_lambda_zero_runs_as_vanilla(tiny_model_dir, tmp_path, one_thread):
+    corpus = write_text_docs(tmp_path / "corpus", [1500, 900])
+    cache = tmp_path / "cache"
+    argv = sweep_argv(tiny_model_dir, tmp_path / "out", "--vary", "reading.output_lambda=0,0.5", "--set",
+                      f"reading.output_datastore={corpus}", "--set", f"reading.output_cache={cache}")
+    argv[argv.index("unimix")] = "knn_lm"
+    assert cli.main(argv) == 0
+    assert len(list(cache.glob("datastore-*.pt"))) == 1  # both points read one cached datastore
+    run = sweep_argv(tiny_model_dir, tmp_path / "plain")
+    run[0:3] = ["run", "--methods", "vanilla"]
+    assert cli.main(run) == 0
+    board = pd.read_csv(tmp_path / "out" / "leaderboard.csv")
+    ppl = board[(board["metric"] == "token_ppl") & board["subtask"].isna()]
+    vanilla = pd.read_csv(tmp_path / "plain" / "leaderboard.csv")
+    plain = vanilla[(vanilla["metric"] == "token_ppl") & vanilla["subtask"].isna()]["value"].item()
+    values = sorted(ppl["value"])
+    assert len(values) == 2 and plain in (pytest.approx(values[0], rel=1e-5), pytest.approx(values[1], rel=1e-5))
+    assert values[0] != pytest.approx(values[1], rel=1e-4)
+
+
+def test_a_missing_corpus_datastore_fails_in_one_line(tiny_model_dir, tmp_path, capsys, no_model_work):
+    argv = sweep_argv(tiny_model_dir, tmp_path, "--set", "reading.output_datastore=/nonexistent/corpus")
+    argv[0:3] = ["run", "--methods", "knn_lm"]
+    assert "reading.output_datastore=/nonexistent/corpus: no such .txt file" in one_line_error(capsys, argv)
+
+
+def test_trime_finetunes_with_its_joint_softmax_loss(tmp_path, one_thread):
+    model, docs = save_tiny_model(tmp_path / "tiny"), write_text_docs(tmp_path / "docs", [1300] * 3)
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--method", "trime", "--model", str(model), "--data", str(docs), "--tokens", "320",
+                     "--segment-len", "16", "--batch-size", "2", "--lr", "3e-3", "--warmup-steps", "2",
+                     "--eval-every", "5", "--eval-docs", "1", "--eval-tokens", "80", "--out", str(out)]) == 0
+    evals = pd.read_csv(out / "eval_log.csv")
+    assert evals["heldout_ppl"].iloc[-1] < evals["heldout_ppl"].iloc[0]
+    assert cli.main(["run", "--model", str(out), "--tasks", "pg19", "--data-dir", str(docs), "--max-docs", "1",
+                     "--max-tokens", "120", "--out", str(tmp_path / "results")]) == 0
+    assert set(pd.read_csv(tmp_path / "results" / "leaderboard.csv")["method"]) == {"trime"}
