@@ -67,7 +67,7 @@ def test_ivf_datastore_is_exact_below_its_training_size_then_approximate_with_hi
     queries = keys[:50] + 0.01 * torch.randn(50, 8, generator=generator)
     store = Datastore(Reading(index="faiss-ivf", ivf_lists=16, ivf_probe=4), "l2", 8)
     store.add(keys[:600], torch.arange(600))
-    assert not hasattr(store.index, "nprobe")  # flat: 600 < 39 x 16 training points
+    assert store.index is None  # exact torch search: 600 < 39 x 16 training points
     store.add(keys[600:], torch.arange(600, 4000))
     assert store.index.nprobe == 4
     _, tokens = store.search(queries, 1)

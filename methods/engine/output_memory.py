@@ -56,39 +56,57 @@ class FfnInputTap:
 
 
 class Datastore:
-    """(key, next token) pairs searched by negative squared L2 distance (`l2`) or inner product (`ip`)."""
+    """(key, next token) pairs searched by negative squared L2 distance (`l2`) or inner product (`ip`).
+
+    `torch` searches exactly by matrix product; `faiss-flat` exactly with faiss; `faiss-ivf` exactly by matrix
+    product until the datastore holds 39 keys per IVF cell (faiss' minimum to train), then with an IVF index
+    trained on the keys held at that moment; `faiss-hnsw` with an HNSW graph.
+    """
 
     def __init__(self, reading: Reading, metric: str, dim: int) -> None:
         self.reading, self.metric, self.dim = reading, metric, dim
-        self.keys = torch.zeros(0, dim)  # [n, dim] float32, CPU
-        self.values = torch.zeros(0, dtype=torch.long)  # [n]
+        self._keys = torch.zeros(0, dim)  # [capacity, dim] float32, CPU; the first `len(self)` rows are held
+        self._values = torch.zeros(0, dtype=torch.long)  # [capacity]
+        self.size = 0
         self.index: Any = None  # a faiss index mirroring `keys`, or None for the exact torch search
 
     def __len__(self) -> int:
-        return len(self.values)
+        return self.size
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[n, dim] the keys held."""
+        return self._keys[:self.size]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """[n] the next token of each key."""
+        return self._values[:self.size]
 
     def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append keys [n, dim] with their next tokens [n]."""
+        """Append keys [n, dim] with their next tokens [n] (storage doubles when full: amortised O(1) per key)."""
         keys = keys.detach().float().cpu()
-        self.keys = torch.cat([self.keys, keys])
-        self.values = torch.cat([self.values, values.detach().cpu().long()])
+        n = self.size + len(keys)
+        if n > len(self._keys):
+            capacity = max(n, 2 * len(self._keys), 1024)
+            self._keys = torch.cat([self.keys, torch.zeros(capacity - self.size, self.dim)])
+            self._values = torch.cat([self.values, torch.zeros(capacity - self.size, dtype=torch.long)])
+        self._keys[self.size:n] = keys
+        self._values[self.size:n] = values.detach().cpu().long()
+        self.size = n
         r = self.reading
-        if r.index == "torch":
-            return
-        if self.index is None or (r.index == "faiss-ivf" and not _is_ivf(self.index)
-                                  and len(self) >= 39 * r.ivf_lists):
+        if self.index is not None:
+            self.index.add(keys.numpy())
+        elif r.index in ("faiss-flat", "faiss-hnsw") or (r.index == "faiss-ivf" and n >= 39 * r.ivf_lists):
             self.index = self._new_index()
             self.index.add(self.keys.numpy())
-        else:
-            self.index.add(keys.numpy())
 
     def _new_index(self) -> Any:
         import faiss  # imported here: only faiss-backed datastores pay for it
 
         r, dim = self.reading, self.dim
         metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-        # faiss wants at least 39 training points per IVF cell: flat until the datastore has them.
-        if r.index == "faiss-ivf" and len(self) >= 39 * r.ivf_lists:
+        if r.index == "faiss-ivf":
             index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, metric), dim, r.ivf_lists, metric)
             index.train(self.keys.numpy())
             index.nprobe = r.ivf_probe
@@ -233,10 +251,9 @@ class OutputReader:
         neg_dist, tokens = self._retrieve(state, queries)
         if neg_dist.shape[-1] == 0:
             return log_lm
-        weights = torch.softmax(neg_dist.double() / r.output_temperature, dim=-1).nan_to_num(0.0)
-        p_knn = torch.zeros(log_lm.shape, dtype=torch.float64, device=log_lm.device)
-        p_knn.scatter_add_(-1, tokens, weights)
-        log_knn = torch.where(p_knn > 0, p_knn.clamp_min(1e-300).log(), float("-inf")).to(log_lm.dtype)
+        weights = torch.softmax(neg_dist.to(log_lm.dtype) / r.output_temperature, dim=-1).nan_to_num(0.0)
+        p_knn = torch.zeros_like(log_lm).scatter_add_(-1, tokens, weights)  # [batch, n, vocab]
+        log_knn = torch.where(p_knn > 0, p_knn.clamp_min(torch.finfo(p_knn.dtype).tiny).log(), float("-inf"))
         lam = r.output_lambda
         mixed = torch.logaddexp(log_knn + _log(lam), log_lm + _log(1 - lam))
         has = torch.isfinite(neg_dist).any(-1, keepdim=True)  # [batch, n, 1]: a query with no neighbour keeps p_LM
@@ -286,22 +303,25 @@ def corpus_datastore(reader: OutputReader, lm: Any, docs: Sequence[torch.Tensor]
     dim = lm.model.config.hidden_size
     store = Datastore(r, "l2" if r.output == "knn" else "ip", dim)
     index_path = path.with_suffix(".faiss")
-    if path.exists():
+    if path.exists():  # written after the index beside it
         saved = torch.load(path, weights_only=True)
-        store.keys, store.values = saved["keys"], saved["values"]
-        if r.index != "torch":
+        store._keys, store._values, store.size = saved["keys"], saved["values"], len(saved["values"])
+        if index_path.exists():
             import faiss
 
             store.index = faiss.read_index(str(index_path))
             if _is_ivf(store.index):
                 store.index.nprobe = r.ivf_probe
         return store
+    keys, values = [], []
     with torch.inference_mode():
         for doc in docs:
             for start in range(0, len(doc) - 1, lm.segment_len):
                 ids = doc[start:start + lm.segment_len + 1].to(lm.device)
                 lm.model(input_ids=ids[None, :-1], use_cache=False)
-                store.add(reader.tap.take()[0], ids[1:])
+                keys.append(reader.tap.take()[0].float().cpu())
+                values.append(ids[1:].cpu())
+    store.add(torch.cat(keys), torch.cat(values))  # at once: an IVF index trains on the whole corpus
     cache.mkdir(parents=True, exist_ok=True)
     if store.index is not None:
         import faiss
