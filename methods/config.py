@@ -90,6 +90,9 @@ class UniMemConfig:
         check_scaled_memory(self)
         check_side_network(self)
         check_pooled_tier(self)
+        if self.reading.output == "knn" and self.training.strategy == "trime":
+            raise ConfigError("training.strategy=trime trains TRIME's joint softmax, not kNN-LM's mixture: set "
+                              "reading.output=trime (or none) or another training.strategy")
 
     @property
     def uses_kv_memory(self) -> bool:
@@ -98,8 +101,9 @@ class UniMemConfig:
 
     @property
     def has_memory(self) -> bool:
-        """Whether anything is carried between segments (a key/value bank or RMT memory tokens)."""
-        return self.uses_kv_memory or self.writing.memory_tokens > 0
+        """Whether anything is carried between segments (a key/value bank, RMT memory tokens, or a datastore read at
+        the output distribution)."""
+        return self.uses_kv_memory or self.writing.memory_tokens > 0 or self.reading.output != "none"
 
     def without_memory(self) -> UniMemConfig:
         """The same method with every memory switched off (what the exactness tests compare to plain HF)."""

@@ -20,12 +20,13 @@ Overflow = Literal["fifo", "clear", "clear-and-write"]
 KVWrite = Literal["direct", "pooling", "none"]
 Index = Literal["torch", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
 PositionMode = Literal["official", "compact", "absolute"]
-Strategy = Literal["stop_gradient", "bptt", "bptt_tokens"]
+Strategy = Literal["stop_gradient", "bptt", "bptt_tokens", "trime"]
 GlobalSource = Literal["document", "memory"]
 WriteSlots = Literal["memory", "learned"]
 Eviction = Literal["fifo", "h2o", "tova", "snapkv", "knorm", "random", "lru"]
 ChunkKey = Literal["mean", "bounds"]
 SideInit = Literal["copy", "identity"]
+OutputRead = Literal["none", "knn", "trime"]
 
 
 def _check_choice(name: str, value: object, kind: object) -> None:
@@ -202,6 +203,26 @@ class Reading:
     token of its best topk / chunk_size chunks (`topk` still counts tokens read). 0 = token-level top-k."""
     chunk_key: ChunkKey = "mean"
     """Chunk ranking: `mean` (LongMem: q . the mean key) or `bounds` (Quest: sum_d max(q_d min_d, q_d max_d))."""
+    output: OutputRead = "none"
+    """Reading at the output distribution (kNN-LM, TRIME): memory of (key, next token) pairs, the key being the
+    last decoder layer's FFN input, read into the vocabulary. `knn` (kNN-LM): p = lambda p_kNN + (1 - lambda) p_LM,
+    p_kNN a softmax of -squared L2 distance / temperature over the `output_topk` nearest entries, summed per token.
+    `trime` (TRIME): one softmax over the vocabulary logits and every memory entry, an entry for token w adding
+    exp(q . k / sqrt(d) / temperature) to w: local memory (the segment's earlier tokens, dense), long memory (the
+    document's previous segments) and external memory (`output_datastore`), both by top-`output_topk`. `none`:
+    the model's own distribution. The document's datastore holds every token whose next token is known."""
+    output_topk: int = 1024
+    """Neighbours read per query from each datastore (kNN-LM's k = 1024)."""
+    output_lambda: float = 0.25
+    """kNN-LM's interpolation weight of p_kNN (the paper's 0.25 on WikiText-103)."""
+    output_temperature: float = 1.0
+    """Divides the memory scores: kNN-LM's negative squared distances, TRIME's scaled dot products."""
+    output_datastore: str = ""
+    """External datastore: a .txt file or a folder of .txt files read by the model once (keys with their next
+    tokens), a faiss index saved under `output_cache` by the content hash of model, tokens and settings and
+    reloaded from there. Empty: the document's own datastore only."""
+    output_cache: str = ""
+    """Folder of saved external datastores; empty = the user cache directory (UNIMEM_BENCH_CACHE overrides)."""
 
     def __post_init__(self) -> None:
         _check_nonneg(
@@ -241,6 +262,7 @@ class Reading:
         if c and (not self.topk or self.topk % c or self.index != "torch"):
             raise ConfigError(f"reading.chunk_size={c} reads whole chunks by an exact torch search: set reading.topk "
                               f"to a multiple of it (tokens read, e.g. {4 * c}) and reading.index=torch")
+        check_output_reading(self)
 
 
 @dataclass(frozen=True)
@@ -306,14 +328,17 @@ class Training:
     strategy: Strategy = "stop_gradient"
     """`stop_gradient` detaches memory every segment (Transformer-XL, Memorizing Transformer); `bptt` backpropagates
     through all memory; `bptt_tokens` backpropagates through the model-forward memory (RMT memory tokens) while the
-    key/value memory is detached every segment (UniMix: its memory tokens learn from later segments)."""
+    key/value memory is detached every segment (UniMix: its memory tokens learn from later segments); `trime`
+    (TRIME's in-batch objective) trains with the loss of one softmax over the vocabulary and the segment's earlier
+    tokens as memory (keys on the graph, so both the query and the memory representations learn), memory detached
+    every segment as under stop_gradient."""
     bptt_segments: int = 1
     """With bptt or bptt_tokens, memory is detached every k segments, so gradients reach k-1 segments back."""
 
     @property
     def window_segments(self) -> int:
         """Segments per forward/backward window: k unless everything is detached every segment."""
-        return 1 if self.strategy == "stop_gradient" else self.bptt_segments
+        return 1 if self.strategy in ("stop_gradient", "trime") else self.bptt_segments
 
     def __post_init__(self) -> None:
         _check_choice("training.strategy", self.strategy, Strategy)
@@ -394,3 +419,17 @@ def format_layers(layers: tuple[int, ...] | str) -> str:
         else:
             runs.append([i, i])
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def check_output_reading(reading: Reading) -> None:
+    """The output-distribution fields (`reading.output*`) of kNN-LM and TRIME."""
+    _check_choice("reading.output", reading.output, OutputRead)
+    if reading.output_topk < 1:
+        raise ConfigError(f"reading.output_topk={reading.output_topk} must be >= 1 (neighbours per query)")
+    if not 0 <= reading.output_lambda <= 1:
+        raise ConfigError(f"reading.output_lambda={reading.output_lambda} must be in [0, 1] (kNN-LM's weight)")
+    if reading.output_temperature <= 0:
+        raise ConfigError(f"reading.output_temperature={reading.output_temperature} must be > 0")
+    if reading.output == "none" and reading.output_datastore:
+        raise ConfigError("reading.output_datastore is read at the output distribution: set reading.output=knn or "
+                          "trime (or leave reading.output_datastore empty)")

@@ -174,6 +174,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         reads.append("pooled tier")
     if w.memory_tokens:
         reads.append("memory tokens")
+    if r.output != "none":
+        reads.append(describe_output(config))
     extra = []
     if config.position.sink_shift:
         extra.append("sinks at cache positions")
@@ -187,12 +189,30 @@ def describe(config: UniMemConfig) -> dict[str, str]:
     if config.injection.side_layers:
         injection = (f"backbone layer {injection} writes; SideNet of {config.injection.side_layers} layers reads "
                      f"in side layer {config.injection.side_fusion} (gated)")
+    training = "-" if not (m.size or w.memory_tokens) else config.training.strategy + (
+        f" k={config.training.bptt_segments}" if config.training.strategy not in ("stop_gradient", "trime") else "")
+    if r.output != "none":
+        management = (management + " + " if m.size else "") + "datastore of the document" + (
+            " + external corpus" if r.output_datastore else "") + ", no eviction"
+        writes.append("direct (last FFN input -> next token)")
+        injection = ("output of the last layer" if injection == "-" else injection + " + output")
+        training = "inference only" if r.output == "knn" else config.training.strategy
+    elif config.training.strategy == "trime":
+        training = "trime (joint softmax with the segment's tokens)"
     return {
         "management": management,
         "writing": ", ".join(writes) or "-",
         "reading": ", ".join(reads) or "-",
         "injection": injection,
-        "training": "-" if not (m.size or w.memory_tokens) else config.training.strategy + (
-            f" k={config.training.bptt_segments}" if config.training.strategy != "stop_gradient" else ""),
+        "training": training,
         "position": config.position.mode + (f"; {', '.join(extra)}" if extra else ""),
     }
+
+
+def describe_output(config: UniMemConfig) -> str:
+    """Reading at the output distribution (kNN-LM, TRIME) in words."""
+    r = config.reading
+    if r.output == "knn":
+        return (f"kNN-LM output: {r.output_topk:,} nearest (L2, {r.index}), T {r.output_temperature:g}, "
+                f"lambda {r.output_lambda:g}")
+    return f"TRIME joint softmax: local + top-{r.output_topk:,} ({r.index}), T {r.output_temperature:g}"

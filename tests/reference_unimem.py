@@ -110,6 +110,14 @@ class Description:
     """The model's trained context (scaled_memory)."""
     pooled_tier: int = 0
     """Two-tier memory: slots of the pooled list that the slots pushed out of the memory are averaged into."""
+    output: str = "none"
+    """Reading at the output distribution: knn (kNN-LM) | trime (TRIME) | none; see `output_log_probs`."""
+    output_topk: int = 0
+    """kNN-LM's neighbours; TRIME's entries read from the previous segments."""
+    output_lambda: float = 0.25
+    """kNN-LM's weight of p_kNN."""
+    output_temperature: float = 1.0
+    """Divides kNN-LM's negative squared distances and TRIME's scaled dot products."""
 
 
 class ReferenceLlama:
@@ -173,6 +181,12 @@ class Memory:
     learned: torch.Tensor | None = field(default=None, repr=False)
     """[m, hidden] the learned memory embeddings: the first read and write slots, and every write slot of
     write_slots learned."""
+    entries: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    """Output reading: the document's (last-layer FFN input, next token) pairs whose next token is known."""
+    pending: torch.Tensor | None = None
+    """Output reading: the previous segment's last FFN input, waiting for its next token."""
+    ffn_input: torch.Tensor | None = None
+    """[n, hidden] the last layer's FFN input at the segment's tokens, from the latest `forward_segment`."""
 
 
 def reference_nll(llama: ReferenceLlama, spec: Description, doc: torch.Tensor,
@@ -189,6 +203,8 @@ def reference_nll(llama: ReferenceLlama, spec: Description, doc: torch.Tensor,
         width = min(spec.segment_len, len(doc) - 1 - start)
         logits = forward_segment(llama, spec, memory, doc[start:start + width], start)
         logp = torch.log_softmax(logits, dim=-1)
+        if spec.output != "none":
+            logp = output_log_probs(spec, memory, logits, doc[start:start + width])
         targets = doc[start + 1:start + width + 1]
         out.append(-logp[torch.arange(width), targets])
     return torch.cat(out)
@@ -232,6 +248,8 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
         h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
         gate = llama.linear(h, p + "mlp.gate_proj")
         x = x + llama.linear(gate * torch.sigmoid(gate) * llama.linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+        if layer == llama.n_layers - 1:
+            memory.ffn_input = h[m:m + n]
         if layer in spec.layers:
             doc_keys = torch.stack([llama.rope(k[m + j], doc_start + j, spec.rope_factor) for j in range(n)])
             written[layer] = (k[m:m + n], doc_keys, v[m:m + n])
@@ -750,3 +768,45 @@ def _longmem_block(llama: ReferenceLlama, w: dict[str, torch.Tensor], p: str, x:
     h = _rms(llama, x, w[p + "post_attention_layernorm.weight"])
     up = h @ w[p + "mlp.gate_proj.weight"].T
     return x + (up * torch.sigmoid(up) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+def output_log_probs(spec: Description, memory: Memory, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [n, vocab] of a segment read at the output distribution, from its logits [n, vocab], the
+    last layer's FFN inputs (`memory.ffn_input`) and its ids; then the segment's entries join the datastore.
+
+    kNN-LM (Khandelwal et al., 2020): the `output_topk` entries nearest by squared L2 distance d vote with weights
+    softmax(-d / T); p = lambda p_kNN + (1 - lambda) p_LM (p_LM alone while the datastore is empty). TRIME (Zhong et
+    al., 2022): p(w) proportional to exp(logit_w) + sum over memory entries of token w of exp(q . k / sqrt(dim) / T),
+    the memory being every earlier token of the segment (local) and the `output_topk` datastore entries of largest
+    q . k (long). An entry is (FFN input at token j, token j + 1); a segment's last token enters with the next
+    segment's first token.
+    """
+    keys = memory.ffn_input
+    assert keys is not None
+    if memory.pending is not None:
+        memory.entries.append((memory.pending, int(ids[0])))
+        memory.pending = None
+    n, dim = keys.shape
+    rows = []
+    for i in range(n):
+        q = keys[i]
+        if spec.output == "knn":
+            near = sorted((float(((q - k) ** 2).sum()), v) for k, v in memory.entries)[:spec.output_topk]
+            p = torch.softmax(logits[i], dim=0)
+            if near:
+                weights = torch.softmax(torch.tensor([-d / spec.output_temperature for d, _ in near], dtype=F64), 0)
+                p_knn = torch.zeros_like(p)
+                for (_, v), w in zip(near, weights, strict=True):
+                    p_knn[v] += w
+                p = spec.output_lambda * p_knn + (1 - spec.output_lambda) * p
+            rows.append(torch.log(p))
+            continue
+        scale = 1 / (math.sqrt(dim) * spec.output_temperature)
+        local = [(float(q @ keys[j]) * scale, int(ids[j + 1])) for j in range(i)]
+        long = sorted(((float(q @ k) * scale, v) for k, v in memory.entries), reverse=True)[:spec.output_topk]
+        shift = max([float(logits[i].max())] + [s for s, _ in local + long])
+        mass = torch.exp(logits[i] - shift)
+        for score, v in local + long:
+            mass[v] += math.exp(score - shift)
+        rows.append(torch.log(mass / mass.sum()))
+    memory.entries.extend((keys[j], int(ids[j + 1])) for j in range(n - 1))
+    memory.pending = keys[n - 1]
+    return torch.stack(rows)

@@ -35,7 +35,7 @@ def method_lm(name: str, segment: int = 8, checkpointing: bool = False) -> tuple
         config = config.with_overrides(["training.bptt_segments=3"])
     if checkpointing:
         model.activation_checkpointing_enable()
-    return MemoryLM(model, config, segment_len=segment), (3 if bptt else 1)
+    return MemoryLM(model, config, segment_len=segment), config.training.window_segments
 
 
 # A SideNet method trains its side layers only: its frozen backbone's activations take no gradient (test_longmem.py
@@ -199,6 +199,7 @@ def test_export_is_evaluated_by_run_with_its_method_and_learned_memory(assets, t
     (["--data", "/nonexistent/books"], "/nonexistent/books"),
     (["--set", "training.strategy=bptt", "--set", "training.bptt_segments=0"], "must be >= 1"),
     (["--lr", "0"], "--lr 0.0 must be > 0"),
+    (["--method", "knn_lm"], "at inference only"),
 ])
 def test_bad_finetune_input_fails_in_one_line(assets, tmp_path, capsys, extra, message):
     assert cli.main(finetune_argv(assets, tmp_path / "x", "transformer_xl", 256, *extra)) == 2

@@ -172,6 +172,17 @@ GRID = [
     case("longmem-segment1", "longmem", "reading.topk=2", "reading.chunk_size=2", segment=1, doc=12),
     case("chunk3-segment1", "memorizing_transformer", "management.size=7", "reading.chunk_size=3", "reading.topk=3",
          segment=1, doc=12),
+    # Reading at the output distribution: kNN-LM's mixture and TRIME's joint softmax (few neighbours, so the
+    # search matters; segment 1 puts every entry through the pending last token; temperatures rescale).
+    *[case(f"knn-top3-{index}", "knn_lm", "reading.output_topk=3", f"reading.index={index}")
+      for index in ("torch", "faiss-flat", "faiss-ivf")],
+    case("knn-lambda-half-t5", "knn_lm", "reading.output_lambda=0.5", "reading.output_temperature=5"),
+    case("knn-segment1", "knn_lm", "reading.output_topk=2", segment=1, doc=12),
+    case("knn-with-xl", "transformer_xl", "reading.output=knn", "reading.output_topk=4"),
+    case("trime-top2", "trime", "reading.output_topk=2"),
+    case("trime-t2-faiss", "trime", "reading.output_topk=5", "reading.output_temperature=2",
+         "reading.index=faiss-flat"),
+    case("trime-segment5", "trime", "reading.output_topk=3", segment=5, doc=31),
 ]
 
 
@@ -195,6 +206,8 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         dilated_segments=r.dilated_segments, dilation_rates=r.dilation_rates,
         chunk_size=r.chunk_size, chunk_key=r.chunk_key, scaled_memory=p.scaled_memory, trained_context=trained_context,
         pooled_tier=w.pooled_tier,
+        output=r.output, output_topk=r.output_topk, output_lambda=r.output_lambda,
+        output_temperature=r.output_temperature,
     )
 
 

@@ -42,6 +42,7 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from unimem_bench.harness.evaluation.datastore import attach_datastore, datastore_files
 from unimem_bench.harness.models.exports import SavedMethod
 from unimem_bench.harness.models.resolve import (
     ModelSource,
@@ -147,8 +148,8 @@ def parse_overrides(spec: str | Sequence[str] | Mapping[str, Any] | None) -> tup
 
 
 def carries_memory(config: UniMemConfig) -> bool:
-    """Whether anything reaches a segment from the ones before it (a KV memory or RMT memory tokens)."""
-    return config.uses_kv_memory or config.writing.memory_tokens > 0
+    """Whether anything reaches a segment from the ones before it (a KV memory, RMT memory tokens or a datastore)."""
+    return config.has_memory
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,7 @@ def plan_model(args: UnimemArgs) -> ModelPlan:
     config = (saved.config.with_overrides(list(args.overrides)) if saved
               else method.config(MethodContext(n_layers, segment_len, context, layers), args.overrides))
     config.bind(n_layers=n_layers, segment_len=segment_len)
+    datastore_files(config)
     local = segment_len * config.position.segment_factor
     max_length = args.max_length or (None if memory else local)
     if max_length is not None and args.max_gen_toks >= max_length:
@@ -211,6 +213,7 @@ class UnimemLM(TemplateLM):
                            trained_context=self.plan.trained_context)
         if self.plan.saved is not None:
             self.plan.saved.load_into(self.lm)
+        attach_datastore(self.lm, self.tokenizer)
         eos = getattr(model.generation_config, "eos_token_id", None)
         # Generation stops where transformers' generate would: the model's generation config, else the tokenizer's.
         self.stop_ids: int | list[int] = eos if eos is not None else self.tokenizer.eos_token_id

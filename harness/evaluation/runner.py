@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from unimem_bench.harness.evaluation import records
+from unimem_bench.harness.evaluation.datastore import attach_datastore, datastore_files
 from unimem_bench.harness.models.exports import SavedMethod
 from unimem_bench.harness.models.resolve import (
     ModelSource,
@@ -97,6 +98,7 @@ def plan_run(req: RunRequest) -> Plan:
         config = saved.config.with_overrides(list(req.overrides)) if own else METHODS.get(name).config(
             ctx, req.overrides)
         config.bind(n_layers=ctx.n_layers, segment_len=segment_len)
+        datastore_files(config)
         configs[name] = config
     # Tasks check their data (local files, or the hub repository's file list) and what depends on the model's
     # trained context here, before any weights load.
@@ -139,6 +141,7 @@ def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) 
                           trained_context=plan.trained_context) as lm:
                 if plan.saved is not None and method == plan.saved.method:
                     plan.saved.load_into(lm)
+                attach_datastore(lm, tokenizer)
                 for cell in cells:
                     torch.manual_seed(req.seed)
                     bar = progress.add_task(f"{method} / {cell.task.name} tokens", total=None)

@@ -297,6 +297,13 @@ def plan_finetune(recipe: FinetuneRecipe, *, world: int = 1) -> FinetunePlan:
         # faiss returns scores as numbers: the query would get no gradient through the retrieved keys.
         raise ConfigError(f"reading.index={config.reading.index} cannot be fine-tuned (faiss scores carry no "
                           "gradient): train with reading.index=torch, evaluate with any index")
+    if config.reading.output == "knn":
+        raise ConfigError(f"method {recipe.method!r} reads kNN-LM's datastore at inference only (nothing of it is "
+                          "trained; UniMem Table 1 marks it inference-focused): fine-tune another method, e.g. "
+                          "trime, and evaluate kNN-LM with `unimem-bench run`")
+    if config.reading.output_datastore:
+        raise ConfigError("reading.output_datastore is read at inference only: fine-tune without it (TRIME trains "
+                          "on the segment's own tokens) and give it to `unimem-bench run`")
     k = config.training.window_segments
     plan = FinetunePlan(source=source, model_config=model_config, config=config, segment_len=segment_len,
                         trained_context=context, window_segments=k, world=world, steps=1)

@@ -18,6 +18,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from unimem_bench.methods.config import UniMemConfig
 from unimem_bench.methods.engine.memory import MemoryState
+from unimem_bench.methods.engine.output_memory import OutputReader
 from unimem_bench.methods.engine.plan import build_plan, segment_context
 from unimem_bench.methods.engine.sampling import Sampling
 
@@ -30,6 +31,7 @@ class SegmentModel(Protocol):
     layers: frozenset[int]
     segment_len: int
     memory_room: int
+    output: OutputReader | None
 
     @property
     def decoder(self) -> nn.Module: ...
@@ -61,7 +63,10 @@ class OpenSegment:
         self.pending_read_slots = state.rmt if m else None
         self.doc_start = doc_start
         self.tokens: list[int] = []
-        """The open segment's tokens so far (a SideNet re-reads them: it keeps no KV cache of its own)."""
+        """The open segment's tokens so far (a SideNet re-reads them: it keeps no KV cache of its own; kNN-LM and
+        TRIME pair them with their keys)."""
+        self.keys: list[torch.Tensor] = []
+        """The open segment's last-layer FFN inputs so far (output-distribution reading: kNN-LM, TRIME)."""
 
     def feed(self, ids: Sequence[int]) -> torch.Tensor:
         """Append tokens to the open segment; returns the logits [vocab] after the last one."""
@@ -86,7 +91,15 @@ class OpenSegment:
                               dtype=embeds.dtype, device=embeds.device)
         hidden = lm.decoder(inputs_embeds=embeds, position_ids=positions, cache=self.cache,
                             use_cache=True, unimem=ctx).last_hidden_state  # [1, t, hidden]
-        return lm.model.get_output_embeddings()(hidden[:, -1])[0]
+        logits = lm.model.get_output_embeddings()(hidden[:, -1:])  # [1, 1, vocab]
+        if lm.output is None:
+            return logits[0, 0]
+        assert self.state.output is not None  # made by new_state with the reader
+        self.tokens.extend(int(i) for i in ids)
+        self.keys.append(lm.output.tap.take()[:, -len(ids):])  # [1, len(ids), hidden]
+        seg_ids = torch.tensor([self.tokens], device=lm.device)
+        return lm.output.read(self.state.output, logits, torch.cat(self.keys, 1), seg_ids, n_new=1, write=False,
+                              grad=False)[0, 0]
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

@@ -241,6 +241,8 @@ class MemoryState:
     """Segments processed so far."""
     n_tier: int = 0
     """Slots held in every layer's pooled tier (writing.pooled_tier)."""
+    output: Any = None
+    """The output-distribution memory (`output_memory.OutputState`: kNN-LM / TRIME datastores), or None."""
 
     @property
     def first_id(self) -> int:
@@ -267,6 +269,8 @@ class MemoryState:
             layer.select_rows(rows)
         if self.rmt is not None:
             self.rmt = self.rmt.index_select(0, rows)
+        if self.output is not None:
+            self.output.select_rows(rows)
 
     def detach(self) -> None:
         """Cut gradient history (the end of a BPTT window)."""
@@ -284,7 +288,8 @@ class MemoryState:
             tensors["rmt"] = self.rmt.detach().cpu()
         return {"n_global": self.n_global, "n_bank": self.n_bank, "next_id": self.next_id,
                 "segments": self.segments, "positions": self.positions.clone(), "tensors": tensors,
-                "n_tier": self.n_tier}
+                "n_tier": self.n_tier,
+                "output": None if self.output is None else self.output.state_dict()}
 
     def load_state_dict(self, data: dict[str, Any], device: torch.device) -> None:
         """Restore what `state_dict` saved into this (fresh) state of the same method."""
@@ -298,4 +303,6 @@ class MemoryState:
             if layer.faiss is not None and layer.keys is not None:
                 layer.faiss.rebuild(layer.keys, self.first_id)
         self.rmt = tensors["rmt"].to(device) if "rmt" in tensors else None
+        if self.output is not None and data.get("output") is not None:
+            self.output.load_state_dict(data["output"], device)
 

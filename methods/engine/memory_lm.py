@@ -24,6 +24,7 @@ from unimem_bench.methods.config import ConfigError, UniMemConfig
 from unimem_bench.methods.engine.attention import ATTENTION_NAME, unimem_attention
 from unimem_bench.methods.engine.generation import generate
 from unimem_bench.methods.engine.memory import LayerMemory, LayerUsage, MemoryState
+from unimem_bench.methods.engine.output_memory import OutputReader
 from unimem_bench.methods.engine.plan import build_plan, segment_context
 from unimem_bench.methods.engine.retrieval import FaissBank
 from unimem_bench.methods.engine.sampling import Sampling
@@ -81,6 +82,9 @@ class MemoryLM(nn.Module):
         if ATTENTION_NAME not in AttentionInterface._global_mapping:
             AttentionInterface.register(ATTENTION_NAME, unimem_attention)
         model.set_attn_implementation(ATTENTION_NAME)
+        # Reading at the output distribution (kNN-LM, TRIME), or TRIME's training loss.
+        reads_output = config.reading.output != "none" or config.training.strategy == "trime"
+        self.output = OutputReader(config, self.decoder) if reads_output else None
         self.memory_embeddings: nn.Parameter | None = None
         self.usage: dict[int, LayerUsage] = {}
         self.longest_input = 0
@@ -148,6 +152,8 @@ class MemoryLM(nn.Module):
     def close(self) -> None:
         """Give the wrapped model back with its own attention implementation and rotary embedding."""
         attn, rotary = self._restore
+        if self.output is not None:
+            self.output.close()
         self.decoder.rotary_emb = rotary
         self.model.set_attn_implementation(attn)
         for p, flag in self._frozen:
@@ -223,6 +229,8 @@ class MemoryLM(nn.Module):
                                  if self.config.management.eviction == "random" else None)
                   for i in self.layers}
         state = MemoryState(layers=layers)
+        if self.output is not None:
+            state.output = self.output.new_state(batch, self.model.config.hidden_size)
         if self.memory_embeddings is not None:
             state.rmt = self.memory_embeddings.unsqueeze(0).expand(batch, -1, -1)
         return state
@@ -259,7 +267,13 @@ class MemoryLM(nn.Module):
             # A copy, not a view: a view would keep the whole [batch, m + n + m, hidden] output alive.
             state.rmt = hidden[:, -m:].detach().clone() if plan.detach_tokens else hidden[:, -m:].clone()
         state.commit(plan, config, doc_start)
-        return self.model.get_output_embeddings()(hidden[:, m:m + n])
+        logits = self.model.get_output_embeddings()(hidden[:, m:m + n])  # [batch, n, vocab]
+        if self.output is None:
+            return logits
+        assert state.output is not None  # made by new_state with the reader
+        keys = self.output.tap.take()[:, m:m + n]  # [batch, n, hidden]
+        return self.output.read(state.output, logits, keys, input_ids, n_new=n, write=write,
+                                grad=torch.is_grad_enabled())
 
     def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
                  stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None,
