@@ -155,6 +155,16 @@ GRID = [
     case("unlimiformer-fifo12", "unlimiformer", "reading.topk=3", "management.size=12", distinct=True),
     case("chunk3-segment1", "memorizing_transformer", "management.size=7", "reading.chunk_size=3", "reading.topk=3",
          segment=1, doc=12),
+    # AutoCompressor: summary vectors accumulated (the first segment reading none), capped mid-segment and at one
+    # segment's worth, every position mode, beside a key/value window, one-token segments.
+    case("ac-k2-uncapped", "autocompressor", "writing.memory_tokens=2", "writing.memory_cap=0"),
+    case("ac-k2-cap5", "autocompressor", "writing.memory_tokens=2", "writing.memory_cap=5"),
+    case("ac-k3-cap3", "autocompressor", "writing.memory_tokens=3", "writing.memory_cap=3"),
+    *[case(f"ac-{mode}", "autocompressor", "writing.memory_tokens=2", f"position.mode={mode}")
+      for mode in ("official", "compact", "absolute")],
+    case("ac-with-xl-window", "transformer_xl", "writing.memory_tokens=2", "writing.memory_mode=accumulate",
+         "writing.write_slots=learned", "writing.memory_cap=6"),
+    case("ac-segment1", "autocompressor", "writing.memory_tokens=1", "writing.memory_cap=4", segment=1, doc=10),
 ]
 
 
@@ -177,6 +187,7 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         random_slots=r.random_slots, random_block=r.random_block, random_seed=r.random_seed,
         dilated_segments=r.dilated_segments, dilation_rates=r.dilation_rates,
         chunk_size=r.chunk_size, chunk_key=r.chunk_key, scaled_memory=p.scaled_memory, trained_context=trained_context,
+        memory_mode=w.memory_mode, memory_cap=w.memory_cap,
     )
 
 

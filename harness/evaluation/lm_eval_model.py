@@ -45,6 +45,7 @@ from tqdm import tqdm
 from unimem_bench.harness.models.resolve import (
     ModelSource,
     checkpoint_memory_layers,
+    checkpoint_summary_tokens,
     load_model,
     load_model_config,
     resolve_model,
@@ -173,11 +174,12 @@ def plan_model(args: UnimemArgs) -> ModelPlan:
     n_layers = model_config.num_hidden_layers
     # Whether a method has memory does not depend on the segment length its sizes scale with.
     layers = checkpoint_memory_layers(model_config)
-    probe = method.config(MethodContext(n_layers, args.segment_len or max(1, context // 2), context, layers),
+    summary = checkpoint_summary_tokens(model_config)
+    probe = method.config(MethodContext(n_layers, args.segment_len or max(1, context // 2), context, layers, summary),
                           args.overrides)
     memory = carries_memory(probe)
     segment_len = args.segment_len or (max(1, context // 2) if memory else context)
-    config = method.config(MethodContext(n_layers, segment_len, context, layers), args.overrides)
+    config = method.config(MethodContext(n_layers, segment_len, context, layers, summary), args.overrides)
     config.bind(n_layers=n_layers, segment_len=segment_len)
     local = segment_len * config.position.segment_factor
     max_length = args.max_length or (None if memory else local)
