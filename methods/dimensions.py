@@ -136,7 +136,8 @@ class Writing:
     (oldest dropped beyond `memory_cap`), which later segments read as a soft prompt; the first segment reads none,
     and the write slots are the learned embeddings every segment (AutoCompressor's `embed_summary`)."""
     memory_cap: int = 0
-    """With memory_mode=accumulate, the most summary vectors kept (the oldest go first); 0 = no cap."""
+    """With memory_mode=accumulate, the most summary vectors kept (the oldest go first); 0 = no cap. A cap of
+    memory_tokens is RMT's replacement with learned write slots, except that the first segment reads nothing."""
     memory_init: MemoryInit = "noise"
     """Initial memory embeddings: `noise` at the embedding scale (RMT), or `eos`: every slot the end-of-sequence
     token's embedding (AutoCompressor's `embed_summary` initialisation)."""
@@ -147,10 +148,7 @@ def check_memory_tokens(w: Writing) -> None:
     _check_choice("writing.memory_mode", w.memory_mode, MemoryMode)
     _check_choice("writing.memory_init", w.memory_init, MemoryInit)
     _check_nonneg(**{"writing.memory_cap": w.memory_cap})
-    if w.memory_mode == "accumulate" and not w.memory_tokens:
-        raise ConfigError("writing.memory_mode=accumulate appends each segment's memory-token outputs: set "
-                          "writing.memory_tokens > 0")
-    if w.memory_mode == "accumulate" and w.write_slots != "learned":
+    if w.memory_mode == "accumulate" and w.memory_tokens and w.write_slots != "learned":
         raise ConfigError("writing.memory_mode=accumulate reads the earlier summaries before the segment and writes "
                           "through the learned embeddings: set writing.write_slots=learned")
     if w.memory_cap and (w.memory_mode != "accumulate" or w.memory_cap < w.memory_tokens):

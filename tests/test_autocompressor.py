@@ -5,12 +5,15 @@ test_unimem_reference.py (the method's default and the `ac-*` cases); here its p
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from helpers import one_line_error, random_docs, save_tiny_model, tiny_llama, write_text_docs
 from reference_unimem import reference_nll
+from safetensors.torch import load_file
 from test_unimem_reference import ATOL, describe, reference_llama
 from transformers import AutoModelForCausalLM
 
@@ -122,7 +125,6 @@ def test_summary_tokens_start_as_the_end_of_sequence_embedding() -> None:
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["writing.memory_tokens=0"], "memory_tokens > 0"),
     (["writing.write_slots=memory"], "write_slots=learned"),
     (["writing.memory_cap=1", "writing.memory_tokens=2"], "at least writing.memory_tokens=2"),
 ])
@@ -197,3 +199,43 @@ def test_a_checkpoint_without_its_summary_weight_is_refused_in_one_line(tmp_path
     line = one_line_error(capsys, ["run", "--model", str(folder), "--methods", "autocompressor", "--tasks", "pg19",
                                    "--data-dir", str(books), "--out", str(tmp_path / "out")])
     assert "embed_summary.weight" in line
+
+
+def test_autocompressor_runs_through_finetune_run_and_sweep(tmp_path, one_thread) -> None:
+    from unimem_bench.harness.cli import app as cli
+
+    model, docs = save_tiny_model(tmp_path / "tiny"), write_text_docs(tmp_path / "docs", [1300] * 4)
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--method", "autocompressor", "--model", str(model), "--data", str(docs),
+                     "--tokens", "256", "--segment-len", "16", "--batch-size", "2", "--lr", "3e-3",
+                     "--warmup-steps", "2", "--eval-every", "0", "--out", str(out)]) == 0
+    learned = load_file(out / "model" / "unimem_method.safetensors")["memory_embeddings"]
+    eos = tiny_llama().get_input_embeddings().weight[2]
+    assert learned.shape == (1, 32) and not torch.allclose(learned[0], eos)  # training moved the summary token
+    assert cli.main(["run", "--model", str(out), "--tasks", "pg19", "--data-dir", str(docs), "--max-docs", "2",
+                     "--max-tokens", "200", "--out", str(tmp_path / "results")]) == 0
+    board = pd.read_csv(tmp_path / "results" / "leaderboard.csv")
+    assert set(board["method"]) == {"autocompressor"}
+    assert cli.main(["sweep", "--method", "autocompressor", "--preset", "summary-cap", "--model", str(model),
+                     "--tasks", "pg19", "--data-dir", str(docs), "--max-docs", "1", "--max-tokens", "128",
+                     "--segment-len", "16", "--out", str(tmp_path / "sweep")]) == 0
+    swept = pd.read_csv(tmp_path / "sweep" / "leaderboard.csv")
+    ppl = swept[(swept["metric"] == "token_ppl") & swept["subtask"].isna()]["value"]
+    # Caps of 1, 2, 4, 8 summary vectors and all: 8 segments of 16 make 8 (kappa = 1), so 8 and all are one run.
+    assert len(ppl) == 5 and ppl.nunique() == 4
+
+
+def test_autocompressor_runs_through_the_lm_eval_model(stories_dir, books_dir) -> None:
+    from lm_eval.api.instance import Instance
+
+    from unimem_bench.harness.evaluation.lm_eval_model import UnimemLM
+
+    text = next(iter(sorted(books_dir.glob("*.txt")))).read_text()[30_000:32_500]
+    rolling = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)]
+    ours = UnimemLM(pretrained=str(stories_dir), method="autocompressor", segment_len=64, batch_size=1)
+    vanilla = UnimemLM(pretrained=str(stories_dir), method="vanilla", segment_len=64, batch_size=1, max_gen_toks=8)
+    got, plain = ours.loglikelihood_rolling(rolling)[0], vanilla.loglikelihood_rolling(rolling)[0]
+    assert math.isfinite(got) and got != plain  # later segments read the summary vectors
+    until = [Instance(request_type="generate_until", doc={}, idx=0,
+                      arguments=(text[:600], {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}))]
+    assert isinstance(ours.generate_until(until)[0], str)

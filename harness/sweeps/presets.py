@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unimem_bench.methods import ConfigError, MethodContext
+from unimem_bench.methods import METHODS, ConfigError, MethodContext
 from unimem_bench.methods.config import format_layers
 
 
@@ -112,4 +112,12 @@ PRESETS: dict[str, Preset] = {
                          "by mean keys",
                          lambda ctx: [Axis("reading.topk", ("32",)), Axis("reading.chunk_size", ("0", "2", "4", "8",
                                                                                                  "16"))]),
+    "summary-cap": Preset("AutoCompressor's accumulated summary vectors kept: 1, 2, 4, 8 segments' worth, and all",
+                          lambda ctx: [Axis("writing.memory_cap", tuple(dict.fromkeys(
+                              [str(summary_tokens(ctx) * n) for n in (1, 2, 4, 8)] + ["0"])))]),
 }
+
+
+def summary_tokens(ctx: MethodContext) -> int:
+    """AutoCompressor's default summary tokens per segment for this run (what its cap counts in)."""
+    return METHODS.get("autocompressor").config(ctx).writing.memory_tokens
