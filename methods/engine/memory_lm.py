@@ -233,18 +233,20 @@ class MemoryLM(nn.Module):
             assert self.memory_embeddings is not None and state.rmt is not None  # m > 0: made in __init__, new_state
             write_slots = (state.rmt if config.writing.write_slots == "memory"
                            else self.memory_embeddings.unsqueeze(0).expand(embeds.shape[0], -1, -1))
-            embeds = torch.cat([state.rmt, embeds, write_slots], dim=1)  # [batch, m + n + m, hidden]
+            embeds = torch.cat([state.rmt, embeds, write_slots], dim=1)  # [batch, r + n + m, hidden], r read slots
         first = plan.first_position
         positions = torch.arange(first, first + embeds.shape[1], device=embeds.device).unsqueeze(0)
         ctx = segment_context(config, self.layers, state, plan, query_start=0, n_query=embeds.shape[1],
                               dtype=embeds.dtype, device=embeds.device)
         hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, unimem=ctx,
-                              use_cache=False).last_hidden_state  # [batch, m + n + m, hidden]
+                              use_cache=False).last_hidden_state  # [batch, r + n + m, hidden]
         if m:
-            # A copy, not a view: a view would keep the whole [batch, m + n + m, hidden] output alive.
+            # A copy, not a view: a view would keep the whole [batch, r + n + m, hidden] output alive.
             written = hidden[:, -m:].detach().clone() if plan.detach_tokens else hidden[:, -m:].clone()
-            state.rmt = written if config.writing.memory_mode == "replace" else accumulate(state.rmt, written,
-                                                                                          config.writing.memory_cap)
+            held = state.rmt
+            if config.writing.memory_mode == "accumulate" and held is not None:
+                written = accumulate(held, written, config.writing.memory_cap)
+            state.rmt = written
         state.commit(plan, config, doc_start)
         return self.model.get_output_embeddings()(hidden[:, n_read:n_read + n])
 
