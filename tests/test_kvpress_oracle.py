@@ -58,6 +58,7 @@ def kvpress_kept(stories_dir, tmp_path_factory) -> tuple[dict, torch.Tensor]:
     if probe.returncode:
         pytest.skip(f"{python} cannot import kvpress: pip install 'kvpress>=0.5,<0.6' there")
     ids = stories_doc(PROMPT)
+    assert len(ids) == PROMPT  # the budget of 64 is a quarter of exactly this prompt
     folder = tmp_path_factory.mktemp("kvpress")
     request = {"model": str(Path(stories_dir).resolve()), "ids": ids.tolist(),
                "presses": [{"name": name, "press": press, "args": args}
@@ -87,7 +88,7 @@ def prefill_key_norms(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.T
     """[kv_heads, prompt] key L2 norms of every layer after a plain prefill."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids.unsqueeze(0), past_key_values=cache, use_cache=True)
+        model(ids.unsqueeze(0), cache=cache, use_cache=True)
     return [layer.keys[0].norm(dim=-1) for layer in cache.layers]
 
 

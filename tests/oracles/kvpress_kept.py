@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import kvpress
 import torch
@@ -41,7 +42,7 @@ def kept_positions(full: torch.Tensor, kept: torch.Tensor) -> list[list[int]]:
 
 
 def main(request_path: str, answer_path: str) -> None:
-    request = json.loads(open(request_path).read())
+    request = json.loads(Path(request_path).read_text())
     model = AutoModelForCausalLM.from_pretrained(request["model"], dtype=torch.float32).eval()
     ids = torch.tensor([request["ids"]])
     full = prefill_keys(model, ids)
@@ -50,9 +51,7 @@ def main(request_path: str, answer_path: str) -> None:
         press = getattr(kvpress, spec["press"])(**spec["args"])
         kept = prefill_keys(model, ids, press)
         answer[spec["name"]] = [kept_positions(f, k) for f, k in zip(full, kept, strict=True)]
-    answer["versions"] = {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "?",
-                          "transformers": __import__("transformers").__version__}
-    open(answer_path, "w").write(json.dumps(answer))
+    Path(answer_path).write_text(json.dumps(answer))
 
 
 if __name__ == "__main__":
