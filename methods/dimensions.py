@@ -27,6 +27,8 @@ Eviction = Literal["fifo", "h2o", "tova", "snapkv", "knorm", "random", "lru"]
 ChunkKey = Literal["mean", "bounds"]
 SideInit = Literal["copy", "identity"]
 OutputRead = Literal["none", "knn", "trime"]
+MemoryMode = Literal["replace", "accumulate"]
+MemoryInit = Literal["noise", "eos"]
 
 
 def _check_choice(name: str, value: object, kind: object) -> None:
@@ -131,6 +133,18 @@ class Writing:
     softmax (positions: official at 0; compact between the globals and the window; absolute: the mean of the
     tokens' keys at their document positions). 0 = evicted slots are dropped."""
 
+    memory_mode: MemoryMode = "replace"
+    """What a segment's memory-token outputs do to the read slots. `replace` (RMT): they become the next segment's
+    m read slots. `accumulate` (AutoCompressor): they are appended to the summary vectors of all earlier segments
+    (oldest dropped beyond `memory_cap`), which later segments read as a soft prompt; the first segment reads none,
+    and the write slots are the learned embeddings every segment (AutoCompressor's `embed_summary`)."""
+    memory_cap: int = 0
+    """With memory_mode=accumulate, the most summary vectors kept (the oldest go first); 0 = no cap. A cap of
+    memory_tokens is RMT's replacement with learned write slots, except that the first segment reads nothing."""
+    memory_init: MemoryInit = "noise"
+    """Initial memory embeddings: `noise` at the embedding scale (RMT), or `eos`: every slot the end-of-sequence
+    token's embedding (AutoCompressor's `embed_summary` initialisation)."""
+
     def __post_init__(self) -> None:
         _check_choice("writing.kv", self.kv, KVWrite)
         _check_choice("writing.write_slots", self.write_slots, WriteSlots)
@@ -141,6 +155,21 @@ class Writing:
         if self.pooled_tier and self.kv != "direct":
             raise ConfigError(f"writing.pooled_tier={self.pooled_tier} pools the slots a direct bank evicts: set "
                               "writing.kv=direct")
+        check_memory_tokens(self)
+
+
+def check_memory_tokens(w: Writing) -> None:
+    """The memory-token fields of Writing agree with each other."""
+    _check_choice("writing.memory_mode", w.memory_mode, MemoryMode)
+    _check_choice("writing.memory_init", w.memory_init, MemoryInit)
+    _check_nonneg(**{"writing.memory_cap": w.memory_cap})
+    if w.memory_mode == "accumulate" and w.memory_tokens and w.write_slots != "learned":
+        raise ConfigError("writing.memory_mode=accumulate reads the earlier summaries before the segment and writes "
+                          "through the learned embeddings: set writing.write_slots=learned")
+    if w.memory_cap and (w.memory_mode != "accumulate" or w.memory_cap < w.memory_tokens):
+        raise ConfigError(f"writing.memory_cap={w.memory_cap} bounds accumulated summary vectors: set "
+                          f"writing.memory_mode=accumulate and a cap of at least writing.memory_tokens="
+                          f"{w.memory_tokens} (0 = no cap)")
 
 
 @dataclass(frozen=True)

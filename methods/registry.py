@@ -81,6 +81,8 @@ class MethodContext:
     """The model's trained context length."""
     memory_layers: tuple[int, ...] = ()
     """Memory layers a memory-trained checkpoint names (LongLLaMA's `mem_layers`); empty for a plain model."""
+    summary_tokens: int = 0
+    """Summary tokens per segment an AutoCompressor checkpoint was trained with (its `summary_length`); 0 otherwise."""
 
     def segments(self, n: float) -> int:
         """`n` segments in tokens: the paper's sizes are whole 2,048-token segments."""
@@ -139,6 +141,8 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         management = f"{m.budget:g} of the input, {m.eviction}"
     if m.size and m.scored and (m.sinks or m.recent):
         management += f" (sinks {m.sinks}, recent {m.recent})"
+    if not m.size and w.memory_tokens and w.memory_mode == "accumulate":
+        management = f"{w.memory_cap:,} summary tok, oldest dropped" if w.memory_cap else "unbounded"
     if m.size and w.memory_tokens:
         management += f" + {w.memory_tokens} memory tok"
     if m.size and w.pooled_tier:
@@ -152,7 +156,9 @@ def describe(config: UniMemConfig) -> dict[str, str]:
         writes.append(f"pooling /{w.pool_ratio}")
     if w.pooled_tier:
         writes.append(f"pooling /{w.pool_ratio} of evicted slots")
-    if w.memory_tokens:
+    if w.memory_tokens and w.memory_mode == "accumulate":
+        writes.append(f"model forward ({w.memory_tokens} tok per segment, accumulated)")
+    elif w.memory_tokens:
         writes.append(f"model forward ({w.memory_tokens} tok, {w.write_slots} write slots)")
     reads = []
     if r.read_all:

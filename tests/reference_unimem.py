@@ -15,6 +15,10 @@ of visible (key, value) pairs from an explicit Python list of memory slots per l
   final-norm outputs at the write slots (the official `update_rmt_memory` takes them after `self.norm`), and the
   next write slots are those outputs too (`memory`) or the learned embeddings again (`learned`). The first segment
   reads the learned embeddings (the official code has no read slots in its first segment).
+- AutoCompressor (Chevalier et al. 2023, princeton-nlp/AutoCompressors `AutoCompressorModel.forward`): the first
+  segment reads nothing; each segment is [all earlier summary vectors ; segment ; kappa learned summary tokens],
+  causal at positions 0, 1, ... (its LLaMA code passes no position ids); the final-norm outputs at the summary
+  tokens are appended to the earlier ones (the most recent `memory_cap` kept).
 - Longformer (Eq. 8, 15): the window plus G global slots every query sees: the document's first G tokens (from as
   many first segments as they span), pinned and never written to memory (`document`), or the first G slots of the
   current memory (`memory`, official), the window then being the last W of the slots after them.
@@ -118,6 +122,11 @@ class Description:
     """kNN-LM's weight of p_kNN."""
     output_temperature: float = 1.0
     """Divides kNN-LM's negative squared distances and TRIME's scaled dot products."""
+    memory_mode: str = "replace"
+    """replace (RMT: the write slots' outputs are the next read slots) | accumulate (AutoCompressor: they are
+    appended to all earlier segments' outputs, the first segment reading none; write slots always learned)."""
+    memory_cap: int = 0
+    """accumulate: the most recent summary vectors kept (0 = all)."""
 
 
 class ReferenceLlama:
@@ -198,6 +207,8 @@ def reference_nll(llama: ReferenceLlama, spec: Description, doc: torch.Tensor,
     if spec.memory_tokens:
         learned = memory_embeddings.detach().to(F64)
         memory.read, memory.write, memory.learned = learned, learned, learned
+        if spec.memory_mode == "accumulate":
+            memory.read = learned[:0]  # AutoCompressor: the first segment reads no summary vectors
     out = []
     for start in range(0, len(doc) - 1, spec.segment_len):
         width = min(spec.segment_len, len(doc) - 1 - start)
@@ -214,12 +225,13 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
                     doc_start: int) -> torch.Tensor:
     """Logits [n, vocab] of one segment; updates `memory`."""
     m, n = spec.memory_tokens, len(ids)
+    r = len(memory.read) if m else 0  # read slots: m (replace), every summary so far (accumulate)
     x = llama.w["model.embed_tokens.weight"][ids]
     if m:
         x = torch.cat([memory.read, x, memory.write])
     views = {i: segment_view(llama, spec, memory, i, doc_start) for i in spec.layers}
     n_prefix = next(iter(views.values())).n_prefix if views else 0
-    positions = input_positions(spec, n_prefix, doc_start, m, n)
+    positions = input_positions(spec, n_prefix, doc_start, m, n, r)
     written = {}
     for layer in range(llama.n_layers):
         p = f"model.layers.{layer}."
@@ -251,27 +263,34 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
         if layer == llama.n_layers - 1:
             memory.ffn_input = h[m:m + n]
         if layer in spec.layers:
-            doc_keys = torch.stack([llama.rope(k[m + j], doc_start + j, spec.rope_factor) for j in range(n)])
-            written[layer] = (k[m:m + n], doc_keys, v[m:m + n])
+            doc_keys = torch.stack([llama.rope(k[r + j], doc_start + j, spec.rope_factor) for j in range(n)])
+            written[layer] = (k[r:r + n], doc_keys, v[r:r + n])
     x = llama.rms_norm(x, "model.norm.weight")
     for layer, (keys, doc_keys, values) in written.items():
         write_memory(spec, memory, layer, keys, doc_keys, values, doc_start)
     if m:
-        memory.read = x[m + n:]
-        memory.write = x[m + n:] if spec.write_slots == "memory" else memory.learned
+        summaries = x[r + n:]
+        if spec.memory_mode == "accumulate":
+            joined = torch.cat([memory.read, summaries])
+            memory.read = joined[-spec.memory_cap:] if spec.memory_cap else joined
+        else:
+            memory.read = summaries
+        memory.write = summaries if spec.write_slots == "memory" else memory.learned
     memory.segments += 1
-    return x[m:m + n] @ llama.lm_head.T
+    return x[r:r + n] @ llama.lm_head.T
 
 
-def input_positions(spec: Description, n_prefix: int, doc_start: int, m: int, n: int) -> list[int]:
-    """Positions of [read slots ; segment ; write slots]."""
+def input_positions(spec: Description, n_prefix: int, doc_start: int, m: int, n: int,
+                    n_read: int | None = None) -> list[int]:
+    """Positions of [read slots ; segment ; write slots] (n_read read slots, m when not given)."""
+    r = m if n_read is None else n_read
     if spec.scaled_memory:
         first = min(doc_start, max(0, spec.trained_context - spec.segment_len))
         return list(range(first, first + n))
     if spec.position == "absolute":
-        return list(range(doc_start - m, doc_start + n + m))
+        return list(range(doc_start - r, doc_start + n + m))
     first = n_prefix if spec.position == "compact" else 0
-    return list(range(first, first + 2 * m + n))
+    return list(range(first, first + r + n + m))
 
 
 def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer: int, doc_start: int = 0) -> View:

@@ -183,6 +183,16 @@ GRID = [
     case("trime-t2-faiss", "trime", "reading.output_topk=5", "reading.output_temperature=2",
          "reading.index=faiss-flat"),
     case("trime-segment5", "trime", "reading.output_topk=3", segment=5, doc=31),
+    # AutoCompressor: summary vectors accumulated (the first segment reading none), capped mid-segment and at one
+    # segment's worth, every position mode, beside a key/value window, one-token segments.
+    case("ac-k2-uncapped", "autocompressor", "writing.memory_tokens=2", "writing.memory_cap=0"),
+    case("ac-k2-cap5", "autocompressor", "writing.memory_tokens=2", "writing.memory_cap=5"),
+    case("ac-k3-cap3", "autocompressor", "writing.memory_tokens=3", "writing.memory_cap=3"),
+    *[case(f"ac-{mode}", "autocompressor", "writing.memory_tokens=2", f"position.mode={mode}")
+      for mode in ("official", "compact", "absolute")],
+    case("ac-with-xl-window", "transformer_xl", "writing.memory_tokens=2", "writing.memory_mode=accumulate",
+         "writing.write_slots=learned", "writing.memory_cap=6"),
+    case("ac-segment1", "autocompressor", "writing.memory_tokens=1", "writing.memory_cap=4", segment=1, doc=10),
 ]
 
 
@@ -208,6 +218,7 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         pooled_tier=w.pooled_tier,
         output=r.output, output_topk=r.output_topk, output_lambda=r.output_lambda,
         output_temperature=r.output_temperature,
+        memory_mode=w.memory_mode, memory_cap=w.memory_cap,
     )
 
 

@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 from methodbench.random_model import PREFIX, random_config
 from unimem_bench.harness.models.resolve import (
     checkpoint_memory_layers,
+    checkpoint_summary_tokens,
     load_model,
     load_model_config,
     resolve_model,
@@ -140,7 +141,8 @@ def load_llm(spec: str | None) -> PreTrainedModel:
 def method_config(name: str, config: PretrainedConfig, segment_len: int, overrides: tuple[str, ...]) -> UniMemConfig:
     """The registered defaults for this model and segment length; overrides never touch vanilla (the baseline)."""
     ctx = MethodContext(n_layers=config.num_hidden_layers, segment_len=segment_len,
-                        trained_context=trained_context(config), memory_layers=checkpoint_memory_layers(config))
+                        trained_context=trained_context(config), memory_layers=checkpoint_memory_layers(config),
+                        summary_tokens=checkpoint_summary_tokens(config))
     return METHODS.get(name).config(ctx, () if name == "vanilla" else overrides)
 
 

@@ -47,6 +47,7 @@ from unimem_bench.harness.models.exports import SavedMethod
 from unimem_bench.harness.models.resolve import (
     ModelSource,
     checkpoint_memory_layers,
+    checkpoint_summary_tokens,
     load_model,
     load_model_config,
     resolve_model,
@@ -182,12 +183,13 @@ def plan_model(args: UnimemArgs) -> ModelPlan:
     saved = saved_method(source)
     if saved is not None and saved.method != args.method:
         saved = None
-    probe = method.config(MethodContext(n_layers, args.segment_len or max(1, context // 2), context, layers),
+    summary = checkpoint_summary_tokens(model_config)
+    probe = method.config(MethodContext(n_layers, args.segment_len or max(1, context // 2), context, layers, summary),
                           args.overrides)
     memory = carries_memory(probe)
     segment_len = args.segment_len or (saved.segment_len if saved else max(1, context // 2) if memory else context)
     config = (saved.config.with_overrides(list(args.overrides)) if saved
-              else method.config(MethodContext(n_layers, segment_len, context, layers), args.overrides))
+              else method.config(MethodContext(n_layers, segment_len, context, layers, summary), args.overrides))
     config.bind(n_layers=n_layers, segment_len=segment_len)
     datastore_files(config)
     local = segment_len * config.position.segment_factor

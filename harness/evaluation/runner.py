@@ -18,6 +18,7 @@ from unimem_bench.harness.models.exports import SavedMethod
 from unimem_bench.harness.models.resolve import (
     ModelSource,
     checkpoint_memory_layers,
+    checkpoint_summary_tokens,
     load_model,
     load_model_config,
     resolve_model,
@@ -91,7 +92,8 @@ def plan_run(req: RunRequest) -> Plan:
     if segment_len < 1:
         raise ConfigError(f"--segment-len {segment_len} must be >= 1")
     ctx = MethodContext(n_layers=model_config.num_hidden_layers, segment_len=segment_len, trained_context=context,
-                        memory_layers=checkpoint_memory_layers(model_config))
+                        memory_layers=checkpoint_memory_layers(model_config),
+                        summary_tokens=checkpoint_summary_tokens(model_config))
     configs = {}
     for name in method_names:
         own = saved is not None and name == saved.method

@@ -21,6 +21,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from unimem_bench.harness.models.autocompressor import (
+    SummaryWeightError,
+    checkpoint_summary_tokens,
+    summary_embeddings,
+    summary_weight_file,
+)
 from unimem_bench.harness.models.exports import SavedMethod, read_saved_method
 from unimem_bench.harness.models.llama2c import find_llama2c_pair, load_llama2c, read_llama2c_config
 
@@ -87,11 +93,17 @@ def load_model_config(source: ModelSource) -> PretrainedConfig:
         return AutoConfig.from_pretrained(path) if (path / "config.json").exists() else reference_config(
             ReferenceRecipe())
     try:
-        return longllama_config(source.location) or AutoConfig.from_pretrained(source.location)
+        config = longllama_config(source.location) or AutoConfig.from_pretrained(source.location)
     except OSError as err:
         where = "the hub is unreachable or the id is wrong" if source.kind == "hub" else "its config.json is unreadable"
         raise ModelSourceError(f"--model {source.location}: cannot load its config ({where}): "
                                f"{str(err).splitlines()[0]}") from None
+    if source.kind == "hf" and checkpoint_summary_tokens(config):
+        try:  # an AutoCompressor folder without its summary embeddings fails here, before any weights load
+            summary_weight_file(source.location, hub=False)
+        except SummaryWeightError as err:
+            raise ModelSourceError(str(err)) from None
+    return config
 
 
 def saved_method(source: ModelSource) -> SavedMethod | None:
@@ -120,6 +132,7 @@ def load_model(source: ModelSource, *, device: torch.device, dtype: torch.dtype,
             location = str(build_reference(console=console))
         model = AutoModelForCausalLM.from_pretrained(location, config=longllama_config(location), dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(location)
+        attach_summary_embeddings(model, location, hub=source.kind == "hub")
     # transformers types its wrapped `to` as the unbound function: the call is right, its annotation is not.
     return model.to(device).eval(), tokenizer  # type: ignore[arg-type]
 
@@ -149,3 +162,18 @@ def longllama_config(location: str) -> LlamaConfig | None:
 def checkpoint_memory_layers(config: PretrainedConfig) -> tuple[int, ...]:
     """The memory layers a model's config names (a LongLLaMA checkpoint's `mem_layers`); () for a plain model."""
     return tuple(int(i) for i in getattr(config, "mem_layers", None) or ())
+
+
+def attach_summary_embeddings(model: PreTrainedModel, location: str, *, hub: bool) -> None:
+    """An AutoCompressor checkpoint's `embed_summary` as the model's non-persistent buffer `summary_embeddings`
+    (the `autocompressor` method starts from it); nothing for any other model."""
+    if not checkpoint_summary_tokens(model.config):
+        return
+    try:
+        weight = summary_embeddings(location, hub=hub)
+    except SummaryWeightError as err:
+        raise ModelSourceError(str(err)) from None
+    if weight is not None:
+        embed = model.get_input_embeddings().get_parameter("weight")
+        model.register_buffer("summary_embeddings", weight.to(device=embed.device, dtype=embed.dtype),
+                              persistent=False)

@@ -24,6 +24,7 @@ from unimem_bench.harness.evaluation import records
 from unimem_bench.harness.evaluation.runner import Plan, RunRequest, plan_run
 from unimem_bench.harness.models.resolve import (
     checkpoint_memory_layers,
+    checkpoint_summary_tokens,
     load_model_config,
     resolve_model,
     trained_context,
@@ -152,7 +153,8 @@ def plan_sweep(req: SweepRequest) -> SweepPlan:
     context = trained_context(model_config)
     ctx = MethodContext(n_layers=model_config.num_hidden_layers,
                         segment_len=base.segment_len or max(1, context // 2), trained_context=context,
-                        memory_layers=checkpoint_memory_layers(model_config))
+                        memory_layers=checkpoint_memory_layers(model_config),
+                        summary_tokens=checkpoint_summary_tokens(model_config))
     axes = (*PRESETS[req.preset].axes(ctx), *req.axes) if req.preset is not None else req.axes
     units = []
     for i, values in enumerate(point_values(axes, req.zipped)):

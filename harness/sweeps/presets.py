@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unimem_bench.methods import ConfigError, MethodContext
+from unimem_bench.methods import METHODS, ConfigError, MethodContext
 from unimem_bench.methods.config import format_layers
 
 
@@ -120,4 +120,12 @@ PRESETS: dict[str, Preset] = {
     "pooled-tier": Preset("pooled-tier slots: none, 1/8, 1/4, 1/2, 1 and 2 segments' worth",
                           lambda ctx: [Axis("writing.pooled_tier", tuple(dict.fromkeys(
                               str(ctx.segments(f)) for f in (0, 1 / 8, 1 / 4, 1 / 2, 1, 2))))]),
+    "summary-cap": Preset("AutoCompressor's accumulated summary vectors kept: 1, 2, 4, 8 segments' worth, and all",
+                          lambda ctx: [Axis("writing.memory_cap", tuple(dict.fromkeys(
+                              [str(summary_tokens(ctx) * n) for n in (1, 2, 4, 8)] + ["0"])))]),
 }
+
+
+def summary_tokens(ctx: MethodContext) -> int:
+    """AutoCompressor's default summary tokens per segment for this run (what its cap counts in)."""
+    return METHODS.get("autocompressor").config(ctx).writing.memory_tokens

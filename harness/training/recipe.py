@@ -28,6 +28,7 @@ from transformers import AutoConfig, PretrainedConfig
 from unimem_bench.harness.models.resolve import (
     ModelSource,
     checkpoint_memory_layers,
+    checkpoint_summary_tokens,
     load_model_config,
     resolve_model,
     trained_context,
@@ -290,7 +291,8 @@ def plan_finetune(recipe: FinetuneRecipe, *, world: int = 1) -> FinetunePlan:
     context = trained_context(model_config)
     segment_len = recipe.segment_len or max(1, context // 2)
     ctx = MethodContext(n_layers=model_config.num_hidden_layers, segment_len=segment_len, trained_context=context,
-                        memory_layers=checkpoint_memory_layers(model_config))
+                        memory_layers=checkpoint_memory_layers(model_config),
+                        summary_tokens=checkpoint_summary_tokens(model_config))
     config = method.config(ctx, recipe.overrides)
     config.bind(n_layers=ctx.n_layers, segment_len=segment_len)
     if config.reading.topk and config.reading.index != "torch":

@@ -56,7 +56,8 @@ class OpenSegment:
         m = config.writing.memory_tokens
         # dtype/device for the rotary module
         probe = lm.model.get_input_embeddings().get_parameter("weight")[:1].unsqueeze(0)
-        self.plan = build_plan(config, state, n_read=m, n_seg=0, n_write=0, doc_start=doc_start,
+        n_read = state.rmt.shape[1] if m and state.rmt is not None else 0
+        self.plan = build_plan(config, state, n_read=n_read, n_seg=0, n_write=0, doc_start=doc_start,
                                rotary=lm.decoder.get_submodule("rotary_emb"), probe=probe, write=False, grad=False,
                                memory_room=lm.memory_room)
         self.cache = DynamicCache(config=lm.model.config)

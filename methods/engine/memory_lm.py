@@ -98,11 +98,8 @@ class MemoryLM(nn.Module):
             self.side = SideNetwork(self.decoder, config)
         m = config.writing.memory_tokens
         if m:
+            init = initial_memory_embeddings(model, config)
             embed = model.get_input_embeddings().get_parameter("weight")
-            # RMT initialises memory tokens randomly; embedding-scale noise keeps them in the input distribution.
-            generator = torch.Generator().manual_seed(0)
-            scale = 1.0 if embed.is_meta else float(embed.detach().float().std())  # meta: shapes only (dry runs)
-            init = torch.randn(m, embed.shape[1], generator=generator) * scale
             self.memory_embeddings = nn.Parameter(init.to(device=embed.device, dtype=embed.dtype))
 
     def method_state(self) -> dict[str, torch.Tensor]:
@@ -233,6 +230,8 @@ class MemoryLM(nn.Module):
             state.output = self.output.new_state(batch, self.model.config.hidden_size)
         if self.memory_embeddings is not None:
             state.rmt = self.memory_embeddings.unsqueeze(0).expand(batch, -1, -1)
+            if self.config.writing.memory_mode == "accumulate":
+                state.rmt = state.rmt[:, :0]  # [batch, 0, hidden]: the first segment reads no summary vectors
         return state
 
     def forward_segment(self, state: MemoryState, input_ids: torch.Tensor, doc_start: int,
@@ -244,14 +243,15 @@ class MemoryLM(nn.Module):
         n = input_ids.shape[1]
         self.note_input(doc_start + n)
         embeds = self.model.get_input_embeddings()(input_ids)  # [batch, n, hidden]
-        plan = build_plan(config, state, n_read=m, n_seg=n, n_write=m, doc_start=doc_start,
+        n_read = state.rmt.shape[1] if m and state.rmt is not None else 0
+        plan = build_plan(config, state, n_read=n_read, n_seg=n, n_write=m, doc_start=doc_start,
                           rotary=self.decoder.get_submodule("rotary_emb"), probe=embeds, write=write,
                           grad=torch.is_grad_enabled(), memory_room=self.memory_room)
         if m:
             assert self.memory_embeddings is not None and state.rmt is not None  # m > 0: made in __init__, new_state
             write_slots = (state.rmt if config.writing.write_slots == "memory"
                            else self.memory_embeddings.unsqueeze(0).expand(embeds.shape[0], -1, -1))
-            embeds = torch.cat([state.rmt, embeds, write_slots], dim=1)  # [batch, m + n + m, hidden]
+            embeds = torch.cat([state.rmt, embeds, write_slots], dim=1)  # [batch, r + n + m, hidden], r read slots
         first = plan.first_position
         positions = torch.arange(first, first + embeds.shape[1], device=embeds.device).unsqueeze(0)
         if self.side is not None:
@@ -262,16 +262,20 @@ class MemoryLM(nn.Module):
         ctx = segment_context(config, self.layers, state, plan, query_start=0, n_query=embeds.shape[1],
                               dtype=embeds.dtype, device=embeds.device)
         hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, unimem=ctx,
-                              use_cache=False).last_hidden_state  # [batch, m + n + m, hidden]
+                              use_cache=False).last_hidden_state  # [batch, r + n + m, hidden]
         if m:
-            # A copy, not a view: a view would keep the whole [batch, m + n + m, hidden] output alive.
-            state.rmt = hidden[:, -m:].detach().clone() if plan.detach_tokens else hidden[:, -m:].clone()
+            # A copy, not a view: a view would keep the whole [batch, r + n + m, hidden] output alive.
+            written = hidden[:, -m:].detach().clone() if plan.detach_tokens else hidden[:, -m:].clone()
+            held = state.rmt
+            if config.writing.memory_mode == "accumulate" and held is not None:
+                written = accumulate(held, written, config.writing.memory_cap)
+            state.rmt = written
         state.commit(plan, config, doc_start)
-        logits = self.model.get_output_embeddings()(hidden[:, m:m + n])  # [batch, n, vocab]
+        logits = self.model.get_output_embeddings()(hidden[:, n_read:n_read + n])  # [batch, n, vocab]
         if self.output is None:
             return logits
         assert state.output is not None  # made by new_state with the reader
-        keys = self.output.tap.take()[:, m:m + n]  # [batch, n, hidden]
+        keys = self.output.tap.take()[:, n_read:n_read + n]  # [batch, n, hidden]
         return self.output.read(state.output, logits, keys, input_ids, n_new=n, write=write,
                                 grad=torch.is_grad_enabled())
 
@@ -344,6 +348,39 @@ class MemoryLM(nn.Module):
         empty = torch.zeros(0, dtype=torch.bool)
         return [TokenScores(torch.cat(p) if p else empty.float(), torch.cat(g) if g else empty)
                 for p, g in zip(pieces, greedy, strict=True)]
+
+
+def accumulate(summaries: torch.Tensor, new: torch.Tensor, cap: int) -> torch.Tensor:
+    """AutoCompressor's summary accumulation: [batch, s, hidden] earlier summary vectors and [batch, m, hidden] new
+    ones -> the last `cap` (all when cap is 0) of their concatenation, oldest first."""
+    joined = torch.cat([summaries, new], dim=1)  # [batch, s + m, hidden]
+    return joined[:, -cap:] if cap and joined.shape[1] > cap else joined
+
+
+def initial_memory_embeddings(model: PreTrainedModel, config: UniMemConfig) -> torch.Tensor:
+    """[m, hidden] float32 initial memory embeddings: a memory-trained checkpoint's own (an AutoCompressor's
+    `embed_summary`, attached by the model loader as the `summary_embeddings` buffer) in accumulate mode, else as
+    writing.memory_init says."""
+    m = config.writing.memory_tokens
+    embed = model.get_input_embeddings().get_parameter("weight")
+    saved = getattr(model, "summary_embeddings", None)
+    if isinstance(saved, torch.Tensor) and config.writing.memory_mode == "accumulate":
+        if tuple(saved.shape) != (m, embed.shape[1]):
+            raise ConfigError(f"the checkpoint's summary embeddings are {tuple(saved.shape)} but writing.memory_tokens"
+                              f"={m}: set writing.memory_tokens={saved.shape[0]} (the checkpoint's summary_length)")
+        return torch.zeros(saved.shape) if saved.is_meta else saved.detach().float().cpu()  # meta: shapes only
+    if config.writing.memory_init == "eos":
+        eos = model.config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if not isinstance(eos, int):
+            raise ConfigError("writing.memory_init=eos needs the model's eos_token_id, which its config lacks: set "
+                              "writing.memory_init=noise")
+        row = torch.zeros(embed.shape[1]) if embed.is_meta else embed.detach()[eos].float().cpu()
+        return row.expand(m, -1).clone()
+    # RMT initialises memory tokens randomly; embedding-scale noise keeps them in the input distribution.
+    generator = torch.Generator().manual_seed(0)
+    scale = 1.0 if embed.is_meta else float(embed.detach().float().std())  # meta: shapes only (dry runs)
+    return torch.randn(m, embed.shape[1], generator=generator) * scale
 
 
 def linear_rope(rotary: nn.Module, config: PretrainedConfig, factor: float) -> nn.Module:
