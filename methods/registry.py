@@ -166,6 +166,10 @@ def describe(config: UniMemConfig) -> dict[str, str]:
     if r.dilation_rates:
         reads.append("dilated " + " ".join(f"{w:,}/{k}" for w, k in zip(r.dilated_segments, r.dilation_rates,
                                                                        strict=True)))
+    if r.lsh_buckets:
+        reads.append(f"LSH {r.lsh_buckets} buckets x {r.lsh_rounds} rounds")
+    if r.clusters:
+        reads.append(f"k-means {r.clusters} clusters" + (f" of {r.cluster_size}" if r.cluster_size else " (balanced)"))
     if w.memory_tokens:
         reads.append("memory tokens")
     extra = []

@@ -42,7 +42,7 @@ class WritePlan(Protocol):
     def detach_kv(self) -> bool: ...
 
 
-_TENSORS = ("keys", "values", "global_keys", "global_values", "ids", "scores")
+_TENSORS = ("keys", "values", "global_keys", "global_values", "ids", "scores", "centroids")
 """The tensors of a `LayerMemory`."""
 
 
@@ -104,6 +104,10 @@ class LayerMemory:
     """The seeded generator of `random` eviction."""
     has_evicted: bool = False
     """This document's memory has evicted something: what it holds now is compressed."""
+    centroids: torch.Tensor | None = None
+    """[batch, kv_heads, clusters, head_dim] float32 unit k-means centroids (reading.clusters; `buckets.py`)."""
+    rotations: torch.Tensor | None = None
+    """[kv_heads, rounds, head_dim, buckets / 2] float32 LSH rotations (reading.lsh_buckets), drawn once per run."""
 
     def note_read(self, slots: int) -> None:
         """Count a forward call reading `slots` memory slots (summed over its batch rows)."""
@@ -173,7 +177,8 @@ class LayerMemory:
 
     def snapshot(self) -> LayerMemory:
         """The current tensors (writes replace them, never modify them in place, so this is a frozen view)."""
-        return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids)
+        return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids,
+                           centroids=self.centroids, rotations=self.rotations)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         for name in _TENSORS:
