@@ -112,4 +112,9 @@ PRESETS: dict[str, Preset] = {
                          "by mean keys",
                          lambda ctx: [Axis("reading.topk", ("32",)), Axis("reading.chunk_size", ("0", "2", "4", "8",
                                                                                                  "16"))]),
+    # Reformer's n_hashes ablation (its Fig. 4: 1, 2, 4, 8 rounds; 8 nearly matches full attention).
+    "lsh-rounds": Preset("Reformer's LSH hash rounds: 1, 2, 4, 8 (reading.lsh_rounds; its paper's ablation)",
+                         lambda ctx: [Axis("reading.lsh_rounds", ("1", "2", "4", "8"))]),
+    "clusters": Preset("Routing Transformer's k-means clusters: 1 (all memory), 4, 16, 64 (reading.clusters, balanced)",
+                       lambda ctx: [Axis("reading.clusters", ("1", "4", "16", "64"))]),
 }

@@ -133,12 +133,13 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
         if first_call:  # a recomputation repeats the tensor operations above but writes nothing
             bank.write(plan, config, seg_k, value[:, :, seg], fresh)
     if first_call and plan.write and config.reading.clusters:  # the Routing Transformer's online k-means step
-        seg = slice(plan.n_read, plan.n_read + plan.n_seg)
-        seg_k = key[:, :, seg]
-        if plan.store is not None:
-            cos, sin = (t[seg] for t in plan.store)
-            seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
-        buckets.write_centroids(config.reading, bank, layer, query[:, :, seg], seg_k)
+        with torch.no_grad():  # no gradient, and nothing saved that a checkpointed recomputation would not save
+            seg = slice(plan.n_read, plan.n_read + plan.n_seg)
+            seg_k = key[:, :, seg]
+            if plan.store is not None:
+                cos, sin = (t[seg] for t in plan.store)
+                seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
+            buckets.write_centroids(config.reading, bank, layer, query[:, :, seg], seg_k)
     return out.to(query.dtype)  # the fused CPU kernel's float32 log-sum-exp must not promote the output
 
 
