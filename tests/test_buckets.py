@@ -11,7 +11,7 @@ from helpers import random_docs, tiny_llama
 
 from unimem_bench.methods import METHODS, ConfigError, MemoryLM, MethodContext
 from unimem_bench.methods.config import Reading
-from unimem_bench.methods.engine.buckets import lsh_hash, lsh_rotations, routed, update_centroids
+from unimem_bench.methods.engine.buckets import lsh_hash, lsh_rotations, routed, shared_bucket, update_centroids
 
 CONTEXT = MethodContext(n_layers=2, segment_len=8, trained_context=16)
 
@@ -51,11 +51,14 @@ def test_more_rounds_read_a_superset() -> None:
     rotations = lsh_rotations(reading, layer=1, kv_heads=2, dim=16, device=torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 5, 16, generator=generator), torch.randn(1, 2, 30, 16, generator=generator)
-    shared = lsh_hash(q, rotations).unsqueeze(3) == lsh_hash(k, rotations).unsqueeze(2)  # [1, 2, 5, 30, rounds]
-    union = shared.any(-1)
-    assert torch.equal(union, shared[..., 0] | shared[..., 1:].any(-1))
-    assert shared[..., 0].sum() < union.sum() < union.numel()
+    q_buckets, k_buckets = lsh_hash(q, rotations), lsh_hash(k, rotations)  # [1, 2, rounds, 5 or 30]
+    union = shared_bucket(q_buckets, k_buckets)  # [1, 2, 5, 30]
+    first = shared_bucket(q_buckets[:, :, :1], k_buckets[:, :, :1])
+    assert torch.equal(union, torch.maximum(first, shared_bucket(q_buckets[:, :, 1:], k_buckets[:, :, 1:])))
+    assert first.sum() < union.sum() < union.numel()
     assert torch.equal(lsh_hash(3.0 * q, rotations), lsh_hash(q, rotations))  # angular: the scale does not matter
+    projected = torch.einsum("bhnd,hrdc->bhrnc", q, rotations)
+    assert torch.equal(lsh_hash(q, rotations), torch.cat([projected, -projected], -1).argmax(-1).float())
 
 
 def test_routing_is_balanced() -> None:
