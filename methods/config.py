@@ -52,9 +52,11 @@ class UniMemConfig:
 
     def __post_init__(self) -> None:
         m, w, r = self.management, self.writing, self.reading
-        reads_kv = r.window or r.topk or r.read_all or r.global_tokens or r.random_slots
+        reads_kv = r.window or r.topk or r.read_all or r.global_tokens or r.random_slots or r.lsh_buckets or r.clusters
         if r.topk and not m.size:
             raise ConfigError(f"reading.topk={r.topk} needs memory to search: set management.size > 0")
+        if (r.lsh_buckets or r.clusters) and not m.size:
+            raise ConfigError("reading.lsh_buckets/clusters select memory slots: set management.size > 0")
         if r.random_slots and not m.size:
             raise ConfigError(f"reading.random_slots={r.random_slots} draws from memory: set management.size > 0")
         if (r.window or r.read_all) and not m.size:
@@ -72,13 +74,13 @@ class UniMemConfig:
         if m.size and w.kv == "none":
             raise ConfigError(f"management.size={m.size} but nothing writes keys/values: set writing.kv=direct or "
                               "management.size=0")
-        if m.scored and (w.kv != "direct" or r.topk or r.global_tokens or r.random_slots
+        if m.scored and (w.kv != "direct" or r.topk or r.global_tokens or r.random_slots or r.lsh_buckets or r.clusters
                          or not (r.read_all or r.window == m.size)):
             raise ConfigError(f"management.eviction={m.eviction} scores whole slots read by every query: use "
                               "writing.kv=direct, reading.read_all=true (or reading.window=management.size), "
                               "reading.topk=0, reading.random_slots=0 and reading.global_tokens=0 (management.sinks "
                               "keeps the first tokens)")
-        if m.size and not (r.window or r.topk or r.read_all or r.random_slots
+        if m.size and not (r.window or r.topk or r.read_all or r.random_slots or r.lsh_buckets or r.clusters
                            or (r.global_tokens and r.global_source == "memory")):
             raise ConfigError(f"management.size={m.size} but nothing reads it: set reading.window, reading.topk or "
                               "reading.read_all")

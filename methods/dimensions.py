@@ -252,6 +252,32 @@ class Reading:
     reloaded from there. Empty: the document's own datastore only."""
     output_cache: str = ""
     """Folder of saved external datastores; empty = the user cache directory (UNIMEM_BENCH_CACHE overrides)."""
+    lsh_buckets: int = 0
+    """Reformer's LSH reading when > 0: each query reads the searchable memory slots (those top-k would search: the
+    non-global slots before its window reach) that share its bucket in at least one round. Angular LSH with the same
+    random rotations for queries and keys: bucket(x) = argmax([x R ; -x R]), R [head_dim, lsh_buckets / 2] of round
+    r and KV head g being `torch.randn(kv_heads, lsh_rounds, head_dim, lsh_buckets // 2, generator=torch.Generator()
+    .manual_seed(lsh_seed * 1_000_003 + layer))[g, r]`; keys are hashed as top-k scores them. Even, or 1 (one bucket:
+    every searchable slot). 0 = none."""
+    lsh_rounds: int = 1
+    """Reformer's n_hashes: hash rounds; a query reads the union of its buckets' slots, each slot once."""
+    lsh_seed: int = 0
+    """Seed of the LSH rotations (mixed with the layer index; fixed for the whole run)."""
+    clusters: int = 0
+    """Routing Transformer's online k-means reading when > 0: per layer, KV head and document, `clusters` unit
+    centroids (initially `F.normalize(torch.randn(kv_heads, clusters, head_dim, generator=torch.Generator()
+    .manual_seed(cluster_seed * 1_000_003 + layer)), dim=-1)`). Balanced routing: each cluster takes the
+    `cluster_size` searchable slots whose unit keys are most similar to its centroid (ties: the older slot); a query
+    reads the members before its window reach of the cluster nearest its unit query. After each written segment,
+    the segment's unit queries (all heads of the KV head) and unit keys (as top-k scores them) are assigned to their
+    nearest centroid, and each centroid with members moves to normalize(decay * c + (1 - decay) * their mean).
+    0 = none."""
+    cluster_size: int = 0
+    """Members per cluster; 0 = ceil(searchable slots / clusters), the balanced share."""
+    cluster_decay: float = 0.5
+    """EMA decay of the centroids per written segment (the paper's 0.999 is per training step)."""
+    cluster_seed: int = 0
+    """Seed of the initial centroids (mixed with the layer index)."""
 
     def __post_init__(self) -> None:
         _check_nonneg(
@@ -292,6 +318,26 @@ class Reading:
             raise ConfigError(f"reading.chunk_size={c} reads whole chunks by an exact torch search: set reading.topk "
                               f"to a multiple of it (tokens read, e.g. {4 * c}) and reading.index=torch")
         check_output_reading(self)
+        self._check_selectors()
+
+    def _check_selectors(self) -> None:
+        """LSH buckets and k-means clusters: valid sizes, and alone among the content selectors."""
+        _check_nonneg(**{"reading.lsh_buckets": self.lsh_buckets, "reading.lsh_seed": self.lsh_seed,
+                         "reading.clusters": self.clusters, "reading.cluster_size": self.cluster_size,
+                         "reading.cluster_seed": self.cluster_seed})
+        if self.lsh_buckets > 1 and self.lsh_buckets % 2:
+            raise ConfigError(f"reading.lsh_buckets={self.lsh_buckets} must be even (angular LSH hashes to argmax of "
+                              f"[xR ; -xR]) or 1: use {self.lsh_buckets + 1}")
+        if self.lsh_rounds < 1:
+            raise ConfigError(f"reading.lsh_rounds={self.lsh_rounds} must be >= 1 (hash rounds)")
+        if not 0 <= self.cluster_decay < 1:
+            raise ConfigError(f"reading.cluster_decay={self.cluster_decay} must be in [0, 1) (EMA decay per segment)")
+        if self.lsh_buckets and self.clusters:
+            raise ConfigError("reading.lsh_buckets and reading.clusters both select memory by content: set one to 0")
+        if (self.lsh_buckets or self.clusters) and (self.topk or self.random_slots or self.read_all
+                                                    or self.dilation_rates):
+            raise ConfigError("reading.lsh_buckets/clusters select among the slots top-k would search: set "
+                              "reading.topk=0, reading.random_slots=0, reading.read_all=false and no dilation")
 
 
 @dataclass(frozen=True)

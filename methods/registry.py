@@ -178,6 +178,10 @@ def describe(config: UniMemConfig) -> dict[str, str]:
                                                                        strict=True)))
     if w.pooled_tier:
         reads.append("pooled tier")
+    if r.lsh_buckets:
+        reads.append(f"LSH {r.lsh_buckets} buckets x {r.lsh_rounds} rounds")
+    if r.clusters:
+        reads.append(f"k-means {r.clusters} clusters" + (f" of {r.cluster_size}" if r.cluster_size else " (balanced)"))
     if w.memory_tokens:
         reads.append("memory tokens")
     if r.output != "none":

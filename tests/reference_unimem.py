@@ -35,6 +35,12 @@ of visible (key, value) pairs from an explicit Python list of memory slots per l
   and the window (compact positions in that order).
 - StreamingLLM (`sink_shift`): compact positions with each query's globals moved up by the window slots its sliding
   reach skips; `rolling_cache_nll` is its official token-by-token evaluation, written on its own.
+- Reformer (`lsh_buckets`, Kitaev et al. 2020): angular LSH, a vector's bucket in round r is the argmax of
+  [x R_r ; -x R_r] for a seeded Gaussian R_r; a query reads the searchable slots (as top-k's candidates) sharing a
+  bucket with it in any round. Routing Transformer (`clusters`, Roy et al. 2021): unit centroids per layer and KV
+  head; each cluster's members are its most similar searchable unit keys (balanced), a query reads its nearest
+  cluster's members; after each segment every centroid moves by an EMA towards the mean of the unit queries and
+  keys nearest it. Both select in `read_memory`; the centroids live in `Memory.centroids`.
 """
 
 from __future__ import annotations
@@ -127,6 +133,22 @@ class Description:
     appended to all earlier segments' outputs, the first segment reading none; write slots always learned)."""
     memory_cap: int = 0
     """accumulate: the most recent summary vectors kept (0 = all)."""
+    lsh_buckets: int = 0
+    """Reformer: LSH buckets per round (1: one bucket; 0: no LSH reading)."""
+    lsh_rounds: int = 1
+    """Reformer: hash rounds; a query reads the slots sharing any of its buckets."""
+    lsh_seed: int = 0
+    """Reformer: the rotations of round r, KV head g in layer l are torch.randn(kv_heads, rounds, head_dim, buckets
+    // 2) from a generator seeded lsh_seed * 1_000_003 + l, at [g, r]."""
+    clusters: int = 0
+    """Routing Transformer: centroids per layer and KV head (0: no routing)."""
+    cluster_size: int = 0
+    """Members per cluster (0: ceil(searchable slots / clusters))."""
+    cluster_decay: float = 0.5
+    """EMA decay of a centroid per segment."""
+    cluster_seed: int = 0
+    """Initial centroids of layer l: torch.randn(kv_heads, clusters, head_dim) seeded cluster_seed * 1_000_003 + l,
+    each scaled to unit length."""
 
 
 class ReferenceLlama:
@@ -196,6 +218,8 @@ class Memory:
     """Output reading: the previous segment's last FFN input, waiting for its next token."""
     ffn_input: torch.Tensor | None = None
     """[n, hidden] the last layer's FFN input at the segment's tokens, from the latest `forward_segment`."""
+    centroids: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per injected layer, the Routing Transformer's unit centroids [kv_heads, clusters, head_dim]."""
 
 
 def reference_nll(llama: ReferenceLlama, spec: Description, doc: torch.Tensor,
@@ -233,6 +257,7 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
     n_prefix = next(iter(views.values())).n_prefix if views else 0
     positions = input_positions(spec, n_prefix, doc_start, m, n, r)
     written = {}
+    seg_queries = {}
     for layer in range(llama.n_layers):
         p = f"model.layers.{layer}."
         h = llama.rms_norm(x, p + "input_layernorm.weight")
@@ -265,8 +290,12 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
         if layer in spec.layers:
             doc_keys = torch.stack([llama.rope(k[r + j], doc_start + j, spec.rope_factor) for j in range(n)])
             written[layer] = (k[r:r + n], doc_keys, v[r:r + n])
+            seg_queries[layer] = q_rot[r:r + n]
     x = llama.rms_norm(x, "model.norm.weight")
     for layer, (keys, doc_keys, values) in written.items():
+        if spec.clusters:  # the keys as the memory scores them: document frame for absolute positions
+            move_centroids(llama, spec, memory, layer, seg_queries[layer],
+                           doc_keys if spec.position == "absolute" else keys)
         write_memory(spec, memory, layer, keys, doc_keys, values, doc_start)
     if m:
         summaries = x[r + n:]
@@ -317,7 +346,8 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
     empty = llama.w["model.embed_tokens.weight"].new_zeros(0, llama.kv_heads, llama.head_dim)
     tier = memory.tiers.get(layer, [])
     window = range(window_start, len(bank))
-    searchable = range(first, len(bank)) if spec.topk or spec.random_slots else range(0)
+    searchable = (range(first, len(bank)) if spec.topk or spec.random_slots or spec.lsh_buckets or spec.clusters
+                  else range(0))
     return View(
         global_keys=stack([at(s, j) for j, s in enumerate(global_slots)], empty),
         global_values=stack([s.value for s in global_slots], empty),
@@ -332,6 +362,7 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
         attend_keys=scaled_keys(llama, spec, bank, searchable, doc_start) if spec.scaled_memory else None,
         tier_keys=stack([at(s, len(global_slots) + j) for j, s in enumerate(tier)], empty),
         tier_values=stack([s.value for s in tier], empty),
+        layer=layer, centroids=memory.centroids.get(layer),
     )
 
 
@@ -363,6 +394,10 @@ class View:
     tier_keys: torch.Tensor | None = None
     """The pooled tier, read by every query (pooled_tier)."""
     tier_values: torch.Tensor | None = None
+    layer: int = 0
+    """The layer this view belongs to (seeds the LSH rotations and initial centroids)."""
+    centroids: torch.Tensor | None = None
+    """Routing: the layer's centroids [kv_heads, clusters, head_dim] before this segment (None: never moved)."""
 
 
 def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int,
@@ -389,6 +424,10 @@ def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: i
     if candidates and spec.topk and spec.chunk_size:
         picked = best_chunk_slots(spec, view, query, g, len(candidates))
         keys.append((view.search_keys if view.attend_keys is None else view.attend_keys)[picked, g])
+        values.append(view.search_values[picked, g])
+    elif candidates and (spec.lsh_buckets or spec.clusters):
+        picked = [candidates[j] for j in content_selected(spec, view, query, g, candidates)]
+        keys.append(view.search_keys[picked, g])
         values.append(view.search_values[picked, g])
     elif candidates and spec.topk:
         scores = view.search_keys[candidates, g] @ query
@@ -829,3 +868,65 @@ def output_log_probs(spec: Description, memory: Memory, logits: torch.Tensor, id
     memory.entries.extend((keys[j], int(ids[j + 1])) for j in range(n - 1))
     memory.pending = keys[n - 1]
     return torch.stack(rows)
+
+
+def lsh_rotations(spec: Description, layer: int, kv_heads: int, dim: int) -> torch.Tensor:
+    """[kv_heads, rounds, dim, buckets / 2] in float64: the seeded draw `Description.lsh_seed` names."""
+    generator = torch.Generator().manual_seed(spec.lsh_seed * 1_000_003 + layer)
+    return torch.randn(kv_heads, spec.lsh_rounds, dim, spec.lsh_buckets // 2, generator=generator).to(F64)
+
+
+def lsh_bucket(spec: Description, rotations: torch.Tensor, x: torch.Tensor, g: int, r: int) -> int:
+    """Reformer's angular LSH: the bucket of vector x [head_dim] of KV head g in round r."""
+    if spec.lsh_buckets == 1:
+        return 0
+    projected = x @ rotations[g, r]  # [buckets / 2]
+    return int(torch.cat([projected, -projected]).argmax())
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def initial_centroids(spec: Description, layer: int, kv_heads: int, dim: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(spec.cluster_seed * 1_000_003 + layer)
+    return unit(torch.randn(kv_heads, spec.clusters, dim, generator=generator).to(F64))
+
+
+def content_selected(spec: Description, view: View, query: torch.Tensor, g: int, candidates: list[int]) -> list[int]:
+    """Entries of `candidates` (search-list positions) that `query` (rotated, of KV head g) reads: the slots sharing
+    an LSH bucket with it in some round, or the members of its nearest cluster."""
+    kv_heads, dim = view.search_keys.shape[1], view.search_keys.shape[2]
+    if spec.lsh_buckets:
+        rotations = lsh_rotations(spec, view.layer, kv_heads, dim)
+        mine = [lsh_bucket(spec, rotations, query, g, r) for r in range(spec.lsh_rounds)]
+        return [j for j in candidates
+                if any(lsh_bucket(spec, rotations, view.search_keys[j, g], g, r) == mine[r]
+                       for r in range(spec.lsh_rounds))]
+    centroids = view.centroids if view.centroids is not None else initial_centroids(spec, view.layer, kv_heads, dim)
+    n = len(view.search_index)
+    size = min(n, spec.cluster_size or -(-n // spec.clusters))
+    nearest = max(range(spec.clusters), key=lambda c: float(unit(query) @ centroids[g, c]))
+    similarity = [float(unit(view.search_keys[j, g]) @ centroids[g, nearest]) for j in range(n)]
+    members = set(sorted(range(n), key=lambda j: -similarity[j])[:size])  # stable: the older of equals first
+    return [j for j in candidates if j in members]
+
+
+def move_centroids(llama: ReferenceLlama, spec: Description, memory: Memory, layer: int, queries: torch.Tensor,
+                   keys: torch.Tensor) -> None:
+    """One online k-means step after a segment: queries [n, heads, dim] (rotated), keys [n, kv_heads, dim]."""
+    group = llama.heads // llama.kv_heads
+    centroids = memory.centroids.get(layer)
+    if centroids is None:
+        centroids = initial_centroids(spec, layer, llama.kv_heads, llama.head_dim)
+    moved = centroids.clone()
+    for g in range(llama.kv_heads):
+        points = [unit(queries[t, head]) for head in range(g * group, (g + 1) * group) for t in range(len(queries))]
+        points += [unit(keys[t, g]) for t in range(len(keys))]
+        nearest = [max(range(spec.clusters), key=lambda c: float(p @ centroids[g, c])) for p in points]
+        for c in range(spec.clusters):
+            mine = [p for p, a in zip(points, nearest, strict=True) if a == c]
+            if mine:
+                mean = torch.stack(mine).mean(0)
+                moved[g, c] = unit(spec.cluster_decay * centroids[g, c] + (1 - spec.cluster_decay) * mean)
+    memory.centroids[layer] = moved

@@ -70,7 +70,7 @@ def test_gradients_reach_exactly_the_window(name):
         state.detach()
 
 
-@pytest.mark.parametrize("name", ["rmt", "longformer", "memorizing_transformer", "unimix"])
+@pytest.mark.parametrize("name", ["rmt", "longformer", "memorizing_transformer", "unimix", "reformer", "routing"])
 def test_gradient_checkpointing_gives_the_same_gradients(name):
     doc = random_docs([6 * 8 + 1])[0]
     results = []

@@ -193,6 +193,30 @@ GRID = [
     case("ac-with-xl-window", "transformer_xl", "writing.memory_tokens=2", "writing.memory_mode=accumulate",
          "writing.write_slots=learned", "writing.memory_cap=6"),
     case("ac-segment1", "autocompressor", "writing.memory_tokens=1", "writing.memory_cap=4", segment=1, doc=10),
+    # Reformer: LSH buckets (2 and 4 of them, one round and several, another seed, one bucket = all), every position
+    # mode, a sliding window in front (LSH among the slots before each query's reach), fifo memory, segments of 5.
+    case("lsh-4x1", "reformer", "reading.lsh_buckets=4", "reading.lsh_rounds=1"),
+    case("lsh-4x3-seed5", "reformer", "reading.lsh_buckets=4", "reading.lsh_rounds=3", "reading.lsh_seed=5"),
+    case("lsh-2x2-fifo", "reformer", "reading.lsh_buckets=2", "reading.lsh_rounds=2", "management.overflow=fifo"),
+    case("lsh-one-bucket", "reformer", "reading.lsh_buckets=1"),
+    *[case(f"lsh-4x2-{mode}", "reformer", "reading.lsh_buckets=4", "reading.lsh_rounds=2", f"position.mode={mode}")
+      for mode in ("official", "compact", "absolute")],
+    case("lsh-sliding-window", "reformer", "reading.lsh_buckets=4", "reading.lsh_rounds=2", "reading.window=6",
+         "reading.sliding=true", "management.size=20", "management.overflow=fifo"),
+    case("lsh-segment5", "reformer", "reading.lsh_buckets=4", "reading.lsh_rounds=2", segment=5, doc=31),
+    # Routing Transformer: 1-4 clusters, explicit sizes, decays, seeds, every position mode, a sliding window,
+    # segments of 5 and 1 (the centroids move after every segment). Distinct tokens: no tied keys at the top-w cut.
+    case("route-2", "routing", "reading.clusters=2", distinct=True),
+    case("route-3-size4-decay0", "routing", "reading.clusters=3", "reading.cluster_size=4", "reading.cluster_decay=0",
+         "reading.cluster_seed=2", "management.overflow=fifo", distinct=True),
+    case("route-one-cluster", "routing", "reading.clusters=1"),
+    *[case(f"route-3-{mode}", "routing", "reading.clusters=3", f"position.mode={mode}", distinct=True)
+      for mode in ("official", "compact", "absolute")],
+    case("route-sliding-window", "routing", "reading.clusters=2", "reading.window=6", "reading.sliding=true",
+         "management.size=20", "management.overflow=fifo", distinct=True),
+    case("route-segment5", "routing", "reading.clusters=3", "reading.cluster_decay=0.9", segment=5, doc=31,
+         distinct=True),
+    case("route-segment1", "routing", "reading.clusters=2", "management.size=6", segment=1, doc=12, distinct=True),
 ]
 
 
@@ -219,6 +243,8 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         output=r.output, output_topk=r.output_topk, output_lambda=r.output_lambda,
         output_temperature=r.output_temperature,
         memory_mode=w.memory_mode, memory_cap=w.memory_cap,
+        lsh_buckets=r.lsh_buckets, lsh_rounds=r.lsh_rounds, lsh_seed=r.lsh_seed, clusters=r.clusters,
+        cluster_size=r.cluster_size, cluster_decay=r.cluster_decay, cluster_seed=r.cluster_seed,
     )
 
 

@@ -123,6 +123,11 @@ PRESETS: dict[str, Preset] = {
     "summary-cap": Preset("AutoCompressor's accumulated summary vectors kept: 1, 2, 4, 8 segments' worth, and all",
                           lambda ctx: [Axis("writing.memory_cap", tuple(dict.fromkeys(
                               [str(summary_tokens(ctx) * n) for n in (1, 2, 4, 8)] + ["0"])))]),
+    # Reformer's n_hashes ablation (its Fig. 4: 1, 2, 4, 8 rounds; 8 nearly matches full attention).
+    "lsh-rounds": Preset("Reformer's LSH hash rounds: 1, 2, 4, 8 (reading.lsh_rounds; its paper's ablation)",
+                         lambda ctx: [Axis("reading.lsh_rounds", ("1", "2", "4", "8"))]),
+    "clusters": Preset("Routing Transformer's k-means clusters: 1 (all memory), 4, 16, 64 (reading.clusters, balanced)",
+                       lambda ctx: [Axis("reading.clusters", ("1", "4", "16", "64"))]),
 }
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
-from unimem_bench.methods.engine import eviction
+from unimem_bench.methods.engine import buckets, eviction
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.plan import SegmentContext
 from unimem_bench.methods.engine.retrieval import topk_chunk_slots, topk_exact
@@ -105,8 +105,12 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     if mask is not None and mask.dim() == 3:  # LongNet: one row per head offset; head h takes row h mod offsets
         mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
     lse = None
-    if ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None:
+    if (ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None
+            or ctx.bucket_end is not None):
         out, lse = attention_with_lse(query, keys, values, mask, scale)
+        if ctx.bucket_end is not None:
+            out, lse = buckets.merge_buckets(config.reading, bank, mem, layer, ctx.topk_start, ctx.bucket_end, query,
+                                             out, lse, scale)
         if ctx.sink_shift is not None:
             out, lse = merge_sinks(ctx, mem, query, out, lse, scale)
         if ctx.random_slots is not None:
@@ -132,6 +136,14 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
             seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
         if first_call:  # a recomputation repeats the tensor operations above but writes nothing
             bank.write(plan, config, seg_k, value[:, :, seg], fresh)
+    if first_call and plan.write and config.reading.clusters:  # the Routing Transformer's online k-means step
+        with torch.no_grad():  # no gradient, and nothing saved that a checkpointed recomputation would not save
+            seg = slice(plan.n_read, plan.n_read + plan.n_seg)
+            seg_k = key[:, :, seg]
+            if plan.store is not None:
+                cos, sin = (t[seg] for t in plan.store)
+                seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
+            buckets.write_centroids(config.reading, bank, layer, query[:, :, seg], seg_k)
     return out.to(query.dtype)  # the fused CPU kernel's float32 log-sum-exp must not promote the output
 
 

@@ -51,7 +51,8 @@ class WritePlan(Protocol):
     def n_tier_after(self) -> int: ...
 
 
-_TENSORS = ("keys", "values", "global_keys", "global_values", "ids", "scores", "tier_keys", "tier_values")
+_TENSORS = ("keys", "values", "global_keys", "global_values", "ids", "scores", "tier_keys", "tier_values",
+            "centroids")
 """The tensors of a `LayerMemory`."""
 
 
@@ -116,6 +117,10 @@ class LayerMemory:
     tier_keys: torch.Tensor | None = None
     """[batch, kv_heads, tier slots, head_dim] the pooled tier (writing.pooled_tier): means of evicted slots."""
     tier_values: torch.Tensor | None = None
+    centroids: torch.Tensor | None = None
+    """[batch, kv_heads, clusters, head_dim] float32 unit k-means centroids (reading.clusters; `buckets.py`)."""
+    rotations: torch.Tensor | None = None
+    """[kv_heads, rounds, head_dim, buckets / 2] float32 LSH rotations (reading.lsh_buckets), drawn once per run."""
 
     def note_read(self, slots: int) -> None:
         """Count a forward call reading `slots` memory slots (summed over its batch rows)."""
@@ -205,7 +210,8 @@ class LayerMemory:
     def snapshot(self) -> LayerMemory:
         """The current tensors (writes replace them, never modify them in place, so this is a frozen view)."""
         return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids,
-                           tier_keys=self.tier_keys, tier_values=self.tier_values)
+                           tier_keys=self.tier_keys, tier_values=self.tier_values,
+                           centroids=self.centroids, rotations=self.rotations)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         for name in _TENSORS:

@@ -152,6 +152,9 @@ class SegmentContext:
     sink_shift: torch.Tensor | None = None
     """[queries] position.sink_shift: how far each query's global keys move up from 0 .. G-1 (the window slots its
     sliding reach skips); the globals are then masked out of `mask` and read apart (None: no shift)."""
+    bucket_end: torch.Tensor | None = None
+    """[queries] like topk_end, for the content selectors reading.lsh_buckets / reading.clusters (None: none this
+    call); they select among the bank slots [topk_start, bucket_end[query])."""
     reads: dict[int, LayerMemory] = field(default_factory=dict)
     """Per layer, the memory its first call read. Gradient checkpointing calls a layer again during backward; that
     call must read the same memory (not what later writes left) and write nothing."""
@@ -192,8 +195,9 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
     topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
     random = random_slots(config, plan, state.segments, i, start) if r.random_slots else None
+    bucket_end = reach_end if (r.lsh_buckets or r.clusters) and int(reach_end.max()) > start else None
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
-                          topk_start=start, sink_shift=shift, random_slots=random)
+                          topk_start=start, sink_shift=shift, random_slots=random, bucket_end=bucket_end)
 
 
 def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,

@@ -1,0 +1,153 @@
+"""Content selectors merged into the one softmax: Reformer's LSH buckets and the Routing Transformer's k-means routing.
+
+Both pick, per query and KV head, a subset of the searchable memory slots (the non-global bank slots before the
+query's window reach, as top-k searches) and add them to the softmax of the window and local keys through
+log-sum-exp (the rules are `Reading.lsh_buckets` and `Reading.clusters`). The selection is a boolean mask over the
+searchable slots scored in one batched product: no sorting by bucket and no per-query gathers, so the cost is that of
+dense attention over the (bounded, Clear All) memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from unimem_bench.methods.config import Reading
+from unimem_bench.methods.engine.memory import LayerMemory
+
+
+def lsh_rotations(reading: Reading, layer: int, kv_heads: int, dim: int, device: torch.device) -> torch.Tensor:
+    """The layer's seeded random rotations [kv_heads, rounds, dim, buckets // 2] (float32)."""
+    generator = torch.Generator().manual_seed(reading.lsh_seed * 1_000_003 + layer)
+    rotations = torch.randn(kv_heads, reading.lsh_rounds, dim, reading.lsh_buckets // 2, generator=generator)
+    return rotations.to(device)
+
+
+def lsh_hash(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Angular LSH: x [batch, kv_heads, n, dim] -> float bucket ids [batch, kv_heads, rounds, n], the argmax of
+    [xR ; -xR] (exact whenever a vector's projections differ, i.e. but for a zero vector)."""
+    kv_heads, rounds, dim, half = rotations.shape
+    if not half:  # one bucket
+        return x.new_zeros(*x.shape[:2], rounds, x.shape[2], dtype=torch.float32)
+    # Arithmetic and reductions only: on CPU, argmax over a short last dimension and boolean tensors are 10-100x
+    # slower than amax and float arithmetic. Unit vectors: projections are O(1), so a gap between two different
+    # projections (>= 1e-7 relative) times SEPARATE is far above the `half` that the argmax index adds.
+    flat = rotations.permute(0, 2, 1, 3).reshape(kv_heads, dim, rounds * half)  # [kv_heads, dim, rounds * half]
+    unit = F.normalize(x.float(), dim=-1)
+    projected = (unit @ flat).unflatten(-1, (rounds, half)).transpose(2, 3)  # [batch, kv_heads, rounds, n, half]
+    high, low = projected.amax(-1), projected.amin(-1)  # [batch, kv_heads, rounds, n]
+    negative = ((high + low) < 0).float()  # the largest of [xR ; -xR] is -min(xR): a bucket in the second half
+    target = torch.where(negative > 0, low, high).unsqueeze(-1)
+    return first_zero((projected - target).abs()) + negative * half
+
+
+UNREAD = 1e30
+"""Pushes a key not read below every logit read, finite so the arithmetic stays on fast paths."""
+
+SEPARATE = 1e12
+"""Scales a nonzero gap between two O(1) float32 values (>= ~1e-7) past any index (< 2^15)."""
+
+
+def first_zero(gap: torch.Tensor) -> torch.Tensor:
+    """The index (float) of the first zero along the last dimension of `gap` >= 0, whose other entries are O(1)
+    apart from 0: argmax by amax and arithmetic, which on CPU are 10-100x faster than argmax and boolean masks."""
+    order = torch.arange(gap.shape[-1], device=gap.device, dtype=gap.dtype)
+    return -(-order - gap * SEPARATE).amax(-1)
+
+
+def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Unit points [batch, kv_heads, n, dim], unit centroids [batch, kv_heads, clusters, dim] -> [batch, kv_heads, n]
+    long: the first most similar centroid."""
+    similarity = points @ centroids.transpose(-1, -2)  # [batch, kv_heads, n, clusters], cosines in [-1, 1]
+    return first_zero(similarity.amax(-1, keepdim=True) - similarity).long()
+
+
+def shared_bucket(query_buckets: torch.Tensor, key_buckets: torch.Tensor) -> torch.Tensor:
+    """[batch, kv_heads, rounds, q] and [batch, kv_heads, rounds, n] float ids -> [batch, kv_heads, q, n] 1.0 where
+    the query and the key share a bucket in at least one round, else 0.0."""
+    apart = (query_buckets.unsqueeze(-1) - key_buckets.unsqueeze(-2)).abs_().amin(2)  # [batch, kv_heads, q, n]
+    return 1 - apart.clamp(max=1)  # ids are whole numbers: a difference is 0 or >= 1
+
+
+def initial_centroids(reading: Reading, layer: int, batch: int, kv_heads: int, dim: int,
+                      device: torch.device) -> torch.Tensor:
+    """Seeded unit centroids [batch, kv_heads, clusters, dim] (float32), the same for every document."""
+    generator = torch.Generator().manual_seed(reading.cluster_seed * 1_000_003 + layer)
+    centroids = F.normalize(torch.randn(kv_heads, reading.clusters, dim, generator=generator), dim=-1)
+    return centroids.to(device).expand(batch, -1, -1, -1)
+
+
+def update_centroids(reading: Reading, centroids: torch.Tensor, queries: torch.Tensor,
+                     keys: torch.Tensor) -> torch.Tensor:
+    """One online k-means step: centroids [batch, kv_heads, clusters, dim], the segment's queries [batch, heads, n,
+    dim] and keys [batch, kv_heads, n, dim] (as the memory scores them); returns the new centroids."""
+    batch, kv_heads, _, dim = keys.shape
+    points = torch.cat([queries.detach().reshape(batch, kv_heads, -1, dim), keys.detach()], dim=2)
+    points = F.normalize(points.float(), dim=-1)  # [batch, kv_heads, points, dim]
+    nearest = nearest_centroid(points, centroids)  # [batch, kv_heads, points]
+    onehot = F.one_hot(nearest, centroids.shape[2]).to(points.dtype)  # [batch, kv_heads, points, clusters]
+    counts = onehot.sum(2)  # [batch, kv_heads, clusters]
+    means = (onehot.transpose(-1, -2) @ points) / counts.clamp(min=1).unsqueeze(-1)
+    moved = F.normalize(reading.cluster_decay * centroids + (1 - reading.cluster_decay) * means, dim=-1)
+    return torch.where(counts.unsqueeze(-1) > 0, moved, centroids)
+
+
+def routed(reading: Reading, centroids: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Balanced routing: queries [batch, kv_heads, q, dim] and searchable keys [batch, kv_heads, n, dim] -> [batch,
+    kv_heads, q, n] 1.0 where the key is a member of the query's nearest cluster, else 0.0."""
+    n = keys.shape[2]
+    size = min(n, reading.cluster_size or math.ceil(n / reading.clusters))
+    similarity = centroids @ F.normalize(keys.float(), dim=-1).transpose(-1, -2)  # [batch, kv_heads, clusters, n]
+    # Stable: among equal similarities (a repeated token's equal keys) the older slot is a member first.
+    members = similarity.sort(dim=-1, descending=True, stable=True).indices[..., :size]
+    member = torch.zeros_like(similarity).scatter_(-1, members, 1.0)  # [batch, kv_heads, clusters, n]
+    nearest = nearest_centroid(F.normalize(queries.float(), dim=-1), centroids)  # [batch, kv_heads, q]
+    return F.one_hot(nearest, reading.clusters).to(member.dtype) @ member
+
+
+def merge_buckets(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: int, start: int, end: torch.Tensor,
+                  query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add each query's selected slots of mem's bank [start, end[query]) to the softmax of `out`/`lse` (one softmax
+    over the union); `bank` (the live layer memory) holds the LSH rotations. Returns the merged (out, lse)."""
+    assert mem.keys is not None and mem.values is not None
+    batch, heads, seq, dim = query.shape
+    kv_heads = mem.keys.shape[1]
+    group = heads // kv_heads
+    q = query.reshape(batch, kv_heads, group * seq, dim)  # [batch, kv_heads, group * seq, dim]
+    keys, values = mem.keys[:, :, start:], mem.values[:, :, start:]  # [batch, kv_heads, n, dim]
+    if reading.lsh_buckets:
+        if bank.rotations is None:
+            bank.rotations = lsh_rotations(reading, layer, kv_heads, dim, query.device)
+        rotations = bank.rotations
+        selected = shared_bucket(lsh_hash(q, rotations), lsh_hash(keys, rotations))
+    else:
+        centroids = mem.centroids if mem.centroids is not None else initial_centroids(
+            reading, layer, batch, kv_heads, dim, query.device)  # a memory written before any segment was routed
+        selected = routed(reading, centroids, q, keys)  # [batch, kv_heads, group * seq, n]
+    limit = end.repeat(group) - start  # [group * seq]: q's rows are (group, seq) flattened
+    before = (limit[:, None] - torch.arange(keys.shape[2], device=query.device)).clamp(0, 1)  # [group * seq, n]
+    read = selected * before  # [batch, kv_heads, group * seq, n]: 1.0 for each key the query reads
+    # Float arithmetic only: boolean masks, and exp/log of -inf or of huge negatives, take slow paths on CPU. The
+    # softmax runs over all keys, shifted by the largest logit read, and the keys not read are zeroed after exp.
+    logits = (q @ keys.to(q.dtype).transpose(-1, -2)) * scale  # [batch, kv_heads, group * seq, n]
+    top = (logits + (read - 1) * UNREAD).amax(-1, keepdim=True)  # the largest logit read (~ -UNREAD if none)
+    weights = torch.exp((logits - top).clamp(max=0)) * read
+    total_s = weights.sum(-1)  # [batch, kv_heads, group * seq]: 0 where the query reads nothing
+    lse_s = top.squeeze(-1) + torch.log(total_s)  # -inf where it reads nothing
+    probs = weights / total_s.clamp(min=torch.finfo(weights.dtype).tiny).unsqueeze(-1)
+    out_s = (probs @ values.to(q.dtype)).reshape(batch, heads, seq, dim)
+    lse_s = lse_s.reshape(batch, heads, seq)
+    total = torch.logaddexp(lse.to(lse_s.dtype), lse_s)
+    merged = out * torch.exp(lse - total).unsqueeze(-1) + out_s * torch.exp(lse_s - total).unsqueeze(-1)
+    return merged, total
+
+
+def write_centroids(reading: Reading, bank: LayerMemory, layer: int, queries: torch.Tensor,
+                    keys: torch.Tensor) -> None:
+    """After a written segment, move the layer's centroids (made on first use) towards its queries and keys."""
+    if bank.centroids is None:
+        bank.centroids = initial_centroids(reading, layer, keys.shape[0], keys.shape[1], keys.shape[3], keys.device)
+    bank.centroids = update_centroids(reading, bank.centroids, queries, keys)
