@@ -162,16 +162,24 @@ class MemoryLM(nn.Module):
         """Start counting memory usage afresh (the runner does, once per task)."""
         self.usage = {i: LayerUsage() for i in sorted(self.layers)}
         self.longest_input = 0
+        self.peak_kv_bytes = 0
 
     def note_input(self, end: int) -> None:
         """Count an input reaching document position `end` (exclusive)."""
         self.longest_input = max(self.longest_input, end)
 
     def usage_record(self) -> dict[str, object]:
-        """Small run record of what memory did: the longest input, and per injected layer the slots evicted, read,
-        and read from a memory that had evicted (each summed over documents)."""
-        return {"longest_input": self.longest_input,
+        """Small run record of what memory did: the longest input, the peak bytes of keys and values held (all
+        layers and rows at once), the KV footprint (slots x tokens, all layers and heads), and per injected layer
+        the slots evicted, read, read from a memory that had evicted, and per KV head its peak slots and footprint
+        (each summed over documents)."""
+        return {"longest_input": self.longest_input, "peak_kv_bytes": self.peak_kv_bytes,
+                "kv_footprint": sum(sum(u.footprint) for u in self.usage.values()),
                 "layers": {str(i): dataclasses.asdict(u) for i, u in self.usage.items()}}
+
+    def note_held_bytes(self, state: MemoryState) -> None:
+        """Track the peak bytes of keys and values the memory holds (after a segment's write)."""
+        self.peak_kv_bytes = max(self.peak_kv_bytes, sum(layer.held_bytes() for layer in state.layers.values()))
 
     @contextlib.contextmanager
     def budget_for(self, tokens: int) -> Iterator[None]:
@@ -182,7 +190,11 @@ class MemoryLM(nn.Module):
             return
         saved = self.config
         size = max(1, m.sinks + m.recent, math.ceil(m.budget * tokens))
-        self.config = dataclasses.replace(saved, management=dataclasses.replace(m, size=size))
+        r = saved.reading
+        # A window that covered the memory (Transformer-XL) covers the new size; a shorter one stays inside it.
+        window = size if r.window == m.size else min(r.window, size)
+        self.config = dataclasses.replace(saved, management=dataclasses.replace(m, size=size),
+                                          reading=dataclasses.replace(r, window=window))
         try:
             yield
         finally:
@@ -208,10 +220,12 @@ class MemoryLM(nn.Module):
         reading, size = self.config.reading, self.config.management.size
         use_faiss = self.config.uses_kv_memory and reading.topk and reading.index != "torch"
         seed = self.config.management.seed
+        budgeted = self.config.management.scored and self.config.management.budgeted
         layers = {i: LayerMemory(faiss=FaissBank(reading, size) if use_faiss else None, usage=self.usage[i],
                                  generator=torch.Generator().manual_seed(seed * 1_000_003 + i)
-                                 if self.config.management.eviction == "random" else None)
-                  for i in self.layers}
+                                 if self.config.management.eviction == "random" else None,
+                                 depth=(rank, len(self.layers)) if budgeted else None)
+                  for rank, i in enumerate(sorted(self.layers))}
         state = MemoryState(layers=layers)
         if self.memory_embeddings is not None:
             state.rmt = self.memory_embeddings.unsqueeze(0).expand(batch, -1, -1)
@@ -244,6 +258,7 @@ class MemoryLM(nn.Module):
             # A copy, not a view: a view would keep the whole [batch, m + n + m, hidden] output alive.
             state.rmt = hidden[:, -m:].detach().clone() if plan.detach_tokens else hidden[:, -m:].clone()
         state.commit(plan, config, doc_start)
+        self.note_held_bytes(state)
         return self.model.get_output_embeddings()(hidden[:, m:m + n])
 
     def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
