@@ -139,6 +139,9 @@ class Management:
         if self.budgeted and not self.scored:
             raise ConfigError("management.layer_budget/head_budget split a score-evicting budget: set "
                               "management.eviction (h2o, tova, snapkv, knorm, random, lru)")
+        if self.head_budget == "adaptive" and self.eviction == "tova":
+            raise ConfigError("management.head_budget=adaptive compares scores across KV heads but tova scores a "
+                              "slot once for all heads: use snapkv, h2o, knorm, random or lru")
 
 
 @dataclass(frozen=True)
