@@ -452,7 +452,8 @@ def dilated_read(spec: Description, view: View, local_keys: torch.Tensor, local_
 #   1 / (keys that query sees); a slot written counts as used at its own id.
 # Budgets per layer and head (issue 10): `pyramid` (PyramidKV, Cai et al. 2024) gives layer l of L the protected
 # slots plus floor(lo + (hi - lo)(L - 1 - l)/(L - 1)), lo = B // beta, hi = 2B - lo, B = size - sinks - recent,
-# the floors' shortfall one slot each to the lowest layers; `adaptive` (AdaKV, Feng et al. 2024) keeps, per layer,
+# hi capped at the document's unprotected tokens T (lo = 2B - T), uniform when T <= B, the floors' shortfall one
+# slot each to the largest fractional parts; `adaptive` (AdaKV, Feng et al. 2024) keeps, per layer,
 # heads x budget (head, slot) pairs: every head's protected slots and its best floor(budget x head_floor), then the
 # highest scores across heads, ties for the newer id, then the lower head. Heads then hold different numbers of
 # slots; in compact positions a head's slots sit just before the input, which starts after the most any head of any
@@ -500,14 +501,14 @@ def eviction_nll(llama: ReferenceLlama, spec: EvictionSpec, doc: torch.Tensor,
         width = min(spec.segment_len, len(doc) - 1 - start)
         if trace is not None:
             trace.append((width, [[len(head) for head in layer] for layer in banks]))
-        logits = _eviction_segment(llama, spec, banks, doc[start:start + width], start)
+        logits = _eviction_segment(llama, spec, banks, doc[start:start + width], start, len(doc))
         logp = torch.log_softmax(logits, dim=-1)
         out.append(-logp[torch.arange(width), doc[start + 1:start + width + 1]])
     return torch.cat(out), [[[s.id for s in head] for head in layer] for layer in banks]
 
 
 def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[list[list[HeadSlot]]],
-                      ids: torch.Tensor, doc_start: int) -> torch.Tensor:
+                      ids: torch.Tensor, doc_start: int, tokens: int) -> torch.Tensor:
     n = len(ids)
     x = llama.w["model.embed_tokens.weight"][ids]
     group = llama.heads // llama.kv_heads
@@ -540,7 +541,7 @@ def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[lis
         h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
         gate = llama.linear(h, p + "mlp.gate_proj")
         x = x + llama.linear(gate * torch.sigmoid(gate) * llama.linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
-        budget = layer_budget(spec, layer, llama.n_layers)
+        budget = layer_budget(spec, layer, llama.n_layers, tokens)
         all_cands = []
         for g in range(llama.kv_heads):
             cands = held[g] + [HeadSlot(doc_start + j, k[j, g], v[j, g]) for j in range(n)]
@@ -605,18 +606,27 @@ def _keep(spec: EvictionSpec, cands: list[HeadSlot], end: int, size: int | None 
     return sorted(kept, key=lambda s: s.id)
 
 
-def layer_budget(spec: EvictionSpec, layer: int, n_layers: int) -> int:
-    """Slots per KV head of `layer` (PyramidKV's pyramid in exact fractions, or the uniform size)."""
+def layer_budget(spec: EvictionSpec, layer: int, n_layers: int, tokens: int = 0) -> int:
+    """Slots per KV head of `layer` for a document of `tokens` tokens (PyramidKV's pyramid in exact fractions, or
+    the uniform size)."""
     if spec.layer_budget == "uniform" or n_layers == 1:
         return spec.size
     protected = spec.sinks + spec.recent
     free = spec.size - protected
     lo = free // spec.pyramid_beta
     hi = 2 * free - lo
-    floors = [math.floor(Fraction(lo) + Fraction(hi - lo) * (n_layers - 1 - i) / (n_layers - 1))
-              for i in range(n_layers)]
+    if tokens:  # PyramidKV: the top capped at the input's unprotected tokens, the bottom raised to keep the sum
+        if tokens - protected <= free:
+            return spec.size
+        if hi > tokens - protected:
+            hi = tokens - protected
+            lo = 2 * free - hi
+    exact = [Fraction(lo) + Fraction(hi - lo) * (n_layers - 1 - i) / (n_layers - 1) for i in range(n_layers)]
+    floors = [math.floor(x) for x in exact]
     shortfall = n_layers * free - sum(floors)
-    return protected + floors[layer] + (1 if layer < shortfall else 0)
+    # Largest remainders first, the lower layer on a tie.
+    raised = sorted(range(n_layers), key=lambda i: (floors[i] - exact[i], i))[:shortfall]
+    return protected + floors[layer] + (1 if layer in raised else 0)
 
 
 def _keep_adaptive(spec: EvictionSpec, heads: list[list[HeadSlot]], end: int, budget: int) -> list[list[HeadSlot]]:

@@ -35,8 +35,8 @@ def engine_held(model: torch.nn.Module, spec: EvictionSpec, doc: torch.Tensor) -
     with MemoryLM(model, budget_config(spec), segment_len=spec.segment_len) as lm:
         nll = lm.score([doc])[0]
         record = lm.usage_record()
-        state = lm.new_state(1)
-        with torch.inference_mode():
+        with torch.inference_mode(), lm.budget_for(len(doc)):
+            state = lm.new_state(1)
             for start in range(0, len(doc) - 1, spec.segment_len):
                 width = min(spec.segment_len, len(doc) - 1 - start)
                 lm.forward_segment(state, doc[start:start + width].unsqueeze(0), start)
@@ -60,6 +60,9 @@ CASES = [
     EvictionSpec(segment_len=4, size=6, policy="knorm", position="official", head_budget="adaptive"),
     EvictionSpec(segment_len=5, size=8, policy="lru", position="absolute", head_budget="adaptive", sinks=2),
     EvictionSpec(segment_len=4, size=6, policy="tova", position="compact", layer_budget="pyramid", pyramid_beta=2),
+    # 2 x 12 unprotected slots exceed the 21 unprotected tokens: the top is capped (21) and the bottom raised (3).
+    EvictionSpec(segment_len=4, size=14, policy="snapkv", position="compact", observe=2, pool_kernel=3, recent=2,
+                 layer_budget="pyramid"),
     EvictionSpec(segment_len=3, size=5, policy="snapkv", position="absolute", observe=2, pool_kernel=3, recent=1,
                  layer_budget="pyramid", head_budget="adaptive", pyramid_beta=4, head_floor=0.0),
 ]
@@ -75,8 +78,8 @@ def test_budgeted_eviction_matches_reference(spec: EvictionSpec) -> None:
     torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
     assert held == ref_held
     sizes = [sum(len(h) for h in layer) for layer in held]
-    budget = [layer_budget(spec, i, 3) * 2 for i in range(3)]
-    assert sizes == budget  # every layer's heads together hold exactly its budget
+    budget = [layer_budget(spec, i, 3, len(doc)) * 2 for i in range(3)]
+    assert sizes == [min(b, 2 * (len(doc) - 1)) for b in budget]  # each layer's heads hold its budget together
     if spec.layer_budget == "pyramid":
         assert budget[0] > budget[-1]
     if spec.head_budget == "adaptive" and spec.policy != "h2o":  # heads really kept different numbers at some
@@ -106,6 +109,11 @@ def test_pyramid_schedule_keeps_the_uniform_total(n_layers, size, sinks, recent,
     assert sizes == sorted(sizes, reverse=True) and min(sizes) >= sinks + recent
     if n_layers > 1 and beta > 1 and size - sinks - recent >= beta:
         assert sizes[0] > size > sizes[-1]
+    for tokens in (size, size + (size - sinks - recent) // 2, 10 * size):  # within the budget, capped, free
+        capped = [budgets.layer_size(m, size, i, n_layers, tokens) for i in range(n_layers)]
+        assert capped == [layer_budget(spec, i, n_layers, tokens) for i in range(n_layers)]
+        assert sum(capped) == n_layers * size and max(capped) <= max(tokens, size)
+        assert capped == sorted(capped, reverse=True)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -15,22 +15,34 @@ import torch.nn.functional as F
 from unimem_bench.methods.config import Management
 
 
-def layer_size(m: Management, size: int, rank: int, n_layers: int) -> int:
-    """Slots per KV head of the injected layer `rank` (0 = lowest) of `n_layers`, for a uniform budget `size`.
+def layer_size(m: Management, size: int, rank: int, n_layers: int, tokens: int = 0) -> int:
+    """Slots per KV head of the injected layer `rank` (0 = lowest) of `n_layers`, for a uniform budget `size` and
+    an input of `tokens` tokens (0: unknown).
 
     Pyramid: the unprotected part B = size - sinks - recent runs linearly from 2B - B // beta down to B // beta
     (PyramidKV's endpoints), each floored; the floors' remainder goes one slot each to the lowest layers, so the
-    layers sum to n_layers x B; the protected slots are added to every layer."""
+    layers sum to n_layers x B; the protected slots are added to every layer. As PyramidKV, the top is capped at the
+    input's unprotected tokens T (and the bottom raised to 2B - T), so no layer is given slots it cannot fill while
+    a higher one evicts; an input within the budget is uniform (nothing is evicted)."""
     if m.layer_budget == "uniform" or n_layers == 1:
         return size
     protected = m.sinks + m.recent
     free = size - protected
+    if tokens and tokens - protected <= free:
+        return size
     low = free // m.pyramid_beta
     high = 2 * free - low
-    # Exact rational steps (PyramidKV floors the step instead, which can overshoot the total by up to n/2 slots).
-    sizes = [low + (high - low) * (n_layers - 1 - i) // (n_layers - 1) for i in range(n_layers)]
+    if tokens and high > tokens - protected:
+        high = tokens - protected
+        low = 2 * free - high
+    # Exact rational steps (PyramidKV floors the step instead, which can overshoot the total by up to n/2 slots);
+    # the floors' shortfall goes to the largest fractional parts (ties: the lower layer), which keeps the schedule
+    # non-increasing and every layer within the ceiling of its exact value.
+    steps = [(high - low) * (n_layers - 1 - i) for i in range(n_layers)]  # layer i: low + steps[i] / (n - 1)
+    sizes = [low + s // (n_layers - 1) for s in steps]
     extra = n_layers * free - sum(sizes)  # 0 <= extra < n_layers
-    return protected + sizes[rank] + (1 if rank < extra else 0)
+    by_fraction = sorted(range(n_layers), key=lambda i: (-(steps[i] % (n_layers - 1)), i))
+    return protected + sizes[rank] + (1 if rank in by_fraction[:extra] else 0)
 
 
 def keep_slots(m: Management, scores: torch.Tensor, ids: torch.Tensor, budget: int, end_id: int) -> torch.Tensor:

@@ -119,9 +119,9 @@ class LayerMemory:
     """The seeded generator of `random` eviction."""
     has_evicted: bool = False
     """This document's memory has evicted something: what it holds now is compressed."""
-    depth: tuple[int, int] | None = None
-    """(rank among the injected layers from the lowest, their number) when score eviction budgets differ per layer
-    or KV head (`budgets`); None otherwise."""
+    depth: tuple[int, int, int] | None = None
+    """(rank among the injected layers from the lowest, their number, the input's tokens or 0) when score eviction
+    budgets differ per layer or KV head (`budgets.layer_size`); None otherwise."""
 
     def held_slots(self) -> torch.Tensor | None:
         """Slots held per batch row and KV head [batch, kv_heads] (bank plus pinned globals); None when empty."""

@@ -82,6 +82,8 @@ class MemoryLM(nn.Module):
         model.set_attn_implementation(ATTENTION_NAME)
         self.memory_embeddings: nn.Parameter | None = None
         self.usage: dict[int, LayerUsage] = {}
+        self.input_tokens = 0
+        """Tokens of the input being scored or continued (set by `budget_for`; 0 outside it)."""
         self.longest_input = 0
         self.reset_usage()
         m = config.writing.memory_tokens
@@ -185,8 +187,12 @@ class MemoryLM(nn.Module):
     def budget_for(self, tokens: int) -> Iterator[None]:
         """With `management.budget`, the memory size for an input of `tokens` tokens while the block runs."""
         m = self.config.management
+        saved_tokens, self.input_tokens = self.input_tokens, tokens
         if not m.budget:
-            yield
+            try:
+                yield
+            finally:
+                self.input_tokens = saved_tokens
             return
         saved = self.config
         size = max(1, m.sinks + m.recent, math.ceil(m.budget * tokens))
@@ -198,7 +204,7 @@ class MemoryLM(nn.Module):
         try:
             yield
         finally:
-            self.config = saved
+            self.config, self.input_tokens = saved, saved_tokens
 
     def check_compressed(self) -> None:
         """Raise ConfigError when a score-based compression method never read a compressed memory although its
@@ -224,7 +230,7 @@ class MemoryLM(nn.Module):
         layers = {i: LayerMemory(faiss=FaissBank(reading, size) if use_faiss else None, usage=self.usage[i],
                                  generator=torch.Generator().manual_seed(seed * 1_000_003 + i)
                                  if self.config.management.eviction == "random" else None,
-                                 depth=(rank, len(self.layers)) if budgeted else None)
+                                 depth=(rank, len(self.layers), self.input_tokens) if budgeted else None)
                   for rank, i in enumerate(sorted(self.layers))}
         state = MemoryState(layers=layers)
         if self.memory_embeddings is not None:
