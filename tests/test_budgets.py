@@ -208,3 +208,45 @@ def test_budget_config_errors() -> None:
         UniMemConfig(management=Management(size=8, eviction="h2o"), writing=Writing(kv="direct"),
                      reading=Reading(read_all=True), position=Position()).with_overrides(
                          ["management.layer_budget=steep"])
+
+
+@pytest.mark.parametrize("method", ["pyramidkv", "adakv"])
+def test_budgeted_methods_run_through_the_lm_eval_model(method, stories_dir, books_dir) -> None:
+    from lm_eval.api.instance import Instance
+
+    from unimem_bench.harness.evaluation.lm_eval_model import UnimemLM
+
+    text = next(iter(sorted(books_dir.glob("*.txt")))).read_text()[30_000:32_500]
+    rolling = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)]
+    ours = UnimemLM(pretrained=str(stories_dir), method=method, segment_len=64, batch_size=1)
+    xl = UnimemLM(pretrained=str(stories_dir), method="snapkv", segment_len=64, batch_size=1)
+    got, uniform = ours.loglikelihood_rolling(rolling)[0], xl.loglikelihood_rolling(rolling)[0]
+    assert math.isfinite(got) and got != uniform  # the split budgets changed what was kept
+    until = [Instance(request_type="generate_until", doc={}, idx=0,
+                      arguments=(text[:600], {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}))]
+    assert isinstance(ours.generate_until(until)[0], str)
+
+
+def test_budget_sweep_records_footprints_and_draws_the_pareto_view(tiny_model_dir, tmp_path, capsys) -> None:
+    """`sweep --preset budget` over a score-evicting, a FIFO and a top-k method: every point records its KV
+    footprint, which shrinks with the budget, and the sweep writes the Pareto figure."""
+    import json
+
+    import yaml
+
+    from unimem_bench.harness.cli import app as cli
+
+    out = tmp_path / "out"
+    argv = ["sweep", "--preset", "budget", "--methods", "adakv,transformer_xl,memorizing_transformer", "--model",
+            str(tiny_model_dir), "--tasks", "github", "--max-docs", "2", "--max-tokens", "128", "--segment-len", "16",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "_pareto.png" in capsys.readouterr().out
+    sweep = yaml.safe_load(next((out / "sweeps").glob("budget-*.yaml")).read_text())
+    footprints: dict[str, list[int]] = {}
+    for point in sweep["points"]:
+        record = json.loads((out / "runs" / point["runs"]["github"] / "run.json").read_text())
+        footprints.setdefault(point["method"], []).append(record["memory_usage"]["kv_footprint"])
+    for method, values in footprints.items():  # budgets 1, 0.5, 0.25, 0.125 in this order
+        assert values == sorted(values, reverse=True) and values[0] > values[-1] > 0, method
+    assert len(list((out / "plots").glob("sweep_budget-*_pareto.*"))) == 2
