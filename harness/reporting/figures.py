@@ -6,8 +6,8 @@
 - `<task>_positions`: perplexity per position bucket within the document and each method's change relative to
   vanilla (tasks with `pos:<start>-<end>` rows: pg19, github);
 - `sweep_<name>`: each saved sweep, the metric against its swept field (the per-layer figure for layer placement);
-- `sweep_<name>_pareto`: each sweep whose runs recorded a KV footprint, each task's headline metric against it per
-  method, with the Pareto frontier (`pareto`);
+- `sweep_<name>_pareto`: each sweep of `management.budget` or `management.size` whose runs recorded a KV footprint,
+  each task's headline metric against it per method, with the Pareto frontier (`pareto`);
 - `<task>_<method>` and `<task>_methods`: depth x length heatmaps of every needle task (rows with `depth=d`
   subtasks: niah, ruler_niah_*), in a folder per model when the results hold several;
 - `<task>_<metric>_<model>`: the metric against evaluation length, for tasks that report it at several lengths

@@ -19,6 +19,9 @@ from unimem_bench.harness.reporting import tables as lb
 from unimem_bench.harness.reporting.plots import FORMATS, STYLE, method_color, new_figure, pretty, save_formats
 from unimem_bench.harness.reporting.results import ALPHABETICAL, Order, list_sweeps, read_run_json, sweep_results
 
+BUDGET_FIELDS = ("management.budget", "management.size")
+"""Sweeps varying one of these are budget sweeps: they get the Pareto view."""
+
 
 def footprint_frame(out: Path, name: str) -> pd.DataFrame:
     """The sweep's headline rows with each run's `kv_footprint` and `peak_kv_bytes` (runs without a record of them,
@@ -73,15 +76,15 @@ def draw_pareto(frame: pd.DataFrame, field: str, title: str = "", order: Order =
 
 def plot_pareto(out: Path, plots_dir: Path, *, names: Sequence[str] | None = None,
                 formats: Sequence[str] = FORMATS, order: Order = ALPHABETICAL) -> list[Path]:
-    """`sweep_<name>_pareto` for every saved sweep (or those named) whose runs recorded a KV footprint."""
+    """`sweep_<name>_pareto` for every saved budget sweep (or those named) whose runs recorded a KV footprint."""
     written: list[Path] = []
     for sweep in list_sweeps(out):
-        if names and sweep["name"] not in names:
+        if (names and sweep["name"] not in names) or not set(sweep["axes"]) & set(BUDGET_FIELDS):
             continue
         frame = footprint_frame(out, sweep["name"])
         if frame.empty:
             continue
-        field = next(iter(sweep["axes"]), "")
+        field = next(f for f in sweep["axes"] if f in BUDGET_FIELDS)
         title = f"sweep {sweep['name']} ({lb.short_model(sweep['base']['model'])}): score vs KV footprint"
         written += save_formats(draw_pareto(frame, field, title, order), plots_dir / f"sweep_{sweep['name']}_pareto",
                                 formats)
