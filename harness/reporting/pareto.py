@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from unimem_bench.harness.reporting import tables as lb
-from unimem_bench.harness.reporting.plots import FORMATS, STYLE, method_color, new_figure, pretty, save_formats
+from unimem_bench.harness.reporting.plots import FORMATS, STYLE, fit, new_figure, pretty, save_formats
 from unimem_bench.harness.reporting.results import ALPHABETICAL, Order, list_sweeps, read_run_json, sweep_results
 
 BUDGET_FIELDS = ("management.budget", "management.size")
@@ -46,15 +46,18 @@ def frontier(xs: Sequence[float], ys: Sequence[float], higher_is_better: bool) -
 def draw_pareto(frame: pd.DataFrame, field: str, title: str = "", order: Order = ALPHABETICAL) -> Figure:
     """One panel per task: headline metric against KV footprint, a line per method, the frontier in grey."""
     tasks = order.sort_tasks(frame["task"])
+    methods = order.sort_methods(frame["method"])
+    # A colour per method of this figure (a budget sweep compares many methods: the registry's tab10 colours repeat).
+    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    colors = {method: palette(i) for i, method in enumerate(methods)}
     with matplotlib.rc_context(STYLE):
         fig, axes = new_figure(len(tasks), width=5.5, height=4.2)
         for ax, task in zip(axes, tasks, strict=True):
             rows = frame[frame["task"] == task]
             higher = bool(rows["higher_is_better"].iloc[0])
-            present = list(rows["method"])
             for method in order.sort_methods(rows["method"]):
                 points = rows[rows["method"] == method].sort_values("kv_footprint")
-                color = method_color(method, order, present)
+                color = colors[method]
                 ax.plot(points["kv_footprint"], points["value"], "o-", color=color, label=method, markersize=4)
                 if field in points:
                     for x, y, label in zip(points["kv_footprint"], points["value"], points[field], strict=True):
@@ -70,7 +73,7 @@ def draw_pareto(frame: pd.DataFrame, field: str, title: str = "", order: Order =
             ax.set_title(task)
         axes[-1].legend(loc="best")
         if title:
-            fig.suptitle(title)
+            fig.suptitle(fit(title, fig))
     return fig
 
 
