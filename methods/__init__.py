@@ -15,6 +15,8 @@ from unimem_bench.methods import h2o  # noqa: F401
 from unimem_bench.methods import tova  # noqa: F401
 from unimem_bench.methods import snapkv  # noqa: F401
 from unimem_bench.methods import knorm  # noqa: F401
+from unimem_bench.methods import pyramidkv  # noqa: F401
+from unimem_bench.methods import adakv  # noqa: F401
 from unimem_bench.methods import fot  # noqa: F401
 from unimem_bench.methods import unlimiformer  # noqa: F401
 from unimem_bench.methods import longmem  # noqa: F401

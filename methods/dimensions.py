@@ -29,6 +29,8 @@ SideInit = Literal["copy", "identity"]
 OutputRead = Literal["none", "knn", "trime"]
 MemoryMode = Literal["replace", "accumulate"]
 MemoryInit = Literal["noise", "eos"]
+LayerBudget = Literal["uniform", "pyramid"]
+HeadBudget = Literal["uniform", "adaptive"]
 
 
 def _check_choice(name: str, value: object, kind: object) -> None:
@@ -72,8 +74,10 @@ class Management:
     seed: int = 0
     """Seed of `random` eviction (mixed with the layer index, so layers evict differently)."""
     budget: float = 0.0
-    """For score-based eviction, the fraction of the input kept (0 < budget <= 1; compression 4x = 0.25): replaces
-    `size` by ceil(budget x the input's tokens) for each input (in a batch, its longest). 0: `size` slots."""
+    """The fraction of the input kept (0 < budget <= 1; compression 4x = 0.25): replaces `size` by ceil(budget x the
+    input's tokens) for each input (in a batch, its longest), for score eviction and FIFO memories alike (a window
+    that covered the memory then covers the new size), so one value means the same slots for every method of a
+    sweep. 0: `size` slots."""
 
     def __post_init__(self) -> None:
         _check_nonneg(**{"management.size": self.size, "management.sinks": self.sinks,
@@ -93,9 +97,10 @@ class Management:
         if not 0 <= self.budget <= 1:
             raise ConfigError(f"management.budget={self.budget} must be a fraction of the input in (0, 1], e.g. 0.25 "
                               "for 4x compression (0 = use management.size)")
-        if self.budget and not self.scored:
-            raise ConfigError("management.budget sizes a score-evicting memory per input: set management.eviction "
-                              "(h2o, tova, snapkv, knorm, random, lru), or give management.size in slots")
+        if self.budget and not (self.scored or self.size):
+            raise ConfigError("management.budget sizes a key/value memory per input: give the method a memory "
+                              "(management.size > 0) or score eviction (management.eviction)")
+        self.check_budgets()
         if self.size and self.sinks + self.recent > self.size:
             raise ConfigError(f"management.sinks + management.recent = {self.sinks + self.recent} exceeds "
                               f"management.size={self.size}: protect fewer tokens or raise the size")
@@ -107,6 +112,42 @@ class Management:
 
     freeze_after_prompt: bool = False
     """Generation writes no segment made only of generated tokens (Unlimiformer indexes the prompt only)."""
+
+    layer_budget: LayerBudget = "uniform"
+    """Score eviction's budget per injected layer. `uniform`: `size` slots per KV head in every layer. `pyramid`
+    (PyramidKV, Cai et al. 2024): the unprotected part of the budget (size - sinks - recent) falls linearly from
+    2B - B/beta in the lowest injected layer to B/beta in the highest (B = that part, beta = `pyramid_beta`), floored,
+    the remainder one slot each to the largest fractional parts, so all layers together hold what `uniform` holds;
+    sinks and recent tokens come on top in every layer. As PyramidKV, the top is capped at the input's unprotected
+    tokens (the bottom raised to keep the total)."""
+    pyramid_beta: int = 20
+    """PyramidKV's beta: the highest layer keeps B / beta unprotected slots (its code's default, 20)."""
+    head_budget: HeadBudget = "uniform"
+    """Score eviction's split of a layer's budget over its KV heads. `uniform`: every head keeps the layer's budget.
+    `adaptive` (AdaKV, Feng et al. 2024): the layer keeps its heads' budgets together, as the top (head, slot)
+    scores across all its heads, after each head's protected slots and its best floor(budget x `head_floor`) slots
+    (the safeguard); ties go to the newer slot, then the lower head."""
+    head_floor: float = 0.2
+    """AdaKV's safeguard: the fraction of the per-head budget every head keeps (kvpress' alpha_safeguard, 0.2)."""
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether score eviction keeps different numbers of slots per layer or per KV head."""
+        return self.layer_budget != "uniform" or self.head_budget != "uniform"
+
+    def check_budgets(self) -> None:
+        """Validate the per-layer and per-head budget fields (called by `__post_init__`)."""
+        _check_choice("management.layer_budget", self.layer_budget, LayerBudget)
+        _check_choice("management.head_budget", self.head_budget, HeadBudget)
+        if self.pyramid_beta < 1 or not 0 <= self.head_floor <= 1:
+            raise ConfigError(f"management.pyramid_beta={self.pyramid_beta} must be >= 1 and management.head_floor="
+                              f"{self.head_floor} a fraction in [0, 1]")
+        if self.budgeted and not self.scored:
+            raise ConfigError("management.layer_budget/head_budget split a score-evicting budget: set "
+                              "management.eviction (h2o, tova, snapkv, knorm, random, lru)")
+        if self.head_budget == "adaptive" and self.eviction == "tova":
+            raise ConfigError("management.head_budget=adaptive compares scores across KV heads but tova scores a "
+                              "slot once for all heads: use snapkv, h2o, knorm, random or lru")
 
 
 @dataclass(frozen=True)

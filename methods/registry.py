@@ -138,11 +138,15 @@ def describe(config: UniMemConfig) -> dict[str, str]:
     m, w, r = config.management, config.writing, config.reading
     management = f"{m.size:,} tok, {m.eviction if m.scored else m.overflow}" if m.size else "-"
     if m.size and m.budget:
-        management = f"{m.budget:g} of the input, {m.eviction}"
+        management = f"{m.budget:g} of the input, {m.eviction if m.scored else m.overflow}"
     if m.size and m.scored and (m.sinks or m.recent):
         management += f" (sinks {m.sinks}, recent {m.recent})"
     if not m.size and w.memory_tokens and w.memory_mode == "accumulate":
         management = f"{w.memory_cap:,} summary tok, oldest dropped" if w.memory_cap else "unbounded"
+    if m.size and m.layer_budget == "pyramid":
+        management += f", pyramid over layers (beta {m.pyramid_beta})"
+    if m.size and m.head_budget == "adaptive":
+        management += f", adaptive over heads (floor {m.head_floor:g})"
     if m.size and w.memory_tokens:
         management += f" + {w.memory_tokens} memory tok"
     if m.size and w.pooled_tier:

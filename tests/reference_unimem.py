@@ -567,6 +567,14 @@ def dilated_read(spec: Description, view: View, local_keys: torch.Tensor, local_
 # - knorm (Devoto et al., 2024): minus the key's L2 norm, compared at 1e-4 (equal norms tie).
 # - lru: the id of the latest query whose attention (mean over the group's heads) to the slot is at least
 #   1 / (keys that query sees); a slot written counts as used at its own id.
+# Budgets per layer and head (issue 10): `pyramid` (PyramidKV, Cai et al. 2024) gives layer l of L the protected
+# slots plus floor(lo + (hi - lo)(L - 1 - l)/(L - 1)), lo = B // beta, hi = 2B - lo, B = size - sinks - recent,
+# hi capped at the document's unprotected tokens T (lo = 2B - T), uniform when T <= B, the floors' shortfall one
+# slot each to the largest fractional parts; `adaptive` (AdaKV, Feng et al. 2024) keeps, per layer,
+# heads x budget (head, slot) pairs: every head's protected slots and its best floor(budget x head_floor), then the
+# highest scores across heads, ties for the newer id, then the lower head. Heads then hold different numbers of
+# slots; in compact positions a head's slots sit just before the input, which starts after the most any head of any
+# layer holds.
 
 
 @dataclass
@@ -583,6 +591,12 @@ class EvictionSpec:
     recent: int = 0
     observe: int = 32
     pool_kernel: int = 7
+    layer_budget: str = "uniform"
+    """uniform | pyramid."""
+    pyramid_beta: int = 20
+    head_budget: str = "uniform"
+    """uniform | adaptive."""
+    head_floor: float = 0.2
 
 
 @dataclass
@@ -594,29 +608,32 @@ class HeadSlot:
     score: float = 0.0
 
 
-def eviction_nll(llama: ReferenceLlama, spec: EvictionSpec, doc: torch.Tensor) -> tuple[torch.Tensor, list[list[
-        list[int]]]]:
-    """Per-token NLL [len(doc) - 1] and, per layer and KV head, the ids finally held."""
+def eviction_nll(llama: ReferenceLlama, spec: EvictionSpec, doc: torch.Tensor,
+                 trace: list[tuple[int, list[list[int]]]] | None = None) -> tuple[torch.Tensor, list[list[list[int]]]]:
+    """Per-token NLL [len(doc) - 1] and, per layer and KV head, the ids finally held; `trace` receives, per
+    segment, (its tokens, the slots each layer's KV heads held while it ran)."""
     banks = [[[] for _ in range(llama.kv_heads)] for _ in range(llama.n_layers)]
     out = []
     for start in range(0, len(doc) - 1, spec.segment_len):
         width = min(spec.segment_len, len(doc) - 1 - start)
-        logits = _eviction_segment(llama, spec, banks, doc[start:start + width], start)
+        if trace is not None:
+            trace.append((width, [[len(head) for head in layer] for layer in banks]))
+        logits = _eviction_segment(llama, spec, banks, doc[start:start + width], start, len(doc))
         logp = torch.log_softmax(logits, dim=-1)
         out.append(-logp[torch.arange(width), doc[start + 1:start + width + 1]])
     return torch.cat(out), [[[s.id for s in head] for head in layer] for layer in banks]
 
 
 def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[list[list[HeadSlot]]],
-                      ids: torch.Tensor, doc_start: int) -> torch.Tensor:
+                      ids: torch.Tensor, doc_start: int, tokens: int) -> torch.Tensor:
     n = len(ids)
     x = llama.w["model.embed_tokens.weight"][ids]
     group = llama.heads // llama.kv_heads
+    widest = max(len(head) for layer in banks for head in layer)
     for layer in range(llama.n_layers):
         p = f"model.layers.{layer}."
         held = banks[layer]
-        n_held = len(held[0])
-        first = {"compact": n_held, "official": 0, "absolute": doc_start}[spec.position]
+        first = {"compact": widest, "official": 0, "absolute": doc_start}[spec.position]
         h = llama.rms_norm(x, p + "input_layernorm.weight")
         q = llama.linear(h, p + "self_attn.q_proj").view(n, llama.heads, -1)
         k = llama.linear(h, p + "self_attn.k_proj").view(n, llama.kv_heads, -1)
@@ -628,7 +645,9 @@ def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[lis
         for t in range(n):
             for head in range(llama.heads):
                 g = head // group
-                at = {"compact": lambda j, s: j, "official": lambda j, s: 0, "absolute": lambda j, s: s.id}
+                gap = widest - len(held[g])  # compact: the head's slots end just before the input
+                at = {"compact": lambda j, s, gap=gap: gap + j, "official": lambda j, s: 0,
+                      "absolute": lambda j, s: s.id}
                 mem = [llama.rope(s.key, at[spec.position](j, s), 1.0) for j, s in enumerate(held[g])]
                 keys = torch.stack(mem + [k_rot[j][g] for j in range(t + 1)])
                 values = torch.stack([s.value for s in held[g]] + [v[j, g] for j in range(t + 1)])
@@ -639,10 +658,16 @@ def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[lis
         h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
         gate = llama.linear(h, p + "mlp.gate_proj")
         x = x + llama.linear(gate * torch.sigmoid(gate) * llama.linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+        budget = layer_budget(spec, layer, llama.n_layers, tokens)
+        all_cands = []
         for g in range(llama.kv_heads):
             cands = held[g] + [HeadSlot(doc_start + j, k[j, g], v[j, g]) for j in range(n)]
-            _score(spec, cands, weights, g, group, llama.heads, n_held, n, doc_start)
-            held[g] = _keep(spec, cands, doc_start + n)
+            _score(spec, cands, weights, g, group, llama.heads, len(held[g]), n, doc_start)
+            all_cands.append(cands)
+        if spec.head_budget == "adaptive":
+            banks[layer] = _keep_adaptive(spec, all_cands, doc_start + n, budget)
+        else:
+            banks[layer] = [_keep(spec, cands, doc_start + n, budget) for cands in all_cands]
     x = llama.rms_norm(x, "model.norm.weight")
     return x @ llama.lm_head.T
 
@@ -688,13 +713,54 @@ def _score(spec: EvictionSpec, cands: list[HeadSlot], weights: dict[tuple[int, i
         raise ValueError(f"no reference for eviction {spec.policy!r}")
 
 
-def _keep(spec: EvictionSpec, cands: list[HeadSlot], end: int) -> list[HeadSlot]:
-    if len(cands) <= spec.size:
+def _keep(spec: EvictionSpec, cands: list[HeadSlot], end: int, size: int | None = None) -> list[HeadSlot]:
+    size = spec.size if size is None else size
+    if len(cands) <= size:
         return cands
     def rank(s: HeadSlot) -> tuple[bool, float, int]:
         return (s.id < spec.sinks or s.id >= end - spec.recent, s.score, s.id)
-    kept = sorted(cands, key=rank, reverse=True)[:spec.size]
+    kept = sorted(cands, key=rank, reverse=True)[:size]
     return sorted(kept, key=lambda s: s.id)
+
+
+def layer_budget(spec: EvictionSpec, layer: int, n_layers: int, tokens: int = 0) -> int:
+    """Slots per KV head of `layer` for a document of `tokens` tokens (PyramidKV's pyramid in exact fractions, or
+    the uniform size)."""
+    if spec.layer_budget == "uniform" or n_layers == 1:
+        return spec.size
+    protected = spec.sinks + spec.recent
+    free = spec.size - protected
+    lo = free // spec.pyramid_beta
+    hi = 2 * free - lo
+    if tokens:  # PyramidKV: the top capped at the input's unprotected tokens, the bottom raised to keep the sum
+        if tokens - protected <= free:
+            return spec.size
+        if hi > tokens - protected:
+            hi = tokens - protected
+            lo = 2 * free - hi
+    exact = [Fraction(lo) + Fraction(hi - lo) * (n_layers - 1 - i) / (n_layers - 1) for i in range(n_layers)]
+    floors = [math.floor(x) for x in exact]
+    shortfall = n_layers * free - sum(floors)
+    # Largest remainders first, the lower layer on a tie.
+    raised = sorted(range(n_layers), key=lambda i: (floors[i] - exact[i], i))[:shortfall]
+    return protected + floors[layer] + (1 if layer in raised else 0)
+
+
+def _keep_adaptive(spec: EvictionSpec, heads: list[list[HeadSlot]], end: int, budget: int) -> list[list[HeadSlot]]:
+    """AdaKV: the layer keeps len(heads) x budget (head, slot) pairs jointly, after each head's safeguard."""
+    if sum(len(c) for c in heads) <= budget * len(heads):
+        return heads
+    def protected(s: HeadSlot) -> bool:
+        return s.id < spec.sinks or s.id >= end - spec.recent
+    floor = int(budget * spec.head_floor)
+    forced = set()
+    for g, cands in enumerate(heads):
+        ordered = sorted(cands, key=lambda s: (protected(s), s.score, s.id), reverse=True)
+        forced |= {(g, s.id) for s in ordered[:floor]} | {(g, s.id) for s in cands if protected(s)}
+    pairs = [(g, s) for g, cands in enumerate(heads) for s in cands]
+    pairs.sort(key=lambda gs: ((gs[0], gs[1].id) in forced, gs[1].score, gs[1].id, -gs[0]), reverse=True)
+    chosen = {(g, s.id) for g, s in pairs[:budget * len(heads)]}
+    return [[s for s in cands if (g, s.id) in chosen] for g, cands in enumerate(heads)]
 
 
 def best_chunk_slots(spec: Description, view: View, query: torch.Tensor, g: int, n_candidates: int) -> list[int]:

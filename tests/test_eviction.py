@@ -130,14 +130,17 @@ def test_usage_counts_evictions_and_compressed_reads() -> None:
     # Segments start at 0, 8, .., 32; writes of 8 after 16 held evict 8 per write from the third on (3 writes).
     assert record["longest_input"] == 40
     for usage in record["layers"].values():
-        assert usage == {"evicted": 24, "read": 0 + 8 + 16 + 16 + 16, "read_compressed": 16 + 16}
+        assert usage == {"evicted": 24, "read": 0 + 8 + 16 + 16 + 16, "read_compressed": 16 + 16,
+                         "peak_slots": [16, 16], "footprint": [(0 + 8 + 16 + 16 + 16) * 8] * 2}
 
 
-def test_compression_that_never_compressed_fails() -> None:
+@pytest.mark.parametrize("budgets", [[], ["management.layer_budget=pyramid"], ["management.head_budget=adaptive"]])
+def test_compression_that_never_compressed_fails(budgets: list[str]) -> None:
     model = tiny_llama(layers=2, heads=4, kv_heads=2, context=64)
     doc = random_docs([40], seed=2)[0]
+    config = config_for(EvictionSpec(segment_len=40, size=16, policy="snapkv")).with_overrides(budgets)
     # One segment covers the document: every query reads the full cache, eviction only follows it.
-    with MemoryLM(model, config_for(EvictionSpec(segment_len=40, size=16, policy="snapkv")), segment_len=40) as lm:
+    with MemoryLM(model, config, segment_len=40) as lm:
         lm.score([doc])
         assert sum(u.evicted for u in lm.usage.values()) > 0
         with pytest.raises(ConfigError, match=r"compressed nothing: .* below the longest input \(39 tokens\)"):
@@ -193,8 +196,8 @@ def test_budget_is_a_fraction_of_each_input() -> None:
         dense = lm.score(docs)
     for a, b in zip(kept_all, dense, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    with pytest.raises(ConfigError, match="management.budget sizes a score-evicting memory"):
-        Management(size=8, budget=0.5)
+    with pytest.raises(ConfigError, match="management.budget sizes a key/value memory"):
+        Management(budget=0.5)
 
 
 @pytest.mark.parametrize("policy", ["h2o", "lru", "snapkv"])

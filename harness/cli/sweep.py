@@ -46,6 +46,7 @@ def register(sub: Any) -> None:
 
 def execute(args: argparse.Namespace, streams: Streams) -> int:
     from unimem_bench.harness.cli.order import registry_order
+    from unimem_bench.harness.reporting.pareto import plot_pareto
     from unimem_bench.harness.reporting.tables import render_rich, sweep_tables
     from unimem_bench.harness.sweeps.execute import run_sweep
     from unimem_bench.harness.sweeps.plan import SweepRequest, plan_sweep
@@ -69,6 +70,8 @@ def execute(args: argparse.Namespace, streams: Streams) -> int:
         return 130
     for table in sweep_tables(args.out, plan.name, registry_order()):
         render_rich(table, streams.out, title=f"Sweep {plan.name}")
+    for path in plot_pareto(args.out, args.out / "plots", names=[plan.name], order=registry_order()):
+        streams.out.print(f"plot: {path}", highlight=False, soft_wrap=True)
     failed = [r for r in results if r.error]
     if failed:
         log.error("%d point(s) failed; the others are recorded. Re-run to retry them.", len(failed))

@@ -6,6 +6,8 @@
 - `<task>_positions`: perplexity per position bucket within the document and each method's change relative to
   vanilla (tasks with `pos:<start>-<end>` rows: pg19, github);
 - `sweep_<name>`: each saved sweep, the metric against its swept field (the per-layer figure for layer placement);
+- `sweep_<name>_pareto`: each sweep of `management.budget` or `management.size` whose runs recorded a KV footprint,
+  each task's headline metric against it per method, with the Pareto frontier (`pareto`);
 - `<task>_<method>` and `<task>_methods`: depth x length heatmaps of every needle task (rows with `depth=d`
   subtasks: niah, ruler_niah_*), in a folder per model when the results hold several;
 - `<task>_<metric>_<model>`: the metric against evaluation length, for tasks that report it at several lengths
@@ -25,6 +27,7 @@ import pandas as pd
 from unimem_bench.harness.reporting import tables as lb
 from unimem_bench.harness.reporting.differences import draw_metric_dots, plot_metric_dots, plot_position_curves
 from unimem_bench.harness.reporting.heatmaps import DEPTH, plot_niah_heatmaps
+from unimem_bench.harness.reporting.pareto import plot_pareto
 from unimem_bench.harness.reporting.plots import (
     FORMATS,
     STYLE,
@@ -84,6 +87,7 @@ def plot_sweeps(out: Path, plots_dir: Path, *, names: Sequence[str] | None = Non
                 fig = draw_sweep_lines(frame, field, values, name, title, order)
             stem = f"sweep_{sweep['name']}" + (f"_{_slug(field)}" if len(axes) > 1 else "")
             written += save_formats(fig, plots_dir / stem, formats)
+        written += plot_pareto(out, plots_dir, names=[sweep["name"]], formats=formats, order=order)
     return written
 
 

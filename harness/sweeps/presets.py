@@ -106,7 +106,8 @@ PRESETS: dict[str, Preset] = {
                        "steeper (1,4,16)",
                        lambda ctx: [Axis("reading.dilation_rates", ("[1,1,1]", "[1,2,4]", "[1,4,16]"))]),
     # kvpress' and the eviction papers' compression ratios; 1x keeps every token (full attention, streamed).
-    "budget": Preset("KV-cache compression 1x, 2x, 4x, 8x of each input (management.budget; score-evicting methods)",
+    "budget": Preset("KV-cache compression 1x, 2x, 4x, 8x of each input (management.budget: the same slots per "
+                     "injected layer for score-evicting and FIFO memories)",
                      lambda ctx: [Axis("management.budget", ("1", "0.5", "0.25", "0.125"))]),
     "chunk-size": Preset("chunk-level retrieval (LongMem): 32 tokens read as tokens (0) or as chunks of 2, 4, 8, 16, "
                          "by mean keys",

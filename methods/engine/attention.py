@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
-from unimem_bench.methods.engine import buckets, eviction
+from unimem_bench.methods.engine import buckets, budgets, eviction
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.plan import SegmentContext
 from unimem_bench.methods.engine.retrieval import topk_chunk_slots, topk_exact
@@ -71,8 +71,9 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     first_call = layer not in ctx.reads
     if first_call:
         ctx.reads[layer] = bank.snapshot()
-        bank.note_read(plan.n_prefix * query.shape[0])
+        bank.note_read(plan.n_prefix, query.shape[0], plan.n_seg or query.shape[2])
     mem = ctx.reads[layer]
+    pad_bias = None
     prefix_k: list[torch.Tensor] = []
     prefix_v: list[torch.Tensor] = []
     if plan.n_global:
@@ -85,7 +86,12 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     if plan.n_tier:
         prefix_k.append(mem.tier_keys)
         prefix_v.append(mem.tier_values)
-    if plan.n_window:
+    if plan.n_window and mem.depth is not None:  # per-layer/per-head budgets: padded to the widest bank, masked
+        ids = budgets.left_pad(mem.ids, plan.n_bank, -1, key[:, :, :0, 0].long())
+        prefix_k.append(budgets.left_pad(mem.keys, plan.n_bank, 0.0, key[:, :, :0]))
+        prefix_v.append(budgets.left_pad(mem.values, plan.n_bank, 0.0, value[:, :, :0]))
+        pad_bias = budgets.padding_bias(ids, query.shape[1], query.dtype)
+    elif plan.n_window:
         prefix_k.append(mem.keys[:, :, plan.n_bank - plan.n_window:])
         prefix_v.append(mem.values[:, :, plan.n_bank - plan.n_window:])
     if prefix_k:
@@ -102,6 +108,8 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     scored = first_call and plan.write and plan.n_new > 0 and policy in (*eviction.NEEDS_ALL_QUERIES,
                                                                          *eviction.NEEDS_LAST_QUERIES)
     mask = ctx.mask
+    if pad_bias is not None and mask is not None:  # [batch, heads, queries, keys]: the padded slots hidden
+        mask = mask + F.pad(pad_bias, (0, mask.shape[-1] - pad_bias.shape[-1]))
     if mask is not None and mask.dim() == 3:  # LongNet: one row per head offset; head h takes row h mod offsets
         mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
     lse = None
@@ -170,7 +178,7 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
         k = keys.repeat_interleave(group, dim=1) if group > 1 else keys  # the fused op has no GQA switch
         v = values.repeat_interleave(group, dim=1) if group > 1 else values
-        flat = mask if mask is None or mask.dim() == 2 else mask.unsqueeze(0)  # per-head: [1, heads, seq, keys]
+        flat = mask.unsqueeze(0) if mask is not None and mask.dim() == 3 else mask  # per-head: [1, heads, ...]
         return CPU_FLASH_WITH_LSE(query, k, v, 0.0, mask is None, attn_mask=flat, scale=scale)
     q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
     if mask is None:
@@ -179,7 +187,8 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     outs, lses = [], []
     for lo in range(0, seq, QUERY_CHUNK):
         hi = min(seq, lo + QUERY_CHUNK)
-        block = mask[lo:hi] if mask.dim() == 2 else mask[:, lo:hi].unflatten(0, (kv_heads, group))
+        block = (mask[lo:hi] if mask.dim() == 2 else mask[:, lo:hi].unflatten(0, (kv_heads, group)) if mask.dim() == 3
+                 else mask[:, :, lo:hi].unflatten(1, (kv_heads, group)))
         scores = torch.einsum("bkgsd,bktd->bkgst", q[:, :, :, lo:hi], keys) * scale + block
         lse = scores.logsumexp(-1)  # [batch, kv_heads, group, rows]
         probs = torch.exp(scores - lse.unsqueeze(-1))

@@ -41,9 +41,10 @@ BLOCK_ELEMENTS = 1 << 24
 
 
 def _row_mask(mask: torch.Tensor | None, lo: int, hi: int, n_keys: int, device: torch.device) -> torch.Tensor:
-    """Additive mask [rows, keys] of query rows lo..hi-1; None means causal over keys (no memory in front)."""
+    """Additive mask [rows, keys] (or [batch, heads, rows, keys] for a per-head mask) of query rows lo..hi-1; None
+    means causal over keys (no memory in front)."""
     if mask is not None:
-        return mask[lo:hi]
+        return mask[..., lo:hi, :]
     rows = torch.arange(lo, hi, device=device)[:, None]
     keys = torch.arange(n_keys, device=device)[None, :]
     return torch.zeros(hi - lo, n_keys, device=device).masked_fill(keys > rows, float("-inf"))
@@ -62,7 +63,10 @@ def _probabilities(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor |
         q = query[:, :, start:stop].to(wide).reshape(batch, kv_heads, heads // kv_heads, stop - start, dim)
         # In place on the fresh logits: the same operations in the same order, without a temporary per step.
         logits = torch.einsum("bkgsd,bktd->bkgst", q, k).mul_(scale)
-        logits.add_(_row_mask(mask, start, stop, keys.shape[2], query.device).to(wide))
+        rows_mask = _row_mask(mask, start, stop, keys.shape[2], query.device).to(wide)
+        if rows_mask.dim() == 4:  # per-head padding of budgeted banks: [batch, heads, rows, keys]
+            rows_mask = rows_mask.unflatten(1, (kv_heads, -1))
+        logits.add_(rows_mask)
         if lse is None:
             probs = torch.softmax(logits, dim=-1)
         else:
@@ -99,9 +103,11 @@ def attention_scores(m: Management, query: torch.Tensor, keys: torch.Tensor, mas
                 continue
             share = probs.mean(2)  # [batch, kv_heads, rows, candidates]
             visible = torch.isfinite(_row_mask(mask, start, start + share.shape[2], keys.shape[2], query.device))
-            uniform = 1.0 / visible.sum(-1).clamp(min=1)  # [rows]
+            if visible.dim() == 4:  # per-head padding: the KV head's first query head counts for the group
+                visible = visible[:, ::visible.shape[1] // keys.shape[1]]
+            uniform = 1.0 / visible.sum(-1).clamp(min=1)  # [rows] or [batch, kv_heads, rows]
             rows = first_id + torch.arange(start, start + share.shape[2], device=query.device) - n_read
-            used = share >= uniform[:, None].to(share.dtype)
+            used = share >= uniform[..., None].to(share.dtype)
             when = torch.where(used, rows[:, None].to(share.dtype), torch.full_like(share, -1.0))
             out = torch.maximum(out, when.amax(2))
         return out

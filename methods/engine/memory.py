@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from unimem_bench.methods.config import UniMemConfig
-from unimem_bench.methods.engine import eviction
+from unimem_bench.methods.engine import budgets, eviction
 from unimem_bench.methods.engine.retrieval import FaissBank
 
 
@@ -66,6 +66,21 @@ class LayerUsage:
     """Memory slots read, summed over forward calls and documents."""
     read_compressed: int = 0
     """Of those, slots read from a memory that had already evicted something (a compressed cache)."""
+    peak_slots: list[int] = field(default_factory=list)
+    """Per KV head, the most slots it held at once (key/value memory plus pinned globals; largest over documents)."""
+    footprint: list[int] = field(default_factory=list)
+    """Per KV head, slots x tokens: every forward call adds the slots held while it ran times the tokens it
+    processed, i.e. each slot's lifetime in tokens, summed over slots and documents."""
+
+    def note_held(self, held: torch.Tensor, tokens: int) -> None:
+        """Count slots held [batch, kv_heads] by a forward call of `tokens` tokens per row."""
+        heads = held.shape[1]
+        if len(self.peak_slots) < heads:
+            self.peak_slots += [0] * (heads - len(self.peak_slots))
+            self.footprint += [0] * (heads - len(self.footprint))
+        peak, total = held.amax(0).tolist(), (held.sum(0) * tokens).tolist()
+        self.peak_slots = [max(a, int(b)) for a, b in zip(self.peak_slots, peak, strict=True)]
+        self.footprint = [a + int(b) for a, b in zip(self.footprint, total, strict=True)]
 
 
 def overflow_drop(n_old: int, n_new: int, size: int, policy: str) -> tuple[int, int]:
@@ -121,13 +136,45 @@ class LayerMemory:
     """[batch, kv_heads, clusters, head_dim] float32 unit k-means centroids (reading.clusters; `buckets.py`)."""
     rotations: torch.Tensor | None = None
     """[kv_heads, rounds, head_dim, buckets / 2] float32 LSH rotations (reading.lsh_buckets), drawn once per run."""
+    depth: tuple[int, int, int] | None = None
+    """(rank among the injected layers from the lowest, their number, the input's tokens or 0) when score eviction
+    budgets differ per layer or KV head (`budgets.layer_size`); None otherwise."""
 
-    def note_read(self, slots: int) -> None:
-        """Count a forward call reading `slots` memory slots (summed over its batch rows)."""
-        if self.usage is not None:
-            self.usage.read += slots
-            if self.has_evicted:
-                self.usage.read_compressed += slots
+    def held_slots(self) -> torch.Tensor | None:
+        """Slots held per batch row and KV head [batch, kv_heads] (bank plus pinned globals); None when empty."""
+        like = self.keys if self.keys is not None else self.global_keys
+        if like is None:
+            return None
+        n_global = 0 if self.global_keys is None else self.global_keys.shape[2]
+        if self.keys is None:
+            bank = torch.zeros(like.shape[:2], dtype=torch.long, device=like.device)
+        elif self.depth is not None and self.ids is not None:
+            bank = (self.ids >= 0).sum(-1)  # padding carries id -1
+        else:
+            bank = torch.full(like.shape[:2], self.keys.shape[2], dtype=torch.long, device=like.device)
+        return bank + n_global
+
+    def held_bytes(self) -> int:
+        """Bytes of the keys and values held (padding not counted: what a compact cache holds)."""
+        held = self.held_slots()
+        like = self.keys if self.keys is not None else self.global_keys
+        if held is None or like is None:
+            return 0
+        return int(held.sum()) * 2 * like.shape[3] * like.element_size()
+
+    def note_read(self, slots: int, batch: int = 1, tokens: int = 0) -> None:
+        """Count a forward call of `tokens` tokens per row over `batch` rows reading `slots` memory slots per row (a
+        budgeted bank reads what it holds)."""
+        if self.usage is None:
+            return
+        held = self.held_slots()
+        if held is not None:
+            self.usage.note_held(held, tokens)
+            if self.depth is not None:
+                slots = int(held.sum()) // held.shape[1] // batch
+        self.usage.read += slots * batch
+        if self.has_evicted:
+            self.usage.read_compressed += slots * batch
 
     def write(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor,
               fresh: torch.Tensor | None = None) -> None:
@@ -135,6 +182,9 @@ class LayerMemory:
         the segment's attention evidence for score-based eviction (`eviction.attention_scores`)."""
         if plan.detach_kv:
             keys, values = keys.detach(), values.detach()
+        if self.depth is not None:
+            self._write_budgeted(plan, config, keys, values, fresh)
+            return
         dropped = plan.drop_old + plan.drop_new
         if dropped:  # held slots or this write's own (a write larger than the memory)
             self.has_evicted = True
@@ -207,11 +257,43 @@ class LayerMemory:
         self.keys, self.values, self.ids = keys, values, new_ids
         self.scores = scores if m.eviction in eviction.NEEDS_ALL_QUERIES else None
 
+    def _write_budgeted(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor,
+                        fresh: torch.Tensor | None) -> None:
+        """Score eviction with per-layer or per-head budgets: the held slots padded to the plan's bank width (what
+        the attention read, so they line up with `fresh`), the segment appended, then `budgets.keep_slots`."""
+        assert self.depth is not None
+        m = config.management
+        batch, kv_heads, n_new = keys.shape[:3]
+        first_new = plan.first_id + plan.n_bank
+        new_ids = (first_new + torch.arange(n_new, device=keys.device)).expand(batch, kv_heads, n_new)
+        ids = torch.cat([budgets.left_pad(self.ids, plan.n_bank, -1, new_ids), new_ids], dim=2)
+        keys = torch.cat([budgets.left_pad(self.keys, plan.n_bank, 0.0, keys), keys], dim=2)
+        values = torch.cat([budgets.left_pad(self.values, plan.n_bank, 0.0, values), values], dim=2)
+        held = None if self.scores is None else budgets.left_pad(self.scores, plan.n_bank, 0.0, self.scores)
+        scores = eviction.combine(m, held, fresh, keys, ids, self.generator)
+        budget = budgets.layer_size(m, m.size, *self.depth)
+        keep = budgets.keep_slots(m, scores, ids, budget, first_new + n_new)  # [batch, kv_heads, width]
+        pad = keep < 0
+        keep = keep.clamp(min=0)
+        evicted = int((ids >= 0).sum()) - int((~pad).sum())
+        if evicted:
+            self.has_evicted = True
+            if self.usage is not None:
+                self.usage.evicted += evicted // kv_heads
+        self.keys = keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[3])).masked_fill(
+            pad.unsqueeze(-1), 0.0)
+        self.values = values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, values.shape[3])).masked_fill(
+            pad.unsqueeze(-1), 0.0)
+        self.ids = ids.gather(2, keep).masked_fill(pad, -1)
+        self.scores = (scores.gather(2, keep).masked_fill(pad, 0.0) if m.eviction in eviction.NEEDS_ALL_QUERIES
+                       else None)
+
     def snapshot(self) -> LayerMemory:
         """The current tensors (writes replace them, never modify them in place, so this is a frozen view)."""
         return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids,
                            tier_keys=self.tier_keys, tier_values=self.tier_values,
-                           centroids=self.centroids, rotations=self.rotations)
+                           centroids=self.centroids, rotations=self.rotations,
+                           depth=self.depth)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         for name in _TENSORS:
@@ -268,6 +350,10 @@ class MemoryState:
         self.positions = torch.cat([self.positions[plan.drop_old:], kept])
         self.n_bank = self.n_bank - plan.drop_old + len(kept)
         self.next_id += n_new
+        widths = [layer.keys.shape[2] for layer in self.layers.values() if layer.depth is not None
+                  and layer.keys is not None]
+        if widths:  # per-layer or per-head budgets: the widest bank, which every layer is padded to when read
+            self.n_bank = max(widths)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (documents that still have tokens to score)."""

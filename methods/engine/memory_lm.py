@@ -87,6 +87,8 @@ class MemoryLM(nn.Module):
         self.output = OutputReader(config, self.decoder) if reads_output else None
         self.memory_embeddings: nn.Parameter | None = None
         self.usage: dict[int, LayerUsage] = {}
+        self.input_tokens = 0
+        """Tokens of the input being scored or continued (set by `budget_for`; 0 outside it)."""
         self.longest_input = 0
         self.reset_usage()
         # LongMem: the backbone is frozen and only the SideNet trains (`close` gives the flags back).
@@ -175,31 +177,47 @@ class MemoryLM(nn.Module):
         """Start counting memory usage afresh (the runner does, once per task)."""
         self.usage = {i: LayerUsage() for i in sorted(self.layers)}
         self.longest_input = 0
+        self.peak_kv_bytes = 0
 
     def note_input(self, end: int) -> None:
         """Count an input reaching document position `end` (exclusive)."""
         self.longest_input = max(self.longest_input, end)
 
     def usage_record(self) -> dict[str, object]:
-        """Small run record of what memory did: the longest input, and per injected layer the slots evicted, read,
-        and read from a memory that had evicted (each summed over documents)."""
-        return {"longest_input": self.longest_input,
+        """Small run record of what memory did: the longest input, the peak bytes of keys and values held (all
+        layers and rows at once), the KV footprint (slots x tokens, all layers and heads), and per injected layer
+        the slots evicted, read, read from a memory that had evicted, and per KV head its peak slots and footprint
+        (each summed over documents)."""
+        return {"longest_input": self.longest_input, "peak_kv_bytes": self.peak_kv_bytes,
+                "kv_footprint": sum(sum(u.footprint) for u in self.usage.values()),
                 "layers": {str(i): dataclasses.asdict(u) for i, u in self.usage.items()}}
+
+    def note_held_bytes(self, state: MemoryState) -> None:
+        """Track the peak bytes of keys and values the memory holds (after a segment's write)."""
+        self.peak_kv_bytes = max(self.peak_kv_bytes, sum(layer.held_bytes() for layer in state.layers.values()))
 
     @contextlib.contextmanager
     def budget_for(self, tokens: int) -> Iterator[None]:
         """With `management.budget`, the memory size for an input of `tokens` tokens while the block runs."""
         m = self.config.management
+        saved_tokens, self.input_tokens = self.input_tokens, tokens
         if not m.budget:
-            yield
+            try:
+                yield
+            finally:
+                self.input_tokens = saved_tokens
             return
         saved = self.config
         size = max(1, m.sinks + m.recent, math.ceil(m.budget * tokens))
-        self.config = dataclasses.replace(saved, management=dataclasses.replace(m, size=size))
+        r = saved.reading
+        # A window that covered the memory (Transformer-XL) covers the new size; a shorter one stays inside it.
+        window = size if r.window == m.size else min(r.window, size)
+        self.config = dataclasses.replace(saved, management=dataclasses.replace(m, size=size),
+                                          reading=dataclasses.replace(r, window=window))
         try:
             yield
         finally:
-            self.config = saved
+            self.config, self.input_tokens = saved, saved_tokens
 
     def check_compressed(self) -> None:
         """Raise ConfigError when a score-based compression method never read a compressed memory although its
@@ -221,10 +239,12 @@ class MemoryLM(nn.Module):
         reading, size = self.config.reading, self.config.management.size
         use_faiss = self.config.uses_kv_memory and reading.topk and reading.index != "torch"
         seed = self.config.management.seed
+        budgeted = self.config.management.scored and self.config.management.budgeted
         layers = {i: LayerMemory(faiss=FaissBank(reading, size) if use_faiss else None, usage=self.usage[i],
                                  generator=torch.Generator().manual_seed(seed * 1_000_003 + i)
-                                 if self.config.management.eviction == "random" else None)
-                  for i in self.layers}
+                                 if self.config.management.eviction == "random" else None,
+                                 depth=(rank, len(self.layers), self.input_tokens) if budgeted else None)
+                  for rank, i in enumerate(sorted(self.layers))}
         state = MemoryState(layers=layers)
         if self.output is not None:
             state.output = self.output.new_state(batch, self.model.config.hidden_size)
@@ -271,6 +291,7 @@ class MemoryLM(nn.Module):
                 written = accumulate(held, written, config.writing.memory_cap)
             state.rmt = written
         state.commit(plan, config, doc_start)
+        self.note_held_bytes(state)
         logits = self.model.get_output_embeddings()(hidden[:, n_read:n_read + n])  # [batch, n, vocab]
         if self.output is None:
             return logits
