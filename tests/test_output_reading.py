@@ -8,7 +8,7 @@ lowers perplexity on a real book with a repeated passage.
 
 from __future__ import annotations
 
-import dataclasses
+import re
 
 import pandas as pd
 import pytest
@@ -18,7 +18,7 @@ from reference_unimem import Description, reference_nll
 from test_unimem_reference import reference_llama
 
 from unimem_bench.harness.cli import app as cli
-from unimem_bench.methods import METHODS, MemoryLM, MethodContext
+from unimem_bench.methods import METHODS, ConfigError, MemoryLM, MethodContext
 from unimem_bench.methods.config import Reading
 from unimem_bench.methods.engine import output_memory
 from unimem_bench.methods.engine.output_memory import Datastore, corpus_datastore
@@ -141,10 +141,19 @@ def test_knn_lowers_perplexity_on_a_book_with_a_repeated_passage(stories_dir, bo
     assert nll["trime"][second].mean() < nll["vanilla"][second].mean()
 
 
-def test_datastore_reading_is_in_the_config_round_trip():
-    config = METHODS.get("knn_lm").config(CTX, ["reading.output_datastore=/some/corpus", "reading.output_topk=7"])
-    assert dataclasses.replace(config.reading, output_topk=7) == config.reading
-    assert config.has_memory and not config.without_memory().has_memory
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["reading.output_lambda=1.5"], "must be in [0, 1]"),
+    (["reading.output_topk=0"], "must be >= 1"),
+    (["reading.output_temperature=0"], "must be > 0"),
+    (["reading.output=cache"], "is not one of"),
+    (["training.strategy=trime"], "not kNN-LM's mixture"),
+    (["reading.output=none", "reading.output_datastore=books"], "set reading.output=knn or trime"),
+])
+def test_bad_output_reading_values_fail_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        METHODS.get("knn_lm").config(CTX, overrides)
+    config = METHODS.get("knn_lm").config(CTX)
+    assert config.has_memory and not config.without_memory().has_memory  # lm-eval streams it, never reads at once
 
 
 def test_knn_sweeps_with_a_corpus_datastore_and_lambda_zero_runs_as_vanilla(tiny_model_dir, tmp_path, one_thread):

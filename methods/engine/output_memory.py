@@ -38,7 +38,7 @@ class FfnInputTap:
     """Keeps the input of the last decoder layer's MLP (the post-attention-norm hidden state) of the latest call."""
 
     def __init__(self, decoder: nn.Module) -> None:
-        last = decoder.get_submodule("layers")[-1]
+        last = list(decoder.get_submodule("layers").children())[-1]
         self.value: torch.Tensor | None = None
         self.handle = last.get_submodule("mlp").register_forward_pre_hook(self._keep)
 
