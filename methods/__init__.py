@@ -17,6 +17,8 @@ from unimem_bench.methods import snapkv  # noqa: F401
 from unimem_bench.methods import knorm  # noqa: F401
 from unimem_bench.methods import fot  # noqa: F401
 from unimem_bench.methods import unlimiformer  # noqa: F401
+from unimem_bench.methods import quest  # noqa: F401
+from unimem_bench.methods import infllm  # noqa: F401
 from unimem_bench.methods.config import ConfigError, UniMemConfig
 from unimem_bench.methods.engine.memory_lm import HookError, MemoryLM, TokenScores, check_hookable
 from unimem_bench.methods.engine.sampling import Sampling

@@ -88,6 +88,7 @@ class UniMemConfig:
                               "reading.global_tokens > 0, reading.global_source=document, reading.window > 0, "
                               "reading.sliding=true and reading.stride=1")
         check_scaled_memory(self)
+        check_pages(self)
 
     @property
     def uses_kv_memory(self) -> bool:
@@ -108,6 +109,9 @@ class UniMemConfig:
     def bind(self, *, n_layers: int, segment_len: int) -> tuple[int, ...]:
         """Check the model-dependent parts; return the injected layer indices."""
         layers = self.injection.resolve(n_layers)
+        if set(self.reading.dense_layers) - set(layers):
+            raise ConfigError(f"reading.dense_layers={format_layers(self.reading.dense_layers)} names layers outside "
+                              f"injection.layers={format_layers(layers)}: dense layers read memory, so inject them")
         local = segment_len * self.position.segment_factor
         if self.position.sink_shift and local > self.reading.window:
             raise ConfigError(f"position.sink_shift=true with a {local}-token segment needs reading.window >= {local} "
@@ -189,3 +193,22 @@ def check_scaled_memory(config: UniMemConfig) -> None:
                                           or r.read_all or r.global_tokens or config.writing.memory_tokens):
         raise ConfigError("position.scaled_memory=true places top-k slots and the input: set position.mode=official, "
                           "reading.topk > 0, and no window, globals, read_all or memory tokens")
+
+
+def check_pages(config: UniMemConfig) -> None:
+    """Page reading (Quest's dense layers, InfLLM's representative tokens) needs memory it can read per slot."""
+    r = config.reading
+    if r.dense_layers and (config.position.mode == "compact" or config.position.scaled_memory
+                           or not config.management.size):
+        raise ConfigError("reading.dense_layers read a different memory prefix than the other layers, which compact "
+                          "positions would place differently: set position.mode=official or absolute (and "
+                          "management.size > 0, position.scaled_memory=false)")
+    if r.chunk_size and r.chunk_key == "representative" and config.writing.kv != "direct":
+        raise ConfigError("reading.chunk_key=representative ranks each chunk by its tokens' own scores: set "
+                          "writing.kv=direct")
+
+
+def dense_reading(reading: Reading) -> Reading:
+    """The reading of `reading.dense_layers`: every memory slot by position, globals kept."""
+    return dataclasses.replace(reading, read_all=True, window=0, sliding=False, stride=1, topk=0, chunk_size=0,
+                               random_slots=0, dense_layers=())

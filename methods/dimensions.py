@@ -23,7 +23,7 @@ Strategy = Literal["stop_gradient", "bptt", "bptt_tokens"]
 GlobalSource = Literal["document", "memory"]
 WriteSlots = Literal["memory", "learned"]
 Eviction = Literal["fifo", "h2o", "tova", "snapkv", "knorm", "random", "lru"]
-ChunkKey = Literal["mean", "bounds"]
+ChunkKey = Literal["mean", "bounds", "representative"]
 
 
 def _check_choice(name: str, value: object, kind: object) -> None:
@@ -187,7 +187,14 @@ class Reading:
     many slots (the last possibly shorter); a query ranks the chunks wholly before its window reach and reads every
     token of its best topk / chunk_size chunks (`topk` still counts tokens read). 0 = token-level top-k."""
     chunk_key: ChunkKey = "mean"
-    """Chunk ranking: `mean` (LongMem: q . the mean key) or `bounds` (Quest: sum_d max(q_d min_d, q_d max_d))."""
+    """Chunk ranking: `mean` (LongMem: q . the mean key), `bounds` (Quest: sum_d max(q_d min_d, q_d max_d)) or
+    `representative` (InfLLM: q . the mean key of the chunk's `representatives` slots of highest representative
+    score, each token's mean q_i . k_m over the queries i >= m of its own segment, itself included)."""
+    representatives: int = 4
+    """InfLLM's representative tokens per chunk (`chunk_key=representative`; official `repr_topk` = 4)."""
+    dense_layers: tuple[int, ...] = ()
+    """Injected layers (0-based) that read every memory slot by position instead of the reading above (Quest keeps
+    its first two layers dense). From strings like injection.layers: `0,1`, `0-1`. Empty = none."""
 
     def __post_init__(self) -> None:
         _check_nonneg(
@@ -227,6 +234,10 @@ class Reading:
         if c and (not self.topk or self.topk % c or self.index != "torch"):
             raise ConfigError(f"reading.chunk_size={c} reads whole chunks by an exact torch search: set reading.topk "
                               f"to a multiple of it (tokens read, e.g. {4 * c}) and reading.index=torch")
+        if self.representatives < 1:
+            raise ConfigError(f"reading.representatives={self.representatives} must be >= 1 (tokens per chunk key)")
+        if self.dense_layers:
+            object.__setattr__(self, "dense_layers", parse_layers(self.dense_layers))
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ of visible (key, value) pairs from an explicit Python list of memory slots per l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import torch
@@ -104,6 +104,20 @@ class Description:
     position), and the segment's positions start at min(L, R). Direct FIFO memory only here."""
     trained_context: int = 0
     """The model's trained context (scaled_memory)."""
+    representatives: int = 4
+    """chunk_key representative (InfLLM): a chunk's score is q . the mean of the keys of its `representatives`
+    slots of highest representative score (all of them in a smaller chunk); a slot's representative score is the
+    mean, over its KV head's query heads and the queries of its own segment at or after it, of q . k (both rotated
+    as they were attended in that segment)."""
+    dense_layers: frozenset[int] = frozenset()
+    """Layers that read every memory slot by position (the window is all of it, no top-k) instead (Quest)."""
+
+
+def layer_spec(spec: Description, layer: int) -> Description:
+    """What `layer` reads: a dense layer reads every memory slot by position."""
+    if layer not in spec.dense_layers:
+        return spec
+    return replace(spec, read_all=True, window=0, sliding=False, stride=1, topk=0, chunk_size=0, random_slots=0)
 
 
 class ReferenceLlama:
@@ -146,6 +160,8 @@ class Slot:
     value: torch.Tensor
     position: int = -1
     """Document position of the slot's (first) token."""
+    rep: torch.Tensor | None = None
+    """[kv_heads] representative score (InfLLM; chunk_key representative)."""
 
 
 @dataclass
@@ -192,7 +208,7 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
     x = llama.w["model.embed_tokens.weight"][ids]
     if m:
         x = torch.cat([memory.read, x, memory.write])
-    views = {i: segment_view(llama, spec, memory, i, doc_start) for i in spec.layers}
+    views = {i: segment_view(llama, layer_spec(spec, i), memory, i, doc_start) for i in spec.layers}
     n_prefix = next(iter(views.values())).n_prefix if views else 0
     positions = input_positions(spec, n_prefix, doc_start, m, n)
     written = {}
@@ -213,7 +229,8 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
                 if layer in spec.layers and spec.dilation_rates:
                     keys, values, log_count = dilated_read(spec, views[layer], keys, values, g, head, t, doc_start)
                 elif layer in spec.layers:
-                    mem_keys, mem_values = read_memory(spec, views[layer], q_rot[t, head], g, t, llama)
+                    mem_keys, mem_values = read_memory(layer_spec(spec, layer), views[layer], q_rot[t, head], g, t,
+                                                       llama)
                     keys, values = torch.cat([mem_keys, keys]), torch.cat([mem_values, values])
                     log_count = torch.zeros(len(keys), dtype=F64)
                 logits = keys @ q_rot[t, head] / math.sqrt(llama.head_dim) + log_count
@@ -225,10 +242,12 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
         x = x + llama.linear(gate * torch.sigmoid(gate) * llama.linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
         if layer in spec.layers:
             doc_keys = torch.stack([llama.rope(k[m + j], doc_start + j, spec.rope_factor) for j in range(n)])
-            written[layer] = (k[m:m + n], doc_keys, v[m:m + n])
+            reps = (representative_scores(llama, q_rot, k_rot, m, n)
+                    if spec.chunk_size and spec.chunk_key == "representative" else None)
+            written[layer] = (k[m:m + n], doc_keys, v[m:m + n], reps)
     x = llama.rms_norm(x, "model.norm.weight")
-    for layer, (keys, doc_keys, values) in written.items():
-        write_memory(spec, memory, layer, keys, doc_keys, values, doc_start)
+    for layer, (keys, doc_keys, values, reps) in written.items():
+        write_memory(spec, memory, layer, keys, doc_keys, values, doc_start, reps)
     if m:
         memory.read = x[m + n:]
         memory.write = x[m + n:] if spec.write_slots == "memory" else memory.learned
@@ -280,6 +299,7 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
         search_index=list(searchable),
         search_keys=stack([at(bank[b], None) for b in searchable], empty),
         search_values=stack([bank[b].value for b in searchable], empty),
+        search_reps=[bank[b].rep for b in searchable],
         n_bank=len(bank), n_prefix=len(global_slots) + n_window, segment=memory.segments,
         window_positions=[bank[b].position for b in window],
         attend_keys=scaled_keys(llama, spec, bank, searchable, doc_start) if spec.scaled_memory else None,
@@ -311,6 +331,8 @@ class View:
     """Document position of each window slot."""
     attend_keys: torch.Tensor | None = None
     """The keys top-k slots are attended with when not their searched keys (scaled_memory), like search_keys."""
+    search_reps: list[torch.Tensor | None] = field(default_factory=list)
+    """Representative score [kv_heads] of each search slot (InfLLM)."""
 
 
 def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int,
@@ -344,7 +366,7 @@ def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: i
 
 
 def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tensor, doc_keys: torch.Tensor,
-                 values: torch.Tensor, doc_start: int = 0) -> None:
+                 values: torch.Tensor, doc_start: int = 0, reps: torch.Tensor | None = None) -> None:
     """Write a segment's keys/values [n, kv_heads, dim] to one layer's memory under the overflow policy."""
     if spec.kv == "none" or not spec.size:
         return
@@ -353,9 +375,11 @@ def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tens
         g = min(spec.global_tokens - len(pinned), len(keys))
         pinned.extend(Slot(keys[j], doc_keys[j], values[j], doc_start + j) for j in range(g))
         keys, doc_keys, values = keys[g:], doc_keys[g:], values[g:]
+        reps = reps[g:] if reps is not None else None
         doc_start += g
     step = spec.pool_ratio if spec.kv == "pooling" else 1
-    new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0), doc_start + j)
+    new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0), doc_start + j,
+                rep=reps[j] if reps is not None and step == 1 else None)
            for j in range(0, len(keys), step)]
     bank = memory.banks[layer]
     if bank and len(bank) + len(new) > spec.size and spec.overflow != "fifo":
@@ -591,6 +615,9 @@ def best_chunk_slots(spec: Description, view: View, query: torch.Tensor, g: int,
         keys = view.search_keys[members, g]  # [members, head_dim]
         if spec.chunk_key == "mean":
             scores.append(float(keys.mean(0) @ query))
+        elif spec.chunk_key == "representative":
+            rank = sorted(range(len(members)), key=lambda j: -float(view.search_reps[members[j]][g]))
+            scores.append(float(keys[rank[:spec.representatives]].mean(0) @ query))
         else:
             low, high = keys.min(0).values, keys.max(0).values
             scores.append(float(torch.maximum(query * low, query * high).sum()))
@@ -608,3 +635,17 @@ def scaled_keys(llama: ReferenceLlama, spec: Description, bank: list[Slot], sear
     keys = [llama.rope(bank[b].key, math.floor((doc_start - len(bank) + b) * scale), spec.rope_factor)
             for b in searchable]
     return torch.stack(keys) if keys else torch.zeros(0, llama.kv_heads, llama.head_dim, dtype=F64)
+
+
+def representative_scores(llama: ReferenceLlama, q_rot: torch.Tensor, k_rot: torch.Tensor, m: int,
+                          n: int) -> torch.Tensor:
+    """[n, kv_heads]: segment token j's mean q . k over the queries t >= j of the segment (input rows m + t) and the
+    query heads of each KV head, with the rotations they were attended at."""
+    group = llama.heads // llama.kv_heads
+    out = torch.zeros(n, llama.kv_heads, dtype=F64)
+    for j in range(n):
+        for g in range(llama.kv_heads):
+            dots = [float(q_rot[m + t, head] @ k_rot[m + j, g]) for t in range(j, n)
+                    for head in range(g * group, (g + 1) * group)]
+            out[j, g] = sum(dots) / len(dots)
+    return out

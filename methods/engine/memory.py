@@ -42,7 +42,7 @@ class WritePlan(Protocol):
     def detach_kv(self) -> bool: ...
 
 
-_TENSORS = ("keys", "values", "global_keys", "global_values", "ids", "scores")
+_TENSORS = ("keys", "values", "global_keys", "global_values", "ids", "scores", "representative")
 """The tensors of a `LayerMemory`."""
 
 
@@ -104,6 +104,8 @@ class LayerMemory:
     """The seeded generator of `random` eviction."""
     has_evicted: bool = False
     """This document's memory has evicted something: what it holds now is compressed."""
+    representative: torch.Tensor | None = None
+    """[batch, kv_heads, slots] InfLLM's representative score of each slot (reading.chunk_key=representative)."""
 
     def note_read(self, slots: int) -> None:
         """Count a forward call reading `slots` memory slots (summed over its batch rows)."""
@@ -113,9 +115,10 @@ class LayerMemory:
                 self.usage.read_compressed += slots
 
     def write(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor,
-              fresh: torch.Tensor | None = None) -> None:
+              fresh: torch.Tensor | None = None, representative: torch.Tensor | None = None) -> None:
         """Write this segment's keys/values [batch, kv_heads, n_seg, head_dim] (already in storage frame); `fresh`:
-        the segment's attention evidence for score-based eviction (`eviction.attention_scores`)."""
+        the segment's attention evidence for score-based eviction (`eviction.attention_scores`); `representative`:
+        the segment's representative scores [batch, kv_heads, n_seg] (InfLLM), kept beside the keys."""
         if plan.detach_kv:
             keys, values = keys.detach(), values.detach()
         dropped = plan.drop_old + plan.drop_new
@@ -134,6 +137,12 @@ class LayerMemory:
                 new_v = torch.cat([self.global_values, new_v], dim=2)
             self.global_keys, self.global_values = new_k, new_v
             keys, values = keys[:, :, plan.to_global:], values[:, :, plan.to_global:]
+            if representative is not None:
+                representative = representative[:, :, plan.to_global:]
+        if representative is not None:
+            representative = representative[:, :, plan.drop_new:]
+            if self.keys is not None and self.representative is not None:
+                representative = torch.cat([self.representative[:, :, plan.drop_old:], representative], dim=2)
         if config.writing.kv == "pooling":
             keys, values = pool_tokens(keys, config.writing.pool_ratio), pool_tokens(values, config.writing.pool_ratio)
         new_first_id = plan.first_id + (0 if self.keys is None else self.keys.shape[2]) + plan.drop_new
@@ -143,11 +152,11 @@ class LayerMemory:
             keys = torch.cat([self.keys[:, :, plan.drop_old:], new_keys], dim=2)
             values = torch.cat([self.values[:, :, plan.drop_old:], values], dim=2)
         if not keys.shape[2]:  # cleared and nothing written: an empty memory
-            self.keys = self.values = None
+            self.keys = self.values = self.representative = None
             if self.faiss is not None:
                 self.faiss.indexes = []
             return
-        self.keys, self.values = keys, values
+        self.keys, self.values, self.representative = keys, values, representative
         if self.faiss is not None:
             self.faiss.add(new_keys, new_first_id, keys, new_first_id + new_keys.shape[2] - keys.shape[2])
 
@@ -173,7 +182,8 @@ class LayerMemory:
 
     def snapshot(self) -> LayerMemory:
         """The current tensors (writes replace them, never modify them in place, so this is a frozen view)."""
-        return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids)
+        return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids,
+                           representative=self.representative)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         for name in _TENSORS:

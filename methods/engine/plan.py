@@ -7,13 +7,14 @@ and the gradient-checkpointing read cache, so a full segment forward and one dec
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from unimem_bench.methods.config import UniMemConfig
+from unimem_bench.methods.config import UniMemConfig, dense_reading
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState, overflow_drop
 
 
@@ -139,6 +140,8 @@ class SegmentContext:
     reads: dict[int, LayerMemory] = field(default_factory=dict)
     """Per layer, the memory its first call read. Gradient checkpointing calls a layer again during backward; that
     call must read the same memory (not what later writes left) and write nothing."""
+    dense: SegmentContext | None = None
+    """The context of `reading.dense_layers`: every memory slot read by position (None: no dense layers)."""
 
 
 def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryState, plan: SegmentPlan, *,
@@ -176,8 +179,13 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
     topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
     random = random_slots(config, plan, state.segments, i, start) if r.random_slots else None
+    dense = None
+    if r.dense_layers:  # Quest's dense layers: the same write, every slot read (positions do not depend on it)
+        dense_plan = dataclasses.replace(plan, n_window=plan.n_bank - (plan.n_global if plan.globals_in_bank else 0))
+        dense = segment_context(dataclasses.replace(config, reading=dense_reading(r)), layers, state, dense_plan,
+                                query_start=query_start, n_query=n_query, dtype=dtype, device=device)
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
-                          topk_start=start, sink_shift=shift, random_slots=random)
+                          topk_start=start, sink_shift=shift, random_slots=random, dense=dense)
 
 
 def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
