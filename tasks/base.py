@@ -37,9 +37,10 @@ class ScoringLM(Protocol):
 
     def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
                  stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None,
-                 min_new_tokens: int = 0) -> list[int]:
+                 min_new_tokens: int = 0, question: Sequence[int] | None = None) -> list[int]:
         """Continue the 1-D prompt through memory; returns the new token ids. The end-of-sequence ids cannot be
-        generated before `min_new_tokens` new tokens (transformers' min_new_tokens)."""
+        generated before `min_new_tokens` new tokens (transformers' min_new_tokens). `question` (query_aware
+        tasks): the prompt's question tokens, which a compressing memory may observe while it compresses."""
         ...
 
     def reading_at_once(self, length: int) -> AbstractContextManager[ScoringLM]:

@@ -490,6 +490,9 @@ class EvictionSpec:
     recent: int = 0
     observe: int = 32
     pool_kernel: int = 7
+    question: tuple[int, ...] = ()
+    """Query-aware compression: these tokens follow every segment (positions after it); their queries attend like
+    the segment's and score with them (as its last queries), their keys are never kept, their outputs never read."""
 
 
 @dataclass
@@ -517,6 +520,9 @@ def eviction_nll(llama: ReferenceLlama, spec: EvictionSpec, doc: torch.Tensor) -
 def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[list[list[HeadSlot]]],
                       ids: torch.Tensor, doc_start: int) -> torch.Tensor:
     n = len(ids)
+    if spec.question:  # query-aware: the question follows the segment; its queries score, its keys are not kept
+        ids = torch.cat([ids, torch.tensor(spec.question, dtype=ids.dtype)])
+    total = len(ids)
     x = llama.w["model.embed_tokens.weight"][ids]
     group = llama.heads // llama.kv_heads
     for layer in range(llama.n_layers):
@@ -525,14 +531,14 @@ def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[lis
         n_held = len(held[0])
         first = {"compact": n_held, "official": 0, "absolute": doc_start}[spec.position]
         h = llama.rms_norm(x, p + "input_layernorm.weight")
-        q = llama.linear(h, p + "self_attn.q_proj").view(n, llama.heads, -1)
-        k = llama.linear(h, p + "self_attn.k_proj").view(n, llama.kv_heads, -1)
-        v = llama.linear(h, p + "self_attn.v_proj").view(n, llama.kv_heads, -1)
-        q_rot = [llama.rope(q[t], first + t, 1.0) for t in range(n)]
-        k_rot = [llama.rope(k[t], first + t, 1.0) for t in range(n)]
+        q = llama.linear(h, p + "self_attn.q_proj").view(total, llama.heads, -1)
+        k = llama.linear(h, p + "self_attn.k_proj").view(total, llama.kv_heads, -1)
+        v = llama.linear(h, p + "self_attn.v_proj").view(total, llama.kv_heads, -1)
+        q_rot = [llama.rope(q[t], first + t, 1.0) for t in range(total)]
+        k_rot = [llama.rope(k[t], first + t, 1.0) for t in range(total)]
         attn = torch.zeros_like(q)
         weights: dict[tuple[int, int], torch.Tensor] = {}  # (head, query) -> [n_held + t + 1]
-        for t in range(n):
+        for t in range(total):
             for head in range(llama.heads):
                 g = head // group
                 at = {"compact": lambda j, s: j, "official": lambda j, s: 0, "absolute": lambda j, s: s.id}
@@ -542,16 +548,16 @@ def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[lis
                 w = torch.softmax(keys @ q_rot[t][head] / math.sqrt(llama.head_dim), dim=0)
                 weights[head, t] = w
                 attn[t, head] = w @ values
-        x = x + llama.linear(attn.reshape(n, -1), p + "self_attn.o_proj")
+        x = x + llama.linear(attn.reshape(total, -1), p + "self_attn.o_proj")
         h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
         gate = llama.linear(h, p + "mlp.gate_proj")
         x = x + llama.linear(gate * torch.sigmoid(gate) * llama.linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
         for g in range(llama.kv_heads):
             cands = held[g] + [HeadSlot(doc_start + j, k[j, g], v[j, g]) for j in range(n)]
-            _score(spec, cands, weights, g, group, llama.heads, n_held, n, doc_start)
+            _score(spec, cands, weights, g, group, llama.heads, n_held, total, doc_start)
             held[g] = _keep(spec, cands, doc_start + n)
     x = llama.rms_norm(x, "model.norm.weight")
-    return x @ llama.lm_head.T
+    return x[:n] @ llama.lm_head.T
 
 
 def _received(w: torch.Tensor, c: int, n_held: int, t: int) -> float:

@@ -119,7 +119,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     if scored:  # the config refuses scored eviction beside top-k, random slots and sinks: lse is this softmax's
         fresh = eviction.attention_scores(config.management, query, keys, mask, scale, lse,
                                           n_memory=plan.n_prefix, n_read=plan.n_read, n_seg=plan.n_seg,
-                                          first_id=plan.first_id + plan.n_bank)
+                                          first_id=plan.first_id + plan.n_bank, n_observe=plan.n_observe)
 
     if plan.write and (plan.n_new or plan.to_global):
         seg = slice(plan.n_read, plan.n_read + plan.n_seg)

@@ -63,6 +63,9 @@ class SegmentPlan:
     topk_place: tuple[torch.Tensor, torch.Tensor] | None = None
     """(cos, sin) [n_bank, head_dim] at each bank slot's scaled position (position.scaled_memory): top-k slots are
     attended there, after a search on their stored (unrotated) keys."""
+    n_observe: int = 0
+    """Question tokens after the segment that score-based eviction observes (query-aware compression): their
+    queries score the candidates, their keys are never written, their outputs never read."""
 
     @property
     def n_prefix(self) -> int:
@@ -71,7 +74,8 @@ class SegmentPlan:
 
 
 def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: int, n_write: int, doc_start: int,
-               rotary: nn.Module, probe: torch.Tensor, write: bool, grad: bool, memory_room: int = 0) -> SegmentPlan:
+               rotary: nn.Module, probe: torch.Tensor, write: bool, grad: bool, memory_room: int = 0,
+               n_observe: int = 0) -> SegmentPlan:
     """The plan for the next input of `state`: [n_read read slots ; n_seg tokens ; n_write write slots].
 
     `probe` gives dtype and device for the rotary module; `grad` says whether gradients are being recorded;
@@ -94,7 +98,7 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
     topk_place = None
     if config.position.scaled_memory:
         first, topk_place = scaled_positions(state, doc_start, memory_room, rotary, probe)
-    n_input = n_read + n_seg + n_write
+    n_input = n_read + n_seg + n_write + n_observe
     place = store = None
     scale = float(getattr(rotary, "attention_scaling", 1.0))
     if mode == "compact" and n_prefix:
@@ -108,7 +112,7 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
         n_new=n_new, first_position=first, place=place, store=store, rope_scale=scale,
         detach_kv=not grad or strategy != "bptt", detach_tokens=not grad or strategy == "stop_gradient", write=write,
         doc_start=doc_start,
-        topk_place=topk_place,
+        topk_place=topk_place, n_observe=n_observe,
     )
 
 
