@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -206,3 +206,14 @@ class Task(Protocol):
 
 
 TASKS: Registry[Task] = Registry("task")
+
+
+QueryMode = Literal["query_agnostic", "query_aware"]
+"""Whether a compressing memory may see the question (task argument `query_mode`): `query_agnostic` compresses the
+context before the question is seen, as a deployed cache would; `query_aware` (kvpress' query_aware) lets every
+eviction also score with the question's queries. Methods without score-based eviction read the same either way."""
+
+
+def question_kwargs(mode: str, question: Sequence[int]) -> dict[str, Any]:
+    """`generate`'s keyword arguments for a prompt whose question is `question` under `mode`."""
+    return {"question": list(question)} if mode == "query_aware" else {}
