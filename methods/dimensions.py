@@ -236,8 +236,8 @@ class Reading:
                               f"to a multiple of it (tokens read, e.g. {4 * c}) and reading.index=torch")
         if self.representatives < 1:
             raise ConfigError(f"reading.representatives={self.representatives} must be >= 1 (tokens per chunk key)")
-        if self.dense_layers:
-            object.__setattr__(self, "dense_layers", parse_layers(self.dense_layers))
+        empty = isinstance(self.dense_layers, tuple | list | str) and not self.dense_layers  # `0` is layer 0
+        object.__setattr__(self, "dense_layers", () if empty else parse_layers(self.dense_layers))
 
 
 @dataclass(frozen=True)

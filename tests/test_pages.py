@@ -11,6 +11,7 @@ import pytest
 import torch
 from reference_unimem import Description, View, best_chunk_slots
 
+from unimem_bench.methods import METHODS, ConfigError, MethodContext
 from unimem_bench.methods.engine.retrieval import representative_scores, topk_chunk_slots
 
 F64 = torch.float64
@@ -55,3 +56,21 @@ def test_representative_scores_are_the_mean_dot_product_with_later_queries() -> 
         for m in range(6):
             dots = [float(queries[0, h, i] @ keys[0, g, m]) for h in (2 * g, 2 * g + 1) for i in range(m, 6)]
             assert float(got[0, g, m]) == pytest.approx(sum(dots) / len(dots), abs=1e-12)
+
+
+@pytest.mark.parametrize(("method", "overrides", "message"), [
+    ("quest", ["position.mode=compact"], "position.mode=official or absolute"),
+    ("quest", ["reading.representatives=0"], "reading.representatives=0"),
+    ("infllm", ["writing.kv=pooling"], "writing.kv=direct"),
+    ("quest", ["reading.dense_layers=1-x"], "injection.layers: '1-x'"),
+])
+def test_page_reading_values_are_validated(method: str, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        METHODS.get(method).config(MethodContext(n_layers=4, segment_len=64, trained_context=512), overrides)
+
+
+def test_dense_layers_must_be_injected() -> None:
+    config = METHODS.get("quest").config(MethodContext(n_layers=4, segment_len=64, trained_context=512),
+                                         ["injection.layers=2,3", "reading.dense_layers=0,1"])
+    with pytest.raises(ConfigError, match="outside injection.layers=2-3"):
+        config.bind(n_layers=4, segment_len=64)

@@ -1,4 +1,5 @@
-"""FoT and Unlimiformer through the lm-eval model: rolling log-likelihood through their memory and generation."""
+"""FoT, Unlimiformer, Quest and InfLLM through the lm-eval model: rolling log-likelihood through their memory and
+generation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from lm_eval.api.instance import Instance
 from unimem_bench.harness.evaluation.lm_eval_model import UnimemLM
 
 
-@pytest.mark.parametrize("method", ["fot", "unlimiformer"])
+@pytest.mark.parametrize("method", ["fot", "unlimiformer", "quest", "infllm"])
 def test_similarity_methods_run_through_the_lm_eval_model(method, stories_dir, books_dir) -> None:
     text = next(iter(sorted(books_dir.glob("*.txt")))).read_text()[30_000:32_500]
     rolling = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)]
