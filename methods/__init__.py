@@ -27,6 +27,8 @@ from unimem_bench.methods import trime  # noqa: F401
 from unimem_bench.methods import autocompressor  # noqa: F401
 from unimem_bench.methods import reformer  # noqa: F401
 from unimem_bench.methods import routing  # noqa: F401
+from unimem_bench.methods import quest  # noqa: F401
+from unimem_bench.methods import infllm  # noqa: F401
 from unimem_bench.methods.config import ConfigError, UniMemConfig
 from unimem_bench.methods.engine.memory_lm import HookError, MemoryLM, TokenScores, check_hookable
 from unimem_bench.methods.engine.sampling import Sampling

@@ -95,6 +95,7 @@ class UniMemConfig:
         if self.reading.output == "knn" and self.training.strategy == "trime":
             raise ConfigError("training.strategy=trime trains TRIME's joint softmax, not kNN-LM's mixture: set "
                               "reading.output=trime (or none) or another training.strategy")
+        check_pages(self)
 
     @property
     def uses_kv_memory(self) -> bool:
@@ -119,6 +120,9 @@ class UniMemConfig:
         layers = self.injection.resolve(n_layers)
         if self.injection.side_layers:
             self.injection.side_spans(n_layers)
+        if set(self.reading.dense_layers) - set(layers):
+            raise ConfigError(f"reading.dense_layers={format_layers(self.reading.dense_layers)} names layers outside "
+                              f"injection.layers={format_layers(layers)}: dense layers read memory, so inject them")
         local = segment_len * self.position.segment_factor
         if self.position.sink_shift and local > self.reading.window:
             raise ConfigError(f"position.sink_shift=true with a {local}-token segment needs reading.window >= {local} "
@@ -211,6 +215,8 @@ def check_side_network(config: UniMemConfig) -> None:
         raise ConfigError("injection.side_layers (LongMem) reads a FIFO bank of direct keys/values by retrieval: set "
                           "writing.kv=direct, management.size > 0, management.overflow=fifo, reading.topk > 0, and "
                           "no window, read_all, globals, random slots, dilation, eviction or memory tokens")
+
+
 def check_pooled_tier(config: UniMemConfig) -> None:
     """writing.pooled_tier sits between the globals and a FIFO-evicting direct window: nothing else may place or
     evict memory keys."""
@@ -223,3 +229,22 @@ def check_pooled_tier(config: UniMemConfig) -> None:
     if m.scored or r.dilation_rates or p.sink_shift or p.scaled_memory:
         raise ConfigError("writing.pooled_tier needs FIFO eviction and plain positions: set management.eviction=fifo "
                           "and no reading.dilated_segments, position.sink_shift or position.scaled_memory")
+
+
+def check_pages(config: UniMemConfig) -> None:
+    """Page reading (Quest's dense layers, InfLLM's representative tokens) needs memory it can read per slot."""
+    r = config.reading
+    if r.dense_layers and (config.position.mode == "compact" or config.position.scaled_memory
+                           or not config.management.size):
+        raise ConfigError("reading.dense_layers read a different memory prefix than the other layers, which compact "
+                          "positions would place differently: set position.mode=official or absolute (and "
+                          "management.size > 0, position.scaled_memory=false)")
+    if r.chunk_size and r.chunk_key == "representative" and config.writing.kv != "direct":
+        raise ConfigError("reading.chunk_key=representative ranks each chunk by its tokens' own scores: set "
+                          "writing.kv=direct")
+
+
+def dense_reading(reading: Reading) -> Reading:
+    """The reading of `reading.dense_layers`: every memory slot by position, globals kept."""
+    return dataclasses.replace(reading, read_all=True, window=0, sliding=False, stride=1, topk=0, chunk_size=0,
+                               random_slots=0, dense_layers=())

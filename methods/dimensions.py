@@ -24,7 +24,7 @@ Strategy = Literal["stop_gradient", "bptt", "bptt_tokens", "trime"]
 GlobalSource = Literal["document", "memory"]
 WriteSlots = Literal["memory", "learned"]
 Eviction = Literal["fifo", "h2o", "tova", "snapkv", "knorm", "random", "lru"]
-ChunkKey = Literal["mean", "bounds"]
+ChunkKey = Literal["mean", "bounds", "representative"]
 SideInit = Literal["copy", "identity"]
 OutputRead = Literal["none", "knn", "trime"]
 MemoryMode = Literal["replace", "accumulate"]
@@ -272,7 +272,14 @@ class Reading:
     many slots (the last possibly shorter); a query ranks the chunks wholly before its window reach and reads every
     token of its best topk / chunk_size chunks (`topk` still counts tokens read). 0 = token-level top-k."""
     chunk_key: ChunkKey = "mean"
-    """Chunk ranking: `mean` (LongMem: q . the mean key) or `bounds` (Quest: sum_d max(q_d min_d, q_d max_d))."""
+    """Chunk ranking: `mean` (LongMem: q . the mean key), `bounds` (Quest: sum_d max(q_d min_d, q_d max_d)) or
+    `representative` (InfLLM: q . the mean key of the chunk's `representatives` slots of highest representative
+    score, each token's mean q_i . k_m over the queries i >= m of its own segment, itself included)."""
+    representatives: int = 4
+    """InfLLM's representative tokens per chunk (`chunk_key=representative`; official `repr_topk` = 4)."""
+    dense_layers: tuple[int, ...] = ()
+    """Injected layers (0-based) that read every memory slot by position instead of the reading above (Quest keeps
+    its first two layers dense). From strings like injection.layers: `0,1`, `0-1`. Empty = none."""
     output: OutputRead = "none"
     """Reading at the output distribution (kNN-LM, TRIME): memory of (key, next token) pairs, the key being the
     last decoder layer's FFN input, read into the vocabulary. `knn` (kNN-LM): p = lambda p_kNN + (1 - lambda) p_LM,
@@ -379,6 +386,10 @@ class Reading:
                                                     or self.dilation_rates):
             raise ConfigError("reading.lsh_buckets/clusters select among the slots top-k would search: set "
                               "reading.topk=0, reading.random_slots=0, reading.read_all=false and no dilation")
+        if self.representatives < 1:
+            raise ConfigError(f"reading.representatives={self.representatives} must be >= 1 (tokens per chunk key)")
+        empty = isinstance(self.dense_layers, tuple | list | str) and not self.dense_layers  # `0` is layer 0
+        object.__setattr__(self, "dense_layers", () if empty else parse_layers(self.dense_layers))
 
 
 @dataclass(frozen=True)

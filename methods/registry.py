@@ -175,6 +175,10 @@ def describe(config: UniMemConfig) -> dict[str, str]:
     if r.topk:
         reads.append(f"top-{r.topk} ({r.index})" if not r.chunk_size
                      else f"top-{r.topk} in chunks of {r.chunk_size} ({r.chunk_key})")
+    if r.chunk_size and r.chunk_key == "representative":
+        reads.append(f"{r.representatives} representatives per chunk")
+    if r.dense_layers:
+        reads.append(f"all in layers {format_layers(r.dense_layers)}")
     if r.random_slots:
         reads.append(f"random {r.random_slots} per {r.random_block} queries")
     if r.dilation_rates:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -37,9 +37,10 @@ class ScoringLM(Protocol):
 
     def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
                  stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None,
-                 min_new_tokens: int = 0) -> list[int]:
+                 min_new_tokens: int = 0, question: Sequence[int] | None = None) -> list[int]:
         """Continue the 1-D prompt through memory; returns the new token ids. The end-of-sequence ids cannot be
-        generated before `min_new_tokens` new tokens (transformers' min_new_tokens)."""
+        generated before `min_new_tokens` new tokens (transformers' min_new_tokens). `question` (query_aware
+        tasks): the prompt's question tokens, which a compressing memory may observe while it compresses."""
         ...
 
     def reading_at_once(self, length: int) -> AbstractContextManager[ScoringLM]:
@@ -205,3 +206,14 @@ class Task(Protocol):
 
 
 TASKS: Registry[Task] = Registry("task")
+
+
+QueryMode = Literal["query_agnostic", "query_aware"]
+"""Whether a compressing memory may see the question (task argument `query_mode`): `query_agnostic` compresses the
+context before the question is seen, as a deployed cache would; `query_aware` (kvpress' query_aware) lets every
+eviction also score with the question's queries. Methods without score-based eviction read the same either way."""
+
+
+def question_kwargs(mode: str, question: Sequence[int]) -> dict[str, Any]:
+    """`generate`'s keyword arguments for a prompt whose question is `question` under `mode`."""
+    return {"question": list(question)} if mode == "query_aware" else {}

@@ -46,7 +46,7 @@ of visible (key, value) pairs from an explicit Python list of memory slots per l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import torch
@@ -149,6 +149,20 @@ class Description:
     cluster_seed: int = 0
     """Initial centroids of layer l: torch.randn(kv_heads, clusters, head_dim) seeded cluster_seed * 1_000_003 + l,
     each scaled to unit length."""
+    representatives: int = 4
+    """chunk_key representative (InfLLM): a chunk's score is q . the mean of the keys of its `representatives`
+    slots of highest representative score (all of them in a smaller chunk); a slot's representative score is the
+    mean, over its KV head's query heads and the queries of its own segment at or after it, of q . k (both rotated
+    as they were attended in that segment)."""
+    dense_layers: frozenset[int] = frozenset()
+    """Layers that read every memory slot by position (the window is all of it, no top-k) instead (Quest)."""
+
+
+def layer_spec(spec: Description, layer: int) -> Description:
+    """What `layer` reads: a dense layer reads every memory slot by position."""
+    if layer not in spec.dense_layers:
+        return spec
+    return replace(spec, read_all=True, window=0, sliding=False, stride=1, topk=0, chunk_size=0, random_slots=0)
 
 
 class ReferenceLlama:
@@ -191,6 +205,8 @@ class Slot:
     value: torch.Tensor
     position: int = -1
     """Document position of the slot's (first) token."""
+    rep: torch.Tensor | None = None
+    """[kv_heads] representative score (InfLLM; chunk_key representative)."""
 
 
 @dataclass
@@ -253,7 +269,7 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
     x = llama.w["model.embed_tokens.weight"][ids]
     if m:
         x = torch.cat([memory.read, x, memory.write])
-    views = {i: segment_view(llama, spec, memory, i, doc_start) for i in spec.layers}
+    views = {i: segment_view(llama, layer_spec(spec, i), memory, i, doc_start) for i in spec.layers}
     n_prefix = next(iter(views.values())).n_prefix if views else 0
     positions = input_positions(spec, n_prefix, doc_start, m, n, r)
     written = {}
@@ -275,7 +291,8 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
                 if layer in spec.layers and spec.dilation_rates:
                     keys, values, log_count = dilated_read(spec, views[layer], keys, values, g, head, t, doc_start)
                 elif layer in spec.layers:
-                    mem_keys, mem_values = read_memory(spec, views[layer], q_rot[t, head], g, t, llama)
+                    mem_keys, mem_values = read_memory(layer_spec(spec, layer), views[layer], q_rot[t, head], g, t,
+                                                       llama)
                     keys, values = torch.cat([mem_keys, keys]), torch.cat([mem_values, values])
                     log_count = torch.zeros(len(keys), dtype=F64)
                 logits = keys @ q_rot[t, head] / math.sqrt(llama.head_dim) + log_count
@@ -289,14 +306,16 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
             memory.ffn_input = h[m:m + n]
         if layer in spec.layers:
             doc_keys = torch.stack([llama.rope(k[r + j], doc_start + j, spec.rope_factor) for j in range(n)])
-            written[layer] = (k[r:r + n], doc_keys, v[r:r + n])
+            reps = (representative_scores(llama, q_rot, k_rot, r, n)
+                    if spec.chunk_size and spec.chunk_key == "representative" else None)
+            written[layer] = (k[r:r + n], doc_keys, v[r:r + n], reps)
             seg_queries[layer] = q_rot[r:r + n]
     x = llama.rms_norm(x, "model.norm.weight")
-    for layer, (keys, doc_keys, values) in written.items():
+    for layer, (keys, doc_keys, values, reps) in written.items():
         if spec.clusters:  # the keys as the memory scores them: document frame for absolute positions
             move_centroids(llama, spec, memory, layer, seg_queries[layer],
                            doc_keys if spec.position == "absolute" else keys)
-        write_memory(spec, memory, layer, keys, doc_keys, values, doc_start)
+        write_memory(spec, memory, layer, keys, doc_keys, values, doc_start, reps)
     if m:
         summaries = x[r + n:]
         if spec.memory_mode == "accumulate":
@@ -357,6 +376,7 @@ def segment_view(llama: ReferenceLlama, spec: Description, memory: Memory, layer
         search_index=list(searchable),
         search_keys=stack([at(bank[b], None) for b in searchable], empty),
         search_values=stack([bank[b].value for b in searchable], empty),
+        search_reps=[bank[b].rep for b in searchable],
         n_bank=len(bank), n_prefix=len(global_slots) + len(tier) + n_window, segment=memory.segments,
         window_positions=[bank[b].position for b in window],
         attend_keys=scaled_keys(llama, spec, bank, searchable, doc_start) if spec.scaled_memory else None,
@@ -398,6 +418,8 @@ class View:
     """The layer this view belongs to (seeds the LSH rotations and initial centroids)."""
     centroids: torch.Tensor | None = None
     """Routing: the layer's centroids [kv_heads, clusters, head_dim] before this segment (None: never moved)."""
+    search_reps: list[torch.Tensor | None] = field(default_factory=list)
+    """Representative score [kv_heads] of each search slot (InfLLM)."""
 
 
 def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int,
@@ -438,7 +460,7 @@ def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: i
 
 
 def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tensor, doc_keys: torch.Tensor,
-                 values: torch.Tensor, doc_start: int = 0) -> None:
+                 values: torch.Tensor, doc_start: int = 0, reps: torch.Tensor | None = None) -> None:
     """Write a segment's keys/values [n, kv_heads, dim] to one layer's memory under the overflow policy."""
     if spec.kv == "none" or not spec.size:
         return
@@ -447,9 +469,11 @@ def write_memory(spec: Description, memory: Memory, layer: int, keys: torch.Tens
         g = min(spec.global_tokens - len(pinned), len(keys))
         pinned.extend(Slot(keys[j], doc_keys[j], values[j], doc_start + j) for j in range(g))
         keys, doc_keys, values = keys[g:], doc_keys[g:], values[g:]
+        reps = reps[g:] if reps is not None else None
         doc_start += g
     step = spec.pool_ratio if spec.kv == "pooling" else 1
-    new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0), doc_start + j)
+    new = [Slot(keys[j:j + step].mean(0), doc_keys[j:j + step].mean(0), values[j:j + step].mean(0), doc_start + j,
+                rep=reps[j] if reps is not None and step == 1 else None)
            for j in range(0, len(keys), step)]
     bank = memory.banks[layer]
     if spec.pooled_tier:
@@ -597,6 +621,9 @@ class EvictionSpec:
     head_budget: str = "uniform"
     """uniform | adaptive."""
     head_floor: float = 0.2
+    question: tuple[int, ...] = ()
+    """Query-aware compression: these tokens follow every segment (positions after it); their queries attend like
+    the segment's and score with them (as its last queries), their keys are never kept, their outputs never read."""
 
 
 @dataclass
@@ -627,6 +654,9 @@ def eviction_nll(llama: ReferenceLlama, spec: EvictionSpec, doc: torch.Tensor,
 def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[list[list[HeadSlot]]],
                       ids: torch.Tensor, doc_start: int, tokens: int) -> torch.Tensor:
     n = len(ids)
+    if spec.question:  # query-aware: the question follows the segment; its queries score, its keys are not kept
+        ids = torch.cat([ids, torch.tensor(spec.question, dtype=ids.dtype)])
+    total = len(ids)
     x = llama.w["model.embed_tokens.weight"][ids]
     group = llama.heads // llama.kv_heads
     widest = max(len(head) for layer in banks for head in layer)
@@ -635,14 +665,14 @@ def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[lis
         held = banks[layer]
         first = {"compact": widest, "official": 0, "absolute": doc_start}[spec.position]
         h = llama.rms_norm(x, p + "input_layernorm.weight")
-        q = llama.linear(h, p + "self_attn.q_proj").view(n, llama.heads, -1)
-        k = llama.linear(h, p + "self_attn.k_proj").view(n, llama.kv_heads, -1)
-        v = llama.linear(h, p + "self_attn.v_proj").view(n, llama.kv_heads, -1)
-        q_rot = [llama.rope(q[t], first + t, 1.0) for t in range(n)]
-        k_rot = [llama.rope(k[t], first + t, 1.0) for t in range(n)]
+        q = llama.linear(h, p + "self_attn.q_proj").view(total, llama.heads, -1)
+        k = llama.linear(h, p + "self_attn.k_proj").view(total, llama.kv_heads, -1)
+        v = llama.linear(h, p + "self_attn.v_proj").view(total, llama.kv_heads, -1)
+        q_rot = [llama.rope(q[t], first + t, 1.0) for t in range(total)]
+        k_rot = [llama.rope(k[t], first + t, 1.0) for t in range(total)]
         attn = torch.zeros_like(q)
         weights: dict[tuple[int, int], torch.Tensor] = {}  # (head, query) -> [n_held + t + 1]
-        for t in range(n):
+        for t in range(total):
             for head in range(llama.heads):
                 g = head // group
                 gap = widest - len(held[g])  # compact: the head's slots end just before the input
@@ -654,7 +684,7 @@ def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[lis
                 w = torch.softmax(keys @ q_rot[t][head] / math.sqrt(llama.head_dim), dim=0)
                 weights[head, t] = w
                 attn[t, head] = w @ values
-        x = x + llama.linear(attn.reshape(n, -1), p + "self_attn.o_proj")
+        x = x + llama.linear(attn.reshape(total, -1), p + "self_attn.o_proj")
         h = llama.rms_norm(x, p + "post_attention_layernorm.weight")
         gate = llama.linear(h, p + "mlp.gate_proj")
         x = x + llama.linear(gate * torch.sigmoid(gate) * llama.linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
@@ -662,14 +692,14 @@ def _eviction_segment(llama: ReferenceLlama, spec: EvictionSpec, banks: list[lis
         all_cands = []
         for g in range(llama.kv_heads):
             cands = held[g] + [HeadSlot(doc_start + j, k[j, g], v[j, g]) for j in range(n)]
-            _score(spec, cands, weights, g, group, llama.heads, len(held[g]), n, doc_start)
+            _score(spec, cands, weights, g, group, llama.heads, len(held[g]), total, doc_start)
             all_cands.append(cands)
         if spec.head_budget == "adaptive":
             banks[layer] = _keep_adaptive(spec, all_cands, doc_start + n, budget)
         else:
             banks[layer] = [_keep(spec, cands, doc_start + n, budget) for cands in all_cands]
     x = llama.rms_norm(x, "model.norm.weight")
-    return x @ llama.lm_head.T
+    return x[:n] @ llama.lm_head.T
 
 
 def _received(w: torch.Tensor, c: int, n_held: int, t: int) -> float:
@@ -774,6 +804,9 @@ def best_chunk_slots(spec: Description, view: View, query: torch.Tensor, g: int,
         keys = view.search_keys[members, g]  # [members, head_dim]
         if spec.chunk_key == "mean":
             scores.append(float(keys.mean(0) @ query))
+        elif spec.chunk_key == "representative":
+            rank = sorted(range(len(members)), key=lambda j: -float(view.search_reps[members[j]][g]))
+            scores.append(float(keys[rank[:spec.representatives]].mean(0) @ query))
         else:
             low, high = keys.min(0).values, keys.max(0).values
             scores.append(float(torch.maximum(query * low, query * high).sum()))
@@ -996,3 +1029,17 @@ def move_centroids(llama: ReferenceLlama, spec: Description, memory: Memory, lay
                 mean = torch.stack(mine).mean(0)
                 moved[g, c] = unit(spec.cluster_decay * centroids[g, c] + (1 - spec.cluster_decay) * mean)
     memory.centroids[layer] = moved
+
+
+def representative_scores(llama: ReferenceLlama, q_rot: torch.Tensor, k_rot: torch.Tensor, m: int,
+                          n: int) -> torch.Tensor:
+    """[n, kv_heads]: segment token j's mean q . k over the queries t >= j of the segment (input rows m + t) and the
+    query heads of each KV head, with the rotations they were attended at."""
+    group = llama.heads // llama.kv_heads
+    out = torch.zeros(n, llama.kv_heads, dtype=F64)
+    for j in range(n):
+        for g in range(llama.kv_heads):
+            dots = [float(q_rot[m + t, head] @ k_rot[m + j, g]) for t in range(j, n)
+                    for head in range(g * group, (g + 1) * group)]
+            out[j, g] = sum(dots) / len(dots)
+    return out

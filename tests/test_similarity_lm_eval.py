@@ -1,5 +1,5 @@
-"""FoT, Unlimiformer, LongMem, kNN-LM, TRIME, Reformer and the Routing Transformer through the lm-eval model:
-rolling log-likelihood through memory, generation."""
+"""FoT, Unlimiformer, LongMem, kNN-LM, TRIME, Reformer, the Routing Transformer, Quest and InfLLM through the lm-eval
+model: rolling log-likelihood through memory, generation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from lm_eval.api.instance import Instance
 from unimem_bench.harness.evaluation.lm_eval_model import UnimemLM
 
 
-@pytest.mark.parametrize("method", ["fot", "unlimiformer", "longmem", "knn_lm", "trime", "reformer", "routing"])
+@pytest.mark.parametrize("method", ["fot", "unlimiformer", "longmem", "knn_lm", "trime", "reformer", "routing",
+                                    "quest", "infllm"])
 def test_similarity_methods_run_through_the_lm_eval_model(method, stories_dir, books_dir) -> None:
     text = next(iter(sorted(books_dir.glob("*.txt")))).read_text()[30_000:32_500]
     rolling = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)]

@@ -45,10 +45,14 @@ class Case:
     distinct: bool = False
     """A document of distinct tokens: where top-k keys are attended at different positions (Unlimiformer), a
     repeated token's equal layer-0 keys tie in the search, and which one wins is arbitrary (rounding decides)."""
+    double: bool = False
+    """Run the tiny model in float64: block ranks by representative keys (sums of q . k over a segment) can fall
+    within float32 rounding of each other, and then which block wins is arbitrary."""
 
 
-def case(name: str, method: str, *overrides: str, segment: int = 8, doc: int = 44, distinct: bool = False) -> Case:
-    return Case(name, method, overrides, segment, doc, distinct)
+def case(name: str, method: str, *overrides: str, segment: int = 8, doc: int = 44, distinct: bool = False,
+         double: bool = False) -> Case:
+    return Case(name, method, overrides, segment, doc, distinct, double)
 
 
 GRID = [
@@ -217,6 +221,22 @@ GRID = [
     case("route-segment5", "routing", "reading.clusters=3", "reading.cluster_decay=0.9", segment=5, doc=31,
          distinct=True),
     case("route-segment1", "routing", "reading.clusters=2", "management.size=6", segment=1, doc=12, distinct=True),
+    # Quest: pages by min/max bound with the first layers dense (official and absolute positions, a dense layer beside
+    # a sliding window). InfLLM: blocks ranked by their representative keys (r below and at the block size, a short
+    # last block, uneven segments, every position mode).
+    case("quest-pages4", "quest", "reading.chunk_size=4", "reading.topk=8"),
+    case("quest-pages3-absolute", "quest", "reading.chunk_size=3", "reading.topk=6", "position.mode=absolute"),
+    case("quest-dense-1-only", "quest", "reading.chunk_size=2", "reading.topk=4", "reading.dense_layers=1"),
+    case("dense-layer-beside-window", "transformer_xl", "management.size=16", "reading.window=5",
+         "reading.sliding=true", "reading.dense_layers=2", "position.mode=official"),
+    case("infllm-blocks3-r2", "infllm", "reading.chunk_size=3", "reading.topk=6", "reading.representatives=2",
+         "reading.window=6", "reading.global_tokens=2", double=True),
+    case("infllm-blocks4-r4", "infllm", "reading.chunk_size=4", "reading.topk=8", "reading.representatives=4",
+         "reading.window=4", double=True),
+    case("infllm-blocks4-r1-segment5", "infllm", "reading.chunk_size=4", "reading.topk=4",
+         "reading.representatives=1", "reading.window=6", segment=5, doc=31, double=True, distinct=True),
+    *[case(f"infllm-{mode}", "infllm", "reading.chunk_size=3", "reading.topk=6", "reading.representatives=2",
+           "reading.window=6", f"position.mode={mode}", double=True) for mode in ("official", "absolute")],
 ]
 
 
@@ -245,6 +265,7 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         memory_mode=w.memory_mode, memory_cap=w.memory_cap,
         lsh_buckets=r.lsh_buckets, lsh_rounds=r.lsh_rounds, lsh_seed=r.lsh_seed, clusters=r.clusters,
         cluster_size=r.cluster_size, cluster_decay=r.cluster_decay, cluster_seed=r.cluster_seed,
+        representatives=r.representatives, dense_layers=frozenset(r.dense_layers),
     )
 
 
@@ -293,6 +314,7 @@ def check_against_reference(model: torch.nn.Module, spec: Case, doc: torch.Tenso
 @pytest.mark.parametrize("spec", defaults() + GRID, ids=lambda c: c.name)
 def test_engine_equals_reference_on_a_tiny_llama(spec: Case, one_thread) -> None:
     model = tiny_llama(layers=3, heads=4, kv_heads=2, context=TINY_CONTEXT, seed=3)
+    model = model.double() if spec.double else model
     doc = torch.randperm(99, generator=torch.Generator().manual_seed(5))[:spec.doc] if spec.distinct else (
         random_docs([spec.doc], seed=5)[0])
     check_against_reference(model, spec, doc, TINY_CONTEXT)

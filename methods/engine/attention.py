@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from unimem_bench.methods.engine import buckets, budgets, eviction
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.plan import SegmentContext
-from unimem_bench.methods.engine.retrieval import topk_chunk_slots, topk_exact
+from unimem_bench.methods.engine.retrieval import representative_scores, topk_chunk_slots, topk_exact
 
 ATTENTION_NAME = "unimem"
 
@@ -56,6 +56,8 @@ def unimem_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if unimem.dense is not None and module.layer_idx in unimem.config.reading.dense_layers:
+        unimem = unimem.dense
     out = memory_attention(unimem, module.layer_idx, query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None  # [batch, seq, heads, dim], as transformers expects
 
@@ -133,7 +135,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     if scored:  # the config refuses scored eviction beside top-k, random slots and sinks: lse is this softmax's
         fresh = eviction.attention_scores(config.management, query, keys, mask, scale, lse,
                                           n_memory=plan.n_prefix, n_read=plan.n_read, n_seg=plan.n_seg,
-                                          first_id=plan.first_id + plan.n_bank)
+                                          first_id=plan.first_id + plan.n_bank, n_observe=plan.n_observe)
 
     if plan.write and (plan.n_new or plan.to_global):
         seg = slice(plan.n_read, plan.n_read + plan.n_seg)
@@ -143,7 +145,10 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
             cos, sin = (t[seg] for t in plan.store)
             seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
         if first_call:  # a recomputation repeats the tensor operations above but writes nothing
-            bank.write(plan, config, seg_k, value[:, :, seg], fresh)
+            r = config.reading
+            rep = (representative_scores(query[:, :, seg], key[:, :, seg])
+                   if r.chunk_size and r.chunk_key == "representative" else None)
+            bank.write(plan, config, seg_k, value[:, :, seg], fresh, representative=rep)
     if first_call and plan.write and config.reading.clusters:  # the Routing Transformer's online k-means step
         with torch.no_grad():  # no gradient, and nothing saved that a checkpointed recomputation would not save
             seg = slice(plan.n_read, plan.n_read + plan.n_seg)
@@ -219,7 +224,12 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         logits, pick = logits.topk(k, dim=-1)
         idx = idx.gather(-1, pick) - lo
     elif r.chunk_size:
-        idx, found = topk_chunk_slots(q, mem.keys[:, :, lo:hi], r.topk, r.chunk_size, r.chunk_key, limit=end - lo)
+        # Chunks are cut over every searchable slot [lo, bank end), as every query of every segment sees them: cut
+        # at the furthest limit, a short segment's last chunk would end early and count as wholly before it.
+        rep = mem.representative[:, :, lo:] if mem.representative is not None else None
+        idx, found = topk_chunk_slots(q, mem.keys[:, :, lo:], r.topk, r.chunk_size, r.chunk_key, limit=end - lo,
+                                      scores=rep, representatives=r.representatives)
+        idx = idx.clamp(max=n - 1)  # found slots lie before each query's limit; the others are masked below
         picked_k = gather_slots(mem.keys[:, :, lo:hi], idx)  # [batch, kv_heads, g*seq, k, dim]
         logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k).masked_fill(~found, float("-inf"))
     else:

@@ -77,7 +77,7 @@ def _probabilities(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor |
 
 def attention_scores(m: Management, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float,
                      lse: torch.Tensor | None, *, n_memory: int, n_read: int, n_seg: int,
-                     first_id: int) -> torch.Tensor:
+                     first_id: int, n_observe: int = 0) -> torch.Tensor:
     """This segment's attention evidence per candidate [batch, kv_heads, n_memory + n_seg].
 
     query [batch, heads, input, dim]; keys [batch, kv_heads, n_memory + input, dim] (memory, then the input:
@@ -85,11 +85,12 @@ def attention_scores(m: Management, query: torch.Tensor, keys: torch.Tensor, mas
     segment token. h2o: attention received, summed over queries and the KV head's query heads; lru: the id of the
     latest query giving at least 1/visible of its attention (-1: none); tova: the last query's attention averaged
     over all heads; snapkv: the last `observe` queries' attention averaged, pooled, averaged over the group.
+    `n_observe` question rows right after the segment (no RMT slots then) score too, as its last queries.
     """
     policy = m.eviction
     candidates = torch.cat([torch.arange(n_memory), n_memory + n_read + torch.arange(n_seg)]).to(query.device)
     every_key = n_read == 0 and keys.shape[2] == n_memory + n_seg  # no RMT slots: the candidates are all the keys
-    last = n_read + n_seg  # rows after it are RMT write slots
+    last = n_read + n_seg + n_observe  # rows after it are RMT write slots
     if policy in NEEDS_ALL_QUERIES:
         batch, kv_heads = keys.shape[:2]
         out = torch.zeros(batch, kv_heads, len(candidates), dtype=torch.promote_types(query.dtype, torch.float32),
@@ -111,7 +112,7 @@ def attention_scores(m: Management, query: torch.Tensor, keys: torch.Tensor, mas
             when = torch.where(used, rows[:, None].to(share.dtype), torch.full_like(share, -1.0))
             out = torch.maximum(out, when.amax(2))
         return out
-    observe = 1 if policy == "tova" else min(m.observe, n_seg)
+    observe = 1 if policy == "tova" else min(m.observe, n_seg + n_observe)
     total = None
     for _, probs in _probabilities(query, keys, mask, scale, last - observe, last, None):
         part = (probs if every_key else probs[..., candidates]).sum(3)  # [batch, kv_heads, group, candidates]

@@ -52,7 +52,7 @@ class WritePlan(Protocol):
 
 
 _TENSORS = ("keys", "values", "global_keys", "global_values", "ids", "scores", "tier_keys", "tier_values",
-            "centroids")
+            "centroids", "representative")
 """The tensors of a `LayerMemory`."""
 
 
@@ -139,6 +139,8 @@ class LayerMemory:
     depth: tuple[int, int, int] | None = None
     """(rank among the injected layers from the lowest, their number, the input's tokens or 0) when score eviction
     budgets differ per layer or KV head (`budgets.layer_size`); None otherwise."""
+    representative: torch.Tensor | None = None
+    """[batch, kv_heads, slots] InfLLM's representative score of each slot (reading.chunk_key=representative)."""
 
     def held_slots(self) -> torch.Tensor | None:
         """Slots held per batch row and KV head [batch, kv_heads] (bank plus pinned globals); None when empty."""
@@ -177,9 +179,10 @@ class LayerMemory:
             self.usage.read_compressed += slots * batch
 
     def write(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor,
-              fresh: torch.Tensor | None = None) -> None:
+              fresh: torch.Tensor | None = None, representative: torch.Tensor | None = None) -> None:
         """Write this segment's keys/values [batch, kv_heads, n_seg, head_dim] (already in storage frame); `fresh`:
-        the segment's attention evidence for score-based eviction (`eviction.attention_scores`)."""
+        the segment's attention evidence for score-based eviction (`eviction.attention_scores`); `representative`:
+        the segment's representative scores [batch, kv_heads, n_seg] (InfLLM), kept beside the keys."""
         if plan.detach_kv:
             keys, values = keys.detach(), values.detach()
         if self.depth is not None:
@@ -201,6 +204,12 @@ class LayerMemory:
                 new_v = torch.cat([self.global_values, new_v], dim=2)
             self.global_keys, self.global_values = new_k, new_v
             keys, values = keys[:, :, plan.to_global:], values[:, :, plan.to_global:]
+            if representative is not None:
+                representative = representative[:, :, plan.to_global:]
+        if representative is not None:
+            representative = representative[:, :, plan.drop_new:]
+            if self.keys is not None and self.representative is not None:
+                representative = torch.cat([self.representative[:, :, plan.drop_old:], representative], dim=2)
         if config.writing.kv == "pooling":
             keys, values = pool_tokens(keys, config.writing.pool_ratio), pool_tokens(values, config.writing.pool_ratio)
         if config.writing.pooled_tier:
@@ -212,11 +221,11 @@ class LayerMemory:
             keys = torch.cat([self.keys[:, :, plan.drop_old:], new_keys], dim=2)
             values = torch.cat([self.values[:, :, plan.drop_old:], values], dim=2)
         if not keys.shape[2]:  # cleared and nothing written: an empty memory
-            self.keys = self.values = None
+            self.keys = self.values = self.representative = None
             if self.faiss is not None:
                 self.faiss.indexes = []
             return
-        self.keys, self.values = keys, values
+        self.keys, self.values, self.representative = keys, values, representative
         if self.faiss is not None:
             self.faiss.add(new_keys, new_first_id, keys, new_first_id + new_keys.shape[2] - keys.shape[2])
 
@@ -293,7 +302,7 @@ class LayerMemory:
         return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids,
                            tier_keys=self.tier_keys, tier_values=self.tier_values,
                            centroids=self.centroids, rotations=self.rotations,
-                           depth=self.depth)
+                           depth=self.depth, representative=self.representative)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         for name in _TENSORS:

@@ -89,6 +89,8 @@ class MemoryLM(nn.Module):
         self.usage: dict[int, LayerUsage] = {}
         self.input_tokens = 0
         """Tokens of the input being scored or continued (set by `budget_for`; 0 outside it)."""
+        self.question: torch.Tensor | None = None
+        """[question tokens] ids every write's score-based eviction observes (`observing`), or None."""
         self.longest_input = 0
         self.reset_usage()
         # LongMem: the backbone is frozen and only the SideNet trains (`close` gives the flags back).
@@ -264,14 +266,19 @@ class MemoryLM(nn.Module):
         self.note_input(doc_start + n)
         embeds = self.model.get_input_embeddings()(input_ids)  # [batch, n, hidden]
         n_read = state.rmt.shape[1] if m and state.rmt is not None else 0
+        observe = self.question if write else None
         plan = build_plan(config, state, n_read=n_read, n_seg=n, n_write=m, doc_start=doc_start,
                           rotary=self.decoder.get_submodule("rotary_emb"), probe=embeds, write=write,
-                          grad=torch.is_grad_enabled(), memory_room=self.memory_room)
+                          grad=torch.is_grad_enabled(), memory_room=self.memory_room,
+                          n_observe=0 if observe is None else len(observe))
         if m:
             assert self.memory_embeddings is not None and state.rmt is not None  # m > 0: made in __init__, new_state
             write_slots = (state.rmt if config.writing.write_slots == "memory"
                            else self.memory_embeddings.unsqueeze(0).expand(embeds.shape[0], -1, -1))
             embeds = torch.cat([state.rmt, embeds, write_slots], dim=1)  # [batch, r + n + m, hidden], r read slots
+        if observe is not None:  # the question after the segment: its queries score this write's eviction
+            question = self.model.get_input_embeddings()(observe)  # [q, hidden]
+            embeds = torch.cat([embeds, question.unsqueeze(0).expand(embeds.shape[0], -1, -1)], dim=1)
         first = plan.first_position
         positions = torch.arange(first, first + embeds.shape[1], device=embeds.device).unsqueeze(0)
         if self.side is not None:
@@ -302,11 +309,29 @@ class MemoryLM(nn.Module):
 
     def generate(self, prompt: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
                  stop: Callable[[list[int]], bool] | None = None, sampling: Sampling | None = None,
-                 min_new_tokens: int = 0) -> list[int]:
-        """Continue `prompt` through memory (see `generation.generate`); returns the new token ids."""
-        with self.budget_for(len(prompt)):
+                 min_new_tokens: int = 0, question: Sequence[int] | None = None) -> list[int]:
+        """Continue `prompt` through memory (see `generation.generate`); returns the new token ids. `question`: the
+        prompt's question tokens, which score-based eviction observes at every write (`observing`)."""
+        with self.budget_for(len(prompt)), self.observing(question):
             return generate(self, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
                             sampling=sampling, min_new_tokens=min_new_tokens)
+
+    @contextlib.contextmanager
+    def observing(self, question: Sequence[int] | None) -> Iterator[None]:
+        """While the block runs, every segment write's score-based eviction also scores with the queries of
+        `question` placed after the segment (kvpress' query_aware: the compression sees the question). Methods
+        without score-based eviction are unchanged (the question could change nothing of theirs)."""
+        if question is None or not len(question) or not self.config.management.scored:
+            yield
+            return
+        if self.config.writing.memory_tokens:
+            raise ConfigError("a query-aware question after the segment would follow RMT's write slots: use "
+                              "query_mode=query_agnostic with writing.memory_tokens > 0")
+        self.question = torch.as_tensor(list(question), dtype=torch.long, device=self.device)
+        try:
+            yield
+        finally:
+            self.question = None
 
     def score(self, docs: Sequence[torch.Tensor], *, batch_size: int = 1,
               progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:

@@ -7,13 +7,14 @@ and the gradient-checkpointing read cache, so a full segment forward and one dec
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from unimem_bench.methods.config import UniMemConfig
+from unimem_bench.methods.config import UniMemConfig, dense_reading
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState, overflow_drop
 
 
@@ -70,6 +71,9 @@ class SegmentPlan:
     """Slots this write pools into the tier that are dropped at once (a clear, or more than the tier holds)."""
     n_tier_after: int = 0
     """Pooled-tier slots held after this segment's write."""
+    n_observe: int = 0
+    """Question tokens after the segment that score-based eviction observes (query-aware compression): their
+    queries score the candidates, their keys are never written, their outputs never read."""
 
     @property
     def n_prefix(self) -> int:
@@ -78,7 +82,8 @@ class SegmentPlan:
 
 
 def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: int, n_write: int, doc_start: int,
-               rotary: nn.Module, probe: torch.Tensor, write: bool, grad: bool, memory_room: int = 0) -> SegmentPlan:
+               rotary: nn.Module, probe: torch.Tensor, write: bool, grad: bool, memory_room: int = 0,
+               n_observe: int = 0) -> SegmentPlan:
     """The plan for the next input of `state`: [n_read read slots ; n_seg tokens ; n_write write slots].
 
     `probe` gives dtype and device for the rotary module; `grad` says whether gradients are being recorded;
@@ -107,7 +112,7 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
     topk_place = None
     if config.position.scaled_memory:
         first, topk_place = scaled_positions(state, doc_start, memory_room, rotary, probe)
-    n_input = n_read + n_seg + n_write
+    n_input = n_read + n_seg + n_write + n_observe
     place = store = None
     scale = float(getattr(rotary, "attention_scaling", 1.0))
     if mode == "compact" and n_prefix:
@@ -121,7 +126,7 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
         n_new=n_new, first_position=first, place=place, store=store, rope_scale=scale,
         detach_kv=not grad or strategy != "bptt", detach_tokens=not grad or strategy in ("stop_gradient", "trime"),
         write=write, doc_start=doc_start,
-        topk_place=topk_place,
+        topk_place=topk_place, n_observe=n_observe,
         n_tier=state.n_tier, tier_drop_old=tier_drop_old, tier_drop_new=tier_drop_new,
         n_tier_after=state.n_tier - tier_drop_old + tier_new - tier_drop_new,
     )
@@ -158,6 +163,8 @@ class SegmentContext:
     reads: dict[int, LayerMemory] = field(default_factory=dict)
     """Per layer, the memory its first call read. Gradient checkpointing calls a layer again during backward; that
     call must read the same memory (not what later writes left) and write nothing."""
+    dense: SegmentContext | None = None
+    """The context of `reading.dense_layers`: every memory slot read by position (None: no dense layers)."""
 
 
 def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryState, plan: SegmentPlan, *,
@@ -196,8 +203,14 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
     random = random_slots(config, plan, state.segments, i, start) if r.random_slots else None
     bucket_end = reach_end if (r.lsh_buckets or r.clusters) and int(reach_end.max()) > start else None
+    dense = None
+    if r.dense_layers:  # Quest's dense layers: the same write, every slot read (positions do not depend on it)
+        dense_plan = dataclasses.replace(plan, n_window=plan.n_bank - (plan.n_global if plan.globals_in_bank else 0))
+        dense = segment_context(dataclasses.replace(config, reading=dense_reading(r)), layers, state, dense_plan,
+                                query_start=query_start, n_query=n_query, dtype=dtype, device=device)
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
-                          topk_start=start, sink_shift=shift, random_slots=random, bucket_end=bucket_end)
+                          topk_start=start, sink_shift=shift, random_slots=random, bucket_end=bucket_end,
+                          dense=dense)
 
 
 def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,

@@ -143,31 +143,39 @@ class FaissBank:
         self.indexes = [self.indexes[i] for i in rows]
 
 
-def chunk_keys(keys: torch.Tensor, chunk: int, kind: str) -> torch.Tensor:
+def chunk_keys(keys: torch.Tensor, chunk: int, kind: str, scores: torch.Tensor | None = None,
+               representatives: int = 0) -> torch.Tensor:
     """One search key per chunk of `chunk` consecutive slots (the last chunk possibly shorter).
 
     keys [batch, kv_heads, n, dim] -> [batch, kv_heads, ceil(n / chunk), dim] for `mean`, or [..., 2 * dim] for
     `bounds`: [max ; min] per dimension, which `chunk_queries` pairs with [relu(q) ; -relu(-q)] so that one inner
-    product is Quest's bound sum_d max(q_d min_d, q_d max_d).
+    product is Quest's bound sum_d max(q_d min_d, q_d max_d). `representative` (InfLLM): the mean of each chunk's
+    `representatives` keys of highest `scores` [batch, kv_heads, n].
     """
     n = keys.shape[2]
     full = n // chunk * chunk
     heads = [keys[:, :, :full].unflatten(2, (-1, chunk))]  # [batch, kv_heads, chunks, chunk, dim]
     tail = [keys[:, :, full:].unsqueeze(2)] if full < n else []  # [batch, kv_heads, 1, rest, dim]
+    if kind == "representative":
+        assert scores is not None  # [batch, kv_heads, n] the slots' representative scores
+        parts = [scores[:, :, :full].unflatten(2, (-1, chunk))] + ([scores[:, :, full:].unsqueeze(2)] if tail else [])
+        return torch.cat([representative_keys(part, s, representatives)
+                          for part, s in zip(heads + tail, parts, strict=True)], dim=2)
     if kind == "mean":
         return torch.cat([part.mean(3) for part in heads + tail], dim=2)
     return torch.cat([torch.cat([part.amax(3), part.amin(3)], dim=-1) for part in heads + tail], dim=2)
 
 
 def chunk_queries(queries: torch.Tensor, kind: str) -> torch.Tensor:
-    """Queries [batch, kv_heads, q, dim] in the frame of `chunk_keys` (unchanged for `mean`)."""
-    if kind == "mean":
+    """Queries [batch, kv_heads, q, dim] in the frame of `chunk_keys` (unchanged for `mean`, `representative`)."""
+    if kind != "bounds":
         return queries
     return torch.cat([queries.clamp(min=0), queries.clamp(max=0)], dim=-1)  # -relu(-q) = min(q, 0)
 
 
 def topk_chunk_slots(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int, kind: str,
-                     limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     limit: torch.Tensor | None = None, scores: torch.Tensor | None = None,
+                     representatives: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The slots of each query's best k // chunk chunks (LongMem's token-to-chunk retrieval).
 
     queries [batch, kv_heads, q, dim], keys [batch, kv_heads, n, dim]; with `limit` [q], query i ranks only the
@@ -179,8 +187,29 @@ def topk_chunk_slots(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: i
     chunk_limit = None
     if limit is not None:  # chunk j ends at min((j + 1) * chunk, n): wholly before the limit
         chunk_limit = torch.where(limit >= n, n_chunks, limit // chunk)
-    scores, best = topk_exact(chunk_queries(queries, kind), chunk_keys(keys, chunk, kind), k // chunk,
-                              limit=chunk_limit)  # [batch, kv_heads, q, chunks read]
+    scores, best = topk_exact(chunk_queries(queries, kind), chunk_keys(keys, chunk, kind, scores, representatives),
+                              k // chunk, limit=chunk_limit)  # [batch, kv_heads, q, chunks read]
     slots = (best.unsqueeze(-1) * chunk + torch.arange(chunk, device=best.device)).flatten(-2)
     found = (slots < n) & (scores > float("-inf")).repeat_interleave(chunk, dim=-1)
     return slots.clamp(max=n - 1), found
+
+
+def representative_keys(keys: torch.Tensor, scores: torch.Tensor, r: int) -> torch.Tensor:
+    """keys [batch, kv_heads, chunks, c, dim], scores [batch, kv_heads, chunks, c] -> [batch, kv_heads, chunks, dim]:
+    the mean of each chunk's r keys of highest score (all c when c <= r; official InfLLM `get_block_k`)."""
+    top = scores.topk(min(r, scores.shape[-1]), dim=-1).indices  # [batch, kv_heads, chunks, r]
+    return keys.gather(3, top.unsqueeze(-1).expand(*top.shape, keys.shape[-1])).mean(3)
+
+
+def representative_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """InfLLM's representative score of each token of a segment: queries [batch, heads, n, dim] and keys
+    [batch, kv_heads, n, dim] as attended -> [batch, kv_heads, n], token m's mean q_i . k_m over the segment's
+    queries i >= m (itself included) and the KV head's query heads."""
+    batch, heads, n, dim = queries.shape
+    kv_heads = keys.shape[1]
+    wide = torch.promote_types(queries.dtype, torch.float32)
+    q = queries.to(wide).reshape(batch, kv_heads, heads // kv_heads, n, dim)
+    dots = torch.einsum("bkgid,bkmd->bkim", q, keys.to(wide))  # [batch, kv_heads, queries, keys], group summed
+    later = torch.ones(n, n, dtype=torch.bool, device=queries.device).tril()  # query i sees key m <= i
+    count = (n - torch.arange(n, device=queries.device)) * (heads // kv_heads)  # [keys] queries i >= m, all heads
+    return dots.masked_fill(~later, 0.0).sum(2) / count

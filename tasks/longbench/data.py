@@ -136,14 +136,17 @@ def normalize_record(row: dict[str, Any], spec: DatasetSpec) -> dict[str, Any]:
     if "answer_prefix" in row:
         prompt = row["context"] + row["question"] + row["answer_prefix"]
         text = row["context"] + row["question"]
+        asked = row["question"] + row["answer_prefix"]
     else:
         question = row["input"] if "input" in row else row.get("question", "")
         prompt = spec.prompt.format(context=row["context"], input=question)
         text = row["context"] + question
+        tail = spec.prompt.split("{context}", 1)[1]  # the template after the context holds the question
+        asked = tail.format(input=question) if "{input}" in tail else question
     length = row.get("length")
     if length is None:  # words (English) or characters (Chinese), as the official field counts them
         length = len(text.split()) if spec.language == "en" else len("".join(text.split()))
-    return {"_id": str(row.get("_id", "")), "prompt": prompt, "answers": list(row["answers"]),
+    return {"_id": str(row.get("_id", "")), "prompt": prompt, "question": asked, "answers": list(row["answers"]),
             "all_classes": list(row["all_classes"]) if row.get("all_classes") else None, "length": int(length)}
 
 

@@ -37,6 +37,7 @@ from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
 from unimem_bench.tasks.base import (
     TASKS,
     MetricRow,
+    QueryMode,
     SampleLog,
     ScoringLM,
     TaskOptions,
@@ -44,6 +45,7 @@ from unimem_bench.tasks.base import (
     generate_at_once,
     ids_digest,
     map_samples,
+    question_kwargs,
 )
 from unimem_bench.tasks.data.files import read_jsonl
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset
@@ -87,6 +89,9 @@ class LongBenchTask:
     """Tokens generated at most (0 = the official per-dataset lengths, 32 to 512)."""
     save_prompts: bool = arg(False)
     """Write each prompt's text into its sample record (every record has its token count and a hash of its ids)."""
+    query_mode: QueryMode = arg("query_agnostic")
+    """`query_agnostic`: a compressing memory compresses the context before it sees the question; `query_aware`
+    (kvpress' query_aware): every eviction also scores with the question's queries (the prompt after the context)."""
     headline: str = "score/en"
 
     @property
@@ -180,13 +185,16 @@ class LongBenchTask:
             # pred.py: a newline also ends samsum (else the model writes more dialogue), and min_length = prompt + 1
             # forbids both as the first token.
             eos, min_new = [eos, tokenizer.encode("\n", add_special_tokens=False)[-1]], 1
-        new = generate_at_once(lm, ids, max_new_tokens=max_gen, eos_token_id=eos, min_new_tokens=min_new)
+        question = tokenizer(record["question"], add_special_tokens=False)["input_ids"] if record["question"] else []
+        new = generate_at_once(lm, ids, max_new_tokens=max_gen, eos_token_id=eos, min_new_tokens=min_new,
+                               **question_kwargs(self.query_mode, question))
         prediction = tokenizer.decode(new, skip_special_tokens=True)
         score = 100 * score_sample(spec.name, spec.metric, prediction, record["answers"], record["all_classes"])
         sample = {"dataset": spec.name, "_id": record["_id"], "prediction": prediction, "answers": record["answers"],
                   "score": score, "category": spec.category, "language": spec.language, "length": record["length"],
                   "prompt_tokens": len(ids), "prompt_ids_sha256": ids_digest(ids), "truncated": truncated,
-                  "context": self.context, "max_length": budget, "max_gen": max_gen, "generated_tokens": len(new)}
+                  "context": self.context, "max_length": budget, "max_gen": max_gen, "generated_tokens": len(new),
+                  "query_mode": self.query_mode}
         if self.save_prompts:
             sample["prompt"] = prompt
         if self.e:

@@ -19,12 +19,14 @@ from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
 from unimem_bench.tasks.base import (
     TASKS,
     MetricRow,
+    QueryMode,
     SampleLog,
     ScoringLM,
     TaskOptions,
     TaskResult,
     generate_at_once,
     map_samples,
+    question_kwargs,
 )
 from unimem_bench.tasks.needle.haystack import (
     DEFAULT_DEPTHS,
@@ -105,6 +107,9 @@ class NeedleTask:
     have no sentence end to place the needle after)."""
     control: bool = arg(False)
     """Leave the needle out: how often the answer comes without it (a guessable answer scores here)."""
+    query_mode: QueryMode = arg("query_agnostic")
+    """`query_agnostic`: a compressing memory compresses the context before it sees the question; `query_aware`
+    (kvpress' query_aware): every eviction also scores with the question's queries (the prompt after the context)."""
     headline: str = "accuracy"
 
     @property
@@ -172,12 +177,13 @@ class NeedleTask:
             context, at = insert_needle(haystack[:hay_budget[length]], prompt.needle, depth, ends)
             ids = prompt.build(context)
             new = generate_at_once(lm, ids, max_new_tokens=self.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                   stop=lambda gen: substring_match(spec.answer, tokenizer.decode(gen)))
+                                   stop=lambda gen: substring_match(spec.answer, tokenizer.decode(gen)),
+                                   **question_kwargs(self.query_mode, prompt.after))
             generated = tokenizer.decode(new, skip_special_tokens=True)
             return {"key": cell_key(length, depth), "context_len": length, "depth": depth, "prompt_tokens": len(ids),
                     "haystack_tokens": hay_budget[length], "needle_at": prompt.offset + at,
                     "needle_depth": at / hay_budget[length] if hay_budget[length] else 0.0,
-                    "new_tokens": len(new), "generated": generated,
+                    "new_tokens": len(new), "generated": generated, "query_mode": self.query_mode,
                     "accuracy": float(substring_match(spec.answer, generated))}
 
         todo = [cell for cell in cells if log.get(cell_key(*cell)) is None]

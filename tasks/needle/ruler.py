@@ -25,7 +25,17 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
-from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult, generate_at_once, map_samples
+from unimem_bench.tasks.base import (
+    TASKS,
+    QueryMode,
+    SampleLog,
+    ScoringLM,
+    TaskOptions,
+    TaskResult,
+    generate_at_once,
+    map_samples,
+    question_kwargs,
+)
 from unimem_bench.tasks.needle.haystack import (
     DEFAULT_DEPTHS,
     NOISE,
@@ -191,6 +201,9 @@ class RulerNeedleTask:
     """Tokens generated per prompt (RULER's tokens_to_generate for niah)."""
     seed: int = arg(42)
     """Seed of the keys, values and placements (RULER's random_seed)."""
+    query_mode: QueryMode = arg("query_agnostic")
+    """`query_agnostic`: a compressing memory compresses the context before it sees the question; `query_aware`
+    (kvpress' query_aware): every eviction also scores with the question's queries (the prompt after the context)."""
     headline: str = "accuracy"
 
     @property
@@ -242,12 +255,16 @@ class RulerNeedleTask:
             def found_all(gen: list[int], refs: list[str] = needles.answers) -> bool:
                 return string_match_all(tokenizer.decode(gen), refs) == 1
 
+            # The question: the template after the context (with the answer prefix), tokenised on its own.
+            question = tokenizer(prompt_text(self.spec, "\0", needles.query).split("\0", 1)[1],
+                                 add_special_tokens=False)["input_ids"]
             new = generate_at_once(lm, ids, max_new_tokens=self.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                   stop=found_all)
+                                   stop=found_all, **question_kwargs(self.query_mode, question))
             text = tokenizer.decode(new, skip_special_tokens=True)
             return {"key": key, "context_len": length, "depth": depth, "sample": i, "prompt_tokens": len(ids),
                     "haystack_units": units, "query": needles.query, "answers": needles.answers,
-                    "new_tokens": len(new), "generated": text, "accuracy": string_match_all(text, needles.answers)}
+                    "new_tokens": len(new), "generated": text, "accuracy": string_match_all(text, needles.answers),
+                    "query_mode": self.query_mode}
 
         todo = [item for item in keys if log.get(item[3]) is None]
         for _, sample in map_samples(lm, run_prompt, todo):  # launched processes split the prompts
