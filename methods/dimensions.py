@@ -118,8 +118,8 @@ class Management:
     (PyramidKV, Cai et al. 2024): the unprotected part of the budget (size - sinks - recent) falls linearly from
     2B - B/beta in the lowest injected layer to B/beta in the highest (B = that part, beta = `pyramid_beta`), floored,
     the remainder one slot each to the largest fractional parts, so all layers together hold what `uniform` holds;
-    sinks and recent tokens come on top in every layer. As PyramidKV, the top is capped at the input's unprotected
-    tokens (the bottom raised to keep the total)."""
+    sinks and recent tokens come on top in every layer. With `budget` (the input's length known), as PyramidKV, the
+    top is capped at the input's unprotected tokens (the bottom raised to keep the total)."""
     pyramid_beta: int = 20
     """PyramidKV's beta: the highest layer keeps B / beta unprotected slots (its code's default, 20)."""
     head_budget: HeadBudget = "uniform"

@@ -624,6 +624,9 @@ class EvictionSpec:
     question: tuple[int, ...] = ()
     """Query-aware compression: these tokens follow every segment (positions after it); their queries attend like
     the segment's and score with them (as its last queries), their keys are never kept, their outputs never read."""
+    budget: float = 0.0
+    """A fraction of the document (0: `size` slots): size = max(sinks + recent, ceil(budget x its tokens)), and the
+    pyramid's top capped at its tokens."""
 
 
 @dataclass
@@ -640,12 +643,15 @@ def eviction_nll(llama: ReferenceLlama, spec: EvictionSpec, doc: torch.Tensor,
     """Per-token NLL [len(doc) - 1] and, per layer and KV head, the ids finally held; `trace` receives, per
     segment, (its tokens, the slots each layer's KV heads held while it ran)."""
     banks = [[[] for _ in range(llama.kv_heads)] for _ in range(llama.n_layers)]
+    tokens = len(doc) if spec.budget else 0
+    if spec.budget:
+        spec = replace(spec, size=max(1, spec.sinks + spec.recent, math.ceil(spec.budget * tokens)))
     out = []
     for start in range(0, len(doc) - 1, spec.segment_len):
         width = min(spec.segment_len, len(doc) - 1 - start)
         if trace is not None:
             trace.append((width, [[len(head) for head in layer] for layer in banks]))
-        logits = _eviction_segment(llama, spec, banks, doc[start:start + width], start, len(doc))
+        logits = _eviction_segment(llama, spec, banks, doc[start:start + width], start, tokens)
         logp = torch.log_softmax(logits, dim=-1)
         out.append(-logp[torch.arange(width), doc[start + 1:start + width + 1]])
     return torch.cat(out), [[[s.id for s in head] for head in layer] for layer in banks]

@@ -27,7 +27,8 @@ ATOL = 1e-5
 def budget_config(spec: EvictionSpec) -> UniMemConfig:
     return config_for(spec).with_overrides([
         f"management.layer_budget={spec.layer_budget}", f"management.pyramid_beta={spec.pyramid_beta}",
-        f"management.head_budget={spec.head_budget}", f"management.head_floor={spec.head_floor}"])
+        f"management.head_budget={spec.head_budget}", f"management.head_floor={spec.head_floor}",
+        f"management.budget={spec.budget}"])
 
 
 def engine_held(model: torch.nn.Module, spec: EvictionSpec, doc: torch.Tensor) -> tuple[torch.Tensor, list, dict]:
@@ -60,9 +61,10 @@ CASES = [
     EvictionSpec(segment_len=4, size=6, policy="knorm", position="official", head_budget="adaptive"),
     EvictionSpec(segment_len=5, size=8, policy="lru", position="absolute", head_budget="adaptive", sinks=2),
     EvictionSpec(segment_len=4, size=6, policy="tova", position="compact", layer_budget="pyramid", pyramid_beta=2),
-    # 2 x 12 unprotected slots exceed the 21 unprotected tokens: the top is capped (21) and the bottom raised (3).
+    # A budget of 0.6 x 23 tokens: 14 slots, 2 x 12 unprotected ones exceed the 21 unprotected tokens, so the top
+    # is capped (21) and the bottom raised (3).
     EvictionSpec(segment_len=4, size=14, policy="snapkv", position="compact", observe=2, pool_kernel=3, recent=2,
-                 layer_budget="pyramid"),
+                 layer_budget="pyramid", budget=0.6),
     EvictionSpec(segment_len=3, size=5, policy="snapkv", position="absolute", observe=2, pool_kernel=3, recent=1,
                  layer_budget="pyramid", head_budget="adaptive", pyramid_beta=4, head_floor=0.0),
 ]
@@ -78,7 +80,8 @@ def test_budgeted_eviction_matches_reference(spec: EvictionSpec) -> None:
     torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
     assert held == ref_held
     sizes = [sum(len(h) for h in layer) for layer in held]
-    budget = [layer_budget(spec, i, 3, len(doc)) * 2 for i in range(3)]
+    tokens = len(doc) if spec.budget else 0
+    budget = [layer_budget(spec, i, 3, tokens) * 2 for i in range(3)]
     assert sizes == [min(b, 2 * (len(doc) - 1)) for b in budget]  # each layer's heads hold its budget together
     if spec.layer_budget == "pyramid":
         assert budget[0] > budget[-1]

@@ -17,7 +17,7 @@ from unimem_bench.methods.config import Management
 
 def layer_size(m: Management, size: int, rank: int, n_layers: int, tokens: int = 0) -> int:
     """Slots per KV head of the injected layer `rank` (0 = lowest) of `n_layers`, for a uniform budget `size` and
-    an input of `tokens` tokens (0: unknown).
+    an input of `tokens` tokens (0: unknown, as for a fixed `management.size`).
 
     Pyramid: the unprotected part B = size - sinks - recent runs linearly from 2B - B // beta down to B // beta
     (PyramidKV's endpoints), each floored; the floors' remainder goes one slot each to the lowest layers, so the

@@ -88,7 +88,8 @@ class MemoryLM(nn.Module):
         self.memory_embeddings: nn.Parameter | None = None
         self.usage: dict[int, LayerUsage] = {}
         self.input_tokens = 0
-        """Tokens of the input being scored or continued (set by `budget_for`; 0 outside it)."""
+        """With `management.budget`, the tokens of the input being scored or continued (`budget_for`), which also cap
+        PyramidKV's top layer; 0 otherwise (a fixed size knows no input length)."""
         self.question: torch.Tensor | None = None
         """[question tokens] ids every write's score-based eviction observes (`observing`), or None."""
         self.longest_input = 0
@@ -202,14 +203,10 @@ class MemoryLM(nn.Module):
     def budget_for(self, tokens: int) -> Iterator[None]:
         """With `management.budget`, the memory size for an input of `tokens` tokens while the block runs."""
         m = self.config.management
-        saved_tokens, self.input_tokens = self.input_tokens, tokens
         if not m.budget:
-            try:
-                yield
-            finally:
-                self.input_tokens = saved_tokens
+            yield
             return
-        saved = self.config
+        saved, saved_tokens, self.input_tokens = self.config, self.input_tokens, tokens
         size = max(1, m.sinks + m.recent, math.ceil(m.budget * tokens))
         r = saved.reading
         # A window that covered the memory (Transformer-XL) covers the new size; a shorter one stays inside it.
