@@ -2,7 +2,7 @@
 
 Both pick, per query and KV head, a subset of the searchable memory slots (the non-global bank slots before the
 query's window reach, as top-k searches) and add them to the softmax of the window and local keys through
-log-sum-exp (the rules are `Reading.lsh_buckets` and `Reading.clusters`). The selection is a boolean mask over the
+log-sum-exp (the rules are `Reading.lsh_buckets` and `Reading.clusters`). The selection is a 0/1 float mask over the
 searchable slots scored in one batched product: no sorting by bucket and no per-query gathers, so the cost is that of
 dense attention over the (bounded, Clear All) memory.
 """
