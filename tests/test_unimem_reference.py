@@ -305,7 +305,7 @@ def check_against_reference(model: torch.nn.Module, spec: Case, doc: torch.Tenso
         evicting = EvictionSpec(segment_len=spec.segment, size=m.size, policy=m.eviction, position=config.position.mode,
                                 sinks=m.sinks, recent=m.recent, observe=m.observe, pool_kernel=m.pool_kernel,
                                 layer_budget=m.layer_budget, pyramid_beta=m.pyramid_beta, head_budget=m.head_budget,
-                                head_floor=m.head_floor)
+                                head_floor=m.head_floor, budget=m.budget)
         expected = eviction_nll(reference_llama(model), evicting, doc)[0]
     else:
         expected = reference_nll(reference_llama(model), description, doc, embeddings)
