@@ -135,9 +135,11 @@ def merge_buckets(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: 
     logits = (q @ keys.to(q.dtype).transpose(-1, -2)) * scale  # [batch, kv_heads, group * seq, n]
     top = (logits + (read - 1) * UNREAD).amax(-1, keepdim=True)  # the largest logit read (~ -UNREAD if none)
     weights = torch.exp((logits - top).clamp(max=0)) * read
-    total_s = weights.sum(-1)  # [batch, kv_heads, group * seq]: 0 where the query reads nothing
-    lse_s = top.squeeze(-1) + torch.log(total_s)  # -inf where it reads nothing
-    probs = weights / total_s.clamp(min=torch.finfo(weights.dtype).tiny).unsqueeze(-1)
+    # [batch, kv_heads, group * seq]; a query reading nothing: the smallest positive sum, so that its log-sum-exp
+    # (~ -UNREAD) and its gradient stay finite and the merge gives it weight 0.
+    total_s = weights.sum(-1).clamp(min=torch.finfo(weights.dtype).tiny)
+    lse_s = top.squeeze(-1) + torch.log(total_s)
+    probs = weights / total_s.unsqueeze(-1)
     out_s = (probs @ values.to(q.dtype)).reshape(batch, heads, seq, dim)
     lse_s = lse_s.reshape(batch, heads, seq)
     total = torch.logaddexp(lse.to(lse_s.dtype), lse_s)
