@@ -254,12 +254,22 @@ def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out:
     """Add the document globals (attention sinks) at per-query positions sink_shift + 0 .. G-1 to the softmax of
     `out`/`lse` (StreamingLLM's rolling cache, re-rotated inside the cache); returns the merged (out, lse)."""
     plan = ctx.plan
-    assert ctx.sink_shift is not None and plan.place is not None and mem.global_keys is not None
+    assert ctx.sink_unshift is not None and plan.place is not None and mem.global_keys is not None
     assert mem.global_values is not None
-    cos, sin = plan.place  # [n_prefix, head_dim], positions 0 .. n_prefix - 1
-    at = ctx.sink_shift[:, None] + torch.arange(plan.n_global, device=query.device)  # [queries, globals]
-    keys = rotate(mem.global_keys.unsqueeze(2), cos[at], sin[at])  # [batch, kv_heads, queries, globals, dim]
-    return merge_per_query(query, out, lse, keys, mem.global_values.unsqueeze(2), None, scale)
+    batch, heads, seq, dim = query.shape
+    kv_heads = mem.global_keys.shape[1]
+    # q(p) . k(s + j) = q(p - s) . k(j): each query rotated back by its shift reads the globals at 0 .. G-1.
+    cos, sin = (t[:plan.n_global] for t in plan.place)  # [globals, head_dim]
+    keys = rotate(mem.global_keys.to(query.dtype), cos, sin)  # [batch, kv_heads, globals, dim]
+    back = rotate(query, *ctx.sink_unshift).reshape(batch, kv_heads, -1, dim)  # [batch, kv_heads, group * seq, dim]
+    logits = torch.matmul(back, keys.transpose(-1, -2)) * scale  # [batch, kv_heads, group * seq, globals]
+    # One softmax over [this attention's keys ; the globals]: its log-sum-exp stands for the first part.
+    joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, -1, 1), logits], dim=-1)
+    total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, group * seq, 1]
+    probs = torch.exp(joint - total)  # [batch, kv_heads, group * seq, 1 + globals]
+    out_s = torch.matmul(probs[..., 1:], mem.global_values.to(query.dtype))  # [batch, kv_heads, group * seq, dim]
+    merged = out.reshape(batch, kv_heads, -1, dim) * probs[..., :1] + out_s
+    return merged.reshape(batch, heads, seq, dim), total.reshape(batch, heads, seq)
 
 
 def merge_random(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
