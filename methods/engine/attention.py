@@ -276,9 +276,12 @@ def merge_random(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Add each query's random bank slots (BigBird, `ctx.random_slots`) to the softmax of `out`/`lse`."""
     assert ctx.random_slots is not None and mem.keys is not None and mem.values is not None
-    idx = ctx.random_slots.clamp(min=0)  # [queries, R]
-    keys = mem.keys[:, :, idx]  # [batch, kv_heads, queries, R, dim]
-    return merge_per_query(query, out, lse, keys, mem.values[:, :, idx], ctx.random_slots >= 0, scale)
+    batch, kv_heads, _, dim = mem.keys.shape
+    idx = ctx.random_slots.clamp(min=0).flatten()  # [queries * R]
+    # index_select over the slot axis: cheaper than advanced indexing with the [queries, R] table.
+    keys = mem.keys.index_select(2, idx).view(batch, kv_heads, *ctx.random_slots.shape, dim)  # [b, kv, q, R, dim]
+    values = mem.values.index_select(2, idx).view(batch, kv_heads, *ctx.random_slots.shape, dim)
+    return merge_per_query(query, out, lse, keys, values, ctx.random_slots >= 0, scale)
 
 
 def merge_per_query(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor,
@@ -292,14 +295,14 @@ def merge_per_query(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, k
     logits = torch.einsum("bkgqd,bkqjd->bkgqj", q, keys.to(q.dtype).expand(-1, -1, seq, -1, -1)) * scale
     if valid is not None:
         logits = logits.masked_fill(~valid, float("-inf"))
-    lse_s = logits.logsumexp(-1)  # [batch, kv_heads, group, queries]
-    probs = torch.exp(logits - lse_s.unsqueeze(-1)).nan_to_num(0.0)  # a query without extra keys: all zero
-    out_s = torch.einsum("bkgqj,bkqjd->bkgqd", probs, values.to(q.dtype).expand(-1, -1, seq, -1, -1))
-    out_s = out_s.reshape(batch, heads, seq, dim)
-    lse_s = lse_s.reshape(batch, heads, seq)
-    total = torch.logaddexp(lse.to(lse_s.dtype), lse_s)
-    merged = out * torch.exp(lse - total).unsqueeze(-1) + out_s * torch.exp(lse_s - total).unsqueeze(-1)
-    return merged, total
+    # One softmax over [out's keys ; the extra keys]: out's log-sum-exp stands for the first part (always finite: a
+    # query reads at least itself, so a query without extra keys keeps out unchanged).
+    joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, -1, seq, 1), logits], dim=-1)
+    total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, group, queries, 1]
+    probs = torch.exp(joint - total)  # [batch, kv_heads, group, queries, 1 + n]
+    out_s = torch.einsum("bkgqj,bkqjd->bkgqd", probs[..., 1:], values.to(q.dtype).expand(-1, -1, seq, -1, -1))
+    merged = out.reshape(batch, kv_heads, -1, seq, dim) * probs[..., :1] + out_s
+    return merged.reshape(batch, heads, seq, dim), total.reshape(batch, heads, seq)
 
 
 def gather_slots(bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
