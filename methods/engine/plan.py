@@ -154,6 +154,9 @@ class SegmentContext:
     random_slots: torch.Tensor | None = None
     """[queries, reading.random_slots] bank indices of each query's random slots, -1 where fewer were drawn (None:
     no random slots this call)."""
+    random_blocks: torch.Tensor | None = None
+    """[query blocks, reading.random_slots] `random_slots` once per query block, when the queries are whole
+    blocks (every query of a block reads the same slots: one gather and one matmul per block); else None."""
     sink_shift: torch.Tensor | None = None
     """[queries] position.sink_shift: how far each query's global keys move up from 0 .. G-1 (the window slots its
     sliding reach skips); the globals are then masked out of `mask` and read apart (None: no shift)."""
@@ -206,6 +209,8 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
     topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
     random = random_slots(config, plan, state.segments, i, start) if r.random_slots else None
+    whole_blocks = query_start % r.random_block == 0 and n_query % r.random_block == 0
+    random_blocks = random[::r.random_block] if random is not None and whole_blocks else None
     bucket_end = reach_end if (r.lsh_buckets or r.clusters) and int(reach_end.max()) > start else None
     dense = None
     if r.dense_layers:  # Quest's dense layers: the same write, every slot read (positions do not depend on it)
@@ -218,6 +223,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
         unshift = (cos[shift], -sin[shift])  # R(-shift) = (cos, -sin) at the shift
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
                           topk_start=start, sink_shift=shift, sink_unshift=unshift, random_slots=random,
+                          random_blocks=random_blocks,
                           bucket_end=bucket_end, dense=dense)
 
 
