@@ -241,12 +241,13 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         logits = torch.einsum("bhqd,bhqkd->bhqk", q, rotate(gather_slots(mem.keys[:, :, lo:hi], idx), cos, sin))
     picked_v = gather_slots(mem.values[:, :, lo:hi], idx)  # [batch, kv_heads, g*seq, k, dim]
     logits = (logits * scale).masked_fill(~found, float("-inf"))
-    lse_k = logits.logsumexp(-1)  # [batch, kv_heads, g*seq]
-    probs = torch.exp(logits - lse_k.unsqueeze(-1)).nan_to_num(0.0)
-    out_k = torch.einsum("bhqk,bhqkd->bhqd", probs, picked_v).reshape(batch, heads, seq, dim)
-    lse_k = lse_k.reshape(batch, heads, seq)
-    total = torch.logaddexp(lse, lse_k)
-    return out * torch.exp(lse - total).unsqueeze(-1) + out_k * torch.exp(lse_k - total).unsqueeze(-1)
+    # One softmax over [out's keys ; the picked slots]: out's (finite) log-sum-exp stands for the first part.
+    joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, group * seq, 1), logits], dim=-1)
+    total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, g*seq, 1]
+    probs = torch.exp(joint - total)  # [batch, kv_heads, g*seq, 1 + k]
+    out_k = torch.einsum("bhqk,bhqkd->bhqd", probs[..., 1:], picked_v)  # [batch, kv_heads, g*seq, dim]
+    merged = out.reshape(batch, kv_heads, group * seq, dim) * probs[..., :1] + out_k
+    return merged.reshape(batch, heads, seq, dim)
 
 
 def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
