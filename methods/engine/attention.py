@@ -112,7 +112,8 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     mask = ctx.mask
     if pad_bias is not None and mask is not None:  # [batch, heads, queries, keys]: the padded slots hidden
         mask = mask + F.pad(pad_bias, (0, mask.shape[-1] - pad_bias.shape[-1]))
-    if mask is not None and mask.dim() == 3:  # LongNet: one row per head offset; head h takes row h mod offsets
+    if mask is not None and mask.dim() == 3 and mask.shape[0] != query.shape[1]:
+        # LongNet: one row per head offset; head h takes row h mod offsets (as many offsets as heads: the mask as is)
         mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
     lse = None
     if (ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None
