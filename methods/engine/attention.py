@@ -112,7 +112,8 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     mask = ctx.mask
     if pad_bias is not None and mask is not None:  # [batch, heads, queries, keys]: the padded slots hidden
         mask = mask + F.pad(pad_bias, (0, mask.shape[-1] - pad_bias.shape[-1]))
-    if mask is not None and mask.dim() == 3:  # LongNet: one row per head offset; head h takes row h mod offsets
+    if mask is not None and mask.dim() == 3 and mask.shape[0] != query.shape[1]:
+        # LongNet: one row per head offset; head h takes row h mod offsets (as many offsets as heads: the mask as is)
         mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
     lse = None
     if (ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None
@@ -241,12 +242,13 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         logits = torch.einsum("bhqd,bhqkd->bhqk", q, rotate(gather_slots(mem.keys[:, :, lo:hi], idx), cos, sin))
     picked_v = gather_slots(mem.values[:, :, lo:hi], idx)  # [batch, kv_heads, g*seq, k, dim]
     logits = (logits * scale).masked_fill(~found, float("-inf"))
-    lse_k = logits.logsumexp(-1)  # [batch, kv_heads, g*seq]
-    probs = torch.exp(logits - lse_k.unsqueeze(-1)).nan_to_num(0.0)
-    out_k = torch.einsum("bhqk,bhqkd->bhqd", probs, picked_v).reshape(batch, heads, seq, dim)
-    lse_k = lse_k.reshape(batch, heads, seq)
-    total = torch.logaddexp(lse, lse_k)
-    return out * torch.exp(lse - total).unsqueeze(-1) + out_k * torch.exp(lse_k - total).unsqueeze(-1)
+    # One softmax over [out's keys ; the picked slots]: out's (finite) log-sum-exp stands for the first part.
+    joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, group * seq, 1), logits], dim=-1)
+    total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, g*seq, 1]
+    probs = torch.exp(joint - total)  # [batch, kv_heads, g*seq, 1 + k]
+    out_k = torch.einsum("bhqk,bhqkd->bhqd", probs[..., 1:], picked_v)  # [batch, kv_heads, g*seq, dim]
+    merged = out.reshape(batch, kv_heads, group * seq, dim) * probs[..., :1] + out_k
+    return merged.reshape(batch, heads, seq, dim)
 
 
 def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -254,21 +256,36 @@ def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out:
     """Add the document globals (attention sinks) at per-query positions sink_shift + 0 .. G-1 to the softmax of
     `out`/`lse` (StreamingLLM's rolling cache, re-rotated inside the cache); returns the merged (out, lse)."""
     plan = ctx.plan
-    assert ctx.sink_shift is not None and plan.place is not None and mem.global_keys is not None
+    assert ctx.sink_unshift is not None and plan.place is not None and mem.global_keys is not None
     assert mem.global_values is not None
-    cos, sin = plan.place  # [n_prefix, head_dim], positions 0 .. n_prefix - 1
-    at = ctx.sink_shift[:, None] + torch.arange(plan.n_global, device=query.device)  # [queries, globals]
-    keys = rotate(mem.global_keys.unsqueeze(2), cos[at], sin[at])  # [batch, kv_heads, queries, globals, dim]
-    return merge_per_query(query, out, lse, keys, mem.global_values.unsqueeze(2), None, scale)
+    batch, heads, seq, dim = query.shape
+    kv_heads = mem.global_keys.shape[1]
+    # q(p) . k(s + j) = q(p - s) . k(j): each query rotated back by its shift reads the globals at 0 .. G-1.
+    cos, sin = (t[:plan.n_global] for t in plan.place)  # [globals, head_dim]
+    keys = rotate(mem.global_keys.to(query.dtype), cos, sin)  # [batch, kv_heads, globals, dim]
+    back = rotate(query, *ctx.sink_unshift).reshape(batch, kv_heads, -1, dim)  # [batch, kv_heads, group * seq, dim]
+    logits = torch.matmul(back, keys.transpose(-1, -2)) * scale  # [batch, kv_heads, group * seq, globals]
+    # One softmax over [this attention's keys ; the globals]: its log-sum-exp stands for the first part.
+    joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, -1, 1), logits], dim=-1)
+    total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, group * seq, 1]
+    probs = torch.exp(joint - total)  # [batch, kv_heads, group * seq, 1 + globals]
+    out_s = torch.matmul(probs[..., 1:], mem.global_values.to(query.dtype))  # [batch, kv_heads, group * seq, dim]
+    merged = out.reshape(batch, kv_heads, -1, dim) * probs[..., :1] + out_s
+    return merged.reshape(batch, heads, seq, dim), total.reshape(batch, heads, seq)
 
 
 def merge_random(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Add each query's random bank slots (BigBird, `ctx.random_slots`) to the softmax of `out`/`lse`."""
     assert ctx.random_slots is not None and mem.keys is not None and mem.values is not None
-    idx = ctx.random_slots.clamp(min=0)  # [queries, R]
-    keys = mem.keys[:, :, idx]  # [batch, kv_heads, queries, R, dim]
-    return merge_per_query(query, out, lse, keys, mem.values[:, :, idx], ctx.random_slots >= 0, scale)
+    if ctx.random_blocks is not None:
+        return merge_per_block(query, out, lse, mem.keys, mem.values, ctx.random_blocks, scale)
+    batch, kv_heads, _, dim = mem.keys.shape
+    idx = ctx.random_slots.clamp(min=0).flatten()  # [queries * R]
+    # index_select over the slot axis: cheaper than advanced indexing with the [queries, R] table.
+    keys = mem.keys.index_select(2, idx).view(batch, kv_heads, *ctx.random_slots.shape, dim)  # [b, kv, q, R, dim]
+    values = mem.values.index_select(2, idx).view(batch, kv_heads, *ctx.random_slots.shape, dim)
+    return merge_per_query(query, out, lse, keys, values, ctx.random_slots >= 0, scale)
 
 
 def merge_per_query(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor,
@@ -282,14 +299,35 @@ def merge_per_query(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, k
     logits = torch.einsum("bkgqd,bkqjd->bkgqj", q, keys.to(q.dtype).expand(-1, -1, seq, -1, -1)) * scale
     if valid is not None:
         logits = logits.masked_fill(~valid, float("-inf"))
-    lse_s = logits.logsumexp(-1)  # [batch, kv_heads, group, queries]
-    probs = torch.exp(logits - lse_s.unsqueeze(-1)).nan_to_num(0.0)  # a query without extra keys: all zero
-    out_s = torch.einsum("bkgqj,bkqjd->bkgqd", probs, values.to(q.dtype).expand(-1, -1, seq, -1, -1))
-    out_s = out_s.reshape(batch, heads, seq, dim)
-    lse_s = lse_s.reshape(batch, heads, seq)
-    total = torch.logaddexp(lse.to(lse_s.dtype), lse_s)
-    merged = out * torch.exp(lse - total).unsqueeze(-1) + out_s * torch.exp(lse_s - total).unsqueeze(-1)
-    return merged, total
+    # One softmax over [out's keys ; the extra keys]: out's log-sum-exp stands for the first part (always finite: a
+    # query reads at least itself, so a query without extra keys keeps out unchanged).
+    joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, -1, seq, 1), logits], dim=-1)
+    total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, group, queries, 1]
+    probs = torch.exp(joint - total)  # [batch, kv_heads, group, queries, 1 + n]
+    out_s = torch.einsum("bkgqj,bkqjd->bkgqd", probs[..., 1:], values.to(q.dtype).expand(-1, -1, seq, -1, -1))
+    merged = out.reshape(batch, kv_heads, -1, seq, dim) * probs[..., :1] + out_s
+    return merged.reshape(batch, heads, seq, dim), total.reshape(batch, heads, seq)
+
+
+def merge_per_block(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, bank_k: torch.Tensor,
+                    bank_v: torch.Tensor, table: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `merge_per_query` with the extra keys shared by each block of consecutive queries: `table` [blocks, n]
+    bank slots per query block (-1: none); returns the merged (out, lse)."""
+    batch, heads, seq, dim = query.shape
+    kv_heads = bank_k.shape[1]
+    blocks, n = table.shape
+    idx = table.clamp(min=0).flatten()  # [blocks * n]
+    keys = bank_k.index_select(2, idx).view(batch, kv_heads, blocks, n, dim).to(query.dtype)
+    values = bank_v.index_select(2, idx).view(batch, kv_heads, blocks, n, dim).to(query.dtype)
+    q = query.reshape(batch, kv_heads, heads // kv_heads, blocks, seq // blocks, dim)  # [b, kv, g, blocks, q, dim]
+    logits = torch.einsum("bkgnqd,bknjd->bkgnqj", q, keys) * scale  # [batch, kv_heads, group, blocks, q, n]
+    logits = logits.masked_fill((table < 0)[:, None, :], float("-inf"))
+    joint = torch.cat([lse.to(logits.dtype).reshape(*logits.shape[:-1], 1), logits], dim=-1)
+    total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, group, blocks, q, 1]
+    probs = torch.exp(joint - total)
+    out_s = torch.einsum("bkgnqj,bknjd->bkgnqd", probs[..., 1:], values)
+    merged = out.reshape(out_s.shape) * probs[..., :1] + out_s
+    return merged.reshape(batch, heads, seq, dim), total.reshape(batch, heads, seq)
 
 
 def gather_slots(bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

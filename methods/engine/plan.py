@@ -154,9 +154,16 @@ class SegmentContext:
     random_slots: torch.Tensor | None = None
     """[queries, reading.random_slots] bank indices of each query's random slots, -1 where fewer were drawn (None:
     no random slots this call)."""
+    random_blocks: torch.Tensor | None = None
+    """[query blocks, reading.random_slots] `random_slots` once per query block, when the queries are whole
+    blocks (every query of a block reads the same slots: one gather and one matmul per block); else None."""
     sink_shift: torch.Tensor | None = None
     """[queries] position.sink_shift: how far each query's global keys move up from 0 .. G-1 (the window slots its
     sliding reach skips); the globals are then masked out of `mask` and read apart (None: no shift)."""
+    sink_unshift: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(cos, sin) [queries, head_dim] rotating each query back by its sink_shift: RoPE scores depend on the position
+    difference only, so the back-rotated queries read the globals at the fixed positions 0 .. G-1 with one matmul
+    (built once per segment; None with no shift)."""
     bucket_end: torch.Tensor | None = None
     """[queries] like topk_end, for the content selectors reading.lsh_buckets / reading.clusters (None: none this
     call); they select among the bank slots [topk_start, bucket_end[query])."""
@@ -202,15 +209,22 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
     topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
     random = random_slots(config, plan, state.segments, i, start) if r.random_slots else None
+    whole_blocks = query_start % r.random_block == 0 and n_query % r.random_block == 0
+    random_blocks = random[::r.random_block] if random is not None and whole_blocks else None
     bucket_end = reach_end if (r.lsh_buckets or r.clusters) and int(reach_end.max()) > start else None
     dense = None
     if r.dense_layers:  # Quest's dense layers: the same write, every slot read (positions do not depend on it)
         dense_plan = dataclasses.replace(plan, n_window=plan.n_bank - (plan.n_global if plan.globals_in_bank else 0))
         dense = segment_context(dataclasses.replace(config, reading=dense_reading(r)), layers, state, dense_plan,
                                 query_start=query_start, n_query=n_query, dtype=dtype, device=device)
+    unshift = None
+    if shift is not None and plan.place is not None:
+        cos, sin = plan.place  # [n_prefix, head_dim]; shifts lie in 0 .. n_window
+        unshift = (cos[shift], -sin[shift])  # R(-shift) = (cos, -sin) at the shift
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
-                          topk_start=start, sink_shift=shift, random_slots=random, bucket_end=bucket_end,
-                          dense=dense)
+                          topk_start=start, sink_shift=shift, sink_unshift=unshift, random_slots=random,
+                          random_blocks=random_blocks,
+                          bucket_end=bucket_end, dense=dense)
 
 
 def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
@@ -252,14 +266,16 @@ def dilated_mask(config: UniMemConfig, state: MemoryState, plan: SegmentPlan, qu
     base = torch.cat([in_window, causal], dim=1)  # [queries, keys]
     offsets = math.lcm(*r.dilation_rates)
     o = torch.arange(offsets, device=device)[:, None, None]  # [offsets, 1, 1]
-    count = torch.zeros(offsets, len(q), len(keys), dtype=torch.long, device=device)
+    # Counts run to the number of patterns: uint8 while it fits (adds into a wide integer tensor are 5x slower).
+    narrow = torch.uint8 if len(r.dilation_rates) < 256 else torch.long
+    count = torch.zeros(offsets, len(q), len(keys), dtype=narrow, device=device)
     for length, rate in zip(r.dilated_segments, r.dilation_rates, strict=True):
         same = ((q[:, None] // length) == (keys[None, :] // length)) & base  # [queries, keys]
         on = ((q % rate)[None, :, None] == o % rate) & ((keys % rate)[None, None, :] == o % rate)
         count += same & on  # [offsets, queries, keys]
     # log(count) by lookup (counts are 0 .. patterns; log 0 = -inf): an elementwise log over the mask is slow.
     levels = torch.arange(len(r.dilation_rates) + 1, device=device).float().log()
-    return levels[count].to(dtype)
+    return levels.index_select(0, count.flatten().int()).view(count.shape).to(dtype)
 
 
 def scaled_positions(state: MemoryState, doc_start: int, room: int, rotary: nn.Module,
