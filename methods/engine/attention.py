@@ -72,9 +72,13 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     plan, config, bank = ctx.plan, ctx.config, ctx.state.layers[layer]
     first_call = layer not in ctx.reads
     if first_call:
-        ctx.reads[layer] = bank.snapshot()
+        mem = bank.snapshot()
+        # Only a recomputation (under autograd) rereads the snapshot; without autograd, keeping it would hold every
+        # layer's replaced bank until the segment ends (twice the memory under eviction): an empty marker instead.
+        ctx.reads[layer] = mem if torch.is_grad_enabled() else LayerMemory()
         bank.note_read(plan.n_prefix, query.shape[0], plan.n_seg or query.shape[2])
-    mem = ctx.reads[layer]
+    else:
+        mem = ctx.reads[layer]
     pad_bias = None
     prefix_k: list[torch.Tensor] = []
     prefix_v: list[torch.Tensor] = []
