@@ -40,6 +40,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotate_half(x) * sin
 
 
+def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate` in place on x (a fresh tensor or a view of one), the same operations in the same order: one
+    temporary the size of x instead of four (x is the whole memory when a compact memory is read)."""
+    turned = rotate_half(x).mul_(sin)
+    return x.mul_(cos).add_(turned)
+
+
 def unimem_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -72,9 +79,13 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     plan, config, bank = ctx.plan, ctx.config, ctx.state.layers[layer]
     first_call = layer not in ctx.reads
     if first_call:
-        ctx.reads[layer] = bank.snapshot()
+        mem = bank.snapshot()
+        # Only a recomputation (under autograd) rereads the snapshot; without autograd, keeping it would hold every
+        # layer's replaced bank until the segment ends (twice the memory under eviction): an empty marker instead.
+        ctx.reads[layer] = mem if torch.is_grad_enabled() else LayerMemory()
         bank.note_read(plan.n_prefix, query.shape[0], plan.n_seg or query.shape[2])
-    mem = ctx.reads[layer]
+    else:
+        mem = ctx.reads[layer]
     pad_bias = None
     prefix_k: list[torch.Tensor] = []
     prefix_v: list[torch.Tensor] = []
@@ -97,10 +108,9 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
         prefix_k.append(mem.keys[:, :, plan.n_bank - plan.n_window:])
         prefix_v.append(mem.values[:, :, plan.n_bank - plan.n_window:])
     if prefix_k:
-        memory_k = torch.cat(prefix_k, dim=2)  # [batch, kv_heads, prefix, dim]
+        keys = torch.cat([*prefix_k, key], dim=2)  # [batch, kv_heads, prefix + seq, dim]
         if plan.place is not None:  # compact: stored keys (position 0) moved to positions 0 .. prefix - 1
-            memory_k = rotate(memory_k, *plan.place)
-        keys = torch.cat([memory_k, key], dim=2)  # [batch, kv_heads, prefix + seq, dim]
+            rotate_(keys[:, :, :keys.shape[2] - key.shape[2]], *plan.place)
         values = torch.cat([*prefix_v, value], dim=2)
     else:
         keys, values = key, value
@@ -137,6 +147,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
         fresh = eviction.attention_scores(config.management, query, keys, mask, scale, lse,
                                           n_memory=plan.n_prefix, n_read=plan.n_read, n_seg=plan.n_seg,
                                           first_id=plan.first_id + plan.n_bank, n_observe=plan.n_observe)
+    del keys, values, mem  # [memory ; segment] copies: freed before the write, whose eviction copies the memory too
 
     if plan.write and (plan.n_new or plan.to_global):
         seg = slice(plan.n_read, plan.n_read + plan.n_seg)
@@ -168,7 +179,10 @@ def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     gqa = query.shape[1] != keys.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    # A 3-d mask sends SDPA to its math path, which materialises [batch, heads, queries, keys] weights and their
+    # softmax; as [1, heads, queries, keys] it takes the fused kernel, which works in bounded blocks (same values).
+    flat = mask.unsqueeze(0) if mask.dim() == 3 else mask
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=flat, scale=scale, enable_gqa=gqa)
 
 
 def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -182,10 +196,20 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
-        k = keys.repeat_interleave(group, dim=1) if group > 1 else keys  # the fused op has no GQA switch
-        v = values.repeat_interleave(group, dim=1) if group > 1 else values
         flat = mask.unsqueeze(0) if mask is not None and mask.dim() == 3 else mask  # per-head: [1, heads, ...]
-        return CPU_FLASH_WITH_LSE(query, k, v, 0.0, mask is None, attn_mask=flat, scale=scale)
+        if group == 1:
+            return CPU_FLASH_WITH_LSE(query, keys, values, 0.0, mask is None, attn_mask=flat, scale=scale)[:2]
+        # The fused op has no GQA switch: one call per KV head, its keys expanded to the group as a stride-0 view
+        # (repeating them copied the whole memory `group` times, the largest transient of an eviction run).
+        parts = []
+        for h in range(kv_heads):
+            heads_h = slice(h * group, (h + 1) * group)
+            mask_h = flat[:, heads_h] if flat is not None and flat.dim() == 4 and flat.shape[1] > 1 else flat
+            k = keys[:, h:h + 1].expand(-1, group, -1, -1)  # [batch, group, keys, dim], no copy
+            v = values[:, h:h + 1].expand(-1, group, -1, -1)
+            parts.append(CPU_FLASH_WITH_LSE(query[:, heads_h], k, v, 0.0, mask is None, attn_mask=mask_h,
+                                            scale=scale)[:2])
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=1)
     q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
     if mask is None:
         causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()

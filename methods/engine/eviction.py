@@ -36,8 +36,10 @@ KNORM_GRID = 1e4
 """Key norms compare at 1e-4: a repeated token's identical layer-0 keys, stored from different positions, differ by
 rounding only, and must tie (then the newer is kept) rather than be ordered by rounding noise."""
 
-# Elements per probability block [heads, rows, keys]: 2^24 floats (64 MiB in float32) whatever the model's width.
-BLOCK_ELEMENTS = 1 << 24
+# Elements per probability block [heads, rows, keys]: 2^20 floats (4 MiB in float32) whatever the model's width.
+# Small beside the memory a 4x budget holds at 16K-64K tokens (10-40 MiB on the reference model), yet thousands
+# of elements per query row, so the per-block overhead stays small (2^24 was a 34 MiB transient at 64K).
+BLOCK_ELEMENTS = 1 << 20
 
 
 def _row_mask(mask: torch.Tensor | None, lo: int, hi: int, n_keys: int, device: torch.device) -> torch.Tensor:
