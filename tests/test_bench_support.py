@@ -32,15 +32,16 @@ def test_a_bad_random_model_names_its_part(bad):
         parse(bad)
 
 
-@pytest.mark.parametrize("overrides", [(), ("management.budget=0.25",)])
-def test_the_fifo_twin_holds_as_many_slots_as_the_eviction_method(overrides):
+@pytest.mark.parametrize(("method", "overrides"), [("h2o", ()), ("h2o", ("management.budget=0.25",)),
+                                                   ("pyramidkv", ()), ("adakv", ())])
+def test_the_fifo_twin_holds_as_many_slots_as_the_eviction_method(method, overrides):
     config = model_config(PREFIX + "hidden=64,layers=2,heads=2,vocab=100")
-    h2o = method_config("h2o", config, 16, overrides)
-    twin = fifo_twin(h2o, 200)
+    evicting = method_config(method, config, 16, overrides)
+    twin = fifo_twin(evicting, 200)
     assert twin.management.eviction == "fifo" and not twin.management.scored
-    assert twin.reading == h2o.reading and twin.position == h2o.position
+    assert twin.reading == evicting.reading and twin.position == evicting.position
     model = load_llm(PREFIX + "hidden=64,layers=2,heads=2,vocab=100")
-    with MemoryLM(model, h2o, segment_len=16) as lm, lm.budget_for(200):
+    with MemoryLM(model, evicting, segment_len=16) as lm, lm.budget_for(200):
         assert twin.management.size == lm.config.management.size
 
 

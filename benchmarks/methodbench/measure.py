@@ -250,10 +250,12 @@ def warm_up_doc(doc: torch.Tensor, segment_len: int, config: UniMemConfig) -> to
 def fifo_twin(config: UniMemConfig, tokens: int) -> UniMemConfig:
     """The same method with FIFO in place of its score-based eviction, holding as many slots as the method does on
     a `tokens`-token input (its size, or its budget resolved as `MemoryLM.budget_for` does), nothing protected: a
-    StreamingLLM-like window of the same number of slots, the baseline an eviction policy's cost is judged by."""
+    StreamingLLM-like window of the same number of slots (per-layer and per-head budgets made uniform: the same
+    total), the baseline an eviction policy's cost is judged by."""
     m = config.management
     size = max(1, m.sinks + m.recent, math.ceil(m.budget * tokens)) if m.budget else m.size
-    fifo = dataclasses.replace(m, eviction="fifo", sinks=0, recent=0, budget=0.0, size=size)
+    fifo = dataclasses.replace(m, eviction="fifo", sinks=0, recent=0, budget=0.0, size=size, layer_budget="uniform",
+                               head_budget="uniform")
     return dataclasses.replace(config, name=f"{config.name}-fifo", management=fifo)
 
 
