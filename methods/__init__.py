@@ -30,7 +30,8 @@ from unimem_bench.methods import routing  # noqa: F401
 from unimem_bench.methods import quest  # noqa: F401
 from unimem_bench.methods import infllm  # noqa: F401
 from unimem_bench.methods.config import ConfigError, UniMemConfig
-from unimem_bench.methods.engine.memory_lm import HookError, MemoryLM, TokenScores, check_hookable
+from unimem_bench.methods.engine.hookable import HookError, check_hookable
+from unimem_bench.methods.engine.memory_lm import MemoryLM, TokenScores
 from unimem_bench.methods.engine.sampling import Sampling
 from unimem_bench.methods.registry import METHODS, PAPER_CONTEXT, Method, MethodContext, describe
 

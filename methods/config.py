@@ -15,17 +15,9 @@ from typing import Any
 
 import yaml
 
-from unimem_bench.methods.dimensions import (
-    ConfigError,
-    Injection,
-    Management,
-    Position,
-    Reading,
-    Training,
-    Writing,
-    format_layers,
-    parse_layers,
-)
+from unimem_bench.methods.checks import ConfigError, format_layers, parse_layers
+from unimem_bench.methods.dimensions import Injection, Management, Position, Training, Writing
+from unimem_bench.methods.reading import Reading
 
 __all__ = ["ConfigError", "Injection", "Management", "Position", "Reading", "Training", "UniMemConfig", "Writing",
            "format_layers", "parse_layers"]

@@ -23,31 +23,15 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from unimem_bench.methods.config import ConfigError, UniMemConfig
 from unimem_bench.methods.engine.attention import ATTENTION_NAME, unimem_attention
 from unimem_bench.methods.engine.generation import generate
-from unimem_bench.methods.engine.memory import LayerMemory, LayerUsage, MemoryState
+from unimem_bench.methods.engine.hookable import check_hookable
+from unimem_bench.methods.engine.memory import LayerMemory, MemoryState
+from unimem_bench.methods.engine.memory_tokens import accumulate, initial_memory_embeddings
 from unimem_bench.methods.engine.output_memory import OutputReader
 from unimem_bench.methods.engine.plan import build_plan, segment_context
 from unimem_bench.methods.engine.retrieval import FaissBank
 from unimem_bench.methods.engine.sampling import Sampling
 from unimem_bench.methods.engine.side_network import SideNetwork
-
-# Decoders whose attention goes through transformers' AttentionInterface with RoPE applied before it.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class HookError(ValueError):
-    """A model the engine cannot hook; the message is one line naming the model type and what is supported."""
-
-
-def check_hookable(config: PretrainedConfig) -> None:
-    """Raise HookError unless this model config is a RoPE decoder the engine can hook (no weights needed)."""
-    model_type = getattr(config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise HookError(f"model type {model_type!r} cannot be hooked: unimem-bench needs a LLaMA-family RoPE decoder "
-                        f"({', '.join(SUPPORTED_MODEL_TYPES)}); pick such a checkpoint with --model")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in ("default", "linear", "llama3", "dynamic"):
-        raise HookError(f"rope_type {rope['rope_type']!r} cannot be hooked: memory keys are re-positioned with plain "
-                        "RoPE rotations (default, linear, llama3, dynamic)")
+from unimem_bench.methods.engine.usage import LayerUsage
 
 
 @dataclass(frozen=True)
@@ -391,39 +375,6 @@ class MemoryLM(nn.Module):
         empty = torch.zeros(0, dtype=torch.bool)
         return [TokenScores(torch.cat(p) if p else empty.float(), torch.cat(g) if g else empty)
                 for p, g in zip(pieces, greedy, strict=True)]
-
-
-def accumulate(summaries: torch.Tensor, new: torch.Tensor, cap: int) -> torch.Tensor:
-    """AutoCompressor's summary accumulation: [batch, s, hidden] earlier summary vectors and [batch, m, hidden] new
-    ones -> the last `cap` (all when cap is 0) of their concatenation, oldest first."""
-    joined = torch.cat([summaries, new], dim=1)  # [batch, s + m, hidden]
-    return joined[:, -cap:] if cap and joined.shape[1] > cap else joined
-
-
-def initial_memory_embeddings(model: PreTrainedModel, config: UniMemConfig) -> torch.Tensor:
-    """[m, hidden] float32 initial memory embeddings: a memory-trained checkpoint's own (an AutoCompressor's
-    `embed_summary`, attached by the model loader as the `summary_embeddings` buffer) in accumulate mode, else as
-    writing.memory_init says."""
-    m = config.writing.memory_tokens
-    embed = model.get_input_embeddings().get_parameter("weight")
-    saved = getattr(model, "summary_embeddings", None)
-    if isinstance(saved, torch.Tensor) and config.writing.memory_mode == "accumulate":
-        if tuple(saved.shape) != (m, embed.shape[1]):
-            raise ConfigError(f"the checkpoint's summary embeddings are {tuple(saved.shape)} but writing.memory_tokens"
-                              f"={m}: set writing.memory_tokens={saved.shape[0]} (the checkpoint's summary_length)")
-        return torch.zeros(saved.shape) if saved.is_meta else saved.detach().float().cpu()  # meta: shapes only
-    if config.writing.memory_init == "eos":
-        eos = model.config.eos_token_id
-        eos = eos[0] if isinstance(eos, list) and eos else eos
-        if not isinstance(eos, int):
-            raise ConfigError("writing.memory_init=eos needs the model's eos_token_id, which its config lacks: set "
-                              "writing.memory_init=noise")
-        row = torch.zeros(embed.shape[1]) if embed.is_meta else embed.detach()[eos].float().cpu()
-        return row.expand(m, -1).clone()
-    # RMT initialises memory tokens randomly; embedding-scale noise keeps them in the input distribution.
-    generator = torch.Generator().manual_seed(0)
-    scale = 1.0 if embed.is_meta else float(embed.detach().float().std())  # meta: shapes only (dry runs)
-    return torch.randn(m, embed.shape[1], generator=generator) * scale
 
 
 def linear_rope(rotary: nn.Module, config: PretrainedConfig, factor: float) -> nn.Module:
