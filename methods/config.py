@@ -107,6 +107,13 @@ class UniMemConfig:
                                    position=dataclasses.replace(self.position, sink_shift=False,
                                                                        scaled_memory=False))
 
+    def check_query_aware(self) -> None:
+        """Raise ConfigError when a query-aware question cannot follow the segment: it would come after RMT's write
+        slots, which score-based eviction does not expect."""
+        if self.management.scored and self.writing.memory_tokens:
+            raise ConfigError("a query-aware question after the segment would follow RMT's write slots: use "
+                              "query_mode=query_agnostic with writing.memory_tokens > 0")
+
     def bind(self, *, n_layers: int, segment_len: int) -> tuple[int, ...]:
         """Check the model-dependent parts; return the injected layer indices."""
         layers = self.injection.resolve(n_layers)

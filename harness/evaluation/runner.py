@@ -110,8 +110,11 @@ def plan_run(req: RunRequest) -> Plan:
     cells = []
     for name, config in configs.items():
         for task in tasks:
+            params = task.params(options)
+            if params.get("query_mode") == "query_aware":
+                config.check_query_aware()
             key = {"model": source.name, "config": config.to_dict(), "task": task.name, "version": task.version,
-                   "params": task.params(options), "segment_len": segment_len, "seed": req.seed}
+                   "params": params, "segment_len": segment_len, "seed": req.seed}
             cells.append(Cell(name, task, config, records.run_id(name, task.name, key), key))
     return Plan(source, segment_len, context, resolve_device(req.device), cells, saved)
 

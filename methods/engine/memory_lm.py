@@ -305,9 +305,7 @@ class MemoryLM(nn.Module):
         if question is None or not len(question) or not self.config.management.scored:
             yield
             return
-        if self.config.writing.memory_tokens:
-            raise ConfigError("a query-aware question after the segment would follow RMT's write slots: use "
-                              "query_mode=query_agnostic with writing.memory_tokens > 0")
+        self.config.check_query_aware()
         self.question = torch.as_tensor(list(question), dtype=torch.long, device=self.device)
         try:
             yield
