@@ -84,6 +84,16 @@ CASES = [
     ("query-aware-after-memory-tokens", lambda f: run(f, "--methods", "h2o", "--set", "writing.memory_tokens=2",
                                                       "--tasks", "niah", "--task-arg", "niah.query_mode=query_aware"),
      "query_mode=query_agnostic"),
+    ("query-aware-after-memory-tokens-ruler-cwe", lambda f: run(
+        f, "--methods", "h2o", "--set", "writing.memory_tokens=2", "--tasks", "ruler_cwe", "--task-arg",
+        "query_mode=query_aware"), "query_mode=query_agnostic"),
+    ("query-mode-unknown-ruler-vt", lambda f: run(f, "--tasks", "ruler_vt", "--task-arg", "query_mode=aware"),
+     "ruler_vt.query_mode='aware': choose one of query_agnostic, query_aware"),
+    ("query-mode-unknown-ruler-qa-sweep", lambda f: sweep(
+        f, "--vary", "reading.topk=0,4", "--tasks", "ruler_qa_1", "--task-arg", "ruler_qa_1.query_mode=both"),
+     "ruler_qa_1.query_mode='both': choose one of query_agnostic, query_aware"),
+    ("query-mode-unknown-ruler-group", lambda f: run(f, "--tasks", "ruler", "--task-arg", "ruler.query_mode=on"),
+     "ruler.query_mode='on': choose one of query_agnostic, query_aware"),
     ("unparsable-task-args-yaml", lambda f: run(f, "--task-args", str(f["task_args.yaml"])), "is not valid YAML"),
     ("missing-task-args-file", lambda f: run(f, "--task-args", "nope.yaml"), "--task-args nope.yaml: no such file"),
     ("longbench-broken-line", lambda f: run(f, "--tasks", "longbench", "--data-dir", str(f["longbench"]),

@@ -2,12 +2,14 @@
 
 The engine against the float64 reference (the question after every segment: its queries score, its keys are never
 kept), the question changing what a score-based method keeps but nothing of methods without one, and the
-`query_mode` task argument of NIAH, RULER and LongBench passing the prompt's question and recording the mode.
+`query_mode` task argument of NIAH, every RULER task and LongBench passing the prompt's question, recording the mode
+and changing what a compressing memory keeps of the task's own prompts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from helpers import random_docs, tiny_llama
 from reference_unimem import EvictionSpec, eviction_nll
 from task_helpers import memory_lm
 from test_eviction import config_for, peaked_llama, reference_llama
+from test_ruler_complete import squad_fixture
 
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.tasks import TASKS, TaskOptions
@@ -96,30 +99,59 @@ class QuestionRecorder:
         return self.lm.generate(prompt, **kwargs)
 
 
-def task_under_test(kind: str, mode: str, books: Path, longbench: Path) -> tuple[object, TaskOptions]:
-    args = {"niah": {"lengths": "300", "depths": "0,1", "max_new_tokens": 4, "preset": "story"},
-            "ruler_niah_single_1": {"lengths": "300", "depths": "0,1", "max_new_tokens": 4},
-            "longbench": {"datasets": "qasper,multifieldqa_en", "max_gen": 3, "context": "stream"}}[kind]
-    task = configure([TASKS.get(kind)], [("", k, v) for k, v in {**args, "query_mode": mode}.items()])[0]
-    options = TaskOptions(data_dir=longbench, max_docs=1) if kind == "longbench" else TaskOptions(data_dir=books)
-    return task, options
+def write_qa_dir(folder: Path) -> Path:
+    """RULER's squad.json and hotpotqa.json, generated: a few questions with their documents."""
+    folder.mkdir(parents=True)
+    (folder / "squad.json").write_text(json.dumps(squad_fixture()))
+    hotpot = [{"question": f"Where did the cat number {i} sleep?", "answer": f"box {i}",
+               "context": [[f"Cat {i}", [f"The cat number {i} slept in box {i}. ", "It was warm."]],
+                           [f"Dog {i}", [f"The dog number {i} ran in the park {i}."]]]} for i in range(3)]
+    (folder / "hotpotqa.json").write_text(json.dumps(hotpot))
+    return folder
 
 
-@pytest.mark.parametrize("kind", ["niah", "ruler_niah_single_1", "longbench"])
+TASK_ARGS = {
+    "niah": {"lengths": "300", "depths": "0,1", "max_new_tokens": 4, "preset": "story"},
+    "ruler_niah_single_1": {"lengths": "300", "depths": "0,1", "max_new_tokens": 4},
+    "longbench": {"datasets": "qasper,multifieldqa_en", "max_gen": 3, "context": "stream"},
+    "ruler_qa_1": {"lengths": "400", "samples": 2, "max_new_tokens": 4},
+    "ruler_qa_2": {"lengths": "400", "samples": 1, "max_new_tokens": 4},
+    "ruler_vt": {"lengths": "700", "samples": 1, "max_new_tokens": 4},
+    "ruler_cwe": {"lengths": "1200", "samples": 1, "max_new_tokens": 4},
+    "ruler_fwe": {"lengths": "400", "samples": 2, "max_new_tokens": 4},
+}
+"""Small grids on stories260K: each task's smallest prompts (cwe's has its few-shot example, whose question comes
+first and must not be taken for the prompt's)."""
+
+
+def task_under_test(kind: str, mode: str, books: Path, data: Path) -> tuple[object, TaskOptions]:
+    task = configure([TASKS.get(kind)], [("", k, v) for k, v in {**TASK_ARGS[kind], "query_mode": mode}.items()])[0]
+    if kind == "longbench":
+        return task, TaskOptions(data_dir=data / "longbench", max_docs=1)
+    return task, TaskOptions(data_dir=data / "qa" if kind.startswith("ruler_qa") else books)
+
+
+@pytest.mark.parametrize("kind", list(TASK_ARGS))
 def test_query_mode_passes_the_question_records_the_mode_and_leaves_vanilla_alone(kind, stories_dir, books_dir,
-                                                                                  tmp_path) -> None:
+                                                                                  tmp_path, one_thread) -> None:
+    """Each prompt's question (the end of the prompt) reaches generation only under query_aware, where it changes
+    the slots TOVA keeps of that prompt; vanilla's samples are the same in both modes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(stories_dir)
-    longbench = write_longbench_dir(tmp_path / "longbench", n=1, words=120)
+    write_longbench_dir(tmp_path / "longbench", n=1, words=120)
+    write_qa_dir(tmp_path / "qa")
     samples = {}
     for method in ("vanilla", "tova"):
         for mode in ("query_agnostic", "query_aware"):
-            task, options = task_under_test(kind, mode, books_dir, longbench)
+            task, options = task_under_test(kind, mode, books_dir, tmp_path)
             with memory_lm(model, method, segment_len=64) as lm:
                 recorder = QuestionRecorder(lm)
                 samples[method, mode] = task.run(recorder, tokenizer, options).samples
+                if method == "tova" and mode == "query_aware":  # what the task's question does to the memory
+                    prompt, question = torch.tensor(recorder.prompts[0]), recorder.questions[0]
+                    assert held(lm, prompt, question)[0] != held(lm, prompt, None)[0]
             assert task.params(options)["query_mode"] == mode
             assert all(s["query_mode"] == mode for s in samples[method, mode])
             for prompt, question in zip(recorder.prompts, recorder.questions, strict=True):
@@ -127,8 +159,57 @@ def test_query_mode_passes_the_question_records_the_mode_and_leaves_vanilla_alon
                     assert question is None
                 else:  # the question is the end of the prompt (tokenised on its own: compare the text)
                     assert question and tokenizer.decode(prompt).rstrip().endswith(tokenizer.decode(question).strip())
+                    assert len(question) < len(prompt) // 2  # the question only, not a context or example with it
 
     def without_mode(rows: list[dict]) -> list[dict]:
         return [{k: v for k, v in s.items() if k != "query_mode"} for s in rows]
 
     assert without_mode(samples["vanilla", "query_aware"]) == without_mode(samples["vanilla", "query_agnostic"])
+
+
+@pytest.mark.parametrize(("kind", "length", "examples"), [("ruler_vt", 4500, 1), ("ruler_cwe", 1200, 1)])
+def test_the_question_is_the_last_one_after_the_in_context_examples(kind, length, examples, stories_dir) -> None:
+    """vt's in-context example and cwe's few-shot example repeat the template: the question is the prompt's last."""
+    from transformers import AutoTokenizer
+
+    from unimem_bench.tasks.needle.ruler_synthetic import TEMPLATES
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
+    args = {"max_new_tokens": 4, **({"fewshot_tokens": 600} if kind == "ruler_vt" else {})}  # vt's example: 544 tokens
+    task = configure([TASKS.get(kind)], [("", k, v) for k, v in args.items()])[0]
+    _, built = task.fitter(tokenizer).build(length, 0)
+    start = TEMPLATES[kind[len("ruler_"):]][0].split("{context}")[1].split("{")[0]
+    assert built.text.count(start) == 1 + examples  # the examples' questions, then the prompt's
+    assert built.question.startswith(start) and built.text.endswith(built.question)
+    assert built.question.count(start) == 1 and len(built.question) < 300
+
+
+def test_the_ruler_group_hands_query_mode_to_every_member() -> None:
+    group = configure([TASKS.get("ruler")], [("", "query_mode", "query_aware")])[0]
+    members = group.tasks(512, with_qa=True)
+    assert len(members) == 13 and {t.query_mode for t in members} == {"query_aware"}
+    assert {t.query_mode for t in TASKS.get("ruler").tasks(512, with_qa=True)} == {"query_agnostic"}
+
+
+def test_run_and_sweep_pass_query_mode_to_ruler_tasks_and_record_it(stories_dir, tmp_path, one_thread) -> None:
+    """`--task-arg [task.]query_mode=...` through `run` (with a `--set` budget) and `sweep`: in each run's
+    task_params and every sample."""
+    from unimem_bench.harness.cli import app as cli
+
+    common = ["--model", str(stories_dir), "--segment-len", "64", "--task-arg", "samples=1",
+              "--task-arg", "max_new_tokens=4", "--task-arg", "ruler_fwe.lengths=400"]
+    assert cli.main(["run", *common, "--methods", "snapkv", "--set", "management.size=32", "--tasks",
+                     "ruler_fwe,ruler_vt", "--task-arg", "ruler_vt.lengths=700", "--task-arg",
+                     "query_mode=query_aware", "--out", str(tmp_path / "run")]) == 0
+    assert cli.main(["sweep", *common, "--method", "snapkv", "--vary", "management.size=32,48", "--tasks",
+                     "ruler_fwe", "--task-arg", "ruler_fwe.query_mode=query_aware",
+                     "--out", str(tmp_path / "sweep")]) == 0
+    for out in ("run", "sweep"):
+        folders = sorted((tmp_path / out / "runs").glob("*/run.json"))
+        assert len(folders) == 2
+        for path in folders:
+            record = json.loads(path.read_text())
+            assert record["task_params"]["query_mode"] == "query_aware"
+            assert sum(layer["evicted"] for layer in record["memory_usage"]["layers"].values()) > 0
+            samples = [json.loads(line) for line in (path.parent / "samples.jsonl").read_text().splitlines()]
+            assert samples and all(s["query_mode"] == "query_aware" for s in samples)

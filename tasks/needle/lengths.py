@@ -15,7 +15,15 @@ from statistics import fmean
 from typing import Any, Literal
 
 from unimem_bench.tasks.arguments import TaskArgError
-from unimem_bench.tasks.base import MetricRow, ScoringLM, TaskResult, generate_at_once, map_samples
+from unimem_bench.tasks.base import (
+    MetricRow,
+    QueryMode,
+    ScoringLM,
+    TaskResult,
+    generate_at_once,
+    map_samples,
+    question_kwargs,
+)
 from unimem_bench.tasks.needle.haystack import resolve_lengths, string_match_all
 from unimem_bench.tasks.samples import encode, prompt_fields
 
@@ -34,6 +42,12 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "string_match_all": string_match_all, "string_match_part": string_match_part}
 
 
+def after_context(template: str) -> str:
+    """The fixed text a prompt template puts right after its `{context}` (up to its next field): where the
+    question starts."""
+    return template.split("{context}", 1)[1].split("{", 1)[0]
+
+
 @dataclass(frozen=True)
 class Built:
     """One prompt: its text, the references that score it and the haystack size used."""
@@ -41,6 +55,8 @@ class Built:
     text: str
     answers: list[str]
     n: int
+    question: str = ""
+    """The prompt's question: its text from the last occurrence of the fitter's `question_start` on ("" without)."""
 
 
 def sample_rng(seed: int, name: str, *parts: object) -> random.Random:
@@ -49,12 +65,15 @@ def sample_rng(seed: int, name: str, *parts: object) -> random.Random:
 
 
 class Fitter:
-    """Finds the largest haystack size whose prompt fits a length; `make(length, sample, n)` builds the text."""
+    """Finds the largest haystack size whose prompt fits a length; `make(length, sample, n)` builds the text.
+    `question_start`: the text that starts each prompt's question (its last occurrence: few-shot examples come first),
+    e.g. `after_context(template)`."""
 
     def __init__(self, name: str, tokenizer: Any, max_new_tokens: int,
-                 make: Callable[[int, int, int], tuple[str, list[str]]], start: int = 1) -> None:
+                 make: Callable[[int, int, int], tuple[str, list[str]]], start: int = 1,
+                 question_start: str = "") -> None:
         self.name, self.tokenizer, self.max_new_tokens, self.make = name, tokenizer, max_new_tokens, make
-        self.start = start
+        self.start, self.question_start = start, question_start
         self.fitted: dict[int, int] = {}
 
     def ids(self, length: int, sample: int, n: int) -> tuple[list[int], list[str], str]:
@@ -87,7 +106,8 @@ class Fitter:
         while n > self.start and not self.fits(length, sample, n):
             n -= 1
         ids, answers, text = self.ids(length, sample, n)
-        return ids, Built(text, answers, n)
+        question = text[text.rindex(self.question_start):] if self.question_start else ""
+        return ids, Built(text, answers, n, question)
 
 
 def task_lengths(name: str, lengths: Sequence[int], trained_context: int, fitter: Fitter) -> list[int]:
@@ -104,8 +124,12 @@ def task_lengths(name: str, lengths: Sequence[int], trained_context: int, fitter
 
 
 def run_lengths(name: str, lm: ScoringLM, tokenizer: Any, fitter: Fitter, lengths: Sequence[int], samples: int,
-                metric: Metric, log: Any, progress: Callable[[int, int | None], None] | None) -> list[dict[str, Any]]:
-    """Generate and score `samples` prompts per length, reusing those already in `log`; returns every record."""
+                metric: Metric, log: Any, progress: Callable[[int, int | None], None] | None,
+                query_mode: QueryMode = "query_agnostic") -> list[dict[str, Any]]:
+    """Generate and score `samples` prompts per length, reusing those already in `log`; returns every record.
+    `query_mode=query_aware` passes each prompt's question (`Fitter.question_start` on) to generation."""
+    if query_mode == "query_aware" and not fitter.question_start:
+        raise ValueError(f"{name}: query_aware needs the fitter's question_start")
     keys = [(length, i, f"L={length}/sample={i}") for length in lengths for i in range(samples)]
     if progress is not None:
         progress(0, len(keys))
@@ -119,12 +143,14 @@ def run_lengths(name: str, lm: ScoringLM, tokenizer: Any, fitter: Fitter, length
         def done(gen: list[int], refs: list[str] = built.answers) -> bool:
             return score(tokenizer.decode(gen), refs) == 1  # found text stays found: the score cannot change
 
-        new = generate_at_once(lm, ids, max_new_tokens=fitter.max_new_tokens,
-                          eos_token_id=tokenizer.eos_token_id, stop=done)
+        # The question tokenised on its own, as the other tasks' query_aware questions are.
+        question = tokenizer(built.question, add_special_tokens=False)["input_ids"]
+        new = generate_at_once(lm, ids, max_new_tokens=fitter.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                               stop=done, **question_kwargs(query_mode, question))
         prediction = tokenizer.decode(new, skip_special_tokens=True)
         return {"key": key, "context_len": length, "sample": i, **prompt_fields(ids), "haystack_units": built.n,
                 "prediction": prediction, "answers": built.answers, "new_tokens": len(new), "metric": metric,
-                "score": score(prediction, built.answers)}
+                "score": score(prediction, built.answers), "query_mode": query_mode}
 
     todo = [item for item in keys if log.get(item[2]) is None]
     for _, record in map_samples(lm, run_prompt, todo):  # launched processes split the prompts

@@ -22,7 +22,7 @@ from statistics import fmean
 from typing import Any, Literal, cast
 
 from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
-from unimem_bench.tasks.base import TASKS, MetricRow, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, MetricRow, QueryMode, SampleLog, ScoringLM, TaskOptions, TaskResult
 from unimem_bench.tasks.data.hub import DataNotFoundError
 from unimem_bench.tasks.needle.haystack import MIN_LENGTH, check_grid, haystack_source
 from unimem_bench.tasks.needle.ruler import VARIANTS, PromptBuilder, RulerNeedleTask
@@ -60,6 +60,9 @@ class RulerGroup:
     qa: Literal["auto", "on", "off"] = arg("auto")
     """QA tasks: `auto` runs them when --data-dir has squad.json/hotpotqa.json or the hub answers, `on` requires
     them, `off` leaves them out."""
+    query_mode: QueryMode = arg("query_agnostic")
+    """Every member's `query_mode`: `query_agnostic` compresses each context before the question is seen,
+    `query_aware` lets every eviction also score with the question's queries."""
     found_qa: dict[str, bool] = field(default_factory=dict, init=False, compare=False, repr=False)
     """Whether this instance's last check (before any model work) or run found the QA data: the headline names what
     the run averages, and the runner reads it after the run (init=False: every copy starts empty)."""
@@ -125,9 +128,9 @@ class RulerGroup:
         return tuple(max(MIN_LENGTH, f * trained_context) for f in GROUP_FACTORS)
 
     def tasks(self, trained_context: int, *, with_qa: bool) -> list[Any]:
-        """The member tasks, each set to the group's lengths, samples and seed."""
+        """The member tasks, each set to the group's lengths, samples, seed and query_mode."""
         lengths = self.resolved_lengths(trained_context) if trained_context else self.lengths
-        common = {"lengths": lengths, "seed": self.seed}
+        common = {"lengths": lengths, "seed": self.seed, "query_mode": self.query_mode}
         out = []
         for name in SYNTHETIC + (QA_TASKS if with_qa else ()):
             task = TASKS.get(name)

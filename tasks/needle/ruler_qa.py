@@ -4,7 +4,9 @@ Compared with NVIDIA/RULER at commit c3f5e3b (scripts/data/synthetic/qa.py, cons
 readers (SQuAD: unique paragraphs sorted, answerable questions only, the question's own paragraph plus the other
 paragraphs of its article before random ones; HotpotQA: "title\\nsentences" documents, every context document of a
 question), "Document {i}:\\n{document}" joined by blank lines, the documents shuffled with the fixed seed, the
-template and answer prefix, 32 tokens generated, sample i asks question i, and string_match_part.
+template and answer prefix, 32 tokens generated, sample i asks question i, and string_match_part. `query_mode`: the
+question a query_aware compression observes is the template after the documents (instruction, question, answer
+prefix).
 
 Data: RULER's files `squad.json` (SQuAD 2.0 dev-v2.0.json) and `hotpotqa.json` (hotpot_dev_distractor_v1.json) in
 --data-dir (or its `json/` folder, where RULER's download script puts them); else the hub copies `rajpurkar/squad_v2`
@@ -21,10 +23,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, QueryMode, SampleLog, ScoringLM, TaskOptions, TaskResult
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset, hub_records
 from unimem_bench.tasks.needle.haystack import check_grid
-from unimem_bench.tasks.needle.lengths import Fitter, length_result, run_lengths, sample_rng, task_lengths
+from unimem_bench.tasks.needle.lengths import (
+    Fitter,
+    after_context,
+    length_result,
+    run_lengths,
+    sample_rng,
+    task_lengths,
+)
 
 TEMPLATE = ("Answer the question based on the given documents. Only give me the answer and do not output any other "
             "words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based on the given "
@@ -155,6 +164,9 @@ class RulerQATask:
     """Tokens generated per prompt (RULER's tokens_to_generate for qa)."""
     seed: int = arg(42)
     """Seed of the distractor documents and their order (RULER's random_seed)."""
+    query_mode: QueryMode = arg("query_agnostic")
+    """`query_agnostic`: a compressing memory compresses the documents before it sees the question; `query_aware`
+    (kvpress' query_aware): every eviction also scores with the question's queries (the prompt after the documents)."""
     headline: str = "accuracy"
 
     @property
@@ -182,10 +194,11 @@ class RulerQATask:
         def make(length: int, sample: int, n: int) -> tuple[str, list[str]]:
             return qa_text(qa, sample, n, sample_rng(seed, name, length, sample), seed)
 
-        fitter = Fitter(self.name, tokenizer, self.max_new_tokens, make, start=1)
+        fitter = Fitter(self.name, tokenizer, self.max_new_tokens, make, start=1,
+                        question_start=after_context(TEMPLATE + ANSWER_PREFIX))
         lengths = task_lengths(self.name, self.lengths, lm.trained_context, fitter)
         return length_result(run_lengths(self.name, lm, tokenizer, fitter, lengths, self.samples,
-                                         "string_match_part", log, progress))
+                                         "string_match_part", log, progress, self.query_mode))
 
 
 TASKS.register("ruler_qa_1")(RulerQATask(name="ruler_qa_1", version="1.0", dataset="squad"))

@@ -13,6 +13,8 @@ process-wide seed, so a resumed or sharded run rebuilds the same prompts; the ha
 500 tokens, here also at most 1/8 of the length, RULER's 500 in its shortest 4K prompt, so short contexts keep room
 for the task); cwe's words are the needle words' adjectives and nouns, then adjective-noun pairs, then triples
 (RULER samples wonderwords' lists and then a 5-letter English list, which this package does not ship).
+`query_mode`: the question a query_aware compression observes is the template after the (last) context: the
+question and the answer prefix.
 """
 
 from __future__ import annotations
@@ -25,9 +27,16 @@ from itertools import product
 from typing import Any, Literal
 
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, QueryMode, SampleLog, ScoringLM, TaskOptions, TaskResult
 from unimem_bench.tasks.needle.haystack import NOISE, check_grid
-from unimem_bench.tasks.needle.lengths import Fitter, length_result, run_lengths, sample_rng, task_lengths
+from unimem_bench.tasks.needle.lengths import (
+    Fitter,
+    after_context,
+    length_result,
+    run_lengths,
+    sample_rng,
+    task_lengths,
+)
 from unimem_bench.tasks.needle.ruler import ADJECTIVES, NOUNS
 
 Kind = Literal["vt", "cwe", "fwe"]
@@ -181,6 +190,9 @@ class RulerSyntheticTask:
     """Seed of every prompt (RULER's random_seed)."""
     fewshot_tokens: int = arg(500)
     """vt: tokens of the in-context example at most (RULER: 500; never more than 1/8 of the length; 0 = none)."""
+    query_mode: QueryMode = arg("query_agnostic")
+    """`query_agnostic`: a compressing memory compresses the context before it sees the question; `query_aware`
+    (kvpress' query_aware): every eviction also scores with the question's queries (the prompt after the context)."""
     headline: str = "accuracy"
 
     @property
@@ -245,7 +257,8 @@ class RulerSyntheticTask:
 
     def fitter(self, tokenizer: Any) -> Fitter:
         make, start = self.maker(tokenizer)
-        return Fitter(self.name, tokenizer, self.new_tokens, make, start=start)
+        return Fitter(self.name, tokenizer, self.new_tokens, make, start=start,
+                      question_start=after_context(template(self.kind)))
 
     def fits(self, tokenizer: Any, options: TaskOptions, length: int) -> bool:
         """Whether the smallest prompt and the generation fit `length` tokens."""
@@ -258,7 +271,7 @@ class RulerSyntheticTask:
         fitter = self.fitter(tokenizer)
         lengths = task_lengths(self.name, self.lengths, lm.trained_context, fitter)
         return length_result(run_lengths(self.name, lm, tokenizer, fitter, lengths, self.samples,
-                                         "string_match_all", log, progress))
+                                         "string_match_all", log, progress, self.query_mode))
 
 
 for _kind in ("vt", "cwe", "fwe"):
