@@ -208,6 +208,18 @@ class Task(Protocol):
 TASKS: Registry[Task] = Registry("task")
 
 
+class AccuracyHeadline:
+    """Base of the tasks whose one metric, and headline, is `accuracy` (higher is better): the needle, RULER,
+    passkey, BABILong, InfiniteBench-synthetic and LongBench v2 tasks. A plain class, so no dataclass field: the
+    tasks' arguments, their order and their params are unchanged."""
+
+    headline = "accuracy"
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {"accuracy": True}
+
+
 QueryMode = Literal["query_agnostic", "query_aware"]
 """Whether a compressing memory may see the question (task argument `query_mode`): `query_agnostic` compresses the
 context before the question is seen, as a deployed cache would; `query_aware` (kvpress' query_aware) lets every

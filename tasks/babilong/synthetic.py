@@ -20,7 +20,7 @@ from typing import Any
 from unimem_bench.tasks.arguments import arg, task_args
 from unimem_bench.tasks.babilong.prompts import TASKS as QA_TASKS
 from unimem_bench.tasks.babilong.task import predict, summarize
-from unimem_bench.tasks.base import TASKS, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
+from unimem_bench.tasks.base import TASKS, AccuracyHeadline, SampleLog, ScoringLM, TaskOptions, TaskResult, map_samples
 from unimem_bench.tasks.data.hub import DataNotFoundError
 from unimem_bench.tasks.needle.haystack import haystack_text
 from unimem_bench.tasks.needle.lengths import sample_rng
@@ -128,7 +128,7 @@ def noisy_context(facts: list[str], sentences: list[str], tokenizer: Any, length
 
 
 @dataclass(frozen=True)
-class BabilongSynthetic:
+class BabilongSynthetic(AccuracyHeadline):
     """Generated bAbI-style qa1-qa5 facts in the --data-dir books, at context lengths in tokens."""
 
     name: str
@@ -142,11 +142,6 @@ class BabilongSynthetic:
     """Samples per task and length."""
     seed: int = arg(42)
     """Seed of the facts, the background's start and the fact positions."""
-    headline: str = "accuracy"
-
-    @property
-    def higher_is_better(self) -> dict[str, bool]:
-        return {"accuracy": True}
 
     def __post_init__(self) -> None:
         if not self.tasks or any(t not in QA_TASKS for t in self.tasks):

@@ -23,6 +23,7 @@ from unimem_bench.tasks.babilong.prompts import MAX_NEW_TOKENS, TASK_LABELS, com
 from unimem_bench.tasks.babilong.prompts import TASKS as QA_TASKS
 from unimem_bench.tasks.base import (
     TASKS,
+    AccuracyHeadline,
     MetricRow,
     SampleLog,
     ScoringLM,
@@ -86,7 +87,7 @@ def summarize(samples: list[dict[str, Any]]) -> TaskResult:
 
 
 @dataclass(frozen=True)
-class BabilongTask:
+class BabilongTask(AccuracyHeadline):
     """BABILong qa1-qa5 at BABILong's lengths, from files or the hub."""
 
     name: str
@@ -95,11 +96,6 @@ class BabilongTask:
     """Which of qa1 ... qa5 to run."""
     lengths: tuple[str, ...] = arg(())
     """BABILong split names (0k, 1k, 2k ... 128k; empty: 0k up to 8x the model's trained context)."""
-    headline: str = "accuracy"
-
-    @property
-    def higher_is_better(self) -> dict[str, bool]:
-        return {"accuracy": True}
 
     def __post_init__(self) -> None:
         if not self.tasks or any(t not in QA_TASKS for t in self.tasks):

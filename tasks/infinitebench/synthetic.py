@@ -24,6 +24,7 @@ from typing import Any
 from unimem_bench.tasks.arguments import arg, task_args
 from unimem_bench.tasks.base import (
     TASKS,
+    AccuracyHeadline,
     MetricRow,
     SampleLog,
     ScoringLM,
@@ -76,7 +77,7 @@ def kv_example(rng: Any, n_pairs: int, depth: float) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class InfiniteBenchSynthetic:
+class InfiniteBenchSynthetic(AccuracyHeadline):
     """Retrieve.PassKey, Retrieve.Number and Retrieve.KV over a length x depth grid."""
 
     name: str
@@ -91,11 +92,6 @@ class InfiniteBenchSynthetic:
     """Prompts per task and cell."""
     seed: int = arg(42)
     """Seed of the keys and values."""
-    headline: str = "accuracy"
-
-    @property
-    def higher_is_better(self) -> dict[str, bool]:
-        return {"accuracy": True}
 
     def __post_init__(self) -> None:
         check_grid(self.name, self.lengths, self.depths, max(MAX_NEW_TOKENS[t] for t in SYNTHETIC))

@@ -23,6 +23,7 @@ from typing import Any
 from unimem_bench.tasks.arguments import arg, task_args
 from unimem_bench.tasks.base import (
     TASKS,
+    AccuracyHeadline,
     MetricRow,
     SampleLog,
     ScoringLM,
@@ -78,7 +79,7 @@ def load_items(data_dir: Path | None, limit: int | None) -> list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
-class LongBenchV2Task:
+class LongBenchV2Task(AccuracyHeadline):
     """LongBench v2 multiple choice, with or without chain of thought."""
 
     name: str
@@ -88,11 +89,6 @@ class LongBenchV2Task:
     max_length: int = arg(0)
     """Prompt tokens kept by the head-plus-tail cut (0 = the model's trained context; pred.py: 128K for most
     models)."""
-    headline: str = "accuracy"
-
-    @property
-    def higher_is_better(self) -> dict[str, bool]:
-        return {"accuracy": True}
 
     def __post_init__(self) -> None:
         if self.max_length < 0:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
 from unimem_bench.tasks.base import (
     TASKS,
+    AccuracyHeadline,
     MetricRow,
     QueryMode,
     SampleLog,
@@ -80,7 +81,7 @@ PRESETS = {
 
 
 @dataclass(frozen=True)
-class NeedleTask:
+class NeedleTask(AccuracyHeadline):
     """Single-needle retrieval over a length x depth grid."""
 
     name: str
@@ -110,11 +111,6 @@ class NeedleTask:
     query_mode: QueryMode = arg("query_agnostic")
     """`query_agnostic`: a compressing memory compresses the context before it sees the question; `query_aware`
     (kvpress' query_aware): every eviction also scores with the question's queries (the prompt after the context)."""
-    headline: str = "accuracy"
-
-    @property
-    def higher_is_better(self) -> dict[str, bool]:
-        return {"accuracy": True}
 
     def __post_init__(self) -> None:
         check_grid(self.name, self.lengths, self.depths, self.max_new_tokens)

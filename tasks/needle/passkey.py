@@ -22,6 +22,7 @@ from typing import Any
 from unimem_bench.tasks.arguments import arg, task_args
 from unimem_bench.tasks.base import (
     TASKS,
+    AccuracyHeadline,
     MetricRow,
     SampleLog,
     ScoringLM,
@@ -72,7 +73,7 @@ def passkey_score(prediction: str, key: str) -> float:
 
 
 @dataclass(frozen=True)
-class PasskeyTask:
+class PasskeyTask(AccuracyHeadline):
     """Passkey retrieval over a length x depth grid, `samples` passkeys per cell."""
 
     name: str
@@ -90,11 +91,6 @@ class PasskeyTask:
     """Tokens generated per prompt (landmark's test generates 10)."""
     seed: int = arg(42)
     """Seed of the passkeys."""
-    headline: str = "accuracy"
-
-    @property
-    def higher_is_better(self) -> dict[str, bool]:
-        return {"accuracy": True}
 
     def __post_init__(self) -> None:
         check_grid(self.name, self.lengths, self.depths, self.max_new_tokens)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from unimem_bench.tasks.arguments import TaskArgError, arg, task_args
 from unimem_bench.tasks.base import (
     TASKS,
+    AccuracyHeadline,
     QueryMode,
     SampleLog,
     ScoringLM,
@@ -184,7 +185,7 @@ def prompt_text(variant: Variant, context: str, query: str) -> str:
 
 
 @dataclass(frozen=True)
-class RulerNeedleTask:
+class RulerNeedleTask(AccuracyHeadline):
     """One RULER niah variant over a length x depth grid, `samples` prompts per cell."""
 
     name: str
@@ -204,11 +205,6 @@ class RulerNeedleTask:
     query_mode: QueryMode = arg("query_agnostic")
     """`query_agnostic`: a compressing memory compresses the context before it sees the question; `query_aware`
     (kvpress' query_aware): every eviction also scores with the question's queries (the prompt after the context)."""
-    headline: str = "accuracy"
-
-    @property
-    def higher_is_better(self) -> dict[str, bool]:
-        return {"accuracy": True}
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, QueryMode, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, AccuracyHeadline, QueryMode, SampleLog, ScoringLM, TaskOptions, TaskResult
 from unimem_bench.tasks.data.hub import DataNotFoundError, check_hub_dataset, hub_records
 from unimem_bench.tasks.needle.haystack import check_grid
 from unimem_bench.tasks.needle.lengths import (
@@ -149,7 +149,7 @@ def check_qa_data(name: str, dataset: str, data_dir: Path | None) -> None:
 
 
 @dataclass(frozen=True)
-class RulerQATask:
+class RulerQATask(AccuracyHeadline):
     """RULER qa_1 (SQuAD) or qa_2 (HotpotQA): `samples` questions per context length, string_match_part."""
 
     name: str
@@ -167,11 +167,6 @@ class RulerQATask:
     query_mode: QueryMode = arg("query_agnostic")
     """`query_agnostic`: a compressing memory compresses the documents before it sees the question; `query_aware`
     (kvpress' query_aware): every eviction also scores with the question's queries (the prompt after the documents)."""
-    headline: str = "accuracy"
-
-    @property
-    def higher_is_better(self) -> dict[str, bool]:
-        return {"accuracy": True}
 
     def __post_init__(self) -> None:
         check_grid(self.name, self.lengths, (0.0,), self.max_new_tokens)

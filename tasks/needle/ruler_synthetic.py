@@ -27,7 +27,7 @@ from itertools import product
 from typing import Any, Literal
 
 from unimem_bench.tasks.arguments import arg, task_args
-from unimem_bench.tasks.base import TASKS, QueryMode, SampleLog, ScoringLM, TaskOptions, TaskResult
+from unimem_bench.tasks.base import TASKS, AccuracyHeadline, QueryMode, SampleLog, ScoringLM, TaskOptions, TaskResult
 from unimem_bench.tasks.needle.haystack import NOISE, check_grid
 from unimem_bench.tasks.needle.lengths import (
     Fitter,
@@ -173,7 +173,7 @@ def fwe_text(vocab: list[str], seed: int, num_words: int, alpha: float) -> tuple
 
 
 @dataclass(frozen=True)
-class RulerSyntheticTask:
+class RulerSyntheticTask(AccuracyHeadline):
     """One of RULER's vt / cwe / fwe tasks: `samples` prompts per context length, string_match_all."""
 
     name: str
@@ -193,11 +193,6 @@ class RulerSyntheticTask:
     query_mode: QueryMode = arg("query_agnostic")
     """`query_agnostic`: a compressing memory compresses the context before it sees the question; `query_aware`
     (kvpress' query_aware): every eviction also scores with the question's queries (the prompt after the context)."""
-    headline: str = "accuracy"
-
-    @property
-    def higher_is_better(self) -> dict[str, bool]:
-        return {"accuracy": True}
 
     def __post_init__(self) -> None:
         check_grid(self.name, self.lengths, (0.0,), self.new_tokens)
