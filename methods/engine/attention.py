@@ -141,6 +141,8 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     elif scored and policy in eviction.NEEDS_ALL_QUERIES:
         out, lse = attention_with_lse(query, keys, values, mask, scale)
     else:
+        if ctx.dilated is not None and not scored and pad_bias is None:  # LongNet: each head reads its patterns' keys
+            keys, values, mask = ctx.dilated.take(keys, values, query.shape[1])
         out = prefix_causal_sdpa(query, keys, values, mask, scale)
     fresh = None
     if scored:  # the config refuses scored eviction beside top-k, random slots and sinks: lse is this softmax's

@@ -137,6 +137,40 @@ def _cos_sin(rotary: nn.Module, probe: torch.Tensor, positions: torch.Tensor) ->
     return cos[0], sin[0]
 
 
+@dataclass(frozen=True)
+class DilatedKeys:
+    """LongNet's keys narrowed per head offset to those its patterns reach: the attention reads only them (the other
+    columns of `dilated_mask` are -inf for every query of the offset, so the softmax is the same)."""
+
+    columns: torch.Tensor
+    """[offsets, n] per head offset, the key columns of [window ; local] its patterns reach, ascending, then (for
+    offsets that reach fewer than n) columns they never reach, which `mask` keeps at -inf."""
+    mask: torch.Tensor
+    """[offsets, queries, n] `dilated_mask` at those columns."""
+
+    def take(self, keys: torch.Tensor, values: torch.Tensor,
+             heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each query head's keys and values [batch, heads, n, dim] out of [batch, kv_heads, keys, dim], and the
+        mask [heads, queries, n]; head h reads offset h mod offsets through KV head h // (heads / kv_heads)."""
+        batch, kv_heads, n_keys, dim = keys.shape
+        offsets, n = self.columns.shape
+        h = torch.arange(heads, device=keys.device)
+        rows = self.columns if heads == offsets else self.columns[h % offsets]  # [heads, n]
+        flat = (rows + (h // (heads // kv_heads) * n_keys)[:, None]).flatten()  # rows of [kv_heads * keys, dim]
+        picked_k = keys.reshape(batch, kv_heads * n_keys, dim).index_select(1, flat).view(batch, heads, n, dim)
+        picked_v = values.reshape(batch, kv_heads * n_keys, dim).index_select(1, flat).view(batch, heads, n, dim)
+        return picked_k, picked_v, self.mask if heads == offsets else self.mask[h % offsets]
+
+
+def dilated_keys(mask: torch.Tensor) -> DilatedKeys:
+    """The `DilatedKeys` of a `dilated_mask` [offsets, queries, keys]."""
+    reached = (mask > float("-inf")).any(1)  # [offsets, keys]
+    n = int(reached.sum(1).max())
+    # A stable sort of (not reached) puts each offset's reached columns first, in key order.
+    columns = torch.argsort((~reached).to(torch.uint8), dim=1, stable=True)[:, :n]  # [offsets, n]
+    return DilatedKeys(columns=columns, mask=mask.gather(2, columns[:, None, :].expand(-1, mask.shape[1], -1)))
+
+
 @dataclass
 class SegmentContext:
     """Handed to the model's forward as `unimem=`: the plan, and what this call's queries read."""
@@ -172,6 +206,8 @@ class SegmentContext:
     call must read the same memory (not what later writes left) and write nothing."""
     dense: SegmentContext | None = None
     """The context of `reading.dense_layers`: every memory slot read by position (None: no dense layers)."""
+    dilated: DilatedKeys | None = None
+    """LongNet's mask narrowed per head offset to the keys its patterns reach (None: no dilation)."""
 
 
 def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryState, plan: SegmentPlan, *,
@@ -187,8 +223,10 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     if config.position.sink_shift and plan.n_global and not plan.globals_in_bank:
         shift = plan.n_window - reach  # [queries] window slots the query skips
     mask = None
+    dilated = None
     if r.dilation_rates:
         mask = dilated_mask(config, state, plan, i, reach, dtype)
+        dilated = dilated_keys(mask)
     elif plan.n_prefix or query_start:
         n_local = query_start + n_query
         visible = torch.ones(n_query, plan.n_prefix + n_local, dtype=torch.bool, device=device)
@@ -224,7 +262,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
                           topk_start=start, sink_shift=shift, sink_unshift=unshift, random_slots=random,
                           random_blocks=random_blocks,
-                          bucket_end=bucket_end, dense=dense)
+                          bucket_end=bucket_end, dense=dense, dilated=dilated)
 
 
 def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
