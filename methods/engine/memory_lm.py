@@ -27,7 +27,7 @@ from unimem_bench.methods.engine.hookable import check_hookable
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState
 from unimem_bench.methods.engine.memory_tokens import accumulate, initial_memory_embeddings
 from unimem_bench.methods.engine.output_memory import OutputReader
-from unimem_bench.methods.engine.plan import build_plan, segment_context
+from unimem_bench.methods.engine.plan import ContextCache, build_plan, cached_context
 from unimem_bench.methods.engine.retrieval import FaissBank
 from unimem_bench.methods.engine.sampling import Sampling
 from unimem_bench.methods.engine.side_network import SideNetwork
@@ -71,6 +71,8 @@ class MemoryLM(nn.Module):
         self.output = OutputReader(config, self.decoder) if reads_output else None
         self.memory_embeddings: nn.Parameter | None = None
         self.usage: dict[int, LayerUsage] = {}
+        self.contexts: ContextCache = {}
+        """Segment contexts by shape, reused by later segments (`plan.cached_context`); emptied with the rotary."""
         self.input_tokens = 0
         """With `management.budget`, the tokens of the input being scored or continued (`budget_for`), which also cap
         PyramidKV's top layer; 0 otherwise (a fixed size knows no input length)."""
@@ -126,6 +128,7 @@ class MemoryLM(nn.Module):
             return
         saved = (self.segment_len, self.rope_factor, self.decoder.get_submodule("rotary_emb"))
         base = self._restore[1]
+        self.contexts.clear()  # their sink rotations came from the rotary being replaced
         self.segment_len = length
         self.rope_factor = self._resolve_rope_factor()
         self.decoder.rotary_emb = (linear_rope(base, self.model.config, self.rope_factor) if self.rope_factor != 1.0
@@ -134,6 +137,7 @@ class MemoryLM(nn.Module):
             yield self
         finally:
             self.segment_len, self.rope_factor, self.decoder.rotary_emb = saved
+            self.contexts.clear()
 
     def close(self) -> None:
         """Give the wrapped model back with its own attention implementation and rotary embedding."""
@@ -267,8 +271,8 @@ class MemoryLM(nn.Module):
             logits = self.side(self.model, state.layers[layer], plan, embeds, positions)
             state.commit(plan, config, doc_start)
             return logits
-        ctx = segment_context(config, self.layers, state, plan, query_start=0, n_query=embeds.shape[1],
-                              dtype=embeds.dtype, device=embeds.device)
+        ctx = cached_context(self.contexts, config, self.layers, state, plan, n_query=embeds.shape[1],
+                             dtype=embeds.dtype, device=embeds.device)
         hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, unimem=ctx,
                               use_cache=False).last_hidden_state  # [batch, r + n + m, hidden]
         if m:

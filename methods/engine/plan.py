@@ -246,9 +246,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     start = plan.n_global if plan.globals_in_bank else 0
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
     topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
-    random = random_slots(config, plan, state.segments, i, start) if r.random_slots else None
-    whole_blocks = query_start % r.random_block == 0 and n_query % r.random_block == 0
-    random_blocks = random[::r.random_block] if random is not None and whole_blocks else None
+    random, random_blocks = random_reads(config, plan, state.segments, i, start)
     bucket_end = reach_end if (r.lsh_buckets or r.clusters) and int(reach_end.max()) > start else None
     dense = None
     if r.dense_layers:  # Quest's dense layers: the same write, every slot read (positions do not depend on it)
@@ -265,13 +263,62 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
                           bucket_end=bucket_end, dense=dense, dilated=dilated)
 
 
+ContextCache = dict[tuple, tuple[UniMemConfig, torch.Tensor | None, SegmentContext]]
+"""`cached_context`'s store: by shape key, the config it was built for, the window's positions relative to the
+segment (dilation only) and the context."""
+
+
+def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[int],
+                   state: MemoryState, plan: SegmentPlan, *, n_query: int, dtype: torch.dtype,
+                   device: torch.device) -> SegmentContext:
+    """`segment_context` of a whole-input forward call (query_start 0), its tensors reused from `cache` when an
+    earlier segment had the same shape: the mask, reach and sink rotations depend only on the plan's sizes (and, with
+    dilation, on the document positions modulo the patterns' period), so a streamed document rebuilds them once
+    per shape. BigBird's random slots, drawn per segment, are drawn afresh; dense layers are never cached."""
+    r = config.reading
+    if r.dense_layers:
+        return segment_context(config, layers, state, plan, query_start=0, n_query=n_query, dtype=dtype,
+                               device=device)
+    window_pos = None
+    period = 0
+    if r.dilation_rates:  # the patterns compare positions // length and positions % rate: periodic in their lcm
+        period = math.lcm(*r.dilated_segments, *r.dilation_rates)
+        window_pos = state.positions[plan.n_bank - plan.n_window:] - plan.doc_start
+    key = (id(config), layers, n_query, dtype, device, plan.n_window, plan.n_prefix, plan.n_global, plan.n_bank,
+           plan.globals_in_bank, plan.place is None, plan.doc_start % period if period else 0)
+    hit = cache.get(key)
+    if hit is not None and hit[0] is config and (window_pos is None or torch.equal(hit[1], window_pos)):
+        ctx = dataclasses.replace(hit[2], state=state, plan=plan, reads={})
+        if r.random_slots:
+            ctx.random_slots, ctx.random_blocks = random_reads(config, plan, state.segments,
+                                                               torch.arange(n_query, device=device), ctx.topk_start)
+        return ctx
+    ctx = segment_context(config, layers, state, plan, query_start=0, n_query=n_query, dtype=dtype, device=device)
+    if len(cache) >= 64:  # shapes seen once (a document's first and last segments) do not pile up
+        cache.clear()
+    cache[key] = (config, window_pos, ctx)
+    return ctx
+
+
+def random_reads(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
+                 start: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`SegmentContext.random_slots` and `random_blocks` of consecutive input indices `queries` (None, None without
+    random slots)."""
+    r = config.reading
+    if not r.random_slots:
+        return None, None
+    random = random_slots(config, plan, segment, queries, start)
+    whole_blocks = int(queries[0]) % r.random_block == 0 and len(queries) % r.random_block == 0
+    return random, random[::r.random_block] if random is not None and whole_blocks else None
+
+
 def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
                  start: int) -> torch.Tensor | None:
     """BigBird's seeded random slots (the rule is `Reading.random_slots`'): [queries, R] bank indices, -1 padded;
     None when no query has a candidate."""
     r = config.reading
     blocks = queries // r.random_block  # [queries]
-    picks: dict[int, torch.Tensor] = {}
+    picks = {}
     for block in blocks.unique().tolist():
         first = block * r.random_block  # the block's first query decides its candidates
         reach = min(max(r.window - first, 0), plan.n_window) if r.sliding else plan.n_window
@@ -286,7 +333,6 @@ def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries:
     for block, slots in picks.items():
         table[block, :len(slots)] = slots
     return table.to(queries.device)[blocks]
-
 
 def dilated_mask(config: UniMemConfig, state: MemoryState, plan: SegmentPlan, queries: torch.Tensor,
                  reach: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
