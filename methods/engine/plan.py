@@ -318,21 +318,27 @@ def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries:
     None when no query has a candidate."""
     r = config.reading
     blocks = queries // r.random_block  # [queries]
-    picks = {}
-    for block in blocks.unique().tolist():
+    first_block = int(blocks[0])  # the queries are consecutive: so are their blocks
+    # One generator reseeded per block (the same draws as a fresh one); rows padded with -1 - start, start added once.
+    generator = torch.Generator()
+    pad = torch.full((r.random_slots,), -1 - start, dtype=torch.long)
+    rows, drawn = [], False
+    for block in range(first_block, int(blocks[-1]) + 1):
         first = block * r.random_block  # the block's first query decides its candidates
         reach = min(max(r.window - first, 0), plan.n_window) if r.sliding else plan.n_window
         n = plan.n_bank - reach - start
         if n <= 0:
+            rows.append(pad)
             continue
-        generator = torch.Generator().manual_seed((r.random_seed * 1_000_003 + segment) * 1_000_003 + block)
-        picks[block] = torch.randperm(n, generator=generator)[:r.random_slots] + start
-    if not picks:
+        drawn = True
+        generator.manual_seed((r.random_seed * 1_000_003 + segment) * 1_000_003 + block)
+        slots = torch.randperm(n, generator=generator)[:r.random_slots]
+        rows.append(slots if len(slots) == r.random_slots else torch.cat([slots, pad[len(slots):]]))
+    if not drawn:
         return None
-    table = torch.full((int(blocks.max()) + 1, r.random_slots), -1, dtype=torch.long)
-    for block, slots in picks.items():
-        table[block, :len(slots)] = slots
-    return table.to(queries.device)[blocks]
+    table = torch.stack(rows) + start  # [blocks, R]
+    return table.to(queries.device)[blocks - first_block]
+
 
 def dilated_mask(config: UniMemConfig, state: MemoryState, plan: SegmentPlan, queries: torch.Tensor,
                  reach: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
