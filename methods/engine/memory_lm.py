@@ -29,6 +29,7 @@ from unimem_bench.methods.engine.memory_tokens import accumulate, initial_memory
 from unimem_bench.methods.engine.output_memory import OutputReader
 from unimem_bench.methods.engine.plan import ContextCache, build_plan, cached_context
 from unimem_bench.methods.engine.retrieval import FaissBank
+from unimem_bench.methods.engine.rotary_memo import RotaryMemo
 from unimem_bench.methods.engine.sampling import Sampling
 from unimem_bench.methods.engine.side_network import SideNetwork
 from unimem_bench.methods.engine.usage import LayerUsage
@@ -73,6 +74,7 @@ class MemoryLM(nn.Module):
         self.usage: dict[int, LayerUsage] = {}
         self.contexts: ContextCache = {}
         """Segment contexts by shape, reused by later segments (`plan.cached_context`); emptied with the rotary."""
+        self._rotary_memo: RotaryMemo | None = None
         self.input_tokens = 0
         """With `management.budget`, the tokens of the input being scored or continued (`budget_for`), which also cap
         PyramidKV's top layer; 0 otherwise (a fixed size knows no input length)."""
@@ -159,6 +161,13 @@ class MemoryLM(nn.Module):
     def decoder(self) -> nn.Module:
         """The model's decoder stack (looked up, not registered: the model's weights appear once in state_dict)."""
         return self.model.get_decoder()
+
+    def rotary_memo(self) -> RotaryMemo:
+        """The decoder's rotary embedding, its (cos, sin) kept per position list across segments (`build_plan`)."""
+        rotary = self.decoder.get_submodule("rotary_emb")
+        if self._rotary_memo is None or self._rotary_memo.rotary is not rotary:
+            self._rotary_memo = RotaryMemo(rotary)
+        return self._rotary_memo
 
     @property
     def device(self) -> torch.device:
@@ -253,7 +262,7 @@ class MemoryLM(nn.Module):
         n_read = state.rmt.shape[1] if m and state.rmt is not None else 0
         observe = self.question if write else None
         plan = build_plan(config, state, n_read=n_read, n_seg=n, n_write=m, doc_start=doc_start,
-                          rotary=self.decoder.get_submodule("rotary_emb"), probe=embeds, write=write,
+                          rotary=self.rotary_memo(), probe=embeds, write=write,
                           grad=torch.is_grad_enabled(), memory_room=self.memory_room,
                           n_observe=0 if observe is None else len(observe))
         if m:

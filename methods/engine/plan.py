@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from unimem_bench.methods.config import UniMemConfig, dense_reading
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState, overflow_drop
+
+Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""The model's rotary embedding, or anything called like it: (probe, positions [1, n]) -> (cos, sin) [1, n, dim]."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class SegmentPlan:
 
 
 def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: int, n_write: int, doc_start: int,
-               rotary: nn.Module, probe: torch.Tensor, write: bool, grad: bool, memory_room: int = 0,
+               rotary: Rotary, probe: torch.Tensor, write: bool, grad: bool, memory_room: int = 0,
                n_observe: int = 0) -> SegmentPlan:
     """The plan for the next input of `state`: [n_read read slots ; n_seg tokens ; n_write write slots].
 
@@ -132,7 +135,7 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
     )
 
 
-def _cos_sin(rotary: nn.Module, probe: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cos_sin(rotary: Rotary, probe: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = rotary(probe, positions.to(probe.device).unsqueeze(0))  # [1, n, head_dim] each
     return cos[0], sin[0]
 
@@ -284,10 +287,13 @@ def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[
     if r.dilation_rates:  # the patterns compare positions // length and positions % rate: periodic in their lcm
         period = math.lcm(*r.dilated_segments, *r.dilation_rates)
         window_pos = state.positions[plan.n_bank - plan.n_window:] - plan.doc_start
-    key = (id(config), layers, n_query, dtype, device, plan.n_window, plan.n_prefix, plan.n_global, plan.n_bank,
-           plan.globals_in_bank, plan.place is None, plan.doc_start % period if period else 0)
+    # Inference tensors cannot enter autograd: what inference mode built is not reused outside it.
+    key = (id(config), layers, n_query, dtype, device, torch.is_inference_mode_enabled(), plan.n_window,
+           plan.n_prefix, plan.n_global, plan.n_bank, plan.globals_in_bank, plan.place is None,
+           plan.doc_start % period if period else 0)
     hit = cache.get(key)
-    if hit is not None and hit[0] is config and (window_pos is None or torch.equal(hit[1], window_pos)):
+    if hit is not None and hit[0] is config and (window_pos is None or hit[1] is not None
+                                                 and torch.equal(hit[1], window_pos)):
         ctx = dataclasses.replace(hit[2], state=state, plan=plan, reads={})
         if r.random_slots:
             ctx.random_slots, ctx.random_blocks = random_reads(config, plan, state.segments,
@@ -368,7 +374,7 @@ def dilated_mask(config: UniMemConfig, state: MemoryState, plan: SegmentPlan, qu
     return levels.index_select(0, count.flatten().int()).view(count.shape).to(dtype)
 
 
-def scaled_positions(state: MemoryState, doc_start: int, room: int, rotary: nn.Module,
+def scaled_positions(state: MemoryState, doc_start: int, room: int, rotary: Rotary,
                      probe: torch.Tensor) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
     """Unlimiformer's LLaMA mode: the input's first position, and (cos, sin) at every bank slot's position scaled
     from [0, doc_start) into [0, room) (unscaled while the document so far fits)."""
