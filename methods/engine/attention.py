@@ -281,16 +281,13 @@ def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out:
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the document globals (attention sinks) at per-query positions sink_shift + 0 .. G-1 to the softmax of
     `out`/`lse` (StreamingLLM's rolling cache, re-rotated inside the cache); returns the merged (out, lse)."""
-    plan = ctx.plan
-    assert ctx.sink_unshift is not None and plan.place is not None and mem.global_keys is not None
-    assert mem.global_values is not None
+    assert ctx.sink_rotation is not None and mem.global_values is not None
     batch, heads, seq, dim = query.shape
-    kv_heads = mem.global_keys.shape[1]
-    # q(p) . k(s + j) = q(p - s) . k(j): each query rotated back by its shift reads the globals at 0 .. G-1.
-    cos, sin = (t[:plan.n_global] for t in plan.place)  # [globals, head_dim]
-    keys = rotate(mem.global_keys.to(query.dtype), cos, sin)  # [batch, kv_heads, globals, dim]
-    back = rotate(query, *ctx.sink_unshift).reshape(batch, kv_heads, -1, dim)  # [batch, kv_heads, group * seq, dim]
-    logits = torch.matmul(back, keys.transpose(-1, -2)) * scale  # [batch, kv_heads, group * seq, globals]
+    keys = placed_sinks(ctx, mem, query.dtype, scale)  # [batch, kv_heads, globals, 2 * dim], scaled
+    kv_heads = keys.shape[1]
+    # q . R(s) k = [q cos(s) ; q sin(s)] . [k ; rotate_half(k)]: each query reads the globals moved up by its shift.
+    turned = (torch.cat([query, query], dim=-1) * ctx.sink_rotation).reshape(batch, kv_heads, -1, 2 * dim)
+    logits = torch.matmul(turned, keys.transpose(-1, -2))  # [batch, kv_heads, group * seq, globals]
     # One softmax over [this attention's keys ; the globals]: its log-sum-exp stands for the first part.
     joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, -1, 1), logits], dim=-1)
     total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, group * seq, 1]
@@ -298,6 +295,24 @@ def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out:
     out_s = torch.matmul(probs[..., 1:], mem.global_values.to(query.dtype))  # [batch, kv_heads, group * seq, dim]
     merged = out.reshape(batch, kv_heads, -1, dim) * probs[..., :1] + out_s
     return merged.reshape(batch, heads, seq, dim), total.reshape(batch, heads, seq)
+
+
+def placed_sinks(ctx: SegmentContext, mem: LayerMemory, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """The layer's global keys at positions 0 .. G-1 as [k ; rotate_half(k)] x scale [batch, kv_heads, G, 2 * dim],
+    built once while the globals stay the same tensor (`SegmentContext.sink_keys`)."""
+    assert mem.global_keys is not None and ctx.plan.place is not None
+    key = (id(mem.global_keys), dtype, scale)
+    hit = ctx.sink_keys.get(key)
+    if hit is not None and hit[0] is mem.global_keys:
+        return hit[1]
+    cos, sin = (t[:ctx.plan.n_global] for t in ctx.plan.place)  # [globals, head_dim]
+    placed = rotate(mem.global_keys.to(dtype), cos, sin)  # [batch, kv_heads, globals, dim]
+    keys = torch.cat([placed, rotate_half(placed)], dim=-1) * scale
+    if not keys.requires_grad:  # a graph is not kept across segments
+        if len(ctx.sink_keys) >= 64:
+            ctx.sink_keys.clear()
+        ctx.sink_keys[key] = (mem.global_keys, keys)
+    return keys
 
 
 def merge_random(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,

@@ -197,10 +197,13 @@ class SegmentContext:
     sink_shift: torch.Tensor | None = None
     """[queries] position.sink_shift: how far each query's global keys move up from 0 .. G-1 (the window slots its
     sliding reach skips); the globals are then masked out of `mask` and read apart (None: no shift)."""
-    sink_unshift: tuple[torch.Tensor, torch.Tensor] | None = None
-    """(cos, sin) [queries, head_dim] rotating each query back by its sink_shift: RoPE scores depend on the position
-    difference only, so the back-rotated queries read the globals at the fixed positions 0 .. G-1 with one matmul
-    (built once per segment; None with no shift)."""
+    sink_rotation: torch.Tensor | None = None
+    """[queries, 2 * head_dim] (cos ; sin) at each query's sink_shift: a query q reads the global keys k moved up by
+    its shift, R(shift) k = k cos + rotate_half(k) sin, as [q cos ; q sin] . [k ; rotate_half(k)], one matmul for
+    all queries (built once per segment; None with no shift)."""
+    sink_keys: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """By (id of a layer's global keys, dtype, scale): those keys and their [k ; rotate_half(k)] x scale at positions
+    0 .. G-1 (`attention.merge_sinks`); shared by the segments that reuse this context, as the globals are fixed."""
     bucket_end: torch.Tensor | None = None
     """[queries] like topk_end, for the content selectors reading.lsh_buckets / reading.clusters (None: none this
     call); they select among the bank slots [topk_start, bucket_end[query])."""
@@ -256,12 +259,12 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
         dense_plan = dataclasses.replace(plan, n_window=plan.n_bank - (plan.n_global if plan.globals_in_bank else 0))
         dense = segment_context(dataclasses.replace(config, reading=dense_reading(r)), layers, state, dense_plan,
                                 query_start=query_start, n_query=n_query, dtype=dtype, device=device)
-    unshift = None
+    rotation = None
     if shift is not None and plan.place is not None:
         cos, sin = plan.place  # [n_prefix, head_dim]; shifts lie in 0 .. n_window
-        unshift = (cos[shift], -sin[shift])  # R(-shift) = (cos, -sin) at the shift
+        rotation = torch.cat([cos[shift], sin[shift]], dim=-1)  # [queries, 2 * head_dim]
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
-                          topk_start=start, sink_shift=shift, sink_unshift=unshift, random_slots=random,
+                          topk_start=start, sink_shift=shift, sink_rotation=rotation, random_slots=random,
                           random_blocks=random_blocks,
                           bucket_end=bucket_end, dense=dense, dilated=dilated)
 
