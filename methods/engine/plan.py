@@ -269,9 +269,9 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
                           bucket_end=bucket_end, dense=dense, dilated=dilated)
 
 
-ContextCache = dict[tuple, tuple[UniMemConfig, torch.Tensor | None, SegmentContext]]
+ContextCache = dict[tuple, tuple[UniMemConfig, torch.Tensor | None, SegmentContext] | None]
 """`cached_context`'s store: by shape key, the config it was built for, the window's positions relative to the
-segment (dilation only) and the context."""
+segment (dilation only) and the context; None for a shape seen once (its tensors are not kept)."""
 
 
 def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[int],
@@ -303,9 +303,11 @@ def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[
                                                                torch.arange(n_query, device=device), ctx.topk_start)
         return ctx
     ctx = segment_context(config, layers, state, plan, query_start=0, n_query=n_query, dtype=dtype, device=device)
-    if len(cache) >= 64:  # shapes seen once (a document's first and last segments) do not pile up
+    if len(cache) >= 64:  # shapes of a growing memory (each seen once) do not pile up
         cache.clear()
-    cache[key] = (config, window_pos, ctx)
+    # Kept from a shape's second use on: a memory that grows (a pooled tier, a budget filling) meets each shape once,
+    # and keeping those contexts held one mask per segment.
+    cache[key] = (config, window_pos, ctx) if key in cache else None
     return ctx
 
 
