@@ -320,7 +320,8 @@ def merge_random(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out
     """Add each query's random bank slots (BigBird, `ctx.random_slots`) to the softmax of `out`/`lse`."""
     assert ctx.random_slots is not None and mem.keys is not None and mem.values is not None
     if ctx.random_blocks is not None:
-        return merge_per_block(query, out, lse, mem.keys, mem.values, ctx.random_blocks, scale)
+        return merge_per_block(query, out, lse, mem.keys, mem.values, ctx.random_blocks, scale,
+                               index=ctx.random_index, padded=ctx.random_padded)
     batch, kv_heads, _, dim = mem.keys.shape
     idx = ctx.random_slots.clamp(min=0).flatten()  # [queries * R]
     # index_select over the slot axis: cheaper than advanced indexing with the [queries, R] table.
@@ -351,18 +352,21 @@ def merge_per_query(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, k
 
 
 def merge_per_block(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, bank_k: torch.Tensor,
-                    bank_v: torch.Tensor, table: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    bank_v: torch.Tensor, table: torch.Tensor, scale: float, *, index: torch.Tensor | None = None,
+                    padded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `merge_per_query` with the extra keys shared by each block of consecutive queries: `table` [blocks, n]
-    bank slots per query block (-1: none); returns the merged (out, lse)."""
+    bank slots per query block (-1: none); returns the merged (out, lse). `index`: the table flattened with -1 read
+    as 0, when the caller has it; `padded`: False when the table has no -1 (nothing to hide)."""
     batch, heads, seq, dim = query.shape
     kv_heads = bank_k.shape[1]
     blocks, n = table.shape
-    idx = table.clamp(min=0).flatten()  # [blocks * n]
+    idx = table.clamp(min=0).flatten() if index is None else index  # [blocks * n]
     keys = bank_k.index_select(2, idx).view(batch, kv_heads, blocks, n, dim).to(query.dtype)
     values = bank_v.index_select(2, idx).view(batch, kv_heads, blocks, n, dim).to(query.dtype)
     q = query.reshape(batch, kv_heads, heads // kv_heads, blocks, seq // blocks, dim)  # [b, kv, g, blocks, q, dim]
     logits = torch.einsum("bkgnqd,bknjd->bkgnqj", q, keys) * scale  # [batch, kv_heads, group, blocks, q, n]
-    logits = logits.masked_fill((table < 0)[:, None, :], float("-inf"))
+    if padded:
+        logits = logits.masked_fill((table < 0)[:, None, :], float("-inf"))
     joint = torch.cat([lse.to(logits.dtype).reshape(*logits.shape[:-1], 1), logits], dim=-1)
     total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, group, blocks, q, 1]
     probs = torch.exp(joint - total)

@@ -194,6 +194,11 @@ class SegmentContext:
     random_blocks: torch.Tensor | None = None
     """[query blocks, reading.random_slots] `random_slots` once per query block, when the queries are whole
     blocks (every query of a block reads the same slots: one gather and one matmul per block); else None."""
+    random_index: torch.Tensor | None = None
+    """[query blocks * reading.random_slots] `random_blocks` flattened, -1 read as slot 0 (hidden by the merge):
+    the gather index every layer uses, built once per segment."""
+    random_padded: bool = True
+    """`random_blocks` has -1 entries (blocks with fewer candidates than reading.random_slots) to hide."""
     sink_shift: torch.Tensor | None = None
     """[queries] position.sink_shift: how far each query's global keys move up from 0 .. G-1 (the window slots its
     sliding reach skips); the globals are then masked out of `mask` and read apart (None: no shift)."""
@@ -252,7 +257,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     start = plan.n_global if plan.globals_in_bank else 0
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
     topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
-    random, random_blocks = random_reads(config, plan, state.segments, i, start)
+    random, random_blocks, random_index, random_padded = random_reads(config, plan, state.segments, i, start)
     bucket_end = reach_end if (r.lsh_buckets or r.clusters) and int(reach_end.max()) > start else None
     dense = None
     if r.dense_layers:  # Quest's dense layers: the same write, every slot read (positions do not depend on it)
@@ -265,7 +270,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
         rotation = torch.cat([cos[shift], sin[shift]], dim=-1)  # [queries, 2 * head_dim]
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
                           topk_start=start, sink_shift=shift, sink_rotation=rotation, random_slots=random,
-                          random_blocks=random_blocks,
+                          random_blocks=random_blocks, random_index=random_index, random_padded=random_padded,
                           bucket_end=bucket_end, dense=dense, dilated=dilated)
 
 
@@ -299,8 +304,8 @@ def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[
                                                  and torch.equal(hit[1], window_pos)):
         ctx = dataclasses.replace(hit[2], state=state, plan=plan, reads={})
         if r.random_slots:
-            ctx.random_slots, ctx.random_blocks = random_reads(config, plan, state.segments,
-                                                               torch.arange(n_query, device=device), ctx.topk_start)
+            ctx.random_slots, ctx.random_blocks, ctx.random_index, ctx.random_padded = random_reads(
+                config, plan, state.segments, torch.arange(n_query, device=device), ctx.topk_start)
         return ctx
     ctx = segment_context(config, layers, state, plan, query_start=0, n_query=n_query, dtype=dtype, device=device)
     if len(cache) >= 64:  # shapes of a growing memory (each seen once) do not pile up
@@ -312,15 +317,16 @@ def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[
 
 
 def random_reads(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
-                 start: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """`SegmentContext.random_slots` and `random_blocks` of consecutive input indices `queries` (None, None without
-    random slots)."""
+                 start: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, bool]:
+    """`SegmentContext.random_slots`, `random_blocks`, `random_index` and `random_padded` of consecutive input
+    indices `queries` (None, None, None, True without random slots)."""
     r = config.reading
-    if not r.random_slots:
-        return None, None
-    random = random_slots(config, plan, segment, queries, start)
+    random = random_slots(config, plan, segment, queries, start) if r.random_slots else None
     whole_blocks = int(queries[0]) % r.random_block == 0 and len(queries) % r.random_block == 0
-    return random, random[::r.random_block] if random is not None and whole_blocks else None
+    if random is None or not whole_blocks:
+        return random, None, None, True
+    blocks = random[::r.random_block]  # [query blocks, R]
+    return random, blocks, blocks.clamp(min=0).flatten(), bool((blocks < 0).any())
 
 
 def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
