@@ -141,6 +141,8 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     elif scored and policy in eviction.NEEDS_ALL_QUERIES:
         out, lse = attention_with_lse(query, keys, values, mask, scale)
     else:
+        if ctx.dilated is not None and not scored and pad_bias is None:  # LongNet: each head reads its patterns' keys
+            keys, values, mask = ctx.dilated.take(keys, values, query.shape[1])
         out = prefix_causal_sdpa(query, keys, values, mask, scale)
     fresh = None
     if scored:  # the config refuses scored eviction beside top-k, random slots and sinks: lse is this softmax's
@@ -279,16 +281,13 @@ def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out:
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the document globals (attention sinks) at per-query positions sink_shift + 0 .. G-1 to the softmax of
     `out`/`lse` (StreamingLLM's rolling cache, re-rotated inside the cache); returns the merged (out, lse)."""
-    plan = ctx.plan
-    assert ctx.sink_unshift is not None and plan.place is not None and mem.global_keys is not None
-    assert mem.global_values is not None
+    assert ctx.sink_rotation is not None and mem.global_values is not None
     batch, heads, seq, dim = query.shape
-    kv_heads = mem.global_keys.shape[1]
-    # q(p) . k(s + j) = q(p - s) . k(j): each query rotated back by its shift reads the globals at 0 .. G-1.
-    cos, sin = (t[:plan.n_global] for t in plan.place)  # [globals, head_dim]
-    keys = rotate(mem.global_keys.to(query.dtype), cos, sin)  # [batch, kv_heads, globals, dim]
-    back = rotate(query, *ctx.sink_unshift).reshape(batch, kv_heads, -1, dim)  # [batch, kv_heads, group * seq, dim]
-    logits = torch.matmul(back, keys.transpose(-1, -2)) * scale  # [batch, kv_heads, group * seq, globals]
+    keys = placed_sinks(ctx, mem, query.dtype, scale)  # [batch, kv_heads, globals, 2 * dim], scaled
+    kv_heads = keys.shape[1]
+    # q . R(s) k = [q cos(s) ; q sin(s)] . [k ; rotate_half(k)]: each query reads the globals moved up by its shift.
+    turned = (torch.cat([query, query], dim=-1) * ctx.sink_rotation).reshape(batch, kv_heads, -1, 2 * dim)
+    logits = torch.matmul(turned, keys.transpose(-1, -2))  # [batch, kv_heads, group * seq, globals]
     # One softmax over [this attention's keys ; the globals]: its log-sum-exp stands for the first part.
     joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, -1, 1), logits], dim=-1)
     total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, group * seq, 1]
@@ -298,12 +297,31 @@ def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out:
     return merged.reshape(batch, heads, seq, dim), total.reshape(batch, heads, seq)
 
 
+def placed_sinks(ctx: SegmentContext, mem: LayerMemory, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """The layer's global keys at positions 0 .. G-1 as [k ; rotate_half(k)] x scale [batch, kv_heads, G, 2 * dim],
+    built once while the globals stay the same tensor (`SegmentContext.sink_keys`)."""
+    assert mem.global_keys is not None and ctx.plan.place is not None
+    key = (id(mem.global_keys), dtype, scale)
+    hit = ctx.sink_keys.get(key)
+    if hit is not None and hit[0] is mem.global_keys:
+        return hit[1]
+    cos, sin = (t[:ctx.plan.n_global] for t in ctx.plan.place)  # [globals, head_dim]
+    placed = rotate(mem.global_keys.to(dtype), cos, sin)  # [batch, kv_heads, globals, dim]
+    keys = torch.cat([placed, rotate_half(placed)], dim=-1) * scale
+    if not keys.requires_grad:  # a graph is not kept across segments
+        if len(ctx.sink_keys) >= 64:
+            ctx.sink_keys.clear()
+        ctx.sink_keys[key] = (mem.global_keys, keys)
+    return keys
+
+
 def merge_random(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Add each query's random bank slots (BigBird, `ctx.random_slots`) to the softmax of `out`/`lse`."""
     assert ctx.random_slots is not None and mem.keys is not None and mem.values is not None
     if ctx.random_blocks is not None:
-        return merge_per_block(query, out, lse, mem.keys, mem.values, ctx.random_blocks, scale)
+        return merge_per_block(query, out, lse, mem.keys, mem.values, ctx.random_blocks, scale,
+                               index=ctx.random_index, padded=ctx.random_padded)
     batch, kv_heads, _, dim = mem.keys.shape
     idx = ctx.random_slots.clamp(min=0).flatten()  # [queries * R]
     # index_select over the slot axis: cheaper than advanced indexing with the [queries, R] table.
@@ -334,18 +352,21 @@ def merge_per_query(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, k
 
 
 def merge_per_block(query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, bank_k: torch.Tensor,
-                    bank_v: torch.Tensor, table: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    bank_v: torch.Tensor, table: torch.Tensor, scale: float, *, index: torch.Tensor | None = None,
+                    padded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `merge_per_query` with the extra keys shared by each block of consecutive queries: `table` [blocks, n]
-    bank slots per query block (-1: none); returns the merged (out, lse)."""
+    bank slots per query block (-1: none); returns the merged (out, lse). `index`: the table flattened with -1 read
+    as 0, when the caller has it; `padded`: False when the table has no -1 (nothing to hide)."""
     batch, heads, seq, dim = query.shape
     kv_heads = bank_k.shape[1]
     blocks, n = table.shape
-    idx = table.clamp(min=0).flatten()  # [blocks * n]
+    idx = table.clamp(min=0).flatten() if index is None else index  # [blocks * n]
     keys = bank_k.index_select(2, idx).view(batch, kv_heads, blocks, n, dim).to(query.dtype)
     values = bank_v.index_select(2, idx).view(batch, kv_heads, blocks, n, dim).to(query.dtype)
     q = query.reshape(batch, kv_heads, heads // kv_heads, blocks, seq // blocks, dim)  # [b, kv, g, blocks, q, dim]
     logits = torch.einsum("bkgnqd,bknjd->bkgnqj", q, keys) * scale  # [batch, kv_heads, group, blocks, q, n]
-    logits = logits.masked_fill((table < 0)[:, None, :], float("-inf"))
+    if padded:
+        logits = logits.masked_fill((table < 0)[:, None, :], float("-inf"))
     joint = torch.cat([lse.to(logits.dtype).reshape(*logits.shape[:-1], 1), logits], dim=-1)
     total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, group, blocks, q, 1]
     probs = torch.exp(joint - total)

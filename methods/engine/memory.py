@@ -143,11 +143,15 @@ class LayerMemory:
         budgeted bank reads what it holds)."""
         if self.usage is None:
             return
-        held = self.held_slots()
-        if held is not None:
+        like = self.keys if self.keys is not None else self.global_keys
+        if like is not None and self.depth is None:  # uniform bank: every row and KV head holds the same slots
+            n_global = 0 if self.global_keys is None else self.global_keys.shape[2]
+            n_bank = 0 if self.keys is None else self.keys.shape[2]
+            self.usage.note_uniform(n_bank + n_global, batch, like.shape[1], tokens)
+        held = self.held_slots() if self.depth is not None else None
+        if held is not None:  # per-layer/per-head budgets: a budgeted bank reads what it holds
             self.usage.note_held(held, tokens)
-            if self.depth is not None:
-                slots = int(held.sum()) // held.shape[1] // batch
+            slots = int(held.sum()) // held.shape[1] // batch
         self.usage.read += slots * batch
         if self.has_evicted:
             self.usage.read_compressed += slots * batch

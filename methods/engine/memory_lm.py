@@ -27,8 +27,9 @@ from unimem_bench.methods.engine.hookable import check_hookable
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState
 from unimem_bench.methods.engine.memory_tokens import accumulate, initial_memory_embeddings
 from unimem_bench.methods.engine.output_memory import OutputReader
-from unimem_bench.methods.engine.plan import build_plan, segment_context
+from unimem_bench.methods.engine.plan import ContextCache, build_plan, cached_context
 from unimem_bench.methods.engine.retrieval import FaissBank
+from unimem_bench.methods.engine.rotary_memo import RotaryMemo
 from unimem_bench.methods.engine.sampling import Sampling
 from unimem_bench.methods.engine.side_network import SideNetwork
 from unimem_bench.methods.engine.usage import LayerUsage
@@ -71,6 +72,9 @@ class MemoryLM(nn.Module):
         self.output = OutputReader(config, self.decoder) if reads_output else None
         self.memory_embeddings: nn.Parameter | None = None
         self.usage: dict[int, LayerUsage] = {}
+        self.contexts: ContextCache = {}
+        """Segment contexts by shape, reused by later segments (`plan.cached_context`); emptied with the rotary."""
+        self._rotary_memo: RotaryMemo | None = None
         self.input_tokens = 0
         """With `management.budget`, the tokens of the input being scored or continued (`budget_for`), which also cap
         PyramidKV's top layer; 0 otherwise (a fixed size knows no input length)."""
@@ -126,6 +130,7 @@ class MemoryLM(nn.Module):
             return
         saved = (self.segment_len, self.rope_factor, self.decoder.get_submodule("rotary_emb"))
         base = self._restore[1]
+        self.contexts.clear()  # their sink rotations came from the rotary being replaced
         self.segment_len = length
         self.rope_factor = self._resolve_rope_factor()
         self.decoder.rotary_emb = (linear_rope(base, self.model.config, self.rope_factor) if self.rope_factor != 1.0
@@ -134,6 +139,7 @@ class MemoryLM(nn.Module):
             yield self
         finally:
             self.segment_len, self.rope_factor, self.decoder.rotary_emb = saved
+            self.contexts.clear()
 
     def close(self) -> None:
         """Give the wrapped model back with its own attention implementation and rotary embedding."""
@@ -155,6 +161,13 @@ class MemoryLM(nn.Module):
     def decoder(self) -> nn.Module:
         """The model's decoder stack (looked up, not registered: the model's weights appear once in state_dict)."""
         return self.model.get_decoder()
+
+    def rotary_memo(self) -> RotaryMemo:
+        """The decoder's rotary embedding, its (cos, sin) kept per position list across segments (`build_plan`)."""
+        rotary = self.decoder.get_submodule("rotary_emb")
+        if self._rotary_memo is None or self._rotary_memo.rotary is not rotary:
+            self._rotary_memo = RotaryMemo(rotary)
+        return self._rotary_memo
 
     @property
     def device(self) -> torch.device:
@@ -249,7 +262,7 @@ class MemoryLM(nn.Module):
         n_read = state.rmt.shape[1] if m and state.rmt is not None else 0
         observe = self.question if write else None
         plan = build_plan(config, state, n_read=n_read, n_seg=n, n_write=m, doc_start=doc_start,
-                          rotary=self.decoder.get_submodule("rotary_emb"), probe=embeds, write=write,
+                          rotary=self.rotary_memo(), probe=embeds, write=write,
                           grad=torch.is_grad_enabled(), memory_room=self.memory_room,
                           n_observe=0 if observe is None else len(observe))
         if m:
@@ -267,8 +280,8 @@ class MemoryLM(nn.Module):
             logits = self.side(self.model, state.layers[layer], plan, embeds, positions)
             state.commit(plan, config, doc_start)
             return logits
-        ctx = segment_context(config, self.layers, state, plan, query_start=0, n_query=embeds.shape[1],
-                              dtype=embeds.dtype, device=embeds.device)
+        ctx = cached_context(self.contexts, config, self.layers, state, plan, n_query=embeds.shape[1],
+                             dtype=embeds.dtype, device=embeds.device)
         hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, unimem=ctx,
                               use_cache=False).last_hidden_state  # [batch, r + n + m, hidden]
         if m:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from unimem_bench.methods.config import UniMemConfig, dense_reading
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState, overflow_drop
+
+Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""The model's rotary embedding, or anything called like it: (probe, positions [1, n]) -> (cos, sin) [1, n, dim]."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class SegmentPlan:
 
 
 def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: int, n_write: int, doc_start: int,
-               rotary: nn.Module, probe: torch.Tensor, write: bool, grad: bool, memory_room: int = 0,
+               rotary: Rotary, probe: torch.Tensor, write: bool, grad: bool, memory_room: int = 0,
                n_observe: int = 0) -> SegmentPlan:
     """The plan for the next input of `state`: [n_read read slots ; n_seg tokens ; n_write write slots].
 
@@ -132,9 +135,43 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
     )
 
 
-def _cos_sin(rotary: nn.Module, probe: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cos_sin(rotary: Rotary, probe: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = rotary(probe, positions.to(probe.device).unsqueeze(0))  # [1, n, head_dim] each
     return cos[0], sin[0]
+
+
+@dataclass(frozen=True)
+class DilatedKeys:
+    """LongNet's keys narrowed per head offset to those its patterns reach: the attention reads only them (the other
+    columns of `dilated_mask` are -inf for every query of the offset, so the softmax is the same)."""
+
+    columns: torch.Tensor
+    """[offsets, n] per head offset, the key columns of [window ; local] its patterns reach, ascending, then (for
+    offsets that reach fewer than n) columns they never reach, which `mask` keeps at -inf."""
+    mask: torch.Tensor
+    """[offsets, queries, n] `dilated_mask` at those columns."""
+
+    def take(self, keys: torch.Tensor, values: torch.Tensor,
+             heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each query head's keys and values [batch, heads, n, dim] out of [batch, kv_heads, keys, dim], and the
+        mask [heads, queries, n]; head h reads offset h mod offsets through KV head h // (heads / kv_heads)."""
+        batch, kv_heads, n_keys, dim = keys.shape
+        offsets, n = self.columns.shape
+        h = torch.arange(heads, device=keys.device)
+        rows = self.columns if heads == offsets else self.columns[h % offsets]  # [heads, n]
+        flat = (rows + (h // (heads // kv_heads) * n_keys)[:, None]).flatten()  # rows of [kv_heads * keys, dim]
+        picked_k = keys.reshape(batch, kv_heads * n_keys, dim).index_select(1, flat).view(batch, heads, n, dim)
+        picked_v = values.reshape(batch, kv_heads * n_keys, dim).index_select(1, flat).view(batch, heads, n, dim)
+        return picked_k, picked_v, self.mask if heads == offsets else self.mask[h % offsets]
+
+
+def dilated_keys(mask: torch.Tensor) -> DilatedKeys:
+    """The `DilatedKeys` of a `dilated_mask` [offsets, queries, keys]."""
+    reached = (mask > float("-inf")).any(1)  # [offsets, keys]
+    n = int(reached.sum(1).max())
+    # A stable sort of (not reached) puts each offset's reached columns first, in key order.
+    columns = torch.argsort((~reached).to(torch.uint8), dim=1, stable=True)[:, :n]  # [offsets, n]
+    return DilatedKeys(columns=columns, mask=mask.gather(2, columns[:, None, :].expand(-1, mask.shape[1], -1)))
 
 
 @dataclass
@@ -157,13 +194,21 @@ class SegmentContext:
     random_blocks: torch.Tensor | None = None
     """[query blocks, reading.random_slots] `random_slots` once per query block, when the queries are whole
     blocks (every query of a block reads the same slots: one gather and one matmul per block); else None."""
+    random_index: torch.Tensor | None = None
+    """[query blocks * reading.random_slots] `random_blocks` flattened, -1 read as slot 0 (hidden by the merge):
+    the gather index every layer uses, built once per segment."""
+    random_padded: bool = True
+    """`random_blocks` has -1 entries (blocks with fewer candidates than reading.random_slots) to hide."""
     sink_shift: torch.Tensor | None = None
     """[queries] position.sink_shift: how far each query's global keys move up from 0 .. G-1 (the window slots its
     sliding reach skips); the globals are then masked out of `mask` and read apart (None: no shift)."""
-    sink_unshift: tuple[torch.Tensor, torch.Tensor] | None = None
-    """(cos, sin) [queries, head_dim] rotating each query back by its sink_shift: RoPE scores depend on the position
-    difference only, so the back-rotated queries read the globals at the fixed positions 0 .. G-1 with one matmul
-    (built once per segment; None with no shift)."""
+    sink_rotation: torch.Tensor | None = None
+    """[queries, 2 * head_dim] (cos ; sin) at each query's sink_shift: a query q reads the global keys k moved up by
+    its shift, R(shift) k = k cos + rotate_half(k) sin, as [q cos ; q sin] . [k ; rotate_half(k)], one matmul for
+    all queries (built once per segment; None with no shift)."""
+    sink_keys: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """By (id of a layer's global keys, dtype, scale): those keys and their [k ; rotate_half(k)] x scale at positions
+    0 .. G-1 (`attention.merge_sinks`); shared by the segments that reuse this context, as the globals are fixed."""
     bucket_end: torch.Tensor | None = None
     """[queries] like topk_end, for the content selectors reading.lsh_buckets / reading.clusters (None: none this
     call); they select among the bank slots [topk_start, bucket_end[query])."""
@@ -172,6 +217,8 @@ class SegmentContext:
     call must read the same memory (not what later writes left) and write nothing."""
     dense: SegmentContext | None = None
     """The context of `reading.dense_layers`: every memory slot read by position (None: no dense layers)."""
+    dilated: DilatedKeys | None = None
+    """LongNet's mask narrowed per head offset to the keys its patterns reach (None: no dilation)."""
 
 
 def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryState, plan: SegmentPlan, *,
@@ -187,8 +234,10 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     if config.position.sink_shift and plan.n_global and not plan.globals_in_bank:
         shift = plan.n_window - reach  # [queries] window slots the query skips
     mask = None
+    dilated = None
     if r.dilation_rates:
         mask = dilated_mask(config, state, plan, i, reach, dtype)
+        dilated = dilated_keys(mask)
     elif plan.n_prefix or query_start:
         n_local = query_start + n_query
         visible = torch.ones(n_query, plan.n_prefix + n_local, dtype=torch.bool, device=device)
@@ -208,23 +257,76 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     start = plan.n_global if plan.globals_in_bank else 0
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
     topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
-    random = random_slots(config, plan, state.segments, i, start) if r.random_slots else None
-    whole_blocks = query_start % r.random_block == 0 and n_query % r.random_block == 0
-    random_blocks = random[::r.random_block] if random is not None and whole_blocks else None
+    random, random_blocks, random_index, random_padded = random_reads(config, plan, state.segments, i, start)
     bucket_end = reach_end if (r.lsh_buckets or r.clusters) and int(reach_end.max()) > start else None
     dense = None
     if r.dense_layers:  # Quest's dense layers: the same write, every slot read (positions do not depend on it)
         dense_plan = dataclasses.replace(plan, n_window=plan.n_bank - (plan.n_global if plan.globals_in_bank else 0))
         dense = segment_context(dataclasses.replace(config, reading=dense_reading(r)), layers, state, dense_plan,
                                 query_start=query_start, n_query=n_query, dtype=dtype, device=device)
-    unshift = None
+    rotation = None
     if shift is not None and plan.place is not None:
         cos, sin = plan.place  # [n_prefix, head_dim]; shifts lie in 0 .. n_window
-        unshift = (cos[shift], -sin[shift])  # R(-shift) = (cos, -sin) at the shift
+        rotation = torch.cat([cos[shift], sin[shift]], dim=-1)  # [queries, 2 * head_dim]
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
-                          topk_start=start, sink_shift=shift, sink_unshift=unshift, random_slots=random,
-                          random_blocks=random_blocks,
-                          bucket_end=bucket_end, dense=dense)
+                          topk_start=start, sink_shift=shift, sink_rotation=rotation, random_slots=random,
+                          random_blocks=random_blocks, random_index=random_index, random_padded=random_padded,
+                          bucket_end=bucket_end, dense=dense, dilated=dilated)
+
+
+ContextCache = dict[tuple, tuple[UniMemConfig, torch.Tensor | None, SegmentContext] | None]
+"""`cached_context`'s store: by shape key, the config it was built for, the window's positions relative to the
+segment (dilation only) and the context; None for a shape seen once (its tensors are not kept)."""
+
+
+def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[int],
+                   state: MemoryState, plan: SegmentPlan, *, n_query: int, dtype: torch.dtype,
+                   device: torch.device) -> SegmentContext:
+    """`segment_context` of a whole-input forward call (query_start 0), its tensors reused from `cache` when an
+    earlier segment had the same shape: the mask, reach and sink rotations depend only on the plan's sizes (and, with
+    dilation, on the document positions modulo the patterns' period), so a streamed document rebuilds them once
+    per shape. BigBird's random slots, drawn per segment, are drawn afresh; dense layers are never cached."""
+    r = config.reading
+    if r.dense_layers:
+        return segment_context(config, layers, state, plan, query_start=0, n_query=n_query, dtype=dtype,
+                               device=device)
+    window_pos = None
+    period = 0
+    if r.dilation_rates:  # the patterns compare positions // length and positions % rate: periodic in their lcm
+        period = math.lcm(*r.dilated_segments, *r.dilation_rates)
+        window_pos = state.positions[plan.n_bank - plan.n_window:] - plan.doc_start
+    # Inference tensors cannot enter autograd: what inference mode built is not reused outside it.
+    key = (id(config), layers, n_query, dtype, device, torch.is_inference_mode_enabled(), plan.n_window,
+           plan.n_prefix, plan.n_global, plan.n_bank, plan.globals_in_bank, plan.place is None,
+           plan.doc_start % period if period else 0)
+    hit = cache.get(key)
+    if hit is not None and hit[0] is config and (window_pos is None or hit[1] is not None
+                                                 and torch.equal(hit[1], window_pos)):
+        ctx = dataclasses.replace(hit[2], state=state, plan=plan, reads={})
+        if r.random_slots:
+            ctx.random_slots, ctx.random_blocks, ctx.random_index, ctx.random_padded = random_reads(
+                config, plan, state.segments, torch.arange(n_query, device=device), ctx.topk_start)
+        return ctx
+    ctx = segment_context(config, layers, state, plan, query_start=0, n_query=n_query, dtype=dtype, device=device)
+    if len(cache) >= 64:  # shapes of a growing memory (each seen once) do not pile up
+        cache.clear()
+    # Kept from a shape's second use on: a memory that grows (a pooled tier, a budget filling) meets each shape once,
+    # and keeping those contexts held one mask per segment.
+    cache[key] = (config, window_pos, ctx) if key in cache else None
+    return ctx
+
+
+def random_reads(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
+                 start: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, bool]:
+    """`SegmentContext.random_slots`, `random_blocks`, `random_index` and `random_padded` of consecutive input
+    indices `queries` (None, None, None, True without random slots)."""
+    r = config.reading
+    random = random_slots(config, plan, segment, queries, start) if r.random_slots else None
+    whole_blocks = int(queries[0]) % r.random_block == 0 and len(queries) % r.random_block == 0
+    if random is None or not whole_blocks:
+        return random, None, None, True
+    blocks = random[::r.random_block]  # [query blocks, R]
+    return random, blocks, blocks.clamp(min=0).flatten(), bool((blocks < 0).any())
 
 
 def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
@@ -233,21 +335,26 @@ def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries:
     None when no query has a candidate."""
     r = config.reading
     blocks = queries // r.random_block  # [queries]
-    picks: dict[int, torch.Tensor] = {}
-    for block in blocks.unique().tolist():
+    first_block = int(blocks[0])  # the queries are consecutive: so are their blocks
+    # One generator reseeded per block (the same draws as a fresh one); rows padded with -1 - start, start added once.
+    generator = torch.Generator()
+    pad = torch.full((r.random_slots,), -1 - start, dtype=torch.long)
+    rows, drawn = [], False
+    for block in range(first_block, int(blocks[-1]) + 1):
         first = block * r.random_block  # the block's first query decides its candidates
         reach = min(max(r.window - first, 0), plan.n_window) if r.sliding else plan.n_window
         n = plan.n_bank - reach - start
         if n <= 0:
+            rows.append(pad)
             continue
-        generator = torch.Generator().manual_seed((r.random_seed * 1_000_003 + segment) * 1_000_003 + block)
-        picks[block] = torch.randperm(n, generator=generator)[:r.random_slots] + start
-    if not picks:
+        drawn = True
+        generator.manual_seed((r.random_seed * 1_000_003 + segment) * 1_000_003 + block)
+        slots = torch.randperm(n, generator=generator)[:r.random_slots]
+        rows.append(slots if len(slots) == r.random_slots else torch.cat([slots, pad[len(slots):]]))
+    if not drawn:
         return None
-    table = torch.full((int(blocks.max()) + 1, r.random_slots), -1, dtype=torch.long)
-    for block, slots in picks.items():
-        table[block, :len(slots)] = slots
-    return table.to(queries.device)[blocks]
+    table = torch.stack(rows) + start  # [blocks, R]
+    return table.to(queries.device)[blocks - first_block]
 
 
 def dilated_mask(config: UniMemConfig, state: MemoryState, plan: SegmentPlan, queries: torch.Tensor,
@@ -278,7 +385,7 @@ def dilated_mask(config: UniMemConfig, state: MemoryState, plan: SegmentPlan, qu
     return levels.index_select(0, count.flatten().int()).view(count.shape).to(dtype)
 
 
-def scaled_positions(state: MemoryState, doc_start: int, room: int, rotary: nn.Module,
+def scaled_positions(state: MemoryState, doc_start: int, room: int, rotary: Rotary,
                      probe: torch.Tensor) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
     """Unlimiformer's LLaMA mode: the input's first position, and (cos, sin) at every bank slot's position scaled
     from [0, doc_start) into [0, room) (unscaled while the document so far fits)."""

@@ -25,10 +25,19 @@ class LayerUsage:
 
     def note_held(self, held: torch.Tensor, tokens: int) -> None:
         """Count slots held [batch, kv_heads] by a forward call of `tokens` tokens per row."""
-        heads = held.shape[1]
-        if len(self.peak_slots) < heads:
-            self.peak_slots += [0] * (heads - len(self.peak_slots))
-            self.footprint += [0] * (heads - len(self.footprint))
+        self._grow(held.shape[1])
         peak, total = held.amax(0).tolist(), (held.sum(0) * tokens).tolist()
         self.peak_slots = [max(a, int(b)) for a, b in zip(self.peak_slots, peak, strict=True)]
         self.footprint = [a + int(b) for a, b in zip(self.footprint, total, strict=True)]
+
+    def note_uniform(self, slots: int, batch: int, kv_heads: int, tokens: int) -> None:
+        """`note_held` for a bank whose every row and KV head holds `slots` slots: plain integers, no tensor work
+        (it ran once per layer and segment)."""
+        self._grow(kv_heads)
+        self.peak_slots = [max(a, slots) for a in self.peak_slots]
+        self.footprint = [a + slots * batch * tokens for a in self.footprint]
+
+    def _grow(self, heads: int) -> None:
+        if len(self.peak_slots) < heads:
+            self.peak_slots += [0] * (heads - len(self.peak_slots))
+            self.footprint += [0] * (heads - len(self.footprint))
