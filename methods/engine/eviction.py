@@ -19,7 +19,8 @@ streams in segments instead of once after a prefill or once per generated token:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,10 @@ KNORM_GRID = 1e4
 """Key norms compare at 1e-4: a repeated token's identical layer-0 keys, stored from different positions, differ by
 rounding only, and must tie (then the newer is kept) rather than be ordered by rounding noise."""
 
-# Elements per probability block [heads, rows, keys]: 2^20 floats (4 MiB in float32) whatever the model's width.
+# Elements per probability block [heads, rows, keys]: 2^18 floats (1 MiB in float32) whatever the model's width.
 # Small beside the memory a 4x budget holds at 16K-64K tokens (10-40 MiB on the reference model), yet thousands
-# of elements per query row, so the per-block overhead stays small (2^24 was a 34 MiB transient at 64K).
-BLOCK_ELEMENTS = 1 << 20
+# of elements per query row, so the per-block overhead stays small (2^24 was a 34 MiB transient at 64K, 2^20 4 MiB).
+BLOCK_ELEMENTS = 1 << 18
 
 
 def _row_mask(mask: torch.Tensor | None, lo: int, hi: int, n_keys: int, device: torch.device) -> torch.Tensor:
@@ -120,25 +121,84 @@ def attention_scores(m: Management, query: torch.Tensor, keys: torch.Tensor, mas
         part = (probs if every_key else probs[..., candidates]).sum(3)  # [batch, kv_heads, group, candidates]
         total = part if total is None else total + part
     assert total is not None  # observe >= 1
+    return _last_query_scores(m, total, observe)
+
+
+def _last_query_scores(m: Management, total: torch.Tensor, observe: int) -> torch.Tensor:
+    """tova / snapkv scores [batch, kv_heads, candidates] from the observed rows' summed attention `total`
+    [batch, kv_heads, group, candidates]."""
     mean = total / observe
-    if policy == "tova":
-        return mean.mean(dim=(1, 2), keepdim=True).squeeze(2).expand(-1, keys.shape[1], -1)
     batch, kv_heads, group, n = mean.shape
+    if m.eviction == "tova":
+        return mean.mean(dim=(1, 2), keepdim=True).squeeze(2).expand(-1, kv_heads, -1)
     pooled = F.avg_pool1d(mean.reshape(-1, 1, n), m.pool_kernel, stride=1, padding=m.pool_kernel // 2)
     return pooled.reshape(batch, kv_heads, group, n).mean(2)
 
 
-def combine(m: Management, held: torch.Tensor | None, fresh: torch.Tensor | None, keys: torch.Tensor,
-            ids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Scores [batch, kv_heads, candidates] of the candidates (keys [batch, kv_heads, candidates, dim], ids
-    [batch, kv_heads, candidates]); `held` carries the held slots' running scores (h2o, lru) and `fresh` this
-    segment's `attention_scores`. Higher is kept."""
+def _block_probabilities(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, scale: float, lo: int,
+                         hi: int, lse: torch.Tensor,
+                         first_key: int | None) -> Iterator[torch.Tensor]:
+    """Probabilities [batch, kv_heads, group, rows, n] of query rows lo..hi-1 on one block of keys [batch, kv_heads,
+    n, dim], in bounded row blocks, against the whole read's log-sum-exp `lse` [batch, heads, seq]; `bias`
+    [batch, kv_heads, 1, n] hides keys, `first_key` (not None) makes the block the input's keys from that index,
+    seen causally."""
+    batch, heads, _, dim = query.shape
+    kv_heads, n = keys.shape[1], keys.shape[2]
+    wide = torch.promote_types(query.dtype, torch.float32)
+    k = keys.to(wide)
+    rows = max(1, BLOCK_ELEMENTS // (batch * heads * n))
+    for start in range(lo, hi, rows):
+        stop = min(hi, start + rows)
+        q = query[:, :, start:stop].to(wide).reshape(batch, kv_heads, heads // kv_heads, stop - start, dim)
+        logits = torch.einsum("bkgsd,bktd->bkgst", q, k).mul_(scale)
+        if bias is not None:
+            logits.add_(bias.to(wide).unsqueeze(2))
+        if first_key is not None:
+            later = (first_key + torch.arange(n, device=query.device))[None, :] > torch.arange(
+                start, stop, device=query.device)[:, None]  # [rows, n]
+            logits.masked_fill_(later, float("-inf"))
+        row_lse = lse[:, :, start:stop].to(wide).reshape(batch, kv_heads, -1, stop - start, 1)
+        yield logits.sub_(row_lse).exp_()
+
+
+def block_scores(m: Management, query: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor, torch.Tensor | None]],
+                 local_keys: torch.Tensor, lse: torch.Tensor, scale: float, *, n_memory: int, n_read: int,
+                 n_seg: int, n_observe: int = 0) -> torch.Tensor:
+    """`attention_scores` of a read done in parts (h2o, tova, snapkv): memory blocks that every query sees (index
+    of the block's first slot among the n_memory memory candidates, keys [batch, kv_heads, n, dim] at their
+    positions, bias [batch, kv_heads, 1, n] or None), then the input's keys `local_keys` seen causally; the
+    probabilities come against the read's log-sum-exp `lse` [batch, heads, input]. No [memory ; segment] keys."""
+    policy = m.eviction
+    assert policy in ("h2o", "tova", "snapkv")
+    batch, heads = query.shape[:2]
+    kv_heads = local_keys.shape[1]
+    last = n_read + n_seg + n_observe  # rows after it are RMT write slots
+    observe = 1 if policy == "tova" else min(m.observe, n_seg + n_observe)
+    lo = 0 if policy == "h2o" else last - observe
+    shape = (batch, kv_heads) if policy == "h2o" else (batch, kv_heads, heads // kv_heads)
+    total = torch.zeros(*shape, n_memory + n_seg, dtype=torch.promote_types(query.dtype, torch.float32),
+                        device=query.device)
+    segment = ((n_memory, local_keys[:, :, n_read:n_read + n_seg], None),)
+    for first, keys, bias in itertools.chain(blocks, segment):
+        causal = n_read if first == n_memory else None  # memory blocks start before n_memory; the segment at it
+        cols = slice(first, first + keys.shape[2])
+        for probs in _block_probabilities(query, keys, bias, scale, lo, last, lse, causal):
+            total[..., cols] += probs.sum(dim=(2, 3)) if policy == "h2o" else probs.sum(3)
+    return total if policy == "h2o" else _last_query_scores(m, total, observe)
+
+
+def combine(m: Management, held: torch.Tensor | None, fresh: torch.Tensor | None,
+            keys: tuple[torch.Tensor, ...], ids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Scores [batch, kv_heads, candidates] of the candidates (keys: their [batch, kv_heads, n, dim] parts in
+    candidate order, e.g. (held slots, segment), never concatenated; ids [batch, kv_heads, candidates]); `held`
+    carries the held slots' running scores (h2o, lru) and `fresh` this segment's `attention_scores`. Higher is
+    kept."""
     policy = m.eviction
     if policy == "knorm":  # the largest key norms go (Devoto et al., 2024)
-        norm = keys.to(torch.promote_types(keys.dtype, torch.float32)).norm(dim=-1)
+        norm = torch.cat([k.to(torch.promote_types(k.dtype, torch.float32)).norm(dim=-1) for k in keys], dim=2)
         return -torch.round(norm * KNORM_GRID)
     if policy == "random":
-        return torch.rand(ids.shape, generator=generator, dtype=torch.float64).to(keys.device)
+        return torch.rand(ids.shape, generator=generator, dtype=torch.float64).to(ids.device)
     assert fresh is not None  # an attention policy: memory_attention computed it
     if policy in NEEDS_LAST_QUERIES:
         return fresh
