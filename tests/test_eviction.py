@@ -213,3 +213,20 @@ def test_scores_in_small_blocks_match_the_reference(policy: str, monkeypatch) ->
     nll, held = engine_run(model, spec, doc)
     torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
     assert held == ref_held
+
+
+@pytest.mark.parametrize("position", ["compact", "absolute"])
+@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv", "knorm"])
+def test_memory_read_in_key_blocks_matches_the_reference(policy: str, position: str, monkeypatch) -> None:
+    """The split read (memory apart from the segment, merged by log-sum-exp) over blocks of 3 memory slots, each
+    rotated on its own, scores and keeps what the reference does."""
+    from unimem_bench.methods.engine import split_read
+
+    monkeypatch.setattr(split_read, "KEY_BLOCK", 3)
+    spec = EvictionSpec(segment_len=5, size=11, policy=policy, position=position, observe=3, recent=2, sinks=1)
+    model = peaked_llama(layers=2, heads=4, kv_heads=2, context=64).double()
+    doc = torch.randperm(99, generator=torch.Generator().manual_seed(5))[:27]
+    ref_nll, ref_held = eviction_nll(reference_llama(model), spec, doc)
+    nll, held = engine_run(model, spec, doc)
+    torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
+    assert held == ref_held

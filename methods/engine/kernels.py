@@ -103,8 +103,9 @@ def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         mask = (torch.zeros(seq, keys.shape[2], dtype=query.dtype, device=query.device) if bias is None
                 else bias.repeat_interleave(group, dim=1).expand(-1, -1, seq, -1))  # [batch, heads, seq, n]
         out, lse = attention_with_lse(query, keys, values, mask, scale)
-    if bias is not None:  # a KV head whose whole block is hidden: no contribution, whatever the kernel returned
-        out = out.nan_to_num(0.0)
+    if bias is not None:  # a KV head whose whole block is hidden: no contribution (the fused kernel returns lse 0)
+        hidden = (bias == float("-inf")).all(-1).repeat_interleave(group, dim=1)  # [batch, heads, 1]
+        out, lse = out.nan_to_num(0.0), lse.masked_fill(hidden, float("-inf"))
     return out, lse
 
 
