@@ -19,7 +19,6 @@ streams in segments instead of once after a prefill or once per generated token:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -135,13 +134,20 @@ def _last_query_scores(m: Management, total: torch.Tensor, observe: int) -> torc
     return pooled.reshape(batch, kv_heads, group, n).mean(2)
 
 
-def _block_probabilities(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, scale: float, lo: int,
-                         hi: int, lse: torch.Tensor,
-                         first_key: int | None) -> Iterator[torch.Tensor]:
-    """Probabilities [batch, kv_heads, group, rows, n] of query rows lo..hi-1 on one block of keys [batch, kv_heads,
-    n, dim], in bounded row blocks, against the whole read's log-sum-exp `lse` [batch, heads, seq]; `bias`
-    [batch, kv_heads, 1, n] hides keys, `first_key` (not None) makes the block the input's keys from that index,
-    seen causally."""
+def scored_rows(m: Management, n_read: int, n_seg: int, n_observe: int) -> tuple[int, int]:
+    """The query rows [lo, hi) whose attention a policy scores with (h2o: every row before the RMT write slots;
+    tova: the last; snapkv: the last `observe`)."""
+    last = n_read + n_seg + n_observe  # rows after it are RMT write slots
+    if m.eviction in NEEDS_ALL_QUERIES:
+        return 0, last
+    return last - (1 if m.eviction == "tova" else min(m.observe, n_seg + n_observe)), last
+
+
+def block_logits(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, scale: float, lo: int, hi: int,
+                 first_key: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Scaled logits (first row, [batch, kv_heads, group, rows, n]) of query rows lo..hi-1 on one block of keys
+    [batch, kv_heads, n, dim], in row blocks of at most BLOCK_ELEMENTS; `bias` [batch, kv_heads, 1, n] hides keys,
+    `first_key` (not None) makes the block the input's keys from that index, seen causally."""
     batch, heads, _, dim = query.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
     wide = torch.promote_types(query.dtype, torch.float32)
@@ -157,34 +163,29 @@ def _block_probabilities(query: torch.Tensor, keys: torch.Tensor, bias: torch.Te
             later = (first_key + torch.arange(n, device=query.device))[None, :] > torch.arange(
                 start, stop, device=query.device)[:, None]  # [rows, n]
             logits.masked_fill_(later, float("-inf"))
-        row_lse = lse[:, :, start:stop].to(wide).reshape(batch, kv_heads, -1, stop - start, 1)
-        yield logits.sub_(row_lse).exp_()
+        yield start, logits
 
 
-def block_scores(m: Management, query: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor, torch.Tensor | None]],
-                 local_keys: torch.Tensor, lse: torch.Tensor, scale: float, *, n_memory: int, n_read: int,
-                 n_seg: int, n_observe: int = 0) -> torch.Tensor:
-    """`attention_scores` of a read done in parts (h2o, tova, snapkv): memory blocks that every query sees (index
-    of the block's first slot among the n_memory memory candidates, keys [batch, kv_heads, n, dim] at their
-    positions, bias [batch, kv_heads, 1, n] or None), then the input's keys `local_keys` seen causally; the
-    probabilities come against the read's log-sum-exp `lse` [batch, heads, input]. No [memory ; segment] keys."""
+def block_scores(m: Management, blocks: Iterable[tuple[int, int, torch.Tensor]], lse: torch.Tensor, *,
+                 n_memory: int, n_read: int, n_seg: int, n_observe: int = 0) -> torch.Tensor:
+    """`attention_scores` of a read done in parts (h2o, tova, snapkv) from its logits: (index of the block's first
+    candidate among [n_memory memory slots ; n_seg segment tokens], first row, `block_logits`) over the rows of
+    `scored_rows`, turned into probabilities against the read's log-sum-exp `lse` [batch, heads, input]. No
+    [memory ; segment] keys and no [queries, keys] matrix."""
     policy = m.eviction
     assert policy in ("h2o", "tova", "snapkv")
-    batch, heads = query.shape[:2]
-    kv_heads = local_keys.shape[1]
-    last = n_read + n_seg + n_observe  # rows after it are RMT write slots
-    observe = 1 if policy == "tova" else min(m.observe, n_seg + n_observe)
-    lo = 0 if policy == "h2o" else last - observe
-    shape = (batch, kv_heads) if policy == "h2o" else (batch, kv_heads, heads // kv_heads)
-    total = torch.zeros(*shape, n_memory + n_seg, dtype=torch.promote_types(query.dtype, torch.float32),
-                        device=query.device)
-    segment = ((n_memory, local_keys[:, :, n_read:n_read + n_seg], None),)
-    for first, keys, bias in itertools.chain(blocks, segment):
-        causal = n_read if first == n_memory else None  # memory blocks start before n_memory; the segment at it
-        cols = slice(first, first + keys.shape[2])
-        for probs in _block_probabilities(query, keys, bias, scale, lo, last, lse, causal):
-            total[..., cols] += probs.sum(dim=(2, 3)) if policy == "h2o" else probs.sum(3)
-    return total if policy == "h2o" else _last_query_scores(m, total, observe)
+    lo, hi = scored_rows(m, n_read, n_seg, n_observe)
+    total = None
+    for first, start, logits in blocks:
+        batch, kv_heads, group, rows, n = logits.shape
+        if total is None:
+            shape = (batch, kv_heads) if policy == "h2o" else (batch, kv_heads, group)
+            total = torch.zeros(*shape, n_memory + n_seg, dtype=logits.dtype, device=logits.device)
+        row_lse = lse[:, :, start:start + rows].to(logits.dtype).reshape(batch, kv_heads, group, rows, 1)
+        probs = logits.sub_(row_lse).exp_()
+        total[..., first:first + n] += probs.sum(dim=(2, 3)) if policy == "h2o" else probs.sum(3)
+    assert total is not None  # the segment's own block always comes
+    return total if policy == "h2o" else _last_query_scores(m, total, hi - lo)
 
 
 def combine(m: Management, held: torch.Tensor | None, fresh: torch.Tensor | None,

@@ -11,6 +11,7 @@ per-KV-head bias, so nothing is padded to the widest layer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,10 @@ from unimem_bench.methods.engine.plan import SegmentContext, SegmentPlan
 # Memory slots per block: a rotated block of keys is KEY_BLOCK x kv_heads x head_dim floats (640 KiB for 2 KV heads
 # of 40), small beside the memory a 4x budget holds at 16K-64K tokens, yet few kernel calls per layer (8 at 16K).
 KEY_BLOCK = 2048
+
+# Logits of the rows tova / snapkv score kept through the read rather than recomputed from re-rotated blocks, up to
+# 2^20 floats (4 MiB): tova's one row always, snapkv's 32 up to 8K memory slots per layer on the reference model.
+KEPT_LOGITS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -96,15 +101,26 @@ def split_attention(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, 
                     value: torch.Tensor, scale: float, scored: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The read of `memory_attention` when every query sees the whole prefix: (out [batch, heads, seq, dim], this
     segment's eviction evidence when `scored` else None)."""
-    plan = ctx.plan
+    plan, m = ctx.plan, ctx.config.management
     parts = prefix_parts(plan, mem)
+    n_memory = sum(part.keys.shape[2] for part in parts)
+    lo, hi = eviction.scored_rows(m, plan.n_read, plan.n_seg, plan.n_observe)
+    # The few rows tova and snapkv score: their logits kept from this pass while small, so no block is rotated twice.
+    keep = scored and m.eviction != "h2o" and (hi - lo) * query.shape[0] * query.shape[1] * n_memory <= KEPT_LOGITS
+    kept: list[tuple[int, int, torch.Tensor]] = []
     out, lse = attention_with_lse(query, key, value, None, scale)  # the segment, causally
-    for _, keys, values, bias in key_blocks(parts, plan.place, query.dtype):
+    for first, keys, values, bias in key_blocks(parts, plan.place, query.dtype):
         out, lse = merge_lse(out, lse, *block_attention(query, keys, values, bias, scale))
+        if keep:
+            kept += [(first, start, logits)
+                     for start, logits in eviction.block_logits(query, keys, bias, scale, lo, hi)]
     if not scored:
         return out, None
-    blocks = ((first, keys, bias) for first, keys, _, bias in key_blocks(parts, plan.place, query.dtype))
-    n_memory = sum(part.keys.shape[2] for part in parts)
-    fresh = eviction.block_scores(ctx.config.management, query, blocks, key, lse, scale, n_memory=n_memory,
-                                  n_read=plan.n_read, n_seg=plan.n_seg, n_observe=plan.n_observe)
+    memory = (kept if keep else
+              ((first, start, logits) for first, keys, _, bias in key_blocks(parts, plan.place, query.dtype)
+               for start, logits in eviction.block_logits(query, keys, bias, scale, lo, hi)))
+    segment = ((n_memory, start, logits) for start, logits in eviction.block_logits(
+        query, key[:, :, plan.n_read:plan.n_read + plan.n_seg], None, scale, lo, hi, first_key=plan.n_read))
+    fresh = eviction.block_scores(m, itertools.chain(memory, segment), lse, n_memory=n_memory, n_read=plan.n_read,
+                                  n_seg=plan.n_seg, n_observe=plan.n_observe)
     return out, fresh
