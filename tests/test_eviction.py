@@ -231,3 +231,20 @@ def test_memory_read_in_key_blocks_matches_the_reference(policy: str, position: 
     nll, held = engine_run(model, spec, doc)
     torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
     assert held == ref_held
+
+
+def test_take_equals_a_gather_from_held_and_new_joined() -> None:
+    """The write's gather from [held ; new] without joining them: per KV head, any sorted kept set, held slots only,
+    new slots only, or both."""
+    from unimem_bench.methods.engine.eviction import take
+
+    generator = torch.Generator().manual_seed(0)
+    held, new = torch.randn(2, 3, 9, 4, generator=generator), torch.randn(2, 3, 5, 4, generator=generator)
+    joined = torch.cat([held, new], dim=2)
+    keep = torch.rand(2, 3, 14, generator=generator).argsort(-1)[..., :8].sort(-1).values  # [batch, kv_heads, 8]
+    keep[0, 0] = torch.arange(8)  # held slots only
+    keep[1, 2] = torch.arange(6, 14)  # the last held ones and every new one
+    expected = joined.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, 4))
+    assert torch.equal(take(held, new, keep), expected)
+    assert torch.equal(take(None, new, keep.clamp(max=4)), new.gather(2, keep.clamp(max=4).unsqueeze(-1).expand(
+        -1, -1, -1, 4)))

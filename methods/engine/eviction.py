@@ -218,3 +218,16 @@ def keep_indices(m: Management, scores: torch.Tensor, ids: torch.Tensor, kept: i
     rank = scores.masked_fill(protect, float("inf")).flip(-1)  # flipped: a stable sort then prefers newer slots
     order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :kept]
     return (scores.shape[-1] - 1 - order).sort(dim=-1).values
+
+
+def take(held: torch.Tensor | None, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Candidates `keep` [batch, kv_heads, kept] of [held ; new] ([batch, kv_heads, n, dim] each) without building
+    [held ; new]: one gather from the held slots, then the few kept new ones written over their places (the write's
+    only full-size copy is its result)."""
+    if held is None or not held.shape[2]:
+        return new.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, new.shape[3]))
+    n_held = held.shape[2]
+    out = held.gather(2, keep.clamp(max=n_held - 1).unsqueeze(-1).expand(-1, -1, -1, held.shape[3]))
+    b, h, slot = (keep >= n_held).nonzero(as_tuple=True)
+    out[b, h, slot] = new[b, h, keep[b, h, slot] - n_held].to(out.dtype)
+    return out

@@ -84,19 +84,6 @@ def pool_tokens(x: torch.Tensor, ratio: int) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
-def take(held: torch.Tensor | None, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Candidates `keep` [batch, kv_heads, kept] of [held ; new] ([batch, kv_heads, n, dim] each) without building
-    [held ; new]: one gather from the held slots, then the few kept new ones written over their places (the write's
-    only full-size copy is its result)."""
-    if held is None or not held.shape[2]:
-        return new.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, new.shape[3]))
-    n_held = held.shape[2]
-    out = held.gather(2, keep.clamp(max=n_held - 1).unsqueeze(-1).expand(-1, -1, -1, held.shape[3]))
-    b, h, slot = (keep >= n_held).nonzero(as_tuple=True)
-    out[b, h, slot] = new[b, h, keep[b, h, slot] - n_held].to(out.dtype)
-    return out
-
-
 @dataclass
 class LayerMemory:
     """One injected layer's memory: [batch, kv_heads, slots, head_dim] tensors."""
@@ -249,8 +236,8 @@ class LayerMemory:
         # Each new tensor replaces the old at once: the old keys are freed before the values are taken.
         if kept < new_ids.shape[2]:
             keep = eviction.keep_indices(m, scores, new_ids, kept, first_new + n_new)  # [batch, kv_heads, kept]
-            self.keys = take(self.keys, keys, keep)
-            self.values = take(self.values, values, keep)
+            self.keys = eviction.take(self.keys, keys, keep)
+            self.values = eviction.take(self.values, values, keep)
             new_ids, scores = new_ids.gather(2, keep), scores.gather(2, keep)
         else:
             self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
@@ -282,8 +269,8 @@ class LayerMemory:
             self.has_evicted = True
             if self.usage is not None:
                 self.usage.evicted += evicted // kv_heads
-        self.keys = take(self.keys, keys, keep).masked_fill_(pad.unsqueeze(-1), 0.0)
-        self.values = take(self.values, values, keep).masked_fill_(pad.unsqueeze(-1), 0.0)
+        self.keys = eviction.take(self.keys, keys, keep).masked_fill_(pad.unsqueeze(-1), 0.0)
+        self.values = eviction.take(self.values, values, keep).masked_fill_(pad.unsqueeze(-1), 0.0)
         self.ids = ids.gather(2, keep).masked_fill(pad, -1)
         self.scores = (scores.gather(2, keep).masked_fill(pad, 0.0) if m.eviction in eviction.NEEDS_ALL_QUERIES
                        else None)
