@@ -253,3 +253,18 @@ def test_budget_sweep_records_footprints_and_draws_the_pareto_view(tiny_model_di
     for method, values in footprints.items():  # budgets 1, 0.5, 0.25, 0.125 in this order
         assert values == sorted(values, reverse=True) and values[0] > values[-1] > 0, method
     assert len(list((out / "plots").glob("sweep_budget-*_pareto.*"))) == 2
+
+
+@pytest.mark.parametrize("spec", [CASES[1], CASES[2], CASES[3]], ids=["snapkv-adaptive", "h2o-both", "knorm-official"])
+def test_budgeted_banks_read_in_key_blocks_match_the_reference(spec: EvictionSpec, monkeypatch) -> None:
+    """Each layer read at its own width in blocks of 2 slots (blocks of padding skipped, partly padded ones
+    masked per KV head) keeps and scores what the reference does."""
+    from unimem_bench.methods.engine import split_read
+
+    monkeypatch.setattr(split_read, "KEY_BLOCK", 2)
+    model = peaked_llama(layers=3, heads=4, kv_heads=2, context=64).double()
+    doc = torch.randperm(99, generator=torch.Generator().manual_seed(3))[:23]
+    ref_nll, ref_held = eviction_nll(reference_llama(model), spec, doc)
+    nll, held, _ = engine_held(model, spec, doc)
+    torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
+    assert held == ref_held

@@ -213,3 +213,38 @@ def test_scores_in_small_blocks_match_the_reference(policy: str, monkeypatch) ->
     nll, held = engine_run(model, spec, doc)
     torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
     assert held == ref_held
+
+
+@pytest.mark.parametrize("position", ["compact", "absolute"])
+@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv", "knorm"])
+def test_memory_read_in_key_blocks_matches_the_reference(policy: str, position: str, monkeypatch) -> None:
+    """The split read (memory apart from the segment, merged by log-sum-exp) over blocks of 3 memory slots, each
+    rotated on its own and rotated again for the scores, keeps and scores what the reference does."""
+    from unimem_bench.methods.engine import split_read
+
+    monkeypatch.setattr(split_read, "KEY_BLOCK", 3)
+    monkeypatch.setattr(split_read, "KEPT_LOGITS", 0)  # tova / snapkv logits recomputed from the blocks, not kept
+    spec = EvictionSpec(segment_len=5, size=11, policy=policy, position=position, observe=3, recent=2, sinks=1)
+    model = peaked_llama(layers=2, heads=4, kv_heads=2, context=64).double()
+    doc = torch.randperm(99, generator=torch.Generator().manual_seed(5))[:27]
+    ref_nll, ref_held = eviction_nll(reference_llama(model), spec, doc)
+    nll, held = engine_run(model, spec, doc)
+    torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
+    assert held == ref_held
+
+
+def test_take_equals_a_gather_from_held_and_new_joined() -> None:
+    """The write's gather from [held ; new] without joining them: per KV head, any sorted kept set, held slots only,
+    new slots only, or both."""
+    from unimem_bench.methods.engine.eviction import take
+
+    generator = torch.Generator().manual_seed(0)
+    held, new = torch.randn(2, 3, 9, 4, generator=generator), torch.randn(2, 3, 5, 4, generator=generator)
+    joined = torch.cat([held, new], dim=2)
+    keep = torch.rand(2, 3, 14, generator=generator).argsort(-1)[..., :8].sort(-1).values  # [batch, kv_heads, 8]
+    keep[0, 0] = torch.arange(8)  # held slots only
+    keep[1, 2] = torch.arange(6, 14)  # the last held ones and every new one
+    expected = joined.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, 4))
+    assert torch.equal(take(held, new, keep), expected)
+    assert torch.equal(take(None, new, keep.clamp(max=4)), new.gather(2, keep.clamp(max=4).unsqueeze(-1).expand(
+        -1, -1, -1, 4)))

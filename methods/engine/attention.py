@@ -19,33 +19,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.models.llama.modeling_llama import rotate_half
 
-from unimem_bench.methods.engine import buckets, budgets, eviction
+from unimem_bench.methods.engine import buckets, budgets, eviction, split_read
+from unimem_bench.methods.engine.kernels import (  # noqa: F401 (re-exported: they lived here)
+    CPU_FLASH_WITH_LSE,
+    QUERY_CHUNK,
+    attention_with_lse,
+    prefix_causal_sdpa,
+    rotate,
+    rotate_,
+)
 from unimem_bench.methods.engine.memory import LayerMemory
-from unimem_bench.methods.engine.plan import SegmentContext
+from unimem_bench.methods.engine.plan import SegmentContext, open_mask
 from unimem_bench.methods.engine.retrieval import representative_scores, topk_chunk_slots, topk_exact
 
 ATTENTION_NAME = "unimem"
-
-# Query rows per block of the manual (log-sum-exp) attention: bounds each [rows x keys] score block.
-QUERY_CHUNK = 1024
-
-# PyTorch's fused CPU flash attention, which also returns the log-sum-exp (a private op: absent -> manual path).
-CPU_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE with transformers' own half-rotation convention: x [..., n, dim], cos/sin [n, dim]."""
-    return x * cos + rotate_half(x) * sin
-
-
-def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`rotate` in place on x (a fresh tensor or a view of one), the same operations in the same order: one
-    temporary the size of x instead of four (x is the whole memory when a compact memory is read)."""
-    turned = rotate_half(x).mul_(sin)
-    return x.mul_(cos).add_(turned)
-
 
 def unimem_attention(
     module: torch.nn.Module,
@@ -86,6 +74,47 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
         bank.note_read(plan.n_prefix, query.shape[0], plan.n_seg or query.shape[2])
     else:
         mem = ctx.reads[layer]
+    policy = config.management.eviction
+    # Score-based eviction by attention: the segment's attention evidence, for the write below.
+    scored = first_call and plan.write and plan.n_new > 0 and policy in (*eviction.NEEDS_ALL_QUERIES,
+                                                                         *eviction.NEEDS_LAST_QUERIES)
+    merged = (ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None
+              or ctx.bucket_end is not None)
+    if ctx.open_prefix and not merged and policy != "lru":
+        out, fresh = split_read.split_attention(ctx, mem, query, key, value, scale, scored)
+    else:
+        out, fresh = joined_read(ctx, layer, mem, query, key, value, scale, scored)
+    del mem  # a replaced bank is freed before the write, whose eviction builds the new one
+
+    if plan.write and (plan.n_new or plan.to_global):
+        seg = slice(plan.n_read, plan.n_read + plan.n_seg)
+        seg_k = key[:, :, seg]
+        if plan.store is not None:
+            # Store keys unrotated (position 0): undo RoPE at the positions the segment had in this input.
+            cos, sin = (t[seg] for t in plan.store)
+            seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
+        if first_call:  # a recomputation repeats the tensor operations above but writes nothing
+            r = config.reading
+            rep = (representative_scores(query[:, :, seg], key[:, :, seg])
+                   if r.chunk_size and r.chunk_key == "representative" else None)
+            bank.write(plan, config, seg_k, value[:, :, seg], fresh, representative=rep)
+    if first_call and plan.write and config.reading.clusters:  # the Routing Transformer's online k-means step
+        with torch.no_grad():  # no gradient, and nothing saved that a checkpointed recomputation would not save
+            seg = slice(plan.n_read, plan.n_read + plan.n_seg)
+            seg_k = key[:, :, seg]
+            if plan.store is not None:
+                cos, sin = (t[seg] for t in plan.store)
+                seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
+            buckets.write_centroids(config.reading, bank, layer, query[:, :, seg], seg_k)
+    return out.to(query.dtype)  # the fused CPU kernel's float32 log-sum-exp must not promote the output
+
+
+def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, scale: float, scored: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The read over one [memory ; segment] copy of keys and values with the context's mask (per-query masks,
+    top-k, sinks, random slots, buckets, LRU): (out [batch, heads, seq, dim], the eviction evidence or None)."""
+    plan, config, bank = ctx.plan, ctx.config, ctx.state.layers[layer]
+    policy = config.management.eviction
     pad_bias = None
     prefix_k: list[torch.Tensor] = []
     prefix_v: list[torch.Tensor] = []
@@ -115,11 +144,9 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
     else:
         keys, values = key, value
 
-    policy = config.management.eviction
-    # Score-based eviction by attention: the segment's attention evidence, for the write below.
-    scored = first_call and plan.write and plan.n_new > 0 and policy in (*eviction.NEEDS_ALL_QUERIES,
-                                                                         *eviction.NEEDS_LAST_QUERIES)
     mask = ctx.mask
+    if ctx.open_prefix and prefix_k:  # this read needs the mask the context left out
+        mask = open_mask(plan.n_prefix, key.shape[2], query.dtype, query.device)
     if pad_bias is not None and mask is not None:  # [batch, heads, queries, keys]: the padded slots hidden
         mask = mask + F.pad(pad_bias, (0, mask.shape[-1] - pad_bias.shape[-1]))
     if mask is not None and mask.dim() == 3 and mask.shape[0] != query.shape[1]:
@@ -149,85 +176,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
         fresh = eviction.attention_scores(config.management, query, keys, mask, scale, lse,
                                           n_memory=plan.n_prefix, n_read=plan.n_read, n_seg=plan.n_seg,
                                           first_id=plan.first_id + plan.n_bank, n_observe=plan.n_observe)
-    del keys, values, mem  # [memory ; segment] copies: freed before the write, whose eviction copies the memory too
-
-    if plan.write and (plan.n_new or plan.to_global):
-        seg = slice(plan.n_read, plan.n_read + plan.n_seg)
-        seg_k = key[:, :, seg]
-        if plan.store is not None:
-            # Store keys unrotated (position 0): undo RoPE at the positions the segment had in this input.
-            cos, sin = (t[seg] for t in plan.store)
-            seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
-        if first_call:  # a recomputation repeats the tensor operations above but writes nothing
-            r = config.reading
-            rep = (representative_scores(query[:, :, seg], key[:, :, seg])
-                   if r.chunk_size and r.chunk_key == "representative" else None)
-            bank.write(plan, config, seg_k, value[:, :, seg], fresh, representative=rep)
-    if first_call and plan.write and config.reading.clusters:  # the Routing Transformer's online k-means step
-        with torch.no_grad():  # no gradient, and nothing saved that a checkpointed recomputation would not save
-            seg = slice(plan.n_read, plan.n_read + plan.n_seg)
-            seg_k = key[:, :, seg]
-            if plan.store is not None:
-                cos, sin = (t[seg] for t in plan.store)
-                seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
-            buckets.write_centroids(config.reading, bank, layer, query[:, :, seg], seg_k)
-    return out.to(query.dtype)  # the fused CPU kernel's float32 log-sum-exp must not promote the output
-
-
-def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float) -> torch.Tensor:
-    """SDPA over [prefix ; local] with GQA kept unexpanded: q [batch, heads, seq, dim] -> same shape; the mask is
-    [queries, keys] or per head [heads, queries, keys]."""
-    gqa = query.shape[1] != keys.shape[1]
-    if mask is None:
-        return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
-    # A 3-d mask sends SDPA to its math path, which materialises [batch, heads, queries, keys] weights and their
-    # softmax; as [1, heads, queries, keys] it takes the fused kernel, which works in bounded blocks (same values).
-    flat = mask.unsqueeze(0) if mask.dim() == 3 else mask
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=flat, scale=scale, enable_gqa=gqa)
-
-
-def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like `prefix_causal_sdpa`, also returning the log-sum-exp [batch, heads, seq] of the scaled scores.
-
-    On CPU, PyTorch's fused flash kernel returns the log-sum-exp itself; elsewhere the query heads of each KV head
-    are grouped (keys never repeated) and query rows go in blocks of QUERY_CHUNK, bounding each score block.
-    """
-    batch, heads, seq, dim = query.shape
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
-        flat = mask.unsqueeze(0) if mask is not None and mask.dim() == 3 else mask  # per-head: [1, heads, ...]
-        if group == 1:
-            return CPU_FLASH_WITH_LSE(query, keys, values, 0.0, mask is None, attn_mask=flat, scale=scale)[:2]
-        # The fused op has no GQA switch: one call per KV head, its keys expanded to the group as a stride-0 view
-        # (repeating them copied the whole memory `group` times, the largest transient of an eviction run).
-        parts = []
-        for h in range(kv_heads):
-            heads_h = slice(h * group, (h + 1) * group)
-            mask_h = flat[:, heads_h] if flat is not None and flat.dim() == 4 and flat.shape[1] > 1 else flat
-            k = keys[:, h:h + 1].expand(-1, group, -1, -1)  # [batch, group, keys, dim], no copy
-            v = values[:, h:h + 1].expand(-1, group, -1, -1)
-            parts.append(CPU_FLASH_WITH_LSE(query[:, heads_h], k, v, 0.0, mask is None, attn_mask=mask_h,
-                                            scale=scale)[:2])
-        return torch.cat([o for o, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=1)
-    q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
-    if mask is None:
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
-        mask = torch.zeros(seq, seq, dtype=query.dtype, device=query.device).masked_fill(~causal, float("-inf"))
-    outs, lses = [], []
-    for lo in range(0, seq, QUERY_CHUNK):
-        hi = min(seq, lo + QUERY_CHUNK)
-        block = (mask[lo:hi] if mask.dim() == 2 else mask[:, lo:hi].unflatten(0, (kv_heads, group)) if mask.dim() == 3
-                 else mask[:, :, lo:hi].unflatten(1, (kv_heads, group)))
-        scores = torch.einsum("bkgsd,bktd->bkgst", q[:, :, :, lo:hi], keys) * scale + block
-        lse = scores.logsumexp(-1)  # [batch, kv_heads, group, rows]
-        probs = torch.exp(scores - lse.unsqueeze(-1))
-        outs.append(torch.einsum("bkgst,bktd->bkgsd", probs, values))
-        lses.append(lse)
-    out = torch.cat(outs, dim=3).reshape(batch, heads, seq, dim)
-    return out, torch.cat(lses, dim=3).reshape(batch, heads, seq)
+    return out, fresh
 
 
 def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,

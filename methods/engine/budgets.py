@@ -2,9 +2,11 @@
 
 With `management.layer_budget=pyramid` or `management.head_budget=adaptive`, layers and KV heads hold different
 numbers of slots. A layer's bank keeps the tensors [batch, kv_heads, width, head_dim] of its widest head, the others
-padded on the left (id -1, zero keys and values); the reader pads every layer to the widest bank (`plan.n_bank`) and
-masks the padding, so compact positions put each head's slots consecutively just before the segment. Methods with
-uniform budgets never reach this module.
+padded on the left (id -1, zero keys and values). Every layer is placed as if padded to the widest bank
+(`plan.n_bank`), so compact positions put each head's slots consecutively just before the segment: the split read
+(`split_read.py`) reads each layer at its own width with its padding masked per KV head, and only the joined read
+(decoding, LRU) pads a copy to the widest bank with `left_pad` and `padding_bias`. Methods with uniform budgets
+never reach this module.
 """
 
 from __future__ import annotations

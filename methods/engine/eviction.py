@@ -19,7 +19,7 @@ streams in segments instead of once after a prefill or once per generated token:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +36,10 @@ KNORM_GRID = 1e4
 """Key norms compare at 1e-4: a repeated token's identical layer-0 keys, stored from different positions, differ by
 rounding only, and must tie (then the newer is kept) rather than be ordered by rounding noise."""
 
-# Elements per probability block [heads, rows, keys]: 2^20 floats (4 MiB in float32) whatever the model's width.
+# Elements per probability block [heads, rows, keys]: 2^18 floats (1 MiB in float32) whatever the model's width.
 # Small beside the memory a 4x budget holds at 16K-64K tokens (10-40 MiB on the reference model), yet thousands
-# of elements per query row, so the per-block overhead stays small (2^24 was a 34 MiB transient at 64K).
-BLOCK_ELEMENTS = 1 << 20
+# of elements per query row, so the per-block overhead stays small (2^24 was a 34 MiB transient at 64K, 2^20 4 MiB).
+BLOCK_ELEMENTS = 1 << 18
 
 
 def _row_mask(mask: torch.Tensor | None, lo: int, hi: int, n_keys: int, device: torch.device) -> torch.Tensor:
@@ -120,25 +120,86 @@ def attention_scores(m: Management, query: torch.Tensor, keys: torch.Tensor, mas
         part = (probs if every_key else probs[..., candidates]).sum(3)  # [batch, kv_heads, group, candidates]
         total = part if total is None else total + part
     assert total is not None  # observe >= 1
+    return _last_query_scores(m, total, observe)
+
+
+def _last_query_scores(m: Management, total: torch.Tensor, observe: int) -> torch.Tensor:
+    """tova / snapkv scores [batch, kv_heads, candidates] from the observed rows' summed attention `total`
+    [batch, kv_heads, group, candidates]."""
     mean = total / observe
-    if policy == "tova":
-        return mean.mean(dim=(1, 2), keepdim=True).squeeze(2).expand(-1, keys.shape[1], -1)
     batch, kv_heads, group, n = mean.shape
+    if m.eviction == "tova":
+        return mean.mean(dim=(1, 2), keepdim=True).squeeze(2).expand(-1, kv_heads, -1)
     pooled = F.avg_pool1d(mean.reshape(-1, 1, n), m.pool_kernel, stride=1, padding=m.pool_kernel // 2)
     return pooled.reshape(batch, kv_heads, group, n).mean(2)
 
 
-def combine(m: Management, held: torch.Tensor | None, fresh: torch.Tensor | None, keys: torch.Tensor,
-            ids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Scores [batch, kv_heads, candidates] of the candidates (keys [batch, kv_heads, candidates, dim], ids
-    [batch, kv_heads, candidates]); `held` carries the held slots' running scores (h2o, lru) and `fresh` this
-    segment's `attention_scores`. Higher is kept."""
+def scored_rows(m: Management, n_read: int, n_seg: int, n_observe: int) -> tuple[int, int]:
+    """The query rows [lo, hi) whose attention a policy scores with (h2o: every row before the RMT write slots;
+    tova: the last; snapkv: the last `observe`)."""
+    last = n_read + n_seg + n_observe  # rows after it are RMT write slots
+    if m.eviction in NEEDS_ALL_QUERIES:
+        return 0, last
+    return last - (1 if m.eviction == "tova" else min(m.observe, n_seg + n_observe)), last
+
+
+def block_logits(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, scale: float, lo: int, hi: int,
+                 first_key: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Scaled logits (first row, [batch, kv_heads, group, rows, n]) of query rows lo..hi-1 on one block of keys
+    [batch, kv_heads, n, dim], in row blocks of at most BLOCK_ELEMENTS; `bias` [batch, kv_heads, 1, n] hides keys,
+    `first_key` (not None) makes the block the input's keys from that index, seen causally."""
+    batch, heads, _, dim = query.shape
+    kv_heads, n = keys.shape[1], keys.shape[2]
+    wide = torch.promote_types(query.dtype, torch.float32)
+    k = keys.to(wide)
+    rows = max(1, BLOCK_ELEMENTS // (batch * heads * n))
+    for start in range(lo, hi, rows):
+        stop = min(hi, start + rows)
+        q = query[:, :, start:stop].to(wide).reshape(batch, kv_heads, heads // kv_heads, stop - start, dim)
+        logits = torch.einsum("bkgsd,bktd->bkgst", q, k).mul_(scale)
+        if bias is not None:
+            logits.add_(bias.to(wide).unsqueeze(2))
+        if first_key is not None:
+            later = (first_key + torch.arange(n, device=query.device))[None, :] > torch.arange(
+                start, stop, device=query.device)[:, None]  # [rows, n]
+            logits.masked_fill_(later, float("-inf"))
+        yield start, logits
+
+
+def block_scores(m: Management, blocks: Iterable[tuple[int, int, torch.Tensor]], lse: torch.Tensor, *,
+                 n_memory: int, n_read: int, n_seg: int, n_observe: int = 0) -> torch.Tensor:
+    """`attention_scores` of a read done in parts (h2o, tova, snapkv) from its logits: (index of the block's first
+    candidate among [n_memory memory slots ; n_seg segment tokens], first row, `block_logits`) over the rows of
+    `scored_rows`, turned into probabilities against the read's log-sum-exp `lse` [batch, heads, input]. No
+    [memory ; segment] keys and no [queries, keys] matrix."""
+    policy = m.eviction
+    assert policy in ("h2o", "tova", "snapkv")
+    lo, hi = scored_rows(m, n_read, n_seg, n_observe)
+    total = None
+    for first, start, logits in blocks:
+        batch, kv_heads, group, rows, n = logits.shape
+        if total is None:
+            shape = (batch, kv_heads) if policy == "h2o" else (batch, kv_heads, group)
+            total = torch.zeros(*shape, n_memory + n_seg, dtype=logits.dtype, device=logits.device)
+        row_lse = lse[:, :, start:start + rows].to(logits.dtype).reshape(batch, kv_heads, group, rows, 1)
+        probs = logits.sub_(row_lse).exp_()
+        total[..., first:first + n] += probs.sum(dim=(2, 3)) if policy == "h2o" else probs.sum(3)
+    assert total is not None  # the segment's own block always comes
+    return total if policy == "h2o" else _last_query_scores(m, total, hi - lo)
+
+
+def combine(m: Management, held: torch.Tensor | None, fresh: torch.Tensor | None,
+            keys: tuple[torch.Tensor, ...], ids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Scores [batch, kv_heads, candidates] of the candidates (keys: their [batch, kv_heads, n, dim] parts in
+    candidate order, e.g. (held slots, segment), never concatenated; ids [batch, kv_heads, candidates]); `held`
+    carries the held slots' running scores (h2o, lru) and `fresh` this segment's `attention_scores`. Higher is
+    kept."""
     policy = m.eviction
     if policy == "knorm":  # the largest key norms go (Devoto et al., 2024)
-        norm = keys.to(torch.promote_types(keys.dtype, torch.float32)).norm(dim=-1)
+        norm = torch.cat([k.to(torch.promote_types(k.dtype, torch.float32)).norm(dim=-1) for k in keys], dim=2)
         return -torch.round(norm * KNORM_GRID)
     if policy == "random":
-        return torch.rand(ids.shape, generator=generator, dtype=torch.float64).to(keys.device)
+        return torch.rand(ids.shape, generator=generator, dtype=torch.float64).to(ids.device)
     assert fresh is not None  # an attention policy: memory_attention computed it
     if policy in NEEDS_LAST_QUERIES:
         return fresh
@@ -157,3 +218,16 @@ def keep_indices(m: Management, scores: torch.Tensor, ids: torch.Tensor, kept: i
     rank = scores.masked_fill(protect, float("inf")).flip(-1)  # flipped: a stable sort then prefers newer slots
     order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :kept]
     return (scores.shape[-1] - 1 - order).sort(dim=-1).values
+
+
+def take(held: torch.Tensor | None, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Candidates `keep` [batch, kv_heads, kept] of [held ; new] ([batch, kv_heads, n, dim] each) without building
+    [held ; new]: one gather from the held slots, then the few kept new ones written over their places (the write's
+    only full-size copy is its result)."""
+    if held is None or not held.shape[2]:
+        return new.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, new.shape[3]))
+    n_held = held.shape[2]
+    out = held.gather(2, keep.clamp(max=n_held - 1).unsqueeze(-1).expand(-1, -1, -1, held.shape[3]))
+    b, h, slot = (keep >= n_held).nonzero(as_tuple=True)
+    out[b, h, slot] = new[b, h, keep[b, h, slot] - n_held].to(out.dtype)
+    return out

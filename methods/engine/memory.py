@@ -231,33 +231,39 @@ class LayerMemory:
         batch, kv_heads, n_new = keys.shape[:3]
         first_new = plan.first_id + plan.n_bank
         new_ids = (first_new + torch.arange(n_new, device=keys.device)).expand(batch, kv_heads, n_new)
-        if self.keys is not None:
-            keys, values = torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+        parts = (keys,) if self.keys is None else (self.keys, keys)
+        if self.ids is not None and self.keys is not None:
             new_ids = torch.cat([self.ids, new_ids], dim=2)
-        scores = eviction.combine(m, self.scores, fresh, keys, new_ids, self.generator)
-        kept = keys.shape[2] - plan.drop_old - plan.drop_new
-        if kept < keys.shape[2]:
+        scores = eviction.combine(m, self.scores, fresh, parts, new_ids, self.generator)
+        del parts
+        kept = new_ids.shape[2] - plan.drop_old - plan.drop_new
+        # Each new tensor replaces the old at once: the old keys are freed before the values are taken.
+        if kept < new_ids.shape[2]:
             keep = eviction.keep_indices(m, scores, new_ids, kept, first_new + n_new)  # [batch, kv_heads, kept]
-            keys = keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[3]))
-            values = values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, values.shape[3]))
+            self.keys = eviction.take(self.keys, keys, keep)
+            self.values = eviction.take(self.values, values, keep)
             new_ids, scores = new_ids.gather(2, keep), scores.gather(2, keep)
-        self.keys, self.values, self.ids = keys, values, new_ids
+        else:
+            self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
+            self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
+        self.ids = new_ids
         self.scores = scores if m.eviction in eviction.NEEDS_ALL_QUERIES else None
 
     def _write_budgeted(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor,
                         fresh: torch.Tensor | None) -> None:
-        """Score eviction with per-layer or per-head budgets: the held slots padded to the plan's bank width (what
-        the attention read, so they line up with `fresh`), the segment appended, then `budgets.keep_slots`."""
+        """Score eviction with per-layer or per-head budgets: the candidates are this layer's held slots (its own
+        width, padding id -1) and the segment; `budgets.keep_slots` picks, each layer keeping its own width."""
         assert self.depth is not None
         m = config.management
         batch, kv_heads, n_new = keys.shape[:3]
         first_new = plan.first_id + plan.n_bank
         new_ids = (first_new + torch.arange(n_new, device=keys.device)).expand(batch, kv_heads, n_new)
-        ids = torch.cat([budgets.left_pad(self.ids, plan.n_bank, -1, new_ids), new_ids], dim=2)
-        keys = torch.cat([budgets.left_pad(self.keys, plan.n_bank, 0.0, keys), keys], dim=2)
-        values = torch.cat([budgets.left_pad(self.values, plan.n_bank, 0.0, values), values], dim=2)
-        held = None if self.scores is None else budgets.left_pad(self.scores, plan.n_bank, 0.0, self.scores)
-        scores = eviction.combine(m, held, fresh, keys, ids, self.generator)
+        ids = new_ids if self.ids is None else torch.cat([self.ids, new_ids], dim=2)
+        if fresh is not None:  # read padded to a wider bank, its first candidates are padding: this layer's last ones
+            fresh = fresh[..., fresh.shape[2] - ids.shape[2]:]
+        parts = (keys,) if self.keys is None else (self.keys, keys)
+        scores = eviction.combine(m, self.scores, fresh, parts, ids, self.generator)
+        del parts
         budget = budgets.layer_size(m, m.size, *self.depth)
         keep = budgets.keep_slots(m, scores, ids, budget, first_new + n_new)  # [batch, kv_heads, width]
         pad = keep < 0
@@ -267,10 +273,8 @@ class LayerMemory:
             self.has_evicted = True
             if self.usage is not None:
                 self.usage.evicted += evicted // kv_heads
-        self.keys = keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[3])).masked_fill(
-            pad.unsqueeze(-1), 0.0)
-        self.values = values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, values.shape[3])).masked_fill(
-            pad.unsqueeze(-1), 0.0)
+        self.keys = eviction.take(self.keys, keys, keep).masked_fill_(pad.unsqueeze(-1), 0.0)
+        self.values = eviction.take(self.values, values, keep).masked_fill_(pad.unsqueeze(-1), 0.0)
         self.ids = ids.gather(2, keep).masked_fill(pad, -1)
         self.scores = (scores.gather(2, keep).masked_fill(pad, 0.0) if m.eviction in eviction.NEEDS_ALL_QUERIES
                        else None)

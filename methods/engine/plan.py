@@ -183,7 +183,8 @@ class SegmentContext:
     state: MemoryState
     plan: SegmentPlan
     mask: torch.Tensor | None
-    """[queries, prefix + local keys] additive mask (0 / -inf); None: no prefix, causal from the input's start."""
+    """[queries, prefix + local keys] additive mask (0 / -inf); None: no prefix, or `open_prefix`, causal from the
+    input's start."""
     topk_end: torch.Tensor | None
     """[queries] per query, the bank index before which top-k searches (None: no top-k this call)."""
     topk_start: int = 0
@@ -219,6 +220,9 @@ class SegmentContext:
     """The context of `reading.dense_layers`: every memory slot read by position (None: no dense layers)."""
     dilated: DilatedKeys | None = None
     """LongNet's mask narrowed per head offset to the keys its patterns reach (None: no dilation)."""
+    open_prefix: bool = False
+    """Every query reads every prefix key and the input causally: `mask` is None even with a prefix (`open_mask`
+    builds it for a read that needs it; `split_read` needs none)."""
 
 
 def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryState, plan: SegmentPlan, *,
@@ -235,10 +239,13 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
         shift = plan.n_window - reach  # [queries] window slots the query skips
     mask = None
     dilated = None
+    # Every query of a whole input reads every prefix key, the input causally: no mask (`split_read`).
+    open_prefix = (not r.dilation_rates and query_start == 0 and shift is None and r.stride <= 1
+                   and bool((reach == plan.n_window).all()))
     if r.dilation_rates:
         mask = dilated_mask(config, state, plan, i, reach, dtype)
         dilated = dilated_keys(mask)
-    elif plan.n_prefix or query_start:
+    elif (plan.n_prefix or query_start) and not open_prefix:
         n_local = query_start + n_query
         visible = torch.ones(n_query, plan.n_prefix + n_local, dtype=torch.bool, device=device)
         if plan.n_window:
@@ -268,7 +275,8 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     if shift is not None and plan.place is not None:
         cos, sin = plan.place  # [n_prefix, head_dim]; shifts lie in 0 .. n_window
         rotation = torch.cat([cos[shift], sin[shift]], dim=-1)  # [queries, 2 * head_dim]
-    return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, topk_end=topk_end,
+    return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, open_prefix=open_prefix,
+                          topk_end=topk_end,
                           topk_start=start, sink_shift=shift, sink_rotation=rotation, random_slots=random,
                           random_blocks=random_blocks, random_index=random_index, random_padded=random_padded,
                           bucket_end=bucket_end, dense=dense, dilated=dilated)
@@ -394,3 +402,12 @@ def scaled_positions(state: MemoryState, doc_start: int, room: int, rotary: Rota
         return first, None
     positions = state.positions if doc_start <= room else state.positions * room // doc_start
     return first, _cos_sin(rotary, probe, positions)
+
+
+def open_mask(n_prefix: int, n_local: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The additive mask [queries, prefix + local keys] of `SegmentContext.open_prefix`: every prefix key, the
+    input's n_local keys causally."""
+    causal = torch.ones(n_local, n_local, dtype=torch.bool, device=device).triu(1)  # [queries, local]: later keys
+    mask = torch.zeros(n_local, n_prefix + n_local, dtype=dtype, device=device)
+    mask[:, n_prefix:].masked_fill_(causal, float("-inf"))
+    return mask

@@ -1,0 +1,120 @@
+"""Attention kernels of the engine: SDPA over [prefix ; local] (with or without its log-sum-exp) and RoPE rotation in
+transformers' convention. No engine state: `attention.py` and `split_read.py` both build on them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
+
+# Query rows per block of the manual (log-sum-exp) attention: bounds each [rows x keys] score block.
+QUERY_CHUNK = 1024
+
+# PyTorch's fused CPU flash attention, which also returns the log-sum-exp (a private op: absent -> manual path).
+CPU_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE with transformers' own half-rotation convention: x [..., n, dim], cos/sin [n, dim]."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate` in place on x (a fresh tensor or a view of one), the same operations in the same order: one
+    temporary the size of x instead of four (x is the whole memory when a compact memory is read)."""
+    turned = rotate_half(x).mul_(sin)
+    return x.mul_(cos).add_(turned)
+
+
+def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """SDPA over [prefix ; local] with GQA kept unexpanded: q [batch, heads, seq, dim] -> same shape; the mask is
+    [queries, keys] or per head [heads, queries, keys]."""
+    gqa = query.shape[1] != keys.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+    # A 3-d mask sends SDPA to its math path, which materialises [batch, heads, queries, keys] weights and their
+    # softmax; as [1, heads, queries, keys] it takes the fused kernel, which works in bounded blocks (same values).
+    flat = mask.unsqueeze(0) if mask.dim() == 3 else mask
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=flat, scale=scale, enable_gqa=gqa)
+
+
+def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `prefix_causal_sdpa`, also returning the log-sum-exp [batch, heads, seq] of the scaled scores.
+
+    On CPU, PyTorch's fused flash kernel returns the log-sum-exp itself; elsewhere the query heads of each KV head
+    are grouped (keys never repeated) and query rows go in blocks of QUERY_CHUNK, bounding each score block.
+    """
+    batch, heads, seq, dim = query.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
+        flat = mask.unsqueeze(0) if mask is not None and mask.dim() == 3 else mask  # per-head: [1, heads, ...]
+        if group == 1:
+            return CPU_FLASH_WITH_LSE(query, keys, values, 0.0, mask is None, attn_mask=flat, scale=scale)[:2]
+        # The fused op has no GQA switch: one call per KV head, its keys expanded to the group as a stride-0 view
+        # (repeating them copied the whole memory `group` times, the largest transient of an eviction run).
+        parts = []
+        for h in range(kv_heads):
+            heads_h = slice(h * group, (h + 1) * group)
+            mask_h = flat[:, heads_h] if flat is not None and flat.dim() == 4 and flat.shape[1] > 1 else flat
+            k = keys[:, h:h + 1].expand(-1, group, -1, -1)  # [batch, group, keys, dim], no copy
+            v = values[:, h:h + 1].expand(-1, group, -1, -1)
+            parts.append(CPU_FLASH_WITH_LSE(query[:, heads_h], k, v, 0.0, mask is None, attn_mask=mask_h,
+                                            scale=scale)[:2])
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=1)
+    q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
+    if mask is None:
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
+        mask = torch.zeros(seq, seq, dtype=query.dtype, device=query.device).masked_fill(~causal, float("-inf"))
+    outs, lses = [], []
+    for lo in range(0, seq, QUERY_CHUNK):
+        hi = min(seq, lo + QUERY_CHUNK)
+        block = (mask[lo:hi] if mask.dim() == 2 else mask[:, lo:hi].unflatten(0, (kv_heads, group)) if mask.dim() == 3
+                 else mask[:, :, lo:hi].unflatten(1, (kv_heads, group)))
+        scores = torch.einsum("bkgsd,bktd->bkgst", q[:, :, :, lo:hi], keys) * scale + block
+        lse = scores.logsumexp(-1)  # [batch, kv_heads, group, rows]
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        outs.append(torch.einsum("bkgst,bktd->bkgsd", probs, values))
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(batch, heads, seq, dim)
+    return out, torch.cat(lses, dim=3).reshape(batch, heads, seq)
+
+
+def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query over every key of one block (no causality), keys [batch, kv_heads, n, dim] (a view is read in
+    place); `bias` [batch, kv_heads, 1, n] hides keys per KV head (-inf) or is None. Returns (out [batch, heads,
+    seq, dim], log-sum-exp [batch, heads, seq]); a query that sees no key gets out 0 and log-sum-exp -inf."""
+    batch, heads, seq, _ = query.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
+        if group == 1:
+            out, lse = CPU_FLASH_WITH_LSE(query, keys, values, 0.0, False, attn_mask=bias, scale=scale)[:2]
+        else:  # per KV head on stride-0 expanded keys, as attention_with_lse; the bias broadcasts over the group
+            parts = [CPU_FLASH_WITH_LSE(query[:, h * group:(h + 1) * group], keys[:, h:h + 1].expand(-1, group, -1, -1),
+                                        values[:, h:h + 1].expand(-1, group, -1, -1), 0.0, False,
+                                        attn_mask=None if bias is None else bias[:, h:h + 1], scale=scale)[:2]
+                     for h in range(kv_heads)]
+            out, lse = torch.cat([o for o, _ in parts], dim=1), torch.cat([s for _, s in parts], dim=1)
+    else:
+        mask = (torch.zeros(seq, keys.shape[2], dtype=query.dtype, device=query.device) if bias is None
+                else bias.repeat_interleave(group, dim=1).expand(-1, -1, seq, -1))  # [batch, heads, seq, n]
+        out, lse = attention_with_lse(query, keys, values, mask, scale)
+    if bias is not None:  # a KV head whose whole block is hidden: no contribution (the fused kernel returns lse 0)
+        hidden = (bias == float("-inf")).all(-1).repeat_interleave(group, dim=1)  # [batch, heads, 1]
+        out, lse = out.nan_to_num(0.0), lse.masked_fill(hidden, float("-inf"))
+    return out, lse
+
+
+def merge_lse(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor,
+              part_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over two disjoint key sets from their attentions: out [batch, heads, seq, dim] and log-sum-exp
+    [batch, heads, seq] each (lse -inf: the set is empty for that query); returns the merged (out, lse)."""
+    total = torch.logaddexp(lse, part_lse)
+    # exp(-inf - total) is 0 for an empty set; total is finite while either set is not empty
+    first = torch.exp(lse - total).nan_to_num(0.0).unsqueeze(-1)
+    second = torch.exp(part_lse - total).nan_to_num(0.0).unsqueeze(-1)
+    return out * first.to(out.dtype) + part_out.to(out.dtype) * second.to(out.dtype), total
