@@ -49,8 +49,8 @@ def test_exact_search_with_per_query_limits():
     assert torch.equal(idx[found], expected_idx[found])
 
 
-@pytest.mark.parametrize("n,k,chunk", [(300, 5, 10_000), (300, 5, 64), (1280, 32, 8192), (1000, 32, 333), (40, 32, 8192),
-                                       (200, 200, 8192), (700, 4, 8192)])
+@pytest.mark.parametrize("n,k,chunk", [(300, 5, 10_000), (300, 5, 64), (1280, 32, 8192), (1000, 32, 333),
+                                       (40, 32, 8192), (200, 200, 8192), (700, 4, 8192)])
 def test_exact_search_ranks_ties_by_key_index(n, k, chunk):
     """The documented order: scores descending, equal scores by lower key index, also at the k-th place (a stable
     descending sort of the whole row), with many ties (small integer scores) and per-query limits."""

@@ -46,12 +46,17 @@ def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = S
             idx = torch.cat([best_idx, idx], dim=-1).gather(-1, pick)
         best_scores, best_idx = scores, idx
     assert best_scores is not None and best_idx is not None
-    # A stable sort keeps key order among equal scores (numpy's: a third faster than torch's at [512 x 32]).
-    if best_scores.device.type != "cpu" or bool(best_scores.isnan().any()):
-        order = best_scores.sort(dim=-1, descending=True, stable=True).indices
-    else:
-        order = torch.from_numpy(np.argsort(-_as_numpy(best_scores), axis=-1, kind="stable"))
-    return best_scores.gather(-1, order), best_idx.gather(-1, order)
+    return best_first(best_scores, best_idx)
+
+
+def best_first(scores: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [..., k] and their indices, in index order -> both sorted by score, descending; a stable sort keeps
+    index order among equal scores."""
+    if scores.device.type != "cpu" or bool(scores.isnan().any()):
+        order = scores.sort(dim=-1, descending=True, stable=True).indices
+    else:  # numpy's stable argsort: a third faster than torch's at [512 x 32]
+        order = torch.from_numpy(np.argsort(-_as_numpy(scores), axis=-1, kind="stable"))
+    return scores.gather(-1, order), idx.gather(-1, order)
 
 
 def top_in_key_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
