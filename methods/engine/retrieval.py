@@ -258,7 +258,8 @@ def chunk_keys(keys: torch.Tensor, chunk: int, kind: str, scores: torch.Tensor |
         return torch.cat([representative_keys(part, s, representatives)
                           for part, s in zip(heads + tail, parts, strict=True)], dim=2)
     if kind == "mean":
-        return torch.cat([part.mean(3) for part in heads + tail], dim=2)
+        means = [part.mean(3) for part in heads + tail]
+        return means[0] if len(means) == 1 else torch.cat(means, dim=2)
     return torch.cat([torch.cat([part.amax(3), part.amin(3)], dim=-1) for part in heads + tail], dim=2)
 
 
