@@ -52,11 +52,19 @@ def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = S
 def best_first(scores: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [..., k] and their indices, in index order -> both sorted by score, descending; a stable sort keeps
     index order among equal scores."""
-    if scores.device.type != "cpu" or (scores.numel() and np.isnan(_as_numpy(scores).max())):
+    if scores.device.type != "cpu" or not scores.numel() or np.isnan(_as_numpy(scores).max()):
         order = scores.sort(dim=-1, descending=True, stable=True).indices
-    else:  # numpy's stable argsort: a third faster than torch's at [512 x 32]
-        order = torch.from_numpy(np.argsort(-_as_numpy(scores), axis=-1, kind="stable"))
-    return scores.gather(-1, order), idx.gather(-1, order)
+        return scores.gather(-1, order), idx.gather(-1, order)
+    # numpy's default (SIMD quick) argsort is 3-4x faster than a stable sort; only rows where it met equal scores,
+    # whose order it leaves open, are sorted again stably.
+    cost = -_as_numpy(scores).reshape(-1, scores.shape[-1])  # [rows, k] ascending = best first
+    order = np.argsort(cost, axis=-1)
+    ranked = np.take_along_axis(cost, order, -1)
+    tied = np.flatnonzero((ranked[:, 1:] == ranked[:, :-1]).any(-1))
+    if tied.size:
+        order[tied] = np.argsort(cost[tied], axis=-1, kind="stable")
+    pick = torch.from_numpy(order).view(scores.shape)
+    return scores.gather(-1, pick), idx.gather(-1, pick)
 
 
 def top_in_key_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
