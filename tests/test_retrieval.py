@@ -49,6 +49,31 @@ def test_exact_search_with_per_query_limits():
     assert torch.equal(idx[found], expected_idx[found])
 
 
+@pytest.mark.parametrize("n,k,chunk", [(300, 5, 10_000), (300, 5, 64), (1280, 32, 8192), (1000, 32, 333),
+                                       (40, 32, 8192), (200, 200, 8192), (700, 4, 8192)])
+def test_exact_search_ranks_ties_by_key_index(n, k, chunk):
+    """The documented order: scores descending, equal scores by lower key index, also at the k-th place (a stable
+    descending sort of the whole row), with many ties (small integer scores) and per-query limits."""
+    generator = torch.Generator().manual_seed(n + k)
+    queries = torch.randint(-2, 3, (2, 3, 24, 4), generator=generator).float()
+    keys = torch.randint(-2, 3, (2, 3, n, 4), generator=generator).float()
+    limit = n - torch.arange(24) * (n // 30)  # some queries with fewer than k keys
+    scores, idx = topk_exact(queries, keys, k, chunk=chunk, limit=limit)
+    full = (queries @ keys.transpose(-1, -2)).masked_fill(torch.arange(n) >= limit[:, None], float("-inf"))
+    expected_scores, expected_idx = full.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(scores, expected_scores[..., :k])
+    assert torch.equal(idx, expected_idx[..., :k])
+
+
+def test_exact_search_ranks_nan_like_torch_topk():
+    queries, keys = data(300)
+    keys[0, 1, 17, 0] = float("nan")
+    scores, idx = topk_exact(queries, keys, 5)
+    expected_scores, expected_idx = (queries @ keys.transpose(-1, -2)).topk(5, dim=-1)
+    torch.testing.assert_close(scores, expected_scores, equal_nan=True)
+    assert torch.equal(idx, expected_idx)
+
+
 @pytest.mark.parametrize("index", ["faiss-ivf", "faiss-hnsw"])
 def test_approximate_indexes_find_most_true_neighbours(index):
     queries, keys = data(4000, q=64)

@@ -206,16 +206,18 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         idx, found = topk_chunk_slots(q, mem.keys[:, :, lo:], r.topk, r.chunk_size, r.chunk_key, limit=end - lo,
                                       scores=rep, representatives=r.representatives)
         idx = idx.clamp(max=n - 1)  # found slots lie before each query's limit; the others are masked below
-        picked_k = gather_slots(mem.keys[:, :, lo:hi], idx)  # [batch, kv_heads, g*seq, k, dim]
+        picked_k = gather_slots(mem.keys, idx + lo)  # [batch, kv_heads, g*seq, k, dim]
         logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k).masked_fill(~found, float("-inf"))
     else:
         logits, idx = topk_exact(q, mem.keys[:, :, lo:hi], k, limit=end - lo)
     found = (idx >= 0) & (logits > float("-inf"))
     idx = idx.clamp(min=0)
     if ctx.plan.topk_place is not None:  # scaled_memory: attend the picked slots at their scaled positions
-        cos, sin = (gather_slots(t[lo:hi].expand(batch, kv_heads, -1, -1), idx) for t in ctx.plan.topk_place)
-        logits = torch.einsum("bhqd,bhqkd->bhqk", q, rotate(gather_slots(mem.keys[:, :, lo:hi], idx), cos, sin))
-    picked_v = gather_slots(mem.values[:, :, lo:hi], idx)  # [batch, kv_heads, g*seq, k, dim]
+        # The tables [slots, head_dim] are shared by every row and head: one index_select, no expanded copy.
+        cos, sin = (t.index_select(0, (idx + lo).flatten()).view(*idx.shape, -1) for t in ctx.plan.topk_place)
+        logits = torch.einsum("bhqd,bhqkd->bhqk", q, rotate(gather_slots(mem.keys, idx + lo), cos, sin))
+    # Bank slots lo + idx of the whole bank: a slice [lo:hi] of it is not contiguous, and gather_slots would copy it.
+    picked_v = gather_slots(mem.values, idx + lo)  # [batch, kv_heads, g*seq, k, dim]
     logits = (logits * scale).masked_fill(~found, float("-inf"))
     # One softmax over [out's keys ; the picked slots]: out's (finite) log-sum-exp stands for the first part.
     joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, group * seq, 1), logits], dim=-1)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from unimem_bench.methods.config import Reading, UniMemConfig
+from unimem_bench.methods.engine.retrieval import best_first, top_in_key_order
 
 # Keys scored per step of the exact torch search (bounds the [queries x chunk] distance block).
 SEARCH_CHUNK = 16384
@@ -58,9 +59,10 @@ class FfnInputTap:
 class Datastore:
     """(key, next token) pairs searched by negative squared L2 distance (`l2`) or inner product (`ip`).
 
-    `torch` searches exactly by matrix product; `faiss-flat` exactly with faiss; `faiss-ivf` exactly by matrix
-    product until the datastore holds 39 keys per IVF cell (faiss' minimum to train), then with an IVF index
-    trained on the keys held at that moment; `faiss-hnsw` with an HNSW graph.
+    `torch` searches exactly by matrix product (ties to the older entry, as `retrieval.topk_exact`); `faiss-flat`
+    exactly with faiss; `faiss-ivf` exactly by matrix product until the datastore holds 39 keys per IVF cell (faiss'
+    minimum to train), then with an IVF index trained on the keys held at that moment; `faiss-hnsw` with an HNSW
+    graph.
     """
 
     def __init__(self, reading: Reading, metric: str, dim: int) -> None:
@@ -133,15 +135,15 @@ class Datastore:
             scores = q @ block.T  # [q, chunk]
             if self.metric == "l2":
                 scores = 2 * scores - (q * q).sum(-1, keepdim=True) - (block * block).sum(-1)
-            top, idx = scores.topk(min(k, block.shape[0]), dim=-1)
+            top, idx = top_in_key_order(scores, min(k, block.shape[0]))  # in key order: ties go to the older entry
             idx = idx + lo
             if best is not None:
-                top, idx = torch.cat([best[0], top], -1), torch.cat([best[1], idx], -1)
-                top, pick = top.topk(k, dim=-1)
-                idx = idx.gather(-1, pick)
+                top, pick = top_in_key_order(torch.cat([best[0], top], -1), k)
+                idx = torch.cat([best[1], idx], -1).gather(-1, pick)
             best = (top, idx)
         assert best is not None
-        return best[0], self.values[best[1]]
+        top, idx = best_first(*best)
+        return top, self.values[idx]
 
 
 def _is_ivf(index: Any) -> bool:

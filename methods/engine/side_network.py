@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import rotate_half
 
 from unimem_bench.methods.config import UniMemConfig
+from unimem_bench.methods.engine.attention import gather_slots
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.plan import SegmentPlan
 from unimem_bench.methods.engine.retrieval import topk_chunk_slots
@@ -155,9 +156,7 @@ def memory_attention(q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, 
     kv_heads = mem_k.shape[1]
     grouped = q.reshape(batch, kv_heads, heads // kv_heads * n, dim)  # [batch, kv_heads, group * n, dim]
     slots, found = topk_chunk_slots(grouped, mem_k, topk, chunk, chunk_key)  # [batch, kv_heads, group * n, k]
-    b = torch.arange(batch, device=q.device)[:, None, None, None]
-    h = torch.arange(kv_heads, device=q.device)[None, :, None, None]
-    keys, values = mem_k[b, h, slots], mem_v[b, h, slots]  # [batch, kv_heads, group * n, k, dim]
+    keys, values = gather_slots(mem_k, slots), gather_slots(mem_v, slots)  # [batch, kv_heads, group * n, k, dim]
     logits = torch.einsum("bhqd,bhqkd->bhqk", grouped, keys) * scale
     weights = torch.softmax(logits.masked_fill(~found, float("-inf")), dim=-1)
     out = torch.einsum("bhqk,bhqkd->bhqd", weights, values)  # [batch, kv_heads, group * n, dim]
