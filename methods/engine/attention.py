@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import rotate_half
 
 from unimem_bench.methods.engine import buckets, budgets, eviction, split_read
 from unimem_bench.methods.engine.kernels import (  # noqa: F401 (re-exported: they lived here)
