@@ -214,9 +214,16 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
     found = (idx >= 0) & (logits > float("-inf"))
     idx = idx.clamp(min=0)
     if ctx.plan.topk_place is not None:  # scaled_memory: attend the picked slots at their scaled positions
-        # The tables [slots, head_dim] are shared by every row and head: one index_select, no expanded copy.
-        cos, sin = (t.index_select(0, (idx + lo).flatten()).view(*idx.shape, -1) for t in ctx.plan.topk_place)
-        logits = torch.einsum("bhqd,bhqkd->bhqk", q, rotate(gather_slots(mem.keys, idx + lo), cos, sin))
+        # Rotation is elementwise: rotating the searchable slots then picking equals picking then rotating, bit for
+        # bit; rotate whichever is smaller (the slots, unless a few queries decode).
+        if n < idx[0, 0].numel():
+            cos, sin = (t[lo:hi] for t in ctx.plan.topk_place)  # [n, head_dim]
+            picked_k = gather_slots(rotate(mem.keys[:, :, lo:hi], cos, sin), idx)
+        else:
+            # The tables [slots, head_dim] are shared by every row and head: one index_select, no expanded copy.
+            cos, sin = (t.index_select(0, (idx + lo).flatten()).view(*idx.shape, -1) for t in ctx.plan.topk_place)
+            picked_k = rotate(gather_slots(mem.keys, idx + lo), cos, sin)
+        logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k)  # [batch, kv_heads, g*seq, k]
     # Bank slots lo + idx of the whole bank: a slice [lo:hi] of it is not contiguous, and gather_slots would copy it.
     picked_v = gather_slots(mem.values, idx + lo)  # [batch, kv_heads, g*seq, k, dim]
     logits = (logits * scale).masked_fill(~found, float("-inf"))
