@@ -191,9 +191,11 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     if config.position.sink_shift and plan.n_global and not plan.globals_in_bank:
         shift = plan.n_window - reach  # [queries] window slots the query skips
     mask = None
-    # Every query of a whole input reads every prefix key, the input causally: no mask (`split_read`).
+    # Every query of a whole input reads every prefix key, the input causally, and nothing is merged in by content:
+    # no mask (`split_read`). Top-k, random slots, buckets and LRU keep the joined read and its mask.
     open_prefix = (not r.dilation_rates and query_start == 0 and shift is None and r.stride <= 1
-                   and bool((reach == plan.n_window).all()))
+                   and not (r.topk or r.random_slots or r.lsh_buckets or r.clusters)
+                   and config.management.eviction != "lru" and bool((reach == plan.n_window).all()))
     if r.dilation_rates:
         mask = dilated_mask(config, state, plan, i, reach, dtype)
     elif (plan.n_prefix or query_start) and not open_prefix:
