@@ -233,9 +233,10 @@ def test_memory_read_in_key_blocks_matches_the_reference(policy: str, position: 
     assert held == ref_held
 
 
-def test_take_equals_a_gather_from_held_and_new_joined() -> None:
-    """The write's gather from [held ; new] without joining them: per KV head, any sorted kept set, held slots only,
-    new slots only, or both."""
+def test_take_equals_a_gather_from_held_and_new_joined(monkeypatch) -> None:
+    """The write's gather from [held ; new] without joining them, also compacted in place: per KV head, any sorted
+    kept set, held slots only, new slots only, or both."""
+    from unimem_bench.methods.engine import eviction
     from unimem_bench.methods.engine.eviction import take
 
     generator = torch.Generator().manual_seed(0)
@@ -248,3 +249,7 @@ def test_take_equals_a_gather_from_held_and_new_joined() -> None:
     assert torch.equal(take(held, new, keep), expected)
     assert torch.equal(take(None, new, keep.clamp(max=4)), new.gather(2, keep.clamp(max=4).unsqueeze(-1).expand(
         -1, -1, -1, 4)))
+    compacted = held.clone()
+    monkeypatch.setattr(eviction, "TAKE_BLOCK", 3)  # blocks of 3 slots: each reads slots a later block overwrites
+    assert torch.equal(take(compacted, new, keep, in_place=True), expected)
+    assert torch.equal(compacted[:, :, :8], expected)  # written over the held slots, no new tensor

@@ -31,7 +31,8 @@ from unimem_bench.methods.engine.kernels import (  # noqa: F401 (re-exported: th
     rotate_,
 )
 from unimem_bench.methods.engine.memory import LayerMemory
-from unimem_bench.methods.engine.plan import SegmentContext, open_mask
+from unimem_bench.methods.engine.patterns import open_mask
+from unimem_bench.methods.engine.plan import SegmentContext
 from unimem_bench.methods.engine.retrieval import representative_scores, topk_chunk_slots, topk_exact
 
 ATTENTION_NAME = "unimem"

@@ -41,6 +41,9 @@ rounding only, and must tie (then the newer is kept) rather than be ordered by r
 # of elements per query row, so the per-block overhead stays small (2^24 was a 34 MiB transient at 64K, 2^20 4 MiB).
 BLOCK_ELEMENTS = 1 << 18
 
+# Slots per block of an in-place compaction (`take`): a 1,024-slot copy instead of a second copy of the memory.
+TAKE_BLOCK = 1024
+
 
 def _row_mask(mask: torch.Tensor | None, lo: int, hi: int, n_keys: int, device: torch.device) -> torch.Tensor:
     """Additive mask [rows, keys] (or [batch, heads, rows, keys] for a per-head mask) of query rows lo..hi-1; None
@@ -220,14 +223,24 @@ def keep_indices(m: Management, scores: torch.Tensor, ids: torch.Tensor, kept: i
     return (scores.shape[-1] - 1 - order).sort(dim=-1).values
 
 
-def take(held: torch.Tensor | None, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def take(held: torch.Tensor | None, new: torch.Tensor, keep: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """Candidates `keep` [batch, kv_heads, kept] of [held ; new] ([batch, kv_heads, n, dim] each) without building
-    [held ; new]: one gather from the held slots, then the few kept new ones written over their places (the write's
-    only full-size copy is its result)."""
+    [held ; new]: one gather from the held slots, then the few kept new ones written over their places.
+
+    `in_place`: the held slots are compacted inside `held` itself, TAKE_BLOCK slots at a time (no new full-size
+    tensor); the caller guarantees that nothing else reads `held` and that every row of `keep` is strictly
+    increasing (no padding), so slot i is filled from a slot at or after i that no earlier block overwrote."""
     if held is None or not held.shape[2]:
         return new.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, new.shape[3]))
-    n_held = held.shape[2]
-    out = held.gather(2, keep.clamp(max=n_held - 1).unsqueeze(-1).expand(-1, -1, -1, held.shape[3]))
+    n_held, kept, dim = held.shape[2], keep.shape[2], held.shape[3]
+    source = keep.clamp(max=n_held - 1)  # new slots read a held one here and are overwritten below
+    if in_place and kept <= n_held:
+        for lo in range(0, kept, TAKE_BLOCK):
+            hi = min(kept, lo + TAKE_BLOCK)
+            held[:, :, lo:hi] = held.gather(2, source[..., lo:hi].unsqueeze(-1).expand(-1, -1, -1, dim))
+        out = held[:, :, :kept]
+    else:
+        out = held.gather(2, source.unsqueeze(-1).expand(-1, -1, -1, dim))
     b, h, slot = (keep >= n_held).nonzero(as_tuple=True)
     out[b, h, slot] = new[b, h, keep[b, h, slot] - n_held].to(out.dtype)
     return out

@@ -240,8 +240,9 @@ class LayerMemory:
         # Each new tensor replaces the old at once: the old keys are freed before the values are taken.
         if kept < new_ids.shape[2]:
             keep = eviction.keep_indices(m, scores, new_ids, kept, first_new + n_new)  # [batch, kv_heads, kept]
-            self.keys = eviction.take(self.keys, keys, keep)
-            self.values = eviction.take(self.values, values, keep)
+            # In place without autograd (nothing else holds the bank then: reads keep an empty marker)
+            self.keys = eviction.take(self.keys, keys, keep, in_place=not torch.is_grad_enabled())
+            self.values = eviction.take(self.values, values, keep, in_place=not torch.is_grad_enabled())
             new_ids, scores = new_ids.gather(2, keep), scores.gather(2, keep)
         else:
             self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
@@ -273,8 +274,9 @@ class LayerMemory:
             self.has_evicted = True
             if self.usage is not None:
                 self.usage.evicted += evicted // kv_heads
-        self.keys = eviction.take(self.keys, keys, keep).masked_fill_(pad.unsqueeze(-1), 0.0)
-        self.values = eviction.take(self.values, values, keep).masked_fill_(pad.unsqueeze(-1), 0.0)
+        in_place = not torch.is_grad_enabled() and not bool(pad.any())  # padding breaks the in-place order
+        self.keys = eviction.take(self.keys, keys, keep, in_place).masked_fill_(pad.unsqueeze(-1), 0.0)
+        self.values = eviction.take(self.values, values, keep, in_place).masked_fill_(pad.unsqueeze(-1), 0.0)
         self.ids = ids.gather(2, keep).masked_fill(pad, -1)
         self.scores = (scores.gather(2, keep).masked_fill(pad, 0.0) if m.eviction in eviction.NEEDS_ALL_QUERIES
                        else None)
@@ -365,7 +367,8 @@ class MemoryState:
     def state_dict(self) -> dict[str, Any]:
         """Counters and detached tensors (on CPU): what a training checkpoint needs to continue this memory exactly.
         A faiss index is not saved; `load_state_dict` rebuilds it from the keys."""
-        tensors = {f"{i}.{name}": t.detach().cpu() for i, layer in self.layers.items()
+        # Copies: evaluation compacts banks in place (`eviction.take`), which must not reach a saved state.
+        tensors = {f"{i}.{name}": t.detach().to("cpu", copy=True) for i, layer in self.layers.items()
                    for name in _TENSORS if (t := getattr(layer, name)) is not None}
         if self.rmt is not None:
             tensors["rmt"] = self.rmt.detach().cpu()
@@ -382,7 +385,7 @@ class MemoryState:
         tensors = data["tensors"]
         for i, layer in self.layers.items():
             for name in _TENSORS:
-                setattr(layer, name, tensors[f"{i}.{name}"].to(device) if f"{i}.{name}" in tensors else None)
+                setattr(layer, name, tensors[f"{i}.{name}"].to(device, copy=True) if f"{i}.{name}" in tensors else None)
             if layer.faiss is not None and layer.keys is not None:
                 layer.faiss.rebuild(layer.keys, self.first_id)
         self.rmt = tensors["rmt"].to(device) if "rmt" in tensors else None
