@@ -6,15 +6,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from unimem_bench.methods.config import UniMemConfig
 from unimem_bench.methods.engine.memory import MemoryState
 
-if TYPE_CHECKING:
-    from unimem_bench.methods.engine.plan import SegmentPlan
+
+class WindowPlan(Protocol):
+    """What the patterns read of a `plan.SegmentPlan` (a protocol: plan imports this module, not the reverse)."""
+
+    @property
+    def n_bank(self) -> int: ...
+
+    @property
+    def n_window(self) -> int: ...
+
+    @property
+    def doc_start(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,7 @@ def dilated_keys(mask: torch.Tensor) -> DilatedKeys:
     return DilatedKeys(columns=columns, mask=mask.gather(2, columns[:, None, :].expand(-1, mask.shape[1], -1)))
 
 
-def random_reads(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
+def random_reads(config: UniMemConfig, plan: WindowPlan, segment: int, queries: torch.Tensor,
                  start: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, bool]:
     """`SegmentContext.random_slots`, `random_blocks`, `random_index` and `random_padded` of consecutive input
     indices `queries` (None, None, None, True without random slots)."""
@@ -64,7 +74,7 @@ def random_reads(config: UniMemConfig, plan: SegmentPlan, segment: int, queries:
     return random, blocks, blocks.clamp(min=0).flatten(), bool((blocks < 0).any())
 
 
-def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries: torch.Tensor,
+def random_slots(config: UniMemConfig, plan: WindowPlan, segment: int, queries: torch.Tensor,
                  start: int) -> torch.Tensor | None:
     """BigBird's seeded random slots (the rule is `Reading.random_slots`'): [queries, R] bank indices, -1 padded;
     None when no query has a candidate."""
@@ -92,7 +102,7 @@ def random_slots(config: UniMemConfig, plan: SegmentPlan, segment: int, queries:
     return table.to(queries.device)[blocks - first_block]
 
 
-def dilated_mask(config: UniMemConfig, state: MemoryState, plan: SegmentPlan, queries: torch.Tensor,
+def dilated_mask(config: UniMemConfig, state: MemoryState, plan: WindowPlan, queries: torch.Tensor,
                  reach: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """LongNet's patterns as an additive mask [offsets, queries, window + local keys]: log(number of patterns holding
     the key) where visible, -inf elsewhere; row o is every head h with h = o mod lcm(rates)."""
