@@ -58,12 +58,12 @@ def best_first(scores: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, t
     # numpy's default (SIMD quick) argsort is 3-4x faster than a stable sort; only rows where it met equal scores,
     # whose order it leaves open, are sorted again stably.
     cost = -_as_numpy(scores).reshape(-1, scores.shape[-1])  # [rows, k] ascending = best first
-    order = np.argsort(cost, axis=-1)
-    ranked = np.take_along_axis(cost, order, -1)
+    ranking = np.argsort(cost, axis=-1)
+    ranked = np.take_along_axis(cost, ranking, -1)
     tied = np.flatnonzero((ranked[:, 1:] == ranked[:, :-1]).any(-1))
     if tied.size:
-        order[tied] = np.argsort(cost[tied], axis=-1, kind="stable")
-    pick = torch.from_numpy(order).view(scores.shape)
+        ranking[tied] = np.argsort(cost[tied], axis=-1, kind="stable")
+    pick = torch.from_numpy(ranking).view(scores.shape)
     return scores.gather(-1, pick), idx.gather(-1, pick)
 
 
