@@ -28,3 +28,25 @@ def test_memo_returns_the_rotary_tables_and_keeps_the_two_latest_lists():
     assert memo(probe, positions(0, 12))[0] is prefix[0]  # a full memory's prefix is computed once
     memo(probe, positions(20, 3))  # drops the least recently used (the input at 12), not the prefix just read
     assert memo(probe, positions(0, 12))[0] is prefix[0]
+
+
+def test_long_lists_are_computed_blockwise_with_the_same_values(monkeypatch):
+    config = tiny_llama().config
+    for rope in ({"rope_type": "default", "rope_theta": 10000.0},
+                 {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}):
+        config.rope_parameters = rope
+        rotary = LlamaRotaryEmbedding(config)
+        probe = torch.zeros(1, 1, 8)
+        for block, n in ((4096, 31919), (7, 100), (64, 64)):
+            monkeypatch.setattr(rotary_memo, "POSITION_BLOCK", block)
+            for pos in (positions(0, n), positions(123, n)):
+                cos, sin = RotaryMemo(rotary).tables(probe, pos)
+                want_cos, want_sin = rotary(probe, pos)
+                assert cos.shape == want_cos.shape
+                assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+        calls: list[torch.Tensor] = []
+        monkeypatch.setattr(rotary_memo, "POSITION_BLOCK", 7)
+        monkeypatch.setattr(rotary, "forward", lambda x, pos, forward=rotary.forward, calls=calls:
+                            calls.append(pos) or forward(x, pos))
+        RotaryMemo(rotary).tables(probe, positions(0, 100))
+        assert [p.shape[1] for p in calls] == [7] * 14 + [2]  # blockwise indeed

@@ -15,6 +15,14 @@ is full. A memory still filling asks for a longer prefix each segment; 64 lists 
 tables (reference model, budget 0.25, 16K: h2o peak RSS 39.7 -> 17.3 MiB), and computing before dropping kept the
 previous prefix beside the new one (pyramidkv 64K: 75.3 -> 64.9 MiB, as before the memo)."""
 
+POSITION_BLOCK = 4096
+"""Positions per rotary call when a list is longer: the rotary's temporaries (angles, their doubled copy, then cos
+and sin) are about four tables' worth, so one call over a 32K-slot prefix was the largest transient of a PyramidKV
+run at 64K (reference model, budget 0.25)."""
+
+BLOCKWISE_ROPE = ("default", "linear", "llama3", "yarn")
+"""Rope types whose tables do not depend on the call's longest position (dynamic NTK and LongRoPE do: never split)."""
+
 
 @dataclass
 class RotaryMemo:
@@ -41,6 +49,23 @@ class RotaryMemo:
         self.store.pop(key, None)
         while len(self.store) >= MAX_ENTRIES:
             del self.store[next(iter(self.store))]  # the least recently used
-        cos_sin = self.rotary(probe, positions)
+        cos_sin = self.tables(probe, positions)
         self.store[key] = (positions.clone(), cos_sin)
         return cos_sin
+
+    def tables(self, probe: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary's (cos, sin) [1, n, head_dim], computed POSITION_BLOCK positions at a time into the two
+        tables (each position's row on its own: the same values as one call)."""
+        n = positions.shape[-1]
+        if n <= POSITION_BLOCK or getattr(self.rotary, "rope_type", "default") not in BLOCKWISE_ROPE:
+            return self.rotary(probe, positions)
+        cos = sin = None
+        for lo in range(0, n, POSITION_BLOCK):
+            part_cos, part_sin = self.rotary(probe, positions[..., lo:lo + POSITION_BLOCK])  # [1, rows, head_dim]
+            if cos is None or sin is None:
+                cos = part_cos.new_empty(*part_cos.shape[:-2], n, part_cos.shape[-1])
+                sin = part_sin.new_empty(cos.shape)
+            cos[..., lo:lo + POSITION_BLOCK, :] = part_cos
+            sin[..., lo:lo + POSITION_BLOCK, :] = part_sin
+        assert cos is not None and sin is not None
+        return cos, sin
