@@ -70,17 +70,23 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.policy}-{s.position}-seg{s.segment_len}-size{s.size}"
-                         f"-s{s.sinks}r{s.recent}")
-def test_eviction_matches_reference(spec: EvictionSpec) -> None:
+def assert_matches_reference(spec: EvictionSpec, doc: torch.Tensor) -> list:
+    """The engine's per-token NLL and held slots equal the float64 reference's on the peaked tiny LLaMA; returns
+    the held slots [layer][head]."""
     model = peaked_llama(layers=2, heads=4, kv_heads=2, context=64).double()
-    # Distinct tokens: a repeated token has the same key at position 0 (official), an exact tie in the reference
-    # that the engine's stored (un-rotated) keys break by rounding.
-    doc = torch.randperm(99, generator=torch.Generator().manual_seed(3))[:23]
     ref_nll, ref_held = eviction_nll(reference_llama(model), spec, doc)
     nll, held = engine_run(model, spec, doc)
     torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
     assert held == ref_held
+    return held
+
+
+@pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.policy}-{s.position}-seg{s.segment_len}-size{s.size}"
+                         f"-s{s.sinks}r{s.recent}")
+def test_eviction_matches_reference(spec: EvictionSpec) -> None:
+    # Distinct tokens: a repeated token has the same key at position 0 (official), an exact tie in the reference
+    # that the engine's stored (un-rotated) keys break by rounding.
+    held = assert_matches_reference(spec, torch.randperm(99, generator=torch.Generator().manual_seed(3))[:23])
     assert all(len(head) == spec.size for layer in held for head in layer)
 
 
@@ -207,12 +213,7 @@ def test_scores_in_small_blocks_match_the_reference(policy: str, monkeypatch) ->
 
     monkeypatch.setattr(eviction, "BLOCK_ELEMENTS", 4 * 20 * 3)  # 3 query rows of 4 heads x 20 keys per block
     spec = EvictionSpec(segment_len=8, size=12, policy=policy, position="compact", observe=5, recent=2)
-    model = peaked_llama(layers=2, heads=4, kv_heads=2, context=64).double()
-    doc = torch.randperm(99, generator=torch.Generator().manual_seed(8))[:30]
-    ref_nll, ref_held = eviction_nll(reference_llama(model), spec, doc)
-    nll, held = engine_run(model, spec, doc)
-    torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
-    assert held == ref_held
+    assert_matches_reference(spec, torch.randperm(99, generator=torch.Generator().manual_seed(8))[:30])
 
 
 @pytest.mark.parametrize("position", ["compact", "absolute"])
@@ -225,12 +226,7 @@ def test_memory_read_in_key_blocks_matches_the_reference(policy: str, position: 
     monkeypatch.setattr(split_read, "KEY_BLOCK", 3)
     monkeypatch.setattr(split_read, "KEPT_LOGITS", 0)  # tova / snapkv logits recomputed from the blocks, not kept
     spec = EvictionSpec(segment_len=5, size=11, policy=policy, position=position, observe=3, recent=2, sinks=1)
-    model = peaked_llama(layers=2, heads=4, kv_heads=2, context=64).double()
-    doc = torch.randperm(99, generator=torch.Generator().manual_seed(5))[:27]
-    ref_nll, ref_held = eviction_nll(reference_llama(model), spec, doc)
-    nll, held = engine_run(model, spec, doc)
-    torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
-    assert held == ref_held
+    assert_matches_reference(spec, torch.randperm(99, generator=torch.Generator().manual_seed(5))[:27])
 
 
 def test_take_equals_a_gather_from_held_and_new_joined(monkeypatch) -> None:
