@@ -238,6 +238,9 @@ def check_pages(config: UniMemConfig) -> None:
         raise ConfigError("reading.dense_layers read a different memory prefix than the other layers, which compact "
                           "positions would place differently: set position.mode=official or absolute (and "
                           "management.size > 0, position.scaled_memory=false)")
+    if r.chunk_size and r.chunk_select == "block" and config.position.scaled_memory:
+        raise ConfigError("reading.chunk_select=block reads each block's chunks at their stored positions: set "
+                          "position.scaled_memory=false (or reading.chunk_select=query)")
     if r.chunk_size and r.chunk_key == "representative" and config.writing.kv != "direct":
         raise ConfigError("reading.chunk_key=representative ranks each chunk by its tokens' own scores: set "
                           "writing.kv=direct")

@@ -10,6 +10,7 @@ from unimem_bench.methods.checks import ConfigError, check_choice, check_nonneg,
 Index = Literal["torch", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
 GlobalSource = Literal["document", "memory"]
 ChunkKey = Literal["mean", "bounds", "representative"]
+ChunkSelect = Literal["query", "block"]
 OutputRead = Literal["none", "knn", "trime"]
 
 
@@ -77,6 +78,14 @@ class Reading:
     score, each token's mean q_i . k_m over the queries i >= m of its own segment, itself included)."""
     representatives: int = 4
     """InfLLM's representative tokens per chunk (`chunk_key=representative`; official `repr_topk` = 4)."""
+    chunk_select: ChunkSelect = "query"
+    """Who ranks the chunks (`chunk_size` > 0): `query` (each query and head ranks its own, Quest's per-step
+    decoding) or `block` (official InfLLM: each block of `chunk_block` consecutive queries of the input ranks once per
+    KV head, by the sum of its queries' and the KV head's query heads' scores, over the chunks wholly before the
+    window reach of its first query; all of its queries read the same chunks)."""
+    chunk_block: int = 0
+    """Queries per block of `chunk_select=block` (official InfLLM `exc_block_size` 512 per 2,048-token chunk); 0 =
+    all of the input's queries (one decoded token is a block of one)."""
     dense_layers: tuple[int, ...] = ()
     """Injected layers (0-based) that read every memory slot by position instead of the reading above (Quest keeps
     its first two layers dense). From strings like injection.layers: `0,1`, `0-1`. Empty = none."""
@@ -186,6 +195,8 @@ class Reading:
                                                     or self.dilation_rates):
             raise ConfigError("reading.lsh_buckets/clusters select among the slots top-k would search: set "
                               "reading.topk=0, reading.random_slots=0, reading.read_all=false and no dilation")
+        check_choice("reading.chunk_select", self.chunk_select, ChunkSelect)
+        check_nonneg(**{"reading.chunk_block": self.chunk_block})
         if self.representatives < 1:
             raise ConfigError(f"reading.representatives={self.representatives} must be >= 1 (tokens per chunk key)")
         empty = isinstance(self.dense_layers, tuple | list | str) and not self.dense_layers  # `0` is layer 0

@@ -156,6 +156,12 @@ class Description:
     as they were attended in that segment)."""
     dense_layers: frozenset[int] = frozenset()
     """Layers that read every memory slot by position (the window is all of it, no top-k) instead (Quest)."""
+    chunk_select: str = "query"
+    """query (each query and head ranks the chunks) | block (InfLLM: each block of `chunk_block` consecutive input
+    queries ranks them once per KV head by the sum of its queries' and the KV head's query heads' chunk scores,
+    among the chunks wholly before its first query's window reach; every query of the block reads those)."""
+    chunk_block: int = 0
+    """Queries per block of chunk_select block (0: the whole input)."""
 
 
 def layer_spec(spec: Description, layer: int) -> Description:
@@ -292,7 +298,7 @@ def forward_segment(llama: ReferenceLlama, spec: Description, memory: Memory, id
                     keys, values, log_count = dilated_read(spec, views[layer], keys, values, g, head, t, doc_start)
                 elif layer in spec.layers:
                     mem_keys, mem_values = read_memory(layer_spec(spec, layer), views[layer], q_rot[t, head], g, t,
-                                                       llama)
+                                                       llama, block_queries(spec, llama, q_rot, g, t))
                     keys, values = torch.cat([mem_keys, keys]), torch.cat([mem_values, values])
                     log_count = torch.zeros(len(keys), dtype=F64)
                 logits = keys @ q_rot[t, head] / math.sqrt(llama.head_dim) + log_count
@@ -422,10 +428,24 @@ class View:
     """Representative score [kv_heads] of each search slot (InfLLM)."""
 
 
+def block_queries(spec: Description, llama: ReferenceLlama, q_rot: torch.Tensor, g: int,
+                  t: int) -> tuple[int, torch.Tensor] | None:
+    """chunk_select block: (first input index, queries [block * group, head_dim]) of the block holding query `t`,
+    the query heads of KV head `g` (q_rot [inputs, heads, head_dim]); None when each query ranks its own chunks."""
+    if spec.chunk_select != "block" or not spec.chunk_size:
+        return None
+    size = spec.chunk_block or len(q_rot)
+    first = t // size * size
+    group = llama.heads // llama.kv_heads
+    return first, q_rot[first:first + size, g * group:(g + 1) * group].reshape(-1, q_rot.shape[-1])
+
+
 def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: int,
-                llama: ReferenceLlama) -> tuple[torch.Tensor, torch.Tensor]:
+                llama: ReferenceLlama, block: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
     """Keys and values [n, head_dim] of the memory slots that query `t` (0-based input index, RMT read slots
-    first) of KV head `g` reads: the globals, its window slots, then its top-k among the slots before its reach."""
+    first) of KV head `g` reads: the globals, its window slots, then its top-k among the slots before its reach
+    (with `block` (`block_queries`), the chunks its block ranked)."""
     n_window = len(view.window_index)
     reach = max(0, min(spec.window - t, n_window)) if spec.sliding and not spec.read_all else n_window
     seen = [j for j, b in enumerate(view.window_index)
@@ -443,7 +463,13 @@ def read_memory(spec: Description, view: View, query: torch.Tensor, g: int, t: i
         keys.append(keys_r)
         values.append(values_r)
     candidates = [j for j, b in enumerate(view.search_index) if b < view.n_bank - reach]
-    if candidates and spec.topk and spec.chunk_size:
+    if block is not None and spec.topk:  # the chunks wholly before the block's first query's reach
+        first = max(0, min(spec.window - block[0], n_window)) if spec.sliding and not spec.read_all else n_window
+        n_first = sum(1 for b in view.search_index if b < view.n_bank - first)
+        picked = best_chunk_slots(spec, view, block[1], g, n_first) if n_first else []
+        keys.append(view.search_keys[picked, g])
+        values.append(view.search_values[picked, g])
+    elif candidates and spec.topk and spec.chunk_size:
         picked = best_chunk_slots(spec, view, query, g, len(candidates))
         keys.append((view.search_keys if view.attend_keys is None else view.attend_keys)[picked, g])
         values.append(view.search_values[picked, g])
@@ -801,12 +827,24 @@ def _keep_adaptive(spec: EvictionSpec, heads: list[list[HeadSlot]], end: int, bu
 
 def best_chunk_slots(spec: Description, view: View, query: torch.Tensor, g: int, n_candidates: int) -> list[int]:
     """Search-list positions of the slots of the best topk / chunk_size chunks for `query` of KV head `g`; the
-    candidates are the first `n_candidates` search slots, and only chunks wholly among them count."""
+    candidates are the first `n_candidates` search slots, and only chunks wholly among them count. `query` [queries,
+    head_dim] (a block): a chunk's score is the sum of the queries' scores."""
+    if query.dim() == 2:
+        totals = [0.0] * -(-len(view.search_index) // spec.chunk_size)
+        for row in query:
+            for c, score in enumerate(chunk_scores(spec, view, row, g)):
+                totals[c] += score
+        return top_chunks(spec, totals, len(view.search_index), n_candidates)
     n = len(view.search_index)
-    chunks = [list(range(lo, min(lo + spec.chunk_size, n))) for lo in range(0, n, spec.chunk_size)]
-    chunks = [c for c in chunks if c[-1] < n_candidates]
+    return top_chunks(spec, chunk_scores(spec, view, query, g), n, n_candidates)
+
+
+def chunk_scores(spec: Description, view: View, query: torch.Tensor, g: int) -> list[float]:
+    """Each chunk's score for one query [head_dim] of KV head `g`."""
+    n = len(view.search_index)
     scores = []
-    for members in chunks:
+    for lo in range(0, n, spec.chunk_size):
+        members = list(range(lo, min(lo + spec.chunk_size, n)))
         keys = view.search_keys[members, g]  # [members, head_dim]
         if spec.chunk_key == "mean":
             scores.append(float(keys.mean(0) @ query))
@@ -816,7 +854,15 @@ def best_chunk_slots(spec: Description, view: View, query: torch.Tensor, g: int,
         else:
             low, high = keys.min(0).values, keys.max(0).values
             scores.append(float(torch.maximum(query * low, query * high).sum()))
-    order = sorted(range(len(chunks)), key=lambda c: -scores[c])[:spec.topk // spec.chunk_size]
+    return scores
+
+
+def top_chunks(spec: Description, scores: list[float], n: int, n_candidates: int) -> list[int]:
+    """The search-list positions of the best topk / chunk_size chunks by `scores` (one per chunk of the n search
+    slots) among those wholly in the first `n_candidates` slots; equal scores: the earlier chunk."""
+    chunks = [list(range(lo, min(lo + spec.chunk_size, n))) for lo in range(0, n, spec.chunk_size)]
+    eligible = [c for c in range(len(chunks)) if chunks[c][-1] < n_candidates]
+    order = sorted(eligible, key=lambda c: -scores[c])[:spec.topk // spec.chunk_size]
     return [j for c in order for j in chunks[c]]
 
 

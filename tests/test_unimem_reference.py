@@ -237,6 +237,20 @@ GRID = [
          "reading.representatives=1", "reading.window=6", segment=5, doc=31, double=True, distinct=True),
     *[case(f"infllm-{mode}", "infllm", "reading.chunk_size=3", "reading.topk=6", "reading.representatives=2",
            "reading.window=6", f"position.mode={mode}", double=True) for mode in ("official", "absolute")],
+    # Pages ranked once per query block (summed over its queries and the KV head's query heads): blocks dividing the
+    # segment or not, the whole segment as one block, a block of one query, every chunk key, a sliding window.
+    case("infllm-per-block3", "infllm", "reading.chunk_size=3", "reading.topk=6", "reading.representatives=2",
+         "reading.window=6", "reading.chunk_select=block", "reading.chunk_block=3", double=True),
+    case("infllm-per-block4-segment5", "infllm", "reading.chunk_size=4", "reading.topk=4",
+         "reading.representatives=1", "reading.window=6", "reading.chunk_select=block", "reading.chunk_block=4",
+         segment=5, doc=31, double=True, distinct=True),
+    case("quest-per-segment", "quest", "reading.chunk_size=4", "reading.topk=8", "reading.chunk_select=block",
+         double=True),
+    case("quest-per-block1", "quest", "reading.chunk_size=2", "reading.topk=4", "reading.chunk_select=block",
+         "reading.chunk_block=1", double=True),
+    case("mean-chunks-per-block-sliding", "memorizing_transformer", "reading.chunk_size=2", "reading.topk=4",
+         "reading.chunk_key=mean", "reading.window=6", "reading.sliding=true", "management.size=20",
+         "reading.chunk_select=block", "reading.chunk_block=5", double=True),
 ]
 
 
@@ -266,6 +280,7 @@ def describe(config: UniMemConfig, *, n_layers: int, segment_len: int, trained_c
         lsh_buckets=r.lsh_buckets, lsh_rounds=r.lsh_rounds, lsh_seed=r.lsh_seed, clusters=r.clusters,
         cluster_size=r.cluster_size, cluster_decay=r.cluster_decay, cluster_seed=r.cluster_seed,
         representatives=r.representatives, dense_layers=frozenset(r.dense_layers),
+        chunk_select=r.chunk_select, chunk_block=r.chunk_block,
     )
 
 

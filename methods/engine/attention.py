@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
-from unimem_bench.methods.engine import buckets, budgets, eviction, split_read
+from unimem_bench.methods.engine import buckets, budgets, eviction, pages, split_read
 from unimem_bench.methods.engine.kernels import (  # noqa: F401 (re-exported: they lived here)
     CPU_FLASH_WITH_LSE,
     QUERY_CHUNK,
@@ -185,6 +185,8 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
                scale: float) -> torch.Tensor:
     """Add each query's top-k bank slots, searched in [topk_start, topk_end[query]), to the softmax of `out`/`lse`
     (one softmax over the union)."""
+    if ctx.config.reading.chunk_size and ctx.config.reading.chunk_select == "block":  # chunks per query block
+        return pages.merge_block_pages(ctx, mem, query, out, lse, scale)
     batch, heads, seq, dim = query.shape
     kv_heads = mem.keys.shape[1]
     group = heads // kv_heads
