@@ -248,6 +248,11 @@ GRID = [
          double=True),
     case("quest-per-block1", "quest", "reading.chunk_size=2", "reading.topk=4", "reading.chunk_select=block",
          "reading.chunk_block=1", double=True),
+    # A FIFO memory that overflows: chunk keys cached by memory id, reused when the drop keeps chunks aligned (8 of 4)
+    # and recomputed when it does not (8 of 3).
+    *[case(f"infllm-fifo-chunks{c}-{select}", "infllm", f"reading.chunk_size={c}", f"reading.topk={2 * c}",
+           "reading.representatives=2", "reading.window=4", "management.size=16", f"reading.chunk_select={select}",
+           "reading.chunk_block=4", double=True) for c in (3, 4) for select in ("query", "block")],
     case("mean-chunks-per-block-sliding", "memorizing_transformer", "reading.chunk_size=2", "reading.topk=4",
          "reading.chunk_key=mean", "reading.window=6", "reading.sliding=true", "management.size=20",
          "reading.chunk_select=block", "reading.chunk_block=5", double=True),

@@ -208,7 +208,8 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         # at the furthest limit, a short segment's last chunk would end early and count as wholly before it.
         rep = mem.representative[:, :, lo:] if mem.representative is not None else None
         idx, found = topk_chunk_slots(q, mem.keys[:, :, lo:], r.topk, r.chunk_size, r.chunk_key, limit=end - lo,
-                                      scores=rep, representatives=r.representatives)
+                                      scores=rep, representatives=r.representatives,
+                                      keyed=pages.cached_chunk_keys(ctx, mem))
         idx = idx.clamp(max=n - 1)  # found slots lie before each query's limit; the others are masked below
         picked_k = gather_slots(mem.keys, idx + lo)  # [batch, kv_heads, g*seq, k, dim]
         logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k).masked_fill(~found, float("-inf"))

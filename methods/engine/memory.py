@@ -324,6 +324,8 @@ class MemoryState:
     """Slots held in every layer's pooled tier (writing.pooled_tier)."""
     output: Any = None
     """The output-distribution memory (`output_memory.OutputState`: kNN-LM / TRIME datastores), or None."""
+    page_keys: dict[int, Any] = field(default_factory=dict)
+    """Per layer, the chunk search keys of whole chunks computed so far (`pages.cached_chunk_keys`), by memory id."""
 
     @property
     def first_id(self) -> int:

@@ -8,10 +8,12 @@ query's own slots. The chunks are merged into the softmax of the rest of the rea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from unimem_bench.methods.engine.memory import LayerMemory
+from unimem_bench.methods.engine.memory import LayerMemory, MemoryState
 from unimem_bench.methods.engine.plan import SegmentContext
 from unimem_bench.methods.engine.retrieval import chunk_keys, chunk_queries, topk_exact
 
@@ -39,8 +41,7 @@ def block_chunk_slots(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor
     summed = framed.view(batch, kv_heads, heads // kv_heads, blocks, size, -1).sum((2, 4))  # [b, kv, blocks, dim']
     first = ctx.topk_end[::size] - lo  # [blocks] the limit of each block's first query (the smallest)
     chunk_limit = torch.where(first >= n, -(-n // chunk), first // chunk)  # chunks wholly before it
-    rep = mem.representative[:, :, lo:] if mem.representative is not None else None
-    scores, best = topk_exact(summed, chunk_keys(keys, chunk, r.chunk_key, rep, r.representatives), r.topk // chunk,
+    scores, best = topk_exact(summed, cached_chunk_keys(ctx, mem), r.topk // chunk,
                               limit=chunk_limit)  # [batch, kv_heads, blocks, chunks read]
     slots = (best.unsqueeze(-1) * chunk + torch.arange(chunk, device=best.device)).flatten(-2)
     found = (slots < n) & (scores > float("-inf")).repeat_interleave(chunk, dim=-1)
@@ -78,3 +79,55 @@ def _pick(bank: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     batch, kv_heads, n, dim = bank.shape
     rows = torch.arange(batch * kv_heads, device=slots.device).view(batch, kv_heads, 1, 1) * n
     return bank.reshape(-1, dim).index_select(0, (slots + rows).flatten()).view(*slots.shape, dim)
+
+
+@dataclass(frozen=True)
+class PageKeys:
+    """One layer's chunk search keys of whole chunks, from memory id `first_id` on."""
+
+    first_id: int
+    """Memory id of the first slot of the first chunk."""
+    params: tuple
+    """(chunk size, chunk key, representatives, dtype, device, batch): what the keys were computed for."""
+    keys: torch.Tensor
+    """[batch, kv_heads, whole chunks, key dim] the chunks' `chunk_keys`."""
+
+
+def cached_chunk_keys(ctx: SegmentContext, mem: LayerMemory) -> torch.Tensor:
+    """`chunk_keys` of the searchable slots [topk_start, bank end) -> [batch, kv_heads, chunks, key dim], reusing the
+    keys of whole chunks an earlier read of this layer computed (a slot's key, value and representative score never
+    change once written under FIFO, so a chunk's key is a function of its first memory id): each read computes only
+    the chunks written since, instead of every chunk of the bank (quest / infllm at 64K: 2,048-4,096 chunks per
+    layer and segment). Recomputed whole where slots do not hold consecutive ids (score-based eviction, per-head
+    budgets) or under autograd."""
+    r = ctx.config.reading
+    assert mem.keys is not None
+    lo, chunk = ctx.topk_start, r.chunk_size
+    keys = mem.keys[:, :, lo:]  # [batch, kv_heads, n, dim]
+    rep = mem.representative[:, :, lo:] if mem.representative is not None else None
+    layer = _layer_of(ctx.state, mem)
+    if (layer is None or ctx.config.management.eviction != "fifo" or mem.ids is not None or mem.depth is not None
+            or keys.requires_grad):
+        return chunk_keys(keys, chunk, r.chunk_key, rep, r.representatives)
+    first_id = ctx.plan.first_id + lo
+    params = (chunk, r.chunk_key, r.representatives, keys.dtype, keys.device, keys.shape[0])
+    hit = ctx.state.page_keys.get(layer)
+    done = None
+    if hit is not None and hit.params == params and hit.first_id <= first_id and (first_id - hit.first_id) % chunk == 0:
+        done = hit.keys[:, :, (first_id - hit.first_id) // chunk:]  # [batch, kv_heads, cached chunks, key dim]
+        if done.shape[2] * chunk > keys.shape[2]:
+            done = None
+    covered = 0 if done is None else done.shape[2] * chunk
+    if done is not None and covered == keys.shape[2]:
+        return done
+    fresh = chunk_keys(keys[:, :, covered:], chunk, r.chunk_key, None if rep is None else rep[:, :, covered:],
+                       r.representatives)  # [batch, kv_heads, new chunks, key dim]
+    whole = (keys.shape[2] - covered) // chunk  # new whole chunks (a short last chunk is not kept: it grows)
+    cached = fresh[:, :, :whole] if done is None else torch.cat([done, fresh[:, :, :whole]], dim=2)
+    ctx.state.page_keys[layer] = PageKeys(first_id, params, cached)
+    return cached if whole == fresh.shape[2] else torch.cat([cached, fresh[:, :, whole:]], dim=2)
+
+
+def _layer_of(state: MemoryState, mem: LayerMemory) -> int | None:
+    """The layer whose bank `mem` reads (its snapshot holds the bank's own keys until the write), or None."""
+    return next((i for i, bank in state.layers.items() if bank.keys is mem.keys), None)
