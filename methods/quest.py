@@ -11,6 +11,10 @@ Where each default comes from (paper = Quest; official = mit-han-lab/Quest):
 - Reading: chunk retrieval with `reading.chunk_key=bounds` (Quest's bound) over pages of `reading.chunk_size=16`
   (the paper's page size); the token budget `reading.topk` is one segment (2,048 at UniMem's 2,048-token segments,
   the middle of the 1,024-4,096 budgets the paper reports), rounded down to whole pages.
+- Selection: per query and head (`reading.chunk_select=query`): each scored token is one of Quest's decoding steps,
+  which pick pages per step; Quest's prefill is dense full attention (official), so it has no rule for a chunk of
+  queries. `reading.chunk_select=block` (one ranking per block of `reading.chunk_block` queries, summed bounds)
+  reads a chunk of queries faster, as an approximation.
 - Dense layers: `reading.dense_layers` = the first two layers read all memory (paper: "we do not apply Quest to
   the first two layers", whose attention is not sparse enough); a model of two layers or fewer keeps its last
   layer sparse.
