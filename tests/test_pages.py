@@ -63,6 +63,9 @@ def test_representative_scores_are_the_mean_dot_product_with_later_queries() -> 
     ("quest", ["reading.representatives=0"], "reading.representatives=0"),
     ("infllm", ["writing.kv=pooling"], "writing.kv=direct"),
     ("quest", ["reading.dense_layers=1-x"], "injection.layers: '1-x'"),
+    ("infllm", ["reading.chunk_select=chunk"], "reading.chunk_select='chunk'"),
+    ("infllm", ["reading.chunk_block=-1"], "reading.chunk_block=-1"),
+    ("unlimiformer", ["reading.chunk_size=4", "reading.chunk_select=block"], "position.scaled_memory=false"),
 ])
 def test_page_reading_values_are_validated(method: str, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
