@@ -36,6 +36,8 @@ def test_greedy_tokens_are_the_argmax_of_streamed_scoring(name):
     overrides = (["reading.topk=2"] + (["reading.chunk_size=2"] if reading.chunk_size else [])) if reading.topk else []
     if METHODS.get(name).config(ctx).management.freeze_after_prompt:  # scoring writes every segment
         overrides.append("management.freeze_after_prompt=false")
+    if reading.chunk_select == "block":  # a decoded token ranks chunks alone (InfLLM's decoding), scoring per block
+        overrides.append("reading.chunk_select=query")
     config = METHODS.get(name).config(ctx, overrides)
     prompt = random_docs([13], seed=5)[0]
     with MemoryLM(model, config, segment_len=8) as lm:

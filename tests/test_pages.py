@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_docs, tiny_llama
 from reference_unimem import Description, View, best_chunk_slots
 
-from unimem_bench.methods import METHODS, ConfigError, MethodContext
+from unimem_bench.methods import METHODS, ConfigError, MemoryLM, MethodContext
 from unimem_bench.methods.engine.retrieval import representative_scores, topk_chunk_slots
 
 F64 = torch.float64
@@ -77,3 +78,17 @@ def test_dense_layers_must_be_injected() -> None:
                                          ["injection.layers=2,3", "reading.dense_layers=0,1"])
     with pytest.raises(ConfigError, match="outside injection.layers=2-3"):
         config.bind(n_layers=4, segment_len=64)
+
+
+def test_blocks_of_one_query_decode_as_they_score() -> None:
+    """A decoded token is a block of one: with `reading.chunk_block=1` generation reads what scoring reads (every
+    greedy token is the argmax of scoring the finished text), across segment boundaries with blocks in memory."""
+    model = tiny_llama(layers=3, seed=3)
+    ctx = MethodContext(n_layers=3, segment_len=8, trained_context=256)
+    config = METHODS.get("infllm").config(ctx, ["reading.topk=2", "reading.chunk_size=2", "reading.chunk_block=1"])
+    assert config.reading.chunk_select == "block"
+    prompt = random_docs([13], seed=5)[0]
+    with MemoryLM(model, config, segment_len=8) as lm:
+        new = lm.generate(prompt, max_new_tokens=20)
+        scores = lm.score_tokens([torch.cat([prompt, torch.tensor(new)])])[0]
+    assert scores.greedy[len(prompt) - 1:].all()
