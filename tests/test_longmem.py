@@ -139,3 +139,25 @@ def test_side_tuned_export_holds_the_sidenet_apart_and_run_reloads_it(tmp_path):
     tuned = UnimemLM(pretrained=str(export), method="longmem").loglikelihood_rolling(rolling)[0]
     initial = UnimemLM(pretrained=str(model_dir), method="longmem", segment_len=16).loglikelihood_rolling(rolling)[0]
     assert tuned != pytest.approx(initial, rel=1e-6)
+
+
+def test_small_k_selection_equals_the_two_stage_selection(monkeypatch):
+    """LongMem's chunk search picks k <= 4 by argmax passes (`retrieval._first_maxima`): the same positions and
+    values as the general selection, ties (to the lower position), -inf and NaN rows included, input untouched."""
+    from unimem_bench.methods.engine import retrieval
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(600):
+        rows, n = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 60, (1,), generator=g))
+        k = int(torch.randint(1, min(n, retrieval.FIRST_MAXIMA_K) + 1, (1,), generator=g))
+        scores = torch.randint(0, 4, (rows, n), generator=g).float() if trial % 2 else torch.randn(rows, n, generator=g)
+        scores[torch.rand(rows, n, generator=g) < (0.3 if trial % 3 == 0 else 0.0)] = float("-inf")
+        scores[torch.rand(rows, n, generator=g) < (0.05 if trial % 7 == 0 else 0.0)] = float("nan")
+        before = scores.clone()
+        values, pos = retrieval.top_in_key_order(scores, k)
+        assert torch.equal(scores.nan_to_num(7.0), before.nan_to_num(7.0))
+        with monkeypatch.context() as patch:
+            patch.setattr(retrieval, "FIRST_MAXIMA_K", 0)
+            general_values, general_pos = retrieval.top_in_key_order(scores, k)
+        assert torch.equal(pos, general_pos)
+        assert torch.equal(values.nan_to_num(9.0), general_values.nan_to_num(9.0))
