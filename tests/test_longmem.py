@@ -161,3 +161,32 @@ def test_small_k_selection_equals_the_two_stage_selection(monkeypatch):
             general_values, general_pos = retrieval.top_in_key_order(scores, k)
         assert torch.equal(pos, general_pos)
         assert torch.equal(values.nan_to_num(9.0), general_values.nan_to_num(9.0))
+
+
+@pytest.mark.parametrize("overrides, kept", [((), True), (("reading.chunk_size=3", "reading.topk=6"), False)])
+def test_kept_chunk_keys_equal_the_banks_and_the_memory_layers_keys_are_the_backbones(overrides, kept):
+    # Through FIFO eviction (16 slots, segments of 8) the chunk keys carried across segments equal chunk_keys of the
+    # bank; with chunks of 3 (a write leaves a partial chunk) they are computed at each read. The bank holds the
+    # backbone memory layer's own unrotated keys/values (tapped while the backbone ran).
+    from unimem_bench.methods.engine.retrieval import chunk_keys
+    from unimem_bench.methods.engine.side_network import projections
+
+    model = tiny_llama(layers=4, seed=2)
+    doc = random_docs([6 * SEGMENT], seed=4)[0]
+    with MemoryLM(model, longmem(4, "management.size=16", *overrides), segment_len=SEGMENT) as lm:
+        assert lm.side is not None
+        state = lm.new_state(1)
+        (layer,) = lm.layers
+        source = model.model.layers[lm.side.source]
+        with torch.no_grad():
+            for s in range(0, len(doc), SEGMENT):
+                lm.forward_segment(state, doc[s:s + SEGMENT].unsqueeze(0), s)
+                bank = state.layers[layer]
+                assert bank.keys is not None and bank.keys.shape[2] == min(s + SEGMENT, 16)
+                held = lm.side.chunks.value
+                assert (held is not None) == (kept or s == 0)  # chunks of 3: whole only after the first write
+                if held is not None:
+                    assert torch.equal(held, chunk_keys(bank.keys, lm.side.chunk, "mean"))
+            hidden = model(doc[-SEGMENT:].unsqueeze(0), output_hidden_states=True).hidden_states[lm.side.source]
+            _, keys, values = projections(source.self_attn, source.input_layernorm(hidden))
+        assert torch.equal(bank.keys[:, :, -SEGMENT:], keys) and torch.equal(bank.values[:, :, -SEGMENT:], values)
