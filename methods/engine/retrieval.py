@@ -308,14 +308,15 @@ def chunk_queries(queries: torch.Tensor, kind: str) -> torch.Tensor:
 
 def topk_chunk_slots(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int, kind: str,
                      limit: torch.Tensor | None = None, scores: torch.Tensor | None = None,
-                     representatives: int = 0,
-                     chunked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     representatives: int = 0, chunked: torch.Tensor | None = None,
+                     block: int = SEARCH_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """The slots of each query's best k // chunk chunks (LongMem's token-to-chunk retrieval).
 
     queries [batch, kv_heads, q, dim], keys [batch, kv_heads, n, dim]; with `limit` [q], query i ranks only the
     chunks lying wholly in [0, limit[i]). Returns (slot indices, found), each [batch, kv_heads, q, k']: k' = the
     chunks read times `chunk`; found is False for slots past the end of a short last chunk or of a chunk not found.
-    `chunked`: `chunk_keys(keys, chunk, kind, ...)` when the caller keeps them (LongMem), computed here otherwise.
+    `chunked`: `chunk_keys(keys, chunk, kind, ...)` when the caller keeps them (LongMem), computed here otherwise;
+    `block`: chunk keys scored per step (`topk_exact`'s chunk).
     """
     n = keys.shape[2]
     n_chunks = -(-n // chunk)
@@ -325,7 +326,7 @@ def topk_chunk_slots(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: i
     if chunked is None:
         chunked = chunk_keys(keys, chunk, kind, scores, representatives)
     # [batch, kv_heads, q, chunks read]
-    scores, best = topk_exact(chunk_queries(queries, kind), chunked, k // chunk, limit=chunk_limit)
+    scores, best = topk_exact(chunk_queries(queries, kind), chunked, k // chunk, chunk=block, limit=chunk_limit)
     slots = (best.unsqueeze(-1) * chunk + torch.arange(chunk, device=best.device)).flatten(-2)
     found = (slots < n) & (scores > float("-inf")).repeat_interleave(chunk, dim=-1)
     return slots.clamp(max=n - 1), found

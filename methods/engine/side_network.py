@@ -30,6 +30,11 @@ from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.plan import SegmentPlan
 from unimem_bench.methods.engine.retrieval import chunk_keys, topk_chunk_slots
 
+SCORE_BLOCK = 1 << 22
+"""Scores per step of the chunk search (16 MiB in fp32): glibc serves a freed block again up to its 32 MiB mmap
+threshold, while each larger one is mapped afresh and page-faulted (the 62M model's 8 heads x 128 queries x 8,192
+chunks were 32 MiB a step)."""
+
 
 class SideNetwork(nn.Module):
     """The side layers, their final norm and the fusion gate; the backbone is only read, never owned."""
@@ -156,8 +161,10 @@ def memory_attention(q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, 
     batch, heads, n, dim = q.shape
     kv_heads = mem_k.shape[1]
     grouped = q.reshape(batch, kv_heads, heads // kv_heads * n, dim)  # [batch, kv_heads, group * n, dim]
+    # Chunk keys scored per step: at most SCORE_BLOCK scores, so the block stays in glibc's reused heap.
+    block = max(256, SCORE_BLOCK // (batch * heads * n))
     # [batch, kv_heads, group * n, k]
-    slots, found = topk_chunk_slots(grouped, mem_k, topk, chunk, chunk_key, chunked=chunked)
+    slots, found = topk_chunk_slots(grouped, mem_k, topk, chunk, chunk_key, chunked=chunked, block=block)
     keys, values = gather_slots(mem_k, slots), gather_slots(mem_v, slots)  # [batch, kv_heads, group * n, k, dim]
     logits = torch.einsum("bhqd,bhqkd->bhqk", grouped, keys) * scale
     weights = torch.softmax(logits.masked_fill(~found, float("-inf")), dim=-1)
