@@ -139,3 +139,54 @@ def test_side_tuned_export_holds_the_sidenet_apart_and_run_reloads_it(tmp_path):
     tuned = UnimemLM(pretrained=str(export), method="longmem").loglikelihood_rolling(rolling)[0]
     initial = UnimemLM(pretrained=str(model_dir), method="longmem", segment_len=16).loglikelihood_rolling(rolling)[0]
     assert tuned != pytest.approx(initial, rel=1e-6)
+
+
+def test_small_k_selection_equals_the_two_stage_selection(monkeypatch):
+    """LongMem's chunk search picks k <= 4 by argmax passes (`retrieval._first_maxima`): the same positions and
+    values as the general selection, ties (to the lower position), -inf and NaN rows included, input untouched."""
+    from unimem_bench.methods.engine import retrieval
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(600):
+        rows, n = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 60, (1,), generator=g))
+        k = int(torch.randint(1, min(n, retrieval.FIRST_MAXIMA_K) + 1, (1,), generator=g))
+        scores = torch.randint(0, 4, (rows, n), generator=g).float() if trial % 2 else torch.randn(rows, n, generator=g)
+        scores[torch.rand(rows, n, generator=g) < (0.3 if trial % 3 == 0 else 0.0)] = float("-inf")
+        scores[torch.rand(rows, n, generator=g) < (0.05 if trial % 7 == 0 else 0.0)] = float("nan")
+        before = scores.clone()
+        values, pos = retrieval.top_in_key_order(scores, k)
+        assert torch.equal(scores.nan_to_num(7.0), before.nan_to_num(7.0))
+        with monkeypatch.context() as patch:
+            patch.setattr(retrieval, "FIRST_MAXIMA_K", 0)
+            general_values, general_pos = retrieval.top_in_key_order(scores, k)
+        assert torch.equal(pos, general_pos)
+        assert torch.equal(values.nan_to_num(9.0), general_values.nan_to_num(9.0))
+
+
+@pytest.mark.parametrize("overrides, kept", [((), True), (("reading.chunk_size=3", "reading.topk=6"), False)])
+def test_kept_chunk_keys_equal_the_banks_and_the_memory_layers_keys_are_the_backbones(overrides, kept):
+    # Through FIFO eviction (16 slots, segments of 8) the chunk keys carried across segments equal chunk_keys of the
+    # bank; with chunks of 3 (a write leaves a partial chunk) they are computed at each read. The bank holds the
+    # backbone memory layer's own unrotated keys/values (tapped while the backbone ran).
+    from unimem_bench.methods.engine.retrieval import chunk_keys
+    from unimem_bench.methods.engine.side_network import projections
+
+    model = tiny_llama(layers=4, seed=2)
+    doc = random_docs([6 * SEGMENT], seed=4)[0]
+    with MemoryLM(model, longmem(4, "management.size=16", *overrides), segment_len=SEGMENT) as lm:
+        assert lm.side is not None
+        state = lm.new_state(1)
+        (layer,) = lm.layers
+        source = model.model.layers[lm.side.source]
+        with torch.no_grad():
+            for s in range(0, len(doc), SEGMENT):
+                lm.forward_segment(state, doc[s:s + SEGMENT].unsqueeze(0), s)
+                bank = state.layers[layer]
+                assert bank.keys is not None and bank.keys.shape[2] == min(s + SEGMENT, 16)
+                held = lm.side.chunks.value
+                assert (held is not None) == (kept or s == 0)  # chunks of 3: whole only after the first write
+                if held is not None:
+                    assert torch.equal(held, chunk_keys(bank.keys, lm.side.chunk, "mean"))
+            hidden = model(doc[-SEGMENT:].unsqueeze(0), output_hidden_states=True).hidden_states[lm.side.source]
+            _, keys, values = projections(source.self_attn, source.input_layernorm(hidden))
+        assert torch.equal(bank.keys[:, :, -SEGMENT:], keys) and torch.equal(bank.values[:, :, -SEGMENT:], values)

@@ -130,11 +130,12 @@ class Datastore:
             scores = scores.masked_fill(ids_t < 0, float("-inf"))
             return scores, self.values[ids_t.clamp_min(0)]
         best: tuple[torch.Tensor, torch.Tensor] | None = None
+        q_norms = (q * q).sum(-1, keepdim=True) if self.metric == "l2" else None  # [q, 1]
         for lo in range(0, len(self), SEARCH_CHUNK):
             block = self.keys[lo:lo + SEARCH_CHUNK]
             scores = q @ block.T  # [q, chunk]
-            if self.metric == "l2":
-                scores = 2 * scores - (q * q).sum(-1, keepdim=True) - (block * block).sum(-1)
+            if q_norms is not None:  # 2 q.k - |q|^2 - |k|^2, in place
+                scores.mul_(2).sub_(q_norms).sub_((block * block).sum(-1))
             top, idx = top_in_key_order(scores, min(k, block.shape[0]))  # in key order: ties go to the older entry
             idx = idx + lo
             if best is not None:
@@ -253,13 +254,18 @@ class OutputReader:
         neg_dist, tokens = self._retrieve(state, queries)
         if neg_dist.shape[-1] == 0:
             return log_lm
-        weights = torch.softmax(neg_dist.to(log_lm.dtype) / r.output_temperature, dim=-1).nan_to_num(0.0)
+        logits_knn = neg_dist.to(log_lm.dtype)
+        if r.output_temperature != 1.0:  # x / 1 is x: the division is skipped, not changed
+            logits_knn = logits_knn / r.output_temperature
+        weights = torch.softmax(logits_knn, dim=-1).nan_to_num_(0.0)
         p_knn = torch.zeros_like(log_lm).scatter_add_(-1, tokens, weights)  # [batch, n, vocab]
-        log_knn = torch.where(p_knn > 0, p_knn.clamp_min(torch.finfo(p_knn.dtype).tiny).log(), float("-inf"))
+        # log p_kNN, -inf where no neighbour votes; in place (the temporaries are [batch, n, vocab] each).
+        unvoted = p_knn <= 0
+        log_knn = p_knn.clamp_min_(torch.finfo(p_knn.dtype).tiny).log_().masked_fill_(unvoted, float("-inf"))
         lam = r.output_lambda
-        mixed = torch.logaddexp(log_knn + _log(lam), log_lm + _log(1 - lam))
+        mixed = torch.logaddexp(log_knn.add_(_log(lam)), log_lm + _log(1 - lam), out=log_knn)
         has = torch.isfinite(neg_dist).any(-1, keepdim=True)  # [batch, n, 1]: a query with no neighbour keeps p_LM
-        return torch.where(has, mixed, log_lm)
+        return mixed if bool(has.all()) else torch.where(has, mixed, log_lm)
 
     def _trime(self, state: OutputState, logits: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
                ids: torch.Tensor, n_new: int, grad_memory: bool) -> torch.Tensor:

@@ -84,6 +84,8 @@ def top_in_key_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     blocks = n // b  # block j: columns j + t * blocks, t < b; the last n - b * blocks columns are always candidates
     if scores.device.type != "cpu" or rows.shape[0] == 0 or k == n:
         return _topk_in_key_order(rows, k, shape)
+    if k <= FIRST_MAXIMA_K and (pos := _first_maxima(rows, k)) is not None:
+        return rows.gather(1, pos).view(*shape, k), pos.view(*shape, k)
     if b < 2 or blocks <= k:
         if bool(rows.isnan().any()):
             return _topk_in_key_order(rows, k, shape)
@@ -116,6 +118,31 @@ def top_in_key_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     else:
         pos = picked
     return rows.gather(1, pos).view(*shape, k), pos.view(*shape, k)
+
+
+FIRST_MAXIMA_K = 4
+"""Up to this k, `top_in_key_order` picks by k passes of numpy's SIMD argmax (each costs about one `amax`; the
+two-stage selection makes about eight passes): LongMem reads 2 chunks a query at segment 128."""
+
+
+def _first_maxima(rows: torch.Tensor, k: int) -> torch.Tensor | None:
+    """rows [r, n] -> [r, k] positions of each row's k largest values, ascending, the lower position first among
+    equal values (as `_best_positions`), by k argmax passes; None where a pick is NaN or -inf (the general path
+    ranks those rows). Each pick is set to -inf for the next pass and restored before returning."""
+    data = _as_numpy(rows)
+    at = np.arange(data.shape[0])
+    picks = np.empty((data.shape[0], k), dtype=np.int64)
+    values = np.empty((data.shape[0], k), dtype=data.dtype)
+    for t in range(k):
+        picks[:, t] = data.argmax(axis=1)  # the first maximum; a NaN is the maximum
+        values[:, t] = data[at, picks[:, t]]
+        data[at, picks[:, t]] = -np.inf
+    for t in reversed(range(k)):  # in reverse: a position picked twice (at -inf) gets its first value back
+        data[at, picks[:, t]] = values[:, t]
+    if not (values > -np.inf).all():  # NaN or -inf: fewer than k numbers above -inf in some row
+        return None
+    picks.sort(axis=1)
+    return torch.from_numpy(picks)
 
 
 def _topk_in_key_order(rows: torch.Tensor, k: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,11 +308,13 @@ def chunk_queries(queries: torch.Tensor, kind: str) -> torch.Tensor:
 
 def topk_chunk_slots(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int, kind: str,
                      limit: torch.Tensor | None = None, scores: torch.Tensor | None = None,
-                     representatives: int = 0, keyed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     representatives: int = 0, keyed: torch.Tensor | None = None,
+                     block: int = SEARCH_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """The slots of each query's best k // chunk chunks (LongMem's token-to-chunk retrieval).
 
     queries [batch, kv_heads, q, dim], keys [batch, kv_heads, n, dim]; with `limit` [q], query i ranks only the
-    chunks lying wholly in [0, limit[i]); `keyed`: the chunks' `chunk_keys`, when the caller has them. Returns
+    chunks lying wholly in [0, limit[i]); `keyed`: the chunks' `chunk_keys`, when the caller has them;
+    `block`: chunk keys scored per step (`topk_exact`'s chunk). Returns
     (slot indices, found), each [batch, kv_heads, q, k']: k' = the chunks read times `chunk`; found is False for
     slots past the end of a short last chunk or of a chunk not found.
     """
@@ -297,7 +326,7 @@ def topk_chunk_slots(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: i
     if keyed is None:
         keyed = chunk_keys(keys, chunk, kind, scores, representatives)
     # [batch, kv_heads, q, chunks read]
-    scores, best = topk_exact(chunk_queries(queries, kind), keyed, k // chunk, limit=chunk_limit)
+    scores, best = topk_exact(chunk_queries(queries, kind), keyed, k // chunk, chunk=block, limit=chunk_limit)
     slots = (best.unsqueeze(-1) * chunk + torch.arange(chunk, device=best.device)).flatten(-2)
     found = (slots < n) & (scores > float("-inf")).repeat_interleave(chunk, dim=-1)
     return slots.clamp(max=n - 1), found
