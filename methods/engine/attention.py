@@ -37,6 +37,11 @@ from unimem_bench.methods.engine.retrieval import representative_scores, topk_ch
 
 ATTENTION_NAME = "unimem"
 
+# Prefix slots up to which an open prefix (every query reads all of it) is read joined rather than split: the
+# [memory ; segment] copy and its [queries, keys] mask stay under about 1.5 MiB per layer at 4 KV heads of dim 64,
+# 128 queries; pooled tiers (LongT5: 1,024 slots + a 128-slot window) and one-segment windows fall under it.
+JOINED_PREFIX = 2048
+
 def unimem_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -82,7 +87,10 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
                                                                          *eviction.NEEDS_LAST_QUERIES)
     merged = (ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None
               or ctx.bucket_end is not None)
-    if ctx.open_prefix and not merged and policy != "lru":
+    # A small open prefix is read joined: one fused call over [memory ; segment] beats split_read's three calls and
+    # two merges; a large one (a memory at a budget) is read split, which never copies it.
+    small = plan.n_prefix <= JOINED_PREFIX and mem.depth is None and not scored
+    if ctx.open_prefix and not merged and policy != "lru" and not small:
         out, fresh = split_read.split_attention(ctx, mem, query, key, value, scale, scored)
     else:
         out, fresh = joined_read(ctx, layer, mem, query, key, value, scale, scored)
@@ -147,8 +155,11 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         keys, values = key, value
 
     mask = ctx.mask
-    if ctx.open_prefix and prefix_k:  # this read needs the mask the context left out
-        mask = open_mask(plan.n_prefix, key.shape[2], query.dtype, query.device)
+    if ctx.open_prefix and prefix_k:  # this read needs the mask the context left out: built once per context
+        shape = (plan.n_prefix, key.shape[2], query.dtype, query.device)
+        mask = ctx.open_masks.get(shape)
+        if mask is None:
+            mask = ctx.open_masks.setdefault(shape, open_mask(*shape))
     if pad_bias is not None and mask is not None:  # [batch, heads, queries, keys]: the padded slots hidden
         mask = mask + F.pad(pad_bias, (0, mask.shape[-1] - pad_bias.shape[-1]))
     if mask is not None and mask.dim() == 3 and mask.shape[0] != query.shape[1]:

@@ -190,6 +190,9 @@ class SegmentContext:
     open_prefix: bool = False
     """Every query reads every prefix key and the input causally: `mask` is None even with a prefix (`open_mask`
     builds it for a read that needs it; `split_read` needs none)."""
+    open_masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    """By (prefix, local keys, dtype, device): `open_mask`, built by the first layer that reads joined and shared by
+    the others (and by the segments that reuse this context)."""
 
 
 def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryState, plan: SegmentPlan, *,
