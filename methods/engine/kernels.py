@@ -51,7 +51,7 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     group = heads // kv_heads
     if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
         flat = mask.unsqueeze(0) if mask is not None and mask.dim() == 3 else mask  # per-head: [1, heads, ...]
-        return fused_with_lse(query, keys, values, fold_mask(flat, batch, kv_heads), mask is None, scale)
+        return fused_with_lse(query, keys, values, flat, mask is None, scale)
     q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
     if mask is None:
         causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
@@ -72,17 +72,27 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 def fused_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                    causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch's fused CPU kernel with its log-sum-exp, in ONE call for every KV head: the op has no GQA switch, so
-    each KV head becomes a batch row whose keys are expanded to its query heads as a stride-0 view (no copy; one
-    call per KV head before: x0.7-1.0 of its time). `mask`: None, [queries, keys], or folded by `fold_mask`.
-    Returns (out [batch, heads, seq, dim], log-sum-exp [batch, heads, seq])."""
+    """PyTorch's fused CPU kernel with its log-sum-exp, in ONE call for every KV head. `mask`: None, [queries, keys]
+    or [batch or 1, heads or 1, queries, keys]. Returns (out [batch, heads, seq, dim], log-sum-exp [batch, heads,
+    seq]).
+
+    Recent PyTorch (2.13) reads fewer KV heads than query heads itself, as SDPA's GQA switch does (keys never
+    repeated); where it refuses them, each KV head becomes a batch row whose keys are expanded to its query heads as
+    a stride-0 view (no copy; one call per KV head before: x0.7-1.0 of its time, and the native call x0.8 of this).
+    """
     batch, heads, seq, dim = query.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
+    try:
+        out, lse = CPU_FLASH_WITH_LSE(query, keys, values, 0.0, causal, attn_mask=mask, scale=scale)[:2]
+        return out, lse
+    except RuntimeError:
+        if group == 1:
+            raise
     q = query.reshape(batch * kv_heads, group, seq, dim)  # [batch * kv_heads, group, seq, dim]
     k = keys.reshape(batch * kv_heads, 1, n, dim).expand(-1, group, -1, -1)  # no copy
     v = values.reshape(batch * kv_heads, 1, n, dim).expand(-1, group, -1, -1)
-    out, lse = CPU_FLASH_WITH_LSE(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)[:2]
+    out, lse = CPU_FLASH_WITH_LSE(q, k, v, 0.0, causal, attn_mask=fold_mask(mask, batch, kv_heads), scale=scale)[:2]
     return out.reshape(batch, heads, seq, dim), lse.reshape(batch, heads, seq)
 
 
@@ -106,8 +116,8 @@ def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
-        folded = None if bias is None else bias.reshape(batch * kv_heads, 1, 1, -1)  # broadcasts over the group
-        out, lse = fused_with_lse(query, keys, values, folded, False, scale)
+        per_head = None if bias is None else bias.repeat_interleave(group, dim=1)  # [batch, heads, 1, n]
+        out, lse = fused_with_lse(query, keys, values, per_head, False, scale)
     else:
         mask = (torch.zeros(seq, keys.shape[2], dtype=query.dtype, device=query.device) if bias is None
                 else bias.repeat_interleave(group, dim=1).expand(-1, -1, seq, -1))  # [batch, heads, seq, n]
