@@ -128,12 +128,17 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
     pad_bias = None
     prefix_k: list[torch.Tensor] = []
     prefix_v: list[torch.Tensor] = []
+    # Shifted sinks (StreamingLLM) enter the one fused call as zero keys whose per-query logits are the mask's sink
+    # columns (q . 0 + logit): one softmax, no log-sum-exp merge. Under autograd they keep the merge (a mask that
+    # needs a gradient sends SDPA to its math path).
+    fold_sinks = (ctx.sink_shift is not None and ctx.mask is not None and ctx.mask.dim() == 2
+                  and not query.requires_grad)
     if plan.n_global:
         if plan.globals_in_bank:
             prefix_k.append(mem.keys[:, :, :plan.n_global])
             prefix_v.append(mem.values[:, :, :plan.n_global])
         else:
-            prefix_k.append(mem.global_keys)
+            prefix_k.append(torch.zeros_like(mem.global_keys) if fold_sinks else mem.global_keys)
             prefix_v.append(mem.global_values)
     if plan.n_tier:
         prefix_k.append(mem.tier_keys)
@@ -165,14 +170,17 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
     if mask is not None and mask.dim() == 3 and mask.shape[0] != query.shape[1]:
         # LongNet: one row per head offset; head h takes row h mod offsets (as many offsets as heads: the mask as is)
         mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
+    if fold_sinks:  # [batch, heads, queries, keys]: the sink columns (hidden in ctx.mask) carry the sink logits
+        logits = sink_logits(ctx, mem, query, scale)  # [batch, heads, queries, globals]
+        mask = torch.cat([logits, mask[:, plan.n_global:].expand(*logits.shape[:2], -1, -1)], dim=-1)
     lse = None
-    if (ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None
+    if (ctx.topk_end is not None or (ctx.sink_shift is not None and not fold_sinks) or ctx.random_slots is not None
             or ctx.bucket_end is not None):
         out, lse = attention_with_lse(query, keys, values, mask, scale)
         if ctx.bucket_end is not None:
             out, lse = buckets.merge_buckets(config.reading, bank, mem, layer, ctx.topk_start, ctx.bucket_end, query,
                                              out, lse, scale)
-        if ctx.sink_shift is not None:
+        if ctx.sink_shift is not None and not fold_sinks:
             out, lse = merge_sinks(ctx, mem, query, out, lse, scale)
         if ctx.random_slots is not None:
             out, lse = merge_random(ctx, mem, query, out, lse, scale)
@@ -252,13 +260,10 @@ def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out:
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the document globals (attention sinks) at per-query positions sink_shift + 0 .. G-1 to the softmax of
     `out`/`lse` (StreamingLLM's rolling cache, re-rotated inside the cache); returns the merged (out, lse)."""
-    assert ctx.sink_rotation is not None and mem.global_values is not None
+    assert mem.global_values is not None
     batch, heads, seq, dim = query.shape
-    keys = placed_sinks(ctx, mem, query.dtype, scale)  # [batch, kv_heads, globals, 2 * dim], scaled
-    kv_heads = keys.shape[1]
-    # q . R(s) k = [q cos(s) ; q sin(s)] . [k ; rotate_half(k)]: each query reads the globals moved up by its shift.
-    turned = (torch.cat([query, query], dim=-1) * ctx.sink_rotation).reshape(batch, kv_heads, -1, 2 * dim)
-    logits = torch.matmul(turned, keys.transpose(-1, -2))  # [batch, kv_heads, group * seq, globals]
+    kv_heads = mem.global_values.shape[1]
+    logits = sink_logits(ctx, mem, query, scale).reshape(batch, kv_heads, -1, mem.global_values.shape[2])
     # One softmax over [this attention's keys ; the globals]: its log-sum-exp stands for the first part.
     joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, -1, 1), logits], dim=-1)
     total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, group * seq, 1]
@@ -266,6 +271,19 @@ def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out:
     out_s = torch.matmul(probs[..., 1:], mem.global_values.to(query.dtype))  # [batch, kv_heads, group * seq, dim]
     merged = out.reshape(batch, kv_heads, -1, dim) * probs[..., :1] + out_s
     return merged.reshape(batch, heads, seq, dim), total.reshape(batch, heads, seq)
+
+
+def sink_logits(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each query's scaled logits [batch, heads, seq, G] of the document globals at its positions sink_shift + 0 ..
+    G-1."""
+    assert ctx.sink_rotation is not None
+    batch, heads, seq, dim = query.shape
+    keys = placed_sinks(ctx, mem, query.dtype, scale)  # [batch, kv_heads, globals, 2 * dim], scaled
+    kv_heads = keys.shape[1]
+    # q . R(s) k = [q cos(s) ; q sin(s)] . [k ; rotate_half(k)]: each query reads the globals moved up by its shift.
+    turned = (torch.cat([query, query], dim=-1) * ctx.sink_rotation).reshape(batch, kv_heads, -1, 2 * dim)
+    logits = torch.matmul(turned, keys.transpose(-1, -2))  # [batch, kv_heads, group * seq, globals]
+    return logits.view(batch, heads, seq, -1)
 
 
 def placed_sinks(ctx: SegmentContext, mem: LayerMemory, dtype: torch.dtype, scale: float) -> torch.Tensor:
