@@ -133,6 +133,8 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
     # needs a gradient sends SDPA to its math path).
     fold_sinks = (ctx.sink_shift is not None and ctx.mask is not None and ctx.mask.dim() == 2
                   and not query.requires_grad)
+    # BigBird's random slots opened in a mask over the whole bank (`SegmentContext.random_mask`): no merge either.
+    fold_random = ctx.random_mask is not None and mem.depth is None
     if plan.n_global:
         if plan.globals_in_bank:
             prefix_k.append(mem.keys[:, :, :plan.n_global])
@@ -149,8 +151,9 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         prefix_v.append(budgets.left_pad(mem.values, plan.n_bank, 0.0, value[:, :, :0]))
         pad_bias = budgets.padding_bias(ids, query.shape[1], query.dtype)
     elif plan.n_window:
-        prefix_k.append(mem.keys[:, :, plan.n_bank - plan.n_window:])
-        prefix_v.append(mem.values[:, :, plan.n_bank - plan.n_window:])
+        first = (plan.n_global if plan.globals_in_bank else 0) if fold_random else plan.n_bank - plan.n_window
+        prefix_k.append(mem.keys[:, :, first:])
+        prefix_v.append(mem.values[:, :, first:])
     if prefix_k:
         keys = torch.cat([*prefix_k, key], dim=2)  # [batch, kv_heads, prefix + seq, dim]
         if plan.place is not None:  # compact: stored keys (position 0) moved to positions 0 .. prefix - 1
@@ -159,7 +162,7 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
     else:
         keys, values = key, value
 
-    mask = ctx.mask
+    mask = ctx.random_mask if fold_random else ctx.mask
     if ctx.open_prefix and prefix_k:  # this read needs the mask the context left out: built once per context
         shape = (plan.n_prefix, key.shape[2], query.dtype, query.device)
         mask = ctx.open_masks.get(shape)
@@ -174,15 +177,15 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         logits = sink_logits(ctx, mem, query, scale)  # [batch, heads, queries, globals]
         mask = torch.cat([logits, mask[:, plan.n_global:].expand(*logits.shape[:2], -1, -1)], dim=-1)
     lse = None
-    if (ctx.topk_end is not None or (ctx.sink_shift is not None and not fold_sinks) or ctx.random_slots is not None
-            or ctx.bucket_end is not None):
+    if (ctx.topk_end is not None or (ctx.sink_shift is not None and not fold_sinks)
+            or (ctx.random_slots is not None and not fold_random) or ctx.bucket_end is not None):
         out, lse = attention_with_lse(query, keys, values, mask, scale)
         if ctx.bucket_end is not None:
             out, lse = buckets.merge_buckets(config.reading, bank, mem, layer, ctx.topk_start, ctx.bucket_end, query,
                                              out, lse, scale)
         if ctx.sink_shift is not None and not fold_sinks:
             out, lse = merge_sinks(ctx, mem, query, out, lse, scale)
-        if ctx.random_slots is not None:
+        if ctx.random_slots is not None and not fold_random:
             out, lse = merge_random(ctx, mem, query, out, lse, scale)
         if ctx.topk_end is not None:
             out = merge_topk(ctx, mem, query, out, lse, scale)
