@@ -261,9 +261,10 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
 def folded_random(plan: SegmentPlan, mask: torch.Tensor | None, random: torch.Tensor | None, start: int,
                   shift: torch.Tensor | None) -> torch.Tensor | None:
     """`SegmentContext.random_mask`, where the random slots can be folded: stored keys read where they lie (no
-    compact placement to re-lay), no pooled tier and no shifted sinks between the globals and the window."""
+    compact placement to re-lay), a window (the joined read takes the bank with it), no pooled tier and no
+    shifted sinks."""
     if (random is None or mask is None or mask.dim() != 2 or plan.place is not None or plan.n_tier
-            or shift is not None or plan.n_window > plan.n_bank - start):
+            or shift is not None or not 0 < plan.n_window <= plan.n_bank - start):
         return None
     return random_mask(mask, random, plan.n_global, plan.n_bank, plan.n_window, start)
 
