@@ -37,6 +37,11 @@ from unimem_bench.methods.engine.retrieval import representative_scores, topk_ch
 
 ATTENTION_NAME = "unimem"
 
+# Prefix slots up to which an open prefix (every query reads all of it) is read joined rather than split: the
+# [memory ; segment] copy and its [queries, keys] mask stay under about 1.5 MiB per layer at 4 KV heads of dim 64,
+# 128 queries; pooled tiers (LongT5: 1,024 slots + a 128-slot window) and one-segment windows fall under it.
+JOINED_PREFIX = 2048
+
 def unimem_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -82,7 +87,10 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
                                                                          *eviction.NEEDS_LAST_QUERIES)
     merged = (ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None
               or ctx.bucket_end is not None)
-    if ctx.open_prefix and not merged and policy != "lru":
+    # A small open prefix is read joined: one fused call over [memory ; segment] beats split_read's three calls and
+    # two merges; a large one (a memory at a budget) is read split, which never copies it.
+    small = plan.n_prefix <= JOINED_PREFIX and mem.depth is None and not scored
+    if ctx.open_prefix and not merged and policy != "lru" and not small:
         out, fresh = split_read.split_attention(ctx, mem, query, key, value, scale, scored)
     else:
         out, fresh = joined_read(ctx, layer, mem, query, key, value, scale, scored)
@@ -120,12 +128,19 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
     pad_bias = None
     prefix_k: list[torch.Tensor] = []
     prefix_v: list[torch.Tensor] = []
+    # Shifted sinks (StreamingLLM) enter the one fused call as zero keys whose per-query logits are the mask's sink
+    # columns (q . 0 + logit): one softmax, no log-sum-exp merge. Under autograd they keep the merge (a mask that
+    # needs a gradient sends SDPA to its math path).
+    fold_sinks = (ctx.sink_shift is not None and ctx.mask is not None and ctx.mask.dim() == 2
+                  and not query.requires_grad)
+    # BigBird's random slots opened in a mask over the whole bank (`SegmentContext.random_mask`): no merge either.
+    fold_random = ctx.random_mask is not None and mem.depth is None
     if plan.n_global:
         if plan.globals_in_bank:
             prefix_k.append(mem.keys[:, :, :plan.n_global])
             prefix_v.append(mem.values[:, :, :plan.n_global])
         else:
-            prefix_k.append(mem.global_keys)
+            prefix_k.append(torch.zeros_like(mem.global_keys) if fold_sinks else mem.global_keys)
             prefix_v.append(mem.global_values)
     if plan.n_tier:
         prefix_k.append(mem.tier_keys)
@@ -136,8 +151,9 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         prefix_v.append(budgets.left_pad(mem.values, plan.n_bank, 0.0, value[:, :, :0]))
         pad_bias = budgets.padding_bias(ids, query.shape[1], query.dtype)
     elif plan.n_window:
-        prefix_k.append(mem.keys[:, :, plan.n_bank - plan.n_window:])
-        prefix_v.append(mem.values[:, :, plan.n_bank - plan.n_window:])
+        first = (plan.n_global if plan.globals_in_bank else 0) if fold_random else plan.n_bank - plan.n_window
+        prefix_k.append(mem.keys[:, :, first:])
+        prefix_v.append(mem.values[:, :, first:])
     if prefix_k:
         keys = torch.cat([*prefix_k, key], dim=2)  # [batch, kv_heads, prefix + seq, dim]
         if plan.place is not None:  # compact: stored keys (position 0) moved to positions 0 .. prefix - 1
@@ -146,24 +162,30 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
     else:
         keys, values = key, value
 
-    mask = ctx.mask
-    if ctx.open_prefix and prefix_k:  # this read needs the mask the context left out
-        mask = open_mask(plan.n_prefix, key.shape[2], query.dtype, query.device)
+    mask = ctx.random_mask if fold_random else ctx.mask
+    if ctx.open_prefix and prefix_k:  # this read needs the mask the context left out: built once per context
+        shape = (plan.n_prefix, key.shape[2], query.dtype, query.device)
+        mask = ctx.open_masks.get(shape)
+        if mask is None:
+            mask = ctx.open_masks.setdefault(shape, open_mask(*shape))
     if pad_bias is not None and mask is not None:  # [batch, heads, queries, keys]: the padded slots hidden
         mask = mask + F.pad(pad_bias, (0, mask.shape[-1] - pad_bias.shape[-1]))
     if mask is not None and mask.dim() == 3 and mask.shape[0] != query.shape[1]:
         # LongNet: one row per head offset; head h takes row h mod offsets (as many offsets as heads: the mask as is)
         mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
+    if fold_sinks:  # [batch, heads, queries, keys]: the sink columns (hidden in ctx.mask) carry the sink logits
+        logits = sink_logits(ctx, mem, query, scale)  # [batch, heads, queries, globals]
+        mask = torch.cat([logits, mask[:, plan.n_global:].expand(*logits.shape[:2], -1, -1)], dim=-1)
     lse = None
-    if (ctx.topk_end is not None or ctx.sink_shift is not None or ctx.random_slots is not None
-            or ctx.bucket_end is not None):
+    if (ctx.topk_end is not None or (ctx.sink_shift is not None and not fold_sinks)
+            or (ctx.random_slots is not None and not fold_random) or ctx.bucket_end is not None):
         out, lse = attention_with_lse(query, keys, values, mask, scale)
         if ctx.bucket_end is not None:
             out, lse = buckets.merge_buckets(config.reading, bank, mem, layer, ctx.topk_start, ctx.bucket_end, query,
                                              out, lse, scale)
-        if ctx.sink_shift is not None:
+        if ctx.sink_shift is not None and not fold_sinks:
             out, lse = merge_sinks(ctx, mem, query, out, lse, scale)
-        if ctx.random_slots is not None:
+        if ctx.random_slots is not None and not fold_random:
             out, lse = merge_random(ctx, mem, query, out, lse, scale)
         if ctx.topk_end is not None:
             out = merge_topk(ctx, mem, query, out, lse, scale)
@@ -244,13 +266,10 @@ def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out:
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the document globals (attention sinks) at per-query positions sink_shift + 0 .. G-1 to the softmax of
     `out`/`lse` (StreamingLLM's rolling cache, re-rotated inside the cache); returns the merged (out, lse)."""
-    assert ctx.sink_rotation is not None and mem.global_values is not None
+    assert mem.global_values is not None
     batch, heads, seq, dim = query.shape
-    keys = placed_sinks(ctx, mem, query.dtype, scale)  # [batch, kv_heads, globals, 2 * dim], scaled
-    kv_heads = keys.shape[1]
-    # q . R(s) k = [q cos(s) ; q sin(s)] . [k ; rotate_half(k)]: each query reads the globals moved up by its shift.
-    turned = (torch.cat([query, query], dim=-1) * ctx.sink_rotation).reshape(batch, kv_heads, -1, 2 * dim)
-    logits = torch.matmul(turned, keys.transpose(-1, -2))  # [batch, kv_heads, group * seq, globals]
+    kv_heads = mem.global_values.shape[1]
+    logits = sink_logits(ctx, mem, query, scale).reshape(batch, kv_heads, -1, mem.global_values.shape[2])
     # One softmax over [this attention's keys ; the globals]: its log-sum-exp stands for the first part.
     joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, -1, 1), logits], dim=-1)
     total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, group * seq, 1]
@@ -258,6 +277,19 @@ def merge_sinks(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out:
     out_s = torch.matmul(probs[..., 1:], mem.global_values.to(query.dtype))  # [batch, kv_heads, group * seq, dim]
     merged = out.reshape(batch, kv_heads, -1, dim) * probs[..., :1] + out_s
     return merged.reshape(batch, heads, seq, dim), total.reshape(batch, heads, seq)
+
+
+def sink_logits(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each query's scaled logits [batch, heads, seq, G] of the document globals at its positions sink_shift + 0 ..
+    G-1."""
+    assert ctx.sink_rotation is not None
+    batch, heads, seq, dim = query.shape
+    keys = placed_sinks(ctx, mem, query.dtype, scale)  # [batch, kv_heads, globals, 2 * dim], scaled
+    kv_heads = keys.shape[1]
+    # q . R(s) k = [q cos(s) ; q sin(s)] . [k ; rotate_half(k)]: each query reads the globals moved up by its shift.
+    turned = (torch.cat([query, query], dim=-1) * ctx.sink_rotation).reshape(batch, kv_heads, -1, 2 * dim)
+    logits = torch.matmul(turned, keys.transpose(-1, -2))  # [batch, kv_heads, group * seq, globals]
+    return logits.view(batch, heads, seq, -1)
 
 
 def placed_sinks(ctx: SegmentContext, mem: LayerMemory, dtype: torch.dtype, scale: float) -> torch.Tensor:

@@ -51,19 +51,7 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     group = heads // kv_heads
     if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
         flat = mask.unsqueeze(0) if mask is not None and mask.dim() == 3 else mask  # per-head: [1, heads, ...]
-        if group == 1:
-            return CPU_FLASH_WITH_LSE(query, keys, values, 0.0, mask is None, attn_mask=flat, scale=scale)[:2]
-        # The fused op has no GQA switch: one call per KV head, its keys expanded to the group as a stride-0 view
-        # (repeating them copied the whole memory `group` times, the largest transient of an eviction run).
-        parts = []
-        for h in range(kv_heads):
-            heads_h = slice(h * group, (h + 1) * group)
-            mask_h = flat[:, heads_h] if flat is not None and flat.dim() == 4 and flat.shape[1] > 1 else flat
-            k = keys[:, h:h + 1].expand(-1, group, -1, -1)  # [batch, group, keys, dim], no copy
-            v = values[:, h:h + 1].expand(-1, group, -1, -1)
-            parts.append(CPU_FLASH_WITH_LSE(query[:, heads_h], k, v, 0.0, mask is None, attn_mask=mask_h,
-                                            scale=scale)[:2])
-        return torch.cat([o for o, _ in parts], dim=1), torch.cat([lse for _, lse in parts], dim=1)
+        return fused_with_lse(query, keys, values, flat, mask is None, scale)
     q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
     if mask is None:
         causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
@@ -82,6 +70,43 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return out, torch.cat(lses, dim=3).reshape(batch, heads, seq)
 
 
+def fused_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's fused CPU kernel with its log-sum-exp, in ONE call for every KV head. `mask`: None, [queries, keys]
+    or [batch or 1, heads or 1, queries, keys]. Returns (out [batch, heads, seq, dim], log-sum-exp [batch, heads,
+    seq]).
+
+    Recent PyTorch (2.13) reads fewer KV heads than query heads itself, as SDPA's GQA switch does (keys never
+    repeated); where it refuses them, each KV head becomes a batch row whose keys are expanded to its query heads as
+    a stride-0 view (no copy; one call per KV head before: x0.7-1.0 of its time, and the native call x0.8 of this).
+    """
+    batch, heads, seq, dim = query.shape
+    kv_heads, n = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    try:
+        out, lse = CPU_FLASH_WITH_LSE(query, keys, values, 0.0, causal, attn_mask=mask, scale=scale)[:2]
+        return out, lse
+    except RuntimeError:
+        if group == 1:
+            raise
+    q = query.reshape(batch * kv_heads, group, seq, dim)  # [batch * kv_heads, group, seq, dim]
+    k = keys.reshape(batch * kv_heads, 1, n, dim).expand(-1, group, -1, -1)  # no copy
+    v = values.reshape(batch * kv_heads, 1, n, dim).expand(-1, group, -1, -1)
+    out, lse = CPU_FLASH_WITH_LSE(q, k, v, 0.0, causal, attn_mask=fold_mask(mask, batch, kv_heads), scale=scale)[:2]
+    return out.reshape(batch, heads, seq, dim), lse.reshape(batch, heads, seq)
+
+
+def fold_mask(mask: torch.Tensor | None, batch: int, kv_heads: int) -> torch.Tensor | None:
+    """A mask [queries, keys] (as is) or [batch or 1, heads or 1, queries, keys] as `fused_with_lse` reads it:
+    [batch * kv_heads or 1, group or 1, queries, keys]."""
+    if mask is None or mask.dim() == 2:
+        return mask
+    if mask.shape[1] == 1:  # the same for every head
+        return mask if mask.shape[0] == 1 else mask.repeat_interleave(kv_heads, dim=0)
+    heads = mask.shape[1]
+    return mask.expand(batch, -1, -1, -1).reshape(batch * kv_heads, heads // kv_heads, *mask.shape[2:])
+
+
 def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Every query over every key of one block (no causality), keys [batch, kv_heads, n, dim] (a view is read in
@@ -91,14 +116,8 @@ def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
-        if group == 1:
-            out, lse = CPU_FLASH_WITH_LSE(query, keys, values, 0.0, False, attn_mask=bias, scale=scale)[:2]
-        else:  # per KV head on stride-0 expanded keys, as attention_with_lse; the bias broadcasts over the group
-            parts = [CPU_FLASH_WITH_LSE(query[:, h * group:(h + 1) * group], keys[:, h:h + 1].expand(-1, group, -1, -1),
-                                        values[:, h:h + 1].expand(-1, group, -1, -1), 0.0, False,
-                                        attn_mask=None if bias is None else bias[:, h:h + 1], scale=scale)[:2]
-                     for h in range(kv_heads)]
-            out, lse = torch.cat([o for o, _ in parts], dim=1), torch.cat([s for _, s in parts], dim=1)
+        per_head = None if bias is None else bias.repeat_interleave(group, dim=1)  # [batch, heads, 1, n]
+        out, lse = fused_with_lse(query, keys, values, per_head, False, scale)
     else:
         mask = (torch.zeros(seq, keys.shape[2], dtype=query.dtype, device=query.device) if bias is None
                 else bias.repeat_interleave(group, dim=1).expand(-1, -1, seq, -1))  # [batch, heads, seq, n]

@@ -81,7 +81,7 @@ def pool_tokens(x: torch.Tensor, ratio: int) -> torch.Tensor:
     parts = [x[:, :, :full].unflatten(2, (-1, ratio)).mean(3)]
     if full < x.shape[2]:
         parts.append(x[:, :, full:].mean(2, keepdim=True))
-    return torch.cat(parts, dim=2)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 @dataclass
@@ -211,9 +211,11 @@ class LayerMemory:
         """Pool the slots this write evicts from the direct bank (its oldest held ones, then any of the new slots
         [batch, kv_heads, n_new, dim] dropped at once) into the pooled tier, under the tier's overflow policy."""
         evicted_k, evicted_v = keys[:, :, :plan.drop_new], values[:, :, :plan.drop_new]
-        if self.keys is not None and plan.drop_old:
-            evicted_k = torch.cat([self.keys[:, :, :plan.drop_old], evicted_k], dim=2)
-            evicted_v = torch.cat([self.values[:, :, :plan.drop_old], evicted_v], dim=2)
+        if self.keys is not None and self.values is not None and plan.drop_old:
+            held_k, held_v = self.keys[:, :, :plan.drop_old], self.values[:, :, :plan.drop_old]
+            # Pooling reads the views in place: a concatenation only when this write's own slots are evicted too.
+            evicted_k = torch.cat([held_k, evicted_k], dim=2) if plan.drop_new else held_k
+            evicted_v = torch.cat([held_v, evicted_v], dim=2) if plan.drop_new else held_v
         if not evicted_k.shape[2]:
             return
         ratio = config.writing.pool_ratio

@@ -102,6 +102,23 @@ def random_slots(config: UniMemConfig, plan: WindowPlan, segment: int, queries: 
     return table.to(queries.device)[blocks - first_block]
 
 
+def random_mask(mask: torch.Tensor, random: torch.Tensor, n_global: int, n_bank: int, n_window: int,
+                start: int) -> torch.Tensor:
+    """BigBird's random slots folded into the additive mask: `mask` [queries, globals + window + local keys] (0 /
+    -inf) re-laid over [globals ; bank slots start .. n_bank - 1 ; local] with each query's `random` slots [queries,
+    R] (bank indices, -1: none) opened, so one softmax reads window, globals and random slots with no merge."""
+    n_query = mask.shape[0]
+    n_bank_keys = n_bank - start
+    n_local = mask.shape[1] - n_global - n_window
+    out = torch.full((n_query, n_global + n_bank_keys + n_local), float("-inf"), dtype=mask.dtype, device=mask.device)
+    out[:, :n_global] = mask[:, :n_global]
+    out[:, n_global + n_bank_keys - n_window:] = mask[:, n_global:]  # the window is the bank's last slots, then local
+    # Padding (-1) opens the query's own local key instead, which it reads anyway.
+    own = n_global + n_bank_keys + n_local - n_query + torch.arange(n_query, device=mask.device)[:, None]
+    columns = torch.where(random >= 0, random - start + n_global, own)
+    return out.scatter_(1, columns, 0.0)
+
+
 def dilated_mask(config: UniMemConfig, state: MemoryState, plan: WindowPlan, queries: torch.Tensor,
                  reach: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """LongNet's patterns as an additive mask [offsets, queries, window + local keys]: log(number of patterns holding

@@ -16,7 +16,7 @@ import torch
 
 from unimem_bench.methods.config import UniMemConfig, dense_reading
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState, overflow_drop
-from unimem_bench.methods.engine.patterns import DilatedKeys, dilated_keys, dilated_mask, random_reads
+from unimem_bench.methods.engine.patterns import DilatedKeys, dilated_keys, dilated_mask, random_mask, random_reads
 
 Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """The model's rotary embedding, or anything called like it: (probe, positions [1, n]) -> (cos, sin) [1, n, dim]."""
@@ -190,6 +190,13 @@ class SegmentContext:
     open_prefix: bool = False
     """Every query reads every prefix key and the input causally: `mask` is None even with a prefix (`open_mask`
     builds it for a read that needs it; `split_read` needs none)."""
+    random_mask: torch.Tensor | None = None
+    """[queries, globals + bank slots past the bank globals + local keys] `mask` over the whole bank with each
+    query's random slots opened (`patterns.random_mask`): the joined read then takes the whole bank and needs no
+    merge; None where the random slots are merged apart (no random slots, compact positions, a pooled tier)."""
+    open_masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    """By (prefix, local keys, dtype, device): `open_mask`, built by the first layer that reads joined and shared by
+    the others (and by the segments that reuse this context)."""
 
 
 def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryState, plan: SegmentPlan, *,
@@ -245,10 +252,21 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
         cos, sin = plan.place  # [n_prefix, head_dim]; shifts lie in 0 .. n_window
         rotation = torch.cat([cos[shift], sin[shift]], dim=-1)  # [queries, 2 * head_dim]
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, open_prefix=open_prefix,
-                          topk_end=topk_end,
+                          topk_end=topk_end, random_mask=folded_random(plan, mask, random, start, shift),
                           topk_start=start, sink_shift=shift, sink_rotation=rotation, random_slots=random,
                           random_blocks=random_blocks, random_index=random_index, random_padded=random_padded,
                           bucket_end=bucket_end, dense=dense, dilated=dilated)
+
+
+def folded_random(plan: SegmentPlan, mask: torch.Tensor | None, random: torch.Tensor | None, start: int,
+                  shift: torch.Tensor | None) -> torch.Tensor | None:
+    """`SegmentContext.random_mask`, where the random slots can be folded: stored keys read where they lie (no
+    compact placement to re-lay), a window (the joined read takes the bank with it), no pooled tier and no
+    shifted sinks."""
+    if (random is None or mask is None or mask.dim() != 2 or plan.place is not None or plan.n_tier
+            or shift is not None or not 0 < plan.n_window <= plan.n_bank - start):
+        return None
+    return random_mask(mask, random, plan.n_global, plan.n_bank, plan.n_window, start)
 
 
 ContextCache = dict[tuple, tuple[UniMemConfig, torch.Tensor | None, SegmentContext] | None]
@@ -283,6 +301,7 @@ def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[
         if r.random_slots:
             ctx.random_slots, ctx.random_blocks, ctx.random_index, ctx.random_padded = random_reads(
                 config, plan, state.segments, torch.arange(n_query, device=device), ctx.topk_start)
+            ctx.random_mask = folded_random(plan, ctx.mask, ctx.random_slots, ctx.topk_start, ctx.sink_shift)
         return ctx
     ctx = segment_context(config, layers, state, plan, query_start=0, n_query=n_query, dtype=dtype, device=device)
     if len(cache) >= 64:  # shapes of a growing memory (each seen once) do not pile up
