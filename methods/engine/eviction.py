@@ -153,19 +153,22 @@ def block_logits(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | N
     `first_key` (not None) makes the block the input's keys from that index, seen causally."""
     batch, heads, _, dim = query.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
     wide = torch.promote_types(query.dtype, torch.float32)
-    k = keys.to(wide)
+    k = keys.to(wide).reshape(batch * kv_heads, n, dim).transpose(1, 2)  # [batch * kv_heads, dim, n]
     rows = max(1, BLOCK_ELEMENTS // (batch * heads * n))
     for start in range(lo, hi, rows):
         stop = min(hi, start + rows)
-        q = query[:, :, start:stop].to(wide).reshape(batch, kv_heads, heads // kv_heads, stop - start, dim)
-        logits = torch.einsum("bkgsd,bktd->bkgst", q, k).mul_(scale)
+        q = query[:, :, start:stop].to(wide).reshape(batch * kv_heads, group * (stop - start), dim)
+        # The batched product einsum("bkgsd,bktd->bkgst") makes, called directly (einsum's planning cost a third).
+        logits = torch.bmm(q, k).view(batch, kv_heads, group, stop - start, n).mul_(scale)
         if bias is not None:
             logits.add_(bias.to(wide).unsqueeze(2))
         if first_key is not None:
-            later = (first_key + torch.arange(n, device=query.device))[None, :] > torch.arange(
-                start, stop, device=query.device)[:, None]  # [rows, n]
-            logits.masked_fill_(later, float("-inf"))
+            # -inf where key first_key + j comes after row start + r (j - r > start - first_key), added as a
+            # [rows, n] bias: masked_fill_ with a broadcast boolean mask took 5x as long.
+            later = torch.full((stop - start, n), float("-inf"), dtype=wide, device=query.device)
+            logits.add_(later.triu_(start - first_key + 1))
         yield start, logits
 
 
