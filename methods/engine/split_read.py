@@ -122,7 +122,7 @@ def split_attention(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, 
               ((first, start, logits) for first, keys, _, bias in key_blocks(parts, plan.place, query.dtype)
                for start, logits in eviction.block_logits(query, keys, bias, scale, lo, hi)))
     segment = ((n_memory, start, logits) for start, logits in eviction.block_logits(
-        query, key[:, :, plan.n_read:plan.n_read + plan.n_seg], None, scale, lo, hi, first_key=plan.n_read))
+        query, key[:, :, plan.n_read:plan.n_read + plan.n_seg], None, scale, lo, hi))
     fresh = eviction.block_scores(m, itertools.chain(memory, segment), lse, n_memory=n_memory, n_read=plan.n_read,
                                   n_seg=plan.n_seg, n_observe=plan.n_observe)
     return out, fresh
