@@ -150,8 +150,7 @@ class LayerMemory:
             self.usage.note_uniform(n_bank + n_global, batch, like.shape[1], tokens)
         held = self.held_slots() if self.depth is not None else None
         if held is not None:  # per-layer/per-head budgets: a budgeted bank reads what it holds
-            self.usage.note_held(held, tokens)
-            slots = int(held.sum()) // held.shape[1] // batch
+            slots = self.usage.note_held(held, tokens) // held.shape[1] // batch
         self.usage.read += slots * batch
         if self.has_evicted:
             self.usage.read_compressed += slots * batch
