@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from unimem_bench.methods.config import Management
+from unimem_bench.methods.engine import eviction
 
 
 def layer_size(m: Management, size: int, rank: int, n_layers: int, tokens: int = 0) -> int:
@@ -57,6 +58,10 @@ def keep_slots(m: Management, scores: torch.Tensor, ids: torch.Tensor, budget: i
     tokens (ids >= end_id - m.recent) are protected."""
     batch, kv_heads, n = scores.shape
     valid = ids >= 0
+    if m.head_budget == "uniform" and bool(valid.all()):
+        # Every head keeps min(n, budget) of unpadded candidates (PyramidKV's layers once full): the uniform
+        # selection, without the padding's bookkeeping (half the tensor operations).
+        return eviction.keep_indices(m, scores, ids, min(n, budget), end_id)
     protect = valid & ((ids < m.sinks) | (ids >= end_id - m.recent))
     rank = scores.to(torch.float64).masked_fill(protect, float("inf")).masked_fill(~valid, float("-inf"))
     # Within a head: by rank, then newer first (flipped, so a stable sort prefers the later candidate).
