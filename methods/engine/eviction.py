@@ -219,7 +219,9 @@ def combine(m: Management, held: torch.Tensor | None, fresh: torch.Tensor | None
 def keep_indices(m: Management, scores: torch.Tensor, ids: torch.Tensor, kept: int, end_id: int) -> torch.Tensor:
     """Candidate indices [batch, kv_heads, kept] to keep, in document order: sinks (ids < m.sinks) and recent tokens
     (ids >= end_id - m.recent) first, then the highest scores, a tie kept for the newer slot."""
-    protect = (ids < m.sinks) | (ids >= end_id - m.recent)
+    protect = ids >= end_id - m.recent
+    if m.sinks:  # ids are never negative here: without sinks nothing more is protected
+        protect |= ids < m.sinks
     rank = scores.masked_fill(protect, float("inf")).flip(-1)  # flipped: a stable sort then prefers newer slots
     order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :kept]
     return (scores.shape[-1] - 1 - order).sort(dim=-1).values
