@@ -63,7 +63,7 @@ def prefix_parts(plan: SegmentPlan, mem: LayerMemory) -> list[PrefixPart]:
     if plan.n_window and mem.depth is not None:
         if mem.keys is not None and mem.values is not None and mem.ids is not None:
             width = mem.keys.shape[2]
-            padded = mem.ids if bool((mem.ids < 0).any()) else None
+            padded = mem.ids if mem.padded else None
             parts.append(PrefixPart(mem.keys, mem.values, start + plan.n_bank - width, padded))
     elif plan.n_window:
         assert mem.keys is not None and mem.values is not None
