@@ -268,3 +268,25 @@ def test_budgeted_banks_read_in_key_blocks_match_the_reference(spec: EvictionSpe
     nll, held, _ = engine_held(model, spec, doc)
     torch.testing.assert_close(nll.double(), ref_nll, atol=ATOL, rtol=0)
     assert held == ref_held
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_padded_banks_compact_in_place_as_a_fresh_gather(seed, monkeypatch) -> None:
+    """`take_padded` in place (heads moving slots left and right, blocks smaller than a head) against the gather
+    into a new tensor, for random per-head keeps of a padded bank."""
+    monkeypatch.setattr("unimem_bench.methods.engine.eviction.TAKE_BLOCK", 3)
+    gen = torch.Generator().manual_seed(seed)
+    batch, kv_heads, n_held, n_new, dim = 2, 3, 17, 5, 4
+    for width in (n_held, n_held - 4, 9):
+        keep = torch.full((batch, kv_heads, width), -1, dtype=torch.long)
+        for b in range(batch):
+            for h in range(kv_heads):
+                count = int(torch.randint(0, width + 1, (1,), generator=gen))
+                chosen = torch.randperm(n_held + n_new, generator=gen)[:count].sort().values
+                keep[b, h, width - count:] = chosen
+        held = torch.randn(batch, kv_heads, n_held, dim, generator=gen)
+        new = torch.randn(batch, kv_heads, n_new, dim, generator=gen)
+        want = budgets.take_padded(held.clone(), new, keep, padded=True, in_place=False)
+        got = budgets.take_padded(held, new, keep, padded=True, in_place=True)
+        assert torch.equal(got, want)
+        assert got.data_ptr() == held.data_ptr()  # compacted inside the held bank

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from unimem_bench.methods.config import Management
+from unimem_bench.methods.engine import eviction
 
 
 def layer_size(m: Management, size: int, rank: int, n_layers: int, tokens: int = 0) -> int:
@@ -57,6 +58,10 @@ def keep_slots(m: Management, scores: torch.Tensor, ids: torch.Tensor, budget: i
     tokens (ids >= end_id - m.recent) are protected."""
     batch, kv_heads, n = scores.shape
     valid = ids >= 0
+    if m.head_budget == "uniform" and bool(valid.all()):
+        # Every head keeps min(n, budget) of unpadded candidates (PyramidKV's layers once full): the uniform
+        # selection, without the padding's bookkeeping (half the tensor operations).
+        return eviction.keep_indices(m, scores, ids, min(n, budget), end_id)
     protect = valid & ((ids < m.sinks) | (ids >= end_id - m.recent))
     rank = scores.to(torch.float64).masked_fill(protect, float("inf")).masked_fill(~valid, float("-inf"))
     # Within a head: by rank, then newer first (flipped, so a stable sort prefers the later candidate).
@@ -103,3 +108,40 @@ def padding_bias(ids: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Ten
         return None
     bias = torch.zeros(pad.shape, dtype=dtype, device=ids.device).masked_fill(pad, float("-inf"))
     return bias.repeat_interleave(heads // ids.shape[1], dim=1).unsqueeze(2)
+
+
+def take_padded(held: torch.Tensor | None, new: torch.Tensor, keep: torch.Tensor, padded: bool,
+                in_place: bool) -> torch.Tensor:
+    """`keep_slots`' candidates [batch, kv_heads, width] (-1: padding, zeros) of [held ; new] ([batch, kv_heads,
+    n, dim] each), like `eviction.take` with the padding filled with zeros; `padded`: keep has some -1.
+
+    `in_place` (nothing else reads `held`): a bank that does not grow is compacted inside `held`, one KV head at a
+    time, without a second copy of the layer (AdaKV's heads keep different numbers of slots, so a head can move
+    its slots right as well as left): the slots that move left go first, from the left, then those that move right,
+    from the right, eviction.TAKE_BLOCK slots at a time, so no slot is overwritten before it is read."""
+    if not padded:
+        return eviction.take(held, new, keep, in_place)
+    pad = keep < 0
+    if held is None or not in_place or keep.shape[2] > held.shape[2]:
+        return eviction.take(held, new, keep.clamp(min=0)).masked_fill_(pad.unsqueeze(-1), 0.0)
+    n_held, width = held.shape[2], keep.shape[2]
+    out = held[:, :, :width]
+    first = pad.sum(-1).tolist()  # [batch][kv_heads] first kept index per head
+    from_held = (keep < n_held).sum(-1).tolist()  # padding counts here too: first + held sources
+    for b, heads in enumerate(first):
+        for h, lo in enumerate(heads):
+            hi = from_held[b][h]  # [lo, hi): kept held slots; keep - index is non-decreasing along them
+            source = keep[b, h, lo:hi]
+            index = torch.arange(lo, hi, device=keep.device)
+            split = lo + int((source < index).sum())  # [lo, split) move right, [split, hi) stay or move left
+            row = held[b, h]  # [n_held, dim]
+            for start in range(split, hi, eviction.TAKE_BLOCK):
+                stop = min(hi, start + eviction.TAKE_BLOCK)
+                row[start:stop] = row.index_select(0, keep[b, h, start:stop])
+            for stop in range(split, lo, -eviction.TAKE_BLOCK):
+                start = max(lo, stop - eviction.TAKE_BLOCK)
+                row[start:stop] = row.index_select(0, keep[b, h, start:stop])
+            if hi < width:  # this write's kept slots, the newest, at the right end
+                row[hi:width] = new[b, h].index_select(0, keep[b, h, hi:width] - n_held).to(row.dtype)
+            row[:lo] = 0.0
+    return out

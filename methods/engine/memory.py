@@ -115,6 +115,9 @@ class LayerMemory:
     budgets differ per layer or KV head (`budgets.layer_size`); None otherwise."""
     representative: torch.Tensor | None = None
     """[batch, kv_heads, slots] InfLLM's representative score of each slot (reading.chunk_key=representative)."""
+    padded: bool = True
+    """Some slot of `ids` is padding (-1), per-layer or per-head budgets: kept by the write, so a read needs no
+    host sync to know (True until a budgeted write says otherwise)."""
 
     def held_slots(self) -> torch.Tensor | None:
         """Slots held per batch row and KV head [batch, kv_heads] (bank plus pinned globals); None when empty."""
@@ -150,8 +153,7 @@ class LayerMemory:
             self.usage.note_uniform(n_bank + n_global, batch, like.shape[1], tokens)
         held = self.held_slots() if self.depth is not None else None
         if held is not None:  # per-layer/per-head budgets: a budgeted bank reads what it holds
-            self.usage.note_held(held, tokens)
-            slots = int(held.sum()) // held.shape[1] // batch
+            slots = self.usage.note_held(held, tokens) // held.shape[1] // batch
         self.usage.read += slots * batch
         if self.has_evicted:
             self.usage.read_compressed += slots * batch
@@ -270,15 +272,16 @@ class LayerMemory:
         budget = budgets.layer_size(m, m.size, *self.depth)
         keep = budgets.keep_slots(m, scores, ids, budget, first_new + n_new)  # [batch, kv_heads, width]
         pad = keep < 0
-        keep = keep.clamp(min=0)
         evicted = int((ids >= 0).sum()) - int((~pad).sum())
         if evicted:
             self.has_evicted = True
             if self.usage is not None:
                 self.usage.evicted += evicted // kv_heads
-        in_place = not torch.is_grad_enabled() and not bool(pad.any())  # padding breaks the in-place order
-        self.keys = eviction.take(self.keys, keys, keep, in_place).masked_fill_(pad.unsqueeze(-1), 0.0)
-        self.values = eviction.take(self.values, values, keep, in_place).masked_fill_(pad.unsqueeze(-1), 0.0)
+        self.padded = bool(pad.any())
+        # In place without autograd (nothing else holds the bank then: reads keep an empty marker)
+        self.keys = budgets.take_padded(self.keys, keys, keep, self.padded, in_place=not torch.is_grad_enabled())
+        self.values = budgets.take_padded(self.values, values, keep, self.padded, in_place=not torch.is_grad_enabled())
+        keep = keep.clamp(min=0)
         self.ids = ids.gather(2, keep).masked_fill(pad, -1)
         self.scores = (scores.gather(2, keep).masked_fill(pad, 0.0) if m.eviction in eviction.NEEDS_ALL_QUERIES
                        else None)
@@ -288,7 +291,7 @@ class LayerMemory:
         return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids,
                            tier_keys=self.tier_keys, tier_values=self.tier_values,
                            centroids=self.centroids, rotations=self.rotations,
-                           depth=self.depth, representative=self.representative)
+                           depth=self.depth, representative=self.representative, padded=self.padded)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         for name in _TENSORS:
@@ -390,6 +393,7 @@ class MemoryState:
         for i, layer in self.layers.items():
             for name in _TENSORS:
                 setattr(layer, name, tensors[f"{i}.{name}"].to(device, copy=True) if f"{i}.{name}" in tensors else None)
+            layer.padded = True  # not known until the next write
             if layer.faiss is not None and layer.keys is not None:
                 layer.faiss.rebuild(layer.keys, self.first_id)
         self.rmt = tensors["rmt"].to(device) if "rmt" in tensors else None

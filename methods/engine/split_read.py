@@ -27,8 +27,9 @@ from unimem_bench.methods.engine.plan import SegmentContext, SegmentPlan
 # 128 queries, 4,096 and 16,384 slots): 4,096 was the fastest, and 20-35% faster than the joined read.
 KEY_BLOCK = 4096
 
-# Logits of the rows tova / snapkv score kept through the read rather than recomputed from re-rotated blocks, up to
-# 2^20 floats (4 MiB): tova's one row always, snapkv's 32 up to 8K memory slots per layer on the reference model.
+# Logits of the rows a policy scores kept through the read rather than recomputed from re-rotated blocks, up to
+# 2^20 floats (4 MiB): tova's one row always, snapkv's 32 up to 8K memory slots per layer on the reference model,
+# h2o's whole segment of 128 up to 2K slots (its memory of one segment, not a 4x budget of a long document).
 KEPT_LOGITS = 1 << 20
 
 
@@ -62,7 +63,7 @@ def prefix_parts(plan: SegmentPlan, mem: LayerMemory) -> list[PrefixPart]:
     if plan.n_window and mem.depth is not None:
         if mem.keys is not None and mem.values is not None and mem.ids is not None:
             width = mem.keys.shape[2]
-            padded = mem.ids if bool((mem.ids < 0).any()) else None
+            padded = mem.ids if mem.padded else None
             parts.append(PrefixPart(mem.keys, mem.values, start + plan.n_bank - width, padded))
     elif plan.n_window:
         assert mem.keys is not None and mem.values is not None
@@ -106,8 +107,8 @@ def split_attention(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, 
     parts = prefix_parts(plan, mem)
     n_memory = sum(part.keys.shape[2] for part in parts)
     lo, hi = eviction.scored_rows(m, plan.n_read, plan.n_seg, plan.n_observe)
-    # The few rows tova and snapkv score: their logits kept from this pass while small, so no block is rotated twice.
-    keep = scored and m.eviction != "h2o" and (hi - lo) * query.shape[0] * query.shape[1] * n_memory <= KEPT_LOGITS
+    # The rows scored: their logits kept from this pass while small, so no block is rotated twice.
+    keep = scored and (hi - lo) * query.shape[0] * query.shape[1] * n_memory <= KEPT_LOGITS
     kept: list[tuple[int, int, torch.Tensor]] = []
     out, lse = attention_with_lse(query, key, value, None, scale)  # the segment, causally
     for first, keys, values, bias in key_blocks(parts, plan.place, query.dtype):
@@ -121,7 +122,7 @@ def split_attention(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, 
               ((first, start, logits) for first, keys, _, bias in key_blocks(parts, plan.place, query.dtype)
                for start, logits in eviction.block_logits(query, keys, bias, scale, lo, hi)))
     segment = ((n_memory, start, logits) for start, logits in eviction.block_logits(
-        query, key[:, :, plan.n_read:plan.n_read + plan.n_seg], None, scale, lo, hi, first_key=plan.n_read))
+        query, key[:, :, plan.n_read:plan.n_read + plan.n_seg], None, scale, lo, hi))
     fresh = eviction.block_scores(m, itertools.chain(memory, segment), lse, n_memory=n_memory, n_read=plan.n_read,
                                   n_seg=plan.n_seg, n_observe=plan.n_observe)
     return out, fresh

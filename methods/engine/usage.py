@@ -23,12 +23,15 @@ class LayerUsage:
     """Per KV head, slots x tokens: every forward call adds the slots held while it ran times the tokens it
     processed, i.e. each slot's lifetime in tokens, summed over slots and documents."""
 
-    def note_held(self, held: torch.Tensor, tokens: int) -> None:
-        """Count slots held [batch, kv_heads] by a forward call of `tokens` tokens per row."""
+    def note_held(self, held: torch.Tensor, tokens: int) -> int:
+        """Count slots held [batch, kv_heads] by a forward call of `tokens` tokens per row; returns the slots held
+        summed over rows and KV heads. One host read of `held`, the rest in plain integers (it runs once per layer
+        and segment; three reductions and three host syncs before)."""
         self._grow(held.shape[1])
-        peak, total = held.amax(0).tolist(), (held.sum(0) * tokens).tolist()
-        self.peak_slots = [max(a, int(b)) for a, b in zip(self.peak_slots, peak, strict=True)]
-        self.footprint = [a + int(b) for a, b in zip(self.footprint, total, strict=True)]
+        per_head = list(zip(*held.tolist(), strict=True))  # [kv_heads][batch]
+        self.peak_slots = [max(a, *rows) for a, rows in zip(self.peak_slots, per_head, strict=True)]
+        self.footprint = [a + sum(rows) * tokens for a, rows in zip(self.footprint, per_head, strict=True)]
+        return sum(map(sum, per_head))
 
     def note_uniform(self, slots: int, batch: int, kv_heads: int, tokens: int) -> None:
         """`note_held` for a bank whose every row and KV head holds `slots` slots: plain integers, no tensor work
