@@ -38,10 +38,10 @@ def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`rotate` into one new tensor (x, a view of the memory, is not copied first), half tables made whole for the
-    rows given: the same values, two full-size temporaries (the fastest form for a block of a few thousand rows)."""
-    if cos.shape[-1] != x.shape[-1]:
-        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
-    return (x * cos).add_(rotate_half(x).mul_(sin))
+    rows given, one at a time: the same values, at most two x-sized temporaries and one table beside the result."""
+    half = cos.shape[-1] != x.shape[-1]
+    turned = rotate_half(x).mul_(torch.cat([sin, sin], dim=-1) if half else sin)
+    return (x * (torch.cat([cos, cos], dim=-1) if half else cos)).add_(turned)
 
 
 def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
