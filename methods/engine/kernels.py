@@ -15,15 +15,33 @@ CPU_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attentio
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE with transformers' own half-rotation convention: x [..., n, dim], cos/sin [n, dim]."""
-    return x * cos + rotate_half(x) * sin
+    """RoPE with transformers' own half-rotation convention: x [..., n, dim], cos/sin [n, dim], or [n, dim / 2]
+    when the table's two halves are equal (`rotary_memo.halves`): each half of x then meets the same values."""
+    if cos.shape[-1] == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [n, 1, dim / 2], broadcast over x's two halves
+    halves = (-1, (2, cos.shape[-1]))
+    return (x.unflatten(*halves) * cos + rotate_half(x).unflatten(*halves) * sin).flatten(-2)
 
 
 def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`rotate` in place on x (a fresh tensor or a view of one), the same operations in the same order: one
     temporary the size of x instead of four (x is the whole memory when a compact memory is read)."""
-    turned = rotate_half(x).mul_(sin)
-    return x.mul_(cos).add_(turned)
+    if cos.shape[-1] == x.shape[-1]:
+        turned = rotate_half(x).mul_(sin)
+        return x.mul_(cos).add_(turned)
+    halves = (-1, (2, cos.shape[-1]))
+    turned = rotate_half(x).unflatten(*halves).mul_(sin.unsqueeze(-2))
+    x.unflatten(*halves).mul_(cos.unsqueeze(-2)).add_(turned)
+    return x
+
+
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate` into one new tensor (x, a view of the memory, is not copied first), half tables made whole for the
+    rows given, one at a time: the same values, at most two x-sized temporaries and one table beside the result."""
+    half = cos.shape[-1] != x.shape[-1]
+    turned = rotate_half(x).mul_(torch.cat([sin, sin], dim=-1) if half else sin)
+    return (x * (torch.cat([cos, cos], dim=-1) if half else cos)).add_(turned)
 
 
 def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
