@@ -101,8 +101,10 @@ def fused_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     batch, heads, seq, dim = query.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
+    op = CPU_FLASH_WITH_LSE
+    assert op is not None, "callers check for the fused op"
     try:
-        out, lse = CPU_FLASH_WITH_LSE(query, keys, values, 0.0, causal, attn_mask=mask, scale=scale)[:2]
+        out, lse = op(query, keys, values, 0.0, causal, attn_mask=mask, scale=scale)[:2]
         return out, lse
     except RuntimeError:
         if group == 1:
@@ -110,7 +112,7 @@ def fused_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     q = query.reshape(batch * kv_heads, group, seq, dim)  # [batch * kv_heads, group, seq, dim]
     k = keys.reshape(batch * kv_heads, 1, n, dim).expand(-1, group, -1, -1)  # no copy
     v = values.reshape(batch * kv_heads, 1, n, dim).expand(-1, group, -1, -1)
-    out, lse = CPU_FLASH_WITH_LSE(q, k, v, 0.0, causal, attn_mask=fold_mask(mask, batch, kv_heads), scale=scale)[:2]
+    out, lse = op(q, k, v, 0.0, causal, attn_mask=fold_mask(mask, batch, kv_heads), scale=scale)[:2]
     return out.reshape(batch, heads, seq, dim), lse.reshape(batch, heads, seq)
 
 
