@@ -263,7 +263,11 @@ class OutputReader:
         unvoted = p_knn <= 0
         log_knn = p_knn.clamp_min_(torch.finfo(p_knn.dtype).tiny).log_().masked_fill_(unvoted, float("-inf"))
         lam = r.output_lambda
-        mixed = torch.logaddexp(log_knn.add_(_log(lam)), log_lm + _log(1 - lam), out=log_knn)
+        log_knn.add_(_log(lam))  # p_kNN carries no gradient (the search reads detached keys)
+        lm_part = log_lm + _log(1 - lam)
+        # Into log_knn's buffer unless the model's side carries a gradient (autograd takes no out= argument).
+        mixed = torch.logaddexp(log_knn, lm_part) if lm_part.requires_grad else torch.logaddexp(log_knn, lm_part,
+                                                                                                 out=log_knn)
         has = torch.isfinite(neg_dist).any(-1, keepdim=True)  # [batch, n, 1]: a query with no neighbour keeps p_LM
         return mixed if bool(has.all()) else torch.where(has, mixed, log_lm)
 
