@@ -50,3 +50,25 @@ def test_long_lists_are_computed_blockwise_with_the_same_values(monkeypatch):
                             calls.append(pos) or forward(x, pos))
         RotaryMemo(rotary).tables(probe, positions(0, 100))
         assert [p.shape[1] for p in calls] == [7] * 14 + [2]  # blockwise indeed
+
+
+def test_halves_keep_the_first_half_and_rotate_as_the_whole_tables(monkeypatch):
+    from unimem_bench.methods.engine.kernels import rotate, rotate_, rotated
+
+    rotary = LlamaRotaryEmbedding(tiny_llama().config)
+    probe = torch.zeros(1, 1, 8)
+    monkeypatch.setattr(rotary_memo, "POSITION_BLOCK", 7)
+    pos = positions(0, 50)
+    cos, sin, halved = RotaryMemo(rotary).halves(probe, pos)
+    want_cos, want_sin = rotary(probe, pos)
+    width = want_cos.shape[-1] // 2
+    assert halved and torch.equal(cos, want_cos[..., :width]) and torch.equal(sin, want_sin[..., :width])
+    x = torch.randn(2, 3, 50, 2 * width)
+    want = rotate(x, want_cos[0], want_sin[0])
+    assert torch.equal(rotate(x, cos[0], sin[0]), want)
+    assert torch.equal(rotated(x, cos[0], sin[0]), want)
+    assert torch.equal(rotate_(x.clone(), cos[0], sin[0]), want)
+    odd = LlamaRotaryEmbedding(tiny_llama().config)  # halves that differ: the whole tables come back
+    monkeypatch.setattr(odd, "forward", lambda x, pos: tuple(t + torch.arange(t.shape[-1]) for t in rotary(x, pos)))
+    cos, sin, halved = RotaryMemo(odd).halves(probe, pos)
+    assert not halved and cos.shape == want_cos.shape

@@ -10,20 +10,47 @@ from transformers.models.llama.modeling_llama import rotate_half
 # Query rows per block of the manual (log-sum-exp) attention: bounds each [rows x keys] score block.
 QUERY_CHUNK = 1024
 
+# Rows per step of `rotated`: its temporaries (the turned half, the rows' tables) stay at 1,024 rows of a block
+# (a 4,096-slot block of the split read made three block-sized temporaries beside the result).
+ROTATE_ROWS = 1024
+
 # PyTorch's fused CPU flash attention, which also returns the log-sum-exp (a private op: absent -> manual path).
 CPU_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE with transformers' own half-rotation convention: x [..., n, dim], cos/sin [n, dim]."""
-    return x * cos + rotate_half(x) * sin
+    """RoPE with transformers' own half-rotation convention: x [..., n, dim], cos/sin [n, dim], or [n, dim / 2]
+    when the table's two halves are equal (`rotary_memo.halves`): each half of x then meets the same values."""
+    if cos.shape[-1] == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [n, 1, dim / 2], broadcast over x's two halves
+    halves = (-1, (2, cos.shape[-1]))
+    return (x.unflatten(*halves) * cos + rotate_half(x).unflatten(*halves) * sin).flatten(-2)
 
 
 def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`rotate` in place on x (a fresh tensor or a view of one), the same operations in the same order: one
     temporary the size of x instead of four (x is the whole memory when a compact memory is read)."""
-    turned = rotate_half(x).mul_(sin)
-    return x.mul_(cos).add_(turned)
+    if cos.shape[-1] == x.shape[-1]:
+        turned = rotate_half(x).mul_(sin)
+        return x.mul_(cos).add_(turned)
+    halves = (-1, (2, cos.shape[-1]))
+    turned = rotate_half(x).unflatten(*halves).mul_(sin.unsqueeze(-2))
+    x.unflatten(*halves).mul_(cos.unsqueeze(-2)).add_(turned)
+    return x
+
+
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate` into one new tensor (x [..., n, dim], a view of the memory, is not copied first), ROTATE_ROWS rows
+    at a time, half tables made whole for those rows: the same values, with temporaries of ROTATE_ROWS rows only."""
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    half = cos.shape[-1] != x.shape[-1]
+    for lo in range(0, x.shape[-2], ROTATE_ROWS):
+        part = x[..., lo:lo + ROTATE_ROWS, :]
+        c, s = cos[lo:lo + ROTATE_ROWS], sin[lo:lo + ROTATE_ROWS]
+        turned = rotate_half(part).mul_(torch.cat([s, s], dim=-1) if half else s)
+        torch.mul(part, torch.cat([c, c], dim=-1) if half else c, out=out[..., lo:lo + ROTATE_ROWS, :]).add_(turned)
+    return out
 
 
 def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,

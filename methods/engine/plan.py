@@ -17,6 +17,7 @@ import torch
 from unimem_bench.methods.config import UniMemConfig, dense_reading
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState, overflow_drop
 from unimem_bench.methods.engine.patterns import DilatedKeys, dilated_keys, dilated_mask, random_reads
+from unimem_bench.methods.engine.rotary_memo import RotaryMemo
 
 Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """The model's rotary embedding, or anything called like it: (probe, positions [1, n]) -> (cos, sin) [1, n, dim]."""
@@ -51,7 +52,8 @@ class SegmentPlan:
     first_position: int
     """RoPE position of input index 0; the input runs on consecutively from it."""
     place: tuple[torch.Tensor, torch.Tensor] | None
-    """(cos, sin) [n_global + n_window, head_dim] placing stored (unrotated) globals and window (compact mode)."""
+    """(cos, sin) [n_global + n_window, head_dim] placing stored (unrotated) globals and window (compact mode); only
+    the first halves [.., head_dim / 2] when `place_half` (`kernels.rotate` reads either)."""
     store: tuple[torch.Tensor, torch.Tensor] | None
     """(cos, sin) [input, head_dim] at the input's positions, undone on the keys written (memory at position 0)."""
     rope_scale: float
@@ -78,6 +80,9 @@ class SegmentPlan:
     n_observe: int = 0
     """Question tokens after the segment that score-based eviction observes (query-aware compression): their
     queries score the candidates, their keys are never written, their outputs never read."""
+    place_half: bool = False
+    """`place` holds the first half of each table, the two halves being equal (`RotaryMemo.halves`): the compact
+    prefix's tables are the largest the plan holds (PyramidKV's lowest layer: 32K slots at 64K tokens)."""
 
     @property
     def n_prefix(self) -> int:
@@ -119,7 +124,11 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
     n_input = n_read + n_seg + n_write + n_observe
     place = store = None
     scale = float(getattr(rotary, "attention_scaling", 1.0))
-    if mode == "compact" and n_prefix:
+    place_half = False
+    if mode == "compact" and n_prefix and isinstance(rotary, RotaryMemo):
+        cos, sin, place_half = rotary.halves(probe, torch.arange(n_prefix, device=probe.device).unsqueeze(0))
+        place = cos[0], sin[0]
+    elif mode == "compact" and n_prefix:
         place = _cos_sin(rotary, probe, torch.arange(n_prefix))
     if mode != "absolute" and (n_new or to_global):
         store = _cos_sin(rotary, probe, torch.arange(first, first + n_input))
@@ -130,7 +139,7 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
         n_new=n_new, first_position=first, place=place, store=store, rope_scale=scale,
         detach_kv=not grad or strategy != "bptt", detach_tokens=not grad or strategy in ("stop_gradient", "trime"),
         write=write, doc_start=doc_start,
-        topk_place=topk_place, n_observe=n_observe,
+        topk_place=topk_place, n_observe=n_observe, place_half=place_half,
         n_tier=state.n_tier, tier_drop_old=tier_drop_old, tier_drop_new=tier_drop_new,
         n_tier_after=state.n_tier - tier_drop_old + tier_new - tier_drop_new,
     )
@@ -242,8 +251,9 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
                                 query_start=query_start, n_query=n_query, dtype=dtype, device=device)
     rotation = None
     if shift is not None and plan.place is not None:
-        cos, sin = plan.place  # [n_prefix, head_dim]; shifts lie in 0 .. n_window
-        rotation = torch.cat([cos[shift], sin[shift]], dim=-1)  # [queries, 2 * head_dim]
+        cos, sin = (t[shift] for t in plan.place)  # [queries, head_dim]; shifts lie in 0 .. n_window
+        halves = 2 if plan.place_half else 1
+        rotation = torch.cat([cos] * halves + [sin] * halves, dim=-1)  # [queries, 2 * head_dim]
     return SegmentContext(config=config, layers=layers, state=state, plan=plan, mask=mask, open_prefix=open_prefix,
                           topk_end=topk_end,
                           topk_start=start, sink_shift=shift, sink_rotation=rotation, random_slots=random,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from unimem_bench.methods.engine import eviction
-from unimem_bench.methods.engine.kernels import attention_with_lse, block_attention, merge_lse, rotate_
+from unimem_bench.methods.engine.kernels import attention_with_lse, block_attention, merge_lse, rotated
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.plan import SegmentContext, SegmentPlan
 
@@ -94,7 +94,7 @@ def key_blocks(parts: list[PrefixPart], place: tuple[torch.Tensor, torch.Tensor]
             keys = part.keys[:, :, lo:hi]
             if place is not None:  # stored keys (position 0) moved to their prefix positions
                 cos, sin = (t[part.first + lo:part.first + hi] for t in place)
-                keys = rotate_(keys.clone(memory_format=torch.contiguous_format), cos, sin)
+                keys = rotated(keys, cos, sin)
             yield offset + lo, keys, part.values[:, :, lo:hi], bias
         offset += n
 
