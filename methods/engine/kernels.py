@@ -10,6 +10,10 @@ from transformers.models.llama.modeling_llama import rotate_half
 # Query rows per block of the manual (log-sum-exp) attention: bounds each [rows x keys] score block.
 QUERY_CHUNK = 1024
 
+# Rows per step of `rotated`: its temporaries (the turned half, the rows' tables) stay at 1,024 rows of a block
+# (a 4,096-slot block of the split read made three block-sized temporaries beside the result).
+ROTATE_ROWS = 1024
+
 # PyTorch's fused CPU flash attention, which also returns the log-sum-exp (a private op: absent -> manual path).
 CPU_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -37,11 +41,16 @@ def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`rotate` into one new tensor (x, a view of the memory, is not copied first), half tables made whole for the
-    rows given, one at a time: the same values, at most two x-sized temporaries and one table beside the result."""
+    """`rotate` into one new tensor (x [..., n, dim], a view of the memory, is not copied first), ROTATE_ROWS rows
+    at a time, half tables made whole for those rows: the same values, with temporaries of ROTATE_ROWS rows only."""
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
     half = cos.shape[-1] != x.shape[-1]
-    turned = rotate_half(x).mul_(torch.cat([sin, sin], dim=-1) if half else sin)
-    return (x * (torch.cat([cos, cos], dim=-1) if half else cos)).add_(turned)
+    for lo in range(0, x.shape[-2], ROTATE_ROWS):
+        part = x[..., lo:lo + ROTATE_ROWS, :]
+        c, s = cos[lo:lo + ROTATE_ROWS], sin[lo:lo + ROTATE_ROWS]
+        turned = rotate_half(part).mul_(torch.cat([s, s], dim=-1) if half else s)
+        torch.mul(part, torch.cat([c, c], dim=-1) if half else c, out=out[..., lo:lo + ROTATE_ROWS, :]).add_(turned)
+    return out
 
 
 def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
