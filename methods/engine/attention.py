@@ -42,6 +42,7 @@ ATTENTION_NAME = "unimem"
 # 128 queries; pooled tiers (LongT5: 1,024 slots + a 128-slot window) and one-segment windows fall under it.
 JOINED_PREFIX = 2048
 
+
 def unimem_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
