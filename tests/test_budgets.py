@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 from helpers import random_docs, tiny_llama
-from reference_unimem import EvictionSpec, HeadSlot, _keep_adaptive, eviction_nll, layer_budget
+from reference_unimem import EvictionSpec, HeadSlot, _keep, _keep_adaptive, eviction_nll, layer_budget
 from test_eviction import config_for, peaked_llama, reference_llama
 
 from unimem_bench.methods import METHODS, ConfigError, MemoryLM, MethodContext, UniMemConfig
@@ -143,6 +143,35 @@ def test_adaptive_split_matches_reference_with_ties(seed) -> None:
     keep = budgets.keep_slots(m, scores, ids, budget, end)[0]
     got = [[int(ids[0, g, j]) for j in row if j >= 0] for g, row in enumerate(keep.tolist())]
     assert got == want
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("padded", [False, True], ids=["full heads", "padded heads"])
+def test_uniform_split_matches_reference_with_ties(seed, padded) -> None:
+    """The uniform per-head selection: unpadded heads take `keep_slots`' fast path (`eviction.keep_indices`),
+    padded ones its general path; both keep the reference's slots under integer scores (ties within heads)."""
+    rng = random.Random(seed)
+    heads, budget = 3, rng.randint(2, 6)
+    m = Management(size=budget, eviction="knorm", sinks=1, recent=1, head_budget="uniform")
+    width = budget + rng.randint(1, 5)
+    # Padded: the first head fills the width, the second is shorter, the third either.
+    lengths = [width, rng.randint(budget - 1, width - 1), rng.randint(budget - 1, width)] if padded else [width] * 3
+    end = 40
+    ids = torch.full((1, heads, width), -1)
+    scores = torch.zeros(1, heads, width)
+    spec = EvictionSpec(segment_len=1, size=budget, policy="knorm", sinks=1, recent=1)
+    want = []
+    for g, n in enumerate(lengths):
+        chosen = sorted(rng.sample(range(end), n))
+        values = [float(rng.randint(0, 3)) for _ in chosen]
+        ids[0, g, width - n:] = torch.tensor(chosen)
+        scores[0, g, width - n:] = torch.tensor(values)
+        ref = [HeadSlot(i, torch.zeros(1), torch.zeros(1), v) for i, v in zip(chosen, values, strict=True)]
+        want.append([s.id for s in _keep(spec, ref, end, budget)])
+    keep = budgets.keep_slots(m, scores, ids, budget, end)[0]
+    got = [[int(ids[0, g, j]) for j in row if j >= 0] for g, row in enumerate(keep.tolist())]
+    assert got == want
+    assert padded == bool((ids < 0).any())  # each case reaches the path it names
 
 
 def test_fifo_accounting_by_hand() -> None:
