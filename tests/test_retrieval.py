@@ -129,3 +129,31 @@ def test_chunks_covering_all_memory_read_every_slot():
     slots, found = topk_chunk_slots(queries, keys, 32, 4, "mean")
     assert torch.equal(slots.masked_fill(~found, -1).sort(-1).values[..., 2:],
                        torch.arange(30).expand(2, 3, 24, 30))
+
+
+def test_best_first_selection_equals_a_stable_sort_of_the_row():
+    """`top_best_first` (numpy selection of `selection.best_k`, argmax passes for k <= 4, the general path for ties
+    and NaN) equals a stable descending sort of each row cut at k, on rows with ties, -inf and columns past the last
+    whole block; `best_k` itself answers every row without ties."""
+    from unimem_bench.methods.engine.retrieval import top_best_first
+    from unimem_bench.methods.engine.selection import best_k, block_split
+
+    g = torch.Generator().manual_seed(3)
+    answered = 0
+    for trial in range(150):
+        rows, n = int(torch.randint(1, 70, (1,), generator=g)), int(torch.randint(40, 1500, (1,), generator=g))
+        k = int(torch.randint(1, min(n - 1, 48), (1,), generator=g))
+        scores = torch.randn(2, rows, n, generator=g)
+        if trial % 3 == 1:
+            scores = (scores * 3).round()  # many ties
+        if trial % 4 == 2:
+            scores[..., n // 3:] = float("-inf")
+        values, pos = top_best_first(scores, k)
+        expected_values, expected_pos = scores.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(values, expected_values[..., :k]) and torch.equal(pos, expected_pos[..., :k])
+        if trial % 3 == 0 and trial % 4 != 2 and block_split(n, k) > 1 and n // block_split(n, k) > k:
+            picked = best_k(scores.reshape(-1, n), k)
+            assert picked is not None
+            assert torch.equal(picked[1].view_as(pos), pos)
+            answered += 1
+    assert answered > 10

@@ -238,8 +238,11 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k).masked_fill(~found, float("-inf"))
     else:
         logits, idx = topk_exact(q, mem.keys[:, :, lo:hi], k, limit=end - lo)
-    found = (idx >= 0) & (logits > float("-inf"))
-    idx = idx.clamp(min=0)
+    # The exact search finds every slot it returns (idx >= 0), and its -inf logits stay -inf once scaled: without
+    # NaN (masked to -inf as not found) nothing to mask.
+    exact = mem.faiss is None and not r.chunk_size and ctx.plan.topk_place is None and scale > 0
+    found = None if exact and not bool(logits.isnan().any()) else (idx >= 0) & (logits > float("-inf"))
+    idx = idx if found is None else idx.clamp(min=0)
     if ctx.plan.topk_place is not None:  # scaled_memory: attend the picked slots at their scaled positions
         # Rotation is elementwise: rotating the searchable slots then picking equals picking then rotating, bit for
         # bit; rotate whichever is smaller (the slots, unless a few queries decode).
@@ -253,7 +256,7 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k)  # [batch, kv_heads, g*seq, k]
     # Bank slots lo + idx of the whole bank: a slice [lo:hi] of it is not contiguous, and gather_slots would copy it.
     picked_v = gather_slots(mem.values, idx + lo)  # [batch, kv_heads, g*seq, k, dim]
-    logits = (logits * scale).masked_fill(~found, float("-inf"))
+    logits = logits * scale if found is None else (logits * scale).masked_fill(~found, float("-inf"))
     # One softmax over [out's keys ; the picked slots]: out's (finite) log-sum-exp stands for the first part.
     joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, group * seq, 1), logits], dim=-1)
     total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, g*seq, 1]

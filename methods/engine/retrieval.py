@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from unimem_bench.methods.config import Reading
+from unimem_bench.methods.engine import selection
 
 # Keys scored per step of the exact search: bounds the [queries x chunk] score block (64 MiB in fp32 for 2K queries).
 SEARCH_CHUNK = 8192
@@ -30,6 +31,12 @@ def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = S
     k = min(k, keys.shape[2])
     # Columns before the smallest limit are searched by every query: only those from it on need masking.
     lowest = keys.shape[2] if limit is None else int(limit.min())
+    if keys.shape[2] <= chunk:  # one block: selected best first directly
+        block = queries @ keys.transpose(-1, -2)  # [batch, kv_heads, q, n]
+        if limit is not None and lowest < block.shape[-1]:
+            cols = torch.arange(lowest, block.shape[-1], device=block.device)
+            block[..., lowest:].masked_fill_(cols[None, :] >= limit[:, None], float("-inf"))
+        return top_best_first(block, k)
     best_scores: torch.Tensor | None = None  # [batch, kv_heads, q, k] winners so far, in key order
     best_idx: torch.Tensor | None = None
     for lo in range(0, keys.shape[2], chunk):
@@ -67,6 +74,19 @@ def best_first(scores: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, t
     return scores.gather(-1, pick), idx.gather(-1, pick)
 
 
+def top_best_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`best_first(*top_in_key_order(scores, k))`: the k largest of each row of scores [..., n], best first, equal
+    values by lower position; without autograd on CPU float32 selected and sorted in numpy in one go."""
+    shape, n = scores.shape[:-1], scores.shape[-1]
+    rows = scores.reshape(-1, n)  # [rows, n]
+    if (scores.device.type == "cpu" and scores.dtype == torch.float32 and not scores.requires_grad and k < n
+            and rows.shape[0]):
+        found = _first_maxima(rows, k) if k <= FIRST_MAXIMA_K else selection.best_k(rows, k)
+        if found is not None:
+            return found[0].view(*shape, k), found[1].view(*shape, k)
+    return best_first(*top_in_key_order(scores, k))
+
+
 def top_in_key_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest of each row of scores [..., n] -> (values, positions) [..., k] in position order; among equal
     values the lower position wins.
@@ -84,7 +104,8 @@ def top_in_key_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     blocks = n // b  # block j: columns j + t * blocks, t < b; the last n - b * blocks columns are always candidates
     if scores.device.type != "cpu" or rows.shape[0] == 0 or k == n:
         return _topk_in_key_order(rows, k, shape)
-    if k <= FIRST_MAXIMA_K and (pos := _first_maxima(rows, k)) is not None:
+    if k <= FIRST_MAXIMA_K and (first := _first_maxima(rows, k)) is not None:
+        pos = first[1].sort(dim=1).values
         return rows.gather(1, pos).view(*shape, k), pos.view(*shape, k)
     if b < 2 or blocks <= k:
         if bool(rows.isnan().any()):
@@ -125,24 +146,25 @@ FIRST_MAXIMA_K = 4
 two-stage selection makes about eight passes): LongMem reads 2 chunks a query at segment 128."""
 
 
-def _first_maxima(rows: torch.Tensor, k: int) -> torch.Tensor | None:
-    """rows [r, n] -> [r, k] positions of each row's k largest values, ascending, the lower position first among
-    equal values (as `_best_positions`), by k argmax passes; None where a pick is NaN or -inf (the general path
-    ranks those rows). Each pick is set to -inf for the next pass and restored before returning."""
-    data = _as_numpy(rows)
-    at = np.arange(data.shape[0])
+def _first_maxima(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """rows [r, n] -> (values, positions) [r, k] of each row's k largest values, best first, the lower position
+    first among equal values (as `best_first`), by k argmax passes; None where a pick is NaN or -inf (the general
+    path ranks those rows). Each pick is set to -inf for the next pass and restored before returning."""
+    data = np.ascontiguousarray(_as_numpy(rows))  # writes below must reach `data` through its flat view
+    flat = data.reshape(-1)
+    starts = np.arange(data.shape[0]) * data.shape[1]
     picks = np.empty((data.shape[0], k), dtype=np.int64)
     values = np.empty((data.shape[0], k), dtype=data.dtype)
     for t in range(k):
         picks[:, t] = data.argmax(axis=1)  # the first maximum; a NaN is the maximum
-        values[:, t] = data[at, picks[:, t]]
-        data[at, picks[:, t]] = -np.inf
+        at = picks[:, t] + starts
+        values[:, t] = flat[at]
+        flat[at] = -np.inf
     for t in reversed(range(k)):  # in reverse: a position picked twice (at -inf) gets its first value back
-        data[at, picks[:, t]] = values[:, t]
+        flat[picks[:, t] + starts] = values[:, t]
     if not (values > -np.inf).all():  # NaN or -inf: fewer than k numbers above -inf in some row
         return None
-    picks.sort(axis=1)
-    return torch.from_numpy(picks)
+    return torch.from_numpy(values), torch.from_numpy(picks)
 
 
 def _topk_in_key_order(rows: torch.Tensor, k: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
