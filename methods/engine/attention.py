@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
-from unimem_bench.methods.engine import buckets, budgets, eviction, pages, split_read
+from unimem_bench.methods.engine import buckets, budgets, eviction, pages, slot_buffer, split_read
 from unimem_bench.methods.engine.kernels import (  # noqa: F401 (re-exported: they lived here)
     CPU_FLASH_WITH_LSE,
     QUERY_CHUNK,
@@ -378,6 +378,6 @@ def gather_slots(bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Per query, the bank slots `idx` [batch, kv_heads, q, k] of bank [batch, kv_heads, n, dim] -> [..., k, dim]."""
     batch, kv_heads, n, dim = bank.shape
     # One index_select over the bank's rows (half the time of a gather over the expanded [.., q, n, dim] view).
-    rows = torch.arange(batch * kv_heads, device=idx.device).view(batch, kv_heads, 1, 1) * n
-    flat = bank.reshape(batch * kv_heads * n, dim).index_select(0, (idx + rows).flatten())
+    rows, first = slot_buffer.bank_rows(bank, idx.device)
+    flat = rows.index_select(0, (idx + first).flatten())
     return flat.view(*idx.shape, dim)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from unimem_bench.methods.config import UniMemConfig
-from unimem_bench.methods.engine import budgets, eviction
+from unimem_bench.methods.engine import budgets, eviction, slot_buffer
 from unimem_bench.methods.engine.retrieval import FaissBank
 from unimem_bench.methods.engine.usage import LayerUsage
 
@@ -109,6 +109,8 @@ class LayerMemory:
     padded: bool = True
     """Some slot of `ids` is padding (-1), per-layer or per-head budgets: kept by the write, so a read needs no
     host sync to know (True until a budgeted write says otherwise)."""
+    buffers: dict[str, slot_buffer.SlotBuffer | None] = field(default_factory=dict)
+    """Per tensor name, the buffer a FIFO write appends to in place (`slot_buffer`); emptied when replaced."""
 
     def held_slots(self) -> torch.Tensor | None:
         """Slots held per batch row and KV head [batch, kv_heads] (bank plus pinned globals); None when empty."""
@@ -178,27 +180,30 @@ class LayerMemory:
             if representative is not None:
                 representative = representative[:, :, plan.to_global:]
         if representative is not None:
-            representative = representative[:, :, plan.drop_new:]
-            if self.keys is not None and self.representative is not None:
-                representative = torch.cat([self.representative[:, :, plan.drop_old:], representative], dim=2)
+            representative = self._append("representative", representative[:, :, plan.drop_new:], plan.drop_old, config)
         if config.writing.kv == "pooling":
             keys, values = pool_tokens(keys, config.writing.pool_ratio), pool_tokens(values, config.writing.pool_ratio)
         if config.writing.pooled_tier:
             self._write_tier(plan, config, keys, values)
         new_first_id = plan.first_id + (0 if self.keys is None else self.keys.shape[2]) + plan.drop_new
-        new_keys, values = keys[:, :, plan.drop_new:], values[:, :, plan.drop_new:]
-        keys = new_keys
-        if self.keys is not None:
-            keys = torch.cat([self.keys[:, :, plan.drop_old:], new_keys], dim=2)
-            values = torch.cat([self.values[:, :, plan.drop_old:], values], dim=2)
+        new_keys = keys[:, :, plan.drop_new:]
+        keys = self._append("keys", new_keys, plan.drop_old, config)
+        values = self._append("values", values[:, :, plan.drop_new:], plan.drop_old, config)
         if not keys.shape[2]:  # cleared and nothing written: an empty memory
             self.keys = self.values = self.representative = None
+            self.buffers.clear()
             if self.faiss is not None:
                 self.faiss.indexes = []
             return
         self.keys, self.values, self.representative = keys, values, representative
         if self.faiss is not None:
             self.faiss.add(new_keys, new_first_id, keys, new_first_id + new_keys.shape[2] - keys.shape[2])
+
+    def _append(self, name: str, new: torch.Tensor, drop_old: int, config: UniMemConfig) -> torch.Tensor:
+        """The held tensor `name` [batch, kv_heads, slots, ...] without its first `drop_old` slots, then `new`."""
+        self.buffers[name], bank = slot_buffer.append(self.buffers.get(name), getattr(self, name), drop_old, new,
+                                                      config.management.size)
+        return bank
 
     def _write_tier(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Pool the slots this write evicts from the direct bank (its oldest held ones, then any of the new slots
@@ -278,13 +283,14 @@ class LayerMemory:
                        else None)
 
     def snapshot(self) -> LayerMemory:
-        """The current tensors (writes replace them, never modify them in place, so this is a frozen view)."""
+        """The current tensors: frozen under autograd, else until the next write (FIFO banks move in `slot_buffer`)."""
         return LayerMemory(self.keys, self.values, self.global_keys, self.global_values, self.faiss, self.ids,
                            tier_keys=self.tier_keys, tier_values=self.tier_values,
                            centroids=self.centroids, rotations=self.rotations,
                            depth=self.depth, representative=self.representative, padded=self.padded)
 
     def select_rows(self, rows: torch.Tensor) -> None:
+        self.buffers.clear()
         for name in _TENSORS:
             tensor = getattr(self, name)
             if tensor is not None:

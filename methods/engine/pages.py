@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from unimem_bench.methods.engine import slot_buffer
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState
 from unimem_bench.methods.engine.plan import SegmentContext
 from unimem_bench.methods.engine.retrieval import chunk_keys, chunk_queries, topk_exact
@@ -76,9 +77,8 @@ def merge_block_pages(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor
 def _pick(bank: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """bank [batch, kv_heads, n, dim] at slots [batch, kv_heads, blocks, read] -> [batch, kv_heads, blocks, read,
     dim] (one index_select over the bank's rows)."""
-    batch, kv_heads, n, dim = bank.shape
-    rows = torch.arange(batch * kv_heads, device=slots.device).view(batch, kv_heads, 1, 1) * n
-    return bank.reshape(-1, dim).index_select(0, (slots + rows).flatten()).view(*slots.shape, dim)
+    rows, first = slot_buffer.bank_rows(bank, slots.device)  # a FIFO bank is a strided view: not copied
+    return rows.index_select(0, (slots + first).flatten()).view(*slots.shape, bank.shape[3])
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import rotate_half
 
 from unimem_bench.methods.config import UniMemConfig
+from unimem_bench.methods.engine import slot_buffer
 from unimem_bench.methods.engine.attention import gather_slots
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.plan import SegmentPlan
@@ -213,13 +214,15 @@ class ChunkKeyCache:
         self.fifo = not (m.scored or m.budgeted) and w.kv == "direct" and not w.pooled_tier
         self.bank: weakref.ref[torch.Tensor] | None = None  # the bank keys `value` belongs to (not kept alive)
         self.value: torch.Tensor | None = None  # [batch, kv_heads, chunks, dim] (2 * dim for bounds)
+        self.buffer: slot_buffer.SlotBuffer | None = None  # behind `value`: new chunks appended in place
+        self.limit = -(-m.size // chunk)  # the most chunks a bank of the memory's size holds
 
     def get(self, keys: torch.Tensor | None, kind: str) -> torch.Tensor | None:
         """The chunk keys of bank keys [batch, kv_heads, slots, dim], computed unless kept for this very tensor."""
         if keys is None or not keys.shape[2]:
             return None
         if self.bank is None or self.bank() is not keys:
-            self.value, self.bank = chunk_keys(keys, self.chunk, kind), weakref.ref(keys)
+            self.value, self.bank, self.buffer = chunk_keys(keys, self.chunk, kind), weakref.ref(keys), None
         return self.value
 
     def written(self, plan: SegmentPlan, old: torch.Tensor | None, new: torch.Tensor, bank: torch.Tensor | None,
@@ -230,8 +233,8 @@ class ChunkKeyCache:
         c = self.chunk
         if (bank is None or not self.fifo or plan.to_global or (held and kept is None) or held % c
                 or plan.drop_old % c):
-            self.bank = self.value = None
+            self.bank = self.value = self.buffer = None
             return
         fresh = chunk_keys(new[:, :, plan.drop_new:], c, kind)
-        self.value = fresh if kept is None else torch.cat([kept[:, :, plan.drop_old // c:], fresh], dim=2)
+        self.buffer, self.value = slot_buffer.append(self.buffer, kept, plan.drop_old // c, fresh, self.limit)
         self.bank = weakref.ref(bank)
