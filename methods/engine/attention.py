@@ -180,7 +180,7 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
     lse = None
     if (ctx.topk_end is not None or (ctx.sink_shift is not None and not fold_sinks)
             or (ctx.random_slots is not None and not fold_random) or ctx.bucket_end is not None):
-        out, lse = attention_with_lse(query, keys, values, mask, scale)
+        out, lse = attention_with_lse(query, keys, values, mask, scale, ctx.kernel)
         if ctx.bucket_end is not None:
             out, lse = buckets.merge_buckets(config.reading, bank, mem, layer, ctx.topk_start, ctx.bucket_end, query,
                                              out, lse, scale)
@@ -191,7 +191,7 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         if ctx.topk_end is not None:
             out = merge_topk(ctx, mem, query, out, lse, scale)
     elif scored and policy in eviction.NEEDS_ALL_QUERIES:
-        out, lse = attention_with_lse(query, keys, values, mask, scale)
+        out, lse = attention_with_lse(query, keys, values, mask, scale, ctx.kernel)
     else:
         if ctx.dilated is not None and not scored and pad_bias is None:  # LongNet: each head reads its patterns' keys
             keys, values, mask = ctx.dilated.take(keys, values, query.shape[1])
