@@ -29,6 +29,7 @@ from unimem_bench.methods.engine.kernels import (  # noqa: F401 (re-exported: th
     prefix_causal_sdpa,
     rotate,
     rotate_,
+    unrotate,
 )
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.patterns import open_mask
@@ -103,7 +104,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
         if plan.store is not None:
             # Store keys unrotated (position 0): undo RoPE at the positions the segment had in this input.
             cos, sin = (t[seg] for t in plan.store)
-            seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
+            seg_k = unrotate(seg_k, cos, sin, plan.rope_scale)
         if first_call:  # a recomputation repeats the tensor operations above but writes nothing
             r = config.reading
             rep = (representative_scores(query[:, :, seg], key[:, :, seg])
@@ -115,7 +116,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
             seg_k = key[:, :, seg]
             if plan.store is not None:
                 cos, sin = (t[seg] for t in plan.store)
-                seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
+                seg_k = unrotate(seg_k, cos, sin, plan.rope_scale)
             buckets.write_centroids(config.reading, bank, layer, query[:, :, seg], seg_k)
     return out.to(query.dtype)  # the fused CPU kernel's float32 log-sum-exp must not promote the output
 

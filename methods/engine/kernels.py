@@ -40,6 +40,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x.unflatten(*halves) * cos + rotate_half(x).unflatten(*halves) * sin).flatten(-2)
 
 
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """RoPE undone, x [..., n, dim] at the positions of (cos, sin) [n, dim] moved back to position 0, divided by
+    scale**2 (RoPE's attention scaling): bit for bit `rotate(x, cos, -sin) / scale**2` (b * -s is -(b * s), and
+    a + -c is a - c), without negating the table, and no division when the scale is 1 (x / 1 is x)."""
+    turned = rotate_half(x).mul_(sin)
+    out = (x * cos).sub_(turned)
+    return out if scale == 1.0 else out.div_(scale**2)
+
+
 def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`rotate` in place on x (a fresh tensor or a view of one), the same operations in the same order: one
     temporary the size of x instead of four (x is the whole memory when a compact memory is read)."""
