@@ -142,7 +142,7 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
             prefix_k.append(mem.keys[:, :, :plan.n_global])
             prefix_v.append(mem.values[:, :, :plan.n_global])
         else:
-            prefix_k.append(torch.zeros_like(mem.global_keys) if fold_sinks else mem.global_keys)
+            prefix_k.append(sink_buffer(ctx, mem.global_keys, None) if fold_sinks else mem.global_keys)
             prefix_v.append(mem.global_values)
     if plan.n_tier:
         prefix_k.append(mem.tier_keys)
@@ -176,8 +176,7 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         # LongNet: one row per head offset; head h takes row h mod offsets (as many offsets as heads: the mask as is)
         mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
     if fold_sinks:  # [batch, heads, queries, keys]: the sink columns (hidden in ctx.mask) carry the sink logits
-        logits = sink_logits(ctx, mem, query, scale)  # [batch, heads, queries, globals]
-        mask = torch.cat([logits, mask[:, plan.n_global:].expand(*logits.shape[:2], -1, -1)], dim=-1)
+        mask = sink_buffer(ctx, mask, sink_logits(ctx, mem, query, scale))
     lse = None
     if (ctx.topk_end is not None or (ctx.sink_shift is not None and not fold_sinks)
             or (ctx.random_slots is not None and not fold_random) or ctx.bucket_end is not None):
@@ -292,6 +291,22 @@ def sink_logits(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, scal
     turned = (torch.cat([query, query], dim=-1) * ctx.sink_rotation).reshape(batch, kv_heads, -1, 2 * dim)
     logits = torch.matmul(turned, keys.transpose(-1, -2))  # [batch, kv_heads, group * seq, globals]
     return logits.view(batch, heads, seq, -1)
+
+
+def sink_buffer(ctx: SegmentContext, like: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+    """What the folded sinks read, kept per context and shape (`SegmentContext.sink_buffers`), so no layer builds it
+    again: with `logits` None, zero keys shaped as `like` (the globals [batch, kv_heads, G, dim]); else the mask
+    `like` [queries, keys] as [batch, heads, queries, keys], its G sink columns (hidden in `like`) overwritten with
+    `logits` [batch, heads, queries, G] (its other columns copied once)."""
+    shape = tuple(like.shape if logits is None else (*logits.shape[:2], *like.shape))
+    key = (shape, like.dtype, logits is None)
+    hit = ctx.sink_buffers.get(key)
+    if hit is None or hit[0] is not like and logits is not None:
+        made = torch.zeros_like(like) if logits is None else like.expand(shape).clone()
+        hit = ctx.sink_buffers[key] = (like, made)
+    if logits is not None:
+        hit[1][..., :logits.shape[-1]].copy_(logits)
+    return hit[1]
 
 
 def placed_sinks(ctx: SegmentContext, mem: LayerMemory, dtype: torch.dtype, scale: float) -> torch.Tensor:

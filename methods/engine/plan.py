@@ -207,6 +207,10 @@ class SegmentContext:
     open_masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
     """By (prefix, local keys, dtype, device): `open_mask`, built by the first layer that reads joined and shared by
     the others (and by the segments that reuse this context)."""
+    sink_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """By (shape, dtype, zero keys or mask): the folded sinks' zero keys, and their [batch, heads, queries, keys] mask
+    with the mask it was copied from (`attention.sink_buffer`); shared by the layers and the segments reusing this
+    context, each layer writing its sink logits into the mask's sink columns before its read."""
     kernel: FusedKernel = field(default_factory=FusedKernel)
     """What is known of the fused log-sum-exp op (`kernels.FusedKernel`): the model's own, so it is probed once."""
 
