@@ -20,6 +20,11 @@ from unimem_bench.methods.engine.memory import LayerMemory, MemoryState, overflo
 from unimem_bench.methods.engine.patterns import DilatedKeys, dilated_keys, dilated_mask, random_mask, random_reads
 from unimem_bench.methods.engine.rotary_memo import RotaryMemo
 
+# Compact prefixes up to this many slots are placed with whole (cos, sin) tables: at most 2 x 2,048 x head_dim floats
+# (1.3 MiB at head dim 40), and `kernels.rotate_` on whole tables is 7 elementwise ops against 11 broadcasting half
+# rows (StreamingLLM's 132-slot prefix: 63 -> ~40 us a layer); longer ones (budgets of long inputs) keep the halves.
+WHOLE_TABLES = 2048
+
 Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """The model's rotary embedding, or anything called like it: (probe, positions [1, n]) -> (cos, sin) [1, n, dim]."""
 
@@ -126,7 +131,7 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
     place = store = None
     scale = float(getattr(rotary, "attention_scaling", 1.0))
     place_half = False
-    if mode == "compact" and n_prefix and isinstance(rotary, RotaryMemo):
+    if mode == "compact" and n_prefix > WHOLE_TABLES and isinstance(rotary, RotaryMemo):
         cos, sin, place_half = rotary.halves(probe, torch.arange(n_prefix, device=probe.device).unsqueeze(0))
         place = cos[0], sin[0]
     elif mode == "compact" and n_prefix:
