@@ -21,10 +21,8 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
-from unimem_bench.methods.engine import buckets, budgets, eviction, pages, split_read
-from unimem_bench.methods.engine.kernels import (  # noqa: F401 (re-exported: they lived here)
-    CPU_FLASH_WITH_LSE,
-    QUERY_CHUNK,
+from unimem_bench.methods.engine import buckets, budgets, eviction, pages, split_read, tier
+from unimem_bench.methods.engine.kernels import (
     attention_with_lse,
     prefix_causal_sdpa,
     rotate,
@@ -156,7 +154,12 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         first = (plan.n_global if plan.globals_in_bank else 0) if fold_random else plan.n_bank - plan.n_window
         prefix_k.append(mem.keys[:, :, first:])
         prefix_v.append(mem.values[:, :, first:])
-    if prefix_k:
+    # A pooled tier held at the front of its room: the window and the segment laid after it, no copy of the tier.
+    joined = (tier.joined_keys(bank, prefix_k[0], prefix_v[0], (*prefix_k[1:], *prefix_v[1:]), key, value)
+              if plan.n_tier and not plan.n_global and plan.place is None and len(prefix_k) <= 2 else None)
+    if joined is not None:
+        keys, values = joined  # [batch, kv_heads, tier + window + seq, dim]
+    elif prefix_k:
         keys = torch.cat([*prefix_k, key], dim=2)  # [batch, kv_heads, prefix + seq, dim]
         if plan.place is not None:  # compact: stored keys (position 0) moved to positions 0 .. prefix - 1
             rotate_(keys[:, :, :keys.shape[2] - key.shape[2]], *plan.place)
