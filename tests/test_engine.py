@@ -9,7 +9,7 @@ from helpers import random_docs, tiny_llama
 
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig
 from unimem_bench.methods.config import Management, Position, Reading, Writing
-from unimem_bench.methods.engine import attention
+from unimem_bench.methods.engine import kernels
 
 ATOL = 1e-5
 
@@ -87,7 +87,7 @@ def test_topk_merge_equals_window_read_of_the_same_keys(model, monkeypatch, fuse
     # Two code paths, one softmax: top-k over all memory (log-sum-exp merge) against read_all (one SDPA call);
     # the log-sum-exp comes from PyTorch's fused CPU kernel or from the portable manual path.
     if not fused:
-        monkeypatch.setattr(attention, "CPU_FLASH_WITH_LSE", None)
+        monkeypatch.setattr(kernels, "CPU_FLASH_WITH_LSE", None)
     doc = random_docs([40])[0]
     topk = kv_config(size=64, topk=64, mode="absolute")
     read_all = kv_config(size=64, read_all=True, mode="absolute")

@@ -158,3 +158,24 @@ def test_a_saved_state_with_a_tier_continues_exactly(one_thread) -> None:
         for start in range(32, 64, 8):
             torch.testing.assert_close(lm.forward_segment(restored, doc[:, start:start + 8], start),
                                        lm.forward_segment(state, doc[:, start:start + 8], start), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["longt5", "poolingformer"])
+def test_the_tier_room_reads_and_writes_as_new_tensors_do(method: str, one_thread) -> None:
+    """Without autograd the tier is appended in place at the front of its room and read with the window and the
+    segment laid after it (`tier.py`); with autograd every write makes new tensors and the read concatenates. Both
+    give the same logits, bit for bit, and the inference run really used the room."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, context=TINY_CONTEXT, seed=5)
+    ctx = MethodContext(n_layers=2, segment_len=8, trained_context=TINY_CONTEXT)
+    config = METHODS.get(method).config(ctx, ["writing.pooled_tier=6", "writing.pool_ratio=2"])
+    doc = random_docs([96], seed=6)[0].unsqueeze(0)
+    logits = {}
+    for mode in ("inference", "grad"):
+        with (torch.inference_mode(mode == "inference"), torch.enable_grad() if mode == "grad" else torch.no_grad(),
+              MemoryLM(model, config, segment_len=8, trained_context=TINY_CONTEXT) as lm):
+            state = lm.new_state(1)
+            logits[mode] = torch.cat([lm.forward_segment(state, doc[:, s:s + 8], s).detach() for s in range(0, 96, 8)])
+            layer = state.layers[0]
+            in_room = layer.tier_room is not None and layer.tier_keys.data_ptr() == layer.tier_room[0].data_ptr()
+            assert in_room == (mode == "inference")
+    torch.testing.assert_close(logits["inference"], logits["grad"], atol=0, rtol=0)

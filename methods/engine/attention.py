@@ -21,14 +21,13 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
-from unimem_bench.methods.engine import buckets, budgets, eviction, pages, slot_buffer, split_read
-from unimem_bench.methods.engine.kernels import (  # noqa: F401 (re-exported: they lived here)
-    CPU_FLASH_WITH_LSE,
-    QUERY_CHUNK,
+from unimem_bench.methods.engine import buckets, budgets, eviction, pages, slot_buffer, split_read, tier
+from unimem_bench.methods.engine.kernels import (
     attention_with_lse,
     prefix_causal_sdpa,
     rotate,
     rotate_,
+    unrotate,
 )
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.patterns import open_mask
@@ -103,7 +102,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
         if plan.store is not None:
             # Store keys unrotated (position 0): undo RoPE at the positions the segment had in this input.
             cos, sin = (t[seg] for t in plan.store)
-            seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
+            seg_k = unrotate(seg_k, cos, sin, plan.rope_scale)
         if first_call:  # a recomputation repeats the tensor operations above but writes nothing
             r = config.reading
             rep = (representative_scores(query[:, :, seg], key[:, :, seg])
@@ -115,7 +114,7 @@ def memory_attention(ctx: SegmentContext, layer: int, query: torch.Tensor, key: 
             seg_k = key[:, :, seg]
             if plan.store is not None:
                 cos, sin = (t[seg] for t in plan.store)
-                seg_k = rotate(seg_k, cos, -sin) / plan.rope_scale**2
+                seg_k = unrotate(seg_k, cos, sin, plan.rope_scale)
             buckets.write_centroids(config.reading, bank, layer, query[:, :, seg], seg_k)
     return out.to(query.dtype)  # the fused CPU kernel's float32 log-sum-exp must not promote the output
 
@@ -141,7 +140,7 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
             prefix_k.append(mem.keys[:, :, :plan.n_global])
             prefix_v.append(mem.values[:, :, :plan.n_global])
         else:
-            prefix_k.append(torch.zeros_like(mem.global_keys) if fold_sinks else mem.global_keys)
+            prefix_k.append(sink_buffer(ctx, mem.global_keys, None) if fold_sinks else mem.global_keys)
             prefix_v.append(mem.global_values)
     if plan.n_tier:
         prefix_k.append(mem.tier_keys)
@@ -155,7 +154,12 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         first = (plan.n_global if plan.globals_in_bank else 0) if fold_random else plan.n_bank - plan.n_window
         prefix_k.append(mem.keys[:, :, first:])
         prefix_v.append(mem.values[:, :, first:])
-    if prefix_k:
+    # A pooled tier held at the front of its room: the window and the segment laid after it, no copy of the tier.
+    joined = (tier.joined_keys(bank, prefix_k[0], prefix_v[0], (*prefix_k[1:], *prefix_v[1:]), key, value)
+              if plan.n_tier and not plan.n_global and plan.place is None and len(prefix_k) <= 2 else None)
+    if joined is not None:
+        keys, values = joined  # [batch, kv_heads, tier + window + seq, dim]
+    elif prefix_k:
         keys = torch.cat([*prefix_k, key], dim=2)  # [batch, kv_heads, prefix + seq, dim]
         if plan.place is not None:  # compact: stored keys (position 0) moved to positions 0 .. prefix - 1
             rotate_(keys[:, :, :keys.shape[2] - key.shape[2]], *plan.place)
@@ -175,12 +179,11 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         # LongNet: one row per head offset; head h takes row h mod offsets (as many offsets as heads: the mask as is)
         mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
     if fold_sinks:  # [batch, heads, queries, keys]: the sink columns (hidden in ctx.mask) carry the sink logits
-        logits = sink_logits(ctx, mem, query, scale)  # [batch, heads, queries, globals]
-        mask = torch.cat([logits, mask[:, plan.n_global:].expand(*logits.shape[:2], -1, -1)], dim=-1)
+        mask = sink_buffer(ctx, mask, sink_logits(ctx, mem, query, scale))
     lse = None
     if (ctx.topk_end is not None or (ctx.sink_shift is not None and not fold_sinks)
             or (ctx.random_slots is not None and not fold_random) or ctx.bucket_end is not None):
-        out, lse = attention_with_lse(query, keys, values, mask, scale)
+        out, lse = attention_with_lse(query, keys, values, mask, scale, ctx.kernel)
         if ctx.bucket_end is not None:
             out, lse = buckets.merge_buckets(config.reading, bank, mem, layer, ctx.topk_start, ctx.bucket_end, query,
                                              out, lse, scale)
@@ -191,7 +194,7 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         if ctx.topk_end is not None:
             out = merge_topk(ctx, mem, query, out, lse, scale)
     elif scored and policy in eviction.NEEDS_ALL_QUERIES:
-        out, lse = attention_with_lse(query, keys, values, mask, scale)
+        out, lse = attention_with_lse(query, keys, values, mask, scale, ctx.kernel)
     else:
         if ctx.dilated is not None and not scored and pad_bias is None:  # LongNet: each head reads its patterns' keys
             keys, values, mask = ctx.dilated.take(keys, values, query.shape[1])
@@ -294,6 +297,22 @@ def sink_logits(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, scal
     turned = (torch.cat([query, query], dim=-1) * ctx.sink_rotation).reshape(batch, kv_heads, -1, 2 * dim)
     logits = torch.matmul(turned, keys.transpose(-1, -2))  # [batch, kv_heads, group * seq, globals]
     return logits.view(batch, heads, seq, -1)
+
+
+def sink_buffer(ctx: SegmentContext, like: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+    """What the folded sinks read, kept per context and shape (`SegmentContext.sink_buffers`), so no layer builds it
+    again: with `logits` None, zero keys shaped as `like` (the globals [batch, kv_heads, G, dim]); else the mask
+    `like` [queries, keys] as [batch, heads, queries, keys], its G sink columns (hidden in `like`) overwritten with
+    `logits` [batch, heads, queries, G] (its other columns copied once)."""
+    shape = tuple(like.shape if logits is None else (*logits.shape[:2], *like.shape))
+    key = (shape, like.dtype, logits is None)
+    hit = ctx.sink_buffers.get(key)
+    if hit is None or hit[0] is not like and logits is not None:
+        made = torch.zeros_like(like) if logits is None else like.expand(shape).clone()
+        hit = ctx.sink_buffers[key] = (like, made)
+    if logits is not None:
+        hit[1][..., :logits.shape[-1]].copy_(logits)
+    return hit[1]
 
 
 def placed_sinks(ctx: SegmentContext, mem: LayerMemory, dtype: torch.dtype, scale: float) -> torch.Tensor:

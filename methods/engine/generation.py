@@ -17,6 +17,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from unimem_bench.methods.config import UniMemConfig
+from unimem_bench.methods.engine.kernels import FusedKernel
 from unimem_bench.methods.engine.memory import MemoryState
 from unimem_bench.methods.engine.output_memory import OutputReader
 from unimem_bench.methods.engine.plan import build_plan, segment_context
@@ -61,6 +62,7 @@ class OpenSegment:
                                rotary=lm.decoder.get_submodule("rotary_emb"), probe=probe, write=False, grad=False,
                                memory_room=lm.memory_room)
         self.cache = DynamicCache(config=lm.model.config)
+        self.kernel = FusedKernel()  # the fused op's GQA support, probed once per open segment
         self.pending_read_slots = state.rmt if m else None
         self.doc_start = doc_start
         self.tokens: list[int] = []
@@ -89,7 +91,7 @@ class OpenSegment:
         positions = torch.arange(first, first + t, device=lm.device).unsqueeze(0)
         # Memory layers see [prefix ; cached ; new], masked for queries past .. past + t - 1 of the input.
         ctx = segment_context(lm.config, lm.layers, self.state, self.plan, query_start=past, n_query=t,
-                              dtype=embeds.dtype, device=embeds.device)
+                              dtype=embeds.dtype, device=embeds.device, kernel=self.kernel)
         hidden = lm.decoder(inputs_embeds=embeds, position_ids=positions, cache=self.cache,
                             use_cache=True, unimem=ctx).last_hidden_state  # [1, t, hidden]
         logits = lm.model.get_output_embeddings()(hidden[:, -1:])  # [1, 1, vocab]

@@ -3,6 +3,8 @@ transformers' convention. No engine state: `attention.py` and `split_read.py` bo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
@@ -18,6 +20,16 @@ ROTATE_ROWS = 1024
 CPU_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+@dataclass
+class FusedKernel:
+    """How `fused_with_lse` calls PyTorch's fused CPU op with fewer KV heads than query heads: the op reads them
+    itself (recent PyTorch, 2.13) or refuses them (older). Probed by the first such call and remembered, so later
+    calls make no failing try; the engine keeps one per model (`MemoryLM.kernel`), handed down by each context."""
+
+    native_gqa: bool | None = None
+    """True: the op takes the KV heads as they are; False: they are folded into batch rows; None: not probed yet."""
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE with transformers' own half-rotation convention: x [..., n, dim], cos/sin [n, dim], or [n, dim / 2]
     when the table's two halves are equal (`rotary_memo.halves`): each half of x then meets the same values."""
@@ -26,6 +38,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [n, 1, dim / 2], broadcast over x's two halves
     halves = (-1, (2, cos.shape[-1]))
     return (x.unflatten(*halves) * cos + rotate_half(x).unflatten(*halves) * sin).flatten(-2)
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """RoPE undone, x [..., n, dim] at the positions of (cos, sin) [n, dim] moved back to position 0, divided by
+    scale**2 (RoPE's attention scaling): bit for bit `rotate(x, cos, -sin) / scale**2` (b * -s is -(b * s), and
+    a + -c is a - c), without negating the table, and no division when the scale is 1 (x / 1 is x)."""
+    turned = rotate_half(x).mul_(sin)
+    out = (x * cos).sub_(turned)
+    return out if scale == 1.0 else out.div_(scale**2)
 
 
 def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -67,18 +88,19 @@ def prefix_causal_sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 
 def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       scale: float, kernel: FusedKernel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `prefix_causal_sdpa`, also returning the log-sum-exp [batch, heads, seq] of the scaled scores.
 
-    On CPU, PyTorch's fused flash kernel returns the log-sum-exp itself; elsewhere the query heads of each KV head
-    are grouped (keys never repeated) and query rows go in blocks of QUERY_CHUNK, bounding each score block.
+    On CPU, PyTorch's fused flash kernel returns the log-sum-exp itself (`kernel`: what is known of it, a fresh
+    one when None); elsewhere the query heads of each KV head are grouped (keys never repeated) and query rows go
+    in blocks of QUERY_CHUNK, bounding each score block.
     """
     batch, heads, seq, dim = query.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
         flat = mask.unsqueeze(0) if mask is not None and mask.dim() == 3 else mask  # per-head: [1, heads, ...]
-        return fused_with_lse(query, keys, values, flat, mask is None, scale)
+        return fused_with_lse(query, keys, values, flat, mask is None, scale, kernel or FusedKernel())
     q = query.reshape(batch, kv_heads, group, seq, dim)  # [batch, kv_heads, group, seq, dim]
     if mask is None:
         causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
@@ -98,7 +120,7 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 
 def fused_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   causal: bool, scale: float, kernel: FusedKernel) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's fused CPU kernel with its log-sum-exp, in ONE call for every KV head. `mask`: None, [queries, keys]
     or [batch or 1, heads or 1, queries, keys]. Returns (out [batch, heads, seq, dim], log-sum-exp [batch, heads,
     seq]).
@@ -106,18 +128,24 @@ def fused_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     Recent PyTorch (2.13) reads fewer KV heads than query heads itself, as SDPA's GQA switch does (keys never
     repeated); where it refuses them, each KV head becomes a batch row whose keys are expanded to its query heads as
     a stride-0 view (no copy; one call per KV head before: x0.7-1.0 of its time, and the native call x0.8 of this).
+    Which of the two is decided by the first call with fewer KV heads and kept in `kernel`.
     """
     batch, heads, seq, dim = query.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
     op = CPU_FLASH_WITH_LSE
     assert op is not None, "callers check for the fused op"
-    try:
+    if group == 1 or kernel.native_gqa:
         out, lse = op(query, keys, values, 0.0, causal, attn_mask=mask, scale=scale)[:2]
         return out, lse
-    except RuntimeError:
-        if group == 1:
-            raise
+    if kernel.native_gqa is None:
+        try:
+            out, lse = op(query, keys, values, 0.0, causal, attn_mask=mask, scale=scale)[:2]
+        except RuntimeError:
+            kernel.native_gqa = False
+        else:
+            kernel.native_gqa = True
+            return out, lse
     q = query.reshape(batch * kv_heads, group, seq, dim)  # [batch * kv_heads, group, seq, dim]
     k = keys.reshape(batch * kv_heads, 1, n, dim).expand(-1, group, -1, -1)  # no copy
     v = values.reshape(batch * kv_heads, 1, n, dim).expand(-1, group, -1, -1)
@@ -137,7 +165,7 @@ def fold_mask(mask: torch.Tensor | None, batch: int, kv_heads: int) -> torch.Ten
 
 
 def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, kernel: FusedKernel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every query over every key of one block (no causality), keys [batch, kv_heads, n, dim] (a view is read in
     place); `bias` [batch, kv_heads, 1, n] hides keys per KV head (-inf) or is None. Returns (out [batch, heads,
     seq, dim], log-sum-exp [batch, heads, seq]); a query that sees no key gets out 0 and log-sum-exp -inf."""
@@ -146,11 +174,11 @@ def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     group = heads // kv_heads
     if query.device.type == "cpu" and CPU_FLASH_WITH_LSE is not None:
         per_head = None if bias is None else bias.repeat_interleave(group, dim=1)  # [batch, heads, 1, n]
-        out, lse = fused_with_lse(query, keys, values, per_head, False, scale)
+        out, lse = fused_with_lse(query, keys, values, per_head, False, scale, kernel or FusedKernel())
     else:
         mask = (torch.zeros(seq, keys.shape[2], dtype=query.dtype, device=query.device) if bias is None
                 else bias.repeat_interleave(group, dim=1).expand(-1, -1, seq, -1))  # [batch, heads, seq, n]
-        out, lse = attention_with_lse(query, keys, values, mask, scale)
+        out, lse = attention_with_lse(query, keys, values, mask, scale, kernel)
     if bias is not None:  # a KV head whose whole block is hidden: no contribution (the fused kernel returns lse 0)
         hidden = (bias == float("-inf")).all(-1).repeat_interleave(group, dim=1)  # [batch, heads, 1]
         out, lse = out.nan_to_num(0.0), lse.masked_fill(hidden, float("-inf"))

@@ -13,8 +13,9 @@ from typing import Any, Protocol
 import torch
 
 from unimem_bench.methods.config import UniMemConfig
-from unimem_bench.methods.engine import budgets, eviction, slot_buffer
+from unimem_bench.methods.engine import budgets, eviction, slot_buffer, tier
 from unimem_bench.methods.engine.retrieval import FaissBank
+from unimem_bench.methods.engine.tier import pool_tokens
 from unimem_bench.methods.engine.usage import LayerUsage
 
 
@@ -63,18 +64,6 @@ def overflow_drop(n_old: int, n_new: int, size: int, policy: str) -> tuple[int, 
     return n_old, (n_new if policy == "clear" else drop_new)
 
 
-def pool_tokens(x: torch.Tensor, ratio: int) -> torch.Tensor:
-    """Mean over consecutive groups of `ratio` tokens; a shorter last group is averaged on its own.
-
-    x [batch, kv_heads, n, dim] -> [batch, kv_heads, ceil(n / ratio), dim]
-    """
-    full = x.shape[2] // ratio * ratio
-    parts = [x[:, :, :full].unflatten(2, (-1, ratio)).mean(3)]
-    if full < x.shape[2]:
-        parts.append(x[:, :, full:].mean(2, keepdim=True))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-
 @dataclass
 class LayerMemory:
     """One injected layer's memory: [batch, kv_heads, slots, head_dim] tensors."""
@@ -97,6 +86,8 @@ class LayerMemory:
     tier_keys: torch.Tensor | None = None
     """[batch, kv_heads, tier slots, head_dim] the pooled tier (writing.pooled_tier): means of evicted slots."""
     tier_values: torch.Tensor | None = None
+    tier_room: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Without autograd, the buffers whose fronts are tier_keys / tier_values, with room after them (`tier.py`)."""
     centroids: torch.Tensor | None = None
     """[batch, kv_heads, clusters, head_dim] float32 unit k-means centroids (reading.clusters; `buckets.py`)."""
     rotations: torch.Tensor | None = None
@@ -184,7 +175,8 @@ class LayerMemory:
         if config.writing.kv == "pooling":
             keys, values = pool_tokens(keys, config.writing.pool_ratio), pool_tokens(values, config.writing.pool_ratio)
         if config.writing.pooled_tier:
-            self._write_tier(plan, config, keys, values)
+            tier.write(self, plan, config.writing.pool_ratio,
+                       config.writing.pooled_tier + config.management.size + keys.shape[2], keys, values)
         new_first_id = plan.first_id + (0 if self.keys is None else self.keys.shape[2]) + plan.drop_new
         new_keys = keys[:, :, plan.drop_new:]
         keys = self._append("keys", new_keys, plan.drop_old, config)
@@ -204,25 +196,6 @@ class LayerMemory:
         self.buffers[name], bank = slot_buffer.append(self.buffers.get(name), getattr(self, name), drop_old, new,
                                                       config.management.size)
         return bank
-
-    def _write_tier(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Pool the slots this write evicts from the direct bank (its oldest held ones, then any of the new slots
-        [batch, kv_heads, n_new, dim] dropped at once) into the pooled tier, under the tier's overflow policy."""
-        evicted_k, evicted_v = keys[:, :, :plan.drop_new], values[:, :, :plan.drop_new]
-        if self.keys is not None and self.values is not None and plan.drop_old:
-            held_k, held_v = self.keys[:, :, :plan.drop_old], self.values[:, :, :plan.drop_old]
-            # Pooling reads the views in place: a concatenation only when this write's own slots are evicted too.
-            evicted_k = torch.cat([held_k, evicted_k], dim=2) if plan.drop_new else held_k
-            evicted_v = torch.cat([held_v, evicted_v], dim=2) if plan.drop_new else held_v
-        if not evicted_k.shape[2]:
-            return
-        ratio = config.writing.pool_ratio
-        pooled_k = pool_tokens(evicted_k, ratio)[:, :, plan.tier_drop_new:]  # [batch, kv_heads, pooled, dim]
-        pooled_v = pool_tokens(evicted_v, ratio)[:, :, plan.tier_drop_new:]
-        if self.tier_keys is not None and self.tier_values is not None:
-            pooled_k = torch.cat([self.tier_keys[:, :, plan.tier_drop_old:], pooled_k], dim=2)
-            pooled_v = torch.cat([self.tier_values[:, :, plan.tier_drop_old:], pooled_v], dim=2)
-        self.tier_keys, self.tier_values = (pooled_k, pooled_v) if pooled_k.shape[2] else (None, None)
 
     def _write_scored(self, plan: WritePlan, config: UniMemConfig, keys: torch.Tensor, values: torch.Tensor,
                       fresh: torch.Tensor | None) -> None:

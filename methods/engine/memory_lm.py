@@ -24,6 +24,7 @@ from unimem_bench.methods.config import ConfigError, UniMemConfig
 from unimem_bench.methods.engine.attention import ATTENTION_NAME, unimem_attention
 from unimem_bench.methods.engine.generation import generate
 from unimem_bench.methods.engine.hookable import check_hookable
+from unimem_bench.methods.engine.kernels import FusedKernel
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState
 from unimem_bench.methods.engine.memory_tokens import accumulate, initial_memory_embeddings
 from unimem_bench.methods.engine.output_memory import OutputReader
@@ -74,6 +75,7 @@ class MemoryLM(nn.Module):
         self.usage: dict[int, LayerUsage] = {}
         self.contexts: ContextCache = {}
         """Segment contexts by shape, reused by later segments (`plan.cached_context`); emptied with the rotary."""
+        self.kernel = FusedKernel()  # the fused log-sum-exp op's GQA support, probed once (`kernels.FusedKernel`)
         self._rotary_memo: RotaryMemo | None = None
         self.input_tokens = 0
         """With `management.budget`, the tokens of the input being scored or continued (`budget_for`), which also cap
@@ -281,7 +283,7 @@ class MemoryLM(nn.Module):
             state.commit(plan, config, doc_start)
             return logits
         ctx = cached_context(self.contexts, config, self.layers, state, plan, n_query=embeds.shape[1],
-                             dtype=embeds.dtype, device=embeds.device)
+                             dtype=embeds.dtype, device=embeds.device, kernel=self.kernel)
         hidden = self.decoder(inputs_embeds=embeds, position_ids=positions, unimem=ctx,
                               use_cache=False).last_hidden_state  # [batch, r + n + m, hidden]
         if m:

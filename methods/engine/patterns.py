@@ -81,24 +81,20 @@ def random_slots(config: UniMemConfig, plan: WindowPlan, segment: int, queries: 
     r = config.reading
     blocks = queries // r.random_block  # [queries]
     first_block = int(blocks[0])  # the queries are consecutive: so are their blocks
-    # One generator reseeded per block (the same draws as a fresh one); rows padded with -1 - start, start added once.
+    # One generator reseeded per block (the same draws as a fresh one), each permutation written straight into its
+    # row of the table (the rows' tails stay -1 - start, start added once): no per-block slice, pad or stack.
     generator = torch.Generator()
-    pad = torch.full((r.random_slots,), -1 - start, dtype=torch.long)
-    rows, drawn = [], False
-    for block in range(first_block, int(blocks[-1]) + 1):
-        first = block * r.random_block  # the block's first query decides its candidates
-        reach = min(max(r.window - first, 0), plan.n_window) if r.sliding else plan.n_window
-        n = plan.n_bank - reach - start
-        if n <= 0:
-            rows.append(pad)
-            continue
-        drawn = True
-        generator.manual_seed((r.random_seed * 1_000_003 + segment) * 1_000_003 + block)
-        slots = torch.randperm(n, generator=generator)[:r.random_slots]
-        rows.append(slots if len(slots) == r.random_slots else torch.cat([slots, pad[len(slots):]]))
-    if not drawn:
+    firsts = range(first_block * r.random_block, (int(blocks[-1]) + 1) * r.random_block, r.random_block)
+    sizes = [plan.n_bank - (min(max(r.window - first, 0), plan.n_window) if r.sliding else plan.n_window) - start
+             for first in firsts]  # each block's candidates, decided by its first query
+    if max(sizes) <= 0:
         return None
-    table = torch.stack(rows) + start  # [blocks, R]
+    table = torch.full((len(sizes), max(r.random_slots, *sizes)), -1 - start, dtype=torch.long)
+    for block, (row, n) in enumerate(zip(table, sizes, strict=True), start=first_block):
+        if n > 0:
+            generator.manual_seed((r.random_seed * 1_000_003 + segment) * 1_000_003 + block)
+            torch.randperm(n, generator=generator, out=row[:n])
+    table = table[:, :r.random_slots] + start  # [blocks, R]
     return table.to(queries.device)[blocks - first_block]
 
 

@@ -15,9 +15,15 @@ from dataclasses import dataclass, field
 import torch
 
 from unimem_bench.methods.config import UniMemConfig, dense_reading
+from unimem_bench.methods.engine.kernels import FusedKernel
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState, overflow_drop
 from unimem_bench.methods.engine.patterns import DilatedKeys, dilated_keys, dilated_mask, random_mask, random_reads
 from unimem_bench.methods.engine.rotary_memo import RotaryMemo
+
+# Compact prefixes up to this many slots are placed with whole (cos, sin) tables: at most 2 x 2,048 x head_dim floats
+# (1.3 MiB at head dim 40), and `kernels.rotate_` on whole tables is 7 elementwise ops against 11 broadcasting half
+# rows (StreamingLLM's 132-slot prefix: 63 -> ~40 us a layer); longer ones (budgets of long inputs) keep the halves.
+WHOLE_TABLES = 2048
 
 Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """The model's rotary embedding, or anything called like it: (probe, positions [1, n]) -> (cos, sin) [1, n, dim]."""
@@ -125,7 +131,7 @@ def build_plan(config: UniMemConfig, state: MemoryState, *, n_read: int, n_seg: 
     place = store = None
     scale = float(getattr(rotary, "attention_scaling", 1.0))
     place_half = False
-    if mode == "compact" and n_prefix and isinstance(rotary, RotaryMemo):
+    if mode == "compact" and n_prefix > WHOLE_TABLES and isinstance(rotary, RotaryMemo):
         cos, sin, place_half = rotary.halves(probe, torch.arange(n_prefix, device=probe.device).unsqueeze(0))
         place = cos[0], sin[0]
     elif mode == "compact" and n_prefix:
@@ -206,12 +212,21 @@ class SegmentContext:
     open_masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
     """By (prefix, local keys, dtype, device): `open_mask`, built by the first layer that reads joined and shared by
     the others (and by the segments that reuse this context)."""
+    sink_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """By (shape, dtype, zero keys or mask): the folded sinks' zero keys, and their [batch, heads, queries, keys] mask
+    with the mask it was copied from (`attention.sink_buffer`); shared by the layers and the segments reusing this
+    context, each layer writing its sink logits into the mask's sink columns before its read."""
+    kernel: FusedKernel = field(default_factory=FusedKernel)
+    """What is known of the fused log-sum-exp op (`kernels.FusedKernel`): the model's own, so it is probed once."""
 
 
 def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryState, plan: SegmentPlan, *,
-                    query_start: int, n_query: int, dtype: torch.dtype, device: torch.device) -> SegmentContext:
+                    query_start: int, n_query: int, dtype: torch.dtype, device: torch.device,
+                    kernel: FusedKernel | None = None) -> SegmentContext:
     """The context of one forward call whose queries are input indices query_start .. query_start + n_query - 1
-    (the local keys are the input's first query_start + n_query tokens)."""
+    (the local keys are the input's first query_start + n_query tokens); `kernel`: the model's (a fresh one when
+    None)."""
+    kernel = kernel or FusedKernel()
     r = config.reading
     i = torch.arange(query_start, query_start + n_query, device=device)  # [queries] input indices
     # Window slots each query reaches, counted from the bank's end: all of them, or W - i when sliding.
@@ -255,7 +270,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     if r.dense_layers:  # Quest's dense layers: the same write, every slot read (positions do not depend on it)
         dense_plan = dataclasses.replace(plan, n_window=plan.n_bank - (plan.n_global if plan.globals_in_bank else 0))
         dense = segment_context(dataclasses.replace(config, reading=dense_reading(r)), layers, state, dense_plan,
-                                query_start=query_start, n_query=n_query, dtype=dtype, device=device)
+                                query_start=query_start, n_query=n_query, dtype=dtype, device=device, kernel=kernel)
     rotation = None
     if shift is not None and plan.place is not None:
         cos, sin = (t[shift] for t in plan.place)  # [queries, head_dim]; shifts lie in 0 .. n_window
@@ -265,7 +280,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
                           topk_end=topk_end, random_mask=folded_random(plan, mask, random, start, shift),
                           topk_start=start, sink_shift=shift, sink_rotation=rotation, random_slots=random,
                           random_blocks=random_blocks, random_index=random_index, random_padded=random_padded,
-                          bucket_end=bucket_end, dense=dense, dilated=dilated)
+                          bucket_end=bucket_end, dense=dense, dilated=dilated, kernel=kernel)
 
 
 def folded_random(plan: SegmentPlan, mask: torch.Tensor | None, random: torch.Tensor | None, start: int,
@@ -286,7 +301,7 @@ segment (dilation only) and the context; None for a shape seen once (its tensors
 
 def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[int],
                    state: MemoryState, plan: SegmentPlan, *, n_query: int, dtype: torch.dtype,
-                   device: torch.device) -> SegmentContext:
+                   device: torch.device, kernel: FusedKernel | None = None) -> SegmentContext:
     """`segment_context` of a whole-input forward call (query_start 0), its tensors reused from `cache` when an
     earlier segment had the same shape: the mask, reach and sink rotations depend only on the plan's sizes (and, with
     dilation, on the document positions modulo the patterns' period), so a streamed document rebuilds them once
@@ -294,7 +309,7 @@ def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[
     r = config.reading
     if r.dense_layers:
         return segment_context(config, layers, state, plan, query_start=0, n_query=n_query, dtype=dtype,
-                               device=device)
+                               device=device, kernel=kernel)
     window_pos = None
     period = 0
     if r.dilation_rates:  # the patterns compare positions // length and positions % rate: periodic in their lcm
@@ -313,7 +328,8 @@ def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[
                 config, plan, state.segments, torch.arange(n_query, device=device), ctx.topk_start)
             ctx.random_mask = folded_random(plan, ctx.mask, ctx.random_slots, ctx.topk_start, ctx.sink_shift)
         return ctx
-    ctx = segment_context(config, layers, state, plan, query_start=0, n_query=n_query, dtype=dtype, device=device)
+    ctx = segment_context(config, layers, state, plan, query_start=0, n_query=n_query, dtype=dtype, device=device,
+                          kernel=kernel)
     if len(cache) >= 64:  # shapes of a growing memory (each seen once) do not pile up
         cache.clear()
     # Kept from a shape's second use on: a memory that grows (a pooled tier, a budget filling) meets each shape once,

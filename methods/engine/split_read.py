@@ -110,9 +110,9 @@ def split_attention(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, 
     # The rows scored: their logits kept from this pass while small, so no block is rotated twice.
     keep = scored and (hi - lo) * query.shape[0] * query.shape[1] * n_memory <= KEPT_LOGITS
     kept: list[tuple[int, int, torch.Tensor]] = []
-    out, lse = attention_with_lse(query, key, value, None, scale)  # the segment, causally
+    out, lse = attention_with_lse(query, key, value, None, scale, ctx.kernel)  # the segment, causally
     for first, keys, values, bias in key_blocks(parts, plan.place, query.dtype):
-        out, lse = merge_lse(out, lse, *block_attention(query, keys, values, bias, scale))
+        out, lse = merge_lse(out, lse, *block_attention(query, keys, values, bias, scale, ctx.kernel))
         if keep:
             kept += [(first, start, logits)
                      for start, logits in eviction.block_logits(query, keys, bias, scale, lo, hi)]
