@@ -101,7 +101,7 @@ class LayerMemory:
     """Some slot of `ids` is padding (-1), per-layer or per-head budgets: kept by the write, so a read needs no
     host sync to know (True until a budgeted write says otherwise)."""
     buffers: dict[str, slot_buffer.SlotBuffer | None] = field(default_factory=dict)
-    """Per tensor name, the buffer a FIFO write appends to in place (`slot_buffer`); emptied when replaced."""
+    """Per tensor name, the buffer behind a FIFO bank (`slot_buffer`); a bank replaced otherwise gets a new one."""
 
     def held_slots(self) -> torch.Tensor | None:
         """Slots held per batch row and KV head [batch, kv_heads] (bank plus pinned globals); None when empty."""

@@ -25,16 +25,22 @@ ROOM_WRITES = 4
 """Writes a new buffer has room for at least: a small bank (a few writes) would otherwise move every write."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SlotBuffer:
-    """A bank [batch, kv_heads, slots, ...] as the view `buffer[:, :, start:end]`."""
+    """A bank [batch, kv_heads, slots, ...] as the view `buffer[:, :, start:end]` (each write makes a new one)."""
 
     buffer: torch.Tensor
     """[batch, kv_heads, capacity, ...] the storage."""
     start: int
+    """The bank's first slot in the buffer."""
     end: int
+    """One past the bank's last slot: the next write goes here."""
     view: torch.Tensor
     """The bank handed out: a write appends in place only while the bank still is this tensor."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= self.end <= self.buffer.shape[2]:
+            raise ValueError(f"slots [{self.start}, {self.end}) do not lie in a buffer of {self.buffer.shape[2]}")
 
     def fits(self, held: torch.Tensor | None, new: torch.Tensor) -> bool:
         """Whether `new` slots can be appended in place to bank `held`."""
