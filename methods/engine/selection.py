@@ -56,10 +56,10 @@ def best_k(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | No
         cand = torch.cat([cand, rows[:, full:]], dim=1)
     values = cand.numpy()
     width = values.shape[1]
-    picked = np.flatnonzero(values >= _kth_largest(values, k))
-    if picked.size != r * k:
+    winners = np.flatnonzero(values >= _kth_largest(values, k))
+    if winners.size != r * k:
         return None
-    picked = picked.reshape(r, k)
+    picked = winners.reshape(r, k)
     offset = picked - (np.arange(r) * width)[:, None]  # [r, k] places in each row's candidates, ascending
     if not ((offset[:, 0] >= 0).all() and (offset[:, -1] < width).all()):
         return None
