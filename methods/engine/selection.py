@@ -38,8 +38,8 @@ def best_k(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | No
     full = b * blocks
     if b < 2 or blocks <= k:
         return None
-    step = data.strides[1]
-    maxima = np.lib.stride_tricks.as_strided(data, (r, b, blocks), (data.strides[0], blocks * step, step)).max(1)
+    view = rows.as_strided((r, b, blocks), (rows.stride(0), blocks * rows.stride(1), rows.stride(1)))  # no copy
+    maxima = view.amax(1).numpy()  # [r, blocks]; torch's reduction over the middle axis is faster than numpy's
     if np.isnan(maxima.max()) or (full < n and np.isnan(data[:, full:].max())):
         return None
     flat = np.flatnonzero(maxima >= _kth_largest(maxima, k))  # [r * k] when no row is tied: row-major, ascending
@@ -50,17 +50,16 @@ def best_k(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | No
     if not ((chosen[:, 0] >= starts).all() and (chosen[:, -1] < starts + blocks).all()):
         return None  # some row took more than k blocks, another fewer
     chosen -= starts[:, None]  # [r, k] block ids, ascending
-    view = rows.as_strided((r, b, blocks), (rows.stride(0), blocks * rows.stride(1), rows.stride(1)))
     # [r, b * k]: entry (t, j) is column chosen[j] + t * blocks, so the row is in column order
     cand = torch.gather(view, 2, torch.from_numpy(chosen).unsqueeze(1).expand(r, b, k)).view(r, b * k)
     if full < n:
         cand = torch.cat([cand, rows[:, full:]], dim=1)
     values = cand.numpy()
     width = values.shape[1]
-    picked = np.flatnonzero(values >= _kth_largest(values, k))
-    if picked.size != r * k:
+    winners = np.flatnonzero(values >= _kth_largest(values, k))
+    if winners.size != r * k:
         return None
-    picked = picked.reshape(r, k)
+    picked = winners.reshape(r, k)
     offset = picked - (np.arange(r) * width)[:, None]  # [r, k] places in each row's candidates, ascending
     if not ((offset[:, 0] >= 0).all() and (offset[:, -1] < width).all()):
         return None
