@@ -191,7 +191,7 @@ class SegmentContext:
     all queries (built once per segment; None with no shift)."""
     sink_keys: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """By (id of a layer's global keys, dtype, scale): those keys and their [k ; rotate_half(k)] x scale at positions
-    0 .. G-1, transposed (`attention.placed_sinks`); shared by the segments reusing this context (the globals are
+    0 .. G-1, transposed (`sinks.placed_sinks`); shared by the segments reusing this context (the globals are
     fixed)."""
     bucket_end: torch.Tensor | None = None
     """[queries] like topk_end, for the content selectors reading.lsh_buckets / reading.clusters (None: none this
@@ -215,7 +215,7 @@ class SegmentContext:
     the others (and by the segments that reuse this context)."""
     sink_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """By (shape, dtype, zero keys or mask): the folded sinks' zero keys, and their [batch, heads, queries, keys] mask
-    with the mask it was copied from (`attention.sink_buffer`); shared by the layers and the segments reusing this
+    with the mask it was copied from (`sinks.sink_buffer`); shared by the layers and the segments reusing this
     context, each layer writing its sink logits into the mask's sink columns before its read."""
     kernel: FusedKernel = field(default_factory=FusedKernel)
     """What is known of the fused log-sum-exp op (`kernels.FusedKernel`): the model's own, so it is probed once."""
