@@ -61,8 +61,7 @@ def append(buf: SlotBuffer | None, held: torch.Tensor | None, drop_old: int, new
             return None, new
         return None, torch.cat([held[:, :, drop_old:], new], dim=2)
     if buf is None or not buf.fits(held, new):
-        live = held[:, :, drop_old:]
-        return _fresh(live, new, limit)
+        return _fresh(held[:, :, drop_old:], new, limit)
     start, end = buf.start + min(drop_old, held.shape[2]), buf.end
     live = end - start
     data = buf.buffer
