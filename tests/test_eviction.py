@@ -242,6 +242,8 @@ def test_take_equals_a_gather_from_held_and_new_joined(monkeypatch) -> None:
     keep[0, 0] = torch.arange(8)  # held slots only
     keep[1, 2] = torch.arange(6, 14)  # the last held ones and every new one
     expected = joined.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, 4))
+    assert torch.equal(take(held, new, keep), expected)  # a small pair: joined, then one gather
+    monkeypatch.setattr(eviction, "SMALL_TAKE", 0)  # the large-bank paths below
     assert torch.equal(take(held, new, keep), expected)
     assert torch.equal(take(None, new, keep.clamp(max=4)), new.gather(2, keep.clamp(max=4).unsqueeze(-1).expand(
         -1, -1, -1, 4)))
