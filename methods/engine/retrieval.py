@@ -117,7 +117,7 @@ def top_in_key_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     # A NaN reaches its block's maximum, and the maximum of all (numpy: no tensor allocations).
     if np.isnan(block_max.max()) or (b * blocks < n and np.isnan(_as_numpy(rows[:, b * blocks:]).max())):
         return _topk_in_key_order(rows, k, shape)
-    take = block_max >= _kth_largest(block_max, k)  # [rows, blocks]
+    take = block_max >= selection.kth_largest(block_max, k)  # [rows, blocks]
     counts = np.count_nonzero(take, axis=1)
     tied = np.flatnonzero(counts != k)
     if tied.size == rows.shape[0]:
@@ -180,17 +180,11 @@ def _as_numpy(rows: torch.Tensor) -> np.ndarray:
     return (data if data.dtype in (torch.float32, torch.float64) else data.float()).numpy()
 
 
-def _kth_largest(rows: np.ndarray, k: int) -> np.ndarray:
-    """rows [r, n] -> [r, 1] the k-th largest value of each row (numpy's introselect: values only, no index pairs)."""
-    n = rows.shape[1]
-    return np.partition(rows, n - k, axis=1)[:, n - k:n - k + 1]
-
-
 def _best_positions(rows: torch.Tensor, k: int) -> torch.Tensor:
     """rows [r, n] without NaN -> [r, k] positions of each row's k largest values, ascending; among equal values
     the lower position wins."""
     data = _as_numpy(rows)
-    kth = _kth_largest(data, k)
+    kth = selection.kth_largest(data, k)
     take = data >= kth  # [r, n]
     over = np.flatnonzero(np.count_nonzero(take, axis=1) > k)
     if over.size:  # ties at the k-th value: all above it, then the lowest positions holding it

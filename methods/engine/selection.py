@@ -42,7 +42,7 @@ def best_k(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | No
     maxima = view.amax(1).numpy()  # [r, blocks]; torch's reduction over the middle axis is faster than numpy's
     if np.isnan(maxima.max()) or (full < n and np.isnan(data[:, full:].max())):
         return None
-    flat = np.flatnonzero(maxima >= _kth_largest(maxima, k))  # [r * k] when no row is tied: row-major, ascending
+    flat = np.flatnonzero(maxima >= kth_largest(maxima, k))  # [r * k] when no row is tied: row-major, ascending
     if flat.size != r * k:
         return None
     starts = np.arange(r) * blocks
@@ -56,7 +56,7 @@ def best_k(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | No
         cand = torch.cat([cand, rows[:, full:]], dim=1)
     values = cand.numpy()
     width = values.shape[1]
-    winners = np.flatnonzero(values >= _kth_largest(values, k))
+    winners = np.flatnonzero(values >= kth_largest(values, k))
     if winners.size != r * k:
         return None
     picked = winners.reshape(r, k)
@@ -78,7 +78,7 @@ def best_k(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | No
     return torch.from_numpy(-ranked), torch.from_numpy(np.take(cols, order))
 
 
-def _kth_largest(rows: np.ndarray, k: int) -> np.ndarray:
+def kth_largest(rows: np.ndarray, k: int) -> np.ndarray:
     """rows [r, n] -> [r, 1] the k-th largest value of each row (introselect: values only, no index pairs)."""
     n = rows.shape[1]
     return np.partition(rows, n - k, axis=1)[:, n - k:n - k + 1]
