@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from unimem_bench.methods.config import Reading
 from unimem_bench.methods.engine.retrieval import FaissBank, chunk_keys, chunk_queries, topk_chunk_slots, topk_exact
+from unimem_bench.methods.engine.selection import SORT_MAX, kth_largest
 
 
 def data(n: int, q: int = 24, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,3 +159,21 @@ def test_best_first_selection_equals_a_stable_sort_of_the_row():
             assert torch.equal(picked[1].view_as(pos), pos)
             answered += 1
     assert answered > 10
+
+
+@pytest.mark.parametrize("n", [SORT_MAX - 1, SORT_MAX, SORT_MAX + 1, 3 * SORT_MAX])
+def test_kth_largest_equals_the_kth_of_a_sorted_row_on_both_paths(n: int) -> None:
+    """`selection.kth_largest` (a whole-row sort up to SORT_MAX values, introselect beyond) gives each row's k-th
+    largest value, with ties, infinities and NaN (counted as the largest, as numpy orders them)."""
+    g = np.random.default_rng(n)
+    rows = g.standard_normal((40, n)).astype(np.float32)
+    rows[::3] = np.round(rows[::3] * 2)  # ties
+    rows[1::5, :7] = np.inf
+    rows[2::7, 3:9] = np.nan
+    for k in (1, 2, 32, n - 1, n):
+        expected = np.array([sorted(r.tolist(), key=lambda v: (np.isnan(v), 0.0 if np.isnan(v) else v),
+                                    reverse=True)[k - 1]
+                             for r in rows], dtype=np.float32)
+        got = kth_largest(rows, k)
+        assert got.shape == (40, 1)
+        np.testing.assert_array_equal(got[:, 0], expected)
