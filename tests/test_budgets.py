@@ -319,3 +319,22 @@ def test_padded_banks_compact_in_place_as_a_fresh_gather(seed, monkeypatch) -> N
         got = budgets.take_padded(held, new, keep, padded=True, in_place=True)
         assert torch.equal(got, want)
         assert got.data_ptr() == held.data_ptr()  # compacted inside the held bank
+
+
+def test_pooled_tier_counts_in_the_held_bytes() -> None:
+    """A 4-slot window whose evicted slots are pooled by 2 into a tier of up to 4 slots, segments of 4 over 13
+    tokens: after the segments the memory holds 4, 4 + 2 and 4 + 4 slots per KV head, so the peak is 8 slots, as
+    the final state's tensors show."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2)
+    config = UniMemConfig(management=Management(size=4, overflow="fifo"),
+                          writing=Writing(kv="direct", pool_ratio=2, pooled_tier=4), reading=Reading(window=4))
+    with MemoryLM(model, config, segment_len=4) as lm:
+        state = lm.new_state(1)
+        ids = random_docs([13])[0][:-1].unsqueeze(0)
+        for start in range(0, 12, 4):
+            lm.forward_segment(state, ids[:, start:start + 4], start)
+        record = lm.usage_record()
+    head_dim = 32 // 4
+    held = [layer.keys.shape[2] + layer.tier_keys.shape[2] for layer in state.layers.values()]
+    assert held == [8, 8]
+    assert record["peak_kv_bytes"] == 2 * 2 * 8 * 2 * head_dim * 4  # layers x kv heads x slots x (K, V) x float32

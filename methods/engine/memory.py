@@ -118,12 +118,20 @@ class LayerMemory:
         return bank + n_global
 
     def held_bytes(self) -> int:
-        """Bytes of the keys and values held (padding not counted: what a compact cache holds)."""
-        held = self.held_slots()
-        like = self.keys if self.keys is not None else self.global_keys
-        if held is None or like is None:
+        """Bytes of the keys and values held: bank, pinned globals and pooled tier (padding not counted: what a
+        compact cache holds). Counted from shapes where every row and KV head holds the same slots (no tensor op)."""
+        tier = self.tier_keys
+        like = next((t for t in (self.keys, self.global_keys, tier) if t is not None), None)
+        if like is None:
             return 0
-        return int(held.sum()) * 2 * like.shape[3] * like.element_size()
+        slots = 0 if tier is None else tier.shape[0] * tier.shape[1] * tier.shape[2]
+        if self.depth is not None and self.ids is not None:  # per-layer/per-head budgets: padding carries id -1
+            held = self.held_slots()
+            slots += 0 if held is None else int(held.sum())
+        else:
+            for part in (self.keys, self.global_keys):
+                slots += 0 if part is None else part.shape[0] * part.shape[1] * part.shape[2]
+        return slots * 2 * like.shape[3] * like.element_size()
 
     def note_read(self, slots: int, batch: int = 1, tokens: int = 0) -> None:
         """Count a forward call of `tokens` tokens per row over `batch` rows reading `slots` memory slots per row (a
