@@ -17,10 +17,17 @@ from unimem_bench.methods.engine import selection
 # Keys scored per step of the exact search: bounds the [queries x chunk] score block (64 MiB in fp32 for 2K queries).
 SEARCH_CHUNK = 8192
 
+SCORE_BLOCK = 1 << 21
+"""Scores per block of the exact search (8 MiB of float32): more query rows than fit go in equal row blocks. A
+larger block is mapped afresh by glibc and page-faulted (always past its 32 MiB mmap threshold), and has left the
+cache before the selection reads it: FoT's [8 KV heads x 128 queries x 8,192 slots] on the 62M model took x0.73
+in 4 blocks, [2 x 512 x 8,192] on the reference model x0.44 (search and selection, one process)."""
+
 
 def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = SEARCH_CHUNK,
                limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k inner products, chunked over keys; with `limit` [q], query i searches keys [0, limit[i]) only.
+    """Exact top-k inner products, chunked over keys and, past SCORE_BLOCK scores, over query rows; with `limit` [q],
+    query i searches keys [0, limit[i]) only.
 
     queries [batch, kv_heads, q, dim], keys [batch, kv_heads, n, dim] -> (scores, indices), each
     [batch, kv_heads, q, min(k, n)], best first; score -inf where a query has fewer than k keys. Order and ties:
@@ -29,6 +36,13 @@ def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = S
     NaN, and searches off the CPU, are ranked by `torch.topk` (NaN above every number; its own tie order).
     """
     k = min(k, keys.shape[2])
+    n_rows = queries.shape[2]
+    blocks = -(-queries.shape[0] * queries.shape[1] * n_rows * min(keys.shape[2], chunk) // SCORE_BLOCK)
+    if blocks > 1 and n_rows > 1:  # query rows are independent: the same picks, block by block
+        rows = -(-n_rows // min(blocks, n_rows))
+        parts = [topk_exact(queries[:, :, lo:lo + rows], keys, k, chunk,
+                            None if limit is None else limit[lo:lo + rows]) for lo in range(0, n_rows, rows)]
+        return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
     # Columns before the smallest limit are searched by every query: only those from it on need masking.
     lowest = keys.shape[2] if limit is None else int(limit.min())
     if keys.shape[2] <= chunk:  # one block: selected best first directly
