@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from methodbench.eviction import full_kv_bytes  # noqa: E402
-from methodbench.measure import fifo_twin, load_llm, method_config, model_config  # noqa: E402
+from methodbench.measure import (  # noqa: E402
+    Job,
+    Memory,
+    Point,
+    fifo_twin,
+    load_llm,
+    method_config,
+    model_config,
+    time_method,
+)
 from methodbench.random_model import PREFIX, parse  # noqa: E402
+from methodbench.report import csv_rows, methods_table  # noqa: E402
 
 from unimem_bench.methods.config import ConfigError  # noqa: E402
 from unimem_bench.methods.engine.memory_lm import MemoryLM  # noqa: E402
@@ -48,3 +60,21 @@ def test_the_fifo_twin_holds_as_many_slots_as_the_eviction_method(method, overri
 def test_full_kv_bytes_counts_keys_and_values_of_every_layer():
     config = model_config(PREFIX + "hidden=64,layers=3,heads=4,kv_heads=2")
     assert full_kv_bytes(config, 10) == 2 * 10 * 3 * 2 * 16 * torch.float32.itemsize
+
+
+def test_timing_reports_the_spread_of_its_repeats():
+    """Three alternating repeats: the median ratio lies within the lowest and highest repeat's, and the table cell
+    and the CSV carry all three."""
+    job = Job(model=PREFIX + "hidden=64,layers=1,heads=2,vocab=100", method="transformer_xl", overrides=(),
+              segment_len=16, threads=torch.get_num_threads())  # the test process's own thread count, unchanged
+    timing = time_method(job, (48,), 3)[48]
+    assert timing.ratio_low <= timing.ratio <= timing.ratio_high
+    point = Point("transformer_xl", 48, timing, Memory(0, 0, 0))
+    metrics = {row[3]: row[4] for row in csv_rows([point], [], [], {}, 48)}
+    assert (metrics["ratio_vs_vanilla_low"], metrics["ratio_vs_vanilla"], metrics["ratio_vs_vanilla_high"]) == (
+        timing.ratio_low, timing.ratio, timing.ratio_high)
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(methods_table({("transformer_xl", 48): point}, ["transformer_xl"], [48], 16))
+    text = console.export_text()
+    assert f"x{timing.ratio:.2f}" in text and (timing.ratio_low == timing.ratio_high
+                                               or f"({timing.ratio_low:.2f}-{timing.ratio_high:.2f})" in text)

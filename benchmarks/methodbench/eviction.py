@@ -12,7 +12,7 @@ from rich.table import Table
 from transformers import PretrainedConfig
 
 from methodbench.measure import Job, Memory, Timing, measure_memory, time_method
-from methodbench.report import fmt_bytes, fmt_len, fmt_ratio
+from methodbench.report import fmt_bytes, fmt_len, fmt_ratio, fmt_spread
 
 VS_FIFO_LIMIT = 1.5
 """Per-token time of an eviction policy over the same-size FIFO window's, at the longest length."""
@@ -76,7 +76,8 @@ def eviction_table(results: list[EvictionResult], lengths: list[int]) -> Table:
         table.add_column(header, justify="right")
     for r in results:
         cells = [f"{r.timings[n].us_per_token:.1f} ({r.timings[n].vanilla_us_per_token:.1f})\n"
-                 f"{fmt_ratio(r.timings[n].ratio)}" for n in lengths]
+                 f"{fmt_ratio(r.timings[n].ratio)}{fmt_spread(r.timings[n].ratio_low, r.timings[n].ratio_high)}"
+                 for n in lengths]
         growth = r.timings[top].ratio / r.timings[short].ratio
         peak = r.memory.peak_rss_increase / r.full_kv_bytes
         checks = (f"<= {VS_FIFO_LIMIT:g}x FIFO: {mark(r.timings[top].ratio <= VS_FIFO_LIMIT)}\n"
@@ -95,7 +96,9 @@ def eviction_rows(results: list[EvictionResult]) -> list[tuple[str, str, int | s
         for n, t in r.timings.items():
             rows += [("eviction", r.method, n, "us_per_token", t.us_per_token),
                      ("eviction", r.method, n, "fifo_us_per_token", t.vanilla_us_per_token),
-                     ("eviction", r.method, n, "ratio_vs_fifo", t.ratio)]
+                     ("eviction", r.method, n, "ratio_vs_fifo", t.ratio),
+                     ("eviction", r.method, n, "ratio_vs_fifo_low", t.ratio_low),
+                     ("eviction", r.method, n, "ratio_vs_fifo_high", t.ratio_high)]
         top = max(r.timings)
         rows += [("eviction", r.method, top, "budget", r.budget),
                  ("eviction", r.method, top, "budget_peak_rss_increase_bytes", r.memory.peak_rss_increase),

@@ -71,6 +71,10 @@ class Timing:
     vanilla_cpu_us_per_token: float
     ratio: float
     """Median over repeats of method time / vanilla time of the same repeat (wall clock)."""
+    ratio_low: float
+    """The lowest of those per-repeat ratios: with `ratio_high`, the spread the machine's noise left."""
+    ratio_high: float
+    """The highest per-repeat ratio."""
 
 
 @dataclass(frozen=True)
@@ -284,12 +288,15 @@ def time_method(job: Job, lengths: tuple[int, ...], repeats: int) -> dict[int, T
             for role, config in order if r % 2 == 0 else order[::-1]:
                 runs[role].append(run_score(model, config, job.segment_len, doc[:n + 1]))
         per_token = 1e6 / n
+        ratios = [m[0] / v[0] for m, v in zip(runs["method"], runs["vanilla"], strict=True)]
         timings[n] = Timing(
             us_per_token=statistics.median(w for w, _ in runs["method"]) * per_token,
             cpu_us_per_token=statistics.median(c for _, c in runs["method"]) * per_token,
             vanilla_us_per_token=statistics.median(w for w, _ in runs["vanilla"]) * per_token,
             vanilla_cpu_us_per_token=statistics.median(c for _, c in runs["vanilla"]) * per_token,
-            ratio=statistics.median(m[0] / v[0] for m, v in zip(runs["method"], runs["vanilla"], strict=True)),
+            ratio=statistics.median(ratios),
+            ratio_low=min(ratios),
+            ratio_high=max(ratios),
         )
     return timings
 

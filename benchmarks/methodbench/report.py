@@ -43,6 +43,11 @@ def fmt_ratio(x: float | None) -> str:
     return "n/a" if x is None else f"x{x:.2f}"
 
 
+def fmt_spread(low: float, high: float) -> str:
+    """` (1.15-1.27)`: the lowest and highest per-repeat ratio, or nothing where they are equal (one repeat)."""
+    return f" ({low:.2f}-{high:.2f})" if high > low else ""
+
+
 def methods_table(results: dict[tuple[str, int], Point], methods: list[str], lengths: list[int],
                   segment_len: int) -> Table:
     table = Table(title=f"Per-token time and peak memory (segment {segment_len}); ratio = method / vanilla, "
@@ -54,7 +59,7 @@ def methods_table(results: dict[tuple[str, int], Point], methods: list[str], len
         cells = []
         for n in lengths:
             t, m = results[name, n].timing, results[name, n].memory
-            cells.append(f"{t.us_per_token:.1f} µs  {fmt_ratio(t.ratio)}\n"
+            cells.append(f"{t.us_per_token:.1f} µs  {fmt_ratio(t.ratio)}{fmt_spread(t.ratio_low, t.ratio_high)}\n"
                          f"peak +{fmt_bytes(m.peak_rss_increase)}\nstate {fmt_bytes(m.state_bytes)}")
         table.add_row(name, *cells)
     return table
@@ -170,7 +175,8 @@ def csv_rows(points: list[Point], scalings: list[Scaling], retrieval: list[Retri
              longest: int) -> list[tuple[str, str, int | str, str, float]]:
     """Tidy rows: (benchmark, method, length, metric, value)."""
     rows: list[tuple[str, str, int | str, str, float]] = [("run", "", "", k, v) for k, v in run.items()]
-    renamed = {"ratio": "ratio_vs_vanilla", "peak_rss_increase": "peak_rss_increase_bytes"}
+    renamed = {"ratio": "ratio_vs_vanilla", "ratio_low": "ratio_vs_vanilla_low", "ratio_high": "ratio_vs_vanilla_high",
+               "peak_rss_increase": "peak_rss_increase_bytes"}
     for p in points:
         for part in (p.timing, p.memory):
             for f in dataclasses.fields(part):
