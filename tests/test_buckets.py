@@ -11,7 +11,15 @@ from helpers import random_docs, tiny_llama
 
 from unimem_bench.methods import METHODS, ConfigError, MemoryLM, MethodContext
 from unimem_bench.methods.config import Reading
-from unimem_bench.methods.engine.buckets import lsh_hash, lsh_rotations, routed, shared_bucket, update_centroids
+from unimem_bench.methods.engine.buckets import (
+    bucket_ids_arithmetic,
+    bucket_ids_numpy,
+    lsh_hash,
+    lsh_rotations,
+    routed,
+    shared_bucket,
+    update_centroids,
+)
 
 CONTEXT = MethodContext(n_layers=2, segment_len=8, trained_context=16)
 
@@ -60,6 +68,20 @@ def test_more_rounds_read_a_superset() -> None:
     projected = torch.einsum("bhnd,hrdc->bhrnc", q, rotations)
     assert torch.equal(lsh_hash(q, rotations), torch.cat([projected, -projected], -1).argmax(-1).float())
 
+
+
+def test_bucket_ids_by_numpy_equal_the_arithmetic_path() -> None:
+    """The CPU path (numpy argmax/argmin) gives the arithmetic path's ids (the one other devices take), on random
+    projections, a zero vector (every projection tied), max(xR) = -min(xR) ties and repeated values."""
+    generator = torch.Generator().manual_seed(4)
+    projected = torch.randn(2, 3, 40, 4 * 8, generator=generator)  # [batch, kv_heads, n, rounds * half], half 8
+    projected[0, 0, 3] = 0.0
+    projected[0, 1, 5, :8] = torch.tensor([0.5, -0.5, 0.1, 0.2, -0.1, 0.0, 0.3, -0.2])  # max = -min: first half
+    projected[1, 2, 7] = projected[1, 2, 7].round()  # ties among equal values: the first of them
+    ids = bucket_ids_numpy(projected, 8)
+    assert ids.shape == (2, 3, 4, 40) and ids.dtype == torch.float32
+    assert torch.equal(ids, bucket_ids_arithmetic(projected, 8))
+    assert ids[0, 0, :, 3].eq(0).all() and ids[0, 1, 0, 5] == 0
 
 def test_routing_is_balanced() -> None:
     reading = Reading(clusters=4)

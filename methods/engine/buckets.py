@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,16 +32,37 @@ def lsh_hash(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     kv_heads, rounds, dim, half = rotations.shape
     if not half:  # one bucket
         return x.new_zeros(*x.shape[:2], rounds, x.shape[2], dtype=torch.float32)
-    # Arithmetic and reductions only: on CPU, argmax over a short last dimension and boolean tensors are 10-100x
-    # slower than amax and float arithmetic. Unit vectors: projections are O(1), so a gap between two different
-    # projections (>= 1e-7 relative) times SEPARATE is far above the `half` that the argmax index adds.
     flat = rotations.permute(0, 2, 1, 3).reshape(kv_heads, dim, rounds * half)  # [kv_heads, dim, rounds * half]
-    unit = F.normalize(x.float(), dim=-1)
-    projected = (unit @ flat).unflatten(-1, (rounds, half)).transpose(2, 3)  # [batch, kv_heads, rounds, n, half]
-    high, low = projected.amax(-1), projected.amin(-1)  # [batch, kv_heads, rounds, n]
+    # Bucket ids are piecewise constant in x: no gradient (the arithmetic path passes none either).
+    projected = F.normalize(x.detach().float(), dim=-1) @ flat  # [batch, kv_heads, n, rounds * half]
+    if projected.device.type == "cpu":
+        return bucket_ids_numpy(projected, half)
+    return bucket_ids_arithmetic(projected, half)
+
+
+def bucket_ids_numpy(projected: torch.Tensor, half: int) -> torch.Tensor:
+    """`lsh_hash`'s ids from projections [batch, kv_heads, n, rounds * half] on CPU: numpy's SIMD argmax and argmin
+    over rows of `half` values, one pass each (torch's CPU argmax over a short last dimension is 10x slower)."""
+    batch, kv_heads, n, width = projected.shape
+    rows = projected.numpy().reshape(-1, half)  # [batch * kv_heads * n * rounds, half], a view
+    first_max, first_min = rows.argmax(1), rows.argmin(1)
+    at = np.arange(len(rows))
+    # The largest of [xR ; -xR] is -min(xR) where that exceeds max(xR); a tie stays in the first half.
+    ids = np.where(rows[at, first_max] + rows[at, first_min] < 0, first_min + half, first_max)
+    return torch.from_numpy(ids.astype(np.float32)).view(batch, kv_heads, n, width // half).transpose(2, 3)
+
+
+def bucket_ids_arithmetic(projected: torch.Tensor, half: int) -> torch.Tensor:
+    """`lsh_hash`'s ids from projections [batch, kv_heads, n, rounds * half] by arithmetic and reductions (other
+    devices): the same ids as `bucket_ids_numpy`."""
+    # On CPU, argmax over a short last dimension and boolean tensors are 10-100x slower than amax and float
+    # arithmetic. Unit vectors: projections are O(1), so a gap between two different projections (>= 1e-7
+    # relative) times SEPARATE is far above the `half` that the argmax index adds.
+    split = projected.unflatten(-1, (-1, half)).transpose(2, 3)  # [batch, kv_heads, rounds, n, half]
+    high, low = split.amax(-1), split.amin(-1)  # [batch, kv_heads, rounds, n]
     negative = ((high + low) < 0).float()  # the largest of [xR ; -xR] is -min(xR): a bucket in the second half
     target = torch.where(negative > 0, low, high).unsqueeze(-1)
-    return first_zero((projected - target).abs()) + negative * half
+    return first_zero((split - target).abs()) + negative * half
 
 
 UNREAD = 1e30
