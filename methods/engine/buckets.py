@@ -49,7 +49,9 @@ def bucket_ids_numpy(projected: torch.Tensor, half: int) -> torch.Tensor:
     at = np.arange(len(rows))
     # The largest of [xR ; -xR] is -min(xR) where that exceeds max(xR); a tie stays in the first half.
     ids = np.where(rows[at, first_max] + rows[at, first_min] < 0, first_min + half, first_max)
-    return torch.from_numpy(ids.astype(np.float32)).view(batch, kv_heads, n, width // half).transpose(2, 3)
+    # Contiguous: a transposed view would make `shared_bucket`'s broadcast difference lay its [rounds, q, n]
+    # output out transposed too, and its reduction over rounds twice as slow.
+    return torch.from_numpy(ids.astype(np.float32)).view(batch, kv_heads, n, width // half).transpose(2, 3).contiguous()
 
 
 def bucket_ids_arithmetic(projected: torch.Tensor, half: int) -> torch.Tensor:
