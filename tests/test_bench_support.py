@@ -65,9 +65,15 @@ def test_full_kv_bytes_counts_keys_and_values_of_every_layer():
 def test_timing_reports_the_spread_of_its_repeats():
     """Three alternating repeats: the median ratio lies within the lowest and highest repeat's, and the table cell
     and the CSV carry all three."""
+    import faiss
+
     job = Job(model=PREFIX + "hidden=64,layers=1,heads=2,vocab=100", method="transformer_xl", overrides=(),
-              segment_len=16, threads=torch.get_num_threads())  # the test process's own thread count, unchanged
-    timing = time_method(job, (48,), 3)[48]
+              segment_len=16, threads=torch.get_num_threads())  # the test process's own torch thread count
+    faiss_threads = faiss.omp_get_max_threads()
+    try:
+        timing = time_method(job, (48,), 3)[48]
+    finally:
+        faiss.omp_set_num_threads(faiss_threads)  # time_method sets faiss's threads too: the test leaves them as found
     assert timing.ratio_low <= timing.ratio <= timing.ratio_high
     point = Point("transformer_xl", 48, timing, Memory(0, 0, 0))
     metrics = {row[3]: row[4] for row in csv_rows([point], [], [], {}, 48)}

@@ -119,18 +119,13 @@ class LayerMemory:
 
     def held_bytes(self) -> int:
         """Bytes of the keys and values held: bank, pinned globals and pooled tier (padding not counted: what a
-        compact cache holds). Counted from shapes where every row and KV head holds the same slots (no tensor op)."""
+        compact cache holds)."""
         tier = self.tier_keys
         like = next((t for t in (self.keys, self.global_keys, tier) if t is not None), None)
         if like is None:
             return 0
-        slots = 0 if tier is None else tier.shape[0] * tier.shape[1] * tier.shape[2]
-        if self.depth is not None and self.ids is not None:  # per-layer/per-head budgets: padding carries id -1
-            held = self.held_slots()
-            slots += 0 if held is None else int(held.sum())
-        else:
-            for part in (self.keys, self.global_keys):
-                slots += 0 if part is None else part.shape[0] * part.shape[1] * part.shape[2]
+        held = self.held_slots()
+        slots = (0 if held is None else int(held.sum())) + (0 if tier is None else tier[..., 0].numel())
         return slots * 2 * like.shape[3] * like.element_size()
 
     def note_read(self, slots: int, batch: int = 1, tokens: int = 0) -> None:
