@@ -1,9 +1,10 @@
 """Reading at the output distribution: kNN-LM's mixture and TRIME's joint softmax (methods/engine/output_memory.py).
 
 Token-level exactness against the float64 reference is in test_unimem_reference.py (cases knn-*, trime-*); here:
-lambda = 0 is vanilla, the datastore search is an exact brute-force search, TRIME's training loss reads the segment
-through its joint softmax (gradients reach the memory keys), the corpus datastore is cached by content, and kNN-LM
-lowers perplexity on a real book with a repeated passage.
+lambda = 0 is vanilla, kNN-LM's mixture equals its full-vocabulary formula (values and gradients), the datastore
+search is an exact brute-force search, TRIME's training loss reads the segment through its joint softmax
+(gradients reach the memory keys), the corpus datastore is cached by content, and kNN-LM lowers perplexity on a
+real book with a repeated passage.
 """
 
 from __future__ import annotations
@@ -39,6 +40,52 @@ def test_knn_with_lambda_zero_equals_vanilla(model, index):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     with MemoryLM(model, full, segment_len=8) as lm:
         assert not torch.allclose(lm.score(docs)[0][8:], plain[0][8:])  # with lambda 0.25 the datastore counts
+
+
+def naive_knn_mixture(logits: torch.Tensor, neg_dist: torch.Tensor, tokens: torch.Tensor, lam: float,
+                      temperature: float) -> torch.Tensor:
+    """kNN-LM's log(lam p_kNN + (1 - lam) p_LM) in float64, query by query, p_kNN by a full-vocabulary scatter."""
+    out = []
+    for logit, dist, tok in zip(logits.double().flatten(0, 1), neg_dist.double().flatten(0, 1),
+                                tokens.flatten(0, 1), strict=True):
+        p_lm = torch.softmax(logit, -1)
+        if not torch.isfinite(dist).any():
+            out.append(p_lm.log())
+            continue
+        weights = torch.softmax(dist / temperature, -1)
+        p_knn = torch.zeros_like(p_lm)
+        for w, t in zip(weights, tok.tolist(), strict=True):
+            if w > 0:
+                p_knn = p_knn + w * torch.nn.functional.one_hot(torch.tensor(t), len(p_lm)).double()
+        out.append((lam * p_knn + (1 - lam) * p_lm).log())
+    return torch.stack(out).view(logits.shape)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_knn_mixture_equals_a_float64_reference(lam, temperature):
+    """The mixture scored at the neighbours' tokens only equals the full-vocabulary formula, with tokens voted by
+    several neighbours, padded neighbours (-inf) and a query with none; so do the gradients on the logits, once
+    per token however many neighbours voted for it."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 13, generator=g) * 3
+    neg_dist = -torch.rand(2, 5, 6, generator=g) * 4
+    tokens = torch.randint(0, 4, (2, 5, 6), generator=g)  # 6 votes over 4 tokens: repeats in every query
+    neg_dist[0, 1], tokens[0, 1] = float("-inf"), 0  # no neighbour
+    neg_dist[1, 2, 3:], tokens[1, 2, 3:] = float("-inf"), 0  # three found
+    expected = naive_knn_mixture(logits, neg_dist, tokens, lam, temperature)
+    got = output_memory.knn_mixture(logits.clone(), neg_dist, tokens, lam, temperature)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite].double(), expected[finite], atol=1e-5, rtol=0)
+    if lam == 1.0:  # p_LM gets no weight: no gradient to compare
+        return
+    probe = torch.randn(logits.shape, generator=g)
+    wide = logits.double().requires_grad_()
+    (naive_knn_mixture(wide, neg_dist, tokens, lam, temperature) * probe).sum().backward()
+    ours = logits.clone().requires_grad_()
+    (output_memory.knn_mixture(ours, neg_dist, tokens, lam, temperature) * probe).sum().backward()
+    torch.testing.assert_close(ours.grad.double(), wide.grad, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
