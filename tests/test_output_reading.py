@@ -1,10 +1,10 @@
 """Reading at the output distribution: kNN-LM's mixture and TRIME's joint softmax (methods/engine/output_memory.py).
 
 Token-level exactness against the float64 reference is in test_unimem_reference.py (cases knn-*, trime-*); here:
-lambda = 0 is vanilla, kNN-LM's mixture equals its full-vocabulary formula (values and gradients), the datastore
-search is an exact brute-force search, TRIME's training loss reads the segment through its joint softmax
-(gradients reach the memory keys), the corpus datastore is cached by content, and kNN-LM lowers perplexity on a
-real book with a repeated passage.
+lambda = 0 is vanilla, kNN-LM's mixture and TRIME's joint softmax equal their formulas (kNN-LM's gradients too),
+the datastore search is an exact brute-force search, TRIME's training loss reads the segment through its joint
+softmax (gradients reach the memory keys), the corpus datastore is cached by content, and kNN-LM lowers perplexity
+on a real book with a repeated passage.
 """
 
 from __future__ import annotations
@@ -86,6 +86,25 @@ def test_knn_mixture_equals_a_float64_reference(lam, temperature):
     ours = logits.clone().requires_grad_()
     (output_memory.knn_mixture(ours, neg_dist, tokens, lam, temperature) * probe).sum().backward()
     torch.testing.assert_close(ours.grad.double(), wide.grad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_joint_softmax_equals_a_float64_reference(grad):
+    """TRIME's one softmax over vocabulary and memory, without autograd (log p's own buffer, the vocabulary's
+    normaliser from the log-softmax) and with it, against the formula in float64: repeated memory tokens, entries
+    not read (-inf) and a query reading nothing."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 5, 13, generator=g) * 3
+    scores = torch.randn(2, 5, 7, generator=g) * 3
+    tokens = torch.randint(0, 5, (2, 5, 7), generator=g)
+    scores[0, 2] = float("-inf")  # reads nothing
+    scores[1, :, 4:] = float("-inf")
+    wide, mem = logits.double(), scores.double()
+    mass = torch.zeros_like(wide).scatter_add(-1, tokens, mem.exp())
+    expected = (wide.exp() + mass).log() - torch.cat([wide, mem], -1).logsumexp(-1, keepdim=True)
+    got = output_memory.joint_softmax(logits.requires_grad_(grad), scores, tokens)
+    assert got.requires_grad == grad
+    torch.testing.assert_close(got.detach().double(), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
