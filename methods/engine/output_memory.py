@@ -280,8 +280,7 @@ def joint_softmax(logits: torch.Tensor, scores: torch.Tensor, tokens: torch.Tens
     if logits.requires_grad or scores.requires_grad:  # autograd takes no out= argument
         log_z = torch.logsumexp(torch.cat([logits, scores], -1), dim=-1, keepdim=True)
         mass = torch.zeros_like(logits).scatter_add(-1, tokens, torch.exp(scores - top))
-        log_mem = torch.where(mass > 0, mass.clamp_min(torch.finfo(mass.dtype).tiny).log() + top, float("-inf"))
-        return torch.logaddexp(logits, log_mem) - log_z
+        return torch.logaddexp(logits, _log_mass(mass, top)) - log_z
     # Off the memory's tokens log p is logit - log Z: one log_softmax and one subtraction over the vocabulary; the
     # memory's tokens are summed and mixed in log p's own buffer, as in `knn_mixture` (the path above: 129 ms of a
     # 256-token segment at a 32K vocabulary).
@@ -290,8 +289,7 @@ def joint_softmax(logits: torch.Tensor, scores: torch.Tensor, tokens: torch.Tens
     log_z_vocab = logits.amax(-1, keepdim=True) - out.amax(-1, keepdim=True)  # [batch, n, 1]
     log_z = torch.logaddexp(log_z_vocab, torch.logsumexp(scores, dim=-1, keepdim=True))
     voted_logits = logits.gather(-1, tokens)  # [batch, n, M]
-    mass = out.scatter_(-1, tokens, 0.0).scatter_add_(-1, tokens, torch.exp(scores - top)).gather(-1, tokens)
-    log_mem = torch.where(mass > 0, mass.clamp_min(torch.finfo(mass.dtype).tiny).log() + top, float("-inf"))
+    log_mem = _log_mass(_sum_per_token(out, tokens, torch.exp(scores - top)), top)  # [batch, n, M]
     out.sub_(log_z - log_z_vocab)
     return out.scatter_(-1, tokens, torch.logaddexp(voted_logits, log_mem) - log_z)  # a token's entries agree
 
@@ -319,22 +317,32 @@ def knn_mixture(logits: torch.Tensor, neg_dist: torch.Tensor, tokens: torch.Tens
     # gradient: the search reads detached keys.
     if logits.requires_grad:  # autograd takes no out= argument
         log_lm = torch.log_softmax(logits, dim=-1)
-        p_knn = torch.zeros_like(log_lm).scatter_add_(-1, tokens, weights).gather(-1, tokens)
+        p_knn = _sum_per_token(torch.empty_like(log_lm), tokens, weights)  # a scratch buffer: no gradient
         voted = torch.logaddexp(p_knn.log() + knn_weight, log_lm.gather(-1, tokens) + lm_weight)  # [batch, n, k]
         # A token voted twice gets the same value twice, and the scatter's backward would hand each vote the whole
         # gradient: only a token's first vote passes it.
         same = tokens.unsqueeze(-1) == tokens.unsqueeze(-2)  # [batch, n, k, k]
         voted = torch.where(same.tril(-1).any(-1), voted.detach(), voted)
         return (log_lm + lm_weight).scatter(-1, tokens, voted)
-    # In log p_LM's own buffer (a second [batch, n, vocab] one costs its page faults: 25 ms at 32K): read log p_LM
-    # at the votes, zero them there and sum p_kNN into them, read it, and overwrite them with the mixture.
+    # In log p_LM's own buffer: read log p_LM at the votes, sum p_kNN there, and overwrite them with the mixture.
     out = torch.log_softmax(logits, dim=-1)
     lm_voted = out.gather(-1, tokens) + lm_weight  # [batch, n, k]
-    p_knn = out.scatter_(-1, tokens, 0.0).scatter_add_(-1, tokens, weights).gather(-1, tokens)
-    voted = torch.logaddexp(p_knn.log() + knn_weight, lm_voted)
+    voted = torch.logaddexp(_sum_per_token(out, tokens, weights).log() + knn_weight, lm_voted)
     if bool((lm_weight != 0).any()):  # x + 0 is x: the pass over the vocabulary is skipped, not changed
         out.add_(lm_weight)
     return out.scatter_(-1, tokens, voted)  # a token voted twice gets the same value twice
+
+
+def _sum_per_token(buffer: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """At each entry of tokens [batch, n, m], the sum of values [batch, n, m] over the entries of its token, summed
+    in entry order in buffer [batch, n, vocab] itself (overwritten at those tokens; the caller's own log p buffer,
+    since a fresh [batch, n, vocab] one costs its page faults: 25 ms at a 32K vocabulary)."""
+    return buffer.scatter_(-1, tokens, 0.0).scatter_add_(-1, tokens, values).gather(-1, tokens)
+
+
+def _log_mass(mass: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """log(mass) + top, -inf where mass is 0 (memory entries summed after a shift by their maximum `top`)."""
+    return torch.where(mass > 0, mass.clamp_min(torch.finfo(mass.dtype).tiny).log() + top, float("-inf"))
 
 
 def _log(x: float) -> float:
