@@ -186,7 +186,7 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         out, lse = attention_with_lse(query, keys, values, mask, scale, ctx.kernel)
         if ctx.bucket_end is not None:
             out, lse = buckets.merge_buckets(config.reading, bank, mem, layer, ctx.topk_start, ctx.bucket_end, query,
-                                             out, lse, scale)
+                                             out, lse, scale, ctx.kernel)
         if ctx.sink_shift is not None and not fold_sinks:
             out, lse = merge_sinks(ctx, mem, query, out, lse, scale)
         if ctx.random_slots is not None and not fold_random:

@@ -2,9 +2,9 @@
 
 Both pick, per query and KV head, a subset of the searchable memory slots (the non-global bank slots before the
 query's window reach, as top-k searches) and add them to the softmax of the window and local keys through
-log-sum-exp (the rules are `Reading.lsh_buckets` and `Reading.clusters`). The selection is a 0/1 float mask over the
-searchable slots scored in one batched product: no sorting by bucket and no per-query gathers, so the cost is that of
-dense attention over the (bounded, Clear All) memory.
+log-sum-exp (the rules are `Reading.lsh_buckets` and `Reading.clusters`). The selection is an additive mask over the
+searchable slots, read by PyTorch's fused attention kernel: no sorting by bucket and no per-query gathers, so the cost
+is that of dense attention over the (bounded, Clear All) memory.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from unimem_bench.methods.config import Reading
+from unimem_bench.methods.engine.kernels import FusedKernel, attention_with_lse, merge_lse
 from unimem_bench.methods.engine.memory import LayerMemory
 
 
@@ -68,7 +69,8 @@ def bucket_ids_arithmetic(projected: torch.Tensor, half: int) -> torch.Tensor:
 
 
 UNREAD = 1e30
-"""Pushes a key not read below every logit read, finite so the arithmetic stays on fast paths."""
+"""The bias of a slot not read: below every logit read, so its weight is exactly 0, and finite (a query reading
+no slot keeps a finite log-sum-exp; -inf would make its softmax NaN)."""
 
 SEPARATE = 1e12
 """Scales a nonzero gap between two O(1) float32 values (>= ~1e-7) past any index (< 2^15)."""
@@ -131,17 +133,17 @@ def routed(reading: Reading, centroids: torch.Tensor, queries: torch.Tensor, key
     return F.one_hot(nearest, reading.clusters).to(member.dtype) @ member
 
 
-def merge_buckets(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: int, start: int, end: torch.Tensor,
-                  query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add each query's selected slots of mem's bank [start, end[query]) to the softmax of `out`/`lse` (one softmax
-    over the union); `bank` (the live layer memory) holds the LSH rotations. Returns the merged (out, lse)."""
-    assert mem.keys is not None and mem.values is not None
+def bucket_bias(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: int, start: int, end: torch.Tensor,
+                query: torch.Tensor) -> torch.Tensor:
+    """The additive mask [batch, heads, seq, n] over mem's bank slots [start, start + n): 0 where the query reads
+    the slot (it shares a bucket or is a member of the query's cluster, and lies before end[query]), else a large
+    negative number (the query's softmax gives it weight 0); `bank` (the live layer memory) holds the LSH rotations."""
+    assert mem.keys is not None
     batch, heads, seq, dim = query.shape
     kv_heads = mem.keys.shape[1]
     group = heads // kv_heads
     q = query.reshape(batch, kv_heads, group * seq, dim)  # [batch, kv_heads, group * seq, dim]
-    keys, values = mem.keys[:, :, start:], mem.values[:, :, start:]  # [batch, kv_heads, n, dim]
+    keys = mem.keys[:, :, start:]  # [batch, kv_heads, n, dim]
     if reading.lsh_buckets:
         if bank.rotations is None:
             bank.rotations = lsh_rotations(reading, layer, kv_heads, dim, query.device)
@@ -151,24 +153,26 @@ def merge_buckets(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: 
         centroids = mem.centroids if mem.centroids is not None else initial_centroids(
             reading, layer, batch, kv_heads, dim, query.device)  # a memory written before any segment was routed
         selected = routed(reading, centroids, q, keys)  # [batch, kv_heads, group * seq, n]
+    n = keys.shape[2]
     limit = end.repeat(group) - start  # [group * seq]: q's rows are (group, seq) flattened
-    before = (limit[:, None] - torch.arange(keys.shape[2], device=query.device)).clamp(0, 1)  # [group * seq, n]
-    read = selected * before  # [batch, kv_heads, group * seq, n]: 1.0 for each key the query reads
-    # Float arithmetic only: boolean masks, and exp/log of -inf or of huge negatives, take slow paths on CPU. The
-    # softmax runs over all keys, shifted by the largest logit read, and the keys not read are zeroed after exp.
-    logits = (q @ keys.to(q.dtype).transpose(-1, -2)) * scale  # [batch, kv_heads, group * seq, n]
-    top = (logits + (read - 1) * UNREAD).amax(-1, keepdim=True)  # the largest logit read (~ -UNREAD if none)
-    weights = torch.exp((logits - top).clamp(max=0)) * read
-    # [batch, kv_heads, group * seq]; a query reading nothing: the smallest positive sum, so that its log-sum-exp
-    # (~ -UNREAD) and its gradient stay finite and the merge gives it weight 0.
-    total_s = weights.sum(-1).clamp(min=torch.finfo(weights.dtype).tiny)
-    lse_s = top.squeeze(-1) + torch.log(total_s)
-    probs = weights / total_s.unsqueeze(-1)
-    out_s = (probs @ values.to(q.dtype)).reshape(batch, heads, seq, dim)
-    lse_s = lse_s.reshape(batch, heads, seq)
-    total = torch.logaddexp(lse.to(lse_s.dtype), lse_s)
-    merged = out * torch.exp(lse - total).unsqueeze(-1) + out_s * torch.exp(lse_s - total).unsqueeze(-1)
-    return merged, total
+    if int(limit.min()) < n:  # some query's window reaches into the searchable slots: those it must not read
+        selected = selected * (limit[:, None] - torch.arange(n, device=query.device)).clamp(0, 1)
+    # Finite, so that a query reading no slot keeps a finite log-sum-exp; within the query dtype's range.
+    hide = min(UNREAD, torch.finfo(query.dtype).max / 4)
+    return selected.sub_(1).mul_(hide).to(query.dtype).view(batch, heads, seq, n)  # selected: a fresh tensor
+
+
+def merge_buckets(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: int, start: int, end: torch.Tensor,
+                  query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
+                  kernel: FusedKernel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add each query's selected slots of mem's bank [start, end[query]) to the softmax of `out`/`lse` (one softmax
+    over the union), read by the fused kernel under `bucket_bias`. Returns the merged (out, lse)."""
+    assert mem.keys is not None and mem.values is not None
+    bias = bucket_bias(reading, bank, mem, layer, start, end, query)  # [batch, heads, seq, n]
+    keys, values = mem.keys[:, :, start:].to(query.dtype), mem.values[:, :, start:].to(query.dtype)
+    # A query reading no slot gets a log-sum-exp near -UNREAD: the merge gives its (finite) output weight 0.
+    out_s, lse_s = attention_with_lse(query, keys, values, bias, scale, kernel)
+    return merge_lse(out, lse.to(lse_s.dtype), out_s, lse_s)
 
 
 def write_centroids(reading: Reading, bank: LayerMemory, layer: int, queries: torch.Tensor,
