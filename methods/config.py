@@ -189,7 +189,7 @@ class UniMemConfig:
 def _section_type(name: str) -> type | None:
     hints = typing.get_type_hints(UniMemConfig)
     kind = hints[name]
-    return kind if dataclasses.is_dataclass(kind) else None
+    return kind if isinstance(kind, type) and dataclasses.is_dataclass(kind) else None
 
 
 def _section_names() -> str:

@@ -159,6 +159,10 @@ class SampleLog:
     def get(self, key: str) -> dict[str, Any] | None:
         return self.done.get(key)
 
+    def sample(self, key: str) -> dict[str, Any]:
+        """A sample this log holds (KeyError if it does not)."""
+        return self.done[key]
+
     def add(self, key: str, sample: dict[str, Any]) -> None:
         self.done[key] = sample
         if self.path is None or not self.write:

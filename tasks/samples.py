@@ -24,6 +24,9 @@ class PrefixedLog:
     def get(self, key: str) -> dict[str, Any] | None:
         return self.log.get(f"{self.prefix}/{key}")
 
+    def sample(self, key: str) -> dict[str, Any]:
+        return self.log.sample(f"{self.prefix}/{key}")
+
     def add(self, key: str, sample: dict[str, Any]) -> None:
         self.log.add(f"{self.prefix}/{key}", sample)
 

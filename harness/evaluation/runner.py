@@ -96,9 +96,8 @@ def plan_run(req: RunRequest) -> Plan:
                         summary_tokens=checkpoint_summary_tokens(model_config))
     configs = {}
     for name in method_names:
-        own = saved is not None and name == saved.method
-        config = saved.config.with_overrides(list(req.overrides)) if own else METHODS.get(name).config(
-            ctx, req.overrides)
+        config = (saved.config.with_overrides(list(req.overrides)) if saved is not None and name == saved.method
+                  else METHODS.get(name).config(ctx, req.overrides))
         config.bind(n_layers=ctx.n_layers, segment_len=segment_len)
         datastore_files(config)
         configs[name] = config
@@ -152,7 +151,7 @@ def _run_cells(req: RunRequest, plan: Plan, todo: list[Cell], console: Console) 
                     bar = progress.add_task(f"{method} / {cell.task.name} tokens", total=None)
 
                     def advance(n: int, total: int | None, bar: Any = bar) -> None:
-                        progress.update(bar, advance=n, **({"total": total} if total is not None else {}))
+                        progress.update(bar, advance=n, total=total)  # total None: left as it is
 
                     log = SampleLog(records.partial_path(req.out, cell.run_id), write=processes.is_main)
                     reused = len(log.done)

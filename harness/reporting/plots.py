@@ -14,7 +14,7 @@ import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import matplotlib.ticker
@@ -31,7 +31,10 @@ from unimem_bench.harness.reporting.results import (
     read_leaderboard,
 )
 
-STYLE: dict[str, Any] = {
+if TYPE_CHECKING:  # matplotlib.typing has RcKeyType from 3.9; the floor is 3.8
+    from matplotlib.typing import RcKeyType
+
+STYLE: dict[RcKeyType, Any] = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
     "legend.fontsize": 8, "legend.title_fontsize": 9, "axes.grid": True, "grid.alpha": 0.3,
     "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 150, "svg.fonttype": "none",

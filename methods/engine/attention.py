@@ -16,6 +16,8 @@ apart and merged through log-sum-exp, which is exactly the paper's gate g (Eq. 1
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -51,16 +53,17 @@ def unimem_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     unimem: SegmentContext | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The registered attention function: q [batch, heads, seq, dim], k/v [batch, kv_heads, seq, dim]."""
-    if unimem is None or module.layer_idx not in unimem.layers:
+    layer = cast(int, module.layer_idx)  # transformers' attention modules carry their layer index
+    if unimem is None or layer not in unimem.layers:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if unimem.dense is not None and module.layer_idx in unimem.config.reading.dense_layers:
+    if unimem.dense is not None and layer in unimem.config.reading.dense_layers:
         unimem = unimem.dense
-    out = memory_attention(unimem, module.layer_idx, query, key, value, scale)
+    out = memory_attention(unimem, layer, query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None  # [batch, seq, heads, dim], as transformers expects
 
 
@@ -137,12 +140,15 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
     fold_random = ctx.random_mask is not None and mem.depth is None
     if plan.n_global:
         if plan.globals_in_bank:
+            assert mem.keys is not None and mem.values is not None
             prefix_k.append(mem.keys[:, :, :plan.n_global])
             prefix_v.append(mem.values[:, :, :plan.n_global])
         else:
+            assert mem.global_keys is not None and mem.global_values is not None
             prefix_k.append(sink_buffer(ctx, mem.global_keys, None) if fold_sinks else mem.global_keys)
             prefix_v.append(mem.global_values)
     if plan.n_tier:
+        assert mem.tier_keys is not None and mem.tier_values is not None
         prefix_k.append(mem.tier_keys)
         prefix_v.append(mem.tier_values)
     if plan.n_window and mem.depth is not None:  # per-layer/per-head budgets: padded to the widest bank, masked
@@ -151,6 +157,7 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         prefix_v.append(budgets.left_pad(mem.values, plan.n_bank, 0.0, value[:, :, :0]))
         pad_bias = budgets.padding_bias(ids, query.shape[1], query.dtype)
     elif plan.n_window:
+        assert mem.keys is not None and mem.values is not None
         first = (plan.n_global if plan.globals_in_bank else 0) if fold_random else plan.n_bank - plan.n_window
         prefix_k.append(mem.keys[:, :, first:])
         prefix_v.append(mem.values[:, :, first:])
@@ -179,6 +186,7 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
         # LongNet: one row per head offset; head h takes row h mod offsets (as many offsets as heads: the mask as is)
         mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
     if fold_sinks:  # [batch, heads, queries, keys]: the sink columns (hidden in ctx.mask) carry the sink logits
+        assert mask is not None
         mask = sink_buffer(ctx, mask, sink_logits(ctx, mem, query, scale))
     lse = None
     if (ctx.topk_end is not None or (ctx.sink_shift is not None and not fold_sinks)
@@ -213,6 +221,7 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
     (one softmax over the union)."""
     if ctx.config.reading.chunk_size and ctx.config.reading.chunk_select == "block":  # chunks per query block
         return pages.merge_block_pages(ctx, mem, query, out, lse, scale)
+    assert mem.keys is not None and mem.values is not None and ctx.topk_end is not None
     batch, heads, seq, dim = query.shape
     kv_heads = mem.keys.shape[1]
     group = heads // kv_heads
@@ -233,12 +242,12 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         # Chunks are cut over every searchable slot [lo, bank end), as every query of every segment sees them: cut
         # at the furthest limit, a short segment's last chunk would end early and count as wholly before it.
         rep = mem.representative[:, :, lo:] if mem.representative is not None else None
-        idx, found = topk_chunk_slots(q, mem.keys[:, :, lo:], r.topk, r.chunk_size, r.chunk_key, limit=end - lo,
-                                      scores=rep, representatives=r.representatives,
-                                      keyed=pages.cached_chunk_keys(ctx, mem))
+        idx, hit = topk_chunk_slots(q, mem.keys[:, :, lo:], r.topk, r.chunk_size, r.chunk_key, limit=end - lo,
+                                    scores=rep, representatives=r.representatives,
+                                    keyed=pages.cached_chunk_keys(ctx, mem))
         idx = idx.clamp(max=n - 1)  # found slots lie before each query's limit; the others are masked below
         picked_k = gather_slots(mem.keys, idx + lo)  # [batch, kv_heads, g*seq, k, dim]
-        logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k).masked_fill(~found, float("-inf"))
+        logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k).masked_fill(~hit, float("-inf"))
     else:
         logits, idx = topk_exact(q, mem.keys[:, :, lo:hi], k, limit=end - lo)
     # The exact search finds every slot it returns (idx >= 0), and its -inf logits stay -inf once scaled: without

@@ -187,7 +187,7 @@ class NeedleTask(AccuracyHeadline):
             log.add(sample["key"], sample)
             if progress is not None:
                 progress(1, None)
-        return grid_result([(length, depth, [log.get(cell_key(length, depth))]) for length, depth in cells])
+        return grid_result([(length, depth, [log.sample(cell_key(length, depth))]) for length, depth in cells])
 
 
 class PromptParts:

@@ -176,7 +176,7 @@ def place(units: list[str], needles: list[tuple[float, str]], sep: str) -> str:
 
 def prompt_text(variant: Variant, context: str, query: str) -> str:
     """RULER's template and answer prefix, made singular when one value is asked for (as RULER does)."""
-    template, kind = TEMPLATE + ANSWER_PREFIX, variant.value_kind
+    template, kind = TEMPLATE + ANSWER_PREFIX, str(variant.value_kind)
     if variant.queries * variant.values == 1:
         template = (template.replace("Some", "A").replace("are all", "is").replace("are", "is")
                     .replace("answers", "answer"))
@@ -267,7 +267,7 @@ class RulerNeedleTask(AccuracyHeadline):
             log.add(sample["key"], sample)
             if progress is not None:
                 progress(1, None)
-        return grid_result([(length, depth, [log.get(key) for ln, d, _, key in keys if (ln, d) == (length, depth)])
+        return grid_result([(length, depth, [log.sample(key) for ln, d, _, key in keys if (ln, d) == (length, depth)])
                             for length, depth in cells])
 
 
