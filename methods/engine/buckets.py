@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from unimem_bench.methods.config import Reading
 from unimem_bench.methods.engine.kernels import FusedKernel, attention_with_lse, merge_lse
 from unimem_bench.methods.engine.memory import LayerMemory
+from unimem_bench.methods.engine.retrieval import top_best_first
 
 
 def lsh_rotations(reading: Reading, layer: int, kv_heads: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -125,10 +126,15 @@ def routed(reading: Reading, centroids: torch.Tensor, queries: torch.Tensor, key
     kv_heads, q, n] 1.0 where the key is a member of the query's nearest cluster, else 0.0."""
     n = keys.shape[2]
     size = min(n, reading.cluster_size or math.ceil(n / reading.clusters))
-    similarity = centroids @ F.normalize(keys.float(), dim=-1).transpose(-1, -2)  # [batch, kv_heads, clusters, n]
-    # Stable: among equal similarities (a repeated token's equal keys) the older slot is a member first.
-    members = similarity.sort(dim=-1, descending=True, stable=True).indices[..., :size]
-    member = torch.zeros_like(similarity).scatter_(-1, members, 1.0)  # [batch, kv_heads, clusters, n]
+    # Membership is piecewise constant in the keys: no gradient.
+    similarity = centroids @ F.normalize(keys.detach().float(), dim=-1).transpose(-1, -2)  # [batch, kv, clusters, n]
+    if size < n:
+        # Among equal similarities (a repeated token's equal keys) the older slot is a member first, as a stable
+        # sort would pick; the exact row top-k is 3-7x faster than that sort at 128-256 slots.
+        members = top_best_first(similarity, size)[1]  # [batch, kv_heads, clusters, size]
+        member = torch.zeros_like(similarity).scatter_(-1, members, 1.0)  # [batch, kv_heads, clusters, n]
+    else:  # every slot a member
+        member = torch.ones_like(similarity)
     nearest = nearest_centroid(F.normalize(queries.float(), dim=-1), centroids)  # [batch, kv_heads, q]
     return F.one_hot(nearest, reading.clusters).to(member.dtype) @ member
 
