@@ -84,3 +84,21 @@ def test_timing_reports_the_spread_of_its_repeats():
     text = console.export_text()
     assert f"x{timing.ratio:.2f}" in text and (timing.ratio_low == timing.ratio_high
                                                or f"({timing.ratio_low:.2f}-{timing.ratio_high:.2f})" in text)
+
+
+def test_floor_counts_the_weights_and_the_search() -> None:
+    """benchmarks/floor.py: vanilla's weight term is the model's linear parameters (one multiply-add each per token),
+    and a top-k read grows by one dot product per query head and memory layer for each slot added to the memory."""
+    from floor import read_macs, vanilla_macs
+
+    config = model_config(f"{PREFIX}hidden=64,layers=3,heads=4,kv_heads=2,vocab=99")
+    model = load_llm(f"{PREFIX}hidden=64,layers=3,heads=4,kv_heads=2,vocab=99")
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    args = (config.hidden_size, 3, 4, 2, config.intermediate_size, 99)
+    attention = vanilla_macs(*args, segment=8) - linear
+    assert attention == 3 * 4 * 16 * 2 * 4.5  # layers x heads x dim x (scores, values) x mean keys of 8 causal
+    small = method_config("memorizing_transformer", config, 8, ("management.size=32",))
+    large = method_config("memorizing_transformer", config, 8, ("management.size=64",))
+    grown = read_macs(large, 3, 4, 2, 16, 8) - read_macs(small, 3, 4, 2, 16, 8)
+    assert grown == len(small.injection.resolve(3)) * 4 * 16 * 32
+    assert read_macs(method_config("vanilla", config, 8, ()), 3, 4, 2, 16, 8) is None
