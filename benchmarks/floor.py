@@ -11,9 +11,9 @@ is selection, gathers, masks, merges and Python. Per token, at the segment lengt
 - top-k reads: per memory layer and query head, a dot product with every searchable slot (the memory less its
   window) and the top-k values; a window adds its slots' scores and values;
 - LSH buckets (Reformer): per layer, the queries projected on rounds x buckets / 2 directions, the memory keys once
-  per read, and the dense read of the memory, which holds half its size on average under Clear All (0, 1 or 2 of
-  its segments);
-- k-means clusters (Routing): the dense read of that average memory and the queries' distances to the centroids.
+  per read, and the dense read of the memory as held at a read: all of it under FIFO, half on average under a
+  clearing overflow (a Clear All memory of m segments is read holding 0, 1, ..., m of them);
+- k-means clusters (Routing): the dense read of that memory and the queries' distances to the centroids.
 The selection's own comparisons (top-k, argmax) are not multiply-adds and are not counted.
 """
 
@@ -23,6 +23,7 @@ import sys
 from methodbench.measure import method_config, model_config
 from methodbench.random_model import PREFIX
 
+from unimem_bench.harness.cli.app import USER_ERRORS
 from unimem_bench.methods.config import UniMemConfig
 
 DEFAULT_METHODS = "memorizing_transformer,unimix,fot,reformer,routing"
@@ -40,13 +41,12 @@ def read_macs(config: UniMemConfig, layers: int, heads: int, kv_heads: int, dim:
     """Multiply-adds a token that the method's memory read adds (None: not a similarity read)."""
     r, size = config.reading, config.management.size
     n_layers = len(config.injection.resolve(layers))
+    held = size if config.management.overflow == "fifo" else size / 2  # slots a read finds, on average
     if r.lsh_buckets:
-        held = size / 2  # Clear All over two segments: 0, 1 or 2 of them held at a read
         directions = r.lsh_rounds * r.lsh_buckets // 2
         hashing = heads * dim * directions + kv_heads * dim * directions * held / segment
         return n_layers * (hashing + heads * held * dim * 2)
     if r.clusters:
-        held = size / 2
         return n_layers * (heads * held * dim * 2 + heads * dim * r.clusters)
     if r.topk and not r.chunk_size:
         window = min(r.window, size)
@@ -65,13 +65,17 @@ def main() -> int:
         print("floor: give one of --model PATH or --random-model SPEC", file=sys.stderr)
         return 2
     spec = args.model or PREFIX + args.random_model
-    c = model_config(spec)
+    try:
+        c = model_config(spec)
+        configs = {name: method_config(name, c, args.segment_len, ()) for name in args.methods.split(",")}
+    except USER_ERRORS as err:
+        print(f"floor: {err}", file=sys.stderr)
+        return 2
     layers, heads, kv_heads = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
     dim = c.hidden_size // heads
     vanilla = vanilla_macs(c.hidden_size, layers, heads, kv_heads, c.intermediate_size, c.vocab_size, args.segment_len)
     print(f"{spec}: vanilla {vanilla / 1e6:.3f}M multiply-adds a token at segment {args.segment_len}")
-    for name in args.methods.split(","):
-        config = method_config(name, c, args.segment_len, ())
+    for name, config in configs.items():
         extra = read_macs(config, layers, heads, kv_heads, dim, args.segment_len)
         if extra is None:
             print(f"  {name}: not a similarity read")

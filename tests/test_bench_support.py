@@ -102,3 +102,8 @@ def test_floor_counts_the_weights_and_the_search() -> None:
     grown = read_macs(large, 3, 4, 2, 16, 8) - read_macs(small, 3, 4, 2, 16, 8)
     assert grown == len(small.injection.resolve(3)) * 4 * 16 * 32
     assert read_macs(method_config("vanilla", config, 8, ()), 3, 4, 2, 16, 8) is None
+    # A FIFO memory is read full; a clearing one holds half its size on average (0, 1, ..., m segments).
+    clear = method_config("routing", config, 8, ("management.size=32",))
+    fifo = method_config("routing", config, 8, ("management.size=32", "management.overflow=fifo"))
+    dense_half = read_macs(fifo, 3, 4, 2, 16, 8) - read_macs(clear, 3, 4, 2, 16, 8)
+    assert dense_half == len(clear.injection.resolve(3)) * 4 * 16 * 2 * 16

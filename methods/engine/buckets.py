@@ -170,7 +170,7 @@ def bucket_bias(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: in
 
 def merge_buckets(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: int, start: int, end: torch.Tensor,
                   query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
-                  kernel: FusedKernel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  kernel: FusedKernel) -> tuple[torch.Tensor, torch.Tensor]:
     """Add each query's selected slots of mem's bank [start, end[query]) to the softmax of `out`/`lse` (one softmax
     over the union), read by the fused kernel under `bucket_bias`. Returns the merged (out, lse)."""
     assert mem.keys is not None and mem.values is not None
