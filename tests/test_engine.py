@@ -264,3 +264,37 @@ def test_other_llama_family_decoders_are_hooked_exactly(family):
     with MemoryLM(model, xl, segment_len=8) as lm:
         got = lm.score([doc])[0]
     torch.testing.assert_close(got, full_nll(model, doc), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "overrides"), [
+    ("memorizing_transformer", []),
+    ("unimix", []),
+    ("unimix", ["reading.sliding=true", "reading.window=6"]),
+    ("reformer", ["reading.window=5"]),
+    ("routing", []),
+])
+def test_context_end_bounds_are_the_extremes_of_the_read_ends(model, monkeypatch, name, overrides):
+    """`SegmentContext.end_bounds`, derived from the plan without reading a tensor, equals the smallest and largest
+    entry of topk_end / bucket_end in every context built while scoring and while decoding (prefill, then one token
+    a step: query_start > 0)."""
+    from unimem_bench.methods.engine import generation, plan
+
+    checked = []
+
+    def spy(*args, **kwargs):
+        ctx = real(*args, **kwargs)
+        for ends in (ctx.topk_end, ctx.bucket_end):
+            if ends is not None:
+                assert ctx.end_bounds == (int(ends.min()), int(ends.max()))
+                checked.append(kwargs["query_start"])
+        return ctx
+
+    real = plan.segment_context
+    monkeypatch.setattr(plan, "segment_context", spy)
+    monkeypatch.setattr(generation, "segment_context", spy)
+    config = METHODS.get(name).config(MethodContext(2, 8, 256), ["management.size=32", *overrides])
+    doc = random_docs([45])[0]
+    with MemoryLM(model, config, segment_len=8) as lm:
+        lm.score([doc])
+        lm.generate(doc[:21], max_new_tokens=5)
+    assert checked and max(checked) > 0  # whole segments and decoding steps were both seen

@@ -193,8 +193,8 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
             or (ctx.random_slots is not None and not fold_random) or ctx.bucket_end is not None):
         out, lse = attention_with_lse(query, keys, values, mask, scale, ctx.kernel)
         if ctx.bucket_end is not None:
-            out, lse = buckets.merge_buckets(config.reading, bank, mem, layer, ctx.topk_start, ctx.bucket_end, query,
-                                             out, lse, scale, ctx.kernel)
+            out, lse = buckets.merge_buckets(config.reading, bank, mem, layer, ctx.topk_start, ctx.bucket_end,
+                                             ctx.end_bounds[0], query, out, lse, scale, ctx.kernel)
         if ctx.sink_shift is not None and not fold_sinks:
             out, lse = merge_sinks(ctx, mem, query, out, lse, scale)
         if ctx.random_slots is not None and not fold_random:
@@ -227,13 +227,13 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
     group = heads // kv_heads
     q = query.reshape(batch, kv_heads, group * seq, dim)  # [batch, kv_heads, group * seq, dim]
     end = ctx.topk_end.repeat(group)  # [group * seq]: q's rows are (group, seq) flattened
-    lo, hi = ctx.topk_start, int(end.max())
+    lo, hi = ctx.topk_start, ctx.end_bounds[1]
     n = hi - lo
     r = ctx.config.reading
     k = min(r.topk, n)
     if mem.faiss is not None:
         # One id range per search: fetch enough to keep k after dropping what lies in a query's own window reach.
-        wide = min(n, k + hi - int(end.min()))
+        wide = min(n, k + hi - ctx.end_bounds[0])
         logits, idx = mem.faiss.search(q, wide, ctx.plan.first_id, lo, hi)
         logits = logits.masked_fill(idx >= end.view(1, 1, -1, 1), float("-inf"))
         logits, pick = logits.topk(k, dim=-1)
@@ -249,7 +249,8 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         picked_k = gather_slots(mem.keys, idx + lo)  # [batch, kv_heads, g*seq, k, dim]
         logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k).masked_fill(~hit, float("-inf"))
     else:
-        logits, idx = topk_exact(q, mem.keys[:, :, lo:hi], k, limit=end - lo)
+        logits, idx = topk_exact(q, mem.keys[:, :, lo:hi], k, limit=end - lo,
+                                 lowest=max(0, ctx.end_bounds[0] - lo))
     # The exact search finds every slot it returns (idx >= 0), and its -inf logits stay -inf once scaled: without
     # NaN (masked to -inf as not found) nothing to mask.
     exact = mem.faiss is None and not r.chunk_size and ctx.plan.topk_place is None and scale > 0

@@ -140,10 +140,11 @@ def routed(reading: Reading, centroids: torch.Tensor, queries: torch.Tensor, key
 
 
 def bucket_bias(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: int, start: int, end: torch.Tensor,
-                query: torch.Tensor) -> torch.Tensor:
+                lowest: int, query: torch.Tensor) -> torch.Tensor:
     """The additive mask [batch, heads, seq, n] over mem's bank slots [start, start + n): 0 where the query reads
     the slot (it shares a bucket or is a member of the query's cluster, and lies before end[query]), else a large
-    negative number (the query's softmax gives it weight 0); `bank` (the live layer memory) holds the LSH rotations."""
+    negative number (the query's softmax gives it weight 0); `lowest`: end's smallest entry (known from the plan);
+    `bank` (the live layer memory) holds the LSH rotations."""
     assert mem.keys is not None
     batch, heads, seq, dim = query.shape
     kv_heads = mem.keys.shape[1]
@@ -160,8 +161,8 @@ def bucket_bias(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: in
             reading, layer, batch, kv_heads, dim, query.device)  # a memory written before any segment was routed
         selected = routed(reading, centroids, q, keys)  # [batch, kv_heads, group * seq, n]
     n = keys.shape[2]
-    limit = end.repeat(group) - start  # [group * seq]: q's rows are (group, seq) flattened
-    if int(limit.min()) < n:  # some query's window reaches into the searchable slots: those it must not read
+    if lowest - start < n:  # some query's window reaches into the searchable slots: those it must not read
+        limit = end.repeat(group) - start  # [group * seq]: q's rows are (group, seq) flattened
         selected = selected * (limit[:, None] - torch.arange(n, device=query.device)).clamp(0, 1)
     # Finite, so that a query reading no slot keeps a finite log-sum-exp; within the query dtype's range.
     hide = min(UNREAD, torch.finfo(query.dtype).max / 4)
@@ -169,12 +170,13 @@ def bucket_bias(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: in
 
 
 def merge_buckets(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: int, start: int, end: torch.Tensor,
-                  query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
+                  lowest: int, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
                   kernel: FusedKernel) -> tuple[torch.Tensor, torch.Tensor]:
     """Add each query's selected slots of mem's bank [start, end[query]) to the softmax of `out`/`lse` (one softmax
-    over the union), read by the fused kernel under `bucket_bias`. Returns the merged (out, lse)."""
+    over the union), read by the fused kernel under `bucket_bias` (`lowest`: end's smallest entry). Returns the
+    merged (out, lse)."""
     assert mem.keys is not None and mem.values is not None
-    bias = bucket_bias(reading, bank, mem, layer, start, end, query)  # [batch, heads, seq, n]
+    bias = bucket_bias(reading, bank, mem, layer, start, end, lowest, query)  # [batch, heads, seq, n]
     keys, values = mem.keys[:, :, start:].to(query.dtype), mem.values[:, :, start:].to(query.dtype)
     # A query reading no slot gets a log-sum-exp near -UNREAD: the merge gives its (finite) output weight 0.
     out_s, lse_s = attention_with_lse(query, keys, values, bias, scale, kernel)

@@ -196,6 +196,9 @@ class SegmentContext:
     bucket_end: torch.Tensor | None = None
     """[queries] like topk_end, for the content selectors reading.lsh_buckets / reading.clusters (None: none this
     call); they select among the bank slots [topk_start, bucket_end[query])."""
+    end_bounds: tuple[int, int] = (0, 0)
+    """(lowest, highest) entry of topk_end and bucket_end, from the plan: reading them off the tensor would be a
+    host sync per layer on a GPU."""
     reads: dict[int, LayerMemory] = field(default_factory=dict)
     """Per layer, the memory its first call read. Gradient checkpointing calls a layer again during backward; that
     call must read the same memory (not what later writes left) and write nothing."""
@@ -264,9 +267,11 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
     start = plan.n_global if plan.globals_in_bank else 0
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
-    topk_end = reach_end if r.topk and int(reach_end.max()) > start else None
+    low, high = plan.n_bank - reach_bound(config, plan, query_start), plan.n_bank - reach_bound(
+        config, plan, query_start + n_query - 1)
+    topk_end = reach_end if r.topk and high > start else None
     random, random_blocks, random_index, random_padded = random_reads(config, plan, state.segments, i, start)
-    bucket_end = reach_end if (r.lsh_buckets or r.clusters) and int(reach_end.max()) > start else None
+    bucket_end = reach_end if (r.lsh_buckets or r.clusters) and high > start else None
     dense = None
     if r.dense_layers:  # Quest's dense layers: the same write, every slot read (positions do not depend on it)
         dense_plan = dataclasses.replace(plan, n_window=plan.n_bank - (plan.n_global if plan.globals_in_bank else 0))
@@ -281,7 +286,14 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
                           topk_end=topk_end, random_mask=folded_random(plan, mask, random, start, shift),
                           topk_start=start, sink_shift=shift, sink_rotation=rotation, random_slots=random,
                           random_blocks=random_blocks, random_index=random_index, random_padded=random_padded,
-                          bucket_end=bucket_end, dense=dense, dilated=dilated, kernel=kernel)
+                          bucket_end=bucket_end, end_bounds=(low, high), dense=dense, dilated=dilated, kernel=kernel)
+
+
+def reach_bound(config: UniMemConfig, plan: SegmentPlan, i: int) -> int:
+    """The window slots input index i reaches, as `segment_context`'s reach tensor holds them: the first query
+    reaches the most and the last the least (a sliding reach W - i falls as i grows)."""
+    r = config.reading
+    return min(max(r.window - i, 0), plan.n_window) if r.sliding and not r.read_all else plan.n_window
 
 
 def folded_random(plan: SegmentPlan, mask: torch.Tensor | None, random: torch.Tensor | None, start: int,

@@ -25,9 +25,10 @@ cache before the selection reads it. Search and selection of FoT's [8 KV heads x
 
 
 def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = SEARCH_CHUNK,
-               limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               limit: torch.Tensor | None = None, lowest: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner products, chunked over keys and, past SCORE_BLOCK scores, over query rows; with `limit` [q],
-    query i searches keys [0, limit[i]) only.
+    query i searches keys [0, limit[i]) only; `lowest`: a key index no greater than any limit (0 will do), when the
+    caller knows one (else limit's smallest entry is read off the tensor: a host sync on a GPU).
 
     queries [batch, kv_heads, q, dim], keys [batch, kv_heads, n, dim] -> (scores, indices), each
     [batch, kv_heads, q, min(k, n)], best first; score -inf where a query has fewer than k keys. Order and ties:
@@ -41,10 +42,11 @@ def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = S
     if blocks > 1 and n_rows > 1:  # query rows are independent: the same picks, block by block
         rows = -(-n_rows // min(blocks, n_rows))
         parts = [topk_exact(queries[:, :, lo:lo + rows], keys, k, chunk,
-                            None if limit is None else limit[lo:lo + rows]) for lo in range(0, n_rows, rows)]
+                            None if limit is None else limit[lo:lo + rows], lowest) for lo in range(0, n_rows, rows)]
         return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
     # Columns before the smallest limit are searched by every query: only those from it on need masking.
-    lowest = keys.shape[2] if limit is None else int(limit.min())
+    if lowest is None:
+        lowest = keys.shape[2] if limit is None else int(limit.min())
     if keys.shape[2] <= chunk:  # one block: selected best first directly
         block = queries @ keys.transpose(-1, -2)  # [batch, kv_heads, q, n]
         if limit is not None and lowest < block.shape[-1]:
