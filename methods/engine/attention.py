@@ -252,8 +252,10 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
         logits, idx = topk_exact(q, mem.keys[:, :, lo:hi], k, limit=end - lo,
                                  lowest=max(0, ctx.end_bounds[0] - lo))
     # The exact search finds every slot it returns (idx >= 0), and its -inf logits stay -inf once scaled: without
-    # NaN (masked to -inf as not found) nothing to mask.
-    exact = mem.faiss is None and not r.chunk_size and ctx.plan.topk_place is None and scale > 0
+    # NaN (masked to -inf as not found) nothing to mask. Off the CPU the mask is built anyway: checking for NaN
+    # would be a host sync per layer call.
+    exact = (mem.faiss is None and not r.chunk_size and ctx.plan.topk_place is None and scale > 0
+             and logits.device.type == "cpu")
     found = None if exact and not bool(logits.isnan().any()) else (idx >= 0) & (logits > float("-inf"))
     idx = idx if found is None else idx.clamp(min=0)
     if ctx.plan.topk_place is not None:  # scaled_memory: attend the picked slots at their scaled positions
