@@ -180,15 +180,17 @@ def test_kth_largest_equals_the_kth_of_a_sorted_row_on_both_paths(n: int) -> Non
 
 
 @pytest.mark.parametrize("chunk", [64, 10_000])
-def test_exact_search_in_query_row_blocks_equals_one_block(monkeypatch, chunk: int) -> None:
-    """Query rows split into blocks of at most SCORE_BLOCK scores (here 3 to 4 rows a block, the last shorter) give
-    the one block's scores and picks, with per-query limits too."""
+@pytest.mark.parametrize("rows_a_block", [4, 26])
+def test_exact_search_in_query_row_blocks_equals_one_block(monkeypatch, chunk: int, rows_a_block: int) -> None:
+    """Searches split by KV head and batch row, and within those into query-row blocks of at most SCORE_BLOCK scores
+    (here 3 to 4 rows a block, the last shorter; or one head's 26 rows), give the one block's scores and picks,
+    with per-query limits too."""
     from unimem_bench.methods.engine import retrieval
 
     queries, keys = data(300, q=26)
     limit = torch.randint(0, 301, (26,), generator=torch.Generator().manual_seed(5))
     whole = [topk_exact(queries, keys, 6, chunk=chunk, limit=lim) for lim in (None, limit)]
-    monkeypatch.setattr(retrieval, "SCORE_BLOCK", 2 * 3 * 4 * min(300, chunk))
+    monkeypatch.setattr(retrieval, "SCORE_BLOCK", rows_a_block * min(300, chunk))
     for lim, (scores, idx) in zip((None, limit), whole, strict=True):
         blocked_scores, blocked_idx = topk_exact(queries, keys, 6, chunk=chunk, limit=lim)
         assert torch.equal(blocked_idx, idx)
