@@ -180,14 +180,17 @@ def test_kth_largest_equals_the_kth_of_a_sorted_row_on_both_paths(n: int) -> Non
 
 
 @pytest.mark.parametrize("chunk", [64, 10_000])
-@pytest.mark.parametrize("rows_a_block", [4, 26])
-def test_exact_search_in_query_row_blocks_equals_one_block(monkeypatch, chunk: int, rows_a_block: int) -> None:
-    """Searches split by KV head and batch row, and within those into query-row blocks of at most SCORE_BLOCK scores
-    (here 3 to 4 rows a block, the last shorter; or one head's 26 rows), give the one block's scores and picks,
-    with per-query limits too."""
+@pytest.mark.parametrize("rows_a_block", [4, 26, 52])
+@pytest.mark.parametrize("heads", [3, 6])
+def test_exact_search_in_query_row_blocks_equals_one_block(monkeypatch, chunk: int, rows_a_block: int,
+                                                           heads: int) -> None:
+    """Searches split by KV heads (in groups: two heads a block at 52 rows and 6 heads) and batch rows, and within
+    those into query-row blocks of at most SCORE_BLOCK scores (here 3 to 4 rows a block, the last shorter; or one
+    head's 26 rows), give the one block's scores and picks, with per-query limits too."""
     from unimem_bench.methods.engine import retrieval
 
-    queries, keys = data(300, q=26)
+    queries, keys = data(300, q=26)  # [2 batch rows, 3 KV heads, ...]; or [1, 6, ...]
+    queries, keys = (t.reshape(6 // heads, heads, *t.shape[2:]) for t in (queries, keys))
     limit = torch.randint(0, 301, (26,), generator=torch.Generator().manual_seed(5))
     whole = [topk_exact(queries, keys, 6, chunk=chunk, limit=lim) for lim in (None, limit)]
     monkeypatch.setattr(retrieval, "SCORE_BLOCK", rows_a_block * min(300, chunk))
