@@ -11,6 +11,18 @@ from unimem_bench.methods.engine.retrieval import FaissBank, chunk_keys, chunk_q
 from unimem_bench.methods.engine.selection import SORT_MAX, kth_largest
 
 
+@pytest.fixture(params=["fused", "numpy"])
+def search_path(request, monkeypatch) -> str:
+    """Runs a test of `topk_exact` on both of its CPU paths: the native kernel (`fused_topk`, used from MIN_ROWS
+    query rows a group; these tests have 24) and the matmul-and-numpy search (the kernel switched off)."""
+    from unimem_bench.methods.engine import fused_topk
+
+    if request.param == "fused" and fused_topk.library() is None:
+        pytest.skip("no C compiler here: the fused top-k kernel cannot be built")
+    monkeypatch.setenv(fused_topk.SWITCH_ENV, "1" if request.param == "fused" else "0")
+    return request.param
+
+
 def data(n: int, q: int = 24, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     # [batch 2, kv_heads 3, ...]
@@ -18,7 +30,7 @@ def data(n: int, q: int = 24, dim: int = 16, seed: int = 0) -> tuple[torch.Tenso
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 10_000])
-def test_chunked_exact_search_equals_brute_force(chunk):
+def test_chunked_exact_search_equals_brute_force(chunk, search_path):
     queries, keys = data(300)
     scores, idx = topk_exact(queries, keys, 5, chunk=chunk)
     expected_scores, expected_idx = (queries @ keys.transpose(-1, -2)).topk(5, dim=-1)
@@ -40,7 +52,7 @@ def test_faiss_flat_gives_the_exact_neighbours_over_an_id_range():
     assert torch.equal(idx, topk_exact(queries, keys[:, :, 70:450], 8)[1] + 20)
 
 
-def test_exact_search_with_per_query_limits():
+def test_exact_search_with_per_query_limits(search_path):
     queries, keys = data(300)
     limit = torch.arange(queries.shape[2]) % 7 + 3  # query i searches keys [0, limit[i])
     scores, idx = topk_exact(queries, keys, 5, chunk=64, limit=limit)
@@ -53,7 +65,7 @@ def test_exact_search_with_per_query_limits():
 
 @pytest.mark.parametrize("n,k,chunk", [(300, 5, 10_000), (300, 5, 64), (1280, 32, 8192), (1000, 32, 333),
                                        (40, 32, 8192), (200, 200, 8192), (700, 4, 8192)])
-def test_exact_search_ranks_ties_by_key_index(n, k, chunk):
+def test_exact_search_ranks_ties_by_key_index(n, k, chunk, search_path):
     """The documented order: scores descending, equal scores by lower key index, also at the k-th place (a stable
     descending sort of the whole row), with many ties (small integer scores) and per-query limits."""
     generator = torch.Generator().manual_seed(n + k)
@@ -67,7 +79,7 @@ def test_exact_search_ranks_ties_by_key_index(n, k, chunk):
     assert torch.equal(idx, expected_idx[..., :k])
 
 
-def test_exact_search_ranks_nan_like_torch_topk():
+def test_exact_search_ranks_nan_like_torch_topk(search_path):
     queries, keys = data(300)
     keys[0, 1, 17, 0] = float("nan")
     scores, idx = topk_exact(queries, keys, 5)
@@ -187,8 +199,9 @@ def test_exact_search_in_query_row_blocks_equals_one_block(monkeypatch, chunk: i
     """Searches split by KV heads (in groups: two heads a block at 52 rows and 6 heads) and batch rows, and within
     those into query-row blocks of at most SCORE_BLOCK scores (here 3 to 4 rows a block, the last shorter; or one
     head's 26 rows), give the one block's scores and picks, with per-query limits too."""
-    from unimem_bench.methods.engine import retrieval
+    from unimem_bench.methods.engine import fused_topk, retrieval
 
+    monkeypatch.setenv(fused_topk.SWITCH_ENV, "0")  # the splits are the numpy path's
     queries, keys = data(300, q=26)  # [2 batch rows, 3 KV heads, ...]; or [1, 6, ...]
     queries, keys = (t.reshape(6 // heads, heads, *t.shape[2:]) for t in (queries, keys))
     limit = torch.randint(0, 301, (26,), generator=torch.Generator().manual_seed(5))

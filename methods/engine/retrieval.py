@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from unimem_bench.methods.config import Reading
-from unimem_bench.methods.engine import selection
+from unimem_bench.methods.engine import fused_topk, selection
 
 # Keys scored per step of the exact search: bounds the [queries x chunk] score block (64 MiB in fp32 for 2K queries).
 SEARCH_CHUNK = 8192
@@ -20,15 +20,12 @@ SEARCH_CHUNK = 8192
 SCORE_BLOCK = 1 << 21
 """Scores per block of the exact search (8 MiB of float32): past it, KV heads, then batch rows, are searched apart
 in groups as large as fit in a block, then, where one head's scores still do not fit, its query rows in equal
-blocks. A larger block is mapped afresh by
-glibc and page-faulted (always past its 32 MiB mmap threshold), and has left the cache before the selection reads
-it. Search and selection of FoT's [8 KV heads x 128 queries x 8,192 slots, dim 64] (62M model): x0.73 in 4 row
-blocks; a 32 MiB score matmul alone: 27.1 ms fresh against 13.8 ms into a reused buffer. Heads before rows: a row
-block of every head reads all heads' keys (16 MiB there), a head only its own, once (FoT on the 62M model, 16K
-tokens, row blocks against heads first in one process, 4 alternating repeats: 3.6% less time, x1.69 -> x1.61
-vanilla in the medians). Heads in groups rather than one by one: fewer selection calls (alone, 20.5 against 22.5
-ms a layer call at FoT's 62M shape, 2 heads a block; 28.5 against 33.8 ms at a 7B shape, 32 KV heads x 128
-queries x 1,280 slots, dim 128, 10 heads a block); FoT end to end the same (time ratio 1.002, 4 repeats)."""
+blocks. A larger block is mapped afresh by glibc and page-faulted (past its 32 MiB mmap threshold), and has left
+the cache before the selection reads it: FoT's [8 KV heads x 128 queries x 8,192 slots, dim 64] (62M model) x0.73
+in 4 row blocks; a 32 MiB score matmul alone 27.1 ms fresh, 13.8 ms into a reused buffer. Heads before rows: a row
+block of every head reads all heads' keys, a head its own, once (FoT, 62M model, 16K tokens, one process, 4
+alternating repeats: 3.6% less time). Heads in groups, not one by one: fewer selection calls (20.5 against 22.5 ms
+at FoT's 62M shape; 28.5 against 33.8 at 32 KV heads x 128 queries x 1,280 slots, dim 128: a 7B's shape)."""
 
 
 def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = SEARCH_CHUNK,
@@ -42,9 +39,12 @@ def topk_exact(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = S
     [batch, kv_heads, q, min(k, n)], best first; score -inf where a query has fewer than k keys. Order and ties:
     scores descending, and among equal scores the lower key index first, also at the k-th place (which of several
     tied keys is kept); a query with fewer than k keys gets its masked keys of lowest index, at -inf. Rows holding
-    NaN, and searches off the CPU, are ranked by `torch.topk` (NaN above every number; its own tie order).
+    NaN, and searches off the CPU, are ranked by `torch.topk` (NaN above every number; its own tie order). On CPU
+    without autograd, from `fused_topk.MIN_ROWS` query rows, the search is one native pass (`fused_topk`).
     """
     k = min(k, keys.shape[2])
+    if (fused := fused_topk.search(queries, keys, k, limit)) is not None:  # scored and selected in one native pass
+        return fused
     n_rows = queries.shape[2]
     # Columns before the smallest limit are searched by every query: only those from it on need masking.
     if lowest is None:

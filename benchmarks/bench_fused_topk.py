@@ -1,0 +1,101 @@
+"""The fused top-k kernel against the matmul-and-numpy search, in one process: alone, then inside methods' runs.
+
+    python benchmarks/bench_fused_topk.py [--model PATH | --random-model 62m] [--methods fot,memorizing_transformer]
+                                          [--length 16384] [--segment-len 128] [--repeats 4] [--threads 2]
+
+Part 1 times `retrieval.topk_exact` on each method's own search shape (its KV heads, its queries a segment, its
+full memory, its k) with the kernel (`fused_topk`) and without (`UNIMEM_BENCH_FUSED_TOPK=0`), alternating, and
+checks that both give the same picks. Part 2 scores one random document per method three ways, vanilla, the
+method without the kernel and with it, in alternating order `--repeats` times: medians of the per-token time and
+each variant's ratio to vanilla. Both variants run in this process, so the ratio compares runs taken side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from methodbench.measure import PREFIX, load_llm, method_config, random_doc, run_score, set_threads
+
+from unimem_bench.methods.engine import fused_topk
+from unimem_bench.methods.engine.retrieval import topk_exact
+
+
+def switched(on: bool) -> None:
+    os.environ[fused_topk.SWITCH_ENV] = "1" if on else "0"
+
+
+def search_shape(model: torch.nn.Module, name: str, segment_len: int) -> tuple[int, int, int, int, int]:
+    """(KV heads, query rows a KV head, memory slots, head dim, k) of one memory layer's search at full memory."""
+    config = model.config
+    method = method_config(name, config, segment_len, ())
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv_heads, segment_len * heads // kv_heads, method.management.size, head_dim, method.reading.topk
+
+
+def time_search(shape: tuple[int, int, int, int, int], repeats: int) -> tuple[float, float, bool]:
+    """(numpy-path ms, kernel ms, the same picks) of one search of `shape`, medians of alternating runs."""
+    kv_heads, rows, slots, dim, k = shape
+    g = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(1, kv_heads, rows, dim, generator=g), torch.randn(1, kv_heads, slots, dim, generator=g)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    picks = {}
+    for r in range(repeats * 5):
+        for on in (False, True) if r % 2 == 0 else (True, False):
+            switched(on)
+            start = time.perf_counter()
+            picks[on] = topk_exact(queries, keys, k)[1]
+            times[on].append(time.perf_counter() - start)
+    return statistics.median(times[False]) * 1e3, statistics.median(times[True]) * 1e3, torch.equal(*picks.values())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a model folder (default: the tiny random model)")
+    parser.add_argument("--random-model", default="", help="a random LLaMA of real widths, e.g. 62m")
+    parser.add_argument("--methods", default="fot,memorizing_transformer")
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--segment-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if fused_topk.library() is None:
+        print("bench_fused_topk: the kernel cannot be built here (no C compiler, or no SIMD): nothing to compare; "
+              "install a C compiler (cc) with OpenMP", file=sys.stderr)
+        return 2
+    set_threads(args.threads)
+    model = load_llm(PREFIX + args.random_model if args.random_model else args.model)
+    names = args.methods.split(",")
+    print(f"search alone (median of {5 * args.repeats} alternating runs)")
+    for name in names:
+        shape = search_shape(model, name, args.segment_len)
+        numpy_ms, fused_ms, same = time_search(shape, args.repeats)
+        print(f"  {name:24s} [{shape[0]} KV heads x {shape[1]} queries x {shape[2]} slots, dim {shape[3]}, "
+              f"k {shape[4]}]: numpy {numpy_ms:.2f} ms, fused {fused_ms:.2f} ms (x{fused_ms / numpy_ms:.2f}), "
+              f"same picks: {same}")
+    doc = random_doc(model.config.vocab_size, args.length)
+    vanilla = method_config("vanilla", model.config, args.segment_len, ())
+    print(f"\nper-token time, {args.length} tokens, segment {args.segment_len} (median of {args.repeats})")
+    for name in names:
+        method = method_config(name, model.config, args.segment_len, ())
+        for config in (vanilla, method):  # warm-up: both reading paths run once before anything is timed
+            run_score(model, config, args.segment_len, doc[:2 * args.segment_len + 1])
+        runs: dict[str, list[float]] = {"vanilla": [], "numpy": [], "fused": []}
+        order = [("vanilla", vanilla, True), ("numpy", method, False), ("fused", method, True)]
+        for r in range(args.repeats):
+            for role, config, on in order if r % 2 == 0 else order[::-1]:
+                switched(on)
+                runs[role].append(run_score(model, config, args.segment_len, doc)[0] * 1e6 / args.length)
+        us = {role: statistics.median(times) for role, times in runs.items()}
+        print(f"  {name:24s} vanilla {us['vanilla']:.0f} us, numpy {us['numpy']:.0f} us "
+              f"(x{us['numpy'] / us['vanilla']:.2f}), fused {us['fused']:.0f} us (x{us['fused'] / us['vanilla']:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

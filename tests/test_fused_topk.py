@@ -1,0 +1,146 @@
+"""The native top-k kernel (`fused_topk`): the same picks, order and scores as the matmul-and-numpy search and a
+float64 reference, on every layout the engine hands it; where it declines; how it is built and cached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from unimem_bench.methods.engine import fused_topk
+from unimem_bench.methods.engine.retrieval import topk_exact
+
+pytestmark = pytest.mark.skipif(fused_topk.library() is None,
+                                reason="no C compiler here: the fused top-k kernel cannot be built")
+
+
+def numpy_path(monkeypatch, queries, keys, k, limit=None):
+    """`topk_exact` with the kernel switched off."""
+    with monkeypatch.context() as m:
+        m.setenv(fused_topk.SWITCH_ENV, "0")
+        return topk_exact(queries, keys, k, limit=limit)
+
+
+def fused(queries, keys, k, limit=None):
+    found = fused_topk.search(queries, keys, k, limit)
+    assert found is not None, "the kernel declined a search it should run"
+    return found
+
+
+# (batch, kv_heads, queries, slots, dim, k): FoT's and Memorizing Transformer's shapes scaled down, rows past one
+# register block (37, 40, 600), past one item of 256 rows (600), a last key block of fewer than R keys (333, 1,285),
+# more keys than one chunk of 1,024 (1,280, 1,285), k = 1, k = n - 1, three batch rows of one KV head
+LAYOUTS = [(1, 8, 128, 1024, 64, 32), (1, 2, 256, 1280, 40, 32), (2, 3, 37, 333, 13, 5), (3, 1, 16, 300, 8, 1),
+           (1, 2, 40, 50, 16, 49), (1, 1, 600, 1285, 8, 3)]
+
+
+@pytest.mark.parametrize("batch,heads,rows,n,dim,k", LAYOUTS)
+def test_kernel_equals_the_numpy_search_and_a_float64_reference(monkeypatch, batch, heads, rows, n, dim, k):
+    g = torch.Generator().manual_seed(n + k)
+    queries, keys = torch.randn(batch, heads, rows, dim, generator=g), torch.randn(batch, heads, n, dim, generator=g)
+    limits = [None, torch.randint(0, n + 5, (rows,), generator=g)]  # some rows read nothing, some fewer than k keys
+    for limit in limits:
+        scores, idx = fused(queries, keys, k, limit)
+        expected_scores, expected_idx = numpy_path(monkeypatch, queries, keys, k, limit)
+        assert torch.equal(idx, expected_idx)
+        torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-5)
+        full = queries.double() @ keys.double().transpose(-1, -2)  # [batch, kv_heads, rows, n]
+        if limit is not None:
+            full = full.masked_fill(torch.arange(n) >= limit[:, None], float("-inf"))
+        reference, reference_idx = full.sort(dim=-1, descending=True, stable=True)
+        torch.testing.assert_close(scores.double(), reference[..., :k], rtol=1e-5, atol=1e-5)
+        found = reference[..., :k] > float("-inf")
+        assert torch.equal(idx[found], reference_idx[..., :k][found])
+        # rows with fewer than k keys: their masked keys of lowest index, at -inf
+        assert torch.equal(idx[~found], reference_idx[..., :k][~found])
+
+
+@pytest.mark.parametrize("n,k", [(300, 5), (1280, 32), (200, 150), (64, 63)])
+def test_ties_go_to_the_lower_key_index_also_at_the_kth_place(n, k):
+    """Small integer scores (exact in float32, many ties): the kernel's picks and order equal a stable descending
+    sort of the row, cut at k, with per-query limits; also the keys of a batch of banks read through a narrowed view
+    (the engine's `mem.keys[:, :, lo:hi]`)."""
+    g = torch.Generator().manual_seed(n)
+    queries = torch.randint(-2, 3, (2, 3, 24, 4), generator=g).float()
+    bank = torch.randint(-2, 3, (2, 3, n + 40, 4), generator=g).float()
+    keys = bank[:, :, 10:10 + n]  # not contiguous: batch rows 3 (n + 40) x 4 apart
+    limit = n - torch.arange(24) * (n // 30)
+    scores, idx = fused(queries, keys, k, limit)
+    full = (queries @ keys.transpose(-1, -2)).masked_fill(torch.arange(n) >= limit[:, None], float("-inf"))
+    expected_scores, expected_idx = full.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(scores, expected_scores[..., :k])
+    assert torch.equal(idx, expected_idx[..., :k])
+
+
+def test_thread_count_changes_nothing():
+    g = torch.Generator().manual_seed(1)
+    queries, keys = torch.randn(1, 3, 70, 32, generator=g), torch.randn(1, 3, 2000, 32, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused(queries, keys, 16)
+        torch.set_num_threads(2)
+        two = fused(queries, keys, 16)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_kernel_declines_what_the_caller_ranks_itself(monkeypatch):
+    """None (the caller's path runs): NaN scores, a key scoring -inf itself, too few rows, k >= n, autograd, the
+    switch; `topk_exact` still answers the NaN search as torch.topk does."""
+    g = torch.Generator().manual_seed(2)
+    queries, keys = torch.randn(1, 2, 16, 8, generator=g), torch.randn(1, 2, 100, 8, generator=g)
+    assert fused_topk.search(queries, keys, 4) is not None
+    nan_keys = keys.clone()
+    nan_keys[0, 1, 17, 0] = float("nan")
+    assert fused_topk.search(queries, nan_keys, 4) is None
+    expected = (queries @ nan_keys.transpose(-1, -2)).topk(4, dim=-1)
+    torch.testing.assert_close(topk_exact(queries, nan_keys, 4)[0], expected.values, equal_nan=True)
+    inf_queries = torch.full_like(queries, 1.0)
+    inf_keys = torch.ones_like(keys)
+    inf_keys[..., 30:, :] = float("-inf")  # keys 30.. score -inf; with a limit of 50 the row holds fewer than k others
+    assert fused_topk.search(inf_queries, inf_keys, 40, torch.full((16,), 50)) is None
+    assert fused_topk.search(queries[:, :, :fused_topk.MIN_ROWS - 1], keys, 4) is None
+    assert fused_topk.search(queries, keys, 100) is None
+    assert fused_topk.search(queries.requires_grad_(), keys, 4) is None
+    monkeypatch.setenv(fused_topk.SWITCH_ENV, "0")
+    assert fused_topk.search(queries.detach(), keys, 4) is None
+
+
+def test_build_is_cached_per_source_compiler_and_cpu(tmp_path: Path, monkeypatch):
+    """One build per (source, compiler command, CPU): a second call reuses the file; another CPU signature builds
+    anew beside it; a compiler that fails gives None (the numpy path), not an error."""
+    first = fused_topk.build(tmp_path, "cc")
+    assert first is not None and first.is_file()
+    stamp = first.stat().st_mtime_ns
+    assert fused_topk.build(tmp_path, "cc") == first and first.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(fused_topk, "cpu_signature", lambda: "flags: another cpu")
+    other = fused_topk.build(tmp_path, "cc")
+    assert other is not None and other != first
+    assert fused_topk.build(tmp_path, str(tmp_path / "no-such-compiler")) is None
+    assert fused_topk.build(tmp_path, "cc -fno-such-flag") is None
+    assert sorted(p.name for p in tmp_path.glob("native/*/*")) == ["fused_topk.so", "fused_topk.so"]
+
+
+@pytest.mark.parametrize("flags,width", [("-mno-avx512f", 8), ("-mno-avx512f -mno-avx2 -mno-fma", 1)])
+def test_every_instruction_set_build_gives_the_same_picks(tmp_path: Path, monkeypatch, flags: str, width: int):
+    """The AVX2 and plain-C builds (this machine's compiler told to leave out AVX-512, then AVX2) give the numpy
+    path's picks and scores too; `library` would not load the plain one (slower than numpy), but it is correct."""
+    path = fused_topk.build(tmp_path, f"cc {flags}")
+    if path is None:
+        pytest.skip(f"this compiler does not take {flags} (not x86-64)")
+    lib = fused_topk.load(path)
+    if lib.simd_width() != width:
+        pytest.skip(f"{flags} gave a build of SIMD width {lib.simd_width()} here")
+    for batch, heads, rows, n, dim, k in LAYOUTS[1:]:
+        g = torch.Generator().manual_seed(n)
+        queries = torch.randn(batch, heads, rows, dim, generator=g)
+        keys = torch.randn(batch, heads, n, dim, generator=g)
+        limit = torch.randint(0, n + 5, (rows,), generator=g)
+        found = fused_topk.run(lib, queries, keys, k, limit, fused_topk.group_stride(keys))
+        assert found is not None
+        expected = numpy_path(monkeypatch, queries, keys, k, limit)
+        assert torch.equal(found[1], expected[1])
+        torch.testing.assert_close(found[0], expected[0], rtol=0, atol=1e-5)
