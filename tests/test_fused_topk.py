@@ -121,6 +121,8 @@ def test_build_is_cached_per_source_compiler_and_cpu(tmp_path: Path, monkeypatch
     assert other is not None and other != first
     assert fused_topk.build(tmp_path, str(tmp_path / "no-such-compiler")) is None
     assert fused_topk.build(tmp_path, "cc -fno-such-flag") is None
+    (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    assert fused_topk.build(tmp_path / "blocked", "cc") is None
     assert sorted(p.name for p in tmp_path.glob("native/*/*")) == ["fused_topk.so", "fused_topk.so"]
 
 

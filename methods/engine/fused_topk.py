@@ -64,16 +64,16 @@ def build(cache_root: Path, compiler: str) -> Path | None:
     target = cache_root / "native" / key / "fused_topk.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        try:
+    try:  # a cache folder that cannot be written, or a compiler that fails, leaves the numpy path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
             subprocess.run([*command, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as error:
-            detail = getattr(error, "stderr", "") or str(error)
-            log.info("fused top-k kernel not built (%s): the numpy path runs. %s", compiler, detail.strip()[:500])
-            return None
-        os.replace(built, target)  # atomic: a concurrent process sees no half-written library
+            os.replace(built, target)  # atomic: a concurrent process sees no half-written library
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        log.info("fused top-k kernel not built (%s): the numpy path runs. %s", compiler, detail.strip()[:500])
+        return None
     return target
 
 
@@ -96,7 +96,11 @@ def library() -> ctypes.CDLL | None:
                  os.environ.get("CC", "cc"))
     if path is None:
         return None
-    lib = load(path)
+    try:
+        lib = load(path)
+    except OSError as error:  # e.g. its OpenMP runtime missing where it runs
+        log.info("fused top-k kernel not loaded: the numpy path runs. %s", error)
+        return None
     return lib if lib.simd_width() >= 8 else None  # plain C: slower than the numpy path
 
 
