@@ -19,8 +19,9 @@ import sys
 import time
 
 import torch
-from methodbench.measure import PREFIX, load_llm, method_config, random_doc, run_score, set_threads
+from methodbench.measure import PREFIX, load_llm, method_config, model_config, random_doc, run_score, set_threads
 
+from unimem_bench.harness.cli.app import USER_ERRORS
 from unimem_bench.methods.engine import fused_topk
 from unimem_bench.methods.engine.retrieval import topk_exact
 
@@ -68,9 +69,21 @@ def main() -> int:
         print("bench_fused_topk: the kernel cannot be built here (no C compiler, or no SIMD): nothing to compare; "
               "install a C compiler (cc) with OpenMP", file=sys.stderr)
         return 2
-    set_threads(args.threads)
-    model = load_llm(PREFIX + args.random_model if args.random_model else args.model)
+    spec = PREFIX + args.random_model if args.random_model else args.model
     names = args.methods.split(",")
+    try:  # from the config alone, before any weights load
+        config = model_config(spec)
+        methods = {name: method_config(name, config, args.segment_len, ()) for name in names}
+    except USER_ERRORS as err:
+        print(f"bench_fused_topk: {err}", file=sys.stderr)
+        return 2
+    if inexact := [name for name, m in methods.items() if not m.reading.topk or m.reading.index != "torch"
+                   or m.reading.chunk_size]:
+        print(f"bench_fused_topk: {', '.join(inexact)} do not read by exact top-k (reading.topk with index torch): "
+              "choose from memorizing_transformer, unimix, fot", file=sys.stderr)
+        return 2
+    set_threads(args.threads)
+    model = load_llm(spec)
     print(f"search alone (median of {5 * args.repeats} alternating runs)")
     for name in names:
         shape = search_shape(model, name, args.segment_len)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from unimem_bench.methods.config import Reading
-from unimem_bench.methods.engine.retrieval import FaissBank, chunk_keys, chunk_queries, topk_chunk_slots, topk_exact
+from unimem_bench.methods.engine.faiss_bank import FaissBank
+from unimem_bench.methods.engine.retrieval import chunk_keys, chunk_queries, topk_chunk_slots, topk_exact
 from unimem_bench.methods.engine.selection import SORT_MAX, kth_largest
 
 

@@ -31,8 +31,9 @@ from unimem_bench.harness.models.resolve import (
 )
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext, UniMemConfig
 from unimem_bench.methods.config import Reading
+from unimem_bench.methods.engine.faiss_bank import FaissBank
 from unimem_bench.methods.engine.memory import MemoryState
-from unimem_bench.methods.engine.retrieval import FaissBank, topk_exact
+from unimem_bench.methods.engine.retrieval import topk_exact
 
 PRELOAD = ("torch", "faiss", "rich.table", "transformers.models.llama.modeling_llama", "unimem_bench.harness.cli",
            "unimem_bench.methods")

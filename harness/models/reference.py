@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
 import tokenizers
 import torch
 import transformers
@@ -34,13 +33,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from unimem_bench.methods import cache
 from unimem_bench.tasks.data.corpora import read_stdlib_documents
 
 RECIPE_VERSION = "v1"
 """Names the cache folder; bump it whenever the default recipe or the build code changes what gets built."""
-
-CACHE_ENV = "UNIMEM_BENCH_CACHE"
-"""Environment variable that, when set, replaces the user cache directory as the cache root."""
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
@@ -110,11 +107,6 @@ def reference_config(recipe: ReferenceRecipe = ReferenceRecipe()) -> LlamaConfig
     )
 
 
-def _cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path(platformdirs.user_cache_dir("unimem-bench"))
-
-
 def reference_dir(cache_root: Path | None = None, *, recipe: ReferenceRecipe = ReferenceRecipe()) -> Path:
     """Folder of the reference model: ``<cache root>/reference-<RECIPE_VERSION>``; a non-default recipe gets a suffix
     from a hash of its fields so it never shadows the default. The cache root is ``cache_root``, else
@@ -123,7 +115,7 @@ def reference_dir(cache_root: Path | None = None, *, recipe: ReferenceRecipe = R
     if recipe != ReferenceRecipe():
         fields = json.dumps(dataclasses.asdict(recipe), sort_keys=True)
         name += "-" + hashlib.sha256(fields.encode("utf-8")).hexdigest()[:8]
-    return Path(cache_root if cache_root is not None else _cache_root()) / name
+    return Path(cache_root if cache_root is not None else cache.cache_root()) / name
 
 
 def build_reference(

@@ -10,7 +10,7 @@ products (summed in the dimension's order). Measured against the matmul-and-nump
 x2.66. With one thread the reference model's 1,280-slot searches are 0.89-0.94 of the numpy path's time.
 
 It is built by the system's C compiler (`$CC`, else `cc`) with `-O3 -march=native -fopenmp` into
-`<cache>/native/<hash>/` (the cache of the reference model: `$UNIMEM_BENCH_CACHE`, else the user cache folder),
+`<cache>/native/<hash>/` (`methods.cache`: `$UNIMEM_BENCH_CACHE`, else the user cache folder, as the reference model),
 keyed by the source, the compiler command and this CPU's flags, so a home folder shared by machines of different
 CPUs keeps one build each. Without a compiler, without SIMD (a build of SIMD width 1), on other devices, under
 autograd, or with `UNIMEM_BENCH_FUSED_TOPK=0`, `search` returns None and the caller's own path runs.
@@ -29,13 +29,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import platformdirs
 import torch
+
+from unimem_bench.methods.cache import cache_root
 
 SOURCE = Path(__file__).with_name("fused_topk.c")
 SWITCH_ENV = "UNIMEM_BENCH_FUSED_TOPK"
 """Set to 0 to keep every search on the matmul-and-numpy path (A/B timing, or a suspected kernel fault)."""
-CACHE_ENV = "UNIMEM_BENCH_CACHE"  # the reference model's cache root (harness.models.reference.CACHE_ENV)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 MIN_ROWS = 16
@@ -57,11 +57,12 @@ def cpu_signature() -> str:
     return "\n".join(sorted(set(wanted))) or f"{platform.machine()} {platform.processor()}"
 
 
-def build(cache_root: Path, compiler: str) -> Path | None:
-    """Compile the kernel into `cache_root` (once: a finished build is reused); None when the compiler fails."""
+def build(root: Path, compiler: str) -> Path | None:
+    """Compile the kernel into the cache folder `root` (once: a finished build is reused); None when the compiler
+    or the folder fails."""
     command = [*shlex.split(compiler), *FLAGS]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *command, cpu_signature()]).encode()).hexdigest()[:16]
-    target = cache_root / "native" / key / "fused_topk.so"
+    target = root / "native" / key / "fused_topk.so"
     if target.exists():
         return target
     try:  # a cache folder that cannot be written, or a compiler that fails, leaves the numpy path
@@ -91,9 +92,7 @@ def library() -> ctypes.CDLL | None:
     """The built kernel, loaded once per process; None when it cannot be built or has no SIMD. It is loaded after
     torch, so where torch ships GNU OpenMP (its Linux wheels) the kernel runs on torch's own OpenMP threads, which
     are awake after each op, instead of starting threads that would contend with them."""
-    root = os.environ.get(CACHE_ENV)
-    path = build(Path(root) if root else Path(platformdirs.user_cache_dir("unimem-bench")),
-                 os.environ.get("CC", "cc"))
+    path = build(cache_root(), os.environ.get("CC", "cc"))
     if path is None:
         return None
     try:

@@ -14,7 +14,7 @@ import torch
 
 from unimem_bench.methods.config import UniMemConfig
 from unimem_bench.methods.engine import budgets, eviction, slot_buffer, tier
-from unimem_bench.methods.engine.retrieval import FaissBank
+from unimem_bench.methods.engine.faiss_bank import FaissBank
 from unimem_bench.methods.engine.tier import pool_tokens
 from unimem_bench.methods.engine.usage import LayerUsage
 

@@ -22,13 +22,13 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 
 from unimem_bench.methods.config import ConfigError, UniMemConfig
 from unimem_bench.methods.engine.attention import ATTENTION_NAME, unimem_attention
+from unimem_bench.methods.engine.faiss_bank import FaissBank
 from unimem_bench.methods.engine.generation import generate
 from unimem_bench.methods.engine.hookable import check_hookable
 from unimem_bench.methods.engine.memory import LayerMemory, MemoryState
 from unimem_bench.methods.engine.memory_tokens import accumulate, initial_memory_embeddings
 from unimem_bench.methods.engine.output_memory import OutputReader
 from unimem_bench.methods.engine.plan import ContextCache, FusedKernel, build_plan, cached_context
-from unimem_bench.methods.engine.retrieval import FaissBank
 from unimem_bench.methods.engine.rotary_memo import RotaryMemo
 from unimem_bench.methods.engine.sampling import Sampling
 from unimem_bench.methods.engine.side_network import SideNetwork

@@ -233,9 +233,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     kernel = kernel or FusedKernel()
     r = config.reading
     i = torch.arange(query_start, query_start + n_query, device=device)  # [queries] input indices
-    # Window slots each query reaches, counted from the bank's end: all of them, or W - i when sliding.
-    reach = (torch.clamp(r.window - i, 0, plan.n_window) if r.sliding and not r.read_all
-             else torch.full_like(i, plan.n_window))
+    reach, (most, least) = window_reach(config, plan, i, query_start, query_start + n_query - 1)  # [queries]
     shift = None
     if config.position.sink_shift and plan.n_global and not plan.globals_in_bank:
         shift = plan.n_window - reach  # [queries] window slots the query skips
@@ -245,7 +243,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
     # no mask (`split_read`). Top-k, random slots, buckets and LRU keep the joined read and its mask.
     open_prefix = (not r.dilation_rates and query_start == 0 and shift is None and r.stride <= 1
                    and not (r.topk or r.random_slots or r.lsh_buckets or r.clusters)
-                   and config.management.eviction != "lru" and bool((reach == plan.n_window).all()))
+                   and config.management.eviction != "lru" and least == plan.n_window)
     if r.dilation_rates:
         mask = dilated_mask(config, state, plan, i, reach, dtype)
         dilated = dilated_keys(mask)
@@ -267,8 +265,7 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
     start = plan.n_global if plan.globals_in_bank else 0
     reach_end = plan.n_bank - reach  # [queries]: top-k reads the slots before the query's window reach
-    low, high = plan.n_bank - reach_bound(config, plan, query_start), plan.n_bank - reach_bound(
-        config, plan, query_start + n_query - 1)
+    low, high = plan.n_bank - most, plan.n_bank - least  # reach_end's extremes, known without reading it
     topk_end = reach_end if r.topk and high > start else None
     random, random_blocks, random_index, random_padded = random_reads(config, plan, state.segments, i, start)
     bucket_end = reach_end if (r.lsh_buckets or r.clusters) and high > start else None
@@ -289,11 +286,20 @@ def segment_context(config: UniMemConfig, layers: frozenset[int], state: MemoryS
                           bucket_end=bucket_end, end_bounds=(low, high), dense=dense, dilated=dilated, kernel=kernel)
 
 
-def reach_bound(config: UniMemConfig, plan: SegmentPlan, i: int) -> int:
-    """The window slots input index i reaches, as `segment_context`'s reach tensor holds them: the first query
-    reaches the most and the last the least (a sliding reach W - i falls as i grows)."""
+def window_reach(config: UniMemConfig, plan: SegmentPlan, i: torch.Tensor, first: int,
+                 last: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Window slots each query (input indices i [queries], from `first` to `last`) reaches, counted from the bank's
+    end: all of them, or W - i when sliding; and (most, least) of them, from `first` and `last` (a sliding reach
+    falls as i grows), so no caller reads them off the tensor (a host sync on a GPU)."""
     r = config.reading
-    return min(max(r.window - i, 0), plan.n_window) if r.sliding and not r.read_all else plan.n_window
+    if not r.sliding or r.read_all:
+        return torch.full_like(i, plan.n_window), (plan.n_window, plan.n_window)
+
+    def reach(at: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(r.window - at, 0, plan.n_window)
+
+    most, least = reach(torch.tensor([first, last])).tolist()  # on the CPU: no device sync
+    return reach(i), (most, least)
 
 
 def folded_random(plan: SegmentPlan, mask: torch.Tensor | None, random: torch.Tensor | None, start: int,
