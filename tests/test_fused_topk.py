@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from unimem_bench.methods.engine import fused_topk
+from unimem_bench.methods.engine import fused_topk, native
 from unimem_bench.methods.engine.retrieval import topk_exact
 
-pytestmark = pytest.mark.skipif(fused_topk.library() is None,
+pytestmark = pytest.mark.skipif(native.library() is None,
                                 reason="no C compiler here: the fused top-k kernel cannot be built")
 
 
@@ -112,28 +112,28 @@ def test_kernel_declines_what_the_caller_ranks_itself(monkeypatch):
 def test_build_is_cached_per_source_compiler_and_cpu(tmp_path: Path, monkeypatch):
     """One build per (source, compiler command, CPU): a second call reuses the file; another CPU signature builds
     anew beside it; a compiler that fails gives None (the numpy path), not an error."""
-    first = fused_topk.build(tmp_path, "cc")
+    first = native.build(tmp_path, "cc")
     assert first is not None and first.is_file()
     stamp = first.stat().st_mtime_ns
-    assert fused_topk.build(tmp_path, "cc") == first and first.stat().st_mtime_ns == stamp
-    monkeypatch.setattr(fused_topk, "cpu_signature", lambda: "flags: another cpu")
-    other = fused_topk.build(tmp_path, "cc")
+    assert native.build(tmp_path, "cc") == first and first.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(native, "cpu_signature", lambda: "flags: another cpu")
+    other = native.build(tmp_path, "cc")
     assert other is not None and other != first
-    assert fused_topk.build(tmp_path, str(tmp_path / "no-such-compiler")) is None
-    assert fused_topk.build(tmp_path, "cc -fno-such-flag") is None
+    assert native.build(tmp_path, str(tmp_path / "no-such-compiler")) is None
+    assert native.build(tmp_path, "cc -fno-such-flag") is None
     (tmp_path / "blocked").write_text("a file where the cache folder would be")
-    assert fused_topk.build(tmp_path / "blocked", "cc") is None
-    assert sorted(p.name for p in tmp_path.glob("native/*/*")) == ["fused_topk.so", "fused_topk.so"]
+    assert native.build(tmp_path / "blocked", "cc") is None
+    assert sorted(p.name for p in tmp_path.glob("native/*/*")) == [native.NAME, native.NAME]
 
 
 @pytest.mark.parametrize("flags,width", [("-mno-avx512f", 8), ("-mno-avx512f -mno-avx2 -mno-fma", 1)])
 def test_every_instruction_set_build_gives_the_same_picks(tmp_path: Path, monkeypatch, flags: str, width: int):
     """The AVX2 and plain-C builds (this machine's compiler told to leave out AVX-512, then AVX2) give the numpy
     path's picks and scores too; `library` would not load the plain one (slower than numpy), but it is correct."""
-    path = fused_topk.build(tmp_path, f"cc {flags}")
+    path = native.build(tmp_path, f"cc {flags}")
     if path is None:
         pytest.skip(f"this compiler does not take {flags} (not x86-64)")
-    lib = fused_topk.load(path)
+    lib = native.load(path)
     if lib.simd_width() != width:
         pytest.skip(f"{flags} gave a build of SIMD width {lib.simd_width()} here")
     for batch, heads, rows, n, dim, k in LAYOUTS[1:]:
@@ -141,7 +141,7 @@ def test_every_instruction_set_build_gives_the_same_picks(tmp_path: Path, monkey
         queries = torch.randn(batch, heads, rows, dim, generator=g)
         keys = torch.randn(batch, heads, n, dim, generator=g)
         limit = torch.randint(0, n + 5, (rows,), generator=g)
-        found = fused_topk.run(lib, queries, keys, k, limit, fused_topk.group_stride(keys))
+        found = fused_topk.run(lib, queries, keys, k, limit, native.group_stride(keys))
         assert found is not None
         expected = numpy_path(monkeypatch, queries, keys, k, limit)
         assert torch.equal(found[1], expected[1])

@@ -16,9 +16,9 @@ from unimem_bench.methods.engine.selection import SORT_MAX, kth_largest
 def search_path(request, monkeypatch) -> str:
     """Runs a test of `topk_exact` on both of its CPU paths: the native kernel (`fused_topk`, used from MIN_ROWS
     query rows a group; these tests have 24) and the matmul-and-numpy search (the kernel switched off)."""
-    from unimem_bench.methods.engine import fused_topk
+    from unimem_bench.methods.engine import fused_topk, native
 
-    if request.param == "fused" and fused_topk.library() is None:
+    if request.param == "fused" and native.library() is None:
         pytest.skip("no C compiler here: the fused top-k kernel cannot be built")
     monkeypatch.setenv(fused_topk.SWITCH_ENV, "1" if request.param == "fused" else "0")
     return request.param

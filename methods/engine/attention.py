@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from unimem_bench.methods.engine import buckets, budgets, eviction, pages, slot_buffer, split_read, tier
+from unimem_bench.methods.engine import buckets, budgets, eviction, pages, picked_read, slot_buffer, split_read, tier
 from unimem_bench.methods.engine.kernels import (
     attention_with_lse,
     prefix_causal_sdpa,
@@ -227,6 +227,8 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
     group = heads // kv_heads
     q = query.reshape(batch, kv_heads, group * seq, dim)  # [batch, kv_heads, group * seq, dim]
     end = ctx.topk_end.repeat(group)  # [group * seq]: q's rows are (group, seq) flattened
+    out_rows = out.reshape(batch, kv_heads, group * seq, dim)  # the local read, row for row with q
+    lse_rows = lse.reshape(batch, kv_heads, group * seq)
     lo, hi = ctx.topk_start, ctx.end_bounds[1]
     n = hi - lo
     r = ctx.config.reading
@@ -246,11 +248,17 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
                                     scores=rep, representatives=r.representatives,
                                     keyed=pages.cached_chunk_keys(ctx, mem))
         idx = idx.clamp(max=n - 1)  # found slots lie before each query's limit; the others are masked below
+        if ctx.plan.topk_place is None and (merged := picked_read.merge(
+                q, mem.keys, mem.values, idx.masked_fill(~hit, -1), lo, None, out_rows, lse_rows, scale)) is not None:
+            return merged.reshape(batch, heads, seq, dim)  # slots scored and read in one native pass
         picked_k = gather_slots(mem.keys, idx + lo)  # [batch, kv_heads, g*seq, k, dim]
         logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k).masked_fill(~hit, float("-inf"))
     else:
         logits, idx = topk_exact(q, mem.keys[:, :, lo:hi], k, limit=end - lo,
                                  lowest=max(0, ctx.end_bounds[0] - lo))
+    if ctx.plan.topk_place is None and (merged := picked_read.merge(
+            q, None, mem.values, idx, lo, logits, out_rows, lse_rows, scale)) is not None:
+        return merged.reshape(batch, heads, seq, dim)  # the picked values read and merged in one native pass
     # The exact search finds every slot it returns (idx >= 0), and its -inf logits stay -inf once scaled: without
     # NaN (masked to -inf as not found) nothing to mask. Off the CPU the mask is built anyway: checking for NaN
     # would be a host sync per layer call.
@@ -273,11 +281,11 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
     picked_v = gather_slots(mem.values, idx + lo)  # [batch, kv_heads, g*seq, k, dim]
     logits = logits * scale if found is None else (logits * scale).masked_fill(~found, float("-inf"))
     # One softmax over [out's keys ; the picked slots]: out's (finite) log-sum-exp stands for the first part.
-    joint = torch.cat([lse.to(logits.dtype).reshape(batch, kv_heads, group * seq, 1), logits], dim=-1)
+    joint = torch.cat([lse_rows.to(logits.dtype).unsqueeze(-1), logits], dim=-1)
     total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, g*seq, 1]
     probs = torch.exp(joint - total)  # [batch, kv_heads, g*seq, 1 + k]
     out_k = torch.einsum("bhqk,bhqkd->bhqd", probs[..., 1:], picked_v)  # [batch, kv_heads, g*seq, dim]
-    merged = out.reshape(batch, kv_heads, group * seq, dim) * probs[..., :1] + out_k
+    merged = out_rows * probs[..., :1] + out_k
     return merged.reshape(batch, heads, seq, dim)
 
 

@@ -4,39 +4,26 @@ The kernel scores a few query rows against a few keys at a time in SIMD register
 with its row's current k-th best, so the [rows x keys] score block never reaches memory and the selection reads
 no score twice. Picks, their order and the tie rule are `topk_exact`'s; the scores are the same float32 dot
 products (summed in the dimension's order). Measured against the matmul-and-numpy path in one process, 2 threads
-(`benchmarks/bench_fused_topk.py`): FoT's search on the 62M model ([8 KV heads x 128 queries x 8,192 slots, dim
+(`benchmarks/bench_native.py`): FoT's search on the 62M model ([8 KV heads x 128 queries x 8,192 slots, dim
 64], k = 32) 13.9 -> 5.8 ms, Memorizing Transformer's on the reference model ([2 x 256 x 1,280], dim 40) 1.60 ->
 0.92 ms; per token, FoT on the 62M model x1.61 -> x1.36 vanilla at 16K tokens, on the reference model x4.15 ->
 x2.66. With one thread the reference model's 1,280-slot searches are 0.89-0.94 of the numpy path's time.
 
-It is built by the system's C compiler (`$CC`, else `cc`) with `-O3 -march=native -fopenmp` into
-`<cache>/native/<hash>/` (`methods.cache`: `$UNIMEM_BENCH_CACHE`, else the user cache folder, as the reference model),
-keyed by the source, the compiler command and this CPU's flags, so a home folder shared by machines of different
-CPUs keeps one build each. Without a compiler, without SIMD (a build of SIMD width 1), on other devices, under
-autograd, or with `UNIMEM_BENCH_FUSED_TOPK=0`, `search` returns None and the caller's own path runs.
+It is built with the other native kernels (`native`). Without a compiler, without SIMD, on other devices,
+under autograd, or with `UNIMEM_BENCH_FUSED_TOPK=0`, `search` returns None and the caller's own path runs.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import logging
 import os
-import platform
-import shlex
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-from unimem_bench.methods.cache import cache_root
+from unimem_bench.methods.engine import native
 
-SOURCE = Path(__file__).with_name("fused_topk.c")
 SWITCH_ENV = "UNIMEM_BENCH_FUSED_TOPK"
 """Set to 0 to keep every search on the matmul-and-numpy path (A/B timing, or a suspected kernel fault)."""
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 MIN_ROWS = 16
 """Query rows per (batch row, KV head) from which the kernel is used: a register block holds 64 rows (AVX-512), so
@@ -44,76 +31,10 @@ fewer waste its lanes. At 8,192 slots, dim 64, k = 32 (8 KV heads): 1, 2, 4, 8, 
 2.04 ms against the numpy path's 0.79, 0.76, 1.14, 1.95, 2.11 (at 1,280 slots, dim 40 the kernel was as fast or
 faster at every row count)."""
 
-log = logging.getLogger(__name__)
-
-
-def cpu_signature() -> str:
-    """This CPU's model and instruction-set flags (Linux), else what `platform` knows: `-march=native` builds for it."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
-    return "\n".join(sorted(set(wanted))) or f"{platform.machine()} {platform.processor()}"
-
-
-def build(root: Path, compiler: str) -> Path | None:
-    """Compile the kernel into the cache folder `root` (once: a finished build is reused); None when the compiler
-    or the folder fails."""
-    command = [*shlex.split(compiler), *FLAGS]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *command, cpu_signature()]).encode()).hexdigest()[:16]
-    target = root / "native" / key / "fused_topk.so"
-    if target.exists():
-        return target
-    try:  # a cache folder that cannot be written, or a compiler that fails, leaves the numpy path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            subprocess.run([*command, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
-            os.replace(built, target)  # atomic: a concurrent process sees no half-written library
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", "") or str(error)
-        log.info("fused top-k kernel not built (%s): the numpy path runs. %s", compiler, detail.strip()[:500])
-        return None
-    return target
-
-
-def load(path: Path) -> ctypes.CDLL:
-    """A built kernel, its entry point typed."""
-    lib = ctypes.CDLL(str(path))
-    size, pointer = ctypes.c_int64, ctypes.c_void_p
-    lib.topk_inner_products.restype = ctypes.c_int
-    lib.topk_inner_products.argtypes = [pointer, pointer, *[size] * 8, pointer, size, pointer, pointer, size]
-    return lib
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The built kernel, loaded once per process; None when it cannot be built or has no SIMD. It is loaded after
-    torch, so where torch ships GNU OpenMP (its Linux wheels) the kernel runs on torch's own OpenMP threads, which
-    are awake after each op, instead of starting threads that would contend with them."""
-    path = build(cache_root(), os.environ.get("CC", "cc"))
-    if path is None:
-        return None
-    try:
-        lib = load(path)
-    except OSError as error:  # e.g. its OpenMP runtime missing where it runs
-        log.info("fused top-k kernel not loaded: the numpy path runs. %s", error)
-        return None
-    return lib if lib.simd_width() >= 8 else None  # plain C: slower than the numpy path
-
 
 def enabled() -> bool:
     """False when `UNIMEM_BENCH_FUSED_TOPK=0`."""
     return os.environ.get(SWITCH_ENV, "1") != "0"
-
-
-def group_stride(keys: torch.Tensor) -> int | None:
-    """The element stride between keys' (batch row, KV head) groups taken in order, or None when it is not one."""
-    batch, heads = keys.shape[:2]
-    if heads == 1 or batch == 1:
-        return keys.stride(0 if heads == 1 else 1)
-    return keys.stride(1) if keys.stride(0) == heads * keys.stride(1) else None
 
 
 def search(queries: torch.Tensor, keys: torch.Tensor, k: int,
@@ -128,8 +49,8 @@ def search(queries: torch.Tensor, keys: torch.Tensor, k: int,
             and queries.dtype == keys.dtype == torch.float32 and not queries.requires_grad and not keys.requires_grad
             and rows >= MIN_ROWS and 0 < k < n < 2**31 and keys.stride(-1) == 1):
         return None
-    stride = group_stride(keys)
-    lib = library()
+    stride = native.group_stride(keys)
+    lib = native.library()
     if lib is None or stride is None:
         return None
     return run(lib, queries, keys, k, limit, stride)

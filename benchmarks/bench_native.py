@@ -1,13 +1,16 @@
-"""The fused top-k kernel against the matmul-and-numpy search, in one process: alone, then inside methods' runs.
+"""The native kernels against the matmul-and-numpy search and the PyTorch read, in one process: the search alone,
+then inside methods' runs.
 
-    python benchmarks/bench_fused_topk.py [--model PATH | --random-model 62m] [--methods fot,memorizing_transformer]
-                                          [--length 16384] [--segment-len 128] [--repeats 4] [--threads 2]
+    python benchmarks/bench_native.py [--model PATH | --random-model 62m] [--methods fot,memorizing_transformer]
+                                      [--length 16384] [--segment-len 128] [--repeats 4] [--threads 2]
 
 Part 1 times `retrieval.topk_exact` on each method's own search shape (its KV heads, its queries a segment, its
-full memory, its k) with the kernel (`fused_topk`) and without (`UNIMEM_BENCH_FUSED_TOPK=0`), alternating, and
-checks that both give the same picks. Part 2 scores one random document per method three ways, vanilla, the
-method without the kernel and with it, in alternating order `--repeats` times: medians of the per-token time and
-each variant's ratio to vanilla. Both variants run in this process, so the ratio compares runs taken side by side.
+full memory, its k) with the fused top-k kernel (`fused_topk`) and without (`UNIMEM_BENCH_FUSED_TOPK=0`),
+alternating, and checks that both give the same picks. Part 2 scores one random document per method four ways:
+vanilla; the method on the numpy search and the PyTorch read (both kernels off); with the fused search only; with
+the fused search and the native read of the picked slots (`picked_read`, the engine's default on CPU), in
+alternating order `--repeats` times: medians of the per-token time and each variant's ratio to vanilla. All run in
+this process, so the ratios compare runs taken side by side.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import torch
 from methodbench.measure import PREFIX, load_llm, method_config, model_config, random_doc, run_score, set_threads
 
 from unimem_bench.harness.cli.app import USER_ERRORS
-from unimem_bench.methods.engine import fused_topk
+from unimem_bench.methods.engine import fused_topk, native, picked_read
 from unimem_bench.methods.engine.retrieval import topk_exact
 
 
-def switched(on: bool) -> None:
-    os.environ[fused_topk.SWITCH_ENV] = "1" if on else "0"
+def switched(search: bool, read: bool = False) -> None:
+    """The fused search and the native read on or off for what runs next."""
+    os.environ[fused_topk.SWITCH_ENV] = "1" if search else "0"
+    os.environ[picked_read.SWITCH_ENV] = "1" if read else "0"
 
 
 def search_shape(model: torch.nn.Module, name: str, segment_len: int) -> tuple[int, int, int, int, int]:
@@ -65,8 +70,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if fused_topk.library() is None:
-        print("bench_fused_topk: the kernel cannot be built here (no C compiler, or no SIMD): nothing to compare; "
+    if native.library() is None:
+        print("bench_native: the kernels cannot be built here (no C compiler, or no SIMD): nothing to compare; "
               "install a C compiler (cc) with OpenMP", file=sys.stderr)
         return 2
     spec = PREFIX + args.random_model if args.random_model else args.model
@@ -75,11 +80,11 @@ def main() -> int:
         config = model_config(spec)
         methods = {name: method_config(name, config, args.segment_len, ()) for name in names}
     except USER_ERRORS as err:
-        print(f"bench_fused_topk: {err}", file=sys.stderr)
+        print(f"bench_native: {err}", file=sys.stderr)
         return 2
     if inexact := [name for name, m in methods.items() if not m.reading.topk or m.reading.index != "torch"
                    or m.reading.chunk_size]:
-        print(f"bench_fused_topk: {', '.join(inexact)} do not read by exact top-k (reading.topk with index torch): "
+        print(f"bench_native: {', '.join(inexact)} do not read by exact top-k (reading.topk with index torch): "
               "choose from memorizing_transformer, unimix, fot", file=sys.stderr)
         return 2
     set_threads(args.threads)
@@ -98,15 +103,16 @@ def main() -> int:
         method = method_config(name, model.config, args.segment_len, ())
         for config in (vanilla, method):  # warm-up: both reading paths run once before anything is timed
             run_score(model, config, args.segment_len, doc[:2 * args.segment_len + 1])
-        runs: dict[str, list[float]] = {"vanilla": [], "numpy": [], "fused": []}
-        order = [("vanilla", vanilla, True), ("numpy", method, False), ("fused", method, True)]
+        order = [("vanilla", vanilla, (True, True)), ("no kernels", method, (False, False)),
+                 ("fused search", method, (True, False)), ("+ native read", method, (True, True))]
+        runs: dict[str, list[float]] = {role: [] for role, _, _ in order}
         for r in range(args.repeats):
             for role, config, on in order if r % 2 == 0 else order[::-1]:
-                switched(on)
+                switched(*on)
                 runs[role].append(run_score(model, config, args.segment_len, doc)[0] * 1e6 / args.length)
         us = {role: statistics.median(times) for role, times in runs.items()}
-        print(f"  {name:24s} vanilla {us['vanilla']:.0f} us, numpy {us['numpy']:.0f} us "
-              f"(x{us['numpy'] / us['vanilla']:.2f}), fused {us['fused']:.0f} us (x{us['fused'] / us['vanilla']:.2f})")
+        print(f"  {name:24s} vanilla {us['vanilla']:.0f} us, " + ", ".join(
+            f"{role} {us[role]:.0f} us (x{us[role] / us['vanilla']:.2f})" for role, _, _ in order[1:]))
     return 0
 
 

@@ -1,0 +1,79 @@
+"""The softmax read of each query's picked memory slots, merged into the local attention's output, as one native
+pass (`picked_read.c`, built with the other native kernels by `native`).
+
+`attention.merge_topk` reads the slots a search picked (top-k, chunks, faiss) by gathering their values (and, for
+chunks, their keys) into [rows x k x dim] blocks and merging by log-sum-exp in several PyTorch ops. The kernel reads
+each picked slot's value (and key) straight from the bank, row by row, and writes only the merged output. Its result
+is the PyTorch path's up to float32 rounding (a different order of sums; tests/test_picked_read.py against that path
+and a float64 reference). On other devices, under autograd, for other dtypes, without a compiler or with
+`UNIMEM_BENCH_PICKED_READ=0`, `merge` returns None and the caller's PyTorch path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from unimem_bench.methods.engine import native
+
+SWITCH_ENV = "UNIMEM_BENCH_PICKED_READ"
+"""Set to 0 to keep every picked-slot read on the PyTorch path (A/B timing, or a suspected kernel fault)."""
+
+MAX_SCRATCH = 16384
+"""Floats of scratch a thread keeps on its stack (k scores and a dim-wide accumulator): 64 KiB, far inside an
+OpenMP thread's stack; wider reads stay on the PyTorch path."""
+
+
+def enabled() -> bool:
+    """False when `UNIMEM_BENCH_PICKED_READ=0`."""
+    return os.environ.get(SWITCH_ENV, "1") != "0"
+
+
+def merge(queries: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor, slots: torch.Tensor, offset: int,
+          logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """One softmax over each query's local keys (`out`, `lse`) and its picked bank slots.
+
+    queries [batch, kv_heads, q, dim]; keys, values: banks [batch, kv_heads, n, dim] (keys only read when `logits`
+    is None); slots [batch, kv_heads, q, k]: slot `offset + slots` of the bank, < 0 for none; logits [batch,
+    kv_heads, q, k]: the slots' raw inner products, or None to score them here; out [batch, kv_heads, q, dim] and
+    lse [batch, kv_heads, q]: the local attention's output and log-sum-exp (scaled). A slot without a key, or of
+    NaN or -inf logit, takes no weight. Returns the merged output [batch, kv_heads, q, dim], or None where the
+    kernel does not apply (module docstring).
+    """
+    batch, heads, rows, dim = queries.shape
+    k = slots.shape[-1]
+    tensors = [t for t in (queries, keys, values, logits, out, lse) if t is not None]
+    banks = [values] if keys is None else [keys, values]
+    if not (enabled() and scale > 0 and k + dim <= MAX_SCRATCH and slots.dtype == torch.int64
+            and slots.device.type == "cpu" and all(t.device.type == "cpu" and t.dtype == torch.float32
+                                                   and not t.requires_grad for t in tensors)
+            and all(bank.stride(-1) == 1 and native.group_stride(bank) is not None for bank in banks)):
+        return None
+    lib = native.library()
+    if lib is None or not _in_bank(slots, offset, values.shape[2]):
+        return None
+    return run(lib, queries, keys, values, slots, offset, logits, out, lse, scale)
+
+
+def run(lib: ctypes.CDLL, queries: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor,
+        slots: torch.Tensor, offset: int, logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+        scale: float) -> torch.Tensor:
+    """One call of the kernel `lib` (`merge` has checked the inputs)."""
+    batch, heads, rows, dim = queries.shape
+    merged = torch.empty(batch, heads, rows, dim)
+    q, picks, lse_rows = queries.contiguous(), slots.contiguous(), lse.contiguous()  # [b, kv, q, dim], [b, kv, q, k]
+    local = out.contiguous()  # [batch, kv_heads, q, dim]
+    given = None if logits is None else logits.contiguous()  # [batch, kv_heads, q, k]
+    key_group, key_row = (0, 0) if keys is None else (native.group_stride(keys), keys.stride(2))
+    lib.read_picked(q.data_ptr(), None if keys is None else keys.data_ptr(), values.data_ptr(), key_group, key_row,
+                    native.group_stride(values), values.stride(2), picks.data_ptr(),
+                    None if given is None else given.data_ptr(), local.data_ptr(), lse_rows.data_ptr(),
+                    merged.data_ptr(), batch * heads, rows, slots.shape[-1], dim, offset, scale,
+                    torch.get_num_threads())
+    return merged
+
+def _in_bank(slots: torch.Tensor, offset: int, n: int) -> bool:
+    """Every slot to read (>= 0) lies in the bank: the kernel reads without bounds checks."""
+    return not slots.numel() or (offset >= 0 and int(slots.max()) + offset < n)

@@ -1,0 +1,165 @@
+"""The native read of picked memory slots (`picked_read`): the PyTorch path's merged output and a float64
+reference's, for given logits and for slots scored against the bank, over strided banks, missing slots, -inf and
+NaN logits; the engine's top-k and chunk reads the same with the kernel and without; what it declines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import random_docs, tiny_llama
+
+from unimem_bench.methods import METHODS, MemoryLM, MethodContext
+from unimem_bench.methods.engine import native, picked_read
+
+pytestmark = pytest.mark.skipif(native.library() is None,
+                                reason="no C compiler here: the native kernels cannot be built")
+
+
+def reference(queries, keys, values, slots, offset, logits, out, lse, scale):
+    """float64, one query row at a time: softmax over [the local log-sum-exp; the found slots' scaled logits]."""
+    batch, heads, rows, dim = queries.shape
+    merged = torch.empty(batch, heads, rows, dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(rows):
+                parts = [(lse[b, h, i].double(), out[b, h, i].double())]
+                for j, slot in enumerate(slots[b, h, i].tolist()):
+                    if slot < 0:
+                        continue
+                    raw = (logits[b, h, i, j].double() if logits is not None
+                           else queries[b, h, i].double() @ keys[b, h, slot + offset].double())
+                    if bool(torch.isnan(raw)) or raw == float("-inf"):
+                        continue
+                    parts.append((raw * scale, values[b, h, slot + offset].double()))
+                weights = torch.softmax(torch.stack([p[0] for p in parts]), dim=0)
+                merged[b, h, i] = sum(w * v for w, (_, v) in zip(weights, parts, strict=True))
+    return merged
+
+
+def torch_path(queries, keys, values, slots, offset, logits, out, lse, scale):
+    """`attention.merge_topk`'s PyTorch merge of the same inputs, in float32."""
+    found = slots >= 0
+    idx = slots.clamp(min=0) + offset
+    picked_v = torch.stack([values[b, h][idx[b, h]] for b in range(idx.shape[0]) for h in range(idx.shape[1])])
+    picked_v = picked_v.view(*idx.shape, -1)  # [batch, kv_heads, q, k, dim]
+    if logits is None:
+        picked_k = torch.stack([keys[b, h][idx[b, h]] for b in range(idx.shape[0]) for h in range(idx.shape[1])])
+        logits = torch.einsum("bhqd,bhqkd->bhqk", queries, picked_k.view(*idx.shape, -1))
+    found = found & (logits > float("-inf"))
+    scaled = (logits * scale).masked_fill(~found, float("-inf"))
+    joint = torch.cat([lse.unsqueeze(-1), scaled], dim=-1)
+    probs = torch.exp(joint - joint.logsumexp(-1, keepdim=True))
+    return out * probs[..., :1] + torch.einsum("bhqk,bhqkd->bhqd", probs[..., 1:], picked_v)
+
+
+def inputs(batch: int, heads: int, rows: int, n: int, dim: int, k: int, seed: int):
+    """Random inputs: banks as views into a wider buffer (slots from 3 on), a quarter of the slots missing, some
+    logits -inf or NaN."""
+    g = torch.Generator().manual_seed(seed)
+    buffer = torch.randn(batch, heads, n + 5, dim, generator=g)
+    keys = buffer[:, :, 3:3 + n]  # [batch, kv_heads, n, dim], strided
+    values = torch.randn(batch, heads, n + 5, dim, generator=g)[:, :, 3:3 + n]
+    queries = torch.randn(batch, heads, rows, dim, generator=g)
+    offset = 2
+    slots = torch.randint(0, n - offset, (batch, heads, rows, k), generator=g)
+    slots[torch.rand(slots.shape, generator=g) < 0.25] = -1
+    logits = torch.randn(batch, heads, rows, k, generator=g) * 3
+    logits[torch.rand(logits.shape, generator=g) < 0.1] = float("-inf")
+    logits[torch.rand(logits.shape, generator=g) < 0.05] = float("nan")
+    out = torch.randn(batch, heads, rows, dim, generator=g)
+    lse = torch.randn(batch, heads, rows, generator=g) * 2
+    return queries, keys, values, slots, offset, logits, out, lse
+
+
+# (batch, kv_heads, query rows, slots, dim, k): Memorizing Transformer's reference-model shape scaled down, LongMem's
+# chunk read (k = 8 slots of 2 chunks), one KV head over three batch rows, a row of one slot, dim past 64
+LAYOUTS = [(1, 2, 24, 300, 40, 32), (2, 3, 7, 50, 16, 8), (3, 1, 5, 40, 8, 1), (1, 1, 3, 20, 130, 4)]
+
+
+@pytest.mark.parametrize("scored", [False, True], ids=["logits given", "scored here"])
+@pytest.mark.parametrize("batch,heads,rows,n,dim,k", LAYOUTS)
+def test_read_equals_the_torch_path_and_a_float64_reference(scored, batch, heads, rows, n, dim, k):
+    queries, keys, values, slots, offset, logits, out, lse = inputs(batch, heads, rows, n, dim, k, n + k)
+    given = None if scored else logits
+    got = picked_read.merge(queries, keys if scored else None, values, slots, offset, given, out, lse, 0.3)
+    assert got is not None, "the kernel declined a read it should run"
+    expected = reference(queries, keys, values, slots, offset, given, out, lse, 0.3)
+    torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got, torch_path(queries, keys, values, slots, offset, given, out, lse, 0.3),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_rows_without_a_found_slot_keep_the_local_read():
+    queries, keys, values, slots, offset, logits, out, lse = inputs(1, 2, 6, 30, 8, 4, 1)
+    slots[:, :, :3] = -1
+    logits[:, :, 3:] = float("-inf")
+    got = picked_read.merge(queries, None, values, slots, offset, logits, out, lse, 0.5)
+    assert got is not None and torch.equal(got, out)
+
+
+def test_read_is_stable_for_logits_far_above_the_local_log_sum_exp():
+    """Logits of about 500 beside a local log-sum-exp of about 0: exp overflows float32 unless shifted by the
+    maximum, as a softmax must be."""
+    queries, keys, values, slots, offset, logits, out, lse = inputs(1, 2, 6, 30, 8, 4, 3)
+    logits = logits.nan_to_num(nan=0.0, neginf=0.0) + 500
+    got = picked_read.merge(queries, None, values, slots, offset, logits, out, lse, 1.0)
+    assert got is not None and bool(got.isfinite().all())
+    expected = reference(queries, keys, values, slots, offset, logits, out, lse, 1.0)
+    torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+def test_read_declines_what_the_caller_reads_itself(monkeypatch):
+    queries, keys, values, slots, offset, logits, out, lse = inputs(1, 2, 6, 30, 8, 4, 2)
+    args = (queries, None, values, slots, offset, logits, out, lse)
+    assert picked_read.merge(*args, 0.5) is not None
+    assert picked_read.merge(*args, 0.0) is None  # scale <= 0: -inf logits would not stay -inf
+    assert picked_read.merge(queries.double(), None, values.double(), slots, offset, logits.double(), out.double(),
+                             lse.double(), 0.5) is None
+    assert picked_read.merge(queries, None, values, slots, offset, logits.requires_grad_(), out, lse, 0.5) is None
+    too_far = slots.clone()
+    too_far[0, 0, 0, 0] = values.shape[2] - offset  # one past the bank: the kernel does not check bounds
+    assert picked_read.merge(queries, None, values, too_far, offset, logits.detach(), out, lse, 0.5) is None
+    monkeypatch.setenv(picked_read.SWITCH_ENV, "0")
+    assert picked_read.merge(queries, None, values, slots, offset, logits.detach(), out, lse, 0.5) is None
+
+
+@pytest.mark.parametrize("flags,width", [("-mno-avx512f", 8), ("-mno-avx512f -mno-avx2 -mno-fma", 1)])
+def test_every_instruction_set_build_reads_the_same(tmp_path: Path, flags: str, width: int):
+    path = native.build(tmp_path, f"cc {flags}")
+    if path is None:
+        pytest.skip(f"this compiler does not take {flags} (not x86-64)")
+    lib = native.load(path)
+    if lib.simd_width() != width:
+        pytest.skip(f"{flags} gave a build of SIMD width {lib.simd_width()} here")
+    for batch, heads, rows, n, dim, k in LAYOUTS:
+        queries, keys, values, slots, offset, logits, out, lse = inputs(batch, heads, rows, n, dim, k, n)
+        got = picked_read.run(lib, queries, keys, values, slots, offset, None, out, lse, 0.3)
+        expected = reference(queries, keys, values, slots, offset, None, out, lse, 0.3)
+        torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "overrides"), [
+    ("memorizing_transformer", []),
+    ("memorizing_transformer", ["reading.index=faiss-flat"]),
+    ("unimix", []),
+    ("memorizing_transformer", ["reading.chunk_size=4"]),
+    ("memorizing_transformer", ["reading.chunk_size=4", "reading.chunk_key=bounds"]),
+])
+def test_engine_reads_are_the_same_with_the_kernel_and_without(monkeypatch, one_thread, name, overrides):
+    """Every merge_topk read through the kernel against the PyTorch path, scored end to end (top-k by torch and
+    faiss, chunks by mean and bounds keys); the kernel must have run."""
+    model = tiny_llama()
+    docs = random_docs([70, 53])
+    config = METHODS.get(name).config(MethodContext(2, 8, 256), ["management.size=40", *overrides])
+    merge, reads = picked_read.merge, []
+    monkeypatch.setattr(picked_read, "merge", lambda *args: reads.append(merge(*args)) or reads[-1])
+    scores = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv(picked_read.SWITCH_ENV, on)
+        with MemoryLM(model, config, segment_len=8) as lm:
+            scores[on] = torch.cat(lm.score(docs))
+        if on == "1":
+            assert reads and all(r is not None for r in reads), "the kernel did not read"
+    torch.testing.assert_close(scores["1"], scores["0"], atol=1e-5, rtol=1e-5)
