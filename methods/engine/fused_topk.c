@@ -306,15 +306,18 @@ static int search_rows(const search *s, int64_t g, int64_t r0, int64_t r1, scrat
 
 /* Work items: groups, each split into per_group row spans of at most SPAN rows. */
 static int search_items(const search *s, int64_t first, int64_t step, int64_t items) {
-    int64_t span = (s->rows + s->per_group - 1) / s->per_group;
+    /* Spans of whole register blocks where the last span, which takes the rest, stays within SPAN: 264 rows in
+       two spans of 132 made six blocks of 64 lanes, the last two with 4 live rows; 128 + 136 make five. */
+    int64_t span = (s->rows + s->per_group - 1) / s->per_group, whole = span / QB * QB;
+    if (whole > 0 && s->rows - (s->per_group - 1) * whole <= SPAN) span = whole;
     scratch w = {malloc(sizeof(float) * SPAN * s->d), malloc(sizeof(float) * SPAN * s->cap),
                  malloc(sizeof(int32_t) * SPAN * s->cap), malloc(sizeof(int64_t) * SPAN),
                  malloc(sizeof(int64_t) * SPAN), malloc(sizeof(float) * SPAN), malloc(sizeof(int32_t) * 3 * s->cap)};
     int failed = !w.packed || !w.scores || !w.index || !w.counts || !w.lim || !w.thr || !w.tmp;
     for (int64_t item = first; item < items && !failed; item += step) {
         int64_t g = item / s->per_group, r0 = item % s->per_group * span;
-        int64_t r1 = r0 + span < s->rows ? r0 + span : s->rows;
-        failed |= search_rows(s, g, r0, r1, &w);
+        int64_t r1 = item % s->per_group == s->per_group - 1 || r0 + span > s->rows ? s->rows : r0 + span;
+        if (r0 < r1) failed |= search_rows(s, g, r0, r1, &w);
     }
     free(w.packed);
     free(w.scores);
