@@ -5,9 +5,9 @@ with its row's current k-th best, so the [rows x keys] score block never reaches
 no score twice. Picks, their order and the tie rule are `topk_exact`'s; the scores are the same float32 dot
 products (summed in the dimension's order). Measured against the matmul-and-numpy path in one process, 2 threads
 (`benchmarks/bench_native.py`): FoT's search on the 62M model ([8 KV heads x 128 queries x 8,192 slots, dim
-64], k = 32) 13.9 -> 5.8 ms, Memorizing Transformer's on the reference model ([2 x 256 x 1,280], dim 40) 1.60 ->
-0.92 ms; per token, FoT on the 62M model x1.61 -> x1.36 vanilla at 16K tokens, on the reference model x4.15 ->
-x2.66. With one thread the reference model's 1,280-slot searches are 0.89-0.94 of the numpy path's time.
+64], k = 32) 13.9 -> 5.8 ms, Memorizing Transformer's on the reference model ([2 x 256 x 1,280], dim 40) 1.28 ->
+0.65 ms (one thread 1.56 -> 1.19); per token, FoT on the 62M model x1.61 -> x1.36 vanilla at 16K tokens, on the
+reference model x4.03 -> x2.48.
 
 It is built with the other native kernels (`native`). Without a compiler, without SIMD, on other devices,
 under autograd, or with `UNIMEM_BENCH_FUSED_TOPK=0`, `search` returns None and the caller's own path runs.

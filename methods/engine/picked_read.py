@@ -5,8 +5,12 @@ pass (`picked_read.c`, built with the other native kernels by `native`).
 chunks, their keys) into [rows x k x dim] blocks and merging by log-sum-exp in several PyTorch ops. The kernel reads
 each picked slot's value (and key) straight from the bank, row by row, and writes only the merged output. Its result
 is the PyTorch path's up to float32 rounding (a different order of sums; tests/test_picked_read.py against that path
-and a float64 reference). On other devices, under autograd, for other dtypes, without a compiler or with
-`UNIMEM_BENCH_PICKED_READ=0`, `merge` returns None and the caller's PyTorch path runs.
+and a float64 reference). Measured in one process (`benchmarks/bench_native.py`, reference model, 16K tokens, 2
+threads): per token memorizing_transformer x1.58 -> x1.47 vanilla, unimix x1.61 -> x1.49, fot x2.48 -> x2.26 (one
+thread x1.75 -> x1.57, x1.49 -> x1.40, x2.85 -> x2.66); a chunk read of 32 slots for 4 x 512 query rows at head dim
+64 about 3.4 ms against 10 for the gathers, product and merge in PyTorch (one thread). On other devices, under
+autograd, for other dtypes, without a compiler or with `UNIMEM_BENCH_PICKED_READ=0`, `merge` returns None and the
+caller's PyTorch path runs.
 """
 
 from __future__ import annotations
