@@ -110,3 +110,20 @@ def sweep_results_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="session", params=[("-mno-avx512f", 8), ("-mno-avx512f -mno-avx2 -mno-fma", 1)],
+                ids=["avx2", "plain-c"])
+def instruction_set_build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The native kernels built by this machine's compiler told to leave out AVX-512, then AVX2 (SIMD width 8, then
+    1), loaded; skips where the compiler does not take the flags or gives another width (not x86-64)."""
+    from unimem_bench.methods.engine import native
+
+    flags, width = request.param
+    path = native.build(tmp_path_factory.mktemp("native"), f"cc {flags}")
+    if path is None:
+        pytest.skip(f"this compiler does not take {flags} (not x86-64)")
+    lib = native.load(path)
+    if lib.simd_width() != width:
+        pytest.skip(f"{flags} gave a build of SIMD width {lib.simd_width()} here")
+    return lib

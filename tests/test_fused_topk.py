@@ -126,16 +126,10 @@ def test_build_is_cached_per_source_compiler_and_cpu(tmp_path: Path, monkeypatch
     assert sorted(p.name for p in tmp_path.glob("native/*/*")) == [native.NAME, native.NAME]
 
 
-@pytest.mark.parametrize("flags,width", [("-mno-avx512f", 8), ("-mno-avx512f -mno-avx2 -mno-fma", 1)])
-def test_every_instruction_set_build_gives_the_same_picks(tmp_path: Path, monkeypatch, flags: str, width: int):
-    """The AVX2 and plain-C builds (this machine's compiler told to leave out AVX-512, then AVX2) give the numpy
-    path's picks and scores too; `library` would not load the plain one (slower than numpy), but it is correct."""
-    path = native.build(tmp_path, f"cc {flags}")
-    if path is None:
-        pytest.skip(f"this compiler does not take {flags} (not x86-64)")
-    lib = native.load(path)
-    if lib.simd_width() != width:
-        pytest.skip(f"{flags} gave a build of SIMD width {lib.simd_width()} here")
+def test_every_instruction_set_build_gives_the_same_picks(monkeypatch, instruction_set_build):
+    """The AVX2 and plain-C builds give the numpy path's picks and scores too; `native.library` would not load the
+    plain one (slower than numpy), but it is correct."""
+    lib = instruction_set_build
     for batch, heads, rows, n, dim, k in LAYOUTS[1:]:
         g = torch.Generator().manual_seed(n)
         queries = torch.randn(batch, heads, rows, dim, generator=g)

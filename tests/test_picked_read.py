@@ -4,8 +4,6 @@ NaN logits; the engine's top-k and chunk reads the same with the kernel and with
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from helpers import random_docs, tiny_llama
@@ -125,14 +123,8 @@ def test_read_declines_what_the_caller_reads_itself(monkeypatch):
     assert picked_read.merge(queries, None, values, slots, offset, logits.detach(), out, lse, 0.5) is None
 
 
-@pytest.mark.parametrize("flags,width", [("-mno-avx512f", 8), ("-mno-avx512f -mno-avx2 -mno-fma", 1)])
-def test_every_instruction_set_build_reads_the_same(tmp_path: Path, flags: str, width: int):
-    path = native.build(tmp_path, f"cc {flags}")
-    if path is None:
-        pytest.skip(f"this compiler does not take {flags} (not x86-64)")
-    lib = native.load(path)
-    if lib.simd_width() != width:
-        pytest.skip(f"{flags} gave a build of SIMD width {lib.simd_width()} here")
+def test_every_instruction_set_build_reads_the_same(instruction_set_build):
+    lib = instruction_set_build
     for batch, heads, rows, n, dim, k in LAYOUTS:
         queries, keys, values, slots, offset, logits, out, lse = inputs(batch, heads, rows, n, dim, k, n)
         got = picked_read.run(lib, queries, keys, values, slots, offset, None, out, lse, 0.3)
