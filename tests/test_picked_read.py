@@ -22,7 +22,7 @@ def reference(queries, keys, values, slots, offset, logits, out, lse, scale):
     for b in range(batch):
         for h in range(heads):
             for i in range(rows):
-                parts = [(lse[b, h, i].double(), out[b, h, i].double())]
+                parts = [] if lse is None else [(lse[b, h, i].double(), out[b, h, i].double())]
                 for j, slot in enumerate(slots[b, h, i].tolist()):
                     if slot < 0:
                         continue
@@ -80,13 +80,20 @@ LAYOUTS = [(1, 2, 24, 300, 40, 32), (2, 3, 7, 50, 16, 8), (3, 1, 5, 40, 8, 1), (
 @pytest.mark.parametrize("batch,heads,rows,n,dim,k", LAYOUTS)
 def test_read_equals_the_torch_path_and_a_float64_reference(scored, batch, heads, rows, n, dim, k):
     queries, keys, values, slots, offset, logits, out, lse = inputs(batch, heads, rows, n, dim, k, n + k)
+    slots[..., 0] = torch.arange(slots.shape[2]) % (n - offset)  # every row finds a slot: an own softmax is defined
     given = None if scored else logits
+    if given is not None:
+        given[..., 0] = 1.0
     got = picked_read.merge(queries, keys if scored else None, values, slots, offset, given, out, lse, 0.3)
     assert got is not None, "the kernel declined a read it should run"
     expected = reference(queries, keys, values, slots, offset, given, out, lse, 0.3)
     torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(got, torch_path(queries, keys, values, slots, offset, given, out, lse, 0.3),
                                atol=2e-6, rtol=1e-5)
+    own = picked_read.merge(queries, keys if scored else None, values, slots, offset, given, None, None, 0.3)
+    assert own is not None, "the kernel declined its own softmax"
+    expected = reference(queries, keys, values, slots, offset, given, None, None, 0.3)
+    torch.testing.assert_close(own.double(), expected, atol=2e-6, rtol=1e-5)
 
 
 def test_rows_without_a_found_slot_keep_the_local_read():
@@ -133,6 +140,7 @@ def test_every_instruction_set_build_reads_the_same(instruction_set_build):
 
 
 @pytest.mark.parametrize(("name", "overrides"), [
+    ("longmem", []),
     ("memorizing_transformer", []),
     ("memorizing_transformer", ["reading.index=faiss-flat"]),
     ("unimix", []),
@@ -140,8 +148,8 @@ def test_every_instruction_set_build_reads_the_same(instruction_set_build):
     ("memorizing_transformer", ["reading.chunk_size=4", "reading.chunk_key=bounds"]),
 ])
 def test_engine_reads_are_the_same_with_the_kernel_and_without(monkeypatch, one_thread, name, overrides):
-    """Every merge_topk read through the kernel against the PyTorch path, scored end to end (top-k by torch and
-    faiss, chunks by mean and bounds keys); the kernel must have run."""
+    """Every merge_topk read (top-k by torch and faiss, chunks by mean and bounds keys) and LongMem's memory
+    attention through the kernel against the PyTorch path, scored end to end; the kernel must have run."""
     model = tiny_llama()
     docs = random_docs([70, 53])
     config = METHODS.get(name).config(MethodContext(2, 8, 256), ["management.size=40", *overrides])

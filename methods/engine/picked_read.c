@@ -4,6 +4,7 @@
    here against the bank's keys), scaled, join the local attention's log-sum-exp L in one softmax:
        m = max(L, max_j s_j),  w_0 = exp(L - m),  w_j = exp(s_j - m),  T = w_0 + sum_j w_j
        merged = out * (w_0 / T) + sum_j (w_j / T) * values[g, slot_j]
+   Without a local read (lse NULL) w_0 = 0: the picked slots' own softmax (LongMem's memory attention).
    A slot of index < 0 (not found) or a NaN / -inf score takes no weight. One pass per row: its scores, then the
    values of the slots with weight, read straight from the bank (no [rows x k x d] gather written). */
 
@@ -20,8 +21,9 @@ typedef struct {
     int64_t k_group, k_row, v_group, v_row;
     const int64_t *slots; /* [groups, rows, k] bank slots minus `offset`; < 0: none */
     const float *logits;  /* [groups, rows, k] raw inner products, or NULL */
-    const float *out;     /* [groups, rows, d] contiguous: the local attention's output */
-    const float *lse;     /* [groups, rows]: its log-sum-exp of scaled scores (finite: a query reads itself) */
+    const float *out;     /* [groups, rows, d] contiguous: the local attention's output (NULL with lse) */
+    const float *lse;     /* [groups, rows]: its log-sum-exp of scaled scores (finite: a query reads itself), or
+                             NULL: no local part, the picked slots' own softmax */
     float *merged;        /* [groups, rows, d] */
     int64_t rows, k, d, offset;
     float scale;
@@ -38,7 +40,8 @@ static float dot(const float *a, const float *b, int64_t d) {
 static void read_row(const picked *p, int64_t row, float *w, float *acc) {
     const int64_t g = row / p->rows, d = p->d, k = p->k;
     const int64_t *slots = p->slots + row * k;
-    float top = p->lse[row];
+    const float local = p->lse ? p->lse[row] : -INFINITY;
+    float top = local;
     for (int64_t j = 0; j < k; j++) {
         float s = -INFINITY;
         if (slots[j] >= 0) {
@@ -50,16 +53,20 @@ static void read_row(const picked *p, int64_t row, float *w, float *acc) {
         w[j] = s;
         if (s > top) top = s;
     }
-    const float w0 = expf(p->lse[row] - top);
+    const float w0 = p->lse ? expf(local - top) : 0.0f;
     float total = w0;
     for (int64_t j = 0; j < k; j++) {
         w[j] = expf(w[j] - top); /* exp(-inf) = 0 */
         total += w[j];
     }
     const float inv = 1.0f / total, keep = w0 * inv;
-    const float *out = p->out + row * d;
+    if (p->lse) {
+        const float *out = p->out + row * d;
 #pragma omp simd
-    for (int64_t t = 0; t < d; t++) acc[t] = out[t] * keep;
+        for (int64_t t = 0; t < d; t++) acc[t] = out[t] * keep;
+    } else {
+        for (int64_t t = 0; t < d; t++) acc[t] = 0.0f;
+    }
     for (int64_t j = 0; j < k; j++) {
         if (w[j] == 0.0f) continue;
         const float share = w[j] * inv;

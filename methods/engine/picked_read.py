@@ -2,15 +2,16 @@
 pass (`picked_read.c`, built with the other native kernels by `native`).
 
 `attention.merge_topk` reads the slots a search picked (top-k, chunks, faiss) by gathering their values (and, for
-chunks, their keys) into [rows x k x dim] blocks and merging by log-sum-exp in several PyTorch ops. The kernel reads
+chunks, their keys) into [rows x k x dim] blocks and merging by log-sum-exp in several PyTorch ops, and LongMem's
+memory attention (`side_network`) reads its chunks' slots by their own softmax in the same way. The kernel reads
 each picked slot's value (and key) straight from the bank, row by row, and writes only the merged output. Its result
 is the PyTorch path's up to float32 rounding (a different order of sums; tests/test_picked_read.py against that path
 and a float64 reference). Measured in one process (`benchmarks/bench_native.py`, reference model, 16K tokens, 2
-threads): per token memorizing_transformer x1.58 -> x1.47 vanilla, unimix x1.61 -> x1.49, fot x2.48 -> x2.26 (one
-thread x1.75 -> x1.57, x1.49 -> x1.40, x2.85 -> x2.66); a chunk read of 32 slots for 4 x 512 query rows at head dim
-64 about 3.4 ms against 10 for the gathers, product and merge in PyTorch (one thread). On other devices, under
-autograd, for other dtypes, without a compiler or with `UNIMEM_BENCH_PICKED_READ=0`, `merge` returns None and the
-caller's PyTorch path runs.
+threads): per token memorizing_transformer x1.58 -> x1.47 vanilla, unimix x1.61 -> x1.49, fot x2.48 -> x2.26,
+longmem x1.59 -> x1.55 (one thread x1.75 -> x1.57, x1.49 -> x1.40, x2.85 -> x2.66, x1.74 -> x1.64); a chunk read of
+32 slots for 4 x 512 query rows at head dim 64 about 3.4 ms against 10 for the gathers, product and merge in
+PyTorch (one thread). On other devices, under autograd, for other dtypes, without a compiler or with
+`UNIMEM_BENCH_PICKED_READ=0`, `merge` returns None and the caller's PyTorch path runs.
 """
 
 from __future__ import annotations
@@ -36,44 +37,48 @@ def enabled() -> bool:
 
 
 def merge(queries: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor, slots: torch.Tensor, offset: int,
-          logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor | None:
+          logits: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor | None,
+          scale: float) -> torch.Tensor | None:
     """One softmax over each query's local keys (`out`, `lse`) and its picked bank slots.
 
     queries [batch, kv_heads, q, dim]; keys, values: banks [batch, kv_heads, n, dim] (keys only read when `logits`
     is None); slots [batch, kv_heads, q, k]: slot `offset + slots` of the bank, < 0 for none; logits [batch,
     kv_heads, q, k]: the slots' raw inner products, or None to score them here; out [batch, kv_heads, q, dim] and
-    lse [batch, kv_heads, q]: the local attention's output and log-sum-exp (scaled). A slot without a key, or of
-    NaN or -inf logit, takes no weight. Returns the merged output [batch, kv_heads, q, dim], or None where the
-    kernel does not apply (module docstring).
+    lse [batch, kv_heads, q]: the local attention's output and log-sum-exp (scaled), or both None for the picked
+    slots' own softmax (LongMem's memory attention). A slot without a key, or of NaN or -inf logit, takes no
+    weight. Returns the merged output [batch, kv_heads, q, dim], or None where the kernel does not apply (module
+    docstring).
     """
     batch, heads, rows, dim = queries.shape
     k = slots.shape[-1]
     tensors = [t for t in (queries, keys, values, logits, out, lse) if t is not None]
     banks = [values] if keys is None else [keys, values]
-    if not (enabled() and scale > 0 and k + dim <= MAX_SCRATCH and slots.dtype == torch.int64
-            and slots.device.type == "cpu" and all(t.device.type == "cpu" and t.dtype == torch.float32
-                                                   and not t.requires_grad for t in tensors)
+    if not (enabled() and scale > 0 and k + dim <= MAX_SCRATCH and (out is None) == (lse is None)
+            and slots.dtype == torch.int64 and slots.device.type == "cpu"
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
             and all(bank.stride(-1) == 1 and native.group_stride(bank) is not None for bank in banks)):
         return None
     lib = native.library()
-    if lib is None or not _in_bank(slots, offset, values.shape[2]):
+    if lib is None or not _in_bank(slots, offset, min(bank.shape[2] for bank in banks)):
         return None
     return run(lib, queries, keys, values, slots, offset, logits, out, lse, scale)
 
 
 def run(lib: ctypes.CDLL, queries: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor,
-        slots: torch.Tensor, offset: int, logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
-        scale: float) -> torch.Tensor:
+        slots: torch.Tensor, offset: int, logits: torch.Tensor | None, out: torch.Tensor | None,
+        lse: torch.Tensor | None, scale: float) -> torch.Tensor:
     """One call of the kernel `lib` (`merge` has checked the inputs)."""
     batch, heads, rows, dim = queries.shape
     merged = torch.empty(batch, heads, rows, dim)
-    q, picks, lse_rows = queries.contiguous(), slots.contiguous(), lse.contiguous()  # [b, kv, q, dim], [b, kv, q, k]
-    local = out.contiguous()  # [batch, kv_heads, q, dim]
+    q, picks = queries.contiguous(), slots.contiguous()  # [batch, kv_heads, q, dim], [batch, kv_heads, q, k]
+    lse_rows = None if lse is None else lse.contiguous()  # [batch, kv_heads, q]
+    local = None if out is None else out.contiguous()  # [batch, kv_heads, q, dim]
     given = None if logits is None else logits.contiguous()  # [batch, kv_heads, q, k]
     key_group, key_row = (0, 0) if keys is None else (native.group_stride(keys), keys.stride(2))
     lib.read_picked(q.data_ptr(), None if keys is None else keys.data_ptr(), values.data_ptr(), key_group, key_row,
                     native.group_stride(values), values.stride(2), picks.data_ptr(),
-                    None if given is None else given.data_ptr(), local.data_ptr(), lse_rows.data_ptr(),
+                    None if given is None else given.data_ptr(), None if local is None else local.data_ptr(),
+                    None if lse_rows is None else lse_rows.data_ptr(),
                     merged.data_ptr(), batch * heads, rows, slots.shape[-1], dim, offset, scale,
                     torch.get_num_threads())
     return merged

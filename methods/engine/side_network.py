@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import rotate_half
 
 from unimem_bench.methods.config import UniMemConfig
-from unimem_bench.methods.engine import slot_buffer
+from unimem_bench.methods.engine import picked_read, slot_buffer
 from unimem_bench.methods.engine.attention import gather_slots
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.plan import SegmentPlan
@@ -166,6 +166,9 @@ def memory_attention(q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, 
     block = max(256, SCORE_BLOCK // (batch * heads * n))
     # [batch, kv_heads, group * n, k]
     slots, found = topk_chunk_slots(grouped, mem_k, topk, chunk, chunk_key, keyed=chunked, block=block)
+    read = picked_read.merge(grouped, mem_k, mem_v, slots.masked_fill(~found, -1), 0, None, None, None, scale)
+    if read is not None:  # slots scored and read in one native pass (CPU, no autograd)
+        return read.reshape(batch, heads, n, dim)
     keys, values = gather_slots(mem_k, slots), gather_slots(mem_v, slots)  # [batch, kv_heads, group * n, k, dim]
     logits = torch.einsum("bhqd,bhqkd->bhqk", grouped, keys) * scale
     weights = torch.softmax(logits.masked_fill(~found, float("-inf")), dim=-1)
