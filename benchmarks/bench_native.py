@@ -5,12 +5,12 @@ then inside methods' runs.
                                       [--length 16384] [--segment-len 128] [--repeats 4] [--threads 2]
 
 Part 1 times `retrieval.topk_exact` on each exact top-k method's own search shape (its KV heads, its queries a
-segment, its full memory, its k) with the fused top-k kernel (`fused_topk`) and without (`UNIMEM_BENCH_FUSED_TOPK=0`),
-alternating, and checks that both give the same picks. Part 2 scores one random document per method four ways:
-vanilla; the method on the numpy search and the PyTorch read (both kernels off); with the fused search only; with
-the fused search and the native read of the picked slots (`picked_read`, the engine's default on CPU), in
-alternating order `--repeats` times: medians of the per-token time and each variant's ratio to vanilla. All run in
-this process, so the ratios compare runs taken side by side.
+segment, its full memory, its k) with the fused top-k kernel (`fused_topk`) and without
+(`UNIMEM_BENCH_FUSED_TOPK=0`), alternating, and checks that both give the same picks. Part 2 scores one random
+document per method four ways: vanilla; the method on the numpy search and the PyTorch read (both kernels off);
+with the fused search only; with the fused search and the native read of the picked slots (`picked_read`, the
+engine's default on CPU), in alternating order `--repeats` times: medians of the per-token time and each variant's
+ratio to vanilla. All run in this process, so the ratios compare runs taken side by side.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The user's cache folder for what unimem-bench builds itself (the reference model, the fused top-k kernel)."""
+"""The user's cache folder for what unimem-bench builds itself (the reference model, the native kernels)."""
 
 from __future__ import annotations
 
