@@ -22,7 +22,7 @@ import time
 import torch
 
 from unimem_bench.methods.engine import native, picked_read
-from unimem_bench.methods.engine.attention import gather_slots
+from unimem_bench.methods.engine.attention import gather_slots, merge_picked
 from unimem_bench.methods.engine.retrieval import chunk_keys, topk_chunk_slots, topk_exact
 
 SCALE = 0.125  # the softmax scale of head dim 64 (any positive scale costs the same)
@@ -50,10 +50,8 @@ def read_chunks(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: in
 
 
 def torch_read(logits: torch.Tensor, picked_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """`merge_topk`'s PyTorch merge: one softmax over [the local read's keys ; the picked slots]."""
-    joint = torch.cat([lse.unsqueeze(-1), logits * SCALE], dim=-1)
-    probs = torch.exp(joint - joint.logsumexp(-1, keepdim=True))
-    return out * probs[..., :1] + torch.einsum("bhqk,bhqkd->bhqd", probs[..., 1:], picked_v)
+    """`merge_topk`'s PyTorch merge of the picked slots into the local read."""
+    return merge_picked(out, lse, logits * SCALE, picked_v)
 
 
 def main() -> None:

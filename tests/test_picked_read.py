@@ -10,6 +10,7 @@ from helpers import random_docs, tiny_llama
 
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.methods.engine import native, picked_read
+from unimem_bench.methods.engine.attention import merge_picked
 
 pytestmark = pytest.mark.skipif(native.library() is None,
                                 reason="no C compiler here: the native kernels cannot be built")
@@ -37,7 +38,7 @@ def reference(queries, keys, values, slots, offset, logits, out, lse, scale):
 
 
 def torch_path(queries, keys, values, slots, offset, logits, out, lse, scale):
-    """`attention.merge_topk`'s PyTorch merge of the same inputs, in float32."""
+    """`attention.merge_topk`'s PyTorch path for the same inputs (gathers, product, `merge_picked`), in float32."""
     found = slots >= 0
     idx = slots.clamp(min=0) + offset
     picked_v = torch.stack([values[b, h][idx[b, h]] for b in range(idx.shape[0]) for h in range(idx.shape[1])])
@@ -46,10 +47,7 @@ def torch_path(queries, keys, values, slots, offset, logits, out, lse, scale):
         picked_k = torch.stack([keys[b, h][idx[b, h]] for b in range(idx.shape[0]) for h in range(idx.shape[1])])
         logits = torch.einsum("bhqd,bhqkd->bhqk", queries, picked_k.view(*idx.shape, -1))
     found = found & (logits > float("-inf"))
-    scaled = (logits * scale).masked_fill(~found, float("-inf"))
-    joint = torch.cat([lse.unsqueeze(-1), scaled], dim=-1)
-    probs = torch.exp(joint - joint.logsumexp(-1, keepdim=True))
-    return out * probs[..., :1] + torch.einsum("bhqk,bhqkd->bhqd", probs[..., 1:], picked_v)
+    return merge_picked(out, lse, (logits * scale).masked_fill(~found, float("-inf")), picked_v)
 
 
 def inputs(batch: int, heads: int, rows: int, n: int, dim: int, k: int, seed: int):

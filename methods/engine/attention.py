@@ -280,13 +280,18 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
     # Bank slots lo + idx of the whole bank: a slice [lo:hi] of it is not contiguous, and gather_slots would copy it.
     picked_v = gather_slots(mem.values, idx + lo)  # [batch, kv_heads, g*seq, k, dim]
     logits = logits * scale if found is None else (logits * scale).masked_fill(~found, float("-inf"))
-    # One softmax over [out's keys ; the picked slots]: out's (finite) log-sum-exp stands for the first part.
-    joint = torch.cat([lse_rows.to(logits.dtype).unsqueeze(-1), logits], dim=-1)
-    total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, g*seq, 1]
-    probs = torch.exp(joint - total)  # [batch, kv_heads, g*seq, 1 + k]
-    out_k = torch.einsum("bhqk,bhqkd->bhqd", probs[..., 1:], picked_v)  # [batch, kv_heads, g*seq, dim]
-    merged = out_rows * probs[..., :1] + out_k
-    return merged.reshape(batch, heads, seq, dim)
+    return merge_picked(out_rows, lse_rows, logits, picked_v).reshape(batch, heads, seq, dim)
+
+
+def merge_picked(out: torch.Tensor, lse: torch.Tensor, logits: torch.Tensor, picked_v: torch.Tensor) -> torch.Tensor:
+    """One softmax over [out's keys ; the picked slots] (the PyTorch path of `picked_read`): out [batch, kv_heads,
+    rows, dim] and its (finite) log-sum-exp lse [batch, kv_heads, rows], the picked slots' scaled logits [..., rows,
+    k] (-inf: not read) and values [..., rows, k, dim] -> the merged output [batch, kv_heads, rows, dim]."""
+    joint = torch.cat([lse.to(logits.dtype).unsqueeze(-1), logits], dim=-1)
+    total = joint.logsumexp(-1, keepdim=True)  # [batch, kv_heads, rows, 1]
+    probs = torch.exp(joint - total)  # [batch, kv_heads, rows, 1 + k]
+    out_k = torch.einsum("bhqk,bhqkd->bhqd", probs[..., 1:], picked_v)  # [batch, kv_heads, rows, dim]
+    return out * probs[..., :1] + out_k
 
 
 def merge_random(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,

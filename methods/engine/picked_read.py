@@ -83,6 +83,7 @@ def run(lib: ctypes.CDLL, queries: torch.Tensor, keys: torch.Tensor | None, valu
                     torch.get_num_threads())
     return merged
 
+
 def _in_bank(slots: torch.Tensor, offset: int, n: int) -> bool:
     """Every slot to read (>= 0) lies in the bank: the kernel reads without bounds checks."""
     return not slots.numel() or (offset >= 0 and int(slots.max()) + offset < n)
