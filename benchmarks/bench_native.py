@@ -5,12 +5,13 @@ then inside methods' runs.
                                       [--length 16384] [--segment-len 128] [--repeats 4] [--threads 2]
 
 Part 1 times `retrieval.topk_exact` on each exact top-k method's own search shape (its KV heads, its queries a
-segment, its full memory, its k) with the fused top-k kernel (`fused_topk`) and without
-(`UNIMEM_BENCH_FUSED_TOPK=0`), alternating, and checks that both give the same picks. Part 2 scores one random
-document per method four ways: vanilla; the method on the numpy search and the PyTorch read (both kernels off);
-with the fused search only; with the fused search and the native read of the picked slots (`picked_read`, the
-engine's default on CPU), in alternating order `--repeats` times: medians of the per-token time and each variant's
-ratio to vanilla. All run in this process, so the ratios compare runs taken side by side.
+segment, its full memory, its k) three ways, alternating: the numpy path (`UNIMEM_BENCH_FUSED_TOPK=0`), the fused
+top-k kernel (`fused_topk`) on SIMD registers (`UNIMEM_BENCH_TILES=0`) and on AMX tiles where the CPU has them,
+and checks that all give the same picks. Part 2 scores one random document per method five ways: vanilla; the
+method on the numpy search and the PyTorch read (all kernels off); with the fused search on registers; with the
+native read of the picked slots (`picked_read`) too; with the search on tiles too (the engine's default on CPU),
+in alternating order `--repeats` times: medians of the per-token time and each variant's ratio to vanilla. All
+run in this process, so the ratios compare runs taken side by side.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from unimem_bench.methods.engine import fused_topk, native, picked_read
 from unimem_bench.methods.engine.retrieval import topk_exact
 
 
-def switched(search: bool, read: bool = False) -> None:
-    """The fused search and the native read on or off for what runs next."""
+def switched(search: bool, read: bool = False, tiles: bool = False) -> None:
+    """The fused search, the native read and the search's AMX tiles on or off for what runs next."""
     os.environ[fused_topk.SWITCH_ENV] = "1" if search else "0"
     os.environ[picked_read.SWITCH_ENV] = "1" if read else "0"
+    os.environ[fused_topk.TILES_ENV] = "1" if tiles else "0"
 
 
 def search_shape(model: torch.nn.Module, name: str, segment_len: int) -> tuple[int, int, int, int, int]:
@@ -44,20 +46,23 @@ def search_shape(model: torch.nn.Module, name: str, segment_len: int) -> tuple[i
     return kv_heads, segment_len * heads // kv_heads, method.management.size, head_dim, method.reading.topk
 
 
-def time_search(shape: tuple[int, int, int, int, int], repeats: int) -> tuple[float, float, bool]:
-    """(numpy-path ms, kernel ms, the same picks) of one search of `shape`, medians of alternating runs."""
+def time_search(shape: tuple[int, int, int, int, int], repeats: int) -> tuple[dict[str, float], bool]:
+    """Median ms of one search of `shape` on the numpy path, the kernel's SIMD registers and its AMX tiles
+    (alternating runs), and whether all three give the same picks."""
     kv_heads, rows, slots, dim, k = shape
     g = torch.Generator().manual_seed(0)
     queries, keys = torch.randn(1, kv_heads, rows, dim, generator=g), torch.randn(1, kv_heads, slots, dim, generator=g)
-    times: dict[bool, list[float]] = {False: [], True: []}
+    ways = {"numpy": (False, False), "registers": (True, False), "tiles": (True, True)}
+    times: dict[str, list[float]] = {way: [] for way in ways}
     picks = {}
     for r in range(repeats * 5):
-        for on in (False, True) if r % 2 == 0 else (True, False):
-            switched(on)
+        for way, (search, tiles) in ways.items() if r % 2 == 0 else reversed(ways.items()):
+            switched(search, tiles=tiles)
             start = time.perf_counter()
-            picks[on] = topk_exact(queries, keys, k)[1]
-            times[on].append(time.perf_counter() - start)
-    return statistics.median(times[False]) * 1e3, statistics.median(times[True]) * 1e3, torch.equal(*picks.values())
+            picks[way] = topk_exact(queries, keys, k)[1]
+            times[way].append(time.perf_counter() - start)
+    same = all(torch.equal(picks["numpy"], found) for found in picks.values())
+    return {way: statistics.median(t) * 1e3 for way, t in times.items()}, same
 
 
 def main() -> int:
@@ -94,9 +99,11 @@ def main() -> int:
         print(f"search alone (median of {5 * args.repeats} alternating runs)")
     for name in exact:
         shape = search_shape(model, name, args.segment_len)
-        numpy_ms, fused_ms, same = time_search(shape, args.repeats)
+        ms, same = time_search(shape, args.repeats)
         print(f"  {name:24s} [{shape[0]} KV heads x {shape[1]} queries x {shape[2]} slots, dim {shape[3]}, "
-              f"k {shape[4]}]: numpy {numpy_ms:.2f} ms, fused {fused_ms:.2f} ms (x{fused_ms / numpy_ms:.2f}), "
+              f"k {shape[4]}]: numpy {ms['numpy']:.2f} ms, registers {ms['registers']:.2f} ms "
+              f"(x{ms['registers'] / ms['numpy']:.2f}), tiles {ms['tiles']:.2f} ms (x{ms['tiles'] / ms['numpy']:.2f}"
+              f"{'' if native.library().tiles_usable() else ': no AMX here, the registers ran'}), "
               f"same picks: {same}")
     doc = random_doc(model.config.vocab_size, args.length)
     vanilla = method_config("vanilla", model.config, args.segment_len, ())
@@ -105,8 +112,9 @@ def main() -> int:
         method = method_config(name, model.config, args.segment_len, ())
         for config in (vanilla, method):  # warm-up: both reading paths run once before anything is timed
             run_score(model, config, args.segment_len, doc[:2 * args.segment_len + 1])
-        order = [("vanilla", vanilla, (True, True)), ("no kernels", method, (False, False)),
-                 ("fused search", method, (True, False)), ("+ native read", method, (True, True))]
+        order = [("vanilla", vanilla, (True, True, True)), ("no kernels", method, (False, False, False)),
+                 ("fused search", method, (True, False, False)), ("+ native read", method, (True, True, False)),
+                 ("+ tiles", method, (True, True, True))]
         runs: dict[str, list[float]] = {role: [] for role, _, _ in order}
         for r in range(args.repeats):
             for role, config, on in order if r % 2 == 0 else order[::-1]:

@@ -127,9 +127,10 @@ def test_build_is_cached_per_source_compiler_and_cpu(tmp_path: Path, monkeypatch
 
 
 def test_every_instruction_set_build_gives_the_same_picks(monkeypatch, instruction_set_build):
-    """The AVX2 and plain-C builds give the numpy path's picks and scores too; `native.library` would not load the
-    plain one (slower than numpy), but it is correct."""
+    """The AVX2 and plain-C builds give the numpy path's picks and scores too (without AMX tiles, which need
+    AVX-512); `native.library` would not load the plain one (slower than numpy), but it is correct."""
     lib = instruction_set_build
+    assert lib.tiles_usable() == 0
     for batch, heads, rows, n, dim, k in LAYOUTS[1:]:
         g = torch.Generator().manual_seed(n)
         queries = torch.randn(batch, heads, rows, dim, generator=g)
@@ -140,3 +141,66 @@ def test_every_instruction_set_build_gives_the_same_picks(monkeypatch, instructi
         expected = numpy_path(monkeypatch, queries, keys, k, limit)
         assert torch.equal(found[1], expected[1])
         torch.testing.assert_close(found[0], expected[0], rtol=0, atol=1e-5)
+
+
+def tiles_and_registers(monkeypatch, queries, keys, k, limit=None):
+    """The kernel's picks and scores scored on AMX tiles, then on SIMD registers (`UNIMEM_BENCH_TILES=0`)."""
+    found = {}
+    for on in ("1", "0"):
+        with monkeypatch.context() as m:
+            m.setenv(fused_topk.TILES_ENV, on)
+            found[on] = fused_topk.search(queries, keys, k, limit)
+    return found["1"], found["0"]
+
+
+needs_tiles = pytest.mark.skipif(native.library() is None or not native.library().tiles_usable(),
+                                 reason="no AMX tiles on this CPU (or the OS does not grant them)")
+
+# (batch, kv_heads, queries, slots, dim, k): the register layouts, one tile row of dims (8, 13, 16) and two (40, 64),
+# two strips of keys (9,000 slots, the second with per-query limits inside it), 70 rows (a block of 32 left short)
+TILE_LAYOUTS = [*LAYOUTS, (1, 2, 70, 9000, 24, 16), (2, 1, 33, 2100, 64, 100)]
+
+
+@needs_tiles
+@pytest.mark.parametrize("batch,heads,rows,n,dim,k", TILE_LAYOUTS)
+def test_tiles_give_the_registers_picks_and_scores_bit_for_bit(monkeypatch, batch, heads, rows, n, dim, k):
+    g = torch.Generator().manual_seed(n + dim)
+    queries, keys = torch.randn(batch, heads, rows, dim, generator=g), torch.randn(batch, heads, n, dim, generator=g)
+    for limit in (None, torch.randint(0, n + 5, (rows,), generator=g)):
+        tiles, registers = tiles_and_registers(monkeypatch, queries, keys, k, limit)
+        assert torch.equal(tiles[0], registers[0]) and torch.equal(tiles[1], registers[1])
+
+
+@needs_tiles
+def test_tiles_decide_near_ties_in_float32(monkeypatch):
+    """Keys 1e-6 apart score the same in bfloat16: the float32 scores of the register path decide between them, and
+    exact ties go to the lower index; norms of 1e15 and 1e-20 move the bound, a norm past 2^60 makes it inf."""
+    g = torch.Generator().manual_seed(5)
+    queries = torch.randn(1, 2, 48, 40, generator=g)
+    base = torch.randn(1, 2, 1, 40, generator=g)
+    keys = base + 1e-6 * torch.randn(1, 2, 3000, 40, generator=g)  # [1, 2, 3000, 40]: all within bfloat16's step
+    keys[:, :, 100:200] = keys[:, :, 0:100]  # exact duplicates of lower-index keys
+    for scale in (1.0, 1e15, 1e-20):
+        tiles, registers = tiles_and_registers(monkeypatch, queries, keys * scale, 24)
+        assert torch.equal(tiles[0], registers[0]) and torch.equal(tiles[1], registers[1])
+    huge = keys.clone()
+    huge[:, :, 7] *= 2.0**61
+    tiles, registers = tiles_and_registers(monkeypatch, queries, huge, 24, torch.full((48,), 2000))
+    assert torch.equal(tiles[0], registers[0]) and torch.equal(tiles[1], registers[1])
+
+
+@needs_tiles
+def test_tiles_decline_as_the_registers_do(monkeypatch):
+    """A NaN score or a key scoring -inf itself: None on tiles as on registers; a head dim past 64 runs on
+    registers."""
+    g = torch.Generator().manual_seed(6)
+    queries, keys = torch.randn(1, 2, 40, 24, generator=g), torch.randn(1, 2, 500, 24, generator=g)
+    nan_keys = keys.clone()
+    nan_keys[0, 0, 300, 3] = float("nan")
+    assert tiles_and_registers(monkeypatch, queries, nan_keys, 8) == (None, None)
+    ones, minus = torch.ones(1, 1, 20, 4), torch.ones(1, 1, 60, 4)
+    minus[..., 30:, :] = float("-inf")
+    assert tiles_and_registers(monkeypatch, ones, minus, 40, torch.full((20,), 50)) == (None, None)
+    wide_q, wide_k = torch.randn(1, 1, 20, 80, generator=g), torch.randn(1, 1, 300, 80, generator=g)
+    tiles, registers = tiles_and_registers(monkeypatch, wide_q, wide_k, 8)
+    assert torch.equal(tiles[0], registers[0]) and torch.equal(tiles[1], registers[1])

@@ -7,10 +7,7 @@
    k-th best; the few that beat it are appended to the row's buffer, which is cut back to about its k best when
    full, and exactly to them at the end.
    Returns 0, or 1 where a score is NaN or a key scored -inf itself (the caller ranks those rows its own way). */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "topk_select.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -64,54 +61,6 @@ static inline void vstore(float *p, vec a) { *p = a; }
 #endif
 #define QB (V * W)
 
-/* A float's bits as an int32 of the same order. A score is never -0 (its sum starts at +0, and -0 + +0 = +0), and
-   a NaN fails the search, so float and integer order agree. */
-static inline int32_t ordered(float s) {
-    int32_t b;
-    memcpy(&b, &s, sizeof b);
-    return b ^ ((b >> 31) & 0x7fffffff);
-}
-
-/* The inverse of `ordered`. */
-static inline float from_ordered(int32_t o) {
-    int32_t b = o ^ ((o >> 31) & 0x7fffffff);
-    float s;
-    memcpy(&s, &b, sizeof s);
-    return s;
-}
-
-/* The largest t whose low 32 - bits bits are 0 with at least k of tmp[0, n) >= t, found bit by bit from the top:
-   counts that the compiler vectorises, no data-dependent branches (a quickselect's mispredictions cost 3x as
-   much). With all 32 bits: the k-th largest itself. */
-static int32_t kth_bound(const int32_t *tmp, int64_t n, int64_t k, int bits) {
-    uint32_t t = 0;  /* the bound's bits, offset by 2^31 */
-    for (int bit = 31; bit >= 32 - bits; bit--) {
-        int32_t probe = (int32_t)((t | (1u << bit)) ^ 0x80000000u);
-        int32_t c = 0;
-        for (int64_t i = 0; i < n; i++) c += tmp[i] >= probe;
-        if (c >= k) t |= 1u << bit;
-    }
-    return (int32_t)(t ^ 0x80000000u);
-}
-
-/* Keeps exactly the k best of a row's n buffered (score, index) pairs, which are in key order, so the first of
-   equal scores at the k-th place wins. */
-static void reduce(float *sc, int32_t *ix, int64_t *count, int64_t k, int32_t *tmp) {
-    int64_t n = *count;
-    for (int64_t i = 0; i < n; i++) tmp[i] = ordered(sc[i]);
-    int32_t kth = kth_bound(tmp, n, k, 32);
-    int64_t above = 0;
-    for (int64_t i = 0; i < n; i++) above += tmp[i] > kth;
-    int64_t ties = k - above, kept = 0;
-    for (int64_t i = 0; i < n; i++) {
-        int take = tmp[i] > kth || (tmp[i] == kth && ties-- > 0);
-        sc[kept] = sc[i];
-        ix[kept] = ix[i];
-        kept += take;
-    }
-    *count = kept;
-}
-
 /* Cuts a full buffer back while scoring goes on, and returns the score a later key must beat. Not exact: the
    bound t keeps the top 16 bits of the k-th best (sign, exponent, 7 mantissa bits), and every pair >= t stays
    (at least k, a few more), so half the counting passes of `reduce` and a vectorised compaction; a key scoring
@@ -151,35 +100,6 @@ static float cut(float *sc, int32_t *ix, int64_t *count, int64_t k, int64_t cap,
     return from_ordered(t);  /* a key scoring t ranks below the k kept pairs >= t of lower index */
 }
 
-/* Sorts n pairs in key order best first, the lower index first among equal scores: each pair's place is the
-   number of pairs ahead of it, counted in one branch-free pass that the compiler vectorises (n^2 compares: a
-   third of qsort's time through a comparator at n = 32). */
-static void rank_best_first(float *sc, int32_t *ix, int64_t n, int32_t *tmp) {
-    int32_t *at = tmp, *index = tmp + n;
-    float *score = (float *)(tmp + 2 * n);
-    for (int64_t i = 0; i < n; i++) {
-        float v = sc[i];
-        int32_t ahead = 0;
-        for (int64_t j = 0; j < n; j++) ahead += (sc[j] > v) | ((sc[j] == v) & (j < i));
-        at[i] = ahead;
-    }
-    for (int64_t i = 0; i < n; i++) {
-        score[at[i]] = sc[i];
-        index[at[i]] = ix[i];
-    }
-    memcpy(sc, score, sizeof(float) * n);
-    memcpy(ix, index, sizeof(int32_t) * n);
-}
-
-typedef struct {
-    const float *q, *keys;
-    int64_t rows, n, d, q_group, q_row, k_group, k_row, k, cap;
-    const int64_t *limit;
-    float *out_scores;
-    int64_t *out_index;
-    int64_t per_group;
-} search;
-
 typedef struct {  /* one thread's scratch, for up to SPAN query rows */
     float *packed;    /* [SPAN / QB][d][QB] the rows' queries, transposed a register block at a time */
     float *scores;    /* [SPAN][cap] each row's buffered scores */
@@ -187,20 +107,8 @@ typedef struct {  /* one thread's scratch, for up to SPAN query rows */
     int64_t *counts;  /* [SPAN] pairs buffered */
     int64_t *lim;     /* [SPAN] keys each row reads (padding rows: n) */
     float *thr;       /* [SPAN] the score a key must beat (padding rows: +inf, so they take nothing) */
-    int32_t *tmp;     /* [3 cap] */
+    int32_t *tmp;     /* [RANK_SCRATCH(cap)] */
 } scratch;
-
-/* Query rows an item holds at most: its scratch stays small whatever the segment (256 rows x cap 4k pairs). */
-#define SPAN 256
-/* Keys scored against every query block of an item before the next: a chunk (128 KiB at dim 32, 256 KiB at 64)
-   is read from memory once and from the core's L2 cache for each further block (the keys of one KV head, 2 MiB
-   on the 62M model, do not stay in a 2 MiB L2 between blocks). */
-#define KEY_CHUNK 1024
-
-static int64_t limit_of(const search *s, int64_t row) {
-    int64_t lim = s->limit ? s->limit[row] : s->n;
-    return lim < 0 ? 0 : (lim > s->n ? s->n : lim);
-}
 
 /* Keys [j0, j1) against the QB rows of register block b (its first row's state at `at`); returns 1 on a NaN. */
 static int score_block(const search *s, const float *keys, const float *packed, int64_t j0, int64_t j1, int64_t low,
@@ -286,37 +194,21 @@ static int search_rows(const search *s, int64_t g, int64_t r0, int64_t r1, scrat
            first among equal scores. The exact 32-bit `reduce` of every buffer before ranking k pairs took 0.84
            of the time at [2 KV heads x 256 queries x 1,280 slots, dim 40], k = 32 (one thread). */
         if (w->counts[i] > 2 * k) cut(sc, ix, w->counts + i, k, cap, w->tmp);
-        if (w->counts[i] < k) {  /* fewer than k keys: the masked keys of lowest index, at -inf */
-            failed |= w->counts[i] < w->lim[i];  /* a key scored -inf itself */
-            for (int64_t j = w->lim[i]; w->counts[i] < k; j++) {
-                sc[w->counts[i]] = -INFINITY;
-                ix[w->counts[i]++] = (int32_t)j;
-            }
-        }
-        rank_best_first(sc, ix, w->counts[i], w->tmp);
-        float *os = s->out_scores + (g * s->rows + r0 + i) * k;
-        int64_t *oi = s->out_index + (g * s->rows + r0 + i) * k;
-        for (int64_t t = 0; t < k; t++) {
-            os[t] = sc[t];
-            oi[t] = ix[t];
-        }
+        failed |= finish_row(s, g, r0 + i, sc, ix, w->counts[i], w->lim[i], w->tmp);
     }
     return failed;
 }
 
 /* Work items: groups, each split into per_group row spans of at most SPAN rows. */
 static int search_items(const search *s, int64_t first, int64_t step, int64_t items) {
-    /* Spans of whole register blocks where the last span, which takes the rest, stays within SPAN: 264 rows in
-       two spans of 132 made six blocks of 64 lanes, the last two with 4 live rows; 128 + 136 make five. */
-    int64_t span = (s->rows + s->per_group - 1) / s->per_group, whole = span / QB * QB;
-    if (whole > 0 && s->rows - (s->per_group - 1) * whole <= SPAN) span = whole;
     scratch w = {malloc(sizeof(float) * SPAN * s->d), malloc(sizeof(float) * SPAN * s->cap),
                  malloc(sizeof(int32_t) * SPAN * s->cap), malloc(sizeof(int64_t) * SPAN),
-                 malloc(sizeof(int64_t) * SPAN), malloc(sizeof(float) * SPAN), malloc(sizeof(int32_t) * 3 * s->cap)};
+                 malloc(sizeof(int64_t) * SPAN), malloc(sizeof(float) * SPAN),
+                 malloc(sizeof(int32_t) * RANK_SCRATCH(s->cap))};
     int failed = !w.packed || !w.scores || !w.index || !w.counts || !w.lim || !w.thr || !w.tmp;
     for (int64_t item = first; item < items && !failed; item += step) {
-        int64_t g = item / s->per_group, r0 = item % s->per_group * span;
-        int64_t r1 = item % s->per_group == s->per_group - 1 || r0 + span > s->rows ? s->rows : r0 + span;
+        int64_t g, r0, r1;
+        item_rows(s, item, QB, &g, &r0, &r1);
         if (r0 < r1) failed |= search_rows(s, g, r0, r1, &w);
     }
     free(w.packed);
@@ -333,7 +225,7 @@ static int search_items(const search *s, int64_t first, int64_t step, int64_t it
    NULL; out [groups, rows, k] each. Threads: OpenMP's, which in a process running PyTorch are PyTorch's own. */
 int topk_inner_products(const float *q, const float *keys, int64_t groups, int64_t rows, int64_t n, int64_t d,
                         int64_t q_group, int64_t q_row, int64_t k_group, int64_t k_row, const int64_t *limit,
-                        int64_t k, float *out_scores, int64_t *out_index, int64_t threads) {
+                        int64_t k, float *out_scores, int64_t *out_index, int64_t threads, int64_t tiles) {
     if (threads < 1) threads = 1;
     int64_t per_group = groups >= threads ? 1 : (threads + groups - 1) / groups;
     if (per_group > (rows + QB - 1) / QB) per_group = (rows + QB - 1) / QB;
@@ -348,6 +240,7 @@ int topk_inner_products(const float *q, const float *keys, int64_t groups, int64
     search s = {q, keys, rows, n, d, q_group, q_row, k_group, k_row, k, cap, limit, out_scores, out_index,
                 per_group};
     int failed = 0;
+    if (tiles && tiles_search(&s, items, threads, &failed)) return failed;
 #ifdef _OPENMP
 #pragma omp parallel num_threads((int)threads) reduction(| : failed)
     failed |= search_items(&s, omp_get_thread_num(), omp_get_num_threads(), items);

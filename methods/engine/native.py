@@ -1,5 +1,6 @@
-"""The engine's native kernels (`fused_topk.c`: the exact top-k search; `picked_read.c`: the softmax read of the
-picked slots), built on first use into one library.
+"""The engine's native kernels (`fused_topk.c`: the exact top-k search, on AMX tiles where the CPU has them in
+`fused_topk_tiles.c`, with the selection shared in `topk_select.h` and `topk_intervals.h`; `picked_read.c`: the
+softmax read of the picked slots), built on first use into one library.
 
 They are built by the system's C compiler (`$CC`, else `cc`) with `-O3 -march=native -fopenmp` into
 `<cache>/native/<hash>/` (`methods.cache`: `$UNIMEM_BENCH_CACHE`, else the user cache folder, as the reference model),
@@ -25,7 +26,8 @@ import torch
 
 from unimem_bench.methods.cache import cache_root
 
-SOURCES = (Path(__file__).with_name("fused_topk.c"), Path(__file__).with_name("picked_read.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in
+                ("topk_select.h", "topk_intervals.h", "fused_topk.c", "fused_topk_tiles.c", "picked_read.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 NAME = "unimem_native.so"
 
@@ -55,7 +57,8 @@ def build(root: Path, compiler: str) -> Path | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            subprocess.run([*command, *map(str, SOURCES), "-o", str(built)], check=True, capture_output=True,
+            units = [str(source) for source in SOURCES if source.suffix == ".c"]
+            subprocess.run([*command, *units, "-o", str(built)], check=True, capture_output=True,
                            text=True)
             os.replace(built, target)  # atomic: a concurrent process sees no half-written library
     except (OSError, subprocess.CalledProcessError) as error:
@@ -70,7 +73,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     size, pointer = ctypes.c_int64, ctypes.c_void_p
     lib.topk_inner_products.restype = ctypes.c_int
-    lib.topk_inner_products.argtypes = [pointer, pointer, *[size] * 8, pointer, size, pointer, pointer, size]
+    lib.topk_inner_products.argtypes = [pointer, pointer, *[size] * 8, pointer, size, pointer, pointer, size, size]
+    lib.tiles_usable.restype = ctypes.c_int
     lib.read_picked.restype = None
     lib.read_picked.argtypes = [*[pointer] * 3, *[size] * 4, *[pointer] * 5, *[size] * 5, ctypes.c_float, size]
     return lib

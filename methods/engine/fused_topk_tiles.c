@@ -1,0 +1,349 @@
+/* The exact top-k search scored on AMX tiles (Intel Xeon since Sapphire Rapids) where the build, the OS and the
+   head dim (at most 64) allow it; fused_topk.c asks here first and keeps its SIMD register path otherwise.
+
+   Queries and keys are rounded to bfloat16 and tile multiplies (TDPBF16PS: exact products, float32 sums) give
+   scores s~ = q~ . k~ at a sixteenth of float32 FMAs' instructions. The float32 score s of the register path (the
+   products summed in the dimension's order) differs from s~ by at most
+       e = C (|q| + DELTA) (|k| + DELTA),
+   where C = 2u + u^2 (q and k rounded to bfloat16, u = 2^-8) + (kpad + d + 4) 2^-24 (the two sums' roundings),
+   inflated by 2^-10 for the bound's own roundings (norms, e, s~ +- e), and DELTA covers inputs and sums flushed to
+   zero (bfloat16 arithmetic flushes denormals): s lies in [s~ - e, s~ + e]. A block of 32 query rows is scored
+   against a strip of up to STRIP keys at once. In each group of 16 keys the best lower end L is reached by one key,
+   so the k-th largest group best of a row (16 bits of it) is reached by k keys, and a key whose upper end is below
+   it cannot be among the k best, whatever its index: the row's threshold. The keys whose upper end beats it join
+   the row's buffer as intervals; a full buffer is cut back to the pairs whose upper end reaches the k-th best lower
+   end, which k pairs of lower index are sure to reach. At the end the pairs whose upper end reaches the k-th best
+   lower end are scored in float32 in the register path's order and ranked: the k best (the first of equal scores
+   at the k-th place) are among them, so picks, order and scores are the register path's, bit for bit. A score
+   whose bound is not finite (NaN, inf, a norm over 2^60) is scored in float32 when it is met.
+
+   One thread, [2 KV heads x 256 queries x 8,192 slots, dim 40], k = 32 (FoT's search on the reference model):
+   registers 3.3 ms, tiles 2.4; at 1,280 slots (Memorizing Transformer's) 1.09 and 0.92; [8 x 128 x 8,192, dim 64]
+   (FoT on the 62M model) 8.8 and 6.4 (benchmarks/bench_native.py). */
+#include "topk_select.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "topk_intervals.h"
+
+#define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for a state component... */
+#define XFEATURE_XTILEDATA 18      /* ...the tiles' data */
+#define T 16                       /* rows of a tile, and its float32 columns */
+#define TK 32                      /* bfloat16 entries of a tile row */
+#define BLOCK (2 * T)              /* keys and queries of a 2 x 2 block of tiles */
+#define STRIP 8192                 /* keys scored before their selection: 1 MiB of scores, within L2 */
+#define MAX_DIM (2 * TK)           /* head dims the path takes: a block's queries fit four tiles */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+int tiles_usable(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+
+typedef struct {  /* one thread's scratch, for up to SPAN query rows */
+    uint16_t *queries; /* [SPAN / T][steps][T pairs][T queries][2]: bfloat16, the tiles' B layout */
+    uint16_t *keys;    /* [n rounded up to BLOCK][kpad]: the group's keys in bfloat16, the tiles' A rows */
+    float *qn;         /* [SPAN] C (|q| + DELTA); padding rows 0 */
+    float *kn;         /* [n rounded up to BLOCK] |k| + DELTA; padding keys 0 */
+    int32_t *lim;      /* [SPAN] keys each row reads */
+    float *thr;        /* [SPAN] the upper end a key must beat (padding rows: +inf) */
+    float *strip;      /* [STRIP keys][BLOCK queries] s~ of a strip of keys against a block of queries */
+    int32_t *best;     /* [STRIP / T][BLOCK] each group of T keys' best lower end, `ordered` */
+    float *lo, *hi;    /* [SPAN][cap] each row's buffered intervals, in key order */
+    int32_t *index;    /* [SPAN][cap] their keys */
+    uint8_t *sure;     /* [SPAN][cap] 1 where lo = hi = the float32 score */
+    int64_t *counts;   /* [SPAN] */
+    int32_t *tmp;      /* [RANK_SCRATCH(cap)] */
+} tile_scratch;
+
+/* Keys j0 .. j0 + nk - 1 (their s~ rows from `scores`, norms from `kn`) against the BLOCK queries from span row
+   `at` (nq of them live): each key whose upper end beats a row's threshold joins that row's buffer. Returns 1 on a
+   NaN. */
+static int select_keys(const search *s, tile_scratch *w, const float *q0, const float *keys, const float *scores,
+                       const float *kn, int64_t at, int64_t nq, int64_t j0, int64_t nk, int64_t low) {
+    const int64_t cap = s->cap;
+    float *restrict lo = w->lo, *restrict hi = w->hi;
+    int32_t *restrict index = w->index;
+    uint8_t *restrict sure = w->sure;
+    int64_t *restrict counts = w->counts;
+    float ends[2 * BLOCK];  /* a key's lower ends, then its upper ends, for the block's rows */
+    int failed = 0;
+    uint32_t live = nq >= BLOCK ? ~0u : (1u << nq) - 1u;
+    const __m512 qn0 = _mm512_loadu_ps(w->qn + at), qn1 = _mm512_loadu_ps(w->qn + at + T);
+    const __m512 inf = _mm512_set1_ps(INFINITY);
+    __m512 t0 = _mm512_loadu_ps(w->thr + at), t1 = _mm512_loadu_ps(w->thr + at + T);
+    const __m512i l0 = _mm512_loadu_si512(w->lim + at), l1 = _mm512_loadu_si512(w->lim + at + T);
+    for (int64_t r = 0; r < nk; r++) {
+        const int64_t j = j0 + r;
+        const __m512 norm = _mm512_set1_ps(kn[r]), s0 = _mm512_loadu_ps(scores + r * BLOCK),
+                     s1 = _mm512_loadu_ps(scores + r * BLOCK + T);
+        const __m512 h0 = _mm512_fmadd_ps(qn0, norm, s0), h1 = _mm512_fmadd_ps(qn1, norm, s1);
+        uint32_t hit = ((uint32_t)_mm512_cmp_ps_mask(h0, t0, _CMP_NLE_UQ) |
+                        (uint32_t)_mm512_cmp_ps_mask(h1, t1, _CMP_NLE_UQ) << T) & live;
+        if (j >= low) {  /* rows whose limit is at or before key j do not read it */
+            __m512i jv = _mm512_set1_epi32((int32_t)j);
+            hit &= (uint32_t)_mm512_cmpgt_epi32_mask(l0, jv) | (uint32_t)_mm512_cmpgt_epi32_mask(l1, jv) << T;
+        }
+        if (!hit) continue;
+        const __m512 e0 = _mm512_fnmadd_ps(qn0, norm, s0), e1 = _mm512_fnmadd_ps(qn1, norm, s1);
+        _mm512_storeu_ps(ends, e0);
+        _mm512_storeu_ps(ends + T, e1);
+        _mm512_storeu_ps(ends + BLOCK, h0);
+        _mm512_storeu_ps(ends + BLOCK + T, h1);
+        /* rows whose interval is not finite (NaN, inf, a norm over 2^60): the float32 score decides at once */
+        uint32_t odd = hit & ~((uint32_t)_mm512_cmp_ps_mask(_mm512_sub_ps(h0, e0), inf, _CMP_LT_OQ) |
+                               (uint32_t)_mm512_cmp_ps_mask(_mm512_sub_ps(h1, e1), inf, _CMP_LT_OQ) << T);
+        for (uint32_t left = odd; left; left &= left - 1) {
+            const int i = __builtin_ctz(left);
+            const float *q = q0 + i * s->q_row;
+            float s32 = 0.0f;
+            for (int64_t t = 0; t < s->d; t++) s32 = fmaf(keys[j * s->k_row + t], q[t], s32);
+            failed |= s32 != s32;
+            ends[i] = ends[BLOCK + i] = s32;
+            if (!(s32 > w->thr[at + i])) hit &= ~(1u << i);
+        }
+        int cut = 0;
+        while (hit) {
+            const int i = __builtin_ctz(hit);
+            hit &= hit - 1;
+            const int64_t a = at + i, c = counts[a]++;
+            lo[a * cap + c] = ends[i];
+            hi[a * cap + c] = ends[BLOCK + i];
+            index[a * cap + c] = (int32_t)j;
+            sure[a * cap + c] = (uint8_t)(odd >> i & 1u);
+            if (c + 1 == cap) {
+                float cutoff = cut_intervals(s, q0 + i * s->q_row, keys, lo + a * cap, hi + a * cap,
+                                             index + a * cap, sure + a * cap, counts + a, w->tmp, &failed);
+                w->thr[a] = cutoff > w->thr[a] ? cutoff : w->thr[a];  /* both are bounds; the higher serves */
+                cut = 1;
+            }
+        }
+        if (cut) {
+            t0 = _mm512_loadu_ps(w->thr + at);
+            t1 = _mm512_loadu_ps(w->thr + at + T);
+        }
+    }
+    return failed;
+}
+
+static inline __m512i ordered16(__m512 x) {  /* `ordered` on 16 lanes */
+    __m512i b = _mm512_castps_si512(x);
+    return _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(0x7fffffff)));
+}
+
+/* The best lower end of each of the block's queries over the T keys from `scores` (norms `kn`), `ordered`, into
+   best[0, BLOCK). A NaN lower end (a bound that is not finite) is passed over. */
+static void group_best(const tile_scratch *w, int64_t at, const float *scores, const float *kn, int32_t *best) {
+    for (int h = 0; h < 2; h++) {
+        const __m512 qn = _mm512_loadu_ps(w->qn + at + h * T);
+        __m512 m = _mm512_set1_ps(-INFINITY);
+        for (int64_t r = 0; r < T; r++)
+            m = _mm512_max_ps(_mm512_fnmadd_ps(qn, _mm512_set1_ps(kn[r]), _mm512_loadu_ps(scores + r * BLOCK + h * T)),
+                              m);
+        _mm512_storeu_si512(best + h * T, ordered16(m));
+    }
+}
+
+/* Raises the thresholds of the block's rows from `at` by the first `groups` groups of `best` (keys every row
+   reads): a group of T keys whose best lower end is L holds a key scoring at least L, so with the k-th largest
+   group best of a row (16 bits of it) k keys score at least that, and a key whose upper end is below it cannot be
+   among the k best, whatever its index. A strip's bound keeps the buffer to about the keys that end in it: FoT's
+   [2 KV heads x 256 queries x 8,192 slots], k = 32, buffered 372 keys a row with thresholds rising from -inf. */
+static void raise_thresholds(const search *s, tile_scratch *w, int64_t at, int64_t groups) {
+    if (groups < s->k) return;
+    for (int h = 0; h < 2; h++) {
+        __m512i t = _mm512_setzero_si512(), k = _mm512_set1_epi32((int32_t)s->k);
+        for (int bit = 31; bit >= 16; bit--) {  /* kth_bound's 16 bits on 16 rows at once */
+            __m512i probe = _mm512_xor_si512(_mm512_or_si512(t, _mm512_set1_epi32((int32_t)(1u << bit))),
+                                             _mm512_set1_epi32((int32_t)0x80000000u));
+            __m512i count = _mm512_setzero_si512();
+            for (int64_t gr = 0; gr < groups; gr++) {
+                __mmask16 ge = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(w->best + gr * BLOCK + h * T), probe);
+                count = _mm512_mask_add_epi32(count, ge, count, _mm512_set1_epi32(1));
+            }
+            t = _mm512_mask_or_epi32(t, _mm512_cmpge_epi32_mask(count, k), t,
+                                     _mm512_set1_epi32((int32_t)(1u << bit)));
+        }
+        __m512 bound = _mm512_castsi512_ps(ordered16(_mm512_castsi512_ps(
+            _mm512_xor_si512(t, _mm512_set1_epi32((int32_t)0x80000000u)))));
+        /* strictly below the bound, so that a key reaching it passes; a NaN bound (k groups at -inf) gives none */
+        __m512 below = _mm512_sub_ps(bound, _mm512_fmadd_ps(_mm512_abs_ps(bound), _mm512_set1_ps(0x1p-20f),
+                                                            _mm512_set1_ps(0x1p-100f)));
+        _mm512_storeu_ps(w->thr + at + h * T, _mm512_max_ps(below, _mm512_loadu_ps(w->thr + at + h * T)));
+    }
+}
+
+/* The queries of register block b into tiles 2 and 3 (their first TK dims), 4 and 5 (the next TK): they stay
+   while the block's keys pass, so that a key tile is the one load per tile multiply pair. Loading both operands
+   at every step took 2.5x as long (60 ns against 22 for four multiplies, one thread). */
+static void hold_queries(const tile_scratch *w, int64_t b, int64_t steps) {
+    const uint16_t *qa = w->queries + 2 * b * steps * T * TK, *qb = qa + steps * T * TK;
+    _tile_loadd(2, qa, TK * 2);
+    _tile_loadd(3, qb, TK * 2);
+    if (steps == 2) {
+        _tile_loadd(4, qa + T * TK, TK * 2);
+        _tile_loadd(5, qb + T * TK, TK * 2);
+    }
+}
+
+/* s~ of the T keys from `ka` (kpad bfloat16 each) against the held queries into out[T][BLOCK]; `odd` alternates
+   the key tile's register between consecutive calls, so a load need not wait for the last multiply. */
+static inline void score_tile(const uint16_t *ka, int64_t kpad, int64_t steps, int odd, float *out) {
+    _tile_zero(0);  /* [T keys x queries 0-15] */
+    _tile_zero(1);  /* [T keys x queries 16-31] */
+    if (steps == 2 || !odd) {
+        _tile_loadd(6, ka, kpad * 2);
+        _tile_dpbf16ps(0, 6, 2);
+        _tile_dpbf16ps(1, 6, 3);
+    }
+    if (steps == 2) {
+        _tile_loadd(7, ka + TK, kpad * 2);
+        _tile_dpbf16ps(0, 7, 4);
+        _tile_dpbf16ps(1, 7, 5);
+    } else if (odd) {
+        _tile_loadd(7, ka, kpad * 2);
+        _tile_dpbf16ps(0, 7, 2);
+        _tile_dpbf16ps(1, 7, 3);
+    }
+    _tile_stored(0, out, BLOCK * 4);
+    _tile_stored(1, out + T, BLOCK * 4);
+}
+
+/* The s~ of keys [j0, j0 + nk) (zero keys past the end up to a whole tile) against the queries of register block
+   b into w->strip, and each tile of T keys' best lower end into w->best. */
+static void score_strip(tile_scratch *w, int64_t b, int64_t steps, int64_t kpad, int64_t j0, int64_t nk) {
+    hold_queries(w, b, steps);
+    for (int64_t kt = 0; kt * T < nk; kt++) {
+        float *out = w->strip + kt * T * BLOCK;
+        score_tile(w->keys + (j0 + kt * T) * kpad, kpad, steps, (int)(kt & 1), out);
+        group_best(w, b * BLOCK, out, w->kn + j0 + kt * T, w->best + kt * BLOCK);
+    }
+}
+
+/* Rows [r0, r1) of group g (at most SPAN); returns 1 where a row needs the caller's ranking. */
+static int tile_rows(const search *s, int64_t g, int64_t r0, int64_t r1, tile_scratch *w) {
+    const int64_t d = s->d, k = s->k, cap = s->cap, rows = r1 - r0, steps = (d + TK - 1) / TK, kpad = steps * TK;
+    const int64_t blocks = (rows + BLOCK - 1) / BLOCK;
+    const float *keys = s->keys + g * s->k_group, *q0 = s->q + g * s->q_group + r0 * s->q_row;
+    const float scale = bound_scale(d, kpad);
+    int64_t reach = 0, low[SPAN / BLOCK];
+    uint16_t one[MAX_DIM];
+    int failed = 0;
+    for (int64_t i = 0; i < blocks * BLOCK; i++) {
+        int live = i < rows;
+        if (i % BLOCK == 0) low[i / BLOCK] = s->n;
+        w->qn[i] = live ? scale * to_bf16(q0 + i * s->q_row, d, kpad, one) : 0.0f;
+        if (!live) memset(one, 0, sizeof(uint16_t) * kpad);
+        w->lim[i] = live ? (int32_t)limit_of(s, r0 + i) : 0;
+        w->thr[i] = live ? -INFINITY : INFINITY;
+        w->counts[i] = 0;
+        if (live && w->lim[i] > reach) reach = w->lim[i];
+        if (live && w->lim[i] < low[i / BLOCK]) low[i / BLOCK] = w->lim[i];
+        uint32_t *pairs = (uint32_t *)w->queries, *src = (uint32_t *)one;  /* B[tile][step][pair][query] */
+        for (int64_t p = 0; p < kpad / 2; p++) pairs[((i / T * steps + p / T) * T + p % T) * T + i % T] = src[p];
+    }
+    for (int64_t j = 0; j < (reach + BLOCK - 1) / BLOCK * BLOCK; j++) {
+        if (j < reach) {
+            w->kn[j] = to_bf16(keys + j * s->k_row, d, kpad, w->keys + j * kpad);
+        } else {
+            w->kn[j] = 0.0f;
+            memset(w->keys + j * kpad, 0, sizeof(uint16_t) * kpad);
+        }
+    }
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t at = b * BLOCK, nq = rows - at < BLOCK ? rows - at : BLOCK;
+        for (int64_t j0 = 0; j0 < reach; j0 += STRIP) {
+            const int64_t nk = reach - j0 < STRIP ? reach - j0 : STRIP;
+            for (int64_t i = at; j0 > 0 && i < at + nq; i++) {  /* the buffer's k-th best lower end so far */
+                if (w->counts[i] <= k) continue;
+                float cutoff = cut_intervals(s, q0 + i * s->q_row, keys, w->lo + i * cap, w->hi + i * cap,
+                                             w->index + i * cap, w->sure + i * cap, w->counts + i, w->tmp, &failed);
+                w->thr[i] = cutoff > w->thr[i] ? cutoff : w->thr[i];
+            }
+            score_strip(w, b, steps, kpad, j0, nk);
+            raise_thresholds(s, w, at, (low[b] - j0 < nk ? low[b] - j0 : nk) / T);
+            failed |= select_keys(s, w, q0 + at * s->q_row, keys, w->strip, w->kn + j0, at, nq, j0, nk, low[b]);
+        }
+    }
+    for (int64_t i = 0; i < rows; i++) {
+        float *lo = w->lo + i * cap, *hi = w->hi + i * cap;
+        int32_t *ix = w->index + i * cap;
+        uint8_t *sure = w->sure + i * cap;
+        int64_t n = w->counts[i];
+        if (n >= k) {  /* the pairs reaching the k-th best lower end hold the k best */
+            for (int64_t c = 0; c < n; c++) w->tmp[c] = ordered(lo[c]);
+            n = keep_reaching(lo, hi, ix, sure, n, from_ordered(kth_bound(w->tmp, n, k, 16)));
+        }
+        failed |= make_sure(s, q0 + i * s->q_row, keys, lo, hi, ix, sure, n);
+        failed |= finish_row(s, g, r0 + i, lo, ix, n, w->lim[i], w->tmp);
+    }
+    return failed;
+}
+
+/* One thread's scratch carved from one allocation (64-byte aligned parts); 0 when it fails. */
+static int scratch_of(const search *s, tile_scratch *w, void **block) {
+    const int64_t kpad = (s->d + TK - 1) / TK * TK, cap = s->cap, keys = (s->n + BLOCK - 1) / BLOCK * BLOCK;
+    void **part[] = {(void **)&w->queries, (void **)&w->keys, (void **)&w->qn, (void **)&w->kn, (void **)&w->lim,
+                     (void **)&w->thr, (void **)&w->strip, (void **)&w->best, (void **)&w->lo, (void **)&w->hi,
+                     (void **)&w->index, (void **)&w->sure, (void **)&w->counts, (void **)&w->tmp};
+    const int64_t size[] = {2 * SPAN * kpad, 2 * keys * kpad, 4 * SPAN, 4 * keys, 4 * SPAN, 4 * SPAN,
+                            4 * STRIP * BLOCK, 4 * STRIP / T * BLOCK, 4 * SPAN * cap, 4 * SPAN * cap, 4 * SPAN * cap,
+                            SPAN * cap, 8 * SPAN, 4 * RANK_SCRATCH(cap)};
+    int64_t total = 0;
+    for (size_t i = 0; i < sizeof size / sizeof *size; i++) total += (size[i] + 63) / 64 * 64;
+    char *base = *block = aligned_alloc(64, (size_t)total);
+    for (size_t i = 0; base && i < sizeof size / sizeof *size; i++) {
+        *part[i] = base;
+        base += (size[i] + 63) / 64 * 64;
+    }
+    return *block != NULL;
+}
+
+static int tile_items(const search *s, int64_t first, int64_t step, int64_t items) {
+    tile_scratch w;
+    void *block;
+    if (!scratch_of(s, &w, &block)) return 1;
+    tile_config config = {.palette = 1};
+    for (int t = 0; t < 8; t++) {
+        config.colsb[t] = TK * 2;
+        config.rows[t] = T;
+    }
+    _tile_loadconfig(&config);
+    int failed = 0;
+    for (int64_t item = first; item < items && !failed; item += step) {
+        int64_t g, r0, r1;
+        item_rows(s, item, BLOCK, &g, &r0, &r1);
+        if (r0 < r1) failed |= tile_rows(s, g, r0, r1, &w);
+    }
+    _tile_release();
+    free(block);
+    return failed;
+}
+
+int tiles_search(const search *s, int64_t items, int64_t threads, int *failed) {
+    if (s->d > MAX_DIM || s->n * s->k_row >= ((int64_t)1 << 31) || !tiles_usable()) return 0;
+    int bad = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)threads) reduction(| : bad)
+    bad |= tile_items(s, omp_get_thread_num(), omp_get_num_threads(), items);
+#else
+    bad = tile_items(s, 0, 1, items);
+#endif
+    *failed = bad;
+    return 1;
+}
+
+#else  /* no AMX in this build */
+int tiles_usable(void) { return 0; }
+int tiles_search(const search *s, int64_t items, int64_t threads, int *failed) {
+    (void)s, (void)items, (void)threads, (void)failed;
+    return 0;
+}
+#endif
