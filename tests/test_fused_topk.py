@@ -156,9 +156,10 @@ def tiles_and_registers(monkeypatch, queries, keys, k, limit=None):
 needs_tiles = pytest.mark.skipif(native.library() is None or not native.library().tiles_usable(),
                                  reason="no AMX tiles on this CPU (or the OS does not grant them)")
 
-# (batch, kv_heads, queries, slots, dim, k): the register layouts, one tile row of dims (8, 13, 16) and two (40, 64),
-# two strips of keys (9,000 slots, the second with per-query limits inside it), 70 rows (a block of 32 left short)
-TILE_LAYOUTS = [*LAYOUTS, (1, 2, 70, 9000, 24, 16), (2, 1, 33, 2100, 64, 100)]
+# (batch, kv_heads, queries, slots, dim, k): the register layouts (those with k > 64 or fewer than 40 slots a pick
+# stay on registers), one tile row of dims (8, 13, 16, 24) and two (40, 64), a full strip (8,192 slots), 70 and 33 rows
+# (blocks of 32 left short), k = 64
+TILE_LAYOUTS = [*LAYOUTS, (1, 2, 70, 8192, 24, 16), (2, 1, 33, 2600, 64, 64), (1, 3, 40, 2000, 16, 7)]
 
 
 @needs_tiles

@@ -1,5 +1,6 @@
 /* The exact top-k search scored on AMX tiles (Intel Xeon since Sapphire Rapids) where the build, the OS and the
-   head dim (at most 64) allow it; fused_topk.c asks here first and keeps its SIMD register path otherwise.
+   head dim (at most 64) allow it and the tiles win (`tiles_win`: k at most 64, at least 40 k and at most 8,192 slots);
+   fused_topk.c asks here first and keeps its SIMD register path otherwise.
 
    Queries and keys are rounded to bfloat16 and tile multiplies (TDPBF16PS: exact products, float32 sums) give
    scores s~ = q~ . k~ at a sixteenth of float32 FMAs' instructions. The float32 score s of the register path (the
@@ -36,7 +37,8 @@
 #define T 16                       /* rows of a tile, and its float32 columns */
 #define TK 32                      /* bfloat16 entries of a tile row */
 #define BLOCK (2 * T)              /* keys and queries of a 2 x 2 block of tiles */
-#define STRIP 8192                 /* keys scored before their selection: 1 MiB of scores, within L2 */
+#define STRIP 8192                 /* the most keys the path takes, all scored for a block of queries before their
+                                      selection: 1 MiB of scores, within L2 */
 #define MAX_DIM (2 * TK)           /* head dims the path takes: a block's queries fit four tiles */
 
 typedef struct {
@@ -63,11 +65,11 @@ typedef struct {  /* one thread's scratch, for up to SPAN query rows */
     int32_t *tmp;      /* [RANK_SCRATCH(cap)] */
 } tile_scratch;
 
-/* Keys j0 .. j0 + nk - 1 (their s~ rows from `scores`, norms from `kn`) against the BLOCK queries from span row
+/* Keys 0 .. nk - 1 (their s~ rows from `scores`, norms from `kn`) against the BLOCK queries from span row
    `at` (nq of them live): each key whose upper end beats a row's threshold joins that row's buffer. Returns 1 on a
    NaN. */
 static int select_keys(const search *s, tile_scratch *w, const float *q0, const float *keys, const float *scores,
-                       const float *kn, int64_t at, int64_t nq, int64_t j0, int64_t nk, int64_t low) {
+                       const float *kn, int64_t at, int64_t nq, int64_t nk, int64_t low) {
     const int64_t cap = s->cap;
     float *restrict lo = w->lo, *restrict hi = w->hi;
     int32_t *restrict index = w->index;
@@ -81,7 +83,7 @@ static int select_keys(const search *s, tile_scratch *w, const float *q0, const 
     __m512 t0 = _mm512_loadu_ps(w->thr + at), t1 = _mm512_loadu_ps(w->thr + at + T);
     const __m512i l0 = _mm512_loadu_si512(w->lim + at), l1 = _mm512_loadu_si512(w->lim + at + T);
     for (int64_t r = 0; r < nk; r++) {
-        const int64_t j = j0 + r;
+        const int64_t j = r;
         const __m512 norm = _mm512_set1_ps(kn[r]), s0 = _mm512_loadu_ps(scores + r * BLOCK),
                      s1 = _mm512_loadu_ps(scores + r * BLOCK + T);
         const __m512 h0 = _mm512_fmadd_ps(qn0, norm, s0), h1 = _mm512_fmadd_ps(qn1, norm, s1);
@@ -216,14 +218,14 @@ static inline void score_tile(const uint16_t *ka, int64_t kpad, int64_t steps, i
     _tile_stored(1, out + T, BLOCK * 4);
 }
 
-/* The s~ of keys [j0, j0 + nk) (zero keys past the end up to a whole tile) against the queries of register block
-   b into w->strip, and each tile of T keys' best lower end into w->best. */
-static void score_strip(tile_scratch *w, int64_t b, int64_t steps, int64_t kpad, int64_t j0, int64_t nk) {
+/* The s~ of keys [0, nk) (zero keys past the end up to a whole tile) against the queries of register block b
+   into w->strip, and each tile of T keys' best lower end into w->best. */
+static void score_strip(tile_scratch *w, int64_t b, int64_t steps, int64_t kpad, int64_t nk) {
     hold_queries(w, b, steps);
     for (int64_t kt = 0; kt * T < nk; kt++) {
         float *out = w->strip + kt * T * BLOCK;
-        score_tile(w->keys + (j0 + kt * T) * kpad, kpad, steps, (int)(kt & 1), out);
-        group_best(w, b * BLOCK, out, w->kn + j0 + kt * T, w->best + kt * BLOCK);
+        score_tile(w->keys + kt * T * kpad, kpad, steps, (int)(kt & 1), out);
+        group_best(w, b * BLOCK, out, w->kn + kt * T, w->best + kt * BLOCK);
     }
 }
 
@@ -257,20 +259,11 @@ static int tile_rows(const search *s, int64_t g, int64_t r0, int64_t r1, tile_sc
             memset(w->keys + j * kpad, 0, sizeof(uint16_t) * kpad);
         }
     }
-    for (int64_t b = 0; b < blocks; b++) {
+    for (int64_t b = 0; b < blocks; b++) {  /* all keys in one strip (tiles_win) */
         const int64_t at = b * BLOCK, nq = rows - at < BLOCK ? rows - at : BLOCK;
-        for (int64_t j0 = 0; j0 < reach; j0 += STRIP) {
-            const int64_t nk = reach - j0 < STRIP ? reach - j0 : STRIP;
-            for (int64_t i = at; j0 > 0 && i < at + nq; i++) {  /* the buffer's k-th best lower end so far */
-                if (w->counts[i] <= k) continue;
-                float cutoff = cut_intervals(s, q0 + i * s->q_row, keys, w->lo + i * cap, w->hi + i * cap,
-                                             w->index + i * cap, w->sure + i * cap, w->counts + i, w->tmp, &failed);
-                w->thr[i] = cutoff > w->thr[i] ? cutoff : w->thr[i];
-            }
-            score_strip(w, b, steps, kpad, j0, nk);
-            raise_thresholds(s, w, at, (low[b] - j0 < nk ? low[b] - j0 : nk) / T);
-            failed |= select_keys(s, w, q0 + at * s->q_row, keys, w->strip, w->kn + j0, at, nq, j0, nk, low[b]);
-        }
+        score_strip(w, b, steps, kpad, reach);
+        raise_thresholds(s, w, at, low[b] / T);
+        failed |= select_keys(s, w, q0 + at * s->q_row, keys, w->strip, w->kn, at, nq, reach, low[b]);
     }
     for (int64_t i = 0; i < rows; i++) {
         float *lo = w->lo + i * cap, *hi = w->hi + i * cap;
@@ -339,8 +332,15 @@ static int tile_items(const search *s, int64_t first, int64_t step, int64_t item
     return failed;
 }
 
+/* Where the tiles win, one thread, 2 KV heads x 256 queries, dim 40 (registers -> tiles, ms): 1,280 slots k 32
+   1.10 -> 0.94, k 64 1.41 -> 1.59, k 128 4.46 -> 8.73; 8,192 slots k 32 3.35 -> 2.39, k 64 3.97 -> 3.23, k 128
+   9.43 -> 10.80; 32,768 slots in four strips (each strip's bound, the buffer cut between strips) k 32 9.30 -> 9.47,
+   k 64 14.6 -> 15.5. Past k = 64, with fewer than 40 slots a pick (too few groups for a tight bound), or with more
+   slots than one strip, the registers run. */
+static int tiles_win(const search *s) { return s->k <= 64 && s->n >= 40 * s->k && s->n <= STRIP; }
+
 int tiles_search(const search *s, int64_t items, int64_t threads, int *failed) {
-    if (s->d > MAX_DIM || s->n * s->k_row >= ((int64_t)1 << 31) || !tiles_usable()) return 0;
+    if (s->d > MAX_DIM || !tiles_win(s) || s->n * s->k_row >= ((int64_t)1 << 31) || !tiles_usable()) return 0;
     int bad = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads((int)threads) reduction(| : bad)
