@@ -3,6 +3,7 @@ then inside methods' runs.
 
     python benchmarks/bench_native.py [--model PATH | --random-model 62m] [--methods fot,memorizing_transformer]
                                       [--length 16384] [--segment-len 128] [--repeats 4] [--threads 2]
+    python benchmarks/bench_native.py --shapes 2x256x8192x40x32,2x256x1280x40x64 [--repeats 4] [--threads 1]
 
 Part 1 times `retrieval.topk_exact` on each exact top-k method's own search shape (its KV heads, its queries a
 segment, its full memory, its k) three ways, alternating: the numpy path (`UNIMEM_BENCH_FUSED_TOPK=0`), the fused
@@ -11,7 +12,8 @@ and checks that all give the same picks. Part 2 scores one random document per m
 method on the numpy search and the PyTorch read (all kernels off); with the fused search on registers; with the
 native read of the picked slots (`picked_read`) too; with the search on tiles too (the engine's default on CPU),
 in alternating order `--repeats` times: medians of the per-token time and each variant's ratio to vanilla. All
-run in this process, so the ratios compare runs taken side by side.
+run in this process, so the ratios compare runs taken side by side. `--shapes` times part 1 alone on given search
+shapes (KV heads x query rows x slots x head dim x k), no model loaded.
 """
 
 from __future__ import annotations
@@ -65,6 +67,26 @@ def time_search(shape: tuple[int, int, int, int, int], repeats: int) -> tuple[di
     return {way: statistics.median(t) * 1e3 for way, t in times.items()}, same
 
 
+def time_shapes(shapes: str, repeats: int, threads: int) -> int:
+    """Part 1 on the given search shapes (`--shapes`)."""
+    try:
+        parsed = [tuple(int(x) for x in shape.split("x")) for shape in shapes.split(",")]
+    except ValueError:
+        parsed = []
+    if not parsed or any(len(shape) != 5 or min(shape) < 1 or shape[4] >= shape[2] for shape in parsed):
+        print(f"bench_native: --shapes {shapes!r}: give HEADSxROWSxSLOTSxDIMxK, comma-separated, with K below SLOTS "
+              "(e.g. 2x256x8192x40x32)", file=sys.stderr)
+        return 2
+    set_threads(threads)
+    print(f"search alone, {threads} thread(s) (median of {5 * repeats} alternating runs)")
+    for shape in parsed:
+        ms, same = time_search(shape, repeats)  # type: ignore[arg-type]
+        print(f"  [{shape[0]} KV heads x {shape[1]} queries x {shape[2]} slots, dim {shape[3]}, k {shape[4]}]: "
+              f"numpy {ms['numpy']:.2f} ms, registers {ms['registers']:.2f} ms, tiles {ms['tiles']:.2f} ms "
+              f"(x{ms['tiles'] / ms['registers']:.2f} registers), same picks: {same}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a model folder (default: the tiny random model)")
@@ -74,11 +96,14 @@ def main() -> int:
     parser.add_argument("--segment-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shapes", default="", help="HEADSxROWSxSLOTSxDIMxK,...: part 1 alone on these shapes")
     args = parser.parse_args()
     if native.library() is None:
         print("bench_native: the kernels cannot be built here (no C compiler, or no SIMD): nothing to compare; "
               "install a C compiler (cc) with OpenMP", file=sys.stderr)
         return 2
+    if args.shapes:
+        return time_shapes(args.shapes, args.repeats, args.threads)
     spec = PREFIX + args.random_model if args.random_model else args.model
     names = args.methods.split(",")
     try:  # from the config alone, before any weights load
