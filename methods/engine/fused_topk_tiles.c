@@ -37,6 +37,7 @@
 #define T 16                       /* rows of a tile, and its float32 columns */
 #define TK 32                      /* bfloat16 entries of a tile row */
 #define BLOCK (2 * T)              /* keys and queries of a 2 x 2 block of tiles */
+#define LIST 64                    /* keys whose hits are listed before they are buffered */
 #define STRIP 8192                 /* the most keys the path takes, all scored for a block of queries before their
                                       selection: 1 MiB of scores, within L2 */
 #define MAX_DIM (2 * TK)           /* head dims the path takes: a block's queries fit four tiles */
@@ -82,55 +83,65 @@ static int select_keys(const search *s, tile_scratch *w, const float *q0, const 
     const __m512 inf = _mm512_set1_ps(INFINITY);
     __m512 t0 = _mm512_loadu_ps(w->thr + at), t1 = _mm512_loadu_ps(w->thr + at + T);
     const __m512i l0 = _mm512_loadu_si512(w->lim + at), l1 = _mm512_loadu_si512(w->lim + at + T);
-    for (int64_t r = 0; r < nk; r++) {
-        const int64_t j = r;
-        const __m512 norm = _mm512_set1_ps(kn[r]), s0 = _mm512_loadu_ps(scores + r * BLOCK),
-                     s1 = _mm512_loadu_ps(scores + r * BLOCK + T);
-        const __m512 h0 = _mm512_fmadd_ps(qn0, norm, s0), h1 = _mm512_fmadd_ps(qn1, norm, s1);
-        uint32_t hit = ((uint32_t)_mm512_cmp_ps_mask(h0, t0, _CMP_NLE_UQ) |
-                        (uint32_t)_mm512_cmp_ps_mask(h1, t1, _CMP_NLE_UQ) << T) & live;
-        if (j >= low) {  /* rows whose limit is at or before key j do not read it */
-            __m512i jv = _mm512_set1_epi32((int32_t)j);
-            hit &= (uint32_t)_mm512_cmpgt_epi32_mask(l0, jv) | (uint32_t)_mm512_cmpgt_epi32_mask(l1, jv) << T;
+    int32_t found[LIST];   /* keys of a run of LIST that some row takes, and those rows */
+    uint32_t takers[LIST];
+    for (int64_t r0 = 0; r0 < nk; r0 += LIST) {
+        const int64_t r1 = nk - r0 < LIST ? nk : r0 + LIST;
+        int64_t m = 0;
+        for (int64_t r = r0; r < r1; r++) {  /* no branch on the hits: the list grows by one where a row takes key r */
+            const __m512 norm = _mm512_set1_ps(kn[r]);
+            const __m512 h0 = _mm512_fmadd_ps(qn0, norm, _mm512_loadu_ps(scores + r * BLOCK));
+            const __m512 h1 = _mm512_fmadd_ps(qn1, norm, _mm512_loadu_ps(scores + r * BLOCK + T));
+            uint32_t hit = ((uint32_t)_mm512_cmp_ps_mask(h0, t0, _CMP_NLE_UQ) |
+                            (uint32_t)_mm512_cmp_ps_mask(h1, t1, _CMP_NLE_UQ) << T) & live;
+            if (r >= low) {  /* rows whose limit is at or before key r do not read it */
+                __m512i jv = _mm512_set1_epi32((int32_t)r);
+                hit &= (uint32_t)_mm512_cmpgt_epi32_mask(l0, jv) | (uint32_t)_mm512_cmpgt_epi32_mask(l1, jv) << T;
+            }
+            found[m] = (int32_t)r;
+            takers[m] = hit;
+            m += hit != 0;
         }
-        if (!hit) continue;
-        const __m512 e0 = _mm512_fnmadd_ps(qn0, norm, s0), e1 = _mm512_fnmadd_ps(qn1, norm, s1);
-        _mm512_storeu_ps(ends, e0);
-        _mm512_storeu_ps(ends + T, e1);
-        _mm512_storeu_ps(ends + BLOCK, h0);
-        _mm512_storeu_ps(ends + BLOCK + T, h1);
-        /* rows whose interval is not finite (NaN, inf, a norm over 2^60): the float32 score decides at once */
-        uint32_t odd = hit & ~((uint32_t)_mm512_cmp_ps_mask(_mm512_sub_ps(h0, e0), inf, _CMP_LT_OQ) |
-                               (uint32_t)_mm512_cmp_ps_mask(_mm512_sub_ps(h1, e1), inf, _CMP_LT_OQ) << T);
-        for (uint32_t left = odd; left; left &= left - 1) {
-            const int i = __builtin_ctz(left);
-            const float *q = q0 + i * s->q_row;
-            float s32 = 0.0f;
-            for (int64_t t = 0; t < s->d; t++) s32 = fmaf(keys[j * s->k_row + t], q[t], s32);
-            failed |= s32 != s32;
-            ends[i] = ends[BLOCK + i] = s32;
-            if (!(s32 > w->thr[at + i])) hit &= ~(1u << i);
-        }
-        int cut = 0;
-        while (hit) {
-            const int i = __builtin_ctz(hit);
-            hit &= hit - 1;
-            const int64_t a = at + i, c = counts[a]++;
-            lo[a * cap + c] = ends[i];
-            hi[a * cap + c] = ends[BLOCK + i];
-            index[a * cap + c] = (int32_t)j;
-            sure[a * cap + c] = (uint8_t)(odd >> i & 1u);
-            if (c + 1 == cap) {
-                float cutoff = cut_intervals(s, q0 + i * s->q_row, keys, lo + a * cap, hi + a * cap,
-                                             index + a * cap, sure + a * cap, counts + a, w->tmp, &failed);
-                w->thr[a] = cutoff > w->thr[a] ? cutoff : w->thr[a];  /* both are bounds; the higher serves */
-                cut = 1;
+        for (int64_t f = 0; f < m; f++) {
+            const int64_t j = found[f];
+            uint32_t hit = takers[f];
+            const __m512 norm = _mm512_set1_ps(kn[j]), s0 = _mm512_loadu_ps(scores + j * BLOCK),
+                         s1 = _mm512_loadu_ps(scores + j * BLOCK + T);
+            const __m512 h0 = _mm512_fmadd_ps(qn0, norm, s0), h1 = _mm512_fmadd_ps(qn1, norm, s1);
+            const __m512 e0 = _mm512_fnmadd_ps(qn0, norm, s0), e1 = _mm512_fnmadd_ps(qn1, norm, s1);
+            _mm512_storeu_ps(ends, e0);
+            _mm512_storeu_ps(ends + T, e1);
+            _mm512_storeu_ps(ends + BLOCK, h0);
+            _mm512_storeu_ps(ends + BLOCK + T, h1);
+            /* rows whose interval is not finite (NaN, inf, a norm over 2^60): the float32 score decides at once */
+            uint32_t odd = hit & ~((uint32_t)_mm512_cmp_ps_mask(_mm512_sub_ps(h0, e0), inf, _CMP_LT_OQ) |
+                                   (uint32_t)_mm512_cmp_ps_mask(_mm512_sub_ps(h1, e1), inf, _CMP_LT_OQ) << T);
+            for (uint32_t left = odd; left; left &= left - 1) {
+                const int i = __builtin_ctz(left);
+                const float *q = q0 + i * s->q_row;
+                float s32 = 0.0f;
+                for (int64_t t = 0; t < s->d; t++) s32 = fmaf(keys[j * s->k_row + t], q[t], s32);
+                failed |= s32 != s32;
+                ends[i] = ends[BLOCK + i] = s32;
+                if (!(s32 > w->thr[at + i])) hit &= ~(1u << i);
+            }
+            while (hit) {
+                const int i = __builtin_ctz(hit);
+                hit &= hit - 1;
+                const int64_t a = at + i, c = counts[a]++;
+                lo[a * cap + c] = ends[i];
+                hi[a * cap + c] = ends[BLOCK + i];
+                index[a * cap + c] = (int32_t)j;
+                sure[a * cap + c] = (uint8_t)(odd >> i & 1u);
+                if (c + 1 == cap) {
+                    float cutoff = cut_intervals(s, q0 + i * s->q_row, keys, lo + a * cap, hi + a * cap,
+                                                 index + a * cap, sure + a * cap, counts + a, w->tmp, &failed);
+                    w->thr[a] = cutoff > w->thr[a] ? cutoff : w->thr[a];  /* both are bounds; the higher serves */
+                }
             }
         }
-        if (cut) {
-            t0 = _mm512_loadu_ps(w->thr + at);
-            t1 = _mm512_loadu_ps(w->thr + at + T);
-        }
+        t0 = _mm512_loadu_ps(w->thr + at);  /* raised by the cuts, if any */
+        t1 = _mm512_loadu_ps(w->thr + at + T);
     }
     return failed;
 }
