@@ -156,10 +156,11 @@ def tiles_and_registers(monkeypatch, queries, keys, k, limit=None):
 needs_tiles = pytest.mark.skipif(native.library() is None or not native.library().tiles_usable(),
                                  reason="no AMX tiles on this CPU (or the OS does not grant them)")
 
-# (batch, kv_heads, queries, slots, dim, k): the register layouts (those with k > 64 or fewer than 40 slots a pick
-# stay on registers), one tile row of dims (8, 13, 16, 24) and two (40, 64), a full strip (8,192 slots), 70 and 33 rows
-# (blocks of 32 left short), k = 64
-TILE_LAYOUTS = [*LAYOUTS, (1, 2, 70, 8192, 24, 16), (2, 1, 33, 2600, 64, 64), (1, 3, 40, 2000, 16, 7)]
+# (batch, kv_heads, queries, slots, dim, k), all routed to tiles (k <= 64, 40 k to 8,192 slots): the register layouts
+# that are, one tile row of dims (8, 13, 16, 24) and two (40, 64), a full strip (8,192 slots), 70 and 33 rows (blocks
+# of 32 left short), k = 64
+TILE_LAYOUTS = [layout for layout in LAYOUTS if layout[5] <= 64 and 40 * layout[5] <= layout[3] <= 8192] + [
+    (1, 2, 70, 8192, 24, 16), (2, 1, 33, 2600, 64, 64), (1, 3, 40, 2000, 16, 7)]
 
 
 @needs_tiles
@@ -199,9 +200,9 @@ def test_tiles_decline_as_the_registers_do(monkeypatch):
     nan_keys = keys.clone()
     nan_keys[0, 0, 300, 3] = float("nan")
     assert tiles_and_registers(monkeypatch, queries, nan_keys, 8) == (None, None)
-    ones, minus = torch.ones(1, 1, 20, 4), torch.ones(1, 1, 60, 4)
-    minus[..., 30:, :] = float("-inf")
-    assert tiles_and_registers(monkeypatch, ones, minus, 40, torch.full((20,), 50)) == (None, None)
+    ones, minus = torch.ones(1, 1, 20, 4), torch.ones(1, 1, 400, 4)
+    minus[..., 3:, :] = float("-inf")  # keys 3.. score -inf; with a limit of 50 a row holds fewer than k = 8 others
+    assert tiles_and_registers(monkeypatch, ones, minus, 8, torch.full((20,), 50)) == (None, None)
     wide_q, wide_k = torch.randn(1, 1, 20, 80, generator=g), torch.randn(1, 1, 300, 80, generator=g)
     tiles, registers = tiles_and_registers(monkeypatch, wide_q, wide_k, 8)
     assert torch.equal(tiles[0], registers[0]) and torch.equal(tiles[1], registers[1])

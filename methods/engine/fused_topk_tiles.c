@@ -36,7 +36,7 @@
 #define XFEATURE_XTILEDATA 18      /* ...the tiles' data */
 #define T 16                       /* rows of a tile, and its float32 columns */
 #define TK 32                      /* bfloat16 entries of a tile row */
-#define BLOCK (2 * T)              /* keys and queries of a 2 x 2 block of tiles */
+#define BLOCK (2 * T)              /* query rows scored together: two tiles of queries */
 #define LIST 64                    /* keys whose hits are listed before they are buffered */
 #define STRIP 8192                 /* the most keys the path takes, all scored for a block of queries before their
                                       selection: 1 MiB of scores, within L2 */
