@@ -1,6 +1,7 @@
 """The native read of picked memory slots (`picked_read`): the PyTorch path's merged output and a float64
-reference's, for given logits and for slots scored against the bank, over strided banks, missing slots, -inf and
-NaN logits; the engine's top-k and chunk reads the same with the kernel and without; what it declines."""
+reference's, for given logits, for slots scored against the bank and for keys rotated to their slots' positions
+first (Unlimiformer's scaled positions), over strided banks, missing slots, -inf and NaN logits; the engine's top-k
+and chunk reads the same with the kernel and without; what it declines."""
 
 from __future__ import annotations
 
@@ -11,13 +12,21 @@ from helpers import random_docs, tiny_llama
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.methods.engine import native, picked_read
 from unimem_bench.methods.engine.attention import merge_picked
+from unimem_bench.methods.engine.kernels import rotate
 
 pytestmark = pytest.mark.skipif(native.library() is None,
                                 reason="no C compiler here: the native kernels cannot be built")
 
 
-def reference(queries, keys, values, slots, offset, logits, out, lse, scale):
-    """float64, one query row at a time: softmax over [the local log-sum-exp; the found slots' scaled logits]."""
+def turned(key, cos, sin):
+    """A key [..., dim] rotated by RoPE tables [..., dim] (transformers' half rotation), written out here."""
+    half = key.shape[-1] // 2
+    return key * cos + torch.cat([-key[..., half:], key[..., :half]], dim=-1) * sin
+
+
+def reference(queries, keys, values, slots, offset, logits, out, lse, scale, place=None):
+    """float64, one query row at a time: softmax over [the local log-sum-exp; the found slots' scaled logits]
+    (keys rotated by `place`'s rows at their slots first, when given)."""
     batch, heads, rows, dim = queries.shape
     merged = torch.empty(batch, heads, rows, dim, dtype=torch.float64)
     for b in range(batch):
@@ -27,8 +36,10 @@ def reference(queries, keys, values, slots, offset, logits, out, lse, scale):
                 for j, slot in enumerate(slots[b, h, i].tolist()):
                     if slot < 0:
                         continue
-                    raw = (logits[b, h, i, j].double() if logits is not None
-                           else queries[b, h, i].double() @ keys[b, h, slot + offset].double())
+                    key = keys[b, h, slot + offset].double()
+                    if place is not None:
+                        key = turned(key, *(t[slot + offset].double() for t in place))
+                    raw = logits[b, h, i, j].double() if logits is not None else queries[b, h, i].double() @ key
                     if bool(torch.isnan(raw)) or raw == float("-inf"):
                         continue
                     parts.append((raw * scale, values[b, h, slot + offset].double()))
@@ -37,15 +48,19 @@ def reference(queries, keys, values, slots, offset, logits, out, lse, scale):
     return merged
 
 
-def torch_path(queries, keys, values, slots, offset, logits, out, lse, scale):
-    """`attention.merge_topk`'s PyTorch path for the same inputs (gathers, product, `merge_picked`), in float32."""
+def torch_path(queries, keys, values, slots, offset, logits, out, lse, scale, place=None):
+    """`attention.merge_topk`'s PyTorch path for the same inputs (gathers, `kernels.rotate` of the picked keys with
+    `place`, product, `merge_picked`), in float32."""
     found = slots >= 0
     idx = slots.clamp(min=0) + offset
     picked_v = torch.stack([values[b, h][idx[b, h]] for b in range(idx.shape[0]) for h in range(idx.shape[1])])
     picked_v = picked_v.view(*idx.shape, -1)  # [batch, kv_heads, q, k, dim]
     if logits is None:
         picked_k = torch.stack([keys[b, h][idx[b, h]] for b in range(idx.shape[0]) for h in range(idx.shape[1])])
-        logits = torch.einsum("bhqd,bhqkd->bhqk", queries, picked_k.view(*idx.shape, -1))
+        picked_k = picked_k.view(*idx.shape, -1)  # [batch, kv_heads, q, k, dim]
+        if place is not None:
+            picked_k = rotate(picked_k, *(t[idx] for t in place))
+        logits = torch.einsum("bhqd,bhqkd->bhqk", queries, picked_k)
     found = found & (logits > float("-inf"))
     return merge_picked(out, lse, (logits * scale).masked_fill(~found, float("-inf")), picked_v)
 
@@ -69,28 +84,39 @@ def inputs(batch: int, heads: int, rows: int, n: int, dim: int, k: int, seed: in
     return queries, keys, values, slots, offset, logits, out, lse
 
 
+def tables(n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (cos, sin) [n, dim] at scattered positions up to 5,000: each slot its own rotation."""
+    positions = torch.randperm(5000, generator=torch.Generator().manual_seed(n))[:n].double()
+    angles = positions[:, None] / 10000 ** (torch.arange(0, dim, 2).double() / dim)  # [n, dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
 # (batch, kv_heads, query rows, slots, dim, k): Memorizing Transformer's reference-model shape scaled down, LongMem's
 # chunk read (k = 8 slots of 2 chunks), one KV head over three batch rows, a row of one slot, dim past 64
 LAYOUTS = [(1, 2, 24, 300, 40, 32), (2, 3, 7, 50, 16, 8), (3, 1, 5, 40, 8, 1), (1, 1, 3, 20, 130, 4)]
 
 
-@pytest.mark.parametrize("scored", [False, True], ids=["logits given", "scored here"])
+@pytest.mark.parametrize("way", ["logits given", "scored here", "rotated and scored here"])
 @pytest.mark.parametrize("batch,heads,rows,n,dim,k", LAYOUTS)
-def test_read_equals_the_torch_path_and_a_float64_reference(scored, batch, heads, rows, n, dim, k):
+def test_read_equals_the_torch_path_and_a_float64_reference(way, batch, heads, rows, n, dim, k):
     queries, keys, values, slots, offset, logits, out, lse = inputs(batch, heads, rows, n, dim, k, n + k)
     slots[..., 0] = torch.arange(slots.shape[2]) % (n - offset)  # every row finds a slot: an own softmax is defined
+    scored = way != "logits given"
     given = None if scored else logits
     if given is not None:
         given[..., 0] = 1.0
-    got = picked_read.merge(queries, keys if scored else None, values, slots, offset, given, out, lse, 0.3)
+    place = tables(n, dim) if way == "rotated and scored here" else None
+    args = (queries, keys if scored else None, values, slots, offset, given)
+    got = picked_read.merge(*args, out, lse, 0.3, place=place)
     assert got is not None, "the kernel declined a read it should run"
-    expected = reference(queries, keys, values, slots, offset, given, out, lse, 0.3)
+    expected = reference(queries, keys, values, slots, offset, given, out, lse, 0.3, place)
     torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(got, torch_path(queries, keys, values, slots, offset, given, out, lse, 0.3),
+    torch.testing.assert_close(got, torch_path(queries, keys, values, slots, offset, given, out, lse, 0.3, place),
                                atol=2e-6, rtol=1e-5)
-    own = picked_read.merge(queries, keys if scored else None, values, slots, offset, given, None, None, 0.3)
+    own = picked_read.merge(*args, None, None, 0.3, place=place)
     assert own is not None, "the kernel declined its own softmax"
-    expected = reference(queries, keys, values, slots, offset, given, None, None, 0.3)
+    expected = reference(queries, keys, values, slots, offset, given, None, None, 0.3, place)
     torch.testing.assert_close(own.double(), expected, atol=2e-6, rtol=1e-5)
 
 
@@ -124,6 +150,18 @@ def test_read_declines_what_the_caller_reads_itself(monkeypatch):
     too_far = slots.clone()
     too_far[0, 0, 0, 0] = values.shape[2] - offset  # one past the bank: the kernel does not check bounds
     assert picked_read.merge(queries, None, values, too_far, offset, logits.detach(), out, lse, 0.5) is None
+    place = tables(30, 8)
+    assert picked_read.merge(queries, keys, values, slots, offset, None, out, lse, 0.5, place=place) is not None
+    # rotation tables: only for keys scored here, rows for every slot, one row a head dim wide, an even head dim
+    assert picked_read.merge(queries, keys, values, slots, offset, logits.detach(), out, lse, 0.5,
+                             place=place) is None
+    assert picked_read.merge(queries, keys, values, slots, offset, None, out, lse, 0.5,
+                             place=tuple(t[:-3] for t in place)) is None
+    assert picked_read.merge(queries, keys, values, slots, offset, None, out, lse, 0.5,
+                             place=tuple(t[:, :4] for t in place)) is None
+    odd = (queries[..., :7], keys[..., :7], values[..., :7], slots, offset, None, out[..., :7], lse)
+    assert picked_read.merge(*odd, 0.5) is not None
+    assert picked_read.merge(*odd, 0.5, place=tuple(t[:, :7].contiguous() for t in place)) is None
     monkeypatch.setenv(picked_read.SWITCH_ENV, "0")
     assert picked_read.merge(queries, None, values, slots, offset, logits.detach(), out, lse, 0.5) is None
 
@@ -132,9 +170,10 @@ def test_every_instruction_set_build_reads_the_same(instruction_set_build):
     lib = instruction_set_build
     for batch, heads, rows, n, dim, k in LAYOUTS:
         queries, keys, values, slots, offset, logits, out, lse = inputs(batch, heads, rows, n, dim, k, n)
-        got = picked_read.run(lib, queries, keys, values, slots, offset, None, out, lse, 0.3)
-        expected = reference(queries, keys, values, slots, offset, None, out, lse, 0.3)
-        torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
+        for place in (None, tables(n, dim)):
+            got = picked_read.run(lib, queries, keys, values, slots, offset, None, out, lse, 0.3, place)
+            expected = reference(queries, keys, values, slots, offset, None, out, lse, 0.3, place)
+            torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("name", "overrides"), [
@@ -144,15 +183,17 @@ def test_every_instruction_set_build_reads_the_same(instruction_set_build):
     ("unimix", []),
     ("memorizing_transformer", ["reading.chunk_size=4"]),
     ("memorizing_transformer", ["reading.chunk_size=4", "reading.chunk_key=bounds"]),
+    ("unlimiformer", []),
 ])
 def test_engine_reads_are_the_same_with_the_kernel_and_without(monkeypatch, one_thread, name, overrides):
-    """Every merge_topk read (top-k by torch and faiss, chunks by mean and bounds keys) and LongMem's memory
-    attention through the kernel against the PyTorch path, scored end to end; the kernel must have run."""
+    """Every merge_topk read (top-k by torch and faiss, chunks by mean and bounds keys, top-k at Unlimiformer's
+    scaled positions) and LongMem's memory attention through the kernel against the PyTorch path, scored end to
+    end; the kernel must have run."""
     model = tiny_llama()
     docs = random_docs([70, 53])
     config = METHODS.get(name).config(MethodContext(2, 8, 256), ["management.size=40", *overrides])
     merge, reads = picked_read.merge, []
-    monkeypatch.setattr(picked_read, "merge", lambda *args: reads.append(merge(*args)) or reads[-1])
+    monkeypatch.setattr(picked_read, "merge", lambda *args, **kw: reads.append(merge(*args, **kw)) or reads[-1])
     scores = {}
     for on in ("1", "0"):
         monkeypatch.setenv(picked_read.SWITCH_ENV, on)

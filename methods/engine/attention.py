@@ -256,6 +256,12 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
     else:
         logits, idx = topk_exact(q, mem.keys[:, :, lo:hi], k, limit=end - lo,
                                  lowest=max(0, ctx.end_bounds[0] - lo))
+        # scaled_memory: the picked keys rotated to their slots' scaled positions, scored and read in one native
+        # pass (no bank rotation, no gathers); a slot the search did not find (-inf, NaN) is not read.
+        if ctx.plan.topk_place is not None and (merged := picked_read.merge(
+                q, mem.keys, mem.values, idx.masked_fill(~(logits > float("-inf")), -1), lo, None, out_rows,
+                lse_rows, scale, place=ctx.plan.topk_place)) is not None:
+            return merged.reshape(batch, heads, seq, dim)
     if ctx.plan.topk_place is None and (merged := picked_read.merge(
             q, None, mem.values, idx, lo, logits, out_rows, lse_rows, scale)) is not None:
         return merged.reshape(batch, heads, seq, dim)  # the picked values read and merged in one native pass

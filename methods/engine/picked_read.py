@@ -38,35 +38,41 @@ def enabled() -> bool:
 
 def merge(queries: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor, slots: torch.Tensor, offset: int,
           logits: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor | None,
-          scale: float) -> torch.Tensor | None:
+          scale: float, place: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """One softmax over each query's local keys (`out`, `lse`) and its picked bank slots.
 
     queries [batch, kv_heads, q, dim]; keys, values: banks [batch, kv_heads, n, dim] (keys only read when `logits`
     is None); slots [batch, kv_heads, q, k]: slot `offset + slots` of the bank, < 0 for none; logits [batch,
     kv_heads, q, k]: the slots' raw inner products, or None to score them here; out [batch, kv_heads, q, dim] and
     lse [batch, kv_heads, q]: the local attention's output and log-sum-exp (scaled), or both None for the picked
-    slots' own softmax (LongMem's memory attention). A slot without a key, or of NaN or -inf logit, takes no
-    weight. Returns the merged output [batch, kv_heads, q, dim], or None where the kernel does not apply (module
-    docstring).
+    slots' own softmax (LongMem's memory attention); place: (cos, sin) [bank slots, dim], each scored key rotated
+    to its slot's position first (position.scaled_memory; only with `logits` None). A slot without a key, or of NaN
+    or -inf logit, takes no weight. Returns the merged output [batch, kv_heads, q, dim], or None where the kernel
+    does not apply (module docstring).
     """
     batch, heads, rows, dim = queries.shape
     k = slots.shape[-1]
-    tensors = [t for t in (queries, keys, values, logits, out, lse) if t is not None]
+    tables = () if place is None else place
+    tensors = [t for t in (queries, keys, values, logits, out, lse, *tables) if t is not None]
     banks = [values] if keys is None else [keys, values]
     if not (enabled() and scale > 0 and k + dim <= MAX_SCRATCH and (out is None) == (lse is None)
             and slots.dtype == torch.int64 and slots.device.type == "cpu"
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
-            and all(bank.stride(-1) == 1 and native.group_stride(bank) is not None for bank in banks)):
+            and all(bank.stride(-1) == 1 and native.group_stride(bank) is not None for bank in banks)
+            and (place is None or (keys is not None and logits is None and dim % 2 == 0
+                                   and all(t.shape[1:] == (dim,) and t.is_contiguous() for t in tables)))):
         return None
     lib = native.library()
-    if lib is None or not _in_bank(slots, offset, min(bank.shape[2] for bank in banks)):
+    rows_held = [bank.shape[2] for bank in banks] + [t.shape[0] for t in tables]
+    if lib is None or not _in_bank(slots, offset, min(rows_held)):
         return None
-    return run(lib, queries, keys, values, slots, offset, logits, out, lse, scale)
+    return run(lib, queries, keys, values, slots, offset, logits, out, lse, scale, place)
 
 
 def run(lib: ctypes.CDLL, queries: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor,
         slots: torch.Tensor, offset: int, logits: torch.Tensor | None, out: torch.Tensor | None,
-        lse: torch.Tensor | None, scale: float) -> torch.Tensor:
+        lse: torch.Tensor | None, scale: float,
+        place: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One call of the kernel `lib` (`merge` has checked the inputs)."""
     batch, heads, rows, dim = queries.shape
     merged = torch.empty(batch, heads, rows, dim)
@@ -80,6 +86,7 @@ def run(lib: ctypes.CDLL, queries: torch.Tensor, keys: torch.Tensor | None, valu
                     None if given is None else given.data_ptr(), None if local is None else local.data_ptr(),
                     None if lse_rows is None else lse_rows.data_ptr(),
                     merged.data_ptr(), batch * heads, rows, slots.shape[-1], dim, offset, scale,
+                    *((None, None) if place is None else (place[0].data_ptr(), place[1].data_ptr())),
                     torch.get_num_threads())
     return merged
 

@@ -133,6 +133,7 @@ static inline int finish_row(const search *s, int64_t g, int64_t row, float *sc,
             ix[n++] = (int32_t)j;
         }
     }
+    if ((n - k) * (n + k) > 64 * n) reduce(sc, ix, &n, k, tmp);
     rank_best_first(sc, ix, n, tmp);
     float *os = s->out_scores + (g * s->rows + row) * k;
     int64_t *oi = s->out_index + (g * s->rows + row) * k;
