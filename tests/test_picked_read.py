@@ -26,7 +26,7 @@ def turned(key, cos, sin):
 
 def reference(queries, keys, values, slots, offset, logits, out, lse, scale, place=None):
     """float64, one query row at a time: softmax over [the local log-sum-exp; the found slots' scaled logits]
-    (keys rotated by `place`'s rows at their slots first, when given)."""
+    (keys rotated first by `place`'s table rows where[slot], when given)."""
     batch, heads, rows, dim = queries.shape
     merged = torch.empty(batch, heads, rows, dim, dtype=torch.float64)
     for b in range(batch):
@@ -38,7 +38,8 @@ def reference(queries, keys, values, slots, offset, logits, out, lse, scale, pla
                         continue
                     key = keys[b, h, slot + offset].double()
                     if place is not None:
-                        key = turned(key, *(t[slot + offset].double() for t in place))
+                        at = int(place[2][slot + offset])
+                        key = turned(key, place[0][at].double(), place[1][at].double())
                     raw = logits[b, h, i, j].double() if logits is not None else queries[b, h, i].double() @ key
                     if bool(torch.isnan(raw)) or raw == float("-inf"):
                         continue
@@ -59,7 +60,7 @@ def torch_path(queries, keys, values, slots, offset, logits, out, lse, scale, pl
         picked_k = torch.stack([keys[b, h][idx[b, h]] for b in range(idx.shape[0]) for h in range(idx.shape[1])])
         picked_k = picked_k.view(*idx.shape, -1)  # [batch, kv_heads, q, k, dim]
         if place is not None:
-            picked_k = rotate(picked_k, *(t[idx] for t in place))
+            picked_k = rotate(picked_k, place[0][place[2][idx]], place[1][place[2][idx]])
         logits = torch.einsum("bhqd,bhqkd->bhqk", queries, picked_k)
     found = found & (logits > float("-inf"))
     return merge_picked(out, lse, (logits * scale).masked_fill(~found, float("-inf")), picked_v)
@@ -84,12 +85,14 @@ def inputs(batch: int, heads: int, rows: int, n: int, dim: int, k: int, seed: in
     return queries, keys, values, slots, offset, logits, out, lse
 
 
-def tables(n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE (cos, sin) [n, dim] at scattered positions up to 5,000: each slot its own rotation."""
-    positions = torch.randperm(5000, generator=torch.Generator().manual_seed(n))[:n].double()
-    angles = positions[:, None] / 10000 ** (torch.arange(0, dim, 2).double() / dim)  # [n, dim / 2]
+def tables(n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`SegmentPlan.topk_place` for n slots: RoPE (cos, sin) [20, dim] at 20 scattered positions up to 5,000, and
+    each slot's row in them (slots share rows, as scaled positions do)."""
+    g = torch.Generator().manual_seed(n)
+    positions = torch.randperm(5000, generator=g)[:20].double()
+    angles = positions[:, None] / 10000 ** (torch.arange(0, dim, 2).double() / dim)  # [20, dim / 2]
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().float(), angles.sin().float(), torch.randint(0, 20, (n,), generator=g)
 
 
 # (batch, kv_heads, query rows, slots, dim, k): Memorizing Transformer's reference-model shape scaled down, LongMem's
@@ -152,16 +155,17 @@ def test_read_declines_what_the_caller_reads_itself(monkeypatch):
     assert picked_read.merge(queries, None, values, too_far, offset, logits.detach(), out, lse, 0.5) is None
     place = tables(30, 8)
     assert picked_read.merge(queries, keys, values, slots, offset, None, out, lse, 0.5, place=place) is not None
-    # rotation tables: only for keys scored here, rows for every slot, one row a head dim wide, an even head dim
+    # rotation tables: only for keys scored here, a row for every slot (int64, within the tables), rows a head dim
+    # wide, an even head dim
     assert picked_read.merge(queries, keys, values, slots, offset, logits.detach(), out, lse, 0.5,
                              place=place) is None
-    assert picked_read.merge(queries, keys, values, slots, offset, None, out, lse, 0.5,
-                             place=tuple(t[:-3] for t in place)) is None
-    assert picked_read.merge(queries, keys, values, slots, offset, None, out, lse, 0.5,
-                             place=tuple(t[:, :4] for t in place)) is None
+    cos, sin, where = place
+    for bad in [(cos, sin, where[:-3]), (cos[:, :4], sin[:, :4], where), (cos, sin, where.clone().fill_(20)),
+                (cos, sin, where.int())]:
+        assert picked_read.merge(queries, keys, values, slots, offset, None, out, lse, 0.5, place=bad) is None
     odd = (queries[..., :7], keys[..., :7], values[..., :7], slots, offset, None, out[..., :7], lse)
     assert picked_read.merge(*odd, 0.5) is not None
-    assert picked_read.merge(*odd, 0.5, place=tuple(t[:, :7].contiguous() for t in place)) is None
+    assert picked_read.merge(*odd, 0.5, place=(cos[:, :7].contiguous(), sin[:, :7].contiguous(), where)) is None
     monkeypatch.setenv(picked_read.SWITCH_ENV, "0")
     assert picked_read.merge(queries, None, values, slots, offset, logits.detach(), out, lse, 0.5) is None
 

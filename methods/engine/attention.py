@@ -275,12 +275,14 @@ def merge_topk(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, out: 
     if ctx.plan.topk_place is not None:  # scaled_memory: attend the picked slots at their scaled positions
         # Rotation is elementwise: rotating the searchable slots then picking equals picking then rotating, bit for
         # bit; rotate whichever is smaller (the slots, unless a few queries decode).
+        table_cos, table_sin, where = ctx.plan.topk_place
         if n < idx[0, 0].numel():
-            cos, sin = (t[lo:hi] for t in ctx.plan.topk_place)  # [n, head_dim]
+            cos, sin = (t.index_select(0, where[lo:hi]) for t in (table_cos, table_sin))  # [n, head_dim]
             picked_k = gather_slots(rotate(mem.keys[:, :, lo:hi], cos, sin), idx)
         else:
-            # The tables [slots, head_dim] are shared by every row and head: one index_select, no expanded copy.
-            cos, sin = (t.index_select(0, (idx + lo).flatten()).view(*idx.shape, -1) for t in ctx.plan.topk_place)
+            # The tables are shared by every row and head: one index_select, no expanded copy.
+            at = where.index_select(0, (idx + lo).flatten())
+            cos, sin = (t.index_select(0, at).view(*idx.shape, -1) for t in (table_cos, table_sin))
             picked_k = rotate(gather_slots(mem.keys, idx + lo), cos, sin)
         logits = torch.einsum("bhqd,bhqkd->bhqk", q, picked_k)  # [batch, kv_heads, g*seq, k]
     # Bank slots lo + idx of the whole bank: a slice [lo:hi] of it is not contiguous, and gather_slots would copy it.

@@ -8,7 +8,8 @@
    A slot of index < 0 (not found) or a NaN / -inf score takes no weight. One pass per row: its scores, then the
    values of the slots with weight, read straight from the bank (no [rows x k x d] gather written).
    With rotation tables (Unlimiformer's scaled positions) a scored key is first rotated to its slot's position,
-   as `kernels.rotate` does: k * cos + rotate_half(k) * sin, rotate_half(k) = [-k[h:], k[:h]], h = d / 2. */
+   as `kernels.rotate` does: k * cos + rotate_half(k) * sin, rotate_half(k) = [-k[h:], k[:h]], h = d / 2, with
+   the tables' row where[slot]. */
 
 #include <math.h>
 #include <stdint.h>
@@ -29,7 +30,8 @@ typedef struct {
     float *merged;        /* [groups, rows, d] */
     int64_t rows, k, d, offset;
     float scale;
-    const float *cos, *sin; /* [bank slots, d] contiguous: the keys' rotation at each slot, or NULL: none */
+    const float *cos, *sin; /* [positions, d] contiguous: rotations by position, or NULL: none */
+    const int64_t *where;   /* [bank slots]: each slot's position, its row in cos and sin */
 } picked;
 
 static float dot(const float *a, const float *b, int64_t d) {
@@ -40,20 +42,21 @@ static float dot(const float *a, const float *b, int64_t d) {
 }
 
 /* a . (b rotated by the table rows c, s); d even. */
-static float rotated_dot(const float *a, const float *b, const float *c, const float *s, int64_t d) {
+static inline float rotated_dot(const float *a, const float *b, const float *c, const float *s, int64_t d) {
     const int64_t h = d / 2;
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t t = 0; t < h; t++) acc += a[t] * (b[t] * c[t] - b[t + h] * s[t]);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t t = h; t < d; t++) acc += a[t] * (b[t] * c[t] + b[t - h] * s[t]);
+    for (int64_t t = 0; t < h; t++)
+        acc += a[t] * (b[t] * c[t] - b[t + h] * s[t]) + a[t + h] * (b[t + h] * c[t + h] + b[t] * s[t + h]);
     return acc;
 }
 
 /* The raw inner product of row `row`'s query with the key of bank slot `at` of group g. */
-static float score(const picked *p, int64_t row, int64_t g, int64_t at) {
+static inline float score(const picked *p, int64_t row, int64_t g, int64_t at) {
     const float *q = p->q + row * p->d, *key = p->keys + g * p->k_group + at * p->k_row;
-    return p->cos ? rotated_dot(q, key, p->cos + at * p->d, p->sin + at * p->d, p->d) : dot(q, key, p->d);
+    if (!p->cos) return dot(q, key, p->d);
+    const int64_t pos = p->where[at];
+    return rotated_dot(q, key, p->cos + pos * p->d, p->sin + pos * p->d, p->d);
 }
 
 /* One row (flat index `row` = g * rows + i); w: k floats of scratch, acc: d floats. */
@@ -98,14 +101,15 @@ static void read_row(const picked *p, int64_t row, float *w, float *acc) {
     for (int64_t t = 0; t < d; t++) dst[t] = acc[t];
 }
 
-/* Element strides as in `picked`; cos, sin: rotation tables or NULL; threads: OpenMP's (PyTorch's own in its process). k + d floats of scratch per
+/* Element strides as in `picked`; cos, sin, where: rotation tables and their rows by slot, or NULL; threads: OpenMP's (PyTorch's own in its process). k + d floats of scratch per
    thread on its stack (picked_read.py keeps k + d <= MAX_SCRATCH). */
 void read_picked(const float *q, const float *keys, const float *values, int64_t k_group, int64_t k_row,
                  int64_t v_group, int64_t v_row, const int64_t *slots, const float *logits, const float *out,
                  const float *lse, float *merged, int64_t groups, int64_t rows, int64_t k, int64_t d,
-                 int64_t offset, float scale, const float *cos, const float *sin, int64_t threads) {
+                 int64_t offset, float scale, const float *cos, const float *sin, const int64_t *where,
+                 int64_t threads) {
     picked p = {q, keys, values, k_group, k_row, v_group, v_row, slots, logits, out, lse, merged, rows, k, d,
-                offset, scale, cos, sin};
+                offset, scale, cos, sin, where};
     const int64_t total = groups * rows;
     if (threads < 1) threads = 1;
     if (threads > total) threads = total > 0 ? total : 1;

@@ -38,32 +38,31 @@ def enabled() -> bool:
 
 def merge(queries: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor, slots: torch.Tensor, offset: int,
           logits: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor | None,
-          scale: float, place: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+          scale: float, place: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """One softmax over each query's local keys (`out`, `lse`) and its picked bank slots.
 
     queries [batch, kv_heads, q, dim]; keys, values: banks [batch, kv_heads, n, dim] (keys only read when `logits`
     is None); slots [batch, kv_heads, q, k]: slot `offset + slots` of the bank, < 0 for none; logits [batch,
     kv_heads, q, k]: the slots' raw inner products, or None to score them here; out [batch, kv_heads, q, dim] and
     lse [batch, kv_heads, q]: the local attention's output and log-sum-exp (scaled), or both None for the picked
-    slots' own softmax (LongMem's memory attention); place: (cos, sin) [bank slots, dim], each scored key rotated
-    to its slot's position first (position.scaled_memory; only with `logits` None). A slot without a key, or of NaN
-    or -inf logit, takes no weight. Returns the merged output [batch, kv_heads, q, dim], or None where the kernel
-    does not apply (module docstring).
+    slots' own softmax (LongMem's memory attention); place: (cos, sin, where) as `SegmentPlan.topk_place`, each
+    scored key rotated first to its slot's position, (cos, sin)[where[slot]] (position.scaled_memory; only with
+    `logits` None). A slot without a key, or of NaN or -inf logit, takes no weight. Returns the merged output
+    [batch, kv_heads, q, dim], or None where the kernel does not apply (module docstring).
     """
     batch, heads, rows, dim = queries.shape
     k = slots.shape[-1]
-    tables = () if place is None else place
+    tables = () if place is None else place[:2]
     tensors = [t for t in (queries, keys, values, logits, out, lse, *tables) if t is not None]
     banks = [values] if keys is None else [keys, values]
     if not (enabled() and scale > 0 and k + dim <= MAX_SCRATCH and (out is None) == (lse is None)
             and slots.dtype == torch.int64 and slots.device.type == "cpu"
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
             and all(bank.stride(-1) == 1 and native.group_stride(bank) is not None for bank in banks)
-            and (place is None or (keys is not None and logits is None and dim % 2 == 0
-                                   and all(t.shape[1:] == (dim,) and t.is_contiguous() for t in tables)))):
+            and (place is None or _rotates(place, dim) and keys is not None and logits is None)):
         return None
     lib = native.library()
-    rows_held = [bank.shape[2] for bank in banks] + [t.shape[0] for t in tables]
+    rows_held = [bank.shape[2] for bank in banks] + ([] if place is None else [place[2].shape[0]])
     if lib is None or not _in_bank(slots, offset, min(rows_held)):
         return None
     return run(lib, queries, keys, values, slots, offset, logits, out, lse, scale, place)
@@ -72,7 +71,7 @@ def merge(queries: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor
 def run(lib: ctypes.CDLL, queries: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor,
         slots: torch.Tensor, offset: int, logits: torch.Tensor | None, out: torch.Tensor | None,
         lse: torch.Tensor | None, scale: float,
-        place: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        place: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One call of the kernel `lib` (`merge` has checked the inputs)."""
     batch, heads, rows, dim = queries.shape
     merged = torch.empty(batch, heads, rows, dim)
@@ -86,9 +85,19 @@ def run(lib: ctypes.CDLL, queries: torch.Tensor, keys: torch.Tensor | None, valu
                     None if given is None else given.data_ptr(), None if local is None else local.data_ptr(),
                     None if lse_rows is None else lse_rows.data_ptr(),
                     merged.data_ptr(), batch * heads, rows, slots.shape[-1], dim, offset, scale,
-                    *((None, None) if place is None else (place[0].data_ptr(), place[1].data_ptr())),
+                    *((None,) * 3 if place is None else (t.data_ptr() for t in place)),
                     torch.get_num_threads())
     return merged
+
+
+def _rotates(place: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dim: int) -> bool:
+    """Rotation tables the kernel reads without bounds checks: (cos, sin) [positions, dim] contiguous float32, an
+    even dim, and every slot's row (where, int64) among them."""
+    cos, sin, where = place
+    return (dim % 2 == 0 and cos.shape == sin.shape and cos.shape[1:] == (dim,) and cos.is_contiguous()
+            and sin.is_contiguous() and where.dtype == torch.int64 and where.device.type == "cpu"
+            and where.dim() == 1 and where.is_contiguous()
+            and (not where.numel() or (int(where.min()) >= 0 and int(where.max()) < cos.shape[0])))
 
 
 def _in_bank(slots: torch.Tensor, offset: int, n: int) -> bool:

@@ -72,9 +72,11 @@ class SegmentPlan:
     """Write this segment to memory; False for an open segment decoded through a KV cache."""
     doc_start: int = 0
     """Document position of the segment's first token (LongNet's dilation reads document positions)."""
-    topk_place: tuple[torch.Tensor, torch.Tensor] | None = None
-    """(cos, sin) [n_bank, head_dim] at each bank slot's scaled position (position.scaled_memory): top-k slots are
-    attended there, after a search on their stored (unrotated) keys."""
+    topk_place: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """(cos, sin, where): (cos, sin) [positions, head_dim] at positions 0, 1, .. and where [n_bank] each bank slot's
+    scaled position, its row in them (position.scaled_memory): top-k slots are attended there, after a search on
+    their stored (unrotated) keys. The slots share at most the trained context's positions, so the tables are a few
+    KiB however long the memory."""
     n_tier: int = 0
     """Pooled-tier slots read by every query, between the globals and the window (writing.pooled_tier)."""
     tier_drop_old: int = 0
@@ -360,12 +362,13 @@ def cached_context(cache: ContextCache, config: UniMemConfig, layers: frozenset[
     return ctx
 
 
-def scaled_positions(state: MemoryState, doc_start: int, room: int, rotary: Rotary,
-                     probe: torch.Tensor) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Unlimiformer's LLaMA mode: the input's first position, and (cos, sin) at every bank slot's position scaled
-    from [0, doc_start) into [0, room) (unscaled while the document so far fits)."""
+def scaled_positions(state: MemoryState, doc_start: int, room: int, rotary: Rotary, probe: torch.Tensor
+                     ) -> tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """Unlimiformer's LLaMA mode: the input's first position, and `SegmentPlan.topk_place` for every bank slot's
+    position scaled from [0, doc_start) into [0, room) (unscaled while the document so far fits)."""
     first = min(doc_start, room)
     if not state.n_bank:
         return first, None
     positions = state.positions if doc_start <= room else state.positions * room // doc_start
-    return first, _cos_sin(rotary, probe, positions)
+    cos, sin = _cos_sin(rotary, probe, torch.arange(int(positions.max()) + 1))
+    return first, (cos, sin, positions.to(probe.device))
