@@ -156,11 +156,21 @@ def tiles_and_registers(monkeypatch, queries, keys, k, limit=None):
 needs_tiles = pytest.mark.skipif(native.library() is None or not native.library().tiles_usable(),
                                  reason="no AMX tiles on this CPU (or the OS does not grant them)")
 
-# (batch, kv_heads, queries, slots, dim, k), all routed to tiles (k <= 64, 40 k to 8,192 slots): the register layouts
-# that are, one tile row of dims (8, 13, 16, 24) and two (40, 64), a full strip (8,192 slots), 70 and 33 rows (blocks
-# of 32 left short), k = 64
-TILE_LAYOUTS = [layout for layout in LAYOUTS if layout[5] <= 64 and 40 * layout[5] <= layout[3] <= 8192] + [
-    (1, 2, 70, 8192, 24, 16), (2, 1, 33, 2600, 64, 64), (1, 3, 40, 2000, 16, 7)]
+
+
+def routed_to_tiles(n: int, k: int) -> bool:
+    """fused_topk_tiles.c's `tiles_win`: one strip (at most 8,192 slots) for k <= 64 and at least 40 k slots; more
+    slots for at least 16 k."""
+    return k <= 64 and 40 * k <= n if n <= 8192 else n >= 16 * k
+
+
+# (batch, kv_heads, queries, slots, dim, k), all routed to tiles: the register layouts that are, one tile row of
+# dims (8, 13, 16, 24) and two (40, 64), a full strip (8,192 slots), 70 and 33 rows (blocks of 32 left short), k =
+# 64; past one strip (the floor's thresholds, strips of 2,048) with k = 256 (Unlimiformer's) and k = 32, a last
+# strip and a last floor group left short
+TILE_LAYOUTS = [layout for layout in LAYOUTS if routed_to_tiles(layout[3], layout[5])] + [
+    (1, 2, 70, 8192, 24, 16), (2, 1, 33, 2600, 64, 64), (1, 3, 40, 2000, 16, 7), (1, 2, 40, 10000, 40, 256),
+    (2, 1, 33, 12345, 16, 32)]
 
 
 @needs_tiles
@@ -174,20 +184,22 @@ def test_tiles_give_the_registers_picks_and_scores_bit_for_bit(monkeypatch, batc
 
 
 @needs_tiles
-def test_tiles_decide_near_ties_in_float32(monkeypatch):
+@pytest.mark.parametrize("n,k", [(3000, 24), (9000, 300)], ids=["one strip", "the floor"])
+def test_tiles_decide_near_ties_in_float32(monkeypatch, n, k):
     """Keys 1e-6 apart score the same in bfloat16: the float32 scores of the register path decide between them, and
     exact ties go to the lower index; norms of 1e15 and 1e-20 move the bound, a norm past 2^60 makes it inf."""
+    assert routed_to_tiles(n, k)
     g = torch.Generator().manual_seed(5)
     queries = torch.randn(1, 2, 48, 40, generator=g)
     base = torch.randn(1, 2, 1, 40, generator=g)
-    keys = base + 1e-6 * torch.randn(1, 2, 3000, 40, generator=g)  # [1, 2, 3000, 40]: all within bfloat16's step
+    keys = base + 1e-6 * torch.randn(1, 2, n, 40, generator=g)  # [1, 2, n, 40]: all within bfloat16's step
     keys[:, :, 100:200] = keys[:, :, 0:100]  # exact duplicates of lower-index keys
     for scale in (1.0, 1e15, 1e-20):
-        tiles, registers = tiles_and_registers(monkeypatch, queries, keys * scale, 24)
+        tiles, registers = tiles_and_registers(monkeypatch, queries, keys * scale, k)
         assert torch.equal(tiles[0], registers[0]) and torch.equal(tiles[1], registers[1])
     huge = keys.clone()
     huge[:, :, 7] *= 2.0**61
-    tiles, registers = tiles_and_registers(monkeypatch, queries, huge, 24, torch.full((48,), 2000))
+    tiles, registers = tiles_and_registers(monkeypatch, queries, huge, k, torch.full((48,), n - 1000))
     assert torch.equal(tiles[0], registers[0]) and torch.equal(tiles[1], registers[1])
 
 
@@ -200,9 +212,11 @@ def test_tiles_decline_as_the_registers_do(monkeypatch):
     nan_keys = keys.clone()
     nan_keys[0, 0, 300, 3] = float("nan")
     assert tiles_and_registers(monkeypatch, queries, nan_keys, 8) == (None, None)
-    ones, minus = torch.ones(1, 1, 20, 4), torch.ones(1, 1, 400, 4)
-    minus[..., 3:, :] = float("-inf")  # keys 3.. score -inf; with a limit of 50 a row holds fewer than k = 8 others
-    assert tiles_and_registers(monkeypatch, ones, minus, 8, torch.full((20,), 50)) == (None, None)
+    for n in (400, 9000):  # one strip, the floor
+        ones, minus = torch.ones(1, 1, 20, 4), torch.ones(1, 1, n, 4)
+        minus[..., 3:, :] = float("-inf")  # keys 3.. score -inf; with a limit of 50 a row holds fewer than k = 8
+        assert routed_to_tiles(n, 8)
+        assert tiles_and_registers(monkeypatch, ones, minus, 8, torch.full((20,), 50)) == (None, None)
     wide_q, wide_k = torch.randn(1, 1, 20, 80, generator=g), torch.randn(1, 1, 300, 80, generator=g)
     tiles, registers = tiles_and_registers(monkeypatch, wide_q, wide_k, 8)
     assert torch.equal(tiles[0], registers[0]) and torch.equal(tiles[1], registers[1])

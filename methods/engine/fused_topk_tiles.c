@@ -1,6 +1,6 @@
 /* The exact top-k search scored on AMX tiles (Intel Xeon since Sapphire Rapids) where the build, the OS and the
-   head dim (at most 64) allow it and the tiles win (`tiles_win`: k at most 64, at least 40 k and at most 8,192 slots);
-   fused_topk.c asks here first and keeps its SIMD register path otherwise.
+   head dim (at most 64) allow it and the tiles win (`tiles_win`: up to 8,192 slots, k at most 64 and at least 40 k
+   slots; past 8,192 slots, at least 16 k); fused_topk.c asks here first and keeps its SIMD register path otherwise.
 
    Queries and keys are rounded to bfloat16 and tile multiplies (TDPBF16PS: exact products, float32 sums) give
    scores s~ = q~ . k~ at a sixteenth of float32 FMAs' instructions. The float32 score s of the register path (the
@@ -18,6 +18,10 @@
    at the k-th place) are among them, so picks, order and scores are the register path's, bit for bit. A score
    whose bound is not finite (NaN, inf, a norm over 2^60) is scored in float32 when it is met.
 
+   Past one strip the thresholds come first, from a floor pass over all keys (groups of `floor_group` tiles, about
+   4k groups, their best lower ends taken as above), and the keys then pass in strips of FLOOR_STRIP, each strip
+   met by every block of queries while its keys are in L2.
+
    One thread, [2 KV heads x 256 queries x 8,192 slots, dim 40], k = 32 (FoT's search on the reference model):
    registers 3.3 ms, tiles 2.4; at 1,280 slots (Memorizing Transformer's) 1.09 and 0.92; [8 x 128 x 8,192, dim 64]
    (FoT on the 62M model) 8.8 and 6.4 (benchmarks/bench_native.py). */
@@ -34,13 +38,15 @@
 
 #define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for a state component... */
 #define XFEATURE_XTILEDATA 18      /* ...the tiles' data */
-#define T 16                       /* rows of a tile, and its float32 columns */
 #define TK 32                      /* bfloat16 entries of a tile row */
-#define BLOCK (2 * T)              /* query rows scored together: two tiles of queries */
 #define LIST 64                    /* keys whose hits are listed before they are buffered */
-#define STRIP 8192                 /* the most keys the path takes, all scored for a block of queries before their
-                                      selection: 1 MiB of scores, within L2 */
+#define STRIP 8192                 /* the most keys scored for a block of queries before their selection, thresholds
+                                      from their own group bests: 1 MiB of scores, within L2 */
 #define MAX_DIM (2 * TK)           /* head dims the path takes: a block's queries fit four tiles */
+#define MAX_K 64                   /* the most picks the tile path takes within one strip */
+#define FLOOR_PICKS 16             /* slots a pick, at least, past one strip */
+#define FLOOR_CHUNK 2048           /* keys of the floor's chunk: 256 KiB in bfloat16 at head dim 64, in L2 */
+#define FLOOR_STRIP 2048           /* keys of a strip past one: 256 KiB of keys, 256 KiB of scores */
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -58,7 +64,7 @@ typedef struct {  /* one thread's scratch, for up to SPAN query rows */
     int32_t *lim;      /* [SPAN] keys each row reads */
     float *thr;        /* [SPAN] the upper end a key must beat (padding rows: +inf) */
     float *strip;      /* [STRIP keys][BLOCK queries] s~ of a strip of keys against a block of queries */
-    int32_t *best;     /* [STRIP / T][BLOCK] each group of T keys' best lower end, `ordered` */
+    int32_t *best;     /* [groups][BLOCK] each group's best lower end, `ordered` (the floor: for every block) */
     float *lo, *hi;    /* [SPAN][cap] each row's buffered intervals, in key order */
     int32_t *index;    /* [SPAN][cap] their keys */
     uint8_t *sure;     /* [SPAN][cap] 1 where lo = hi = the float32 score */
@@ -66,11 +72,11 @@ typedef struct {  /* one thread's scratch, for up to SPAN query rows */
     int32_t *tmp;      /* [RANK_SCRATCH(cap)] */
 } tile_scratch;
 
-/* Keys 0 .. nk - 1 (their s~ rows from `scores`, norms from `kn`) against the BLOCK queries from span row
+/* Keys j0 .. j0 + nk - 1 (their s~ rows from `scores`, norms from `kn`) against the BLOCK queries from span row
    `at` (nq of them live): each key whose upper end beats a row's threshold joins that row's buffer. Returns 1 on a
    NaN. */
 static int select_keys(const search *s, tile_scratch *w, const float *q0, const float *keys, const float *scores,
-                       const float *kn, int64_t at, int64_t nq, int64_t nk, int64_t low) {
+                       const float *kn, int64_t at, int64_t nq, int64_t j0, int64_t nk, int64_t low) {
     const int64_t cap = s->cap;
     float *restrict lo = w->lo, *restrict hi = w->hi;
     int32_t *restrict index = w->index;
@@ -94,8 +100,8 @@ static int select_keys(const search *s, tile_scratch *w, const float *q0, const 
             const __m512 h1 = _mm512_fmadd_ps(qn1, norm, _mm512_loadu_ps(scores + r * BLOCK + T));
             uint32_t hit = ((uint32_t)_mm512_cmp_ps_mask(h0, t0, _CMP_NLE_UQ) |
                             (uint32_t)_mm512_cmp_ps_mask(h1, t1, _CMP_NLE_UQ) << T) & live;
-            if (r >= low) {  /* rows whose limit is at or before key r do not read it */
-                __m512i jv = _mm512_set1_epi32((int32_t)r);
+            if (j0 + r >= low) {  /* rows whose limit is at or before key j0 + r do not read it */
+                __m512i jv = _mm512_set1_epi32((int32_t)(j0 + r));
                 hit &= (uint32_t)_mm512_cmpgt_epi32_mask(l0, jv) | (uint32_t)_mm512_cmpgt_epi32_mask(l1, jv) << T;
             }
             found[m] = (int32_t)r;
@@ -120,7 +126,7 @@ static int select_keys(const search *s, tile_scratch *w, const float *q0, const 
                 const int i = __builtin_ctz(left);
                 const float *q = q0 + i * s->q_row;
                 float s32 = 0.0f;
-                for (int64_t t = 0; t < s->d; t++) s32 = fmaf(keys[j * s->k_row + t], q[t], s32);
+                for (int64_t t = 0; t < s->d; t++) s32 = fmaf(keys[(j0 + j) * s->k_row + t], q[t], s32);
                 failed |= s32 != s32;
                 ends[i] = ends[BLOCK + i] = s32;
                 if (!(s32 > w->thr[at + i])) hit &= ~(1u << i);
@@ -131,7 +137,7 @@ static int select_keys(const search *s, tile_scratch *w, const float *q0, const 
                 const int64_t a = at + i, c = counts[a]++;
                 lo[a * cap + c] = ends[i];
                 hi[a * cap + c] = ends[BLOCK + i];
-                index[a * cap + c] = (int32_t)j;
+                index[a * cap + c] = (int32_t)(j0 + j);
                 sure[a * cap + c] = (uint8_t)(odd >> i & 1u);
                 if (c + 1 == cap) {
                     float cutoff = cut_intervals(s, q0 + i * s->q_row, keys, lo + a * cap, hi + a * cap,
@@ -144,53 +150,6 @@ static int select_keys(const search *s, tile_scratch *w, const float *q0, const 
         t1 = _mm512_loadu_ps(w->thr + at + T);
     }
     return failed;
-}
-
-static inline __m512i ordered16(__m512 x) {  /* `ordered` on 16 lanes */
-    __m512i b = _mm512_castps_si512(x);
-    return _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(0x7fffffff)));
-}
-
-/* The best lower end of each of the block's queries over the T keys from `scores` (norms `kn`), `ordered`, into
-   best[0, BLOCK). A NaN lower end (a bound that is not finite) is passed over. */
-static void group_best(const tile_scratch *w, int64_t at, const float *scores, const float *kn, int32_t *best) {
-    for (int h = 0; h < 2; h++) {
-        const __m512 qn = _mm512_loadu_ps(w->qn + at + h * T);
-        __m512 m = _mm512_set1_ps(-INFINITY);
-        for (int64_t r = 0; r < T; r++)
-            m = _mm512_max_ps(_mm512_fnmadd_ps(qn, _mm512_set1_ps(kn[r]), _mm512_loadu_ps(scores + r * BLOCK + h * T)),
-                              m);
-        _mm512_storeu_si512(best + h * T, ordered16(m));
-    }
-}
-
-/* Raises the thresholds of the block's rows from `at` by the first `groups` groups of `best` (keys every row
-   reads): a group of T keys whose best lower end is L holds a key scoring at least L, so with the k-th largest
-   group best of a row (16 bits of it) k keys score at least that, and a key whose upper end is below it cannot be
-   among the k best, whatever its index. A strip's bound keeps the buffer to about the keys that end in it: FoT's
-   [2 KV heads x 256 queries x 8,192 slots], k = 32, buffered 372 keys a row with thresholds rising from -inf. */
-static void raise_thresholds(const search *s, tile_scratch *w, int64_t at, int64_t groups) {
-    if (groups < s->k) return;
-    for (int h = 0; h < 2; h++) {
-        __m512i t = _mm512_setzero_si512(), k = _mm512_set1_epi32((int32_t)s->k);
-        for (int bit = 31; bit >= 16; bit--) {  /* kth_bound's 16 bits on 16 rows at once */
-            __m512i probe = _mm512_xor_si512(_mm512_or_si512(t, _mm512_set1_epi32((int32_t)(1u << bit))),
-                                             _mm512_set1_epi32((int32_t)0x80000000u));
-            __m512i count = _mm512_setzero_si512();
-            for (int64_t gr = 0; gr < groups; gr++) {
-                __mmask16 ge = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(w->best + gr * BLOCK + h * T), probe);
-                count = _mm512_mask_add_epi32(count, ge, count, _mm512_set1_epi32(1));
-            }
-            t = _mm512_mask_or_epi32(t, _mm512_cmpge_epi32_mask(count, k), t,
-                                     _mm512_set1_epi32((int32_t)(1u << bit)));
-        }
-        __m512 bound = _mm512_castsi512_ps(ordered16(_mm512_castsi512_ps(
-            _mm512_xor_si512(t, _mm512_set1_epi32((int32_t)0x80000000u)))));
-        /* strictly below the bound, so that a key reaching it passes; a NaN bound (k groups at -inf) gives none */
-        __m512 below = _mm512_sub_ps(bound, _mm512_fmadd_ps(_mm512_abs_ps(bound), _mm512_set1_ps(0x1p-20f),
-                                                            _mm512_set1_ps(0x1p-100f)));
-        _mm512_storeu_ps(w->thr + at + h * T, _mm512_max_ps(below, _mm512_loadu_ps(w->thr + at + h * T)));
-    }
 }
 
 /* The queries of register block b into tiles 2 and 3 (their first TK dims), 4 and 5 (the next TK): they stay
@@ -229,26 +188,28 @@ static inline void score_tile(const uint16_t *ka, int64_t kpad, int64_t steps, i
     _tile_stored(1, out + T, BLOCK * 4);
 }
 
-/* The s~ of keys [0, nk) (zero keys past the end up to a whole tile) against the queries of register block b
-   into w->strip, and each tile of T keys' best lower end into w->best. */
-static void score_strip(tile_scratch *w, int64_t b, int64_t steps, int64_t kpad, int64_t nk) {
+/* The s~ of keys [j0, j0 + nk) (zero keys past the end up to a whole tile) against the queries of register block
+   b into w->strip, and with `bests` each tile of T keys' best lower end into w->best. */
+static void score_strip(tile_scratch *w, int64_t b, int64_t steps, int64_t kpad, int64_t j0, int64_t nk,
+                        int bests) {
     hold_queries(w, b, steps);
     for (int64_t kt = 0; kt * T < nk; kt++) {
         float *out = w->strip + kt * T * BLOCK;
-        score_tile(w->keys + kt * T * kpad, kpad, steps, (int)(kt & 1), out);
-        group_best(w, b * BLOCK, out, w->kn + kt * T, w->best + kt * BLOCK);
+        score_tile(w->keys + (j0 + kt * T) * kpad, kpad, steps, (int)(kt & 1), out);
+        if (bests) group_best(w->qn + b * BLOCK, out, w->kn + j0 + kt * T, w->best + kt * BLOCK);
     }
 }
 
-/* Rows [r0, r1) of group g (at most SPAN); returns 1 where a row needs the caller's ranking. */
-static int tile_rows(const search *s, int64_t g, int64_t r0, int64_t r1, tile_scratch *w) {
-    const int64_t d = s->d, k = s->k, cap = s->cap, rows = r1 - r0, steps = (d + TK - 1) / TK, kpad = steps * TK;
+/* Rows [r0, r1) of group g into w: their queries in bfloat16 (the tiles' B layout), bound norms, limits and
+   thresholds (-inf; padding rows +inf), empty buffers; the keys up to the furthest limit in bfloat16 with their
+   norms (zero keys to a whole block). Returns that limit; low[b]: the least limit of block b's rows. */
+static int64_t prepare(const search *s, int64_t g, int64_t r0, int64_t r1, tile_scratch *w, int64_t *low) {
+    const int64_t d = s->d, rows = r1 - r0, steps = (d + TK - 1) / TK, kpad = steps * TK;
     const int64_t blocks = (rows + BLOCK - 1) / BLOCK;
     const float *keys = s->keys + g * s->k_group, *q0 = s->q + g * s->q_group + r0 * s->q_row;
     const float scale = bound_scale(d, kpad);
-    int64_t reach = 0, low[SPAN / BLOCK];
+    int64_t reach = 0;
     uint16_t one[MAX_DIM];
-    int failed = 0;
     for (int64_t i = 0; i < blocks * BLOCK; i++) {
         int live = i < rows;
         if (i % BLOCK == 0) low[i / BLOCK] = s->n;
@@ -270,11 +231,61 @@ static int tile_rows(const search *s, int64_t g, int64_t r0, int64_t r1, tile_sc
             memset(w->keys + j * kpad, 0, sizeof(uint16_t) * kpad);
         }
     }
-    for (int64_t b = 0; b < blocks; b++) {  /* all keys in one strip (tiles_win) */
-        const int64_t at = b * BLOCK, nq = rows - at < BLOCK ? rows - at : BLOCK;
-        score_strip(w, b, steps, kpad, reach);
-        raise_thresholds(s, w, at, low[b] / T);
-        failed |= select_keys(s, w, q0 + at * s->q_row, keys, w->strip, w->kn, at, nq, reach, low[b]);
+    return reach;
+}
+
+/* Tiles in a group of the floor: about 4k groups, so that the k-th best group reaches near the k-th best key
+   (k = 256 of 32,768: 1,024 groups of 32 keys). */
+static int64_t floor_group(const search *s) { return s->n / (4 * s->k * T) > 1 ? s->n / (4 * s->k * T) : 1; }
+
+/* Every block's thresholds from the floor: groups of floor_group tiles over the keys every row of a block reads,
+   a group's best raw s~ less its largest bound (reached by one of its keys), the k-th best by raise_thresholds. */
+static void floor_pass(const search *s, tile_scratch *w, int64_t blocks, const int64_t *low) {
+    const int64_t steps = (s->d + TK - 1) / TK, kpad = steps * TK, per = floor_group(s), size = T * per;
+    const int64_t chunk = FLOOR_CHUNK / size > 1 ? FLOOR_CHUNK / size : 1, all = s->n / size;
+    int32_t tile[BLOCK];
+    /* A chunk of keys meets every block's queries before the next chunk, so the keys are read from memory once
+       (block by block over all keys, 32,768 slots streamed 4 MiB of keys per block). */
+    for (int64_t g0 = 0; g0 < all; g0 += chunk) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t g1 = low[b] / size < g0 + chunk ? low[b] / size : g0 + chunk;
+            if (g0 < g1) hold_queries(w, b, steps);
+            for (int64_t gr = g0; gr < g1; gr++) {
+                int32_t *best = w->best + (b * all + gr) * BLOCK;
+                for (int64_t kt = gr * per; kt < (gr + 1) * per; kt++) {
+                    score_tile(w->keys + kt * T * kpad, kpad, steps, (int)(kt & 1), w->strip);
+                    group_best(w->qn + b * BLOCK, w->strip, w->kn + kt * T, kt == gr * per ? best : tile);
+                    for (int h = 0; kt > gr * per && h < 2; h++)
+                        _mm512_storeu_si512(best + h * T, _mm512_max_epi32(_mm512_loadu_si512(best + h * T),
+                                                                           _mm512_loadu_si512(tile + h * T)));
+                }
+            }
+        }
+    }
+    for (int64_t b = 0; b < blocks; b++) raise_thresholds(s, w->best + b * all * BLOCK, low[b] / size, w->thr + b * BLOCK);
+}
+
+/* Rows [r0, r1) of group g (at most SPAN); returns 1 where a row needs the caller's ranking. */
+static int tile_rows(const search *s, int64_t g, int64_t r0, int64_t r1, tile_scratch *w) {
+    const int64_t k = s->k, cap = s->cap, rows = r1 - r0, steps = (s->d + TK - 1) / TK, kpad = steps * TK;
+    const int64_t blocks = (rows + BLOCK - 1) / BLOCK;
+    const float *keys = s->keys + g * s->k_group, *q0 = s->q + g * s->q_group + r0 * s->q_row;
+    int64_t low[SPAN / BLOCK];
+    const int64_t reach = prepare(s, g, r0, r1, w, low);
+    int failed = 0;
+    /* One strip: each block's thresholds from its own group bests. More keys: every block's thresholds from the
+       floor first, then strips of FLOOR_STRIP keys, each met by every block (its keys stay in L2). */
+    const int many = s->n > STRIP;
+    if (many) floor_pass(s, w, blocks, low);
+    const int64_t strip = many ? FLOOR_STRIP : STRIP;
+    for (int64_t j0 = 0; j0 < reach; j0 += strip) {
+        const int64_t nk = reach - j0 < strip ? reach - j0 : strip;
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t at = b * BLOCK, nq = rows - at < BLOCK ? rows - at : BLOCK;
+            score_strip(w, b, steps, kpad, j0, nk, !many);
+            if (!many) raise_thresholds(s, w->best, low[b] / T, w->thr + at);
+            failed |= select_keys(s, w, q0 + at * s->q_row, keys, w->strip, w->kn + j0, at, nq, j0, nk, low[b]);
+        }
     }
     for (int64_t i = 0; i < rows; i++) {
         float *lo = w->lo + i * cap, *hi = w->hi + i * cap;
@@ -303,11 +314,14 @@ static _Thread_local struct {
 static int scratch_of(const search *s, tile_scratch *w) {
     const int64_t kpad = (s->d + TK - 1) / TK * TK, cap = s->cap, keys = (s->n + BLOCK - 1) / BLOCK * BLOCK;
     const int64_t strip = keys < STRIP ? keys : STRIP;
+    /* group bests: the tile path's, a strip's groups of T keys; the floor's, every block's groups */
+    const int64_t path = strip / T * BLOCK, floor = SPAN / BLOCK * (s->n / (T * floor_group(s))) * BLOCK;
+    const int64_t best = path > floor ? path : floor;
     void **part[] = {(void **)&w->queries, (void **)&w->keys, (void **)&w->qn, (void **)&w->kn, (void **)&w->lim,
                      (void **)&w->thr, (void **)&w->strip, (void **)&w->best, (void **)&w->lo, (void **)&w->hi,
                      (void **)&w->index, (void **)&w->sure, (void **)&w->counts, (void **)&w->tmp};
     const int64_t size[] = {2 * SPAN * kpad, 2 * keys * kpad, 4 * SPAN, 4 * keys, 4 * SPAN, 4 * SPAN,
-                            4 * strip * BLOCK, 4 * strip / T * BLOCK, 4 * SPAN * cap, 4 * SPAN * cap, 4 * SPAN * cap,
+                            4 * strip * BLOCK, 4 * best, 4 * SPAN * cap, 4 * SPAN * cap, 4 * SPAN * cap,
                             SPAN * cap, 8 * SPAN, 4 * RANK_SCRATCH(cap)};
     int64_t total = 0;
     for (size_t i = 0; i < sizeof size / sizeof *size; i++) total += (size[i] + 63) / 64 * 64;
@@ -324,15 +338,20 @@ static int scratch_of(const search *s, tile_scratch *w) {
     return base != NULL;
 }
 
-static int tile_items(const search *s, int64_t first, int64_t step, int64_t items) {
-    tile_scratch w;
-    if (!scratch_of(s, &w)) return 1;
+/* Eight tiles of T rows x TK bfloat16 for this thread. */
+static void configure_tiles(void) {
     tile_config config = {.palette = 1};
     for (int t = 0; t < 8; t++) {
         config.colsb[t] = TK * 2;
         config.rows[t] = T;
     }
     _tile_loadconfig(&config);
+}
+
+static int tile_items(const search *s, int64_t first, int64_t step, int64_t items) {
+    tile_scratch w;
+    if (!scratch_of(s, &w)) return 1;
+    configure_tiles();
     int failed = 0;
     for (int64_t item = first; item < items && !failed; item += step) {
         int64_t g, r0, r1;
@@ -343,12 +362,16 @@ static int tile_items(const search *s, int64_t first, int64_t step, int64_t item
     return failed;
 }
 
-/* Where the tiles win, one thread, 2 KV heads x 256 queries, dim 40 (registers -> tiles, ms): 1,280 slots k 32
-   1.10 -> 0.94, k 64 1.41 -> 1.59, k 128 4.46 -> 8.73; 8,192 slots k 32 3.35 -> 2.39, k 64 3.97 -> 3.23, k 128
-   9.43 -> 10.80; 32,768 slots in four strips (each strip's bound, the buffer cut between strips) k 32 9.30 -> 9.47,
-   k 64 14.6 -> 15.5. Past k = 64, with fewer than 40 slots a pick (too few groups for a tight bound), or with more
-   slots than one strip, the registers run. */
-static int tiles_win(const search *s) { return s->k <= 64 && s->n >= 40 * s->k && s->n <= STRIP; }
+/* Where the tiles win, one thread, 2 KV heads x 256 queries, dim 40 (registers -> tiles, ms). One strip: 1,280
+   slots k 32 1.10 -> 0.94, k 64 1.41 -> 1.59, k 128 4.46 -> 8.73; 8,192 slots k 32 3.35 -> 2.39, k 64 3.97 -> 3.23,
+   k 128 9.43 -> 10.80 (the floor's way: 4.94 -> 4.50, and at head dim 64 [8 x 128 x 8,192] 12.0 -> 13.6). Past one
+   strip, from the floor: 9,000 slots k 32 3.43 -> 2.31; 32,768 slots k 32 9.74 -> 7.11, k 256 (Unlimiformer's)
+   18.5 -> 15.2; 65,536 k 256 27.6 -> 23.0; [8 x 128 x 32,768, dim 64] k 256 48.9 -> 45.5 (per strip bounds and
+   cuts between strips, before the floor: k 32 9.30 -> 9.47). Elsewhere (k past 64 in one strip, fewer than 40 k
+   slots in one strip or 16 k past it: too few groups for a tight bound) the registers run. */
+static int tiles_win(const search *s) {
+    return s->n <= STRIP ? s->k <= MAX_K && s->n >= 40 * s->k : s->n >= FLOOR_PICKS * s->k;
+}
 
 int tiles_search(const search *s, int64_t items, int64_t threads, int *failed) {
     if (s->d > MAX_DIM || !tiles_win(s) || s->n * s->k_row >= ((int64_t)1 << 31) || !tiles_usable()) return 0;
