@@ -1,6 +1,7 @@
 /* The exact top-k search scored on AMX tiles (Intel Xeon since Sapphire Rapids) where the build, the OS and the
    head dim (at most 64) allow it and the tiles win (`tiles_win`: up to 8,192 slots, k at most 64 and at least 40 k
-   slots; past 8,192 slots, at least 16 k); fused_topk.c asks here first and keeps its SIMD register path otherwise.
+   slots; past 8,192 slots, k at most 256 and at least 64 k slots); fused_topk.c asks here first and keeps its SIMD
+   register path otherwise.
 
    Queries and keys are rounded to bfloat16 and tile multiplies (TDPBF16PS: exact products, float32 sums) give
    scores s~ = q~ . k~ at a sixteenth of float32 FMAs' instructions. The float32 score s of the register path (the
@@ -44,7 +45,8 @@
                                       from their own group bests: 1 MiB of scores, within L2 */
 #define MAX_DIM (2 * TK)           /* head dims the path takes: a block's queries fit four tiles */
 #define MAX_K 64                   /* the most picks the tile path takes within one strip */
-#define FLOOR_PICKS 16             /* slots a pick, at least, past one strip */
+#define FLOOR_MAX_K 256            /* the most picks past one strip */
+#define FLOOR_PICKS 64             /* slots a pick, at least, past one strip: 4k groups of at least T keys */
 #define FLOOR_CHUNK 2048           /* keys of the floor's chunk: 256 KiB in bfloat16 at head dim 64, in L2 */
 #define FLOOR_STRIP 2048           /* keys of a strip past one: 256 KiB of keys, 256 KiB of scores */
 
@@ -367,10 +369,12 @@ static int tile_items(const search *s, int64_t first, int64_t step, int64_t item
    k 128 9.43 -> 10.80 (the floor's way: 4.94 -> 4.50, and at head dim 64 [8 x 128 x 8,192] 12.0 -> 13.6). Past one
    strip, from the floor: 9,000 slots k 32 3.43 -> 2.31; 32,768 slots k 32 9.74 -> 7.11, k 256 (Unlimiformer's)
    18.5 -> 15.2; 65,536 k 256 27.6 -> 23.0; [8 x 128 x 32,768, dim 64] k 256 48.9 -> 45.5 (per strip bounds and
-   cuts between strips, before the floor: k 32 9.30 -> 9.47). Elsewhere (k past 64 in one strip, fewer than 40 k
-   slots in one strip or 16 k past it: too few groups for a tight bound) the registers run. */
+   cuts between strips, before the floor: k 32 9.30 -> 9.47); but 12,000 slots k 256 10.8 -> 10.8, 32,768 k 512
+   27.1 -> 27.8, [8 x 128 x 16,384, dim 64] k 512 48.1 -> 72.3, [8 x 128 x 32,768, dim 64] k 2,048 (Unlimiformer on
+   the 62M model) 129 -> 167: the floor's groups thin out and each pick is scored twice. Elsewhere (k past 64 in one
+   strip, fewer than 40 k slots in one strip; past it k over 256 or fewer than 64 k slots) the registers run. */
 static int tiles_win(const search *s) {
-    return s->n <= STRIP ? s->k <= MAX_K && s->n >= 40 * s->k : s->n >= FLOOR_PICKS * s->k;
+    return s->n <= STRIP ? s->k <= MAX_K && s->n >= 40 * s->k : s->k <= FLOOR_MAX_K && s->n >= FLOOR_PICKS * s->k;
 }
 
 int tiles_search(const search *s, int64_t items, int64_t threads, int *failed) {
