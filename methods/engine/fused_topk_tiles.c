@@ -241,7 +241,7 @@ static int64_t prepare(const search *s, int64_t g, int64_t r0, int64_t r1, tile_
 static int64_t floor_group(const search *s) { return s->n / (4 * s->k * T) > 1 ? s->n / (4 * s->k * T) : 1; }
 
 /* Every block's thresholds from the floor: groups of floor_group tiles over the keys every row of a block reads,
-   a group's best raw s~ less its largest bound (reached by one of its keys), the k-th best by raise_thresholds. */
+   each group's best lower end the best of its tiles' (group_best), the k-th best of them by raise_thresholds. */
 static void floor_pass(const search *s, tile_scratch *w, int64_t blocks, const int64_t *low) {
     const int64_t steps = (s->d + TK - 1) / TK, kpad = steps * TK, per = floor_group(s), size = T * per;
     const int64_t chunk = FLOOR_CHUNK / size > 1 ? FLOOR_CHUNK / size : 1, all = s->n / size;
@@ -264,7 +264,8 @@ static void floor_pass(const search *s, tile_scratch *w, int64_t blocks, const i
             }
         }
     }
-    for (int64_t b = 0; b < blocks; b++) raise_thresholds(s, w->best + b * all * BLOCK, low[b] / size, w->thr + b * BLOCK);
+    for (int64_t b = 0; b < blocks; b++)
+        raise_thresholds(s, w->best + b * all * BLOCK, low[b] / size, w->thr + b * BLOCK);
 }
 
 /* Rows [r0, r1) of group g (at most SPAN); returns 1 where a row needs the caller's ranking. */

@@ -117,8 +117,9 @@ static void read_row(const picked *p, int64_t row, float *w, float *acc) {
     for (int64_t t = 0; t < d; t++) dst[t] = acc[t];
 }
 
-/* Element strides as in `picked`; cos, sin, where: rotation tables and their rows by slot, or NULL; threads: OpenMP's (PyTorch's own in its process). k + d floats of scratch per
-   thread on its stack (picked_read.py keeps k + d <= MAX_SCRATCH). */
+/* Element strides as in `picked`; cos, sin, where: rotation tables and their rows by slot, or NULL; threads:
+   OpenMP's (PyTorch's own in its process). k + d floats of scratch per thread on its stack (picked_read.py keeps
+   k + d <= MAX_SCRATCH). */
 void read_picked(const float *q, const float *keys, const float *values, int64_t k_group, int64_t k_row,
                  int64_t v_group, int64_t v_row, const int64_t *slots, const float *logits, const float *out,
                  const float *lse, float *merged, int64_t groups, int64_t rows, int64_t k, int64_t d,

@@ -109,9 +109,9 @@ static inline __m512i ordered16(__m512 x) {  /* `ordered` on 16 lanes */
 }
 
 /* A lower end of the best score of each of a block's queries (bound scales qn) over the T keys from `scores`
-   (norms `kn`), `ordered`, into best[0, BLOCK): the best s~ less the bound at the largest norm, reached by the key of that s~ (one max a
-   score, not a bound a score: FoT's search 2.1 -> 2.0 ms). A NaN s~ is passed over; a bound that is not finite
-   gives -inf. */
+   (norms `kn`), `ordered`, into best[0, BLOCK): the best s~ less the bound at the largest norm, reached by the key
+   of that s~ (one max a score, not a bound a score: FoT's search 2.1 -> 2.0 ms). A NaN s~ is passed over; a bound
+   that is not finite gives -inf. */
 static void group_best(const float *qn, const float *scores, const float *kn, int32_t *best) {
     float norm = 0.0f;
     for (int64_t r = 0; r < T; r++) norm = kn[r] > norm ? kn[r] : norm;
