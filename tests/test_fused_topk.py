@@ -73,15 +73,16 @@ def test_ties_go_to_the_lower_key_index_also_at_the_kth_place(n, k):
     assert torch.equal(idx, expected_idx[..., :k])
 
 
-def test_thread_count_changes_nothing():
+@pytest.mark.parametrize("n,k", [(2000, 16), (12000, 64)], ids=["one strip", "past one strip"])
+def test_thread_count_changes_nothing(n, k):
     g = torch.Generator().manual_seed(1)
-    queries, keys = torch.randn(1, 3, 70, 32, generator=g), torch.randn(1, 3, 2000, 32, generator=g)
+    queries, keys = torch.randn(1, 3, 70, 32, generator=g), torch.randn(1, 3, n, 32, generator=g)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = fused(queries, keys, 16)
+        one = fused(queries, keys, k)
         torch.set_num_threads(2)
-        two = fused(queries, keys, 16)
+        two = fused(queries, keys, k)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
