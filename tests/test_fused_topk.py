@@ -167,10 +167,12 @@ def routed_to_tiles(n: int, k: int) -> bool:
 
 # (batch, kv_heads, queries, slots, dim, k), all routed to tiles: the register layouts that are, one tile row of
 # dims (8, 13, 16, 24) and two (40, 64), a full strip (8,192 slots), 70 and 33 rows (blocks of 32 left short), k =
-# 64; past one strip (the floor's thresholds, strips of 2,048) with k = 256 (Unlimiformer's) and k = 32, a last
-# strip and a last floor group left short
+# 64; 300 rows of two KV heads (two items a head: the second reuses its head's keys, not the other head's); past
+# one strip (the floor's thresholds, strips of 2,048) with k = 256 (Unlimiformer's) and k = 32, a last strip and a
+# last floor group left short
 TILE_LAYOUTS = [layout for layout in LAYOUTS if routed_to_tiles(layout[3], layout[5])] + [
-    (1, 2, 70, 8192, 24, 16), (2, 1, 33, 2600, 64, 64), (1, 3, 40, 2000, 16, 7), (1, 2, 40, 17000, 40, 256),
+    (1, 2, 70, 8192, 24, 16), (2, 1, 33, 2600, 64, 64), (1, 3, 40, 2000, 16, 7), (1, 2, 300, 3000, 24, 16),
+    (1, 2, 40, 17000, 40, 256),
     (2, 1, 33, 12345, 16, 32)]
 
 

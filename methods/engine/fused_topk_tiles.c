@@ -23,9 +23,8 @@
    4k groups, their best lower ends taken as above), and the keys then pass in strips of FLOOR_STRIP, each strip
    met by every block of queries while its keys are in L2.
 
-   One thread, [2 KV heads x 256 queries x 8,192 slots, dim 40], k = 32 (FoT's search on the reference model):
-   registers 3.3 ms, tiles 2.4; at 1,280 slots (Memorizing Transformer's) 1.09 and 0.92; [8 x 128 x 8,192, dim 64]
-   (FoT on the 62M model) 8.8 and 6.4 (benchmarks/bench_native.py). */
+   One thread, registers -> tiles (bench_native.py): FoT's search on the reference model 3.25 -> 2.06 ms, on the
+   62M model 4.60 -> 3.28 (2 threads), Memorizing Transformer's 1.00 -> 0.77, Unlimiformer's 17.7 -> 14.6. */
 #include "topk_select.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -72,6 +71,8 @@ typedef struct {  /* one thread's scratch, for up to SPAN query rows */
     uint8_t *sure;     /* [SPAN][cap] 1 where lo = hi = the float32 score */
     int64_t *counts;   /* [SPAN] */
     int32_t *tmp;      /* [RANK_SCRATCH(cap)] */
+    const float *held; /* the keys in `keys` (this search's), NULL: none yet */
+    int64_t held_reach;
 } tile_scratch;
 
 /* Keys j0 .. j0 + nk - 1 (their s~ rows from `scores`, norms from `kn`) against the BLOCK queries from span row
@@ -225,6 +226,8 @@ static int64_t prepare(const search *s, int64_t g, int64_t r0, int64_t r1, tile_
         uint32_t *pairs = (uint32_t *)w->queries, *src = (uint32_t *)one;  /* B[tile][step][pair][query] */
         for (int64_t p = 0; p < kpad / 2; p++) pairs[((i / T * steps + p / T) * T + p % T) * T + i % T] = src[p];
     }
+    if (w->held == keys && w->held_reach == reach) return reach;  /* the last item's keys: rows past SPAN */
+    w->held = keys, w->held_reach = reach;
     for (int64_t j = 0; j < (reach + BLOCK - 1) / BLOCK * BLOCK; j++) {
         if (j < reach) {
             w->kn[j] = to_bf16(keys + j * s->k_row, d, kpad, w->keys + j * kpad);
@@ -352,7 +355,7 @@ static void configure_tiles(void) {
 }
 
 static int tile_items(const search *s, int64_t first, int64_t step, int64_t items) {
-    tile_scratch w;
+    tile_scratch w = {.held = NULL};
     if (!scratch_of(s, &w)) return 1;
     configure_tiles();
     int failed = 0;
@@ -365,15 +368,11 @@ static int tile_items(const search *s, int64_t first, int64_t step, int64_t item
     return failed;
 }
 
-/* Where the tiles win, one thread, 2 KV heads x 256 queries, dim 40 (registers -> tiles, ms). One strip: 1,280
-   slots k 32 1.10 -> 0.94, k 64 1.41 -> 1.59, k 128 4.46 -> 8.73; 8,192 slots k 32 3.35 -> 2.39, k 64 3.97 -> 3.23,
-   k 128 9.43 -> 10.80 (the floor's way: 4.94 -> 4.50, and at head dim 64 [8 x 128 x 8,192] 12.0 -> 13.6). Past one
-   strip, from the floor: 9,000 slots k 32 3.43 -> 2.31; 32,768 slots k 32 9.74 -> 7.11, k 256 (Unlimiformer's)
-   18.5 -> 15.2; 65,536 k 256 27.6 -> 23.0; [8 x 128 x 32,768, dim 64] k 256 48.9 -> 45.5 (per strip bounds and
-   cuts between strips, before the floor: k 32 9.30 -> 9.47); but 12,000 slots k 256 10.8 -> 10.8, 32,768 k 512
-   27.1 -> 27.8, [8 x 128 x 16,384, dim 64] k 512 48.1 -> 72.3, [8 x 128 x 32,768, dim 64] k 2,048 (Unlimiformer on
-   the 62M model) 129 -> 167: the floor's groups thin out and each pick is scored twice. Elsewhere (k past 64 in one
-   strip, fewer than 40 k slots in one strip; past it k over 256 or fewer than 64 k slots) the registers run. */
+/* Where the tiles win (one thread, registers -> tiles; benchmarks/README.md, s15 and s16): in one strip, k 32 of
+   8,192 slots 3.35 -> 2.39 ms, k 64 3.97 -> 3.23, but k 128 9.43 -> 10.80; past one strip, from the floor, k 32 of
+   32,768 9.74 -> 7.11, k 256 18.5 -> 15.2, but k 512 27.1 -> 27.8 and at dim 64 k 2,048 of 32,768 (Unlimiformer on
+   the 62M model) 129 -> 167: the floor's groups thin out and each pick is scored twice ([2 x 256 queries, dim 40]
+   unless said). Elsewhere the registers run. */
 static int tiles_win(const search *s) {
     return s->n <= STRIP ? s->k <= MAX_K && s->n >= 40 * s->k : s->k <= FLOOR_MAX_K && s->n >= FLOOR_PICKS * s->k;
 }
