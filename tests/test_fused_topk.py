@@ -158,11 +158,11 @@ needs_tiles = pytest.mark.skipif(native.library() is None or not native.library(
                                  reason="no AMX tiles on this CPU (or the OS does not grant them)")
 
 
-
-def routed_to_tiles(n: int, k: int) -> bool:
-    """fused_topk_tiles.c's `tiles_win`: one strip (at most 8,192 slots) for k <= 64 and at least 40 k slots; more
-    slots for k <= 256 and at least 64 k."""
-    return k <= 64 and 40 * k <= n if n <= 8192 else k <= 256 and n >= 64 * k
+def routed_to_tiles(n: int, dim: int, k: int) -> bool:
+    """Whether the kernel hands a search of n slots, head dim `dim` and k picks to its tile path (its own
+    `tiles_take`: one strip for k <= 64 and at least 40 k slots, more slots for k <= 256 and at least 64 k)."""
+    lib = native.library()
+    return lib is not None and bool(lib.tiles_take(n, dim, k))
 
 
 # (batch, kv_heads, queries, slots, dim, k), all routed to tiles: the register layouts that are, one tile row of
@@ -170,15 +170,15 @@ def routed_to_tiles(n: int, k: int) -> bool:
 # 64; 300 rows of two KV heads (two items a head: the second reuses its head's keys, not the other head's); past
 # one strip (the floor's thresholds, strips of 2,048) with k = 256 (Unlimiformer's) and k = 32, a last strip and a
 # last floor group left short
-TILE_LAYOUTS = [layout for layout in LAYOUTS if routed_to_tiles(layout[3], layout[5])] + [
+TILE_LAYOUTS = [layout for layout in LAYOUTS if routed_to_tiles(layout[3], layout[4], layout[5])] + [
     (1, 2, 70, 8192, 24, 16), (2, 1, 33, 2600, 64, 64), (1, 3, 40, 2000, 16, 7), (1, 2, 300, 3000, 24, 16),
-    (1, 2, 40, 17000, 40, 256),
-    (2, 1, 33, 12345, 16, 32)]
+    (1, 2, 40, 17000, 40, 256), (2, 1, 33, 12345, 16, 32)]
 
 
 @needs_tiles
 @pytest.mark.parametrize("batch,heads,rows,n,dim,k", TILE_LAYOUTS)
 def test_tiles_give_the_registers_picks_and_scores_bit_for_bit(monkeypatch, batch, heads, rows, n, dim, k):
+    assert routed_to_tiles(n, dim, k), "a layout the registers take would compare them with themselves"
     g = torch.Generator().manual_seed(n + dim)
     queries, keys = torch.randn(batch, heads, rows, dim, generator=g), torch.randn(batch, heads, n, dim, generator=g)
     for limit in (None, torch.randint(0, n + 5, (rows,), generator=g)):
@@ -191,7 +191,7 @@ def test_tiles_give_the_registers_picks_and_scores_bit_for_bit(monkeypatch, batc
 def test_tiles_decide_near_ties_in_float32(monkeypatch, n, k):
     """Keys 1e-6 apart score the same in bfloat16: the float32 scores of the register path decide between them, and
     exact ties go to the lower index; norms of 1e15 and 1e-20 move the bound, a norm past 2^60 makes it inf."""
-    assert routed_to_tiles(n, k)
+    assert routed_to_tiles(n, 40, k)
     g = torch.Generator().manual_seed(5)
     queries = torch.randn(1, 2, 48, 40, generator=g)
     base = torch.randn(1, 2, 1, 40, generator=g)
@@ -218,8 +218,9 @@ def test_tiles_decline_as_the_registers_do(monkeypatch):
     for n in (400, 9000):  # one strip, the floor
         ones, minus = torch.ones(1, 1, 20, 4), torch.ones(1, 1, n, 4)
         minus[..., 3:, :] = float("-inf")  # keys 3.. score -inf; with a limit of 50 a row holds fewer than k = 8
-        assert routed_to_tiles(n, 8)
+        assert routed_to_tiles(n, 4, 8)
         assert tiles_and_registers(monkeypatch, ones, minus, 8, torch.full((20,), 50)) == (None, None)
+    assert not routed_to_tiles(300, 80, 8)
     wide_q, wide_k = torch.randn(1, 1, 20, 80, generator=g), torch.randn(1, 1, 300, 80, generator=g)
     tiles, registers = tiles_and_registers(monkeypatch, wide_q, wide_k, 8)
     assert torch.equal(tiles[0], registers[0]) and torch.equal(tiles[1], registers[1])

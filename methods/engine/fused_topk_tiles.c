@@ -1,5 +1,5 @@
 /* The exact top-k search scored on AMX tiles (Intel Xeon since Sapphire Rapids) where the build, the OS and the
-   head dim (at most 64) allow it and the tiles win (`tiles_win`: up to 8,192 slots, k at most 64 and at least 40 k
+   head dim (at most 64) allow it and the tiles win (`tiles_take`: up to 8,192 slots, k at most 64 and at least 40 k
    slots; past 8,192 slots, k at most 256 and at least 64 k slots); fused_topk.c asks here first and keeps its SIMD
    register path otherwise.
 
@@ -373,12 +373,12 @@ static int tile_items(const search *s, int64_t first, int64_t step, int64_t item
    32,768 9.74 -> 7.11, k 256 18.5 -> 15.2, but k 512 27.1 -> 27.8 and at dim 64 k 2,048 of 32,768 (Unlimiformer on
    the 62M model) 129 -> 167: the floor's groups thin out and each pick is scored twice ([2 x 256 queries, dim 40]
    unless said). Elsewhere the registers run. */
-static int tiles_win(const search *s) {
-    return s->n <= STRIP ? s->k <= MAX_K && s->n >= 40 * s->k : s->k <= FLOOR_MAX_K && s->n >= FLOOR_PICKS * s->k;
+int tiles_take(int64_t n, int64_t d, int64_t k) {
+    return d <= MAX_DIM && (n <= STRIP ? k <= MAX_K && n >= 40 * k : k <= FLOOR_MAX_K && n >= FLOOR_PICKS * k);
 }
 
 int tiles_search(const search *s, int64_t items, int64_t threads, int *failed) {
-    if (s->d > MAX_DIM || !tiles_win(s) || s->n * s->k_row >= ((int64_t)1 << 31) || !tiles_usable()) return 0;
+    if (!tiles_take(s->n, s->d, s->k) || s->n * s->k_row >= ((int64_t)1 << 31) || !tiles_usable()) return 0;
     int bad = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads((int)threads) reduction(| : bad)
@@ -392,8 +392,8 @@ int tiles_search(const search *s, int64_t items, int64_t threads, int *failed) {
 
 #else  /* no AMX in this build */
 int tiles_usable(void) { return 0; }
+int tiles_take(int64_t n, int64_t d, int64_t k) { return (void)n, (void)d, (void)k, 0; }
 int tiles_search(const search *s, int64_t items, int64_t threads, int *failed) {
-    (void)s, (void)items, (void)threads, (void)failed;
-    return 0;
+    return (void)s, (void)items, (void)threads, (void)failed, 0;
 }
 #endif

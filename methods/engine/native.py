@@ -75,6 +75,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.topk_inner_products.restype = ctypes.c_int
     lib.topk_inner_products.argtypes = [pointer, pointer, *[size] * 8, pointer, size, pointer, pointer, size, size]
     lib.tiles_usable.restype = ctypes.c_int
+    lib.tiles_take.restype = ctypes.c_int
+    lib.tiles_take.argtypes = [size] * 3
     lib.read_picked.restype = None
     lib.read_picked.argtypes = [*[pointer] * 3, *[size] * 4, *[pointer] * 5, *[size] * 5, ctypes.c_float,
                                *[pointer] * 3, size]

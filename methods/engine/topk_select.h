@@ -128,7 +128,7 @@ typedef struct {
    on the 62M model, do not stay in a 2 MiB L2 between blocks). */
 #define KEY_CHUNK 1024
 
-static int64_t limit_of(const search *s, int64_t row) {
+static inline int64_t limit_of(const search *s, int64_t row) {
     int64_t lim = s->limit ? s->limit[row] : s->n;
     return lim < 0 ? 0 : (lim > s->n ? s->n : lim);
 }
@@ -173,5 +173,7 @@ static inline int finish_row(const search *s, int64_t g, int64_t row, float *sc,
    state, then the search of all items on `threads` threads into `failed`; 0 where it does not run. */
 int tiles_usable(void);
 int tiles_search(const search *s, int64_t items, int64_t threads, int *failed);
+/* 1 where the tile path takes a search of n slots, head dim d and k picks (where the tiles win; 0 without AMX). */
+int tiles_take(int64_t n, int64_t d, int64_t k);
 
 #endif
