@@ -40,6 +40,20 @@ def test_list_csv_gives_every_method_its_dimensions_training_and_fidelity(capsys
     assert "global 4 (document)" in row["reading"] and "window" in row["reading"]
 
 
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`unimem-bench list | head`: stdout's reader is gone before the listing is written (closed here before the
+    child starts writing); the command ends quietly with status 0."""
+    import subprocess
+    import sys
+
+    code = "import sys; from unimem_bench.harness.cli.app import main; sys.exit(main(['list', '--format', 'csv']))"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
 def test_a_method_needs_a_fidelity_line_of_a_known_kind():
     from unimem_bench.methods.registry import method
 

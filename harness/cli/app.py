@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -116,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if main_process:
                 print_error(err)
             return 2
+        except BrokenPipeError:  # `unimem-bench list | head`: the reader has what it wanted; no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush writes nowhere
+            return 0
 
 
 if __name__ == "__main__":
