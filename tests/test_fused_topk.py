@@ -168,11 +168,13 @@ def routed_to_tiles(n: int, dim: int, k: int) -> bool:
 # (batch, kv_heads, queries, slots, dim, k), all routed to tiles: the register layouts that are, one tile row of
 # dims (8, 13, 16, 24) and two (40, 64), a full strip (8,192 slots), 70 and 33 rows (blocks of 32 left short), k =
 # 64; 300 rows of two KV heads (two items a head: the second reuses its head's keys, not the other head's); past
-# one strip (the floor's thresholds, strips of 2,048) with k = 256 (Unlimiformer's) and k = 32, a last strip and a
-# last floor group left short
+# one strip (strips of 2,048) with the floor's thresholds, k = 256 (Unlimiformer's) and k = 32, a last strip and a
+# last floor group left short, and with thresholds from the groups seen so far (k <= 16: LongMem's chunk search's
+# k = 8, k = 12 and k = 1), a last strip of 16 keys plus 1
 TILE_LAYOUTS = [layout for layout in LAYOUTS if routed_to_tiles(layout[3], layout[4], layout[5])] + [
     (1, 2, 70, 8192, 24, 16), (2, 1, 33, 2600, 64, 64), (1, 3, 40, 2000, 16, 7), (1, 2, 300, 3000, 24, 16),
-    (1, 2, 40, 17000, 40, 256), (2, 1, 33, 12345, 16, 32)]
+    (1, 2, 40, 17000, 40, 256), (2, 1, 33, 12345, 16, 32), (1, 2, 70, 20000, 64, 8), (2, 1, 50, 9000, 24, 12),
+    (1, 1, 40, 8209, 16, 1)]
 
 
 @needs_tiles
@@ -187,7 +189,8 @@ def test_tiles_give_the_registers_picks_and_scores_bit_for_bit(monkeypatch, batc
 
 
 @needs_tiles
-@pytest.mark.parametrize("n,k", [(3000, 24), (9000, 100)], ids=["one strip", "the floor"])
+@pytest.mark.parametrize("n,k", [(3000, 24), (9000, 100), (9000, 6), (9000, 14)],
+                         ids=["one strip", "the floor", "groups so far, k 6", "groups so far, k 14"])
 def test_tiles_decide_near_ties_in_float32(monkeypatch, n, k):
     """Keys 1e-6 apart score the same in bfloat16: the float32 scores of the register path decide between them, and
     exact ties go to the lower index; norms of 1e15 and 1e-20 move the bound, a norm past 2^60 makes it inf."""
@@ -215,11 +218,11 @@ def test_tiles_decline_as_the_registers_do(monkeypatch):
     nan_keys = keys.clone()
     nan_keys[0, 0, 300, 3] = float("nan")
     assert tiles_and_registers(monkeypatch, queries, nan_keys, 8) == (None, None)
-    for n in (400, 9000):  # one strip, the floor
+    for n, k in ((400, 8), (9000, 17), (9000, 8)):  # one strip, the floor, the groups seen so far
         ones, minus = torch.ones(1, 1, 20, 4), torch.ones(1, 1, n, 4)
-        minus[..., 3:, :] = float("-inf")  # keys 3.. score -inf; with a limit of 50 a row holds fewer than k = 8
-        assert routed_to_tiles(n, 4, 8)
-        assert tiles_and_registers(monkeypatch, ones, minus, 8, torch.full((20,), 50)) == (None, None)
+        minus[..., 3:, :] = float("-inf")  # keys 3.. score -inf; with a limit of 50 a row holds fewer than k
+        assert routed_to_tiles(n, 4, k)
+        assert tiles_and_registers(monkeypatch, ones, minus, k, torch.full((20,), 50)) == (None, None)
     assert not routed_to_tiles(300, 80, 8)
     wide_q, wide_k = torch.randn(1, 1, 20, 80, generator=g), torch.randn(1, 1, 300, 80, generator=g)
     tiles, registers = tiles_and_registers(monkeypatch, wide_q, wide_k, 8)

@@ -19,9 +19,9 @@
    at the k-th place) are among them, so picks, order and scores are the register path's, bit for bit. A score
    whose bound is not finite (NaN, inf, a norm over 2^60) is scored in float32 when it is met.
 
-   Past one strip the thresholds come first, from a floor pass over all keys (groups of `floor_group` tiles, about
-   4k groups, their best lower ends taken as above), and the keys then pass in strips of FLOOR_STRIP, each strip
-   met by every block of queries while its keys are in L2.
+   Past one strip the keys pass in strips of FLOOR_STRIP, each met by every block of queries while its keys are in
+   L2, the thresholds first from a floor pass over all keys (groups of `floor_group` tiles, about 4k groups, their
+   best lower ends taken as above); up to FEW_PICKS picks, from the groups of the strips met so far.
 
    One thread, registers -> tiles (bench_native.py): FoT's search on the reference model 3.25 -> 2.06 ms, on the
    62M model 4.60 -> 3.28 (2 threads), Memorizing Transformer's 1.00 -> 0.77, Unlimiformer's 17.7 -> 14.6. */
@@ -66,6 +66,7 @@ typedef struct {  /* one thread's scratch, for up to SPAN query rows */
     float *thr;        /* [SPAN] the upper end a key must beat (padding rows: +inf) */
     float *strip;      /* [STRIP keys][BLOCK queries] s~ of a strip of keys against a block of queries */
     int32_t *best;     /* [groups][BLOCK] each group's best lower end, `ordered` (the floor: for every block) */
+    int32_t *top;      /* [SPAN / BLOCK][FEW_PICKS][BLOCK] each block's best group bests so far (raise_by_groups) */
     float *lo, *hi;    /* [SPAN][cap] each row's buffered intervals, in key order */
     int32_t *index;    /* [SPAN][cap] their keys */
     uint8_t *sure;     /* [SPAN][cap] 1 where lo = hi = the float32 score */
@@ -95,8 +96,7 @@ static int select_keys(const search *s, tile_scratch *w, const float *q0, const 
     int32_t found[LIST];   /* keys of a run of LIST that some row takes, and those rows */
     uint32_t takers[LIST];
     for (int64_t r0 = 0; r0 < nk; r0 += LIST) {
-        const int64_t r1 = nk - r0 < LIST ? nk : r0 + LIST;
-        int64_t m = 0;
+        int64_t r1 = nk - r0 < LIST ? nk : r0 + LIST, m = 0;
         for (int64_t r = r0; r < r1; r++) {  /* no branch on the hits: the list grows by one where a row takes key r */
             const __m512 norm = _mm512_set1_ps(kn[r]);
             const __m512 h0 = _mm512_fmadd_ps(qn0, norm, _mm512_loadu_ps(scores + r * BLOCK));
@@ -279,17 +279,18 @@ static int tile_rows(const search *s, int64_t g, int64_t r0, int64_t r1, tile_sc
     int64_t low[SPAN / BLOCK];
     const int64_t reach = prepare(s, g, r0, r1, w, low);
     int failed = 0;
-    /* One strip: each block's thresholds from its own group bests. More keys: every block's thresholds from the
-       floor first, then strips of FLOOR_STRIP keys, each met by every block (its keys stay in L2). */
-    const int many = s->n > STRIP;
-    if (many) floor_pass(s, w, blocks, low);
-    const int64_t strip = many ? FLOOR_STRIP : STRIP;
-    for (int64_t j0 = 0; j0 < reach; j0 += strip) {
+    /* Up to FEW_PICKS picks no floor: the groups so far set thresholds near the k-th best key, and a second scoring
+       costs more than it saves (one thread, LongMem's chunk search [4 x 512 x 16,384, dim 64] k 8 13.4 -> 10.3). */
+    const int many = s->n > STRIP, floored = many && k > FEW_PICKS;
+    for (int64_t i = 0; i < blocks * FEW_PICKS * BLOCK; i++) w->top[i] = ordered(-INFINITY);
+    if (floored) floor_pass(s, w, blocks, low);
+    for (int64_t j0 = 0, strip = many ? FLOOR_STRIP : STRIP; j0 < reach; j0 += strip) {
         const int64_t nk = reach - j0 < strip ? reach - j0 : strip;
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t at = b * BLOCK, nq = rows - at < BLOCK ? rows - at : BLOCK;
-            score_strip(w, b, steps, kpad, j0, nk, !many);
-            if (!many) raise_thresholds(s, w->best, low[b] / T, w->thr + at);
+            const int64_t own = (low[b] - j0 < nk ? low[b] - j0 : nk) / T;  /* whole groups all rows read */
+            score_strip(w, b, steps, kpad, j0, nk, !floored);
+            if (!floored && own > 0) raise_by_groups(s, w->best, own, w->top + at * FEW_PICKS, w->thr + at);
             failed |= select_keys(s, w, q0 + at * s->q_row, keys, w->strip, w->kn + j0, at, nq, j0, nk, low[b]);
         }
     }
@@ -324,11 +325,11 @@ static int scratch_of(const search *s, tile_scratch *w) {
     const int64_t path = strip / T * BLOCK, floor = SPAN / BLOCK * (s->n / (T * floor_group(s))) * BLOCK;
     const int64_t best = path > floor ? path : floor;
     void **part[] = {(void **)&w->queries, (void **)&w->keys, (void **)&w->qn, (void **)&w->kn, (void **)&w->lim,
-                     (void **)&w->thr, (void **)&w->strip, (void **)&w->best, (void **)&w->lo, (void **)&w->hi,
-                     (void **)&w->index, (void **)&w->sure, (void **)&w->counts, (void **)&w->tmp};
+                     (void **)&w->thr, (void **)&w->strip, (void **)&w->best, (void **)&w->top, (void **)&w->lo,
+                     (void **)&w->hi, (void **)&w->index, (void **)&w->sure, (void **)&w->counts, (void **)&w->tmp};
     const int64_t size[] = {2 * SPAN * kpad, 2 * keys * kpad, 4 * SPAN, 4 * keys, 4 * SPAN, 4 * SPAN,
-                            4 * strip * BLOCK, 4 * best, 4 * SPAN * cap, 4 * SPAN * cap, 4 * SPAN * cap,
-                            SPAN * cap, 8 * SPAN, 4 * RANK_SCRATCH(cap)};
+                            4 * strip * BLOCK, 4 * best, 4 * SPAN * FEW_PICKS, 4 * SPAN * cap, 4 * SPAN * cap,
+                            4 * SPAN * cap, SPAN * cap, 8 * SPAN, 4 * RANK_SCRATCH(cap)};
     int64_t total = 0;
     for (size_t i = 0; i < sizeof size / sizeof *size; i++) total += (size[i] + 63) / 64 * 64;
     if (kept.size < total) {

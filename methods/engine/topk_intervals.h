@@ -13,6 +13,7 @@
 #define BLOCK (2 * T)      /* query rows scored together: two tiles of queries */
 #define DELTA 0x1p-40f     /* covers what flushing to zero loses: 2^-126 ((|q| + |k|) sqrt(d) + kpad) at most */
 #define HUGE_NORM 0x1p60f  /* a norm past it makes the bound inf; below it bfloat16 products stay finite */
+#define FEW_PICKS 16       /* picks that thresholds from every group so far serve (raise_by_groups) */
 
 /* C of the bound e = C (|q| + DELTA) (|k| + DELTA). */
 static float bound_scale(int64_t d, int64_t kpad) {
@@ -151,6 +152,41 @@ static void raise_thresholds(const search *s, const int32_t *best, int64_t group
                                                             _mm512_set1_ps(0x1p-100f)));
         _mm512_storeu_ps(thr + h * T, _mm512_max_ps(below, _mm512_loadu_ps(thr + h * T)));
     }
+}
+
+/* Keeps in top (each block row's best group bests so far, `ordered`, best first: `width` vectors of BLOCK rows)
+   the best of those and `groups` more from `best`, and raises the rows' thresholds to the k-th: the groups are
+   disjoint, each reached by one of its keys, so k keys score at least it. */
+static inline __attribute__((always_inline)) void keep_best(const int32_t *best, int64_t groups, int64_t k,
+                                                             int width, int32_t *top, float *thr) {
+    for (int h = 0; h < 2; h++) {
+        __m512i t[FEW_PICKS];
+        for (int i = 0; i < width; i++) t[i] = _mm512_loadu_si512(top + i * BLOCK + h * T);
+        for (int64_t gr = 0; gr < groups; gr++) {  /* a network of max-min pairs: each group enters in order */
+            __m512i v = _mm512_loadu_si512(best + gr * BLOCK + h * T);
+            for (int i = 0; i < width; i++) {
+                const __m512i up = _mm512_max_epi32(t[i], v);
+                v = _mm512_min_epi32(t[i], v);
+                t[i] = up;
+            }
+        }
+        for (int i = 0; i < width; i++) _mm512_storeu_si512(top + i * BLOCK + h * T, t[i]);
+        const __m512 bound = _mm512_castsi512_ps(ordered16(_mm512_castsi512_ps(t[k - 1])));
+        /* strictly below the bound, as raise_thresholds; -inf (fewer than k groups above it) raises nothing */
+        __m512 below = _mm512_sub_ps(bound, _mm512_fmadd_ps(_mm512_abs_ps(bound), _mm512_set1_ps(0x1p-20f),
+                                                            _mm512_set1_ps(0x1p-100f)));
+        _mm512_storeu_ps(thr + h * T, _mm512_max_ps(below, _mm512_loadu_ps(thr + h * T)));
+    }
+}
+
+/* Raises a block's thresholds by `groups` more group bests from `best`: up to FEW_PICKS picks by the exact k-th of
+   every group seen so far (top: [FEW_PICKS][BLOCK], ordered(-inf) before the first), which keeps the strips before
+   (a network of k max-min pairs a group, of width 8 or 16: 32 lost to raise_thresholds); more picks by 16 bits of
+   the k-th of these groups alone (raise_thresholds). */
+static void raise_by_groups(const search *s, const int32_t *best, int64_t groups, int32_t *top, float *thr) {
+    if (s->k <= FEW_PICKS / 2) keep_best(best, groups, s->k, FEW_PICKS / 2, top, thr);
+    else if (s->k <= FEW_PICKS) keep_best(best, groups, s->k, FEW_PICKS, top, thr);
+    else raise_thresholds(s, best, groups, thr);
 }
 
 #endif
