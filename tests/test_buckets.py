@@ -11,6 +11,7 @@ from helpers import random_docs, tiny_llama
 
 from unimem_bench.methods import METHODS, ConfigError, MemoryLM, MethodContext
 from unimem_bench.methods.config import Reading
+from unimem_bench.methods.engine import native, picked_read
 from unimem_bench.methods.engine.buckets import (
     bucket_ids_arithmetic,
     bucket_ids_numpy,
@@ -115,6 +116,24 @@ def test_documents_batched_equal_documents_alone(method: str, one_thread) -> Non
     together = nll(method, docs=docs, batch_size=3)
     for doc, got in zip(docs, together, strict=True):
         torch.testing.assert_close(got, nll(method, docs=[doc])[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler here: the native kernels cannot be built")
+@pytest.mark.parametrize("method", ["reformer", "routing"])
+@pytest.mark.parametrize("window", [[], ["reading.window=6", "reading.sliding=true"]], ids=["segment", "sliding"])
+def test_native_read_of_the_selected_slots_equals_the_masked_dense_read(method: str, window: list[str], monkeypatch,
+                                                                         one_thread) -> None:
+    """On CPU the selected slots are scored and read by the native kernel: the same NLLs as the fused kernel over
+    all memory slots under the additive mask (the path of autograd and other devices), with a window reaching into
+    the searchable slots too."""
+    ran = []
+    for name in ("merge_with_lse", "merge_buckets"):  # routing's slots, and Reformer's shared buckets
+        real = getattr(picked_read, name)
+        monkeypatch.setattr(picked_read, name, lambda *a, real=real, **kw: ran.append(r := real(*a, **kw)) or r)
+    kernel = nll(method, *window)[0]
+    assert ran and all(r is not None for r in ran), "the native read did not run"
+    monkeypatch.setenv(picked_read.SWITCH_ENV, "0")
+    torch.testing.assert_close(kernel, nll(method, *window)[0], atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize(("method", "override", "problem"), [

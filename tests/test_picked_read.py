@@ -12,6 +12,7 @@ from helpers import random_docs, tiny_llama
 from unimem_bench.methods import METHODS, MemoryLM, MethodContext
 from unimem_bench.methods.engine import native, picked_read
 from unimem_bench.methods.engine.attention import merge_picked
+from unimem_bench.methods.engine.buckets import bucket_ids_numpy, shared_bucket
 from unimem_bench.methods.engine.kernels import rotate
 
 pytestmark = pytest.mark.skipif(native.library() is None,
@@ -24,11 +25,13 @@ def turned(key, cos, sin):
     return key * cos + torch.cat([-key[..., half:], key[..., :half]], dim=-1) * sin
 
 
-def reference(queries, keys, values, slots, offset, logits, out, lse, scale, place=None):
+def reference(queries, keys, values, slots, offset, logits, out, lse, scale, place=None, lse_too=False):
     """float64, one query row at a time: softmax over [the local log-sum-exp; the found slots' scaled logits]
-    (keys rotated first by `place`'s table rows where[slot], when given)."""
+    (keys rotated first by `place`'s table rows where[slot], when given); with `lse_too` also the log-sum-exp of
+    that softmax [batch, heads, rows]."""
     batch, heads, rows, dim = queries.shape
     merged = torch.empty(batch, heads, rows, dim, dtype=torch.float64)
+    merged_lse = torch.empty(batch, heads, rows, dtype=torch.float64)
     for b in range(batch):
         for h in range(heads):
             for i in range(rows):
@@ -46,7 +49,8 @@ def reference(queries, keys, values, slots, offset, logits, out, lse, scale, pla
                     parts.append((raw * scale, values[b, h, slot + offset].double()))
                 weights = torch.softmax(torch.stack([p[0] for p in parts]), dim=0)
                 merged[b, h, i] = sum(w * v for w, (_, v) in zip(weights, parts, strict=True))
-    return merged
+                merged_lse[b, h, i] = torch.stack([p[0] for p in parts]).logsumexp(0)
+    return (merged, merged_lse) if lse_too else merged
 
 
 def torch_path(queries, keys, values, slots, offset, logits, out, lse, scale, place=None):
@@ -113,10 +117,13 @@ def test_read_equals_the_torch_path_and_a_float64_reference(way, batch, heads, r
     args = (queries, keys if scored else None, values, slots, offset, given)
     got = picked_read.merge(*args, out, lse, 0.3, place=place)
     assert got is not None, "the kernel declined a read it should run"
-    expected = reference(queries, keys, values, slots, offset, given, out, lse, 0.3, place)
+    expected, expected_lse = reference(queries, keys, values, slots, offset, given, out, lse, 0.3, place, True)
     torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(got, torch_path(queries, keys, values, slots, offset, given, out, lse, 0.3, place),
                                atol=2e-6, rtol=1e-5)
+    both = picked_read.merge_with_lse(*args, out, lse, 0.3, place=place)
+    assert both is not None and torch.equal(both[0], got)
+    torch.testing.assert_close(both[1].double(), expected_lse, atol=2e-6, rtol=1e-6)
     own = picked_read.merge(*args, None, None, 0.3, place=place)
     assert own is not None, "the kernel declined its own softmax"
     expected = reference(queries, keys, values, slots, offset, given, None, None, 0.3, place)
@@ -170,12 +177,65 @@ def test_read_declines_what_the_caller_reads_itself(monkeypatch):
     assert picked_read.merge(queries, None, values, slots, offset, logits.detach(), out, lse, 0.5) is None
 
 
+def bucket_inputs(half: int, seed: int):
+    """A bucket read's inputs (`inputs`' banks and local read; 2 KV heads, 30 rows, 40 slots from `offset`, dim 8)
+    and projections of 3 rounds, with ties: a slot and a row of zero projections (every entry tied), a round whose
+    largest equals minus its smallest (the first half wins), repeated values (the first of them), and a limit under
+    which some rows read nothing."""
+    queries, keys, values, _, offset, _, out, lse = inputs(1, 2, 30, 42, 8, 1, seed)
+    g = torch.Generator().manual_seed(seed)
+    q_proj = torch.randn(1, 2, 30, 3 * half, generator=g).round(decimals=1)  # repeated values within a round
+    k_proj = torch.randn(1, 2, 40, 3 * half, generator=g).round(decimals=1)
+    k_proj[0, 0, 5] = 0.0
+    q_proj[0, 1, 2] = 0.0
+    q_proj[0, 0, 4, :half] = 0.0
+    q_proj[0, 0, 4, 1], q_proj[0, 0, 4, 3] = 0.7, -0.7  # max = -min
+    limit = torch.randint(-3, 45, (30,), generator=g)
+    return queries, keys, values, q_proj, k_proj, limit, offset, out, lse
+
+
+def bucket_reference(queries, keys, values, q_proj, k_proj, half, limit, offset, out, lse, scale):
+    """The slots sharing a bucket, from `buckets.bucket_ids_numpy` and `shared_bucket`, read by `reference`."""
+    shared = shared_bucket(bucket_ids_numpy(q_proj, half), bucket_ids_numpy(k_proj, half))  # [1, 2, 30, 40]
+    n = k_proj.shape[2]
+    shared = shared * (torch.arange(n) < limit[:, None])
+    slots = torch.where(shared > 0, torch.arange(n), -1)
+    return reference(queries, keys, values, slots, offset, None, out, lse, scale, lse_too=True)
+
+
+@pytest.mark.parametrize("half", [16, 32, 5], ids=["whole vectors", "two vectors", "portable"])
+def test_bucket_read_equals_the_shared_buckets_read(half):
+    """The kernel's own bucket ids and slot lists read what the numpy ids and the shared-bucket mask select."""
+    queries, keys, values, q_proj, k_proj, limit, offset, out, lse = bucket_inputs(half, half)
+    got = picked_read.merge_buckets(queries, keys, values, q_proj, k_proj, half, limit, offset, out, lse, 0.4)
+    assert got is not None, "the kernel declined a bucket read it should run"
+    expected, expected_lse = bucket_reference(queries, keys, values, q_proj, k_proj, half, limit, offset, out, lse,
+                                              0.4)
+    torch.testing.assert_close(got[0].double(), expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1].double(), expected_lse, atol=2e-6, rtol=1e-6)
+    everything = picked_read.merge_buckets(queries, keys, values, q_proj, k_proj, half, None, offset, out, lse, 0.4)
+    assert everything is not None
+    expected = bucket_reference(queries, keys, values, q_proj, k_proj, half, torch.full((30,), 40), offset, out,
+                                lse, 0.4)[0]
+    torch.testing.assert_close(everything[0].double(), expected, atol=2e-6, rtol=1e-5)
+    wide = torch.randn(1, 2, 30, 3 * half + 1)
+    assert picked_read.merge_buckets(queries, keys, values, wide, k_proj, half, None, offset, out, lse, 0.4) is None
+    assert picked_read.merge_buckets(queries, keys, values, q_proj, k_proj, half, limit.int(), offset, out, lse,
+                                     0.4) is None  # int32 limits
+
+
 def test_every_instruction_set_build_reads_the_same(instruction_set_build):
     lib = instruction_set_build
+    for half in (16, 5):
+        queries, keys, values, q_proj, k_proj, limit, offset, out, lse = bucket_inputs(half, 7)
+        got = picked_read.run_buckets(lib, queries, keys, values, q_proj, k_proj, half, limit, offset, out, lse, 0.4)
+        expected = bucket_reference(queries, keys, values, q_proj, k_proj, half, limit, offset, out, lse, 0.4)[0]
+        assert got is not None
+        torch.testing.assert_close(got[0].double(), expected, atol=2e-6, rtol=1e-5)
     for batch, heads, rows, n, dim, k in LAYOUTS:
         queries, keys, values, slots, offset, logits, out, lse = inputs(batch, heads, rows, n, dim, k, n)
         for place in (None, tables(n, dim)):
-            got = picked_read.run(lib, queries, keys, values, slots, offset, None, out, lse, 0.3, place)
+            got = picked_read.run(lib, queries, keys, values, slots, offset, None, out, lse, 0.3, place)[0]
             expected = reference(queries, keys, values, slots, offset, None, out, lse, 0.3, place)
             torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
 

@@ -2,9 +2,11 @@
 
 Both pick, per query and KV head, a subset of the searchable memory slots (the non-global bank slots before the
 query's window reach, as top-k searches) and add them to the softmax of the window and local keys through
-log-sum-exp (the rules are `Reading.lsh_buckets` and `Reading.clusters`). The selection is an additive mask over the
-searchable slots, read by PyTorch's fused attention kernel: no sorting by bucket and no per-query gathers, so the cost
-is that of dense attention over the (bounded, Clear All) memory.
+log-sum-exp (the rules are `Reading.lsh_buckets` and `Reading.clusters`). The selection is a list of slots per
+query (-1 for none). On CPU in float32 without autograd the native picked-slot read (`picked_read`) scores and reads
+only those slots, straight from the bank; elsewhere (autograd, other devices and dtypes) the list becomes an additive
+mask over the searchable slots, read by PyTorch's fused attention kernel: no sorting by bucket and no per-query
+gathers, so the cost is that of dense attention over the (bounded, Clear All) memory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from unimem_bench.methods.config import Reading
+from unimem_bench.methods.engine import picked_read
 from unimem_bench.methods.engine.kernels import FusedKernel, attention_with_lse, merge_lse
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.retrieval import top_best_first
@@ -28,15 +31,21 @@ def lsh_rotations(reading: Reading, layer: int, kv_heads: int, dim: int, device:
     return rotations.to(device)
 
 
+def lsh_projections(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """x [batch, kv_heads, n, dim] on the unit sphere, rotated: [batch, kv_heads, n, rounds * half] (round-major)."""
+    kv_heads, rounds, dim, half = rotations.shape
+    flat = rotations.permute(0, 2, 1, 3).reshape(kv_heads, dim, rounds * half)  # [kv_heads, dim, rounds * half]
+    # Bucket ids are piecewise constant in x: no gradient (the arithmetic path passes none either).
+    return F.normalize(x.detach().float(), dim=-1) @ flat
+
+
 def lsh_hash(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Angular LSH: x [batch, kv_heads, n, dim] -> float bucket ids [batch, kv_heads, rounds, n], the argmax of
     [xR ; -xR] (exact whenever a vector's projections differ, i.e. but for a zero vector)."""
-    kv_heads, rounds, dim, half = rotations.shape
+    rounds, half = rotations.shape[1], rotations.shape[3]
     if not half:  # one bucket
         return x.new_zeros(*x.shape[:2], rounds, x.shape[2], dtype=torch.float32)
-    flat = rotations.permute(0, 2, 1, 3).reshape(kv_heads, dim, rounds * half)  # [kv_heads, dim, rounds * half]
-    # Bucket ids are piecewise constant in x: no gradient (the arithmetic path passes none either).
-    projected = F.normalize(x.detach().float(), dim=-1) @ flat  # [batch, kv_heads, n, rounds * half]
+    projected = lsh_projections(x, rotations)  # [batch, kv_heads, n, rounds * half]
     if projected.device.type == "cpu":
         return bucket_ids_numpy(projected, half)
     return bucket_ids_arithmetic(projected, half)
@@ -121,65 +130,88 @@ def update_centroids(reading: Reading, centroids: torch.Tensor, queries: torch.T
     return torch.where(counts.unsqueeze(-1) > 0, moved, centroids)
 
 
-def routed(reading: Reading, centroids: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def routed_slots(reading: Reading, centroids: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Balanced routing: queries [batch, kv_heads, q, dim] and searchable keys [batch, kv_heads, n, dim] -> [batch,
-    kv_heads, q, n] 1.0 where the key is a member of the query's nearest cluster, else 0.0."""
+    kv_heads, q, size] long: the members of the query's nearest cluster (the `size` keys most similar to its
+    centroid)."""
     n = keys.shape[2]
     size = min(n, reading.cluster_size or math.ceil(n / reading.clusters))
+    nearest = nearest_centroid(F.normalize(queries.float(), dim=-1), centroids)  # [batch, kv_heads, q]
+    if size == n:  # every slot a member
+        return torch.arange(n, device=keys.device).expand(*nearest.shape, n)
     # Membership is piecewise constant in the keys: no gradient.
     similarity = centroids @ F.normalize(keys.detach().float(), dim=-1).transpose(-1, -2)  # [batch, kv, clusters, n]
-    if size < n:
-        # Among equal similarities (a repeated token's equal keys) the older slot is a member first, as a stable
-        # sort would pick; the exact row top-k is 3-7x faster than that sort at 128-256 slots.
-        members = top_best_first(similarity, size)[1]  # [batch, kv_heads, clusters, size]
-        member = torch.zeros_like(similarity).scatter_(-1, members, 1.0)  # [batch, kv_heads, clusters, n]
-    else:  # every slot a member
-        member = torch.ones_like(similarity)
-    nearest = nearest_centroid(F.normalize(queries.float(), dim=-1), centroids)  # [batch, kv_heads, q]
-    return F.one_hot(nearest, reading.clusters).to(member.dtype) @ member
+    # Among equal similarities (a repeated token's equal keys) the older slot is a member first, as a stable sort
+    # would pick; the exact row top-k is 3-7x faster than that sort at 128-256 slots.
+    members = top_best_first(similarity, size)[1]  # [batch, kv_heads, clusters, size]
+    return members.gather(2, nearest.unsqueeze(-1).expand(-1, -1, -1, size))
 
 
-def bucket_bias(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: int, start: int, end: torch.Tensor,
-                lowest: int, query: torch.Tensor) -> torch.Tensor:
-    """The additive mask [batch, heads, seq, n] over mem's bank slots [start, start + n): 0 where the query reads
-    the slot (it shares a bucket or is a member of the query's cluster, and lies before end[query]), else a large
-    negative number (the query's softmax gives it weight 0); `lowest`: end's smallest entry (known from the plan);
-    `bank` (the live layer memory) holds the LSH rotations."""
-    assert mem.keys is not None
-    batch, heads, seq, dim = query.shape
-    kv_heads = mem.keys.shape[1]
-    group = heads // kv_heads
-    q = query.reshape(batch, kv_heads, group * seq, dim)  # [batch, kv_heads, group * seq, dim]
-    keys = mem.keys[:, :, start:]  # [batch, kv_heads, n, dim]
-    if reading.lsh_buckets:
-        if bank.rotations is None:
-            bank.rotations = lsh_rotations(reading, layer, kv_heads, dim, query.device)
-        rotations = bank.rotations
-        selected = shared_bucket(lsh_hash(q, rotations), lsh_hash(keys, rotations))
-    else:
-        centroids = mem.centroids if mem.centroids is not None else initial_centroids(
-            reading, layer, batch, kv_heads, dim, query.device)  # a memory written before any segment was routed
-        selected = routed(reading, centroids, q, keys)  # [batch, kv_heads, group * seq, n]
-    n = keys.shape[2]
-    if lowest - start < n:  # some query's window reaches into the searchable slots: those it must not read
-        limit = end.repeat(group) - start  # [group * seq]: q's rows are (group, seq) flattened
-        selected = selected * (limit[:, None] - torch.arange(n, device=query.device)).clamp(0, 1)
-    # Finite, so that a query reading no slot keeps a finite log-sum-exp; within the query dtype's range.
-    hide = min(UNREAD, torch.finfo(query.dtype).max / 4)
-    return selected.sub_(1).mul_(hide).to(query.dtype).view(batch, heads, seq, n)  # selected: a fresh tensor
+def slot_mask(slots: torch.Tensor, n: int) -> torch.Tensor:
+    """Slots [..., m] (< 0: none) of a bank of n -> [..., n] float, 1.0 where a slot is listed, else 0.0."""
+    listed = torch.zeros(*slots.shape[:-1], n + 1, device=slots.device)
+    return listed.scatter_(-1, slots + 1, 1.0)[..., 1:]  # a slot of -1 lands in column 0, dropped
+
+
+def routed(reading: Reading, centroids: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`routed_slots` as a mask [batch, kv_heads, q, n]: 1.0 where the key is a member of the query's nearest
+    cluster, else 0.0."""
+    return slot_mask(routed_slots(reading, centroids, queries, keys), keys.shape[2])
+
+
+def lsh_selection(rotations: torch.Tensor, keys: torch.Tensor, q: torch.Tensor,
+                  limit: torch.Tensor | None) -> torch.Tensor:
+    """[batch, kv_heads, q, n] 1.0 where query row q shares an LSH bucket with key slot j in some round and j <
+    limit[q] (limit None: every slot), else 0.0."""
+    selected = shared_bucket(lsh_hash(q, rotations), lsh_hash(keys, rotations))
+    if limit is not None:
+        selected = selected * (limit[:, None] - torch.arange(keys.shape[2], device=q.device)).clamp(0, 1)
+    return selected
 
 
 def merge_buckets(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: int, start: int, end: torch.Tensor,
                   lowest: int, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
                   kernel: FusedKernel) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add each query's selected slots of mem's bank [start, end[query]) to the softmax of `out`/`lse` (one softmax
-    over the union), read by the fused kernel under `bucket_bias` (`lowest`: end's smallest entry). Returns the
-    merged (out, lse)."""
+    """Add each query's selected slots of mem's bank [start, end[query]) (those sharing an LSH bucket with it, or
+    the members of its cluster) to the softmax of `out`/`lse`: one softmax over the union. On CPU in float32
+    without autograd the native kernels score and read only the selected slots (`picked_read`); elsewhere the fused
+    kernel reads all n slots under an additive mask. `lowest`: end's smallest entry (known from the plan); `bank`
+    (the live layer memory) holds the LSH rotations. Returns the merged (out, lse)."""
     assert mem.keys is not None and mem.values is not None
-    bias = bucket_bias(reading, bank, mem, layer, start, end, lowest, query)  # [batch, heads, seq, n]
-    keys, values = mem.keys[:, :, start:].to(query.dtype), mem.values[:, :, start:].to(query.dtype)
+    batch, heads, seq, dim = query.shape
+    kv_heads = mem.keys.shape[1]
+    group = heads // kv_heads
+    rows = (batch, kv_heads, group * seq)  # q's rows are (group, seq) flattened per KV head
+    q, out_rows, lse_rows = query.reshape(*rows, dim), out.reshape(*rows, dim), lse.reshape(rows)
+    keys = mem.keys[:, :, start:]  # [batch, kv_heads, n, dim]
+    n = keys.shape[2]
+    # some query's window reaches into the searchable slots: those it must not read
+    limit = end.repeat(group) - start if lowest - start < n else None  # [group * seq]
+    if reading.lsh_buckets:
+        if bank.rotations is None:
+            bank.rotations = lsh_rotations(reading, layer, kv_heads, dim, query.device)
+        half = bank.rotations.shape[3]
+        if half and (merged := picked_read.merge_buckets(
+                q, mem.keys, mem.values, lsh_projections(q, bank.rotations), lsh_projections(keys, bank.rotations),
+                half, limit, start, out_rows, lse_rows, scale)) is not None:
+            return merged[0].view(batch, heads, seq, dim), merged[1].view(batch, heads, seq)
+        selected = lsh_selection(bank.rotations, keys, q, limit)  # [batch, kv_heads, group * seq, n]
+    else:
+        centroids = mem.centroids if mem.centroids is not None else initial_centroids(
+            reading, layer, batch, kv_heads, dim, query.device)  # a memory written before any segment was routed
+        slots = routed_slots(reading, centroids, q, keys)  # [batch, kv_heads, group * seq, size]
+        if limit is not None:
+            slots = slots.masked_fill(slots >= limit[:, None], -1)
+        if (merged := picked_read.merge_with_lse(q, mem.keys, mem.values, slots, start, None, out_rows, lse_rows,
+                                                 scale)) is not None:
+            return merged[0].view(batch, heads, seq, dim), merged[1].view(batch, heads, seq)
+        selected = slot_mask(slots, n)
+    # Finite, so that a query reading no slot keeps a finite log-sum-exp; within the query dtype's range.
+    hide = min(UNREAD, torch.finfo(query.dtype).max / 4)
+    bias = selected.sub_(1).mul_(hide).to(query.dtype).view(batch, heads, seq, n)  # selected: a fresh tensor
     # A query reading no slot gets a log-sum-exp near -UNREAD: the merge gives its (finite) output weight 0.
-    out_s, lse_s = attention_with_lse(query, keys, values, bias, scale, kernel)
+    out_s, lse_s = attention_with_lse(query, keys.to(query.dtype), mem.values[:, :, start:].to(query.dtype), bias,
+                                      scale, kernel)
     return merge_lse(out, lse.to(lse_s.dtype), out_s, lse_s)
 
 

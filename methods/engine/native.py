@@ -78,8 +78,11 @@ def load(path: Path) -> ctypes.CDLL:
     lib.tiles_take.restype = ctypes.c_int
     lib.tiles_take.argtypes = [size] * 3
     lib.read_picked.restype = None
-    lib.read_picked.argtypes = [*[pointer] * 3, *[size] * 4, *[pointer] * 5, *[size] * 5, ctypes.c_float,
+    lib.read_picked.argtypes = [*[pointer] * 3, *[size] * 4, *[pointer] * 6, *[size] * 5, ctypes.c_float,
                                *[pointer] * 3, size]
+    lib.read_buckets.restype = ctypes.c_int
+    lib.read_buckets.argtypes = [*[pointer] * 3, *[size] * 4, *[pointer] * 2, *[size] * 2, *[pointer] * 5,
+                                 *[size] * 5, ctypes.c_float, size]
     return lib
 
 

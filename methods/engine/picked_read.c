@@ -4,7 +4,8 @@
    here against the bank's keys), scaled, join the local attention's log-sum-exp L in one softmax:
        m = max(L, max_j s_j),  w_0 = exp(L - m),  w_j = exp(s_j - m),  T = w_0 + sum_j w_j
        merged = out * (w_0 / T) + sum_j (w_j / T) * values[g, slot_j]
-   Without a local read (lse NULL) w_0 = 0: the picked slots' own softmax (LongMem's memory attention).
+   Without a local read (lse NULL) w_0 = 0: the picked slots' own softmax (LongMem's memory attention). With
+   merged_lse the merged softmax's log-sum-exp m + log T is written too, for a read merged after this one.
    A slot of index < 0 (not found) or a NaN / -inf score takes no weight. One pass per row: its scores, then the
    values of the slots with weight, read straight from the bank (no [rows x k x d] gather written).
    With rotation tables (Unlimiformer's scaled positions) a scored key is first rotated to its slot's position,
@@ -13,6 +14,10 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -28,6 +33,7 @@ typedef struct {
     const float *lse;     /* [groups, rows]: its log-sum-exp of scaled scores (finite: a query reads itself), or
                              NULL: no local part, the picked slots' own softmax */
     float *merged;        /* [groups, rows, d] */
+    float *merged_lse;    /* [groups, rows]: the merged softmax's log-sum-exp of scaled scores, or NULL */
     int64_t rows, k, d, offset;
     float scale;
     const float *cos, *sin; /* [positions, d] contiguous: rotations by position, or NULL: none */
@@ -70,10 +76,9 @@ static inline void prefetch_row(const float *row, int64_t d) {
     __builtin_prefetch(row + d - 1);
 }
 
-/* One row (flat index `row` = g * rows + i); w: k floats of scratch, acc: d floats. */
-static void read_row(const picked *p, int64_t row, float *w, float *acc) {
-    const int64_t g = row / p->rows, d = p->d, k = p->k;
-    const int64_t *slots = p->slots + row * k;
+/* One row (flat index `row` = g * rows + i) reading its k slots from `slots`; w: k floats of scratch, acc: d. */
+static void read_row(const picked *p, int64_t row, const int64_t *slots, int64_t k, float *w, float *acc) {
+    const int64_t g = row / p->rows, d = p->d;
     const float local = p->lse ? p->lse[row] : -INFINITY;
     float top = local;
     for (int64_t j = 0; j < k; j++) {
@@ -85,7 +90,7 @@ static void read_row(const picked *p, int64_t row, float *w, float *acc) {
         float s = -INFINITY;
         if (slots[j] >= 0) {
             const int64_t at = slots[j] + p->offset;
-            s = p->scale * (p->logits ? p->logits[row * k + j] : score(p, row, g, at));
+            s = p->scale * (p->logits ? p->logits[row * p->k + j] : score(p, row, g, at));
             if (!(s > -INFINITY)) s = -INFINITY; /* NaN: not found, as the PyTorch path masks it */
         }
         w[j] = s;
@@ -94,9 +99,10 @@ static void read_row(const picked *p, int64_t row, float *w, float *acc) {
     const float w0 = p->lse ? expf(local - top) : 0.0f;
     float total = w0;
     for (int64_t j = 0; j < k; j++) {
-        w[j] = expf(w[j] - top); /* exp(-inf) = 0 */
+        w[j] = w[j] > -INFINITY ? expf(w[j] - top) : 0.0f; /* a slot not read (a selection's -1s) costs no exp */
         total += w[j];
     }
+    if (p->merged_lse) p->merged_lse[row] = top + logf(total);
     const float inv = 1.0f / total, keep = w0 * inv;
     if (p->lse) {
         const float *out = p->out + row * d;
@@ -122,11 +128,11 @@ static void read_row(const picked *p, int64_t row, float *w, float *acc) {
    k + d <= MAX_SCRATCH). */
 void read_picked(const float *q, const float *keys, const float *values, int64_t k_group, int64_t k_row,
                  int64_t v_group, int64_t v_row, const int64_t *slots, const float *logits, const float *out,
-                 const float *lse, float *merged, int64_t groups, int64_t rows, int64_t k, int64_t d,
-                 int64_t offset, float scale, const float *cos, const float *sin, const int64_t *where,
+                 const float *lse, float *merged, float *merged_lse, int64_t groups, int64_t rows, int64_t k,
+                 int64_t d, int64_t offset, float scale, const float *cos, const float *sin, const int64_t *where,
                  int64_t threads) {
-    picked p = {q, keys, values, k_group, k_row, v_group, v_row, slots, logits, out, lse, merged, rows, k, d,
-                offset, scale, cos, sin, where};
+    picked p = {q, keys, values, k_group, k_row, v_group, v_row, slots, logits, out, lse, merged, merged_lse, rows,
+                k, d, offset, scale, cos, sin, where};
     const int64_t total = groups * rows;
     if (threads < 1) threads = 1;
     if (threads > total) threads = total > 0 ? total : 1;
@@ -134,6 +140,117 @@ void read_picked(const float *q, const float *keys, const float *values, int64_t
     {
         float scratch[k + d];
 #pragma omp for schedule(static)
-        for (int64_t row = 0; row < total; row++) read_row(&p, row, scratch, scratch + k);
+        for (int64_t row = 0; row < total; row++) read_row(&p, row, slots + row * k, k, scratch, scratch + k);
     }
+}
+
+#ifdef __AVX512F__
+/* The first index of `value` among the n floats of x (a multiple of 16), or n - 1 where none equals it (NaN). */
+static inline int64_t first_equal(const float *x, int64_t n, float value) {
+    const __m512 v = _mm512_set1_ps(value);
+    for (int64_t t0 = 0; t0 < n; t0 += 64) {  /* 64 at a time: one branch, taken once, for half = 64 */
+        uint64_t hits = 0;
+        for (int64_t t = t0; t < n && t < t0 + 64; t += 16)
+            hits |= (uint64_t)_mm512_cmpeq_ps_mask(_mm512_loadu_ps(x + t), v) << (t - t0);
+        if (hits) return t0 + __builtin_ctzll(hits);
+    }
+    return n - 1;
+}
+#endif
+
+/* Reformer's LSH bucket ids (buckets.lsh_hash) of one row of projections x [rounds][half] into ids[r * stride]: the
+   argmax of [xR ; -xR], i.e. the first largest of xR, or half + the first smallest where -min beats max (a tie
+   stays in the first half), as `buckets.bucket_ids_numpy`. A NaN projection gives some bucket. */
+static void lsh_ids(const float *x, int64_t rounds, int64_t half, int32_t *ids, int64_t stride) {
+    for (int64_t r = 0; r < rounds; r++) {
+        const float *seg = x + r * half;
+        int64_t high = half - 1, low = half - 1;
+#ifdef __AVX512F__
+        if (half % 16 == 0) {  /* Reformer's default (128 buckets: 64); 4x the portable loops */
+            __m512 most = _mm512_loadu_ps(seg), least = most;
+            for (int64_t t = 16; t < half; t += 16) {
+                most = _mm512_max_ps(most, _mm512_loadu_ps(seg + t));
+                least = _mm512_min_ps(least, _mm512_loadu_ps(seg + t));
+            }
+            const float top = _mm512_reduce_max_ps(most), bottom = _mm512_reduce_min_ps(least);
+            high = first_equal(seg, half, top), low = first_equal(seg, half, bottom);
+            ids[r * stride] = (int32_t)(top + bottom < 0 ? low + half : high);
+            continue;
+        }
+#endif
+        float most = seg[0], least = seg[0];
+        for (int64_t t = 1; t < half; t++) {
+            most = seg[t] > most ? seg[t] : most;
+            least = seg[t] < least ? seg[t] : least;
+        }
+        for (high = 0; high < half - 1 && seg[high] != most;) high++;  /* the first equal one (NaN: the last) */
+        for (low = 0; low < half - 1 && seg[low] != least;) low++;
+        ids[r * stride] = (int32_t)(most + least < 0 ? low + half : high);
+    }
+}
+
+/* The n slots of one round by bucket (a counting sort of their ids): bucket b's slots, in slot order, are
+   order[first[b] .. first[b + 1]). */
+static void by_bucket(const int32_t *ids, int64_t n, int64_t buckets, int32_t *first, int32_t *order) {
+    for (int64_t b = 0; b <= buckets; b++) first[b] = 0;
+    for (int64_t j = 0; j < n; j++) first[ids[j] + 1]++;
+    for (int64_t b = 0; b < buckets; b++) first[b + 1] += first[b];
+    for (int64_t j = 0; j < n; j++) order[first[ids[j]]++] = (int32_t)j;  /* first[b] ends at bucket b's end */
+    for (int64_t b = buckets; b > 0; b--) first[b] = first[b - 1];
+    first[0] = 0;
+}
+
+/* The read of the slots sharing an LSH bucket with each query (Reformer, buckets.merge_buckets): as read_picked,
+   each row's slots the bank slots j (from `offset`) of n below limit[i] (limit NULL: all n) whose bucket equals
+   the row's in some round, listed from each round's slots of the row's bucket (a slot listed once: `seen`);
+   projections q_proj [groups, rows, rounds * half] and k_proj [groups, n, rounds * half] contiguous. Returns 1
+   when its scratch cannot be had (nothing written), else 0. */
+int read_buckets(const float *q, const float *keys, const float *values, int64_t k_group, int64_t k_row,
+                 int64_t v_group, int64_t v_row, const float *q_proj, const float *k_proj, int64_t rounds,
+                 int64_t half, const int64_t *limit, const float *out, const float *lse, float *merged,
+                 float *merged_lse, int64_t groups, int64_t rows, int64_t n, int64_t d, int64_t offset, float scale,
+                 int64_t threads) {
+    picked p = {q, keys, values, k_group, k_row, v_group, v_row, NULL, NULL, out, lse, merged, merged_lse, rows, n,
+                d, offset, scale, NULL, NULL, NULL};
+    const int64_t buckets = 2 * half, lists = groups * rounds, total = groups * rows;
+    int32_t *kid = malloc(sizeof(int32_t) * (size_t)(lists * n + 1));               /* [groups][rounds][n] */
+    int32_t *order = malloc(sizeof(int32_t) * (size_t)(lists * n + 1));             /* [groups][rounds][n] */
+    int32_t *first = malloc(sizeof(int32_t) * (size_t)(lists * (buckets + 1)));     /* [groups][rounds][b + 1] */
+    if (!kid || !order || !first) {
+        free(kid), free(order), free(first);
+        return 1;
+    }
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads((int)threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t at = 0; at < groups * n; at++)
+            lsh_ids(k_proj + at * rounds * half, rounds, half, kid + at / n * rounds * n + at % n, n);
+#pragma omp for schedule(static)
+        for (int64_t list = 0; list < lists; list++)
+            by_bucket(kid + list * n, n, buckets, first + list * (buckets + 1), order + list * n);
+        float scratch[n + d];
+        int64_t picks[n + 1], seen[n + 1];
+        int32_t qid[rounds];
+        for (int64_t j = 0; j < n; j++) seen[j] = -1;
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < total; row++) {
+            const int64_t g = row / rows, end = limit && limit[row % rows] < n ? limit[row % rows] : n;
+            int64_t m = 0;
+            lsh_ids(q_proj + row * rounds * half, rounds, half, qid, 1);
+            for (int64_t r = 0; r < rounds; r++) {
+                const int32_t *f = first + (g * rounds + r) * (buckets + 1), *o = order + (g * rounds + r) * n;
+                for (int32_t e = f[qid[r]]; e < f[qid[r] + 1]; e++) {
+                    const int64_t j = o[e];
+                    if (j < end && seen[j] != row) {
+                        seen[j] = row;
+                        picks[m++] = j;
+                    }
+                }
+            }
+            read_row(&p, row, picks, m, scratch, scratch + n);
+        }
+    }
+    free(kid), free(order), free(first);
+    return 0;
 }
