@@ -202,9 +202,9 @@ def merge_buckets(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: 
         slots = routed_slots(reading, centroids, q, keys)  # [batch, kv_heads, group * seq, size]
         if limit is not None:
             slots = slots.masked_fill(slots >= limit[:, None], -1)
-        if (merged := picked_read.merge_with_lse(q, mem.keys, mem.values, slots, start, None, out_rows, lse_rows,
-                                                 scale)) is not None:
-            return merged[0].view(batch, heads, seq, dim), merged[1].view(batch, heads, seq)
+        read = picked_read.merge_with_lse(q, mem.keys, mem.values, slots, start, None, out_rows, lse_rows, scale)
+        if read is not None and read[1] is not None:
+            return read[0].view(batch, heads, seq, dim), read[1].view(batch, heads, seq)
         selected = slot_mask(slots, n)
     # Finite, so that a query reading no slot keeps a finite log-sum-exp; within the query dtype's range.
     hide = min(UNREAD, torch.finfo(query.dtype).max / 4)
