@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from unimem_bench.methods.config import Reading
-from unimem_bench.methods.engine import picked_read
+from unimem_bench.methods.engine import fused_topk, picked_read
 from unimem_bench.methods.engine.kernels import FusedKernel, attention_with_lse, merge_lse
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.retrieval import top_best_first
@@ -97,7 +97,7 @@ def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> torch.Ten
     """Unit points [batch, kv_heads, n, dim], unit centroids [batch, kv_heads, clusters, dim] -> [batch, kv_heads, n]
     long: the first most similar centroid."""
     similarity = points @ centroids.transpose(-1, -2)  # [batch, kv_heads, n, clusters], cosines in [-1, 1]
-    return first_zero(similarity.amax(-1, keepdim=True) - similarity).long()
+    return similarity.argmax(-1)  # the first of equal maxima
 
 
 def shared_bucket(query_buckets: torch.Tensor, key_buckets: torch.Tensor) -> torch.Tensor:
@@ -139,11 +139,12 @@ def routed_slots(reading: Reading, centroids: torch.Tensor, queries: torch.Tenso
     nearest = nearest_centroid(F.normalize(queries.float(), dim=-1), centroids)  # [batch, kv_heads, q]
     if size == n:  # every slot a member
         return torch.arange(n, device=keys.device).expand(*nearest.shape, n)
-    # Membership is piecewise constant in the keys: no gradient.
-    similarity = centroids @ F.normalize(keys.detach().float(), dim=-1).transpose(-1, -2)  # [batch, kv, clusters, n]
+    units = F.normalize(keys.detach().float(), dim=-1)  # membership is piecewise constant in the keys: no gradient
     # Among equal similarities (a repeated token's equal keys) the older slot is a member first, as a stable sort
-    # would pick; the exact row top-k is 3-7x faster than that sort at 128-256 slots.
-    members = top_best_first(similarity, size)[1]  # [batch, kv_heads, clusters, size]
+    # would pick: on CPU one native pass (`fused_topk`), else the exact row top-k, 3-7x faster than that sort at
+    # 128-256 slots.
+    found = fused_topk.search(centroids.contiguous(), units, size)
+    members = found[1] if found is not None else top_best_first(centroids @ units.transpose(-1, -2), size)[1]
     return members.gather(2, nearest.unsqueeze(-1).expand(-1, -1, -1, size))
 
 
