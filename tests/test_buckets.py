@@ -15,6 +15,7 @@ from unimem_bench.methods.engine import native, picked_read
 from unimem_bench.methods.engine.buckets import (
     bucket_ids_arithmetic,
     bucket_ids_numpy,
+    kmeans_step_native,
     lsh_hash,
     lsh_rotations,
     routed,
@@ -107,6 +108,29 @@ def test_centroids_move_by_online_kmeans() -> None:
         torch.testing.assert_close(moved[0, 0, 0], want0)
         torch.testing.assert_close(moved[0, 0, 1], want1)
         assert torch.equal(moved[0, 0, 2], centroids[0, 0, 2])  # no members: unchanged
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler here: the native kernels cannot be built")
+def test_native_kmeans_step_equals_the_torch_step(monkeypatch) -> None:
+    """`kmeans_step.c` moves the centroids as the PyTorch ops do: batch-expanded centroids, a zero point
+    (F.normalize's eps), a centroid repeated (every point nearest it joins the first of the two, so the second has
+    no member and is kept), grouped queries (two query heads a KV head)."""
+    generator = torch.Generator().manual_seed(9)
+    centroids = F.normalize(torch.randn(1, 2, 5, 8, generator=generator), dim=-1)
+    centroids[:, :, 4] = centroids[:, :, 3]
+    centroids = centroids.expand(3, -1, -1, -1)
+    queries, keys = torch.randn(3, 4, 7, 8, generator=generator), torch.randn(3, 2, 7, 8, generator=generator)
+    keys[0, 1, 2] = 0.0
+    for decay in (0.0, 0.5, 0.999):
+        reading = Reading(clusters=5, cluster_decay=decay)
+        moved = kmeans_step_native(reading, centroids, queries, keys)
+        assert moved is not None
+        with monkeypatch.context() as m:
+            m.setattr("unimem_bench.methods.engine.buckets.kmeans_step_native", lambda *a: None)
+            expected = update_centroids(reading, centroids, queries, keys)
+        torch.testing.assert_close(moved, expected, atol=1e-6, rtol=0)
+        assert torch.equal(moved[:, :, 4], centroids[:, :, 4])  # no members: unchanged
+    assert kmeans_step_native(Reading(clusters=5), centroids.double(), queries.double(), keys.double()) is None
 
 
 @pytest.mark.parametrize("method", ["reformer", "routing"])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from unimem_bench.methods.config import Reading
-from unimem_bench.methods.engine import fused_topk, picked_read
+from unimem_bench.methods.engine import fused_topk, native, picked_read
 from unimem_bench.methods.engine.kernels import FusedKernel, attention_with_lse, merge_lse
 from unimem_bench.methods.engine.memory import LayerMemory
 from unimem_bench.methods.engine.retrieval import top_best_first
@@ -120,6 +120,8 @@ def update_centroids(reading: Reading, centroids: torch.Tensor, queries: torch.T
     """One online k-means step: centroids [batch, kv_heads, clusters, dim], the segment's queries [batch, heads, n,
     dim] and keys [batch, kv_heads, n, dim] (as the memory scores them); returns the new centroids."""
     batch, kv_heads, _, dim = keys.shape
+    if (moved := kmeans_step_native(reading, centroids, queries, keys)) is not None:
+        return moved
     points = torch.cat([queries.detach().reshape(batch, kv_heads, -1, dim), keys.detach()], dim=2)
     points = F.normalize(points.float(), dim=-1)  # [batch, kv_heads, points, dim]
     nearest = nearest_centroid(points, centroids)  # [batch, kv_heads, points]
@@ -128,6 +130,24 @@ def update_centroids(reading: Reading, centroids: torch.Tensor, queries: torch.T
     means = (onehot.transpose(-1, -2) @ points) / counts.clamp(min=1).unsqueeze(-1)
     moved = F.normalize(reading.cluster_decay * centroids + (1 - reading.cluster_decay) * means, dim=-1)
     return torch.where(counts.unsqueeze(-1) > 0, moved, centroids)
+
+
+def kmeans_step_native(reading: Reading, centroids: torch.Tensor, queries: torch.Tensor,
+                       keys: torch.Tensor) -> torch.Tensor | None:
+    """`update_centroids` in one native pass (`kmeans_step.c`: no [points x clusters] one-hot, 13 torch ops fewer)
+    on CPU in float32 without autograd; None elsewhere, or without the native kernels."""
+    batch, kv_heads, n, dim = keys.shape
+    lib = native.library()
+    if lib is None or not all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
+                              for t in (centroids, queries, keys)):
+        return None
+    q = queries.reshape(batch, kv_heads, -1, dim).contiguous()  # [batch, kv_heads, group * n, dim]
+    k, c = keys.contiguous(), centroids.contiguous()  # centroids may be a batch-expanded view
+    moved = torch.empty(c.shape)
+    failed = lib.kmeans_step(q.data_ptr(), q.stride(1), q.stride(2), q.shape[2], k.data_ptr(), k.stride(1),
+                             k.stride(2), n, c.data_ptr(), moved.data_ptr(), batch * kv_heads, c.shape[2], dim,
+                             reading.cluster_decay, 1 - reading.cluster_decay, torch.get_num_threads())
+    return None if failed else moved
 
 
 def routed_slots(reading: Reading, centroids: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

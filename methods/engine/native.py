@@ -27,7 +27,8 @@ import torch
 from unimem_bench.methods.cache import cache_root
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in
-                ("topk_select.h", "topk_intervals.h", "fused_topk.c", "fused_topk_tiles.c", "picked_read.c"))
+                ("topk_select.h", "topk_intervals.h", "fused_topk.c", "fused_topk_tiles.c", "picked_read.c",
+                 "kmeans_step.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 NAME = "unimem_native.so"
 
@@ -80,6 +81,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.read_picked.restype = None
     lib.read_picked.argtypes = [*[pointer] * 3, *[size] * 4, *[pointer] * 6, *[size] * 5, ctypes.c_float,
                                *[pointer] * 3, size]
+    lib.kmeans_step.restype = ctypes.c_int
+    lib.kmeans_step.argtypes = [pointer, *[size] * 3, pointer, *[size] * 3, pointer, pointer, *[size] * 3,
+                                ctypes.c_float, ctypes.c_float, size]
     lib.read_buckets.restype = ctypes.c_int
     lib.read_buckets.argtypes = [*[pointer] * 3, *[size] * 4, *[pointer] * 2, *[size] * 2, *[pointer] * 5,
                                  *[size] * 5, ctypes.c_float, size]
