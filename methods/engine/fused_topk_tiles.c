@@ -282,7 +282,7 @@ static int tile_rows(const search *s, int64_t g, int64_t r0, int64_t r1, tile_sc
     /* Up to FEW_PICKS picks no floor: the groups so far set thresholds near the k-th best key, and a second scoring
        costs more than it saves (one thread, LongMem's chunk search [4 x 512 x 16,384, dim 64] k 8 13.4 -> 10.3). */
     const int many = s->n > STRIP, floored = many && k > FEW_PICKS;
-    for (int64_t i = 0; i < blocks * FEW_PICKS * BLOCK; i++) w->top[i] = ordered(-INFINITY);
+    for (int64_t i = 0; k <= FEW_PICKS && i < blocks * FEW_PICKS * BLOCK; i++) w->top[i] = ordered(-INFINITY);
     if (floored) floor_pass(s, w, blocks, low);
     for (int64_t j0 = 0, strip = many ? FLOOR_STRIP : STRIP; j0 < reach; j0 += strip) {
         const int64_t nk = reach - j0 < strip ? reach - j0 : strip;
@@ -325,11 +325,11 @@ static int scratch_of(const search *s, tile_scratch *w) {
     const int64_t path = strip / T * BLOCK, floor = SPAN / BLOCK * (s->n / (T * floor_group(s))) * BLOCK;
     const int64_t best = path > floor ? path : floor;
     void **part[] = {(void **)&w->queries, (void **)&w->keys, (void **)&w->qn, (void **)&w->kn, (void **)&w->lim,
-                     (void **)&w->thr, (void **)&w->strip, (void **)&w->best, (void **)&w->top, (void **)&w->lo,
-                     (void **)&w->hi, (void **)&w->index, (void **)&w->sure, (void **)&w->counts, (void **)&w->tmp};
+                     (void **)&w->thr, (void **)&w->strip, (void **)&w->best, (void **)&w->lo, (void **)&w->hi,
+                     (void **)&w->index, (void **)&w->sure, (void **)&w->counts, (void **)&w->tmp, (void **)&w->top};
     const int64_t size[] = {2 * SPAN * kpad, 2 * keys * kpad, 4 * SPAN, 4 * keys, 4 * SPAN, 4 * SPAN,
-                            4 * strip * BLOCK, 4 * best, 4 * SPAN * FEW_PICKS, 4 * SPAN * cap, 4 * SPAN * cap,
-                            4 * SPAN * cap, SPAN * cap, 8 * SPAN, 4 * RANK_SCRATCH(cap)};
+                            4 * strip * BLOCK, 4 * best, 4 * SPAN * cap, 4 * SPAN * cap, 4 * SPAN * cap,
+                            SPAN * cap, 8 * SPAN, 4 * RANK_SCRATCH(cap), 4 * SPAN * FEW_PICKS};
     int64_t total = 0;
     for (size_t i = 0; i < sizeof size / sizeof *size; i++) total += (size[i] + 63) / 64 * 64;
     if (kept.size < total) {
