@@ -18,8 +18,9 @@ from unimem_bench.methods.engine.buckets import (
     kmeans_step_native,
     lsh_hash,
     lsh_rotations,
-    routed,
+    routed_slots,
     shared_bucket,
+    slot_mask,
     update_centroids,
 )
 
@@ -90,9 +91,9 @@ def test_routing_is_balanced() -> None:
     generator = torch.Generator().manual_seed(1)
     centroids = F.normalize(torch.randn(1, 2, 4, 8, generator=generator), dim=-1)
     q, k = torch.randn(1, 2, 6, 8, generator=generator), torch.randn(1, 2, 10, 8, generator=generator)
-    selected = routed(reading, centroids, q, k)  # [1, 2, 6, 10]
-    assert (selected.sum(-1) == 3).all()  # ceil(10 / 4) members in every query's cluster
-    sized = routed(Reading(clusters=4, cluster_size=7), centroids, q, k)
+    selected = slot_mask(routed_slots(reading, centroids, q, k), 10)  # [1, 2, 6, 10]
+    assert (selected.sum(-1) == 3).all()  # ceil(10 / 4) distinct members in every query's cluster
+    sized = slot_mask(routed_slots(Reading(clusters=4, cluster_size=7), centroids, q, k), 10)
     assert (sized.sum(-1) == 7).all() and (sized >= selected).all()
 
 

@@ -2,11 +2,12 @@
 
 Both pick, per query and KV head, a subset of the searchable memory slots (the non-global bank slots before the
 query's window reach, as top-k searches) and add them to the softmax of the window and local keys through
-log-sum-exp (the rules are `Reading.lsh_buckets` and `Reading.clusters`). The selection is a list of slots per
-query (-1 for none). On CPU in float32 without autograd the native picked-slot read (`picked_read`) scores and reads
-only those slots, straight from the bank; elsewhere (autograd, other devices and dtypes) the list becomes an additive
-mask over the searchable slots, read by PyTorch's fused attention kernel: no sorting by bucket and no per-query
-gathers, so the cost is that of dense attention over the (bounded, Clear All) memory.
+log-sum-exp (the rules are `Reading.lsh_buckets` and `Reading.clusters`). On CPU in float32 without autograd the
+native picked-slot read (`picked_read`) scores and reads only the selected slots, straight from the bank: routing's
+as lists of its clusters' members, Reformer's listed by the kernel itself from the bucket ids it takes of the
+queries' and keys' projections. Elsewhere (autograd, other devices and dtypes) the selection is an additive mask
+over the searchable slots, read by PyTorch's fused attention kernel: no sorting by bucket and no per-query gathers,
+so the cost is that of dense attention over the (bounded, Clear All) memory.
 """
 
 from __future__ import annotations
@@ -172,12 +173,6 @@ def slot_mask(slots: torch.Tensor, n: int) -> torch.Tensor:
     """Slots [..., m] (< 0: none) of a bank of n -> [..., n] float, 1.0 where a slot is listed, else 0.0."""
     listed = torch.zeros(*slots.shape[:-1], n + 1, device=slots.device)
     return listed.scatter_(-1, slots + 1, 1.0)[..., 1:]  # a slot of -1 lands in column 0, dropped
-
-
-def routed(reading: Reading, centroids: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """`routed_slots` as a mask [batch, kv_heads, q, n]: 1.0 where the key is a member of the query's nearest
-    cluster, else 0.0."""
-    return slot_mask(routed_slots(reading, centroids, queries, keys), keys.shape[2])
 
 
 def lsh_selection(rotations: torch.Tensor, keys: torch.Tensor, q: torch.Tensor,

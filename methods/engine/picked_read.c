@@ -10,7 +10,9 @@
    values of the slots with weight, read straight from the bank (no [rows x k x d] gather written).
    With rotation tables (Unlimiformer's scaled positions) a scored key is first rotated to its slot's position,
    as `kernels.rotate` does: k * cos + rotate_half(k) * sin, rotate_half(k) = [-k[h:], k[:h]], h = d / 2, with
-   the tables' row where[slot]. */
+   the tables' row where[slot].
+   `read_buckets` reads Reformer's selection the same way, each row's slots listed here: those sharing an LSH bucket
+   with it in some round, from bucket ids of the queries' and keys' projections taken here. */
 
 #include <math.h>
 #include <stdint.h>
@@ -166,7 +168,7 @@ static void lsh_ids(const float *x, int64_t rounds, int64_t half, int32_t *ids, 
         const float *seg = x + r * half;
         int64_t high = half - 1, low = half - 1;
 #ifdef __AVX512F__
-        if (half % 16 == 0) {  /* Reformer's default (128 buckets: 64); 4x the portable loops */
+        if (half % 16 == 0) {  /* Reformer's default, 128 buckets: half 64 */
             __m512 most = _mm512_loadu_ps(seg), least = most;
             for (int64_t t = 16; t < half; t += 16) {
                 most = _mm512_max_ps(most, _mm512_loadu_ps(seg + t));
