@@ -121,7 +121,8 @@ def update_centroids(reading: Reading, centroids: torch.Tensor, queries: torch.T
     """One online k-means step: centroids [batch, kv_heads, clusters, dim], the segment's queries [batch, heads, n,
     dim] and keys [batch, kv_heads, n, dim] (as the memory scores them); returns the new centroids."""
     batch, kv_heads, _, dim = keys.shape
-    if (moved := kmeans_step_native(reading, centroids, queries, keys)) is not None:
+    # The centroids take no gradient: under autograd (fine-tuning) too the native step runs.
+    if (moved := kmeans_step_native(reading, centroids, queries.detach(), keys.detach())) is not None:
         return moved
     points = torch.cat([queries.detach().reshape(batch, kv_heads, -1, dim), keys.detach()], dim=2)
     points = F.normalize(points.float(), dim=-1)  # [batch, kv_heads, points, dim]
