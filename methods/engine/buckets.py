@@ -46,7 +46,11 @@ def lsh_hash(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     rounds, half = rotations.shape[1], rotations.shape[3]
     if not half:  # one bucket
         return x.new_zeros(*x.shape[:2], rounds, x.shape[2], dtype=torch.float32)
-    projected = lsh_projections(x, rotations)  # [batch, kv_heads, n, rounds * half]
+    return bucket_ids(lsh_projections(x, rotations), half)
+
+
+def bucket_ids(projected: torch.Tensor, half: int) -> torch.Tensor:
+    """`lsh_hash`'s ids [batch, kv_heads, rounds, n] from projections [batch, kv_heads, n, rounds * half]."""
     if projected.device.type == "cpu":
         return bucket_ids_numpy(projected, half)
     return bucket_ids_arithmetic(projected, half)
@@ -176,13 +180,12 @@ def slot_mask(slots: torch.Tensor, n: int) -> torch.Tensor:
     return listed.scatter_(-1, slots + 1, 1.0)[..., 1:]  # a slot of -1 lands in column 0, dropped
 
 
-def lsh_selection(rotations: torch.Tensor, keys: torch.Tensor, q: torch.Tensor,
-                  limit: torch.Tensor | None) -> torch.Tensor:
-    """[batch, kv_heads, q, n] 1.0 where query row q shares an LSH bucket with key slot j in some round and j <
-    limit[q] (limit None: every slot), else 0.0."""
-    selected = shared_bucket(lsh_hash(q, rotations), lsh_hash(keys, rotations))
+def lsh_selection(q_ids: torch.Tensor, key_ids: torch.Tensor, limit: torch.Tensor | None) -> torch.Tensor:
+    """Bucket ids [batch, kv_heads, rounds, q] and [batch, kv_heads, rounds, n] -> [batch, kv_heads, q, n] 1.0 where
+    query row q shares a bucket with key slot j in some round and j < limit[q] (limit None: every slot), else 0.0."""
+    selected = shared_bucket(q_ids, key_ids)
     if limit is not None:
-        selected = selected * (limit[:, None] - torch.arange(keys.shape[2], device=q.device)).clamp(0, 1)
+        selected = selected * (limit[:, None] - torch.arange(key_ids.shape[-1], device=key_ids.device)).clamp(0, 1)
     return selected
 
 
@@ -208,11 +211,16 @@ def merge_buckets(reading: Reading, bank: LayerMemory, mem: LayerMemory, layer: 
         if bank.rotations is None:
             bank.rotations = lsh_rotations(reading, layer, kv_heads, dim, query.device)
         half = bank.rotations.shape[3]
-        if half and (merged := picked_read.merge_buckets(
-                q, mem.keys, mem.values, lsh_projections(q, bank.rotations), lsh_projections(keys, bank.rotations),
-                half, limit, start, out_rows, lse_rows, scale)) is not None:
-            return merged[0].view(batch, heads, seq, dim), merged[1].view(batch, heads, seq)
-        selected = lsh_selection(bank.rotations, keys, q, limit)  # [batch, kv_heads, group * seq, n]
+        if half:  # projected once: the native read takes its ids from them, else the mask path
+            q_proj, k_proj = lsh_projections(q, bank.rotations), lsh_projections(keys, bank.rotations)
+            merged = picked_read.merge_buckets(q, mem.keys, mem.values, q_proj, k_proj, half, limit, start, out_rows,
+                                               lse_rows, scale)
+            if merged is not None:
+                return merged[0].view(batch, heads, seq, dim), merged[1].view(batch, heads, seq)
+            q_ids, key_ids = bucket_ids(q_proj, half), bucket_ids(k_proj, half)
+        else:  # one bucket
+            q_ids, key_ids = lsh_hash(q, bank.rotations), lsh_hash(keys, bank.rotations)
+        selected = lsh_selection(q_ids, key_ids, limit)  # [batch, kv_heads, group * seq, n]
     else:
         centroids = mem.centroids if mem.centroids is not None else initial_centroids(
             reading, layer, batch, kv_heads, dim, query.device)  # a memory written before any segment was routed

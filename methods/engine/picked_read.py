@@ -60,8 +60,8 @@ def merge_with_lse(queries: torch.Tensor, keys: torch.Tensor | None, values: tor
                    offset: int, logits: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor | None,
                    scale: float, place: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                    lse_too: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """`merge`, and the merged softmax's log-sum-exp [batch, kv_heads, q] (scaled), for a read merged after this
-    one (Reformer's and routing's selected slots); None where the kernel does not apply."""
+    """`merge`, and with `lse_too` the merged softmax's log-sum-exp [batch, kv_heads, q] (scaled), which a read
+    merged after this one needs (routing's cluster members); None where the kernel does not apply."""
     batch, heads, rows, dim = queries.shape
     k = slots.shape[-1]
     tables = () if place is None else place[:2]
