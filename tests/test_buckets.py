@@ -75,7 +75,7 @@ def test_more_rounds_read_a_superset() -> None:
 
 def test_bucket_ids_by_numpy_equal_the_arithmetic_path() -> None:
     """The CPU path (numpy argmax/argmin) gives the arithmetic path's ids (the one other devices take), on random
-    projections, a zero vector (every projection tied), max(xR) = -min(xR) ties and repeated values."""
+    projections, a zero vector (every projection tied), max(xR) = -min(xR) ties and repeated values, at any scale."""
     generator = torch.Generator().manual_seed(4)
     projected = torch.randn(2, 3, 40, 4 * 8, generator=generator)  # [batch, kv_heads, n, rounds * half], half 8
     projected[0, 0, 3] = 0.0
@@ -85,6 +85,10 @@ def test_bucket_ids_by_numpy_equal_the_arithmetic_path() -> None:
     assert ids.shape == (2, 3, 4, 40) and ids.dtype == torch.float32
     assert torch.equal(ids, bucket_ids_arithmetic(projected, 8))
     assert ids[0, 0, :, 3].eq(0).all() and ids[0, 1, 0, 5] == 0
+    for scale in (1e-30, 3.7e-9, 1e30):  # projections of vectors far from the unit sphere (none are normalized)
+        scaled = projected * scale
+        assert torch.equal(bucket_ids_arithmetic(scaled, 8), bucket_ids_numpy(scaled, 8))
+
 
 def test_routing_is_balanced() -> None:
     reading = Reading(clusters=4)

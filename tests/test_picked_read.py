@@ -177,20 +177,20 @@ def test_read_declines_what_the_caller_reads_itself(monkeypatch):
     assert picked_read.merge(queries, None, values, slots, offset, logits.detach(), out, lse, 0.5) is None
 
 
-def bucket_inputs(half: int, seed: int):
-    """A bucket read's inputs (`inputs`' banks and local read; 2 KV heads, 30 rows, 40 slots from `offset`, dim 8)
-    and projections of 3 rounds, with ties: a slot and a row of zero projections (every entry tied), a round whose
+def bucket_inputs(half: int, seed: int, rows: int = 30, n: int = 40):
+    """A bucket read's inputs (`inputs`' banks and local read; 2 KV heads, `rows` rows, n slots from `offset`, dim
+    8) and projections of 3 rounds, with ties: a slot and a row of zero projections (every entry tied), a round whose
     largest equals minus its smallest (the first half wins), repeated values (the first of them), and a limit under
     which some rows read nothing."""
-    queries, keys, values, _, offset, _, out, lse = inputs(1, 2, 30, 42, 8, 1, seed)
+    queries, keys, values, _, offset, _, out, lse = inputs(1, 2, rows, n + 2, 8, 1, seed)
     g = torch.Generator().manual_seed(seed)
-    q_proj = torch.randn(1, 2, 30, 3 * half, generator=g).round(decimals=1)  # repeated values within a round
-    k_proj = torch.randn(1, 2, 40, 3 * half, generator=g).round(decimals=1)
+    q_proj = torch.randn(1, 2, rows, 3 * half, generator=g).round(decimals=1)  # repeated values within a round
+    k_proj = torch.randn(1, 2, n, 3 * half, generator=g).round(decimals=1)
     k_proj[0, 0, 5] = 0.0
     q_proj[0, 1, 2] = 0.0
     q_proj[0, 0, 4, :half] = 0.0
     q_proj[0, 0, 4, 1], q_proj[0, 0, 4, 3] = 0.7, -0.7  # max = -min
-    limit = torch.randint(-3, 45, (30,), generator=g)
+    limit = torch.randint(-3, n + 5, (rows,), generator=g)
     return queries, keys, values, q_proj, k_proj, limit, offset, out, lse
 
 
@@ -203,10 +203,11 @@ def bucket_reference(queries, keys, values, q_proj, k_proj, half, limit, offset,
     return reference(queries, keys, values, slots, offset, None, out, lse, scale, lse_too=True)
 
 
-@pytest.mark.parametrize("half", [16, 32, 5], ids=["whole vectors", "two vectors", "portable"])
-def test_bucket_read_equals_the_shared_buckets_read(half):
+@pytest.mark.parametrize(("half", "rows", "n"), [(16, 30, 40), (32, 30, 40), (5, 30, 40), (16, 70, 150)],
+                         ids=["whole vectors", "two vectors", "portable", "past one block of 64"])
+def test_bucket_read_equals_the_shared_buckets_read(half, rows, n):
     """The kernel's own bucket ids and slot lists read what the numpy ids and the shared-bucket mask select."""
-    queries, keys, values, q_proj, k_proj, limit, offset, out, lse = bucket_inputs(half, half)
+    queries, keys, values, q_proj, k_proj, limit, offset, out, lse = bucket_inputs(half, half, rows, n)
     got = picked_read.merge_buckets(queries, keys, values, q_proj, k_proj, half, limit, offset, out, lse, 0.4)
     assert got is not None, "the kernel declined a bucket read it should run"
     expected, expected_lse = bucket_reference(queries, keys, values, q_proj, k_proj, half, limit, offset, out, lse,
@@ -215,10 +216,14 @@ def test_bucket_read_equals_the_shared_buckets_read(half):
     torch.testing.assert_close(got[1].double(), expected_lse, atol=2e-6, rtol=1e-6)
     everything = picked_read.merge_buckets(queries, keys, values, q_proj, k_proj, half, None, offset, out, lse, 0.4)
     assert everything is not None
-    expected = bucket_reference(queries, keys, values, q_proj, k_proj, half, torch.full((30,), 40), offset, out,
+    expected = bucket_reference(queries, keys, values, q_proj, k_proj, half, torch.full((rows,), n), offset, out,
                                 lse, 0.4)[0]
     torch.testing.assert_close(everything[0].double(), expected, atol=2e-6, rtol=1e-5)
-    wide = torch.randn(1, 2, 30, 3 * half + 1)
+    # projections laid out vector fastest, as `buckets.lsh_projections` gives them (the kernel's own layout)
+    q_laid, k_laid = (p.transpose(2, 3).contiguous().transpose(2, 3) for p in (q_proj, k_proj))
+    laid = picked_read.merge_buckets(queries, keys, values, q_laid, k_laid, half, limit, offset, out, lse, 0.4)
+    assert laid is not None and torch.equal(laid[0], got[0]) and torch.equal(laid[1], got[1])
+    wide = torch.randn(1, 2, rows, 3 * half + 1)
     assert picked_read.merge_buckets(queries, keys, values, wide, k_proj, half, None, offset, out, lse, 0.4) is None
     assert picked_read.merge_buckets(queries, keys, values, q_proj, k_proj, half, limit.int(), offset, out, lse,
                                      0.4) is None  # int32 limits

@@ -26,18 +26,22 @@ from unimem_bench.methods.engine.retrieval import top_best_first
 
 
 def lsh_rotations(reading: Reading, layer: int, kv_heads: int, dim: int, device: torch.device) -> torch.Tensor:
-    """The layer's seeded random rotations [kv_heads, rounds, dim, buckets // 2] (float32)."""
+    """The layer's seeded random rotations [kv_heads, rounds, dim, buckets // 2] (float32), laid out direction by
+    direction ([kv_heads, rounds, buckets // 2, dim] in memory: `lsh_projections` multiplies by them as they lie)."""
     generator = torch.Generator().manual_seed(reading.lsh_seed * 1_000_003 + layer)
     rotations = torch.randn(kv_heads, reading.lsh_rounds, dim, reading.lsh_buckets // 2, generator=generator)
-    return rotations.to(device)
+    return rotations.transpose(2, 3).contiguous().transpose(2, 3).to(device)
 
 
 def lsh_projections(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """x [batch, kv_heads, n, dim] on the unit sphere, rotated: [batch, kv_heads, n, rounds * half] (round-major)."""
+    """x [batch, kv_heads, n, dim] rotated: [batch, kv_heads, n, rounds * half] (round-major), laid out vector
+    fastest (a transposed view: the native read's layout, at the matmul's cost). x is not normalized: a bucket id
+    does not change with a vector's scale (argmax and the sign of max + min)."""
     kv_heads, rounds, dim, half = rotations.shape
-    flat = rotations.permute(0, 2, 1, 3).reshape(kv_heads, dim, rounds * half)  # [kv_heads, dim, rounds * half]
+    # [kv_heads, rounds * half, dim]: a view of `lsh_rotations`' layout (a copy of any other)
+    directions = rotations.transpose(2, 3).reshape(kv_heads, rounds * half, dim)
     # Bucket ids are piecewise constant in x: no gradient (the arithmetic path passes none either).
-    return F.normalize(x.detach().float(), dim=-1) @ flat
+    return (directions @ x.detach().float().mT).mT
 
 
 def lsh_hash(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -74,9 +78,11 @@ def bucket_ids_arithmetic(projected: torch.Tensor, half: int) -> torch.Tensor:
     """`lsh_hash`'s ids from projections [batch, kv_heads, n, rounds * half] by arithmetic and reductions (other
     devices): the same ids as `bucket_ids_numpy`."""
     # On CPU, argmax over a short last dimension and boolean tensors are 10-100x slower than amax and float
-    # arithmetic. Unit vectors: projections are O(1), so a gap between two different projections (>= 1e-7
-    # relative) times SEPARATE is far above the `half` that the argmax index adds.
+    # arithmetic. Each round's projections are scaled by a power of two (exact) to a largest magnitude in
+    # [0.5, 1): a gap between two different projections, one of them that largest (the target below), is then
+    # >= 2^-25, and times SEPARATE far above the `half` that the argmax index adds.
     split = projected.unflatten(-1, (-1, half)).transpose(2, 3)  # [batch, kv_heads, rounds, n, half]
+    split = torch.ldexp(split, -torch.frexp(split.abs().amax(-1, keepdim=True))[1])
     high, low = split.amax(-1), split.amin(-1)  # [batch, kv_heads, rounds, n]
     negative = ((high + low) < 0).float()  # the largest of [xR ; -xR] is -min(xR): a bucket in the second half
     target = torch.where(negative > 0, low, high).unsqueeze(-1)

@@ -146,48 +146,52 @@ void read_picked(const float *q, const float *keys, const float *values, int64_t
     }
 }
 
+/* Reformer's LSH bucket ids (buckets.lsh_hash) in one round of n vectors from their projections x [half][n] (slot
+   fastest) into ids [n]: the argmax of [xR ; -xR], i.e. the first largest of xR, or half + the first smallest where
+   -min beats max (a tie stays in the first half), as `buckets.bucket_ids_numpy`. A NaN projection gives some
+   bucket. With AVX-512 a lane per vector, BLOCK vectors at once (independent max/min chains). */
+static void lsh_ids(const float *x, int64_t n, int64_t half, int32_t *ids) {
+    int64_t j = 0;
 #ifdef __AVX512F__
-/* The first index of `value` among the n floats of x (a multiple of 16), or n - 1 where none equals it (NaN). */
-static inline int64_t first_equal(const float *x, int64_t n, float value) {
-    const __m512 v = _mm512_set1_ps(value);
-    for (int64_t t0 = 0; t0 < n; t0 += 64) {  /* 64 at a time: one branch, taken once, for half = 64 */
-        uint64_t hits = 0;
-        for (int64_t t = t0; t < n && t < t0 + 64; t += 16)
-            hits |= (uint64_t)_mm512_cmpeq_ps_mask(_mm512_loadu_ps(x + t), v) << (t - t0);
-        if (hits) return t0 + __builtin_ctzll(hits);
-    }
-    return n - 1;
-}
-#endif
-
-/* Reformer's LSH bucket ids (buckets.lsh_hash) of one row of projections x [rounds][half] into ids[r * stride]: the
-   argmax of [xR ; -xR], i.e. the first largest of xR, or half + the first smallest where -min beats max (a tie
-   stays in the first half), as `buckets.bucket_ids_numpy`. A NaN projection gives some bucket. */
-static void lsh_ids(const float *x, int64_t rounds, int64_t half, int32_t *ids, int64_t stride) {
-    for (int64_t r = 0; r < rounds; r++) {
-        const float *seg = x + r * half;
-        int64_t high = half - 1, low = half - 1;
-#ifdef __AVX512F__
-        if (half % 16 == 0) {  /* Reformer's default, 128 buckets: half 64 */
-            __m512 most = _mm512_loadu_ps(seg), least = most;
-            for (int64_t t = 16; t < half; t += 16) {
-                most = _mm512_max_ps(most, _mm512_loadu_ps(seg + t));
-                least = _mm512_min_ps(least, _mm512_loadu_ps(seg + t));
-            }
-            const float top = _mm512_reduce_max_ps(most), bottom = _mm512_reduce_min_ps(least);
-            high = first_equal(seg, half, top), low = first_equal(seg, half, bottom);
-            ids[r * stride] = (int32_t)(top + bottom < 0 ? low + half : high);
-            continue;
+#define BLOCK 4
+    const __m512i second = _mm512_set1_epi32((int)half);
+    for (; j < n; j += 16 * BLOCK) {
+        __mmask16 live[BLOCK];
+        __m512 most[BLOCK], least[BLOCK];
+        __m512i high[BLOCK], low[BLOCK];
+        for (int u = 0; u < BLOCK; u++) {
+            const int64_t left = n - j - 16 * u;
+            live[u] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            most[u] = least[u] = _mm512_maskz_loadu_ps(live[u], x + j + 16 * u);
+            high[u] = low[u] = _mm512_setzero_si512();
         }
-#endif
-        float most = seg[0], least = seg[0];
         for (int64_t t = 1; t < half; t++) {
-            most = seg[t] > most ? seg[t] : most;
-            least = seg[t] < least ? seg[t] : least;
+            const __m512i at = _mm512_set1_epi32((int)t);
+            for (int u = 0; u < BLOCK; u++) {
+                const __m512 v = _mm512_maskz_loadu_ps(live[u], x + t * n + j + 16 * u);
+                const __mmask16 up = _mm512_cmp_ps_mask(v, most[u], _CMP_GT_OQ);
+                const __mmask16 down = _mm512_cmp_ps_mask(v, least[u], _CMP_LT_OQ);
+                most[u] = _mm512_mask_mov_ps(most[u], up, v), high[u] = _mm512_mask_mov_epi32(high[u], up, at);
+                least[u] = _mm512_mask_mov_ps(least[u], down, v), low[u] = _mm512_mask_mov_epi32(low[u], down, at);
+            }
         }
-        for (high = 0; high < half - 1 && seg[high] != most;) high++;  /* the first equal one (NaN: the last) */
-        for (low = 0; low < half - 1 && seg[low] != least;) low++;
-        ids[r * stride] = (int32_t)(most + least < 0 ? low + half : high);
+        for (int u = 0; u < BLOCK; u++) {
+            const __mmask16 flip = _mm512_cmp_ps_mask(_mm512_add_ps(most[u], least[u]), _mm512_setzero_ps(),
+                                                      _CMP_LT_OQ);
+            _mm512_mask_storeu_epi32(ids + j + 16 * u, live[u], _mm512_mask_add_epi32(high[u], flip, low[u], second));
+        }
+    }
+#undef BLOCK
+#endif
+    for (; j < n; j++) {
+        float most = x[j], least = most;
+        int32_t high = 0, low = 0;
+        for (int64_t t = 1; t < half; t++) {
+            const float v = x[t * n + j];
+            if (v > most) most = v, high = (int32_t)t;
+            if (v < least) least = v, low = (int32_t)t;
+        }
+        ids[j] = most + least < 0 ? low + (int32_t)half : high;
     }
 }
 
@@ -205,8 +209,8 @@ static void by_bucket(const int32_t *ids, int64_t n, int64_t buckets, int32_t *f
 /* The read of the slots sharing an LSH bucket with each query (Reformer, buckets.merge_buckets): as read_picked,
    each row's slots the bank slots j (from `offset`) of n below limit[i] (limit NULL: all n) whose bucket equals
    the row's in some round, listed from each round's slots of the row's bucket (a slot listed once: `seen`);
-   projections q_proj [groups, rows, rounds * half] and k_proj [groups, n, rounds * half] contiguous. Returns 1
-   when its scratch cannot be had (nothing written), else 0. */
+   projections q_proj [groups, rounds * half, rows] and k_proj [groups, rounds * half, n] contiguous (vector
+   fastest). Returns 1 when its scratch cannot be had (nothing written), else 0. */
 int read_buckets(const float *q, const float *keys, const float *values, int64_t k_group, int64_t k_row,
                  int64_t v_group, int64_t v_row, const float *q_proj, const float *k_proj, int64_t rounds,
                  int64_t half, const int64_t *limit, const float *out, const float *lse, float *merged,
@@ -216,33 +220,33 @@ int read_buckets(const float *q, const float *keys, const float *values, int64_t
                 d, offset, scale, NULL, NULL, NULL};
     const int64_t buckets = 2 * half, lists = groups * rounds, total = groups * rows;
     int32_t *kid = malloc(sizeof(int32_t) * (size_t)(lists * n + 1));               /* [groups][rounds][n] */
+    int32_t *qid = malloc(sizeof(int32_t) * (size_t)(lists * rows + 1));            /* [groups][rounds][rows] */
     int32_t *order = malloc(sizeof(int32_t) * (size_t)(lists * n + 1));             /* [groups][rounds][n] */
     int32_t *first = malloc(sizeof(int32_t) * (size_t)(lists * (buckets + 1)));     /* [groups][rounds][b + 1] */
-    if (!kid || !order || !first) {
-        free(kid), free(order), free(first);
+    if (!kid || !qid || !order || !first) {
+        free(kid), free(qid), free(order), free(first);
         return 1;
     }
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads((int)threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t at = 0; at < groups * n; at++)
-            lsh_ids(k_proj + at * rounds * half, rounds, half, kid + at / n * rounds * n + at % n, n);
-#pragma omp for schedule(static)
-        for (int64_t list = 0; list < lists; list++)
+        for (int64_t list = 0; list < lists; list++) {  /* list = g * rounds + r: its projections' rows */
+            lsh_ids(k_proj + list * half * n, n, half, kid + list * n);
+            lsh_ids(q_proj + list * half * rows, rows, half, qid + list * rows);
             by_bucket(kid + list * n, n, buckets, first + list * (buckets + 1), order + list * n);
+        }
         float scratch[n + d];
         int64_t picks[n + 1], seen[n + 1];
-        int32_t qid[rounds];
         for (int64_t j = 0; j < n; j++) seen[j] = -1;
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < total; row++) {
-            const int64_t g = row / rows, end = limit && limit[row % rows] < n ? limit[row % rows] : n;
+            const int64_t g = row / rows, i = row % rows, end = limit && limit[i] < n ? limit[i] : n;
             int64_t m = 0;
-            lsh_ids(q_proj + row * rounds * half, rounds, half, qid, 1);
             for (int64_t r = 0; r < rounds; r++) {
-                const int32_t *f = first + (g * rounds + r) * (buckets + 1), *o = order + (g * rounds + r) * n;
-                for (int32_t e = f[qid[r]]; e < f[qid[r] + 1]; e++) {
+                const int64_t list = g * rounds + r;
+                const int32_t *f = first + list * (buckets + 1), *o = order + list * n, b = qid[list * rows + i];
+                for (int32_t e = f[b]; e < f[b + 1]; e++) {
                     const int64_t j = o[e];
                     if (j < end && seen[j] != row) {
                         seen[j] = row;
@@ -253,6 +257,6 @@ int read_buckets(const float *q, const float *keys, const float *values, int64_t
             read_row(&p, row, picks, m, scratch, scratch + n);
         }
     }
-    free(kid), free(order), free(first);
+    free(kid), free(qid), free(order), free(first);
     return 0;
 }

@@ -110,9 +110,9 @@ def merge_buckets(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
                   lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`merge_with_lse` of the slots sharing an LSH bucket with each query (Reformer's read, `buckets.lsh_hash`):
     the kernel takes each row's ids and the n bank slots' (from `offset`) from their projections q_proj [batch,
-    kv_heads, q, rounds * half] and k_proj [batch, kv_heads, n, rounds * half], and reads the slots below limit[i]
-    ([q] int64, or None: all n) that share a bucket with row i in some round. None where the kernel does not
-    apply."""
+    kv_heads, q, rounds * half] and k_proj [batch, kv_heads, n, rounds * half] (laid out vector fastest, as
+    `buckets.lsh_projections` gives them, they are read without a copy), and reads the slots below limit[i] ([q]
+    int64, or None: all n) that share a bucket with row i in some round. None where the kernel does not apply."""
     batch, heads, rows, dim = queries.shape
     n, width = k_proj.shape[2], k_proj.shape[3]
     tensors = (queries, keys, values, q_proj, k_proj, out, lse)
@@ -137,7 +137,8 @@ def run_buckets(lib: ctypes.CDLL, queries: torch.Tensor, keys: torch.Tensor, val
     batch, heads, rows, dim = queries.shape
     n, width = k_proj.shape[2], k_proj.shape[3]
     merged, merged_lse = torch.empty(batch, heads, rows, dim), torch.empty(batch, heads, rows)
-    q, qp, kp = queries.contiguous(), q_proj.contiguous(), k_proj.contiguous()
+    # the kernel takes projections vector fastest ([batch, kv_heads, width, q or n]); free when so laid out
+    q, qp, kp = queries.contiguous(), q_proj.transpose(2, 3).contiguous(), k_proj.transpose(2, 3).contiguous()
     local, local_lse = out.contiguous(), lse.contiguous()  # [batch, kv_heads, q, dim], [batch, kv_heads, q]
     ends = None if limit is None else limit.contiguous()
     failed = lib.read_buckets(q.data_ptr(), keys.data_ptr(), values.data_ptr(), native.group_stride(keys),
