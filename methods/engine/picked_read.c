@@ -78,16 +78,14 @@ static inline void prefetch_row(const float *row, int64_t d) {
     __builtin_prefetch(row + d - 1);
 }
 
-/* One row (flat index `row` = g * rows + i) reading its k slots from `slots`; w: k floats of scratch, acc: d. */
-static void read_row(const picked *p, int64_t row, const int64_t *slots, int64_t k, float *w, float *acc) {
-    const int64_t g = row / p->rows, d = p->d;
-    const float local = p->lse ? p->lse[row] : -INFINITY;
-    float top = local;
+/* w[j]: pick j's scaled score (-inf where it is not read: no slot, NaN, -inf), one pick at a time; returns the
+   largest of them and `top`. */
+static float scores(const picked *p, int64_t row, int64_t g, const int64_t *slots, int64_t k, float *w, float top) {
     for (int64_t j = 0; j < k; j++) {
         if (j + AHEAD < k && slots[j + AHEAD] >= 0) {
             const int64_t ahead = slots[j + AHEAD] + p->offset;
-            prefetch_row(p->values + g * p->v_group + ahead * p->v_row, d);
-            if (!p->logits) prefetch_row(p->keys + g * p->k_group + ahead * p->k_row, d);
+            prefetch_row(p->values + g * p->v_group + ahead * p->v_row, p->d);
+            if (!p->logits) prefetch_row(p->keys + g * p->k_group + ahead * p->k_row, p->d);
         }
         float s = -INFINITY;
         if (slots[j] >= 0) {
@@ -98,14 +96,152 @@ static void read_row(const picked *p, int64_t row, const int64_t *slots, int64_t
         w[j] = s;
         if (s > top) top = s;
     }
-    const float w0 = p->lse ? expf(local - top) : 0.0f;
-    float total = w0;
+    return top;
+}
+
+#ifndef __AVX512F__
+/* w[j] = exp(w[j] - top) (0 for a pick not read: it costs no exp); returns their sum. */
+static float weights(float *w, int64_t k, float top) {
+    float total = 0.0f;
     for (int64_t j = 0; j < k; j++) {
-        w[j] = w[j] > -INFINITY ? expf(w[j] - top) : 0.0f; /* a slot not read (a selection's -1s) costs no exp */
+        w[j] = w[j] > -INFINITY ? expf(w[j] - top) : 0.0f;
         total += w[j];
     }
+    return total;
+}
+#endif
+
+#ifdef __AVX512F__
+#define VECTOR_DIM 128 /* the longest query row `vector_scores` holds in registers (8) */
+
+/* Lane u: the sum of v[u]'s 16 lanes (a transpose by shuffles and adds: 45 instructions for 16 sums). */
+static inline __m512 lane_sums(const __m512 v[16]) {
+    __m512 a[8], b[4];
+    for (int i = 0; i < 8; i++)  /* per 128-bit block of pair (x, y): x0 + x2, y0 + y2, x1 + x3, y1 + y3 */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  /* per block: the block's sum of v[4i], ..., v[4i + 3] */
+        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+    const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+    const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+}
+
+/* `scores` for keys scored here without rotation (d <= VECTOR_DIM): 16 picks at a time, each pick's products
+   summed across the head dim in one vector, the 16 vectors reduced at once (no horizontal sum per pick). */
+static float vector_scores(const picked *p, int64_t row, int64_t g, const int64_t *slots, int64_t k, float *w,
+                           float top) {
+    const int64_t d = p->d, chunks = (d + 15) / 16;
+    const __mmask16 last = d % 16 ? (__mmask16)((1u << (d % 16)) - 1) : 0xFFFF;
+    __m512 q[VECTOR_DIM / 16];
+    for (int64_t c = 0; c < chunks; c++) q[c] = _mm512_maskz_loadu_ps(c + 1 < chunks ? 0xFFFF : last, p->q + row * d + 16 * c);
+    const float *keys = p->keys + g * p->k_group;
+    __m512 best = _mm512_set1_ps(top);
+    for (int64_t j0 = 0; j0 < k; j0 += 16) {
+        __m512 part[16];
+        __mmask16 found = 0;
+        for (int u = 0; u < 16; u++) {
+            const int64_t j = j0 + u;
+            part[u] = _mm512_setzero_ps();
+            if (j + AHEAD < k && slots[j + AHEAD] >= 0) {
+                const int64_t ahead = slots[j + AHEAD] + p->offset;
+                prefetch_row(p->values + g * p->v_group + ahead * p->v_row, d);
+                prefetch_row(keys + ahead * p->k_row, d);
+            }
+            if (j >= k || slots[j] < 0) continue;
+            const float *key = keys + (slots[j] + p->offset) * p->k_row;
+            for (int64_t c = 0; c < chunks; c++)
+                part[u] = _mm512_fmadd_ps(q[c], _mm512_maskz_loadu_ps(c + 1 < chunks ? 0xFFFF : last, key + 16 * c),
+                                          part[u]);
+            found |= (__mmask16)(1u << u);
+        }
+        __m512 s = _mm512_mul_ps(_mm512_set1_ps(p->scale), lane_sums(part));
+        /* NaN and -inf: not read, as in `scores` */
+        const __mmask16 read = found & _mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
+        s = _mm512_mask_blend_ps(read, _mm512_set1_ps(-INFINITY), s);
+        _mm512_mask_storeu_ps(w + j0, k - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (k - j0)) - 1), s);
+        best = _mm512_max_ps(best, s);
+    }
+    return _mm512_reduce_max_ps(best);
+}
+
+/* exp(x) for x <= 0 (Cephes' expf: a degree-6 polynomial on x - n ln 2, then 2^n; within 2 ulp of expf); x below
+   -127 (-inf, NaN) gives 0. */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f)); /* NaN -> -127; 2^-183 rounds to 0 */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* `weights` 16 at a time. */
+static float vector_weights(float *w, int64_t k, float top) {
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < k; j0 += 16) {
+        const __mmask16 live = k - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (k - j0)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, w + j0),
+                                                                                 _mm512_set1_ps(top))));
+        _mm512_mask_storeu_ps(w + j0, live, e);
+        total = _mm512_add_ps(total, e);
+    }
+    return _mm512_reduce_add_ps(total);
+}
+#endif
+
+#ifdef __AVX512F__
+/* merged[row] = out[row] * keep + sum_j w[j] * inv * values[slot j], the sums held in registers (d <= VECTOR_DIM). */
+static void vector_sum(const picked *p, int64_t row, int64_t g, const int64_t *slots, int64_t k, const float *w,
+                       float inv, float keep) {
+    const int64_t d = p->d, chunks = (d + 15) / 16;
+    const __mmask16 last = d % 16 ? (__mmask16)((1u << (d % 16)) - 1) : 0xFFFF;
+    __m512 acc[VECTOR_DIM / 16];
+    for (int64_t c = 0; c < chunks; c++) {
+        const __mmask16 live = c + 1 < chunks ? 0xFFFF : last;
+        acc[c] = p->lse ? _mm512_mul_ps(_mm512_set1_ps(keep), _mm512_maskz_loadu_ps(live, p->out + row * d + 16 * c))
+                        : _mm512_setzero_ps();
+    }
+    const float *values = p->values + g * p->v_group;
+    for (int64_t j = 0; j < k; j++) {
+        if (w[j] == 0.0f) continue;
+        const __m512 share = _mm512_set1_ps(w[j] * inv);
+        const float *v = values + (slots[j] + p->offset) * p->v_row;
+        for (int64_t c = 0; c < chunks; c++)
+            acc[c] = _mm512_fmadd_ps(share, _mm512_maskz_loadu_ps(c + 1 < chunks ? 0xFFFF : last, v + 16 * c), acc[c]);
+    }
+    for (int64_t c = 0; c < chunks; c++)
+        _mm512_mask_storeu_ps(p->merged + row * d + 16 * c, c + 1 < chunks ? 0xFFFF : last, acc[c]);
+}
+#endif
+
+/* One row (flat index `row` = g * rows + i) reading its k slots from `slots`; w: k floats of scratch, acc: d. */
+static void read_row(const picked *p, int64_t row, const int64_t *slots, int64_t k, float *w, float *acc) {
+    const int64_t g = row / p->rows, d = p->d;
+    const float local = p->lse ? p->lse[row] : -INFINITY;
+#ifdef __AVX512F__
+    const float top = !p->logits && !p->cos && d <= VECTOR_DIM ? vector_scores(p, row, g, slots, k, w, local)
+                                                               : scores(p, row, g, slots, k, w, local);
+    const float w0 = p->lse ? expf(local - top) : 0.0f, total = w0 + vector_weights(w, k, top);
+#else
+    const float top = scores(p, row, g, slots, k, w, local);
+    const float w0 = p->lse ? expf(local - top) : 0.0f, total = w0 + weights(w, k, top);
+#endif
     if (p->merged_lse) p->merged_lse[row] = top + logf(total);
     const float inv = 1.0f / total, keep = w0 * inv;
+#ifdef __AVX512F__
+    if (d <= VECTOR_DIM) {
+        vector_sum(p, row, g, slots, k, w, inv, keep);
+        return;
+    }
+#endif
     if (p->lse) {
         const float *out = p->out + row * d;
 #pragma omp simd
