@@ -100,8 +100,10 @@ def tables(n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 # (batch, kv_heads, query rows, slots, dim, k): Memorizing Transformer's reference-model shape scaled down, LongMem's
-# chunk read (k = 8 slots of 2 chunks), one KV head over three batch rows, a row of one slot, dim past 64
-LAYOUTS = [(1, 2, 24, 300, 40, 32), (2, 3, 7, 50, 16, 8), (3, 1, 5, 40, 8, 1), (1, 1, 3, 20, 130, 4)]
+# chunk read (k = 8 slots of 2 chunks), one KV head over three batch rows, a row of one slot, dim past the vector
+# read's 128 (the scalar loops), dim 64 with a last block of 5 picks, dim 128 (eight whole vectors)
+LAYOUTS = [(1, 2, 24, 300, 40, 32), (2, 3, 7, 50, 16, 8), (3, 1, 5, 40, 8, 1), (1, 1, 3, 20, 130, 4),
+           (1, 2, 9, 60, 64, 21), (1, 1, 4, 25, 128, 3)]
 
 
 @pytest.mark.parametrize("way", ["logits given", "scored here", "rotated and scored here"])
