@@ -8,7 +8,7 @@
    merged_lse the merged softmax's log-sum-exp m + log T is written too, for a read merged after this one.
    A slot of index < 0 (not found) or a NaN / -inf score takes no weight. One pass per row: its scores, then the
    values of the slots with weight, read straight from the bank (no [rows x k x d] gather written). With AVX-512
-   (head dims up to 128) a row's unrotated keys are scored 16 at a time, its weights taken by a vectorized exp and
+   (head dims up to 128) a row's keys are scored 16 at a time, its weights taken by a vectorized exp and
    its sum kept in registers: the same formula, other orders of sums.
    With rotation tables (Unlimiformer's scaled positions) a scored key is first rotated to its slot's position,
    as `kernels.rotate` does: k * cos + rotate_half(k) * sin, rotate_half(k) = [-k[h:], k[:h]], h = d / 2, with
@@ -129,15 +129,20 @@ static inline __m512 lane_sums(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
 }
 
-/* `scores` for keys scored here without rotation (d <= VECTOR_DIM): 16 picks at a time, each pick's products
-   summed across the head dim in one vector, the 16 vectors reduced at once (no horizontal sum per pick). */
+/* `scores` for keys scored here (d <= VECTOR_DIM): 16 picks at a time, each pick's products summed across the head
+   dim in one vector, the 16 vectors reduced at once (no horizontal sum per pick). A rotated key (tables given) is
+   k * cos + rotate_half(k) * sin, rotate_half(k)[t] = -k[t + h] below h = d / 2, k[t - h] from h on: two masked
+   loads of the key at -h and +h (masked-out lanes are not read). */
 static float vector_scores(const picked *p, int64_t row, int64_t g, const int64_t *slots, int64_t k, float *w,
                            float top) {
-    const int64_t d = p->d, chunks = (d + 15) / 16;
+    const int64_t d = p->d, h = d / 2, chunks = (d + 15) / 16;
     const __mmask16 last = d % 16 ? (__mmask16)((1u << (d % 16)) - 1) : 0xFFFF;
     __m512 q[VECTOR_DIM / 16];
-    for (int64_t c = 0; c < chunks; c++)
+    __mmask16 first_half[VECTOR_DIM / 16];
+    for (int64_t c = 0; c < chunks; c++) {
         q[c] = _mm512_maskz_loadu_ps(c + 1 < chunks ? 0xFFFF : last, p->q + row * d + 16 * c);
+        first_half[c] = 16 * c + 16 <= h ? 0xFFFF : 16 * c >= h ? 0 : (__mmask16)((1u << (h - 16 * c)) - 1);
+    }
     const float *keys = p->keys + g * p->k_group;
     __m512 best = _mm512_set1_ps(top);
     for (int64_t j0 = 0; j0 < k; j0 += 16) {
@@ -153,9 +158,23 @@ static float vector_scores(const picked *p, int64_t row, int64_t g, const int64_
             }
             if (j >= k || slots[j] < 0) continue;
             const float *key = keys + (slots[j] + p->offset) * p->k_row;
-            for (int64_t c = 0; c < chunks; c++)
-                part[u] = _mm512_fmadd_ps(q[c], _mm512_maskz_loadu_ps(c + 1 < chunks ? 0xFFFF : last, key + 16 * c),
-                                          part[u]);
+            if (!p->cos) {
+                for (int64_t c = 0; c < chunks; c++)
+                    part[u] = _mm512_fmadd_ps(q[c], _mm512_maskz_loadu_ps(c + 1 < chunks ? 0xFFFF : last,
+                                                                          key + 16 * c), part[u]);
+            } else {
+                const int64_t pos = p->where[slots[j] + p->offset];
+                const float *cos = p->cos + pos * d, *sin = p->sin + pos * d;
+                for (int64_t c = 0; c < chunks; c++) {
+                    const __mmask16 live = c + 1 < chunks ? 0xFFFF : last, low = live & first_half[c];
+                    const __m512 turned = _mm512_sub_ps(_mm512_maskz_loadu_ps(live & ~low, key + 16 * c - h),
+                                                        _mm512_maskz_loadu_ps(low, key + 16 * c + h));
+                    part[u] = _mm512_fmadd_ps(_mm512_mul_ps(q[c], _mm512_maskz_loadu_ps(live, key + 16 * c)),
+                                              _mm512_maskz_loadu_ps(live, cos + 16 * c), part[u]);
+                    part[u] = _mm512_fmadd_ps(_mm512_mul_ps(q[c], turned), _mm512_maskz_loadu_ps(live, sin + 16 * c),
+                                              part[u]);
+                }
+            }
             found |= (__mmask16)(1u << u);
         }
         __m512 s = _mm512_mul_ps(_mm512_set1_ps(p->scale), lane_sums(part));
@@ -230,8 +249,8 @@ static void read_row(const picked *p, int64_t row, const int64_t *slots, int64_t
     const int64_t g = row / p->rows, d = p->d;
     const float local = p->lse ? p->lse[row] : -INFINITY;
 #ifdef __AVX512F__
-    const float top = !p->logits && !p->cos && d <= VECTOR_DIM ? vector_scores(p, row, g, slots, k, w, local)
-                                                               : scores(p, row, g, slots, k, w, local);
+    const float top = !p->logits && d <= VECTOR_DIM ? vector_scores(p, row, g, slots, k, w, local)
+                                                    : scores(p, row, g, slots, k, w, local);
     const float w0 = p->lse ? expf(local - top) : 0.0f, total = w0 + vector_weights(w, k, top);
 #else
     const float top = scores(p, row, g, slots, k, w, local);
