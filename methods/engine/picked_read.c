@@ -80,15 +80,17 @@ static inline void prefetch_row(const float *row, int64_t d) {
     __builtin_prefetch(row + d - 1);
 }
 
+/* The value row and, when keys are scored here, the key row of bank slot `at` of group g, fetched ahead. */
+static inline void prefetch_slot(const picked *p, int64_t g, int64_t at) {
+    prefetch_row(p->values + g * p->v_group + at * p->v_row, p->d);
+    if (!p->logits) prefetch_row(p->keys + g * p->k_group + at * p->k_row, p->d);
+}
+
 /* w[j]: pick j's scaled score (-inf where it is not read: no slot, NaN, -inf), one pick at a time; returns the
    largest of them and `top`. */
 static float scores(const picked *p, int64_t row, int64_t g, const int64_t *slots, int64_t k, float *w, float top) {
     for (int64_t j = 0; j < k; j++) {
-        if (j + AHEAD < k && slots[j + AHEAD] >= 0) {
-            const int64_t ahead = slots[j + AHEAD] + p->offset;
-            prefetch_row(p->values + g * p->v_group + ahead * p->v_row, p->d);
-            if (!p->logits) prefetch_row(p->keys + g * p->k_group + ahead * p->k_row, p->d);
-        }
+        if (j + AHEAD < k && slots[j + AHEAD] >= 0) prefetch_slot(p, g, slots[j + AHEAD] + p->offset);
         float s = -INFINITY;
         if (slots[j] >= 0) {
             const int64_t at = slots[j] + p->offset;
@@ -114,6 +116,11 @@ static float weights(float *w, int64_t k, float top) {
 #endif
 
 #ifdef __AVX512F__
+/* The first min(left, 16) lanes; none when left <= 0. */
+static inline __mmask16 first_lanes(int64_t left) {
+    return left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+}
+
 #define VECTOR_DIM 128 /* the longest query row `vector_scores` holds in registers (8) */
 
 /* Lane u: the sum of v[u]'s 16 lanes (a transpose by shuffles and adds: 45 instructions for 16 sums). */
@@ -136,12 +143,11 @@ static inline __m512 lane_sums(const __m512 v[16]) {
 static float vector_scores(const picked *p, int64_t row, int64_t g, const int64_t *slots, int64_t k, float *w,
                            float top) {
     const int64_t d = p->d, h = d / 2, chunks = (d + 15) / 16;
-    const __mmask16 last = d % 16 ? (__mmask16)((1u << (d % 16)) - 1) : 0xFFFF;
     __m512 q[VECTOR_DIM / 16];
-    __mmask16 first_half[VECTOR_DIM / 16];
+    __mmask16 live[VECTOR_DIM / 16], low[VECTOR_DIM / 16];  /* chunk c's lanes within d, and those below h */
     for (int64_t c = 0; c < chunks; c++) {
-        q[c] = _mm512_maskz_loadu_ps(c + 1 < chunks ? 0xFFFF : last, p->q + row * d + 16 * c);
-        first_half[c] = 16 * c + 16 <= h ? 0xFFFF : 16 * c >= h ? 0 : (__mmask16)((1u << (h - 16 * c)) - 1);
+        live[c] = first_lanes(d - 16 * c), low[c] = live[c] & first_lanes(h - 16 * c);
+        q[c] = _mm512_maskz_loadu_ps(live[c], p->q + row * d + 16 * c);
     }
     const float *keys = p->keys + g * p->k_group;
     __m512 best = _mm512_set1_ps(top);
@@ -151,28 +157,22 @@ static float vector_scores(const picked *p, int64_t row, int64_t g, const int64_
         for (int u = 0; u < 16; u++) {
             const int64_t j = j0 + u;
             part[u] = _mm512_setzero_ps();
-            if (j + AHEAD < k && slots[j + AHEAD] >= 0) {
-                const int64_t ahead = slots[j + AHEAD] + p->offset;
-                prefetch_row(p->values + g * p->v_group + ahead * p->v_row, d);
-                prefetch_row(keys + ahead * p->k_row, d);
-            }
+            if (j + AHEAD < k && slots[j + AHEAD] >= 0) prefetch_slot(p, g, slots[j + AHEAD] + p->offset);
             if (j >= k || slots[j] < 0) continue;
             const float *key = keys + (slots[j] + p->offset) * p->k_row;
             if (!p->cos) {
                 for (int64_t c = 0; c < chunks; c++)
-                    part[u] = _mm512_fmadd_ps(q[c], _mm512_maskz_loadu_ps(c + 1 < chunks ? 0xFFFF : last,
-                                                                          key + 16 * c), part[u]);
+                    part[u] = _mm512_fmadd_ps(q[c], _mm512_maskz_loadu_ps(live[c], key + 16 * c), part[u]);
             } else {
                 const int64_t pos = p->where[slots[j] + p->offset];
                 const float *cos = p->cos + pos * d, *sin = p->sin + pos * d;
                 for (int64_t c = 0; c < chunks; c++) {
-                    const __mmask16 live = c + 1 < chunks ? 0xFFFF : last, low = live & first_half[c];
-                    const __m512 turned = _mm512_sub_ps(_mm512_maskz_loadu_ps(live & ~low, key + 16 * c - h),
-                                                        _mm512_maskz_loadu_ps(low, key + 16 * c + h));
-                    part[u] = _mm512_fmadd_ps(_mm512_mul_ps(q[c], _mm512_maskz_loadu_ps(live, key + 16 * c)),
-                                              _mm512_maskz_loadu_ps(live, cos + 16 * c), part[u]);
-                    part[u] = _mm512_fmadd_ps(_mm512_mul_ps(q[c], turned), _mm512_maskz_loadu_ps(live, sin + 16 * c),
-                                              part[u]);
+                    const __m512 turned = _mm512_sub_ps(_mm512_maskz_loadu_ps(live[c] & ~low[c], key + 16 * c - h),
+                                                        _mm512_maskz_loadu_ps(low[c], key + 16 * c + h));
+                    part[u] = _mm512_fmadd_ps(_mm512_mul_ps(q[c], _mm512_maskz_loadu_ps(live[c], key + 16 * c)),
+                                              _mm512_maskz_loadu_ps(live[c], cos + 16 * c), part[u]);
+                    part[u] = _mm512_fmadd_ps(_mm512_mul_ps(q[c], turned),
+                                              _mm512_maskz_loadu_ps(live[c], sin + 16 * c), part[u]);
                 }
             }
             found |= (__mmask16)(1u << u);
@@ -181,7 +181,7 @@ static float vector_scores(const picked *p, int64_t row, int64_t g, const int64_
         /* NaN and -inf: not read, as in `scores` */
         const __mmask16 read = found & _mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
         s = _mm512_mask_blend_ps(read, _mm512_set1_ps(-INFINITY), s);
-        _mm512_mask_storeu_ps(w + j0, k - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (k - j0)) - 1), s);
+        _mm512_mask_storeu_ps(w + j0, first_lanes(k - j0), s);
         best = _mm512_max_ps(best, s);
     }
     return _mm512_reduce_max_ps(best);
@@ -209,7 +209,7 @@ static inline __m512 exp_nonpositive(__m512 x) {
 static float vector_weights(float *w, int64_t k, float top) {
     __m512 total = _mm512_setzero_ps();
     for (int64_t j0 = 0; j0 < k; j0 += 16) {
-        const __mmask16 live = k - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (k - j0)) - 1);
+        const __mmask16 live = first_lanes(k - j0);
         const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, w + j0),
                                                                                  _mm512_set1_ps(top))));
         _mm512_mask_storeu_ps(w + j0, live, e);
@@ -217,30 +217,26 @@ static float vector_weights(float *w, int64_t k, float top) {
     }
     return _mm512_reduce_add_ps(total);
 }
-#endif
 
-#ifdef __AVX512F__
 /* merged[row] = out[row] * keep + sum_j w[j] * inv * values[slot j], the sums held in registers (d <= VECTOR_DIM). */
 static void vector_sum(const picked *p, int64_t row, int64_t g, const int64_t *slots, int64_t k, const float *w,
                        float inv, float keep) {
     const int64_t d = p->d, chunks = (d + 15) / 16;
-    const __mmask16 last = d % 16 ? (__mmask16)((1u << (d % 16)) - 1) : 0xFFFF;
     __m512 acc[VECTOR_DIM / 16];
-    for (int64_t c = 0; c < chunks; c++) {
-        const __mmask16 live = c + 1 < chunks ? 0xFFFF : last;
-        acc[c] = p->lse ? _mm512_mul_ps(_mm512_set1_ps(keep), _mm512_maskz_loadu_ps(live, p->out + row * d + 16 * c))
+    for (int64_t c = 0; c < chunks; c++)
+        acc[c] = p->lse ? _mm512_mul_ps(_mm512_set1_ps(keep),
+                                        _mm512_maskz_loadu_ps(first_lanes(d - 16 * c), p->out + row * d + 16 * c))
                         : _mm512_setzero_ps();
-    }
     const float *values = p->values + g * p->v_group;
     for (int64_t j = 0; j < k; j++) {
         if (w[j] == 0.0f) continue;
         const __m512 share = _mm512_set1_ps(w[j] * inv);
         const float *v = values + (slots[j] + p->offset) * p->v_row;
         for (int64_t c = 0; c < chunks; c++)
-            acc[c] = _mm512_fmadd_ps(share, _mm512_maskz_loadu_ps(c + 1 < chunks ? 0xFFFF : last, v + 16 * c), acc[c]);
+            acc[c] = _mm512_fmadd_ps(share, _mm512_maskz_loadu_ps(first_lanes(d - 16 * c), v + 16 * c), acc[c]);
     }
     for (int64_t c = 0; c < chunks; c++)
-        _mm512_mask_storeu_ps(p->merged + row * d + 16 * c, c + 1 < chunks ? 0xFFFF : last, acc[c]);
+        _mm512_mask_storeu_ps(p->merged + row * d + 16 * c, first_lanes(d - 16 * c), acc[c]);
 }
 #endif
 
@@ -318,8 +314,7 @@ static void lsh_ids(const float *x, int64_t n, int64_t half, int32_t *ids) {
         __m512 most[BLOCK], least[BLOCK];
         __m512i high[BLOCK], low[BLOCK];
         for (int u = 0; u < BLOCK; u++) {
-            const int64_t left = n - j - 16 * u;
-            live[u] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            live[u] = first_lanes(n - j - 16 * u);
             most[u] = least[u] = _mm512_maskz_loadu_ps(live[u], x + j + 16 * u);
             high[u] = low[u] = _mm512_setzero_si512();
         }

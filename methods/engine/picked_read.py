@@ -116,8 +116,8 @@ def merge_buckets(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     batch, heads, rows, dim = queries.shape
     n, width = k_proj.shape[2], k_proj.shape[3]
     tensors = (queries, keys, values, q_proj, k_proj, out, lse)
-    # the stack: n + dim floats of scores and sums, two int64 lists of n + 1 slots, `rounds` int32 ids
-    if not (enabled() and scale > 0 and half > 0 and width % half == 0 and 5 * (n + 1) + dim + width <= MAX_SCRATCH
+    # the stack: n + dim floats of scores and sums, two int64 lists of n + 1 slots (5 (n + 1) + dim floats' room)
+    if not (enabled() and scale > 0 and half > 0 and width % half == 0 and 5 * (n + 1) + dim <= MAX_SCRATCH
             and q_proj.shape == (batch, heads, rows, width) and k_proj.shape[:2] == (batch, heads)
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
             and all(bank.stride(-1) == 1 and native.group_stride(bank) is not None for bank in (keys, values))
