@@ -182,15 +182,18 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
             mask = ctx.open_masks.setdefault(shape, open_mask(*shape))
     if pad_bias is not None and mask is not None:  # [batch, heads, queries, keys]: the padded slots hidden
         mask = mask + F.pad(pad_bias, (0, mask.shape[-1] - pad_bias.shape[-1]))
-    if mask is not None and mask.dim() == 3 and mask.shape[0] != query.shape[1]:
+    merged = (ctx.topk_end is not None or (ctx.sink_shift is not None and not fold_sinks)
+              or (ctx.random_slots is not None and not fold_random) or ctx.bucket_end is not None)
+    # LongNet: each head reads only its patterns' keys, taken with their mask per head (`DilatedKeys.take`)
+    dilated = ctx.dilated if not (merged or scored) and pad_bias is None else None
+    if dilated is None and mask is not None and mask.dim() == 3 and mask.shape[0] != query.shape[1]:
         # LongNet: one row per head offset; head h takes row h mod offsets (as many offsets as heads: the mask as is)
         mask = mask[torch.arange(query.shape[1], device=mask.device) % mask.shape[0]]  # [heads, queries, keys]
     if fold_sinks:  # [batch, heads, queries, keys]: the sink columns (hidden in ctx.mask) carry the sink logits
         assert mask is not None
         mask = sink_buffer(ctx, mask, sink_logits(ctx, mem, query, scale))
     lse = None
-    if (ctx.topk_end is not None or (ctx.sink_shift is not None and not fold_sinks)
-            or (ctx.random_slots is not None and not fold_random) or ctx.bucket_end is not None):
+    if merged:
         out, lse = attention_with_lse(query, keys, values, mask, scale, ctx.kernel)
         if ctx.bucket_end is not None:
             out, lse = buckets.merge_buckets(config.reading, bank, mem, layer, ctx.topk_start, ctx.bucket_end,
@@ -204,8 +207,8 @@ def joined_read(ctx: SegmentContext, layer: int, mem: LayerMemory, query: torch.
     elif scored and policy in eviction.NEEDS_ALL_QUERIES:
         out, lse = attention_with_lse(query, keys, values, mask, scale, ctx.kernel)
     else:
-        if ctx.dilated is not None and not scored and pad_bias is None:  # LongNet: each head reads its patterns' keys
-            keys, values, mask = ctx.dilated.take(keys, values, query.shape[1])
+        if dilated is not None:
+            keys, values, mask = dilated.take(keys, values, query.shape[1])
         out = prefix_causal_sdpa(query, keys, values, mask, scale)
     fresh = None
     if scored:  # the config refuses scored eviction beside top-k, random slots and sinks: lse is this softmax's

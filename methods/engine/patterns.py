@@ -5,7 +5,7 @@ input causally)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -37,6 +37,10 @@ class DilatedKeys:
     offsets that reach fewer than n) columns they never reach, which `mask` keeps at -inf."""
     mask: torch.Tensor
     """[offsets, queries, n] `dilated_mask` at those columns."""
+    per_head: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, compare=False, repr=False)
+    """Query heads -> (the rows `take` reads, the mask per head [heads, queries, n], a copy where heads outnumber
+    offsets): built by the context's first layer call, read by the others (a context is cached per shape, so its
+    keys' count is fixed)."""
 
     def take(self, keys: torch.Tensor, values: torch.Tensor,
              heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,12 +48,16 @@ class DilatedKeys:
         mask [heads, queries, n]; head h reads offset h mod offsets through KV head h // (heads / kv_heads)."""
         batch, kv_heads, n_keys, dim = keys.shape
         offsets, n = self.columns.shape
-        h = torch.arange(heads, device=keys.device)
-        rows = self.columns if heads == offsets else self.columns[h % offsets]  # [heads, n]
-        flat = (rows + (h // (heads // kv_heads) * n_keys)[:, None]).flatten()  # rows of [kv_heads * keys, dim]
+        hit = self.per_head.get(heads)
+        if hit is None:
+            h = torch.arange(heads, device=keys.device)
+            rows = self.columns if heads == offsets else self.columns[h % offsets]  # [heads, n]
+            flat = (rows + (h // (heads // kv_heads) * n_keys)[:, None]).flatten()  # rows of [kv_heads * keys, dim]
+            hit = self.per_head[heads] = (flat, self.mask if heads == offsets else self.mask[h % offsets])
+        flat, mask = hit
         picked_k = keys.reshape(batch, kv_heads * n_keys, dim).index_select(1, flat).view(batch, heads, n, dim)
         picked_v = values.reshape(batch, kv_heads * n_keys, dim).index_select(1, flat).view(batch, heads, n, dim)
-        return picked_k, picked_v, self.mask if heads == offsets else self.mask[h % offsets]
+        return picked_k, picked_v, mask
 
 
 def dilated_keys(mask: torch.Tensor) -> DilatedKeys:
