@@ -107,3 +107,30 @@ def test_floor_counts_the_weights_and_the_search() -> None:
     fifo = method_config("routing", config, 8, ("management.size=32", "management.overflow=fifo"))
     dense_half = read_macs(fifo, 3, 4, 2, 16, 8) - read_macs(clear, 3, 4, 2, 16, 8)
     assert dense_half == len(clear.injection.resolve(3)) * 4 * 16 * 2 * 16
+
+
+def test_kernel_floor_sees_the_matmuls_and_the_fused_attention() -> None:
+    """benchmarks/kernel_floor.py counts kernels by the profiler's op names: a vanilla run must show both a matmul
+    and the fused attention under them (a renamed op would silently put the floor at x1.00)."""
+    from kernel_floor import KERNELS, kernel_calls
+
+    spec = f"{PREFIX}hidden=32,layers=2,heads=4,kv_heads=2,vocab=99"
+    config, model = model_config(spec), load_llm(spec)
+    calls = kernel_calls(model, method_config("vanilla", config, 16, ()), 16, torch.randint(0, 99, (65,)))
+    ops = {op for op, _ in calls}
+    assert ops <= KERNELS and {"aten::mm", "aten::addmm"} & ops
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    # 4 segments x 2 layers of one fused attention call each
+    assert sum(n for (op, _), (n, _) in calls.items() if op.startswith("aten::_scaled_dot")) == 8
+
+
+def test_kernel_floor_adds_extra_calls_and_takes_replaced_ones() -> None:
+    """A group called as often by both runs adds nothing, however long it took; extra calls count at the method's
+    time a call; calls the method no longer makes are taken away at vanilla's."""
+    from kernel_floor import added_seconds
+
+    vanilla = {("aten::mm", "[[8, 4]]"): (10, 1.0), ("sdpa", "[[1, 8]]"): (4, 0.4)}
+    method = {("aten::mm", "[[8, 4]]"): (10, 3.0), ("sdpa", "[[1, 16]]"): (4, 0.9), ("aten::bmm", "[[2]]"): (2, 0.1)}
+    assert added_seconds(method, vanilla) == pytest.approx(0.9 - 0.4 + 0.1)
+    more = {**vanilla, ("aten::mm", "[[8, 4]]"): (15, 2.0)}  # 5 extra calls at 2.0 / 15 each
+    assert added_seconds(more, vanilla) == pytest.approx(5 * 2.0 / 15)
