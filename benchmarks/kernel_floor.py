@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import PreTrainedModel
 
 from unimem_bench.harness.cli.app import USER_ERRORS
+from unimem_bench.harness.cli.arguments import positive_int
 from unimem_bench.methods.config import UniMemConfig
 
 DEFAULT_METHODS = "streaming_llm,bigbird,longnet,poolingformer,longt5"
@@ -71,10 +72,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder or llama2.c .bin")
     parser.add_argument("--random-model", default=None, metavar="SPEC", help="`62m` or hidden=..,layers=..,...")
-    parser.add_argument("--segment-len", type=int, default=128)
-    parser.add_argument("--length", type=int, default=16384, help="document tokens (default: 16384)")
+    parser.add_argument("--segment-len", type=positive_int, default=128)
+    parser.add_argument("--length", type=positive_int, default=16384, help="document tokens (default: 16384)")
     parser.add_argument("--methods", default=DEFAULT_METHODS)
-    parser.add_argument("--repeats", type=int, default=3, help="timed (vanilla, method) pairs (default: 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed (vanilla, method) pairs (default: 3)")
     args = parser.parse_args()
     if (args.model is None) == (args.random_model is None):
         print("kernel_floor: give one of --model PATH or --random-model SPEC", file=sys.stderr)
