@@ -23,7 +23,16 @@ import statistics
 import sys
 
 import torch
-from methodbench.measure import PREFIX, load_llm, method_config, model_config, random_doc, run_score, set_threads
+from methodbench.measure import (
+    PREFIX,
+    load_llm,
+    method_config,
+    model_config,
+    random_doc,
+    run_score,
+    set_threads,
+    warm_up_doc,
+)
 from rich.console import Console
 from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
@@ -98,7 +107,7 @@ def main() -> int:
     for name in names:
         method = configs[name]
         for config in (vanilla, method):
-            run_score(model, config, args.segment_len, doc[:2 * args.segment_len + 1])
+            run_score(model, config, args.segment_len, warm_up_doc(doc, args.segment_len, config))
         ratios, base, kernels = [], [], []
         for r in range(args.repeats):
             order = [(method, False), (vanilla, True)]
