@@ -15,11 +15,9 @@ KV bytes. See benchmarks/README.md for how to read the tables.
 
 
 import argparse
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from methodbench.eviction import EvictionResult, eviction_rows, eviction_table, run_eviction
@@ -34,6 +32,7 @@ from methodbench.measure import (
     set_threads,
     time_method,
 )
+from methodbench.pool import measuring_pool
 from methodbench.random_model import PREFIX, describe
 from methodbench.report import (
     csv_rows,
@@ -151,13 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[tuple[str, int], Point] = {}
     evictions: list[EvictionResult] = []
-    # One task per fresh process, forked from a server that imported the libraries but never ran a model (spawn
-    # where there is no fork): nothing carries over between measurements, and imports are paid once.
-    context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
-                                          else "spawn")
-    if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(list(PRELOAD))
-    with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
+    with measuring_pool(PRELOAD) as pool:
         for name in methods if "methods" in parts else []:
             job = Job(spec, name, overrides, args.segment_len, args.threads)
             timings = pool.submit(time_method, job, tuple(lengths), repeats).result()
