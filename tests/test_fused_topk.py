@@ -33,6 +33,9 @@ def fused(queries, keys, k, limit=None):
 # more keys than one chunk of 1,024 (1,280, 1,285), k = 1, k = n - 1, three batch rows of one KV head
 LAYOUTS = [(1, 8, 128, 1024, 64, 32), (1, 2, 256, 1280, 40, 32), (2, 3, 37, 333, 13, 5), (3, 1, 16, 300, 8, 1),
            (1, 2, 40, 50, 16, 49), (1, 1, 600, 1285, 8, 3)]
+MANY_PICKS = (1, 2, 40, 3000, 16, 600)
+"""k = 600: ranked by the radix sort (from `RADIX_FROM` = 256 pairs). Its float32 order of near-equal scores is the
+numpy path's, not always float64's, so it is checked against the numpy path (and for ties, exactly, below)."""
 
 
 @pytest.mark.parametrize("batch,heads,rows,n,dim,k", LAYOUTS)
@@ -56,11 +59,23 @@ def test_kernel_equals_the_numpy_search_and_a_float64_reference(monkeypatch, bat
         assert torch.equal(idx[~found], reference_idx[..., :k][~found])
 
 
-@pytest.mark.parametrize("n,k", [(300, 5), (1280, 32), (200, 150), (64, 63)])
+def test_many_picks_equal_the_numpy_search(monkeypatch):
+    batch, heads, rows, n, dim, k = MANY_PICKS
+    g = torch.Generator().manual_seed(k)
+    queries, keys = torch.randn(batch, heads, rows, dim, generator=g), torch.randn(batch, heads, n, dim, generator=g)
+    limit = torch.randint(0, n + 5, (rows,), generator=g)
+    for kept in (None, limit):
+        scores, idx = fused(queries, keys, k, kept)
+        expected_scores, expected_idx = numpy_path(monkeypatch, queries, keys, k, kept)
+        assert torch.equal(idx, expected_idx)
+        torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,k", [(300, 5), (1280, 32), (200, 150), (64, 63), (1200, 300), (3000, 1000)])
 def test_ties_go_to_the_lower_key_index_also_at_the_kth_place(n, k):
     """Small integer scores (exact in float32, many ties): the kernel's picks and order equal a stable descending
-    sort of the row, cut at k, with per-query limits; also the keys of a batch of banks read through a narrowed view
-    (the engine's `mem.keys[:, :, lo:hi]`)."""
+    sort of the row, cut at k (from 256 picks ranked by the radix sort), with per-query limits; also the keys of a
+    batch of banks read through a narrowed view (the engine's `mem.keys[:, :, lo:hi]`)."""
     g = torch.Generator().manual_seed(n)
     queries = torch.randint(-2, 3, (2, 3, 24, 4), generator=g).float()
     bank = torch.randint(-2, 3, (2, 3, n + 40, 4), generator=g).float()
@@ -132,7 +147,7 @@ def test_every_instruction_set_build_gives_the_same_picks(monkeypatch, instructi
     AVX-512); `native.library` would not load the plain one (slower than numpy), but it is correct."""
     lib = instruction_set_build
     assert lib.tiles_usable() == 0
-    for batch, heads, rows, n, dim, k in LAYOUTS[1:]:
+    for batch, heads, rows, n, dim, k in [*LAYOUTS[1:], MANY_PICKS]:
         g = torch.Generator().manual_seed(n)
         queries = torch.randn(batch, heads, rows, dim, generator=g)
         keys = torch.randn(batch, heads, n, dim, generator=g)

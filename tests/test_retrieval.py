@@ -65,7 +65,7 @@ def test_exact_search_with_per_query_limits(search_path):
 
 
 @pytest.mark.parametrize("n,k,chunk", [(300, 5, 10_000), (300, 5, 64), (1280, 32, 8192), (1000, 32, 333),
-                                       (40, 32, 8192), (200, 200, 8192), (700, 4, 8192)])
+                                       (40, 32, 8192), (200, 200, 8192), (700, 4, 8192), (300, 100, 64)])
 def test_exact_search_ranks_ties_by_key_index(n, k, chunk, search_path):
     """The documented order: scores descending, equal scores by lower key index, also at the k-th place (a stable
     descending sort of the whole row), with many ties (small integer scores) and per-query limits."""
@@ -80,11 +80,12 @@ def test_exact_search_ranks_ties_by_key_index(n, k, chunk, search_path):
     assert torch.equal(idx, expected_idx[..., :k])
 
 
-def test_exact_search_ranks_nan_like_torch_topk(search_path):
+@pytest.mark.parametrize("k", [5, 300])  # 300: every key (no search)
+def test_exact_search_ranks_nan_like_torch_topk(search_path, k):
     queries, keys = data(300)
     keys[0, 1, 17, 0] = float("nan")
-    scores, idx = topk_exact(queries, keys, 5)
-    expected_scores, expected_idx = (queries @ keys.transpose(-1, -2)).topk(5, dim=-1)
+    scores, idx = topk_exact(queries, keys, k)
+    expected_scores, expected_idx = (queries @ keys.transpose(-1, -2)).topk(k, dim=-1)
     torch.testing.assert_close(scores, expected_scores, equal_nan=True)
     assert torch.equal(idx, expected_idx)
 
@@ -199,7 +200,7 @@ def test_exact_search_in_query_row_blocks_equals_one_block(monkeypatch, chunk: i
                                                            heads: int) -> None:
     """Searches split by KV heads (in groups: two heads a block at 52 rows and 6 heads) and batch rows, and within
     those into query-row blocks of at most SCORE_BLOCK scores (here 3 to 4 rows a block, the last shorter; or one
-    head's 26 rows), give the one block's scores and picks, with per-query limits too."""
+    head's 26 rows), give the one block's picks and (to float32 rounding) scores, with per-query limits too."""
     from unimem_bench.methods.engine import fused_topk, retrieval
 
     monkeypatch.setenv(fused_topk.SWITCH_ENV, "0")  # the splits are the numpy path's
@@ -211,4 +212,5 @@ def test_exact_search_in_query_row_blocks_equals_one_block(monkeypatch, chunk: i
     for lim, (scores, idx) in zip((None, limit), whole, strict=True):
         blocked_scores, blocked_idx = topk_exact(queries, keys, 6, chunk=chunk, limit=lim)
         assert torch.equal(blocked_idx, idx)
-        assert torch.equal(blocked_scores, scores)
+        # BLAS may sum a matmul of fewer rows in another order (MKL on AMD Zen: last bits differ at 3-4 rows a block)
+        torch.testing.assert_close(blocked_scores, scores, rtol=0, atol=1e-5)
