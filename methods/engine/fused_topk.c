@@ -84,8 +84,11 @@ static float cut(float *sc, int32_t *ix, int64_t *count, int64_t k, int64_t cap,
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
         __mmask16 keep = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(tmp + i), bound);
-        _mm512_mask_compressstoreu_ps(sc + kept, keep, _mm512_loadu_ps(sc + i));
-        _mm512_mask_compressstoreu_epi32(ix + kept, keep, _mm512_loadu_si512(ix + i));
+        /* Compressed in a register, stored whole: kept <= i, so the 16 lanes written end by i + 16, all read. A
+           compressing store to memory is microcoded on AMD Zen 4 (Unlimiformer's search, k = 2,048 of 32,768 slots
+           on the 62M model: the cuts took 0.28 of it, 0.7 of that in these two stores). */
+        _mm512_storeu_ps(sc + kept, _mm512_maskz_compress_ps(keep, _mm512_loadu_ps(sc + i)));
+        _mm512_storeu_si512(ix + kept, _mm512_maskz_compress_epi32(keep, _mm512_loadu_si512(ix + i)));
         kept += __builtin_popcount(keep);
     }
 #else
