@@ -38,7 +38,7 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the watch is a Linux pidfd")
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
 def test_a_stopped_benchmark_leaves_no_measuring_process(stop):
     bench = subprocess.Popen([sys.executable, "-c", SCRIPT, str(BENCHMARKS)], stdout=subprocess.PIPE, text=True)

@@ -135,11 +135,11 @@ def top_in_key_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     """
     shape, n = scores.shape[:-1], scores.shape[-1]
     rows = scores.reshape(-1, n)  # [rows, n]
+    if k == n:  # all of them, as they are: no search (a bank no larger than k; torch.topk sorted each row whole)
+        return scores.clone(), torch.arange(n, device=scores.device).expand(*shape, n).contiguous()
     # Block size balancing the two stages: n / b block maxima, then k * b entries.
     b = max(1, round((n / k) ** 0.5))
     blocks = n // b  # block j: columns j + t * blocks, t < b; the last n - b * blocks columns are always candidates
-    if k == n:  # all of them, as they are: no search (a bank no larger than k; torch.topk sorted each row whole)
-        return scores.clone(), torch.arange(n, device=scores.device).expand(*shape, n).contiguous()
     if scores.device.type != "cpu" or rows.shape[0] == 0:
         return _topk_in_key_order(rows, k, shape)
     if k <= FIRST_MAXIMA_K and (first := _first_maxima(rows, k)) is not None:
