@@ -193,8 +193,8 @@ class SegmentContext:
     all queries (built once per segment; None with no shift)."""
     sink_keys: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """By (id of a layer's global keys, dtype, scale): those keys and their [k ; rotate_half(k)] x scale at positions
-    0 .. G-1, transposed (`sinks.placed_sinks`); shared by the segments reusing this context (the globals are
-    fixed)."""
+    0 .. G-1, [batch, kv_heads, G, 2 * head_dim] (`sinks.placed_sinks`); shared by the segments reusing this context
+    (the globals are fixed)."""
     bucket_end: torch.Tensor | None = None
     """[queries] like topk_end, for the content selectors reading.lsh_buckets / reading.clusters (None: none this
     call); they select among the bank slots [topk_start, bucket_end[query])."""

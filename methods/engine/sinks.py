@@ -38,12 +38,14 @@ def sink_logits(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, scal
     G-1."""
     assert ctx.sink_rotation is not None
     batch, heads, seq, dim = query.shape
-    keys = placed_sinks(ctx, mem, query.dtype, scale)  # [batch, kv_heads, 2 * dim, globals], scaled
+    keys = placed_sinks(ctx, mem, query.dtype, scale)  # [batch, kv_heads, globals, 2 * dim], scaled
     rows = keys.shape[0] * keys.shape[1]
     # q . R(s) k = [q cos(s) ; q sin(s)] . [k ; rotate_half(k)]: each query reads the globals moved up by its shift.
     turned = (torch.cat([query, query], dim=-1) * ctx.sink_rotation).reshape(rows, -1, 2 * dim)
-    logits = torch.bmm(turned, keys.view(rows, 2 * dim, -1))  # [batch * kv_heads, group * seq, globals]
-    return logits.view(batch, heads, seq, -1)
+    # The G globals as the product's rows, not its columns: MKL's batched product takes 11 us so against 27-50 us
+    # with 4 output columns ([2, 256, 80] x [2, 80, 4], one thread).
+    logits = torch.bmm(keys.view(rows, -1, 2 * dim), turned.transpose(1, 2))  # [batch * kv_heads, G, group * seq]
+    return logits.transpose(1, 2).reshape(batch, heads, seq, -1)
 
 
 def sink_buffer(ctx: SegmentContext, like: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
@@ -63,8 +65,8 @@ def sink_buffer(ctx: SegmentContext, like: torch.Tensor, logits: torch.Tensor | 
 
 
 def placed_sinks(ctx: SegmentContext, mem: LayerMemory, dtype: torch.dtype, scale: float) -> torch.Tensor:
-    """The layer's global keys at positions 0 .. G-1 as [k ; rotate_half(k)] x scale, transposed for one bmm:
-    [batch, kv_heads, 2 * dim, G], built once while the globals stay the same tensor (`SegmentContext.sink_keys`)."""
+    """The layer's global keys at positions 0 .. G-1 as [k ; rotate_half(k)] x scale: [batch, kv_heads, G, 2 * dim],
+    built once while the globals stay the same tensor (`SegmentContext.sink_keys`)."""
     assert mem.global_keys is not None and ctx.plan.place is not None
     key = (id(mem.global_keys), dtype, scale)
     hit = ctx.sink_keys.get(key)
@@ -72,7 +74,7 @@ def placed_sinks(ctx: SegmentContext, mem: LayerMemory, dtype: torch.dtype, scal
         return hit[1]
     cos, sin = (t[:ctx.plan.n_global] for t in ctx.plan.place)  # [globals, head_dim]
     placed = rotate(mem.global_keys.to(dtype), cos, sin)  # [batch, kv_heads, globals, dim]
-    keys = (torch.cat([placed, rotate_half(placed)], dim=-1) * scale).transpose(-1, -2).contiguous()
+    keys = torch.cat([placed, rotate_half(placed)], dim=-1) * scale
     if not keys.requires_grad:  # a graph is not kept across segments
         if len(ctx.sink_keys) >= 64:
             ctx.sink_keys.clear()
