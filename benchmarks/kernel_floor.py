@@ -9,11 +9,12 @@ ratio, and as many pairs under `torch.profiler` the work the method adds to PyTo
 the other SDPA backends' kernels), grouped by op and input shapes. A group the method calls more often than
 vanilla adds its extra calls at the method's time a call, one it calls less often takes vanilla's away (vanilla's
 [segment x segment] attention becomes the method's [segment x memory + segment]); a group both call equally often
-adds nothing, even where it ran slower beside the method's memory (caches shared with it). The kernel floor is
-1 + that added time / vanilla's untraced time: what the method's extra keys and layers cost at PyTorch's own
-kernel speed, a ratio no bookkeeping around those kernels can beat. Above it is everything else: copies,
-rotations, masks, merges, Python, the slowdown of vanilla's own kernels, and the engine's native search and read
-(ctypes calls the profiler does not see; `floor.py` counts the similarity reads' arithmetic instead).
+adds nothing, even where it ran slower in the method's run: under the profiler the model's linear layers run
+15-17% slower beside a method's many small ops, untraced they take vanilla's time (benchmarks/README.md, s21). The
+kernel floor is 1 + that added time / vanilla's untraced time: what the method's extra keys and layers cost at
+PyTorch's own kernel speed, a ratio no bookkeeping around those kernels can beat. Above it is everything else:
+copies, rotations, masks, merges, Python, and the engine's native search and read (ctypes calls the profiler does
+not see; `floor.py` counts the similarity reads' arithmetic instead).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 import torch
 from methodbench.measure import (
@@ -64,6 +66,31 @@ def kernel_calls(model: PreTrainedModel, config: UniMemConfig, segment_len: int,
             for e in prof.key_averages(group_by_input_shape=True) if e.key in KERNELS}
 
 
+class LinearClock:
+    """Seconds spent inside the model's `nn.Linear` calls, by `perf_counter` forward hooks (no profiler): whether
+    the model's own layers run slower in a method's run. The hooks are plain closures, so layers a method copies
+    (LongMem's SideNet) keep counting into the same clock."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        started = [0.0]
+
+        def start(*_: object) -> None:
+            started[0] = time.perf_counter()
+
+        def stop(*_: object) -> None:
+            self.seconds += time.perf_counter() - started[0]
+            self.calls += 1
+
+        self.hooks = [h for module in model.modules() if isinstance(module, torch.nn.Linear)
+                      for h in (module.register_forward_pre_hook(start), module.register_forward_hook(stop))]
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
 def added_seconds(method: Calls, vanilla: Calls) -> float:
     """The kernel time the method adds to vanilla's: per (op, shapes), its extra calls at its own time a call, or
     vanilla's calls it no longer makes at vanilla's."""
@@ -102,29 +129,38 @@ def main() -> int:
     doc = random_doc(model.config.vocab_size, args.length + 1)
     vanilla = configs["vanilla"]
     table = Table(title=f"{spec}, {args.length:,} tokens, segment {args.segment_len}, one thread")
-    for col in ("method", "x vanilla (median)", "kernel floor", "above the floor", "vanilla µs/token"):
+    for col in ("method", "x vanilla (median)", "kernel floor", "above the floor", "linear layers x vanilla's",
+                "vanilla µs/token"):
         table.add_column(col, justify="left" if col == "method" else "right")
-    for name in names:
-        method = configs[name]
-        for config in (vanilla, method):
-            run_score(model, config, args.segment_len, warm_up_doc(doc, args.segment_len, config))
-        ratios, base, kernels = [], [], []
-        for r in range(args.repeats):
-            order = [(method, False), (vanilla, True)]
-            times, traced = {}, {}
-            for config, is_vanilla in order if r % 2 == 0 else order[::-1]:
-                times[is_vanilla] = run_score(model, config, args.segment_len, doc)[0]
-                traced[is_vanilla] = kernel_calls(model, config, args.segment_len, doc)
-            ratios.append(times[False] / times[True])
-            base.append(times[True])
-            kernels.append(added_seconds(traced[False], traced[True]))
-        t_vanilla = statistics.median(base)
-        extra = statistics.median(kernels)
-        ratio, floor = statistics.median(ratios), 1 + extra / t_vanilla
-        table.add_row(name, f"x{ratio:.2f} ({min(ratios):.2f}-{max(ratios):.2f})", f"x{floor:.2f}",
-                      f"{ratio - floor:+.2f}", f"{t_vanilla * 1e6 / args.length:.1f}")
-        print(f"{name}: x{ratio:.3f}, kernel floor x{floor:.3f}", file=sys.stderr, flush=True)
-    Console(width=120).print(table)
+    clock = LinearClock(model)  # read around the untraced runs only
+    try:
+        for name in names:
+            method = configs[name]
+            for config in (vanilla, method):
+                run_score(model, config, args.segment_len, warm_up_doc(doc, args.segment_len, config))
+            ratios, base, kernels, linear = [], [], [], []
+            for r in range(args.repeats):
+                order = [(method, False), (vanilla, True)]
+                times, traced, in_linear = {}, {}, {}
+                for config, is_vanilla in order if r % 2 == 0 else order[::-1]:
+                    clock.seconds = 0.0
+                    times[is_vanilla] = run_score(model, config, args.segment_len, doc)[0]
+                    in_linear[is_vanilla] = clock.seconds
+                    traced[is_vanilla] = kernel_calls(model, config, args.segment_len, doc)
+                ratios.append(times[False] / times[True])
+                base.append(times[True])
+                kernels.append(added_seconds(traced[False], traced[True]))
+                linear.append(in_linear[False] / in_linear[True])
+            t_vanilla = statistics.median(base)
+            extra = statistics.median(kernels)
+            ratio, floor = statistics.median(ratios), 1 + extra / t_vanilla
+            table.add_row(name, f"x{ratio:.2f} ({min(ratios):.2f}-{max(ratios):.2f})", f"x{floor:.2f}",
+                          f"{ratio - floor:+.2f}", f"x{statistics.median(linear):.2f}",
+                          f"{t_vanilla * 1e6 / args.length:.1f}")
+            print(f"{name}: x{ratio:.3f}, kernel floor x{floor:.3f}", file=sys.stderr, flush=True)
+    finally:
+        clock.remove()
+    Console(width=130).print(table)
     return 0
 
 

@@ -79,11 +79,14 @@ def test_timing_reports_the_spread_of_its_repeats():
     metrics = {row[3]: row[4] for row in csv_rows([point], [], [], {}, 48)}
     assert (metrics["ratio_vs_vanilla_low"], metrics["ratio_vs_vanilla"], metrics["ratio_vs_vanilla_high"]) == (
         timing.ratio_low, timing.ratio, timing.ratio_high)
+    # the ratio of the fastest runs reaches the CSV under its own name, and the table
+    assert metrics["ratio_vs_vanilla_fastest_runs"] == timing.fastest_ratio > 0
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(methods_table({("transformer_xl", 48): point}, ["transformer_xl"], [48], 16))
     text = console.export_text()
     assert f"x{timing.ratio:.2f}" in text and (timing.ratio_low == timing.ratio_high
                                                or f"({timing.ratio_low:.2f}-{timing.ratio_high:.2f})" in text)
+    assert f"fastest runs x{timing.fastest_ratio:.2f}" in text
 
 
 def test_floor_counts_the_weights_and_the_search() -> None:
@@ -124,6 +127,31 @@ def test_kernel_floor_sees_the_matmuls_and_the_fused_attention() -> None:
     # one fused attention call per segment and layer
     fused = sum(n for (op, _), (n, _) in calls.items() if op == "aten::_scaled_dot_product_flash_attention_for_cpu")
     assert fused == tokens // segment * config.num_hidden_layers
+
+
+def test_linear_clock_counts_every_linear_call_copies_included() -> None:
+    """kernel_floor's LinearClock counts each nn.Linear call of a forward (7 a LLaMA layer, and the LM head), also
+    in a layer deep-copied after it was hooked (LongMem's SideNet), and leaves no hook behind."""
+    import copy
+
+    from kernel_floor import LinearClock
+
+    spec = f"{PREFIX}hidden=32,layers=2,heads=4,kv_heads=2,vocab=99"
+    model = load_llm(spec)
+    clock = LinearClock(model)
+    ids = torch.randint(0, 99, (1, 8))
+    with torch.no_grad():
+        model(ids)
+    assert clock.calls == 2 * 7 + 1 and clock.seconds > 0
+    layer = copy.deepcopy(model.model.layers[0])
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 32), position_embeddings=model.model.rotary_emb(torch.randn(1, 8, 32),
+                                                                                torch.arange(8)[None]))
+    assert clock.calls == 2 * 7 + 1 + 7
+    clock.remove()
+    with torch.no_grad():
+        model(ids)
+    assert clock.calls == 2 * 7 + 1 + 7
 
 
 def test_kernel_floor_adds_extra_calls_and_takes_replaced_ones() -> None:

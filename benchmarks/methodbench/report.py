@@ -60,6 +60,7 @@ def methods_table(results: dict[tuple[str, int], Point], methods: list[str], len
         for n in lengths:
             t, m = results[name, n].timing, results[name, n].memory
             cells.append(f"{t.us_per_token:.1f} µs  {fmt_ratio(t.ratio)}{fmt_spread(t.ratio_low, t.ratio_high)}\n"
+                         f"fastest runs {fmt_ratio(t.fastest_ratio)}\n"
                          f"peak +{fmt_bytes(m.peak_rss_increase)}\nstate {fmt_bytes(m.state_bytes)}")
         table.add_row(name, *cells)
     return table
@@ -176,7 +177,7 @@ def csv_rows(points: list[Point], scalings: list[Scaling], retrieval: list[Retri
     """Tidy rows: (benchmark, method, length, metric, value)."""
     rows: list[tuple[str, str, int | str, str, float]] = [("run", "", "", k, v) for k, v in run.items()]
     renamed = {"ratio": "ratio_vs_vanilla", "ratio_low": "ratio_vs_vanilla_low", "ratio_high": "ratio_vs_vanilla_high",
-               "peak_rss_increase": "peak_rss_increase_bytes"}
+               "fastest_ratio": "ratio_vs_vanilla_fastest_runs", "peak_rss_increase": "peak_rss_increase_bytes"}
     for p in points:
         for part in (p.timing, p.memory):
             for f in dataclasses.fields(part):
