@@ -42,7 +42,7 @@ def sink_logits(ctx: SegmentContext, mem: LayerMemory, query: torch.Tensor, scal
     rows = keys.shape[0] * keys.shape[1]
     # q . R(s) k = [q cos(s) ; q sin(s)] . [k ; rotate_half(k)]: each query reads the globals moved up by its shift.
     turned = (torch.cat([query, query], dim=-1) * ctx.sink_rotation).reshape(rows, -1, 2 * dim)
-    # The G globals as the product's rows, not its columns: MKL's batched product takes 11 us so against 27-50 us
+    # The G globals as the product's rows, not its columns: MKL's batched product takes 11 us against 27-50 us
     # with 4 output columns ([2, 256, 80] x [2, 80, 4], one thread).
     logits = torch.bmm(keys.view(rows, -1, 2 * dim), turned.transpose(1, 2))  # [batch * kv_heads, G, group * seq]
     return logits.transpose(1, 2).reshape(batch, heads, seq, -1)
