@@ -132,7 +132,9 @@ def main() -> int:
     for col in ("method", "x vanilla (median)", "kernel floor", "above the floor", "linear layers x vanilla's",
                 "vanilla µs/token"):
         table.add_column(col, justify="left" if col == "method" else "right")
-    clock = LinearClock(model)  # read around the untraced runs only
+    # Read around the untraced runs only. Its two Python hooks add about 2 us to each Linear call, in both timed runs:
+    # 29 calls a 128-token segment on the reference model, well under 1% of either run.
+    clock = LinearClock(model)
     try:
         for name in names:
             method = configs[name]
