@@ -45,6 +45,7 @@ from methodbench.report import (
     scaling_table,
     write_csv,
 )
+from methodbench.targets import read_class, target, target_rows, targets_table
 from rich.console import Console
 
 from unimem_bench.harness.cli.app import USER_ERRORS
@@ -124,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = model_config(spec)
         # a bad method name, override or model fails here in one line, before any process
-        evicting = [name for name in methods
-                    if method_config(name, config, args.segment_len, overrides).management.scored]
+        method_configs = {name: method_config(name, config, args.segment_len, overrides) for name in methods}
+        evicting = [name for name in methods if method_configs[name].management.scored]
         if "eviction" in parts:
             for name in evicting:
                 method_config(name, config, args.segment_len, (*overrides, f"management.budget={args.budget}"))
@@ -150,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[tuple[str, int], Point] = {}
     evictions: list[EvictionResult] = []
+    out = args.out / "bench_methods.csv"
+
+    def run_record() -> dict[str, float]:
+        return {"segment_len": args.segment_len, "repeats": repeats, "threads": args.threads,
+                "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
+                "seconds": time.perf_counter() - started}
+
     with measuring_pool(PRELOAD) as pool:
         for name in methods if "methods" in parts else []:
             job = Job(spec, name, overrides, args.segment_len, args.threads)
@@ -161,16 +169,20 @@ def main(argv: list[str] | None = None) -> int:
                 results[name, n] = Point(name, n, timings[n], memory)
                 log(f"{name:>24} {fmt_len(n):>4}: peak +{fmt_bytes(memory.peak_rss_increase)}, "
                     f"state {fmt_bytes(memory.state_bytes)}")
+            # Every finished method is on disk at once: a run of an hour that fails late keeps what it measured.
+            write_csv(out, csv_rows(list(results.values()), [], [], run_record(), max(lengths)))
         for name in evicting if "eviction" in parts else []:
             job = Job(spec, name, overrides, args.segment_len, args.threads)
             evictions.append(run_eviction(pool, job, lengths, repeats, args.budget, config, log))
     retrieval = bench_retrieval(config, args.segment_len, sizes, args.topk, repeats) if "topk" in parts else []
-    load_end = os.getloadavg()[0]
 
     scalings = [scaling(results, name, lengths) for name in methods] if "methods" in parts else []
+    targets = ([target(results, name, read_class(method_configs[name]), lengths) for name in methods]
+               if "methods" in parts else [])
     if "methods" in parts:
         console.print(methods_table(results, methods, lengths, args.segment_len))
         console.print(scaling_table(scalings, lengths))
+        console.print(targets_table(targets, lengths))
     if "topk" in parts:
         kv_heads = config.num_key_value_heads
         queries = (f"{kv_heads} KV heads x {config.num_attention_heads // kv_heads * args.segment_len} queries, "
@@ -178,13 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print(retrieval_table(retrieval, queries, args.topk))
     if evictions:
         console.print(eviction_table(evictions, lengths))
-    run = {"segment_len": args.segment_len, "repeats": repeats, "threads": args.threads,
-           "load_average_start": load_start, "load_average_end": load_end,
-           "seconds": time.perf_counter() - started}
-    out = args.out / "bench_methods.csv"
-    rows = csv_rows(list(results.values()), scalings, retrieval, run, max(lengths)) + eviction_rows(evictions)
+    run = run_record()
+    rows = (csv_rows(list(results.values()), scalings, retrieval, run, max(lengths)) + eviction_rows(evictions)
+            + target_rows(targets, max(lengths)))
     write_csv(out, rows)
-    console.print(f"load average at the end {load_end:.2f}; wrote {out} in {run['seconds']:.0f} s")
+    console.print(f"load average at the end {run['load_average_end']:.2f}; wrote {out} in {run['seconds']:.0f} s")
     return 0
 
 
