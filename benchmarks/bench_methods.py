@@ -177,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     retrieval = bench_retrieval(config, args.segment_len, sizes, args.topk, repeats) if "topk" in parts else []
 
     scalings = [scaling(results, name, lengths) for name in methods] if "methods" in parts else []
-    targets = ([target(results, name, read_class(method_configs[name]), lengths) for name in methods]
-               if "methods" in parts else [])
+    targets = [target(results, s, read_class(method_configs[s.method]), lengths) for s in scalings]
     if "methods" in parts:
         console.print(methods_table(results, methods, lengths, args.segment_len))
         console.print(scaling_table(scalings, lengths))

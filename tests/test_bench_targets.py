@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from methodbench.measure import Memory, Point, Timing, method_config, model_config  # noqa: E402
 from methodbench.random_model import PREFIX  # noqa: E402
+from methodbench.report import scaling  # noqa: E402
 from methodbench.targets import read_class, target, target_rows, targets_table  # noqa: E402
 
 from unimem_bench.methods import METHODS  # noqa: E402
@@ -60,7 +61,7 @@ def point(name: str, length: int, us: float, ratios: tuple[float, float, float],
 def test_the_time_verdict_reads_the_median_then_the_fastest_runs(read, ratio, fastest, verdict):
     results = {("m", 16): point("m", 16, 100.0, (1.0, 1.0, 1.0), 1.0, 10),
                ("m", 64): point("m", 64, 100.0, (ratio - 0.1, ratio, ratio + 0.1), fastest, 10)}
-    assert target(results, "m", read, [16, 64]).time_verdict() == verdict
+    assert target(results, scaling(results, "m", [16, 64]), read, [16, 64]).time_verdict() == verdict
 
 
 @pytest.mark.parametrize(("us_long", "ratio_long", "state_long", "verdict"), [
@@ -73,7 +74,7 @@ def test_the_time_verdict_reads_the_median_then_the_fastest_runs(read, ratio, fa
 def test_the_flat_verdict_applies_to_memories_full_at_the_shortest_length(us_long, ratio_long, state_long, verdict):
     results = {("m", 16): point("m", 16, 100.0, (1.0, 1.0, 1.0), 1.0, 10),
                ("m", 64): point("m", 64, us_long, (ratio_long,) * 3, ratio_long, state_long)}
-    t = target(results, "m", "position", [16, 64])
+    t = target(results, scaling(results, "m", [16, 64]), "position", [16, 64])
     assert t.flat == pytest.approx(us_long / 100.0)
     assert t.flat_verdict() == verdict
     metrics = {row[3]: row[4] for row in target_rows([t], 64)}
@@ -84,7 +85,8 @@ def test_the_flat_verdict_applies_to_memories_full_at_the_shortest_length(us_lon
 def test_the_table_and_rows_name_bound_and_verdicts():
     results = {("fot", n): point("fot", n, 250.0, (2.4, 2.5, 2.7), 2.45, 10) for n in (16, 64)}
     results |= {("vanilla", n): point("vanilla", n, 100.0, (0.98, 1.0, 1.02), 1.0, 0) for n in (16, 64)}
-    rows = [target(results, "fot", "similarity", [16, 64]), target(results, "vanilla", "no memory", [16, 64])]
+    rows = [target(results, scaling(results, name, [16, 64]), read, [16, 64])
+            for name, read in (("fot", "similarity"), ("vanilla", "no memory"))]
     console = Console(file=io.StringIO(), width=200)
     console.print(targets_table(rows, [16, 64]))
     text = console.file.getvalue()

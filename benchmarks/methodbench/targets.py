@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from rich.table import Table
 
 from methodbench.measure import Point
-from methodbench.report import fmt_len, fmt_ratio, fmt_spread
+from methodbench.report import Scaling, fmt_len, fmt_ratio, fmt_spread
 from unimem_bench.methods.config import UniMemConfig
 
 BOUNDS = {"position": 1.2, "similarity": 1.5}
@@ -81,16 +81,15 @@ class Target:
         return "drift" if self.flat_relative <= FLAT_BOUND else "not met"
 
 
-def target(results: dict[tuple[str, int], Point], name: str, read: str, lengths: list[int]) -> Target:
-    """The method's `Target` from its points at every length."""
+def target(results: dict[tuple[str, int], Point], s: Scaling, read: str, lengths: list[int]) -> Target:
+    """The method's `Target` from its points and its growth (`report.scaling`) from the shortest length."""
     top, short = max(lengths), min(lengths)
-    t = results[name, top].timing
-    first, last = results[name, short], results[name, top]
-    flat = last.timing.us_per_token / first.timing.us_per_token if top != short else None
-    flat_relative = last.timing.ratio / first.timing.ratio if top != short else None
-    full = last.memory.state_bytes <= FULL_STATE_GROWTH * first.memory.state_bytes
-    return Target(name, read, BOUNDS.get(read), t.ratio, t.ratio_low, t.ratio_high, t.fastest_ratio, flat,
-                  flat_relative, full)
+    first, last = results[s.method, short], results[s.method, top]
+    time, relative = s.time.get(short), s.relative.get(short)
+    return Target(s.method, read, BOUNDS.get(read), last.timing.ratio, last.timing.ratio_low, last.timing.ratio_high,
+                  last.timing.fastest_ratio, None if time is None else time.ratio,
+                  None if relative is None else relative.ratio,
+                  last.memory.state_bytes <= FULL_STATE_GROWTH * first.memory.state_bytes)
 
 
 def targets_table(rows: list[Target], lengths: list[int]) -> Table:
